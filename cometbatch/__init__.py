@@ -1,0 +1,76 @@
+"""cometbatch: resumable, rate-limit-aware batch image generation through CometAPI."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cometbatch")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+from .engine import Engine
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    CapabilityError,
+    CometBatchError,
+    ConfigError,
+    ContentPolicyError,
+    DownloadError,
+    ImageDataError,
+    LedgerError,
+    ManifestError,
+    ManifestProblem,
+    NotFoundError,
+    OutputError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    UpstreamDownError,
+)
+from .manifest import Job, Manifest, load_manifest
+from .models import ModelRegistry, ModelSpec
+from .results import Result, Summary
+from .settings import Settings
+from .simulator import SimConfig, Simulator
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIResponseError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "CapabilityError",
+    "CometBatchError",
+    "ConfigError",
+    "ContentPolicyError",
+    "DownloadError",
+    "Engine",
+    "ImageDataError",
+    "Job",
+    "LedgerError",
+    "Manifest",
+    "ManifestError",
+    "ManifestProblem",
+    "ModelRegistry",
+    "ModelSpec",
+    "NotFoundError",
+    "OutputError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "Result",
+    "ServerError",
+    "Settings",
+    "SimConfig",
+    "Simulator",
+    "Summary",
+    "UpstreamDownError",
+    "__version__",
+    "load_manifest",
+]

@@ -1,0 +1,302 @@
+"""The command line: parse options, set up logging and progress, call the library, pick an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+
+from . import __version__
+from .errors import CometBatchError, ConfigError, LedgerError, ManifestError
+from .ledger import LEDGER_NAME, LedgerState
+from .manifest import load_manifest
+from .models import ModelRegistry
+from .progress import choose_mode
+from .results import Summary
+from .runner import run_manifest
+from .settings import KEY_ENV, Settings
+from .simulator import SimConfig, serve
+from .status import read_status
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Errors about the input or the folder (the user must change something) exit 2.
+_USAGE_ERRORS = (ManifestError, ConfigError, LedgerError)
+
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(exc: CometBatchError) -> NoReturn:
+    err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+    sys.exit(EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cometbatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger("cometbatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cometbatch")
+def main() -> None:
+    """Batch image generation through CometAPI: resumable, rate-limit aware."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: out/<manifest name>).")
+@click.option("--base-url", help="API base URL (default https://api.cometapi.com/v1).")
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Requests in flight at most.")
+@click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
+@click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=8, show_default=True,
+              help="Attempts per request, the first included.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds to wait for one generation.")
+@click.option("--model", help="Model for lines that name none (default dall-e-3).")
+@click.option("--size", help="Size for lines that set none.")
+@click.option("--n", "n", type=click.IntRange(min=1), help="Images per job for lines that set none.")
+@click.option("--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs.")
+@click.option("--dry-run", is_flag=True, help="Validate and show the plan; send nothing.")
+@click.option("--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network).")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")
+@click.option("--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug.")
+def run(
+    manifest: Path,
+    out_dir: Path | None,
+    base_url: str | None,
+    concurrency: int,
+    rpm: float | None,
+    ipm: float | None,
+    max_attempts: int,
+    timeout: float,
+    model: str | None,
+    size: str | None,
+    n: int | None,
+    retry_failed: bool,
+    dry_run: bool,
+    simulate: bool,
+    json_output: bool,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Generate every image a JSONL manifest asks for; run it again to resume.
+
+    \b
+    Examples:
+      cometbatch run jobs/demo.jsonl --simulate
+      COMETAPI_KEY=sk-... cometbatch run prompts.jsonl --out out/cats --rpm 300
+      cometbatch run prompts.jsonl --model gpt-image-1 --n 4 --dry-run
+    """
+    _setup_logging(verbose, quiet)
+    out = out_dir or Path("out") / manifest.stem
+    try:
+        registry = ModelRegistry()
+        loaded = load_manifest(manifest, model=model, size=size, n=n, registry=registry)
+        fields: dict[str, Any] = {
+            "concurrency": concurrency,
+            "rpm": rpm,
+            "ipm": ipm,
+            "max_attempts": max_attempts,
+            "timeout": timeout,
+            "retry_failed": retry_failed,
+        }
+        if base_url:
+            fields["base_url"] = base_url
+        try:
+            settings = Settings(**fields)
+        except ValidationError as exc:
+            raise ConfigError(str(exc.errors(include_url=False)[0]["msg"])) from None
+        if dry_run:
+            _print_plan(loaded.stats.by_model, out, json_output)
+            return
+        if not simulate and not settings.resolved_key():
+            raise ConfigError(
+                f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"
+            )
+        summary = asyncio.run(
+            run_manifest(
+                loaded,
+                settings=settings,
+                out_dir=out,
+                simulate=SimConfig(latency=0.05) if simulate else None,
+                progress=choose_mode(quiet=quiet, json_output=json_output),
+                say=lambda text: err.print(text, soft_wrap=True),
+                handle_signals=True,
+            )
+        )
+    except CometBatchError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    _report(summary, out, json_output)
+    if summary.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_OK if summary.complete else EXIT_FAILED)
+
+
+def _print_plan(by_model: dict[str, Any], out: Path, json_output: bool) -> None:
+    state = LedgerState.load(out / LEDGER_NAME)
+    plan = {
+        name: {"jobs": p.jobs, "requests": p.requests, "images": p.images}
+        for name, p in sorted(by_model.items())
+    }
+    done = state.counts().get("ok", 0)
+    if json_output:
+        click.echo(json.dumps({"out_dir": str(out), "models": plan, "done_requests": done}))
+        return
+    for name, p in plan.items():
+        click.echo(f"{name:<20} {p['jobs']:>7} jobs {p['requests']:>8} requests {p['images']:>8} images")
+    click.echo(f"already done in {out}: {done} request(s); nothing was sent (dry run)")
+
+
+def _report(summary: Summary, out: Path, json_output: bool) -> None:
+    data = summary.to_dict()
+    if json_output:
+        click.echo(json.dumps({**data, "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}))
+        return
+    sim = " [simulated API]" if summary.simulated else ""
+    if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:
+        err.print(
+            f"everything was already done: {summary.skipped_requests} request(s), "
+            f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}"
+        )
+        return
+    rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
+    err.print(
+        f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
+        f"({rate:.1f}/s) to {out / 'images'}{sim}"
+    )
+    err.print(
+        f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
+        f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
+        f"retries {summary.retries} (429s {summary.rate_limited}), "
+        f"possibly billed twice: {summary.ambiguous_retries}"
+    )
+    for kind, count in sorted(summary.failures.items()):
+        err.print(f"  failed ({kind}): {count}")
+    if summary.kept_failures:
+        err.print(f"  {summary.kept_failures} permanent failure(s) from earlier runs kept; "
+                  "use --retry-failed to try them again")
+    if summary.stopped:
+        err.print(f"stopped: {summary.stopped}")
+    if summary.interrupted:
+        err.print("interrupted: run the same command again to resume")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def status(out_dir: Path, json_output: bool) -> None:
+    """Show what an output folder holds (safe while a run is going)."""
+    try:
+        data = read_status(out_dir).to_dict()
+    except CometBatchError as exc:
+        _fail(exc)
+    if json_output:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"{out_dir}: {data['runs']} run(s), last ended cleanly: {data['last_run_ended']}")
+    for name, item in data["by_model"].items():
+        click.echo(
+            f"  {name:<20} ok {item['ok_requests']} requests / {item['ok_images']} images, "
+            f"failed {item['failed_requests']} / {item['failed_images']}"
+        )
+    for kind, count in data["failures"].items():
+        click.echo(f"  failures {kind}: {count} (e.g. {data['failure_examples'][kind]})")
+    click.echo(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
+
+
+@main.command()
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def models(json_output: bool) -> None:
+    """List the models cometbatch knows and what each accepts."""
+    specs = list(ModelRegistry())
+    if json_output:
+        click.echo(json.dumps([spec.model_dump(mode="json") for spec in specs]))
+        return
+    for spec in specs:
+        sizes = ", ".join(spec.sizes) if spec.sizes else "any"
+        params = ", ".join(sorted([*spec.params, *spec.int_ranges])) or "-"
+        click.echo(
+            f"{spec.name:<18} max n {spec.max_n:<3} answers {'/'.join(spec.response_formats):<13} "
+            f"sizes {sizes}; params {params}"
+        )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds per generation.")
+@click.option("--rate-429", type=float, default=0.0, help="Fraction answered 429 with Retry-After.")
+@click.option("--rate-429-bare", type=float, default=0.0, help="Fraction answered 429 without it.")
+@click.option("--rate-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
+@click.option("--rate-drop", type=float, default=0.0, help="Fraction of dropped connections.")
+@click.option("--rate-malformed", type=float, default=0.0, help="Fraction of truncated bodies.")
+@click.option("--rpm-limit", type=int, help="Requests per minute the server allows.")
+@click.option("--ipm-limit", type=int, help="Images per minute the server allows.")
+@click.option("--api-key-env", default=None, help=f"Require the key from this variable (e.g. {KEY_ENV}).")
+def simulate(
+    host: str,
+    port: int,
+    latency: float,
+    rate_429: float,
+    rate_429_bare: float,
+    rate_5xx: float,
+    rate_drop: float,
+    rate_malformed: float,
+    rpm_limit: int | None,
+    ipm_limit: int | None,
+    api_key_env: str | None,
+) -> None:
+    """Serve the simulated images API (for trying cometbatch or your own code without a key)."""
+    import os
+
+    _setup_logging(1, False)
+    try:
+        config = SimConfig(
+            latency=latency,
+            rate_429=rate_429,
+            rate_429_bare=rate_429_bare,
+            rate_5xx=rate_5xx,
+            rate_drop=rate_drop,
+            rate_malformed=rate_malformed,
+            rpm_limit=rpm_limit,
+            ipm_limit=ipm_limit,
+            api_key=os.environ.get(api_key_env) if api_key_env else None,
+            record_requests=False,
+        )
+    except ValidationError as exc:
+        _fail(ConfigError(str(exc.errors(include_url=False)[0]["msg"])))
+    try:
+        asyncio.run(serve(config, host, port))
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+    except OSError as exc:
+        _fail(ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"))

@@ -1,0 +1,385 @@
+"""One attempt at a time against the images API; the only module that sees aiohttp's errors."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseError,
+    APITimeoutError,
+    ConfigError,
+    ContentPolicyError,
+    DownloadError,
+)
+from .retry import is_content_policy, make_status_error, parse_error_body
+from .settings import is_loopback_host
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+_CHUNK = 64 * 1024
+_GONE_STATUSES = frozenset({403, 404, 410})
+_RETRYABLE_DOWNLOAD_STATUSES = frozenset({408, 425, 429})
+_NOT_IMAGE_TYPES = ("text/html", "application/json")
+
+
+class ImageItem(BaseModel):
+    """One generated image: inline base64 or a temporary URL."""
+
+    model_config = ConfigDict(extra="allow")
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The body of a successful images/generations answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    created: int | None = None
+    data: list[ImageItem]
+    usage: dict[str, Any] | None = None
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _looks_like_html(content_type: str, body: bytes) -> bool:
+    head = body[:512].lstrip().lower()
+    return "html" in content_type or head.startswith((b"<!doctype", b"<html", b"<head", b"<body"))
+
+
+class Client:
+    """An async context manager that sends one images request or one download per call."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout: float = 600.0,
+        connect_timeout: float = 30.0,
+        download_timeout: float = 120.0,
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        pool_size: int = 100,
+        session: aiohttp.ClientSession | None = None,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"base URL must be http(s)://host[/path], got {base_url!r}")
+        if (
+            parts.scheme == "http"
+            and not allow_insecure_http
+            and not is_loopback_host(parts.hostname)
+        ):
+            raise ConfigError(
+                f"refusing to send the API key in clear text to {parts.hostname}: use https, "
+                "or allow insecure http explicitly"
+            )
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key or None
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._download_timeout = aiohttp.ClientTimeout(
+            total=download_timeout, sock_connect=connect_timeout
+        )
+        self.max_download_bytes = max_download_bytes
+        self._pool_size = pool_size
+        self._session = session
+        self._owns_session = session is None
+        # A private session for downloads, only when the caller's session would attach auth.
+        self._download_session: aiohttp.ClientSession | None = None
+        self._state = _State.UNOPENED
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        pool_size: int | None = None,
+    ) -> Client:
+        """A client configured from engine settings (key from the settings or COMETAPI_KEY)."""
+        return cls(
+            base_url=settings.base_url,
+            api_key=settings.resolved_key(),
+            timeout=settings.timeout,
+            connect_timeout=settings.connect_timeout,
+            download_timeout=settings.download_timeout,
+            max_download_bytes=settings.max_download_bytes,
+            # Generations and downloads share the pool, so leave room for both.
+            pool_size=pool_size if pool_size is not None else max(100, 2 * settings.concurrency),
+            session=session,
+            allow_insecure_http=settings.allow_insecure_http,
+        )
+
+    def __repr__(self) -> str:
+        owner = "own session" if self._owns_session else "caller's session"
+        return f"<Client base_url={self.base_url!r} state={self._state.value} {owner}>"
+
+    async def __aenter__(self) -> Self:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("client is closed")
+        if self._state is _State.OPEN:
+            raise RuntimeError("client is already open")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size)
+            )
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the sessions this client created; a caller's session stays open."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._download_session is not None:
+            await self._download_session.close()
+            self._download_session = None
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client has been closed (it cannot be reopened)."""
+        return self._state is _State.CLOSED
+
+    def _live_session(self) -> aiohttp.ClientSession:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("client is closed")
+        if self._session is None:
+            raise RuntimeError("client is not open: use 'async with Client(...)'")
+        return self._session
+
+    def _redact(self, text: str) -> str:
+        """Text with the key blanked out, in case a server echoed it back."""
+        if self._api_key and self._api_key in text:
+            return text.replace(self._api_key, "***")
+        return text
+
+    async def generate(self, payload: dict[str, Any]) -> ImagesResponse:
+        """Send one images/generations request and return its parsed answer (no retries)."""
+        session = self._live_session()
+        url = f"{self.base_url}/images/generations"
+        headers = {"Accept": "application/json"}
+        # Per request, never on the session: the session may be the caller's, and it is
+        # also used for downloads, which must not carry the key.
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        try:
+            async with session.post(
+                url,
+                json=payload,
+                headers=headers,
+                allow_redirects=False,
+                raise_for_status=False,
+                timeout=self._timeout,
+            ) as resp:
+                body = await resp.read()
+                return self._parse_answer(resp, body)
+        except APIError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._raise_connection_error(exc)
+
+    def _raise_connection_error(self, exc: BaseException) -> NoReturn:
+        """Translate an aiohttp failure, deciding whether the request may have been sent."""
+        where = self.base_url
+        detail = self._redact(str(exc)) or type(exc).__name__
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise APITimeoutError(f"timed out connecting to {where}: {detail}", sent=False) from exc
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            raise APIConnectionError(
+                f"TLS certificate check failed for {where}: {detail}", sent=False, retryable=False
+            ) from exc
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise APIConnectionError(f"cannot connect to {where}: {detail}", sent=False) from exc
+        if isinstance(exc, TimeoutError):
+            raise APITimeoutError(
+                f"no complete answer from {where} in time (the image may have been generated)",
+                sent=True,
+            ) from exc
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            raise APIConnectionError(
+                f"{where} closed the connection before answering "
+                "(the image may have been generated)",
+                sent=True,
+            ) from exc
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            raise APIConnectionError(
+                f"the answer from {where} was cut off: {detail}", sent=True
+            ) from exc
+        raise APIConnectionError(
+            f"connection to {where} failed after sending: {detail}", sent=True
+        ) from exc
+
+    def _parse_answer(self, resp: aiohttp.ClientResponse, body: bytes) -> ImagesResponse:
+        status = resp.status
+        if 300 <= status < 400:
+            location = resp.headers.get("Location", "nowhere")
+            raise APIResponseError(
+                f"the server at {self.base_url} answered {status} redirect to {location}; "
+                "this does not look like an OpenAI-compatible API — check --base-url",
+                status=status,
+            )
+        if status >= 400 or status < 200:
+            text = self._redact(body.decode("utf-8", errors="replace"))
+            raise make_status_error(status, text, headers=resp.headers)
+        content_type = resp.headers.get("Content-Type", "").lower()
+        if _looks_like_html(content_type, body):
+            raise APIResponseError(
+                f"the server at {self.base_url} does not look like an OpenAI-compatible API "
+                "(it answered an HTML page) — check --base-url",
+                status=status,
+            )
+        return self._parse_images(status, body, resp)
+
+    def _parse_images(
+        self, status: int, body: bytes, resp: aiohttp.ClientResponse
+    ) -> ImagesResponse:
+        text = body.decode("utf-8", errors="replace")
+        stripped = text.lstrip()
+        if not stripped:
+            # An empty 200 is a transient fault (a proxy cut the body), not a wrong API.
+            raise APIResponseError("malformed response: empty body", status=status, retryable=True)
+        if not stripped.startswith(("{", "[")):
+            raise APIResponseError(
+                f"the server at {self.base_url} answered something that is not JSON; this does "
+                "not look like an OpenAI-compatible API — check --base-url",
+                status=status,
+            )
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise APIResponseError(
+                f"malformed response: invalid or truncated JSON ({exc.msg} at {exc.pos})",
+                status=status,
+                retryable=True,
+            ) from None
+        if isinstance(data, dict) and "error" in data and "data" not in data:
+            raise self._error_in_ok(status, self._redact(text), resp)
+        try:
+            answer = ImagesResponse.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise APIResponseError(
+                f"malformed response: {where}: {first['msg']}", status=status, retryable=True
+            ) from None
+        if not answer.data:
+            raise APIResponseError("the API answered no images", status=status, retryable=True)
+        for index, item in enumerate(answer.data):
+            if not item.b64_json and not item.url:
+                raise APIResponseError(
+                    f"malformed response: image {index} has neither b64_json nor url",
+                    status=status,
+                    retryable=True,
+                )
+        return answer
+
+    def _error_in_ok(self, status: int, text: str, resp: aiohttp.ClientResponse) -> APIError:
+        """An error object sent with a success status (some relays do this)."""
+        message, code, request_id = parse_error_body(text)
+        request_id = request_id or resp.headers.get("X-Request-Id")
+        if is_content_policy(code, message):
+            return ContentPolicyError(message, status=status, code=code, request_id=request_id)
+        return APIResponseError(
+            f"the API answered {status} with an error: {message}",
+            status=status,
+            code=code,
+            request_id=request_id,
+            retryable=code != "invalid_request",
+        )
+
+    def _session_for_download(self) -> aiohttp.ClientSession:
+        session = self._live_session()
+        if session.auth is None and "Authorization" not in session.headers:
+            return session
+        # A caller's session that attaches auth by default would leak it to the image host.
+        if self._download_session is None:
+            log.debug("caller's session attaches credentials; downloading with a separate one")
+            self._download_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size)
+            )
+        return self._download_session
+
+    async def download(self, url: str) -> tuple[bytes, str | None]:
+        """Fetch one image URL without credentials; returns (bytes, content type)."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise DownloadError(f"refusing to download a non-http(s) image URL ({scheme or '?'})")
+        session = self._session_for_download()
+        try:
+            async with session.get(
+                url, allow_redirects=True, raise_for_status=False, timeout=self._download_timeout
+            ) as resp:
+                self._check_download(resp)
+                content_type = resp.headers.get("Content-Type")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_download_bytes:
+                        raise self._too_large()
+                    chunks.append(chunk)
+                return b"".join(chunks), content_type
+        except APIError:
+            raise
+        except TimeoutError as exc:
+            raise DownloadError("timed out downloading the image", retryable=True) from exc
+        except aiohttp.TooManyRedirects as exc:
+            raise DownloadError("too many redirects downloading the image") from exc
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            raise DownloadError(f"the image URL is not usable: {exc}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise DownloadError(
+                f"downloading the image failed: {exc or type(exc).__name__}", retryable=True
+            ) from exc
+
+    def _too_large(self) -> DownloadError:
+        return DownloadError(f"image larger than {self.max_download_bytes} bytes")
+
+    def _check_download(self, resp: aiohttp.ClientResponse) -> None:
+        status = resp.status
+        if status in _GONE_STATUSES:
+            raise DownloadError(
+                f"the image URL is no longer valid ({status})", status=status, retryable=False
+            )
+        if status >= 500 or status in _RETRYABLE_DOWNLOAD_STATUSES:
+            raise DownloadError(f"the image host answered {status}", status=status, retryable=True)
+        if status >= 300 or status < 200:
+            raise DownloadError(f"the image host answered {status}", status=status)
+        content_type = resp.headers.get("Content-Type", "").lower()
+        if content_type.startswith(_NOT_IMAGE_TYPES):
+            raise DownloadError(
+                f"not an image: the URL answered {content_type.split(';')[0]}", status=status
+            )
+        if resp.content_length is not None and resp.content_length > self.max_download_bytes:
+            raise self._too_large()

@@ -1,0 +1,577 @@
+"""The engine: plan, skip what the ledger has, send under shared limits, store, record."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import RetryCallState
+
+from . import __version__
+from .client import Client, ImagesResponse
+from .errors import (
+    APIError,
+    APIResponseError,
+    CometBatchError,
+    LedgerError,
+    OutputError,
+)
+from .ledger import Ledger
+from .limits import Limiter, Outcome
+from .manifest import Job, Manifest
+from .models import ModelRegistry
+from .plan import Request, plan_job
+from .results import Result, Summary
+from .retry import RetryPolicy, retrying
+from .settings import Settings
+from .sink import ImageRecord, Sink
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+# Failures that say "the server is overloaded" and slow the whole engine down.
+_THROTTLE_KINDS = frozenset({"rate_limit", "server", "timeout", "ambiguous", "connection"})
+DOWNLOAD_ATTEMPTS = 4
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_fatal(exc: APIError) -> bool:
+    """Errors that would fail every request alike: stop the run instead of failing each job."""
+    if exc.kind == "auth":
+        return True
+    if isinstance(exc, APIResponseError) and not exc.retryable:
+        return True
+    # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
+    return exc.kind == "not_found" and exc.request_id is None and exc.code is None
+
+
+class _Stopped(Exception):
+    """A request that was not started (or not retried) because the run is stopping."""
+
+
+class Engine:
+    """Runs jobs under one set of limits into one output folder; an async context manager."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        out_dir: str | os.PathLike[str],
+        session: aiohttp.ClientSession | None = None,
+        registry: ModelRegistry | None = None,
+        sleep: Sleep | None = None,
+        simulated: bool = False,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.out_dir = Path(out_dir)
+        base = registry or ModelRegistry()
+        self.registry = (
+            base.with_overrides(self.settings.model_overrides)
+            if self.settings.model_overrides
+            else base
+        )
+        self.simulated = simulated
+        self.summary = Summary(simulated=simulated)
+        self.policy = RetryPolicy.from_settings(self.settings)
+        self._session = session
+        self._sleep = sleep
+        self._state = "new"
+        self._run_id = uuid.uuid4().hex[:12]
+        self._run_started = False
+        self._stop_event = asyncio.Event()
+        # Pool workers, and those of them not holding a sent request (safe to cancel on stop).
+        self._workers: set[asyncio.Task[Any]] = set()
+        self._idle: set[asyncio.Task[Any]] = set()
+        self._fatal: CometBatchError | None = None
+        self._started_at = 0.0
+        self._client: Client | None = None
+        self._limiter: Limiter | None = None
+        self._ledger: Ledger | None = None
+        self._sink: Sink | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"<Engine out_dir={str(self.out_dir)!r} state={self._state} ok={s.ok_requests} "
+            f"failed={s.failed_requests} skipped={s.skipped_requests} limiter={self._limiter!r}>"
+        )
+
+    @property
+    def run_id(self) -> str:
+        """This engine session's id, as written on every ledger line."""
+        return self._run_id
+
+    @property
+    def limiter(self) -> Limiter:
+        """The shared limiter (live concurrency, in-flight count, probing)."""
+        if self._limiter is None:
+            raise RuntimeError("the engine is not open: use 'async with Engine(...)'")
+        return self._limiter
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked: no new requests start."""
+        return self._stop_event.is_set()
+
+    async def __aenter__(self) -> Engine:
+        if self._state != "new":
+            raise RuntimeError("an Engine can be opened only once; make a new one")
+        self._state = "open"
+        self._started_at = asyncio.get_running_loop().time()
+        try:
+            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir))
+            self._sink = Sink(self.out_dir)
+            removed = self._sink.remove_stale_temp_files()
+            if removed:
+                log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
+            max_n = max((spec.max_n for spec in self.registry), default=10)
+            self._limiter = await self._stack.enter_async_context(
+                Limiter.from_settings(self.settings, max_images_per_request=max_n)
+            )
+            self._client = await self._stack.enter_async_context(
+                Client.from_settings(self.settings, session=self._session)
+            )
+        except BaseException:
+            self._state = "closed"
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        try:
+            if self._run_started and self._ledger is not None:
+                self.summary.elapsed_s = asyncio.get_running_loop().time() - self._started_at
+                with contextlib.suppress(Exception):
+                    await self._ledger.append(
+                        {
+                            "event": "end",
+                            "run_id": self._run_id,
+                            "finished_at": _now(),
+                            "summary": self.summary.to_dict(),
+                        }
+                    )
+        finally:
+            await self._stack.aclose()
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Stop taking new work; requests already sent finish and are recorded."""
+        if self._stop_event.is_set():
+            return
+        self._stop_event.set()
+        if reason == "interrupted":
+            self.summary.interrupted = True
+        else:
+            self.summary.stopped = reason
+        # Workers waiting for a slot, a queue item or a retry hold nothing paid for: cancel them.
+        for task in list(self._idle):
+            task.cancel()
+
+    def _fail(self, exc: CometBatchError) -> None:
+        """Remember the first error that ends the run, and stop."""
+        if self._fatal is None:
+            self._fatal = exc
+            self.stop(str(exc))
+
+    def _open_parts(self) -> tuple[Client, Limiter, Ledger, Sink]:
+        if self._state != "open":
+            raise RuntimeError("the engine is not open: use 'async with Engine(...)'")
+        assert self._client and self._limiter and self._ledger and self._sink
+        return self._client, self._limiter, self._ledger, self._sink
+
+    async def _start_run(self, manifest: Manifest | None) -> None:
+        if self._run_started:
+            return
+        _, _, ledger, _ = self._open_parts()
+        self._run_started = True
+        settings = self.settings.public()
+        settings["simulated"] = self.simulated
+        self.summary.run_id = self._run_id
+        await self._append(
+            ledger,
+            {
+                "event": "run",
+                "run_id": self._run_id,
+                "started_at": _now(),
+                "manifest": str(manifest.path) if manifest is not None else None,
+                "manifest_sha256": manifest.sha256 if manifest is not None else None,
+                "version": __version__,
+                "settings": settings,
+            },
+        )
+
+    async def _append(self, ledger: Ledger, event: dict[str, Any]) -> None:
+        try:
+            await ledger.append(event)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the ledger in {self.out_dir}: {exc.strerror or exc}"
+            ) from exc
+
+    # -- deciding what to send ------------------------------------------------------------
+
+    def _requests_for(self, job: Job) -> Iterable[Request | Result]:
+        """The job's requests still to send, or a reused Result for keys the ledger has as ok."""
+        _, _, ledger, _ = self._open_parts()
+        spec = self.registry.get(job.model)
+        spec.check(job.params(), job.prompt)
+        changed = []
+        for request in plan_job(job, spec):
+            state = ledger.state.get(request.key)
+            if state is None:
+                yield request
+            elif state.fingerprint is not None and state.fingerprint != request.fingerprint:
+                changed.append(request.key)
+            elif state.status == "ok":
+                yield self._reused(request, state.images)
+            elif state.retryable is False and not self.settings.retry_failed:
+                self.summary.kept_failures += 1
+            else:
+                yield request
+        if changed:
+            raise LedgerError(
+                f"job {job.id!r} changed since the ledger in {self.out_dir} recorded it "
+                f"({', '.join(changed)}): its old images would no longer match the manifest; "
+                "use a new output folder, or restore the job as it was"
+            )
+
+    def _reused(self, request: Request, images: list[dict[str, Any]]) -> Result:
+        self.summary.skipped_requests += 1
+        self.summary.skipped_images += request.n
+        records = tuple(
+            ImageRecord(
+                index=image["index"],
+                path=image["path"],
+                format=image["format"],
+                bytes=image["bytes"],
+                sha256=image["sha256"],
+                revised_prompt=image.get("revised_prompt"),
+            )
+            for image in images
+        )
+        return Result(
+            run_id=self._run_id,
+            job=request.job,
+            chunk=request.chunk,
+            n=request.n,
+            status="ok",
+            fingerprint=request.fingerprint,
+            images=records,
+            reused=True,
+        )
+
+    def preflight(self, jobs: Iterable[Job]) -> None:
+        """Count planned work and refuse changed jobs before anything is sent."""
+        for job in jobs:
+            spec = self.registry.get(job.model)
+            for request in plan_job(job, spec):
+                self.summary.planned_requests += 1
+                self.summary.planned_images += request.n
+            for _ in self._requests_for(job):
+                pass
+        # _requests_for counted reuse and kept failures; the run counts them again as it goes.
+        self.summary.skipped_requests = self.summary.skipped_images = 0
+        self.summary.kept_failures = 0
+
+    # -- sending one request ---------------------------------------------------------------
+
+    def _sleep_fn(self) -> Sleep:
+        if self._sleep is not None:
+            return self._sleep
+        stop = self._stop_event
+
+        async def sleep(delay: float) -> None:
+            # A retry wait ends early when the run stops, so Ctrl-C never waits out a backoff.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+        return sleep
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.info("retrying after attempt %d failed: %s", state.attempt_number, exc)
+
+    async def _attempts(self, request: Request) -> tuple[ImagesResponse, int, int]:
+        """Send with retries under the shared limits; (response, attempts, ambiguous retries)."""
+        client, limiter, _, _ = self._open_parts()
+        attempts = ambiguous = 0
+        last: APIError | None = None
+        async for attempt in retrying(
+            self.policy, sleep=self._sleep_fn(), before_sleep=self._before_sleep
+        ):
+            with attempt:
+                if self.stopping:
+                    raise _Stopped
+                async with limiter.slot(images=request.n):
+                    # A stop may have come while this task waited for its slot.
+                    if self.stopping:
+                        raise _Stopped
+                    if last is not None and last.kind == "ambiguous":
+                        ambiguous += 1
+                    attempts += 1
+                    self._mark_busy(True)
+                    try:
+                        response = await client.generate(request.payload)
+                        self._check_count(request, response)
+                    except APIError as exc:
+                        last = exc
+                        if exc.kind == "rate_limit":
+                            self.summary.rate_limited += 1
+                        # Only overload slows everyone down; a rejected prompt says nothing
+                        # about the server's capacity.
+                        outcome: Outcome = "throttled" if exc.kind in _THROTTLE_KINDS else "ok"
+                        limiter.record(outcome, detail=str(exc))
+                        raise
+                    finally:
+                        self._mark_busy(False)
+                    limiter.record("ok")
+                    return response, attempts, ambiguous
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    @staticmethod
+    def _check_count(request: Request, response: ImagesResponse) -> None:
+        if len(response.data) < request.n:
+            raise APIResponseError(
+                f"asked for {request.n} image(s), the API answered {len(response.data)}",
+                retryable=True,
+            )
+
+    def _mark_busy(self, busy: bool) -> None:
+        """Workers holding a sent request are not cancelled on stop: their images are paid for."""
+        task = asyncio.current_task()
+        if task not in self._workers:
+            return
+        assert task is not None
+        if busy:
+            self._idle.discard(task)
+        else:
+            self._idle.add(task)
+
+    async def _download(self, url: str) -> bytes:
+        client, _, _, _ = self._open_parts()
+        policy = RetryPolicy(
+            max_attempts=DOWNLOAD_ATTEMPTS,
+            backoff_base=self.policy.backoff_base,
+            backoff_max=self.policy.backoff_max,
+        )
+        async for attempt in retrying(policy, sleep=self._sleep_fn()):
+            with attempt:
+                data, _ = await client.download(url)
+                return data
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _store(self, request: Request, response: ImagesResponse) -> list[ImageRecord]:
+        """Decode or download each image and write it; a download is retried, never regenerated."""
+        _, _, _, sink = self._open_parts()
+        records = []
+        for offset, item in enumerate(response.data[: request.n]):
+            index = request.first_index + offset
+            try:
+                if item.b64_json:
+                    record = await sink.decode_and_write(
+                        request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
+                    )
+                elif item.url:
+                    data = await self._download(item.url)
+                    record = await sink.write(
+                        request.job.id, index, data, revised_prompt=item.revised_prompt
+                    )
+                else:
+                    raise APIResponseError("an image in the answer has neither b64_json nor url")
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write images in {self.out_dir}: {exc.strerror or exc}"
+                ) from exc
+            records.append(record)
+        return records
+
+    async def _execute(self, request: Request) -> Result:
+        """One request from send to ledger line; API failures become a failed Result."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempts = ambiguous = 0
+        images: list[ImageRecord] = []
+        usage: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
+        try:
+            response, attempts, ambiguous = await self._attempts(request)
+            usage = response.usage
+            self._mark_busy(True)
+            images = await self._store(request, response)
+        except APIError as exc:
+            if _is_fatal(exc):
+                raise
+            error = exc.to_record()
+            attempts = max(attempts, 1)
+        result = Result(
+            run_id=self._run_id,
+            job=request.job,
+            chunk=request.chunk,
+            n=request.n,
+            status="failed" if error else "ok",
+            fingerprint=request.fingerprint,
+            images=tuple(images),
+            attempts=attempts,
+            ambiguous_retries=ambiguous,
+            error=error,
+            latency_s=loop.time() - started,
+            finished_at=_now(),
+            usage=usage,
+        )
+        _, _, ledger, _ = self._open_parts()
+        await self._append(ledger, result.to_event())
+        self.summary.add(result)
+        return result
+
+    # -- public entry points ---------------------------------------------------------------
+
+    async def generate(self, job: Job) -> list[Result]:
+        """Generate one job's images under the engine's shared limits; one Result per request."""
+        await self._start_run(None)
+        items = list(self._requests_for(job))
+        for item in items:
+            if isinstance(item, Request):
+                self.summary.planned_requests += 1
+                self.summary.planned_images += item.n
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        self._execute(item) if isinstance(item, Request) else _done(item)
+                        for item in items
+                    )
+                )
+            )
+        except _Stopped:
+            raise CometBatchError("the engine is stopping; the job was not sent") from None
+
+    async def run(self, jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Result]:
+        """Send every job's pending requests; yield one Result per request as it lands.
+
+        Keys the ledger already has as ok are skipped without a request (not yielded).
+        """
+        self._open_parts()
+        manifest = jobs if isinstance(jobs, Manifest) else None
+        # Re-iterable inputs are counted (and checked for changed jobs) before anything is sent;
+        # one-shot iterators are counted as they stream.
+        if isinstance(jobs, Manifest | list | tuple):
+            self.preflight(jobs)
+        await self._start_run(manifest)
+        width = self.settings.concurrency
+        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=width * 2)
+        results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
+        runner = asyncio.create_task(self._run_all(jobs, queue, results, width))
+        try:
+            while True:
+                item = await results.get()
+                if item is None:
+                    break
+                yield item
+            await runner
+        finally:
+            if not runner.done():
+                self.stop()
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await runner
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _run_all(
+        self,
+        jobs: Iterable[Job] | AsyncIterable[Job],
+        queue: asyncio.Queue[Request | None],
+        results: asyncio.Queue[Result | None],
+        width: int,
+    ) -> None:
+        counting = self.summary.planned_requests == 0
+        try:
+            async with asyncio.TaskGroup() as group:
+                producer = group.create_task(self._produce(jobs, queue, results, width, counting))
+                self._idle.add(producer)
+                for _ in range(width):
+                    worker = group.create_task(self._work(queue, results))
+                    self._workers.add(worker)
+                    self._idle.add(worker)
+        finally:
+            self._idle.clear()
+            self._workers.clear()
+            await results.put(None)
+
+    async def _produce(
+        self,
+        jobs: Iterable[Job] | AsyncIterable[Job],
+        queue: asyncio.Queue[Request | None],
+        results: asyncio.Queue[Result | None],
+        width: int,
+        counting: bool,
+    ) -> None:
+        try:
+            async for job in _aiter(jobs):
+                if self.stopping:
+                    return
+                for item in self._requests_for(job):
+                    if counting:
+                        self.summary.planned_requests += 1
+                        self.summary.planned_images += item.n
+                    if isinstance(item, Result):
+                        continue
+                    await queue.put(item)
+        except CometBatchError as exc:
+            # A changed or impossible job: stop cleanly; requests already sent still land.
+            self._fail(exc)
+            return
+        # Stopping workers are cancelled or leave on their own; only a finished producer
+        # tells each worker that the queue is done.
+        for _ in range(width):
+            await queue.put(None)
+
+    async def _work(
+        self, queue: asyncio.Queue[Request | None], results: asyncio.Queue[Result | None]
+    ) -> None:
+        while not self.stopping:
+            request = await queue.get()
+            if request is None:
+                return
+            try:
+                result = await self._execute(request)
+            except _Stopped:
+                return
+            except CometBatchError as exc:
+                # Upstream down, a rejected key, an unwritable folder: every request would
+                # fail alike, so stop cleanly and leave the rest for the next run.
+                self._fail(exc)
+                return
+            finally:
+                self._mark_busy(False)
+            await results.put(result)
+
+
+async def _done(result: Result) -> Result:
+    return result
+
+
+async def _aiter(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Job]:
+    if isinstance(jobs, AsyncIterable):
+        async for job in jobs:
+            yield job
+    else:
+        for count, job in enumerate(jobs):
+            yield job
+            if count % 256 == 255:
+                # Reading and validating a large manifest must not starve the workers.
+                await asyncio.sleep(0)

@@ -1,0 +1,189 @@
+"""One error tree for the whole package; the CLI catches `CometBatchError` and prints one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class CometBatchError(Exception):
+    """Base of every error cometbatch raises on purpose."""
+
+
+class ConfigError(CometBatchError):
+    """A setting or option that cannot work (bad base URL, missing key, bad override)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestProblem:
+    """One bad manifest line: where, which field, and what is wrong."""
+
+    line: int
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}"
+        if self.field:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+class ManifestError(CometBatchError):
+    """One or more bad manifest lines, each with line number and field."""
+
+    def __init__(
+        self, problems: list[ManifestProblem], *, source: str = "", truncated: bool = False
+    ) -> None:
+        self.problems = problems
+        self.source = source
+        self.truncated = truncated
+        head = f"{source}: " if source else ""
+        count = f"{len(problems)}{'+' if truncated else ''}"
+        lines = "\n".join(f"  {p}" for p in problems)
+        more = "\n  ... (more problems not shown)" if truncated else ""
+        super().__init__(f"{head}{count} invalid manifest line(s):\n{lines}{more}")
+
+
+class CapabilityError(CometBatchError):
+    """The model cannot do what the job asks (size, parameter, prompt length)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class LedgerError(CometBatchError):
+    """Corrupt ledger, changed job fingerprint, or an output folder locked by another run."""
+
+
+class OutputError(CometBatchError):
+    """The output folder cannot be written (permissions, disk full); the ledger stays consistent."""
+
+
+class UpstreamDownError(CometBatchError):
+    """The API kept failing past the outage limit; the run stopped and stays resumable."""
+
+
+class APIError(CometBatchError):
+    """A failed request, classified; `kind` is the ledger's short failure name.
+
+    Kinds: connection, timeout, ambiguous, rate_limit, server, bad_request, auth, permission,
+    not_found, too_large, unprocessable, content_policy, bad_response, invalid_image, download.
+    """
+
+    kind: str = "api"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retryable = retryable
+        # Seconds the server asked us to wait (already parsed and capped), if it said so.
+        self.retry_after = retry_after
+        if kind is not None:
+            self.kind = kind
+
+    def to_record(self) -> dict[str, Any]:
+        """The ledger's `error` object."""
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "request_id": self.request_id,
+            "retryable": self.retryable,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(kind={self.kind!r}, status={self.status!r}, "
+            f"code={self.code!r}, request_id={self.request_id!r}, retryable={self.retryable!r})"
+        )
+
+
+class APIConnectionError(APIError):
+    """The connection failed. `sent` says whether the request may have reached the server.
+
+    A failure after the request was sent is ambiguous: the image may have been generated and
+    billed, so retrying it may pay twice.
+    """
+
+    kind = "connection"
+
+    def __init__(self, message: str, *, sent: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("retryable", True)
+        if sent:
+            kwargs.setdefault("kind", "ambiguous")
+        super().__init__(message, **kwargs)
+        self.sent = sent
+
+
+class APITimeoutError(APIConnectionError):
+    """No complete answer within the timeout (ambiguous when the request had been sent)."""
+
+    kind = "timeout"
+
+
+class APIStatusError(APIError):
+    """The API answered with an error status."""
+
+    kind = "status"
+
+
+class BadRequestError(APIStatusError):
+    kind = "bad_request"
+
+
+class AuthenticationError(APIStatusError):
+    kind = "auth"
+
+
+class PermissionDeniedError(APIStatusError):
+    kind = "permission"
+
+
+class NotFoundError(APIStatusError):
+    kind = "not_found"
+
+
+class ContentPolicyError(APIStatusError):
+    kind = "content_policy"
+
+
+class RateLimitError(APIStatusError):
+    kind = "rate_limit"
+
+
+class ServerError(APIStatusError):
+    kind = "server"
+
+
+class APIResponseError(APIError):
+    """The answer was not what an OpenAI-compatible images API returns (HTML, redirect, bad JSON)."""
+
+    kind = "bad_response"
+
+
+class ImageDataError(APIError):
+    """An image in the answer could not be decoded (bad base64, unknown bytes)."""
+
+    kind = "invalid_image"
+
+
+class DownloadError(APIError):
+    """A URL-mode image could not be downloaded; the generation itself is not retried."""
+
+    kind = "download"

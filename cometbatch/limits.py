@@ -1,0 +1,425 @@
+"""The shared limiter: adaptive concurrency, rpm/ipm pacing and a retry budget for every request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from types import TracebackType
+from typing import Literal
+
+from aiolimiter import AsyncLimiter
+
+from .errors import ConfigError, UpstreamDownError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["ok", "throttled", "failed"]
+OUTCOMES: frozenset[str] = frozenset({"ok", "throttled", "failed"})
+WINDOW = 60.0
+_CLOSED = "the limiter is closed"
+
+
+def pacing_bucket(limit: float, capacity: float) -> tuple[float, float]:
+    """`(max_rate, time_period)` for an AsyncLimiter that lets at most `limit` through per window.
+
+    `AsyncLimiter(limit, 60)` starts full of room: a burst of `limit`, then `limit` more as it
+    drains, so 2 x limit in the first minute. A bucket of `capacity` (one whole request) that
+    drains (limit - capacity) per window holds at most capacity + (limit - capacity) = limit
+    in any 60 s window, the first one included, and costs only `capacity` of throughput.
+    """
+    if capacity <= 0 or limit <= capacity:
+        raise ValueError(f"limit {limit!r} must exceed the bucket capacity {capacity!r}")
+    return capacity, WINDOW * capacity / (limit - capacity)
+
+
+class AimdLimit:
+    """Additive-increase/multiplicative-decrease of a concurrency limit, decided once per round.
+
+    A round is `max(limit, min_round)` outcomes: fewer are too noisy to tell random 5 % 429s
+    from a server limit (a 16-outcome round holds 2+ throttled ones 19 % of the time, which
+    keeps concurrency at about half its maximum). A round whose throttled fraction exceeds
+    `threshold` multiplies the limit by 0.7; any other round adds 1.
+    """
+
+    def __init__(self, *, floor: int, ceiling: int, threshold: float, min_round: int) -> None:
+        self.floor = floor
+        self.ceiling = ceiling
+        self.threshold = threshold
+        self.min_round = min_round
+        self.limit = ceiling
+        self._seen = 0
+        self._throttled = 0
+
+    def record(self, throttled: bool) -> int:
+        """Count one outcome; return the change made to the limit (0 while a round runs)."""
+        self._seen += 1
+        self._throttled += throttled
+        size = max(self.limit, self.min_round)
+        # Decide as soon as the round's verdict is certain, so a storm of 429s is answered
+        # after a few of them rather than after a whole round.
+        if self._throttled > self.threshold * size:
+            new = max(self.floor, self.limit * 7 // 10)
+        elif self._seen >= size:
+            new = min(self.ceiling, self.limit + 1)
+        else:
+            return 0
+        change, self.limit = new - self.limit, new
+        self._seen = self._throttled = 0
+        return change
+
+
+class RetryBudget:
+    """gRPC-style retry throttling: each failure spends a token, each success earns a fraction."""
+
+    # gRPC's usual ratio (0.1) drains the budget at ~9 % failures; here a drained budget means
+    # probe mode, which should follow from "most requests fail", not a noisy minute. At 0.5 the
+    # budget drains only while more than a third of requests fail.
+    def __init__(self, capacity: float = 100.0, ratio: float = 0.5) -> None:
+        self.capacity = capacity
+        self.ratio = ratio
+        self.tokens = capacity
+
+    @property
+    def probing(self) -> bool:
+        """True while half the budget or more is spent: send one request at a time."""
+        return self.tokens <= self.capacity / 2
+
+    def record(self, ok: bool) -> None:
+        """Earn `ratio` for a success, spend 1 for a failure."""
+        if ok:
+            self.tokens = min(self.capacity, self.tokens + self.ratio)
+        else:
+            self.tokens = max(0.0, self.tokens - 1.0)
+
+
+class _Gate:
+    """FIFO admission of at most `capacity()` holders; the capacity may change at any time."""
+
+    def __init__(self, capacity: Callable[[], int]) -> None:
+        self._capacity = capacity
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.holders = 0
+        self.closed = False
+
+    async def acquire(self) -> None:
+        if self.closed:
+            raise RuntimeError(_CLOSED)
+        # Queue behind earlier waiters even when there is room, so arrival order is kept.
+        if not self._waiters and self.holders < self._capacity():
+            self.holders += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Admitted just before the cancellation landed: pass the place on.
+                self.release()
+            else:
+                with suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.holders -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Admit waiters in order while there is room (after a release or a raised capacity)."""
+        # The holder count is raised here, not by the woken task, so no newcomer can take the
+        # place between the wake-up and the moment the waiter runs.
+        while self._waiters and self.holders < self._capacity():
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.holders += 1
+                fut.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(RuntimeError(_CLOSED))
+
+
+class Limiter:
+    """One shared gate for every request attempt: concurrency, rpm/ipm pacing and retry budget."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        min_concurrency: int = 1,
+        rpm: float | None = None,
+        ipm: float | None = None,
+        max_images_per_request: int = 10,
+        throttle_threshold: float = 0.1,
+        budget_tokens: float = 100,
+        budget_ratio: float = 0.5,
+        outage_limit: float = 300.0,
+        clock: Callable[[], float] | None = None,
+        adaptive: bool = True,
+        min_round: int = 100,
+    ) -> None:
+        if concurrency < 1 or not 1 <= min_concurrency <= concurrency:
+            raise ConfigError(
+                f"concurrency must be at least min_concurrency (>= 1); "
+                f"got concurrency={concurrency}, min_concurrency={min_concurrency}"
+            )
+        if max_images_per_request < 1 or min_round < 1:
+            raise ConfigError("max_images_per_request and min_round must be at least 1")
+        if not 0 <= throttle_threshold < 1:
+            raise ConfigError(f"throttle_threshold must be in [0, 1), got {throttle_threshold}")
+        if budget_tokens <= 0 or budget_ratio < 0 or outage_limit <= 0:
+            raise ConfigError("budget_tokens and outage_limit must be > 0, budget_ratio >= 0")
+        self.concurrency = concurrency
+        self.rpm = rpm
+        self.ipm = ipm
+        self.max_images_per_request = max_images_per_request
+        self.outage_limit = outage_limit
+        self.adaptive = adaptive
+        self._clock = clock
+        self._aimd = AimdLimit(
+            floor=min_concurrency,
+            ceiling=concurrency,
+            threshold=throttle_threshold,
+            min_round=min_round,
+        )
+        self._budget = RetryBudget(budget_tokens, budget_ratio)
+        self._rpm = self._ipm = None
+        if rpm is not None:
+            # With both limits the rpm token is taken first and may be held while the ipm bucket
+            # drains, so a window can see the request it paid for plus a full rpm of later
+            # ones. Pacing is single file, so at most one token is held at a time: one request
+            # of slack keeps what is actually sent within rpm.
+            slack = 1 if ipm is not None else 0
+            if rpm <= 1 + slack:
+                raise ConfigError(f"rpm must be more than {1 + slack}, got {rpm:g}")
+            self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, 1))
+        if ipm is not None:
+            if ipm <= max_images_per_request:
+                raise ConfigError(
+                    f"ipm ({ipm:g}) must be more than the largest request's image count "
+                    f"({max_images_per_request}): raise ipm or lower the images per request"
+                )
+            self._ipm = AsyncLimiter(*pacing_bucket(ipm, max_images_per_request))
+        self._gate = _Gate(lambda: self.effective_limit)
+        # Pacing is single file, in arrival order: aiolimiter alone serves small amounts first,
+        # which could starve 10-image requests behind 1-image ones.
+        self._pacer = _Gate(lambda: 1)
+        self._pacing_task: asyncio.Task[object] | None = None
+        self._cancelled_by_close: asyncio.Task[object] | None = None
+        self._waiting = 0
+        self._closed = False
+        self._last_ok: float | None = None
+        self._last_error: str | None = None
+        self._warned_clamp = False
+        self.ok_total = self.throttled_total = self.failed_total = 0
+        self.decreases = self.increases = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, max_images_per_request: int = 10) -> Limiter:
+        """A limiter with the engine settings' concurrency, rpm, ipm and outage limit."""
+        return cls(
+            concurrency=settings.concurrency,
+            min_concurrency=min(settings.min_concurrency, settings.concurrency),
+            rpm=settings.rpm,
+            ipm=settings.ipm,
+            max_images_per_request=max_images_per_request,
+            outage_limit=settings.outage_limit,
+        )
+
+    @property
+    def limit(self) -> int:
+        """The adaptive concurrency limit, within [min_concurrency, concurrency]."""
+        return self._aimd.limit
+
+    @property
+    def effective_limit(self) -> int:
+        """How many requests may be in flight now: 1 while probing, else `limit`."""
+        return 1 if self._budget.probing else self._aimd.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Slots held, counting a holder that still waits for its rate tokens."""
+        return self._gate.holders
+
+    @property
+    def waiting(self) -> int:
+        """Tasks inside `slot()` that have not been let through yet."""
+        return self._waiting
+
+    @property
+    def probing(self) -> bool:
+        """True while the retry budget is spent down: one request at a time probes the API."""
+        return self._budget.probing
+
+    @property
+    def tokens(self) -> float:
+        """Retry budget tokens left."""
+        return self._budget.tokens
+
+    @property
+    def closed(self) -> bool:
+        """True once closed: no new slots."""
+        return self._closed
+
+    def _now(self) -> float:
+        now = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        if self._last_ok is None:
+            # The outage clock starts at first use, not at construction.
+            self._last_ok = now
+        return now
+
+    def check_outage(self) -> None:
+        """Raise UpstreamDownError when probing has found no success for `outage_limit` s."""
+        now = self._now()
+        down = now - (now if self._last_ok is None else self._last_ok)
+        if self._budget.probing and down >= self.outage_limit:
+            last = f" (last error: {self._last_error})" if self._last_error else ""
+            raise UpstreamDownError(
+                f"the API has failed every request for {down:.0f} s{last}; "
+                "stopping — run the same command again to resume"
+            )
+
+    def record(self, outcome: Outcome, detail: str | None = None) -> None:
+        """Feed one attempt's outcome to the retry budget and the adaptive limit."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        now = self._now()
+        was_probing = self._budget.probing
+        if outcome == "ok":
+            self.ok_total += 1
+            self._last_ok = now
+        else:
+            if outcome == "throttled":
+                self.throttled_total += 1
+            else:
+                self.failed_total += 1
+            if detail:
+                self._last_error = detail
+        self._budget.record(outcome == "ok")
+        if self.adaptive:
+            change = self._aimd.record(outcome == "throttled")
+            if change < 0:
+                self.decreases += 1
+                log.info("backing off: concurrency limit %d -> %d", self.limit - change, self.limit)
+            elif change > 0:
+                self.increases += 1
+        if self._budget.probing != was_probing:
+            if was_probing:
+                log.info("the API answers again: leaving probe mode")
+            else:
+                log.warning("most requests fail: probing the API with one request at a time")
+        # A raised limit or the end of probing makes room for waiters.
+        self._gate.wake()
+
+    @asynccontextmanager
+    async def slot(self, images: int = 1) -> AsyncIterator[None]:
+        """Wait for a concurrency slot, then 1 rpm token and `images` ipm tokens; hold the slot."""
+        await self._enter(images)
+        try:
+            yield
+        finally:
+            self._gate.release()
+
+    async def _enter(self, images: int) -> None:
+        if images < 0:
+            raise ValueError(f"images must be >= 0, got {images}")
+        if self._closed:
+            raise RuntimeError(_CLOSED)
+        self.check_outage()
+        self._waiting += 1
+        try:
+            # The concurrency slot comes first and the rate tokens last, right before the
+            # request goes out. Taken the other way round, a token would be spent while its
+            # task still queues for a slot: the request leaves later than its token, tokens
+            # bunch up behind busy slots and a window could see more than the limit (and a
+            # task cancelled in the queue throws its token away). A slot held while waiting
+            # for a token is not wasted: while anyone waits for a token, the rate, not the
+            # concurrency, is what bounds throughput.
+            await self._gate.acquire()
+            try:
+                # Queued waiters may have been let in after the upstream went down.
+                self.check_outage()
+                await self._pace(images)
+            except BaseException:
+                self._gate.release()
+                raise
+        finally:
+            self._waiting -= 1
+
+    async def _pace(self, images: int) -> None:
+        if self._rpm is None and self._ipm is None:
+            return
+        await self._pacer.acquire()
+        task = asyncio.current_task()
+        self._pacing_task = task
+        try:
+            # A cancellation while waiting here costs nothing: aiolimiter adds to its level
+            # only once the capacity is there. One between the two acquisitions forfeits the
+            # rpm token, since a bucket cannot give capacity back; sending less is the safe side.
+            if self._rpm is not None:
+                await self._rpm.acquire()
+            if self._ipm is not None:
+                amount = min(images, self.max_images_per_request)
+                if amount < images and not self._warned_clamp:
+                    self._warned_clamp = True
+                    log.warning(
+                        "a request for %d images counts as %d against ipm (the bucket size); "
+                        "pass the largest request size as max_images_per_request",
+                        images,
+                        amount,
+                    )
+                await self._ipm.acquire(amount)
+        except asyncio.CancelledError:
+            # close() cancels the one task waiting on the buckets; give it the same error as
+            # the queued waiters, unless someone else cancelled it too.
+            if task is not None and self._cancelled_by_close is task and task.uncancel() == 0:
+                raise RuntimeError(_CLOSED) from None
+            raise
+        finally:
+            self._pacing_task = None
+            self._pacer.release()
+
+    def close(self) -> None:
+        """Refuse new slots and wake every waiter with RuntimeError; slots held stay valid."""
+        if self._closed:
+            return
+        self._closed = True
+        self._gate.close()
+        self._pacer.close()
+        task = self._pacing_task
+        if task is not None and not task.done():
+            self._cancelled_by_close = task
+            task.cancel()
+
+    async def __aenter__(self) -> Limiter:
+        if self._closed:
+            raise RuntimeError("a Limiter cannot be reopened after close; make a new one")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        args = f"concurrency={self.concurrency!r}, rpm={self.rpm!r}, ipm={self.ipm!r}"
+        state = (
+            f"limit: {self.effective_limit}/{self.limit}, in flight: {self.in_flight}, "
+            f"waiting: {self.waiting}, tokens: {self.tokens:.1f}"
+        )
+        if self.probing:
+            state += ", probing"
+        if self._closed:
+            state += ", closed"
+        return f"<Limiter({args}) at {id(self):#x} [{state}]>"

@@ -1,0 +1,323 @@
+"""JSONL manifests: one job per line, validated up front, streamed on use."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import CapabilityError, ManifestError, ManifestProblem
+from .models import DEFAULT_MODEL, PARAMS, ModelRegistry
+
+MAX_ID_CHARS = 256
+MAX_N = 100_000
+# Fields that make up a job's default id: everything sent except n, so raising n on a rerun
+# keeps the id and only the new images are generated.
+_ID_FIELDS = ("prompt", "model", *PARAMS, "extra")
+_CORE = frozenset(("prompt", "model", "n", *PARAMS))
+BATCH_URL = "/v1/images/generations"
+
+
+def default_job_id(data: dict[str, Any]) -> str:
+    """A short stable id from a job's request fields (64 bits: collisions are negligible)."""
+    basis = {k: data[k] for k in _ID_FIELDS if data.get(k) not in (None, {})}
+    text = json.dumps(basis, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Job(BaseModel):
+    """One manifest line: a prompt, a model, how many images, and the request parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    prompt: str = Field(min_length=1)
+    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    size: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    response_format: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
+    moderation: str | None = None
+    user: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_id(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data.setdefault("model", DEFAULT_MODEL)
+        job_id = data.get("id")
+        if job_id is None:
+            data["id"] = default_job_id(data)
+        elif isinstance(job_id, int) and not isinstance(job_id, bool):
+            data["id"] = str(job_id)
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_does_not_shadow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(_CORE & value.keys())
+        if clash:
+            raise ValueError(f"extra must not set {', '.join(clash)}: set it as a top-level field")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The optional request parameters that are set."""
+        return {name: value for name in PARAMS if (value := getattr(self, name)) is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class JobDefaults:
+    """Values a line gets when it does not set them (from --model, --size, --n)."""
+
+    model: str | None = None
+    size: str | None = None
+    n: int | None = None
+
+    def apply(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The line's fields with the defaults filled in where absent."""
+        for name in ("model", "size", "n"):
+            value = getattr(self, name)
+            if value is not None and data.get(name) is None:
+                data[name] = value
+        return data
+
+
+@dataclass(slots=True)
+class ModelPlan:
+    """Work for one model: jobs, requests and images."""
+
+    jobs: int = 0
+    requests: int = 0
+    images: int = 0
+
+
+@dataclass(slots=True)
+class ManifestStats:
+    """Totals gathered while validating a manifest."""
+
+    jobs: int = 0
+    requests: int = 0
+    images: int = 0
+    by_model: dict[str, ModelPlan] = field(default_factory=dict)
+
+    def add(self, job: Job, max_n: int) -> None:
+        """Count one job that fans out into requests of at most max_n images."""
+        requests = -(-job.n // max_n)
+        plan = self.by_model.setdefault(job.model, ModelPlan())
+        for target in (self, plan):
+            target.jobs += 1
+            target.requests += requests
+            target.images += job.n
+
+
+def _unknown_field_message(name: str) -> str:
+    known = sorted(Job.model_fields)
+    guess = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+    return f"unknown field{hint}"
+
+
+def _problems_from(exc: ValidationError, line: int) -> list[ManifestProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            message = _unknown_field_message(loc or "")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        problems.append(ManifestProblem(line, loc, message))
+    return problems
+
+
+def _unwrap_batch_line(data: dict[str, Any], line: int) -> dict[str, Any]:
+    """An OpenAI Batch API line becomes a plain job; body keys we do not know go to extra."""
+    problems = []
+    if data.get("method", "POST") != "POST":
+        problems.append(ManifestProblem(line, "method", "only POST is supported"))
+    if data.get("url", BATCH_URL) != BATCH_URL:
+        problems.append(ManifestProblem(line, "url", f"only {BATCH_URL} is supported"))
+    body = data.get("body")
+    if not isinstance(body, dict):
+        problems.append(ManifestProblem(line, "body", "must be a JSON object"))
+    unknown = sorted(data.keys() - {"custom_id", "method", "url", "body", "metadata"})
+    problems += [ManifestProblem(line, name, "unknown field in a Batch API line") for name in unknown]
+    if problems:
+        raise ManifestError(problems)
+    assert isinstance(body, dict)
+    job = {k: v for k, v in body.items() if k in _CORE}
+    # The body is a literal API request: fields we do not model are provider pass-through.
+    extra = {k: v for k, v in body.items() if k not in _CORE and k != "extra"}
+    if isinstance(body.get("extra"), dict):
+        extra.update(body["extra"])
+    if extra:
+        job["extra"] = extra
+    job["id"] = data.get("custom_id")
+    if "metadata" in data:
+        job["metadata"] = data["metadata"]
+    return job
+
+
+def parse_line(
+    text: str, line: int, *, defaults: JobDefaults | None = None, registry: ModelRegistry
+) -> Job | None:
+    """One manifest line as a Job (None for blank and comment lines); ManifestError if bad."""
+    stripped = text.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise ManifestError([ManifestProblem(line, None, f"invalid JSON: {exc.msg}")]) from None
+    if not isinstance(data, dict):
+        raise ManifestError([ManifestProblem(line, None, "a line must be a JSON object")])
+    if "custom_id" in data or "body" in data:
+        data = _unwrap_batch_line(data, line)
+    if defaults is not None:
+        data = defaults.apply(data)
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_problems_from(exc, line)) from None
+    try:
+        registry.get(job.model).check(job.params(), job.prompt)
+    except CapabilityError as exc:
+        raise ManifestError([ManifestProblem(line, exc.field, str(exc))]) from None
+    return job
+
+
+def _id_digest(job_id: str) -> int:
+    # 64-bit digests instead of the ids themselves keep duplicate detection small in memory.
+    return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=8).digest(), "big")
+
+
+class Manifest:
+    """A validated manifest file: iterate it for Jobs (re-read from disk each time)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        defaults: JobDefaults | None = None,
+        registry: ModelRegistry | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.defaults = defaults or JobDefaults()
+        self.registry = registry or ModelRegistry()
+        self.stats = ManifestStats()
+        self.sha256 = ""
+
+    def __repr__(self) -> str:
+        return f"Manifest({str(self.path)!r}, jobs={self.stats.jobs}, images={self.stats.images})"
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        try:
+            with self.path.open(encoding="utf-8-sig", newline="") as handle:
+                yield from enumerate(handle, start=1)
+        except FileNotFoundError:
+            raise ManifestError(
+                [ManifestProblem(0, None, "file not found")], source=str(self.path)
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ManifestError(
+                [ManifestProblem(0, None, f"not UTF-8 text ({exc.reason})")], source=str(self.path)
+            ) from None
+
+    def __iter__(self) -> Iterator[Job]:
+        for number, text in self._lines():
+            job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+            if job is not None:
+                yield job
+
+    def validate(self, *, max_problems: int = 50) -> ManifestStats:
+        """Check every line; raise one ManifestError listing the problems (up to the cap)."""
+        problems: list[ManifestProblem] = []
+        truncated = False
+        seen: set[int] = set()
+        duplicates: dict[str, int] = {}
+        stats = ManifestStats()
+        digest = hashlib.sha256()
+        for number, text in self._lines():
+            digest.update(text.encode())
+            try:
+                job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+            except ManifestError as exc:
+                problems.extend(exc.problems)
+                job = None
+            if job is not None:
+                key = _id_digest(job.id)
+                if key in seen:
+                    duplicates.setdefault(job.id, number)
+                else:
+                    seen.add(key)
+                    stats.add(job, self.registry.get(job.model).max_n)
+            if len(problems) + len(duplicates) > max_problems:
+                truncated = True
+                break
+        problems.extend(self._duplicate_problems(duplicates))
+        if problems:
+            problems.sort(key=lambda p: p.line)
+            raise ManifestError(problems[:max_problems], source=str(self.path), truncated=truncated)
+        self.stats = stats
+        self.sha256 = digest.hexdigest()
+        return stats
+
+    def _duplicate_problems(self, duplicates: dict[str, int]) -> list[ManifestProblem]:
+        """Name the earlier line of each repeated id (a second pass, only when there are any)."""
+        if not duplicates:
+            return []
+        first: dict[str, int] = {}
+        for number, text in self._lines():
+            if len(first) == len(duplicates):
+                break
+            try:
+                job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+            except ManifestError:
+                continue
+            if job is not None and job.id in duplicates:
+                first.setdefault(job.id, number)
+        return [
+            ManifestProblem(
+                line,
+                "id",
+                f"id {job_id!r} is already used on line {first.get(job_id, '?')} "
+                "(give each line its own 'id', or ask for more images with 'n')",
+            )
+            for job_id, line in duplicates.items()
+        ]
+
+
+def load_manifest(
+    path: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    size: str | None = None,
+    n: int | None = None,
+    registry: ModelRegistry | None = None,
+    max_problems: int = 50,
+) -> Manifest:
+    """Validate a JSONL manifest (ManifestError lists every bad line) and return it for streaming."""
+    manifest = Manifest(path, defaults=JobDefaults(model=model, size=size, n=n), registry=registry)
+    manifest.validate(max_problems=max_problems)
+    return manifest

@@ -1,0 +1,60 @@
+"""Pure naming of output files: a job id becomes one safe folder name under OUT/images/."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+__all__ = ["EXTENSIONS", "MAX_COMPONENT", "image_relpath", "safe_component"]
+
+# Output format (as the API and `detect_format` name it) -> file extension.
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+# Long enough for readable ids, short enough that OUT/images/<id>/<k>.<ext> stays far below
+# the 255-byte name limit of common filesystems and Windows' 260-char path habit.
+MAX_COMPONENT = 80
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_SUFFIX_LEN = 9  # "-" + 8 hex chars
+_WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
+)
+
+
+def _is_windows_reserved(name: str) -> bool:
+    """Whether Windows treats the name as a device, which it does whatever the extension."""
+    return name.split(".", 1)[0].upper() in _WINDOWS_RESERVED
+
+
+def safe_component(job_id: str) -> str:
+    """Return `job_id` as one folder name that cannot escape, collide or misbehave on any OS."""
+    name = _UNSAFE.sub("_", job_id)
+    # A leading dot hides the folder (and makes "." and ".."); Windows drops trailing dots.
+    stripped = name.lstrip(".")
+    name = "_" * (len(name) - len(stripped)) + stripped
+    stripped = name.rstrip(".")
+    name = stripped + "_" * (len(name) - len(stripped))
+    if not name:
+        name = "_"
+    if _is_windows_reserved(name):
+        stem, dot, ext = name.partition(".")
+        name = f"{stem}_{dot}{ext}"
+    if name == job_id and len(name) <= MAX_COMPONENT:
+        return name
+    # Any change loses information, so a hash of the original keeps distinct ids distinct
+    # ("a/b" and "a_b" would otherwise share a folder).
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{name[: MAX_COMPONENT - _SUFFIX_LEN]}-{digest}"
+
+
+def image_relpath(job_id: str, index: int, fmt: str) -> str:
+    """Return `images/<safe id>/<index>.<ext>`, relative to OUT with POSIX separators."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"image index must be a non-negative integer, not {index!r}")
+    try:
+        ext = EXTENSIONS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown image format {fmt!r}") from None
+    return f"images/{safe_component(job_id)}/{index}.{ext}"

@@ -1,0 +1,68 @@
+"""Pure planning: a job becomes requests of at most the model's n, each with a key and fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .manifest import Job
+from .models import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One API call: images first_index .. first_index + n - 1 of its job."""
+
+    job: Job
+    chunk: int
+    n: int
+    first_index: int
+    payload: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """The ledger key, `<job_id>#<chunk>`."""
+        return f"{self.job.id}#{self.chunk}"
+
+    @property
+    def indexes(self) -> range:
+        """The job-wide image indexes this request fills."""
+        return range(self.first_index, self.first_index + self.n)
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """A stable digest of exactly what is sent (key order and spacing do not matter)."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_payload(job: Job, spec: ModelSpec, n: int) -> dict[str, Any]:
+    """The JSON body for `n` images: only parameters the model accepts, extra passed through."""
+    payload: dict[str, Any] = {"model": job.model, "prompt": job.prompt}
+    # n=1 is every API's default; leaving it out keeps strict providers happy.
+    if n > 1:
+        payload["n"] = n
+    for name, value in job.params().items():
+        if spec.accepts(name):
+            payload[name] = value
+    payload.update(job.extra)
+    return payload
+
+
+def chunk_sizes(n: int, max_n: int) -> list[int]:
+    """Split n images into requests of at most max_n (the last one may be smaller)."""
+    full, rest = divmod(n, max_n)
+    return [max_n] * full + ([rest] if rest else [])
+
+
+def plan_job(job: Job, spec: ModelSpec) -> Iterator[Request]:
+    """The requests for one job, in chunk order."""
+    first = 0
+    for chunk, size in enumerate(chunk_sizes(job.n, spec.max_n)):
+        payload = build_payload(job, spec, size)
+        yield Request(job, chunk, size, first, payload, fingerprint(payload))
+        first += size

@@ -1,0 +1,146 @@
+"""What a run produces: one Result per request, and a Summary of the whole run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .manifest import Job
+from .sink import ImageRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one request (`key` = `<job_id>#<chunk>`), as written to the ledger."""
+
+    run_id: str
+    job: Job
+    chunk: int
+    n: int
+    status: str
+    fingerprint: str
+    images: tuple[ImageRecord, ...] = ()
+    attempts: int = 0
+    ambiguous_retries: int = 0
+    error: dict[str, Any] | None = None
+    latency_s: float = 0.0
+    finished_at: str = ""
+    usage: dict[str, Any] | None = None
+    # True when the ledger already held this key as ok and nothing was sent.
+    reused: bool = False
+
+    @property
+    def key(self) -> str:
+        """The ledger key of this request."""
+        return f"{self.job.id}#{self.chunk}"
+
+    @property
+    def ok(self) -> bool:
+        """Whether every image of this request is on disk."""
+        return self.status == "ok"
+
+    def to_event(self) -> dict[str, Any]:
+        """The ledger's result event (contract field names, no secrets)."""
+        return {
+            "event": "result",
+            "run_id": self.run_id,
+            "key": self.key,
+            "job_id": self.job.id,
+            "chunk": self.chunk,
+            "status": self.status,
+            "fingerprint": self.fingerprint,
+            "model": self.job.model,
+            "n": self.n,
+            "images": [image.to_dict() for image in self.images],
+            "attempts": self.attempts,
+            "ambiguous_retries": self.ambiguous_retries,
+            "error": self.error,
+            "latency_s": round(self.latency_s, 3),
+            "finished_at": self.finished_at,
+            "usage": self.usage,
+            "metadata": self.job.metadata,
+        }
+
+
+@dataclass(slots=True)
+class Summary:
+    """Counts for a whole run; `complete` means every planned image is on disk."""
+
+    run_id: str = ""
+    simulated: bool = False
+    planned_requests: int = 0
+    planned_images: int = 0
+    skipped_requests: int = 0
+    skipped_images: int = 0
+    ok_requests: int = 0
+    failed_requests: int = 0
+    images_written: int = 0
+    failed_images: int = 0
+    # Permanent failures from earlier runs that this run did not try again.
+    kept_failures: int = 0
+    retries: int = 0
+    ambiguous_retries: int = 0
+    rate_limited: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    stopped: str | None = None
+    # Requests the built-in simulator answered (only when the run was simulated).
+    simulator_requests: int | None = None
+
+    def add(self, result: Result) -> None:
+        """Count one finished request."""
+        if result.ok:
+            self.ok_requests += 1
+            self.images_written += len(result.images)
+        else:
+            self.failed_requests += 1
+            self.failed_images += result.n
+            kind = (result.error or {}).get("kind", "unknown")
+            self.failures[str(kind)] += 1
+        self.retries += max(result.attempts - 1, 0)
+        self.ambiguous_retries += result.ambiguous_retries
+
+    @property
+    def pending_requests(self) -> int:
+        """Planned requests neither finished nor skipped (interrupted or stopped early)."""
+        done = self.skipped_requests + self.ok_requests + self.failed_requests + self.kept_failures
+        return max(self.planned_requests - done, 0)
+
+    @property
+    def complete(self) -> bool:
+        """Every planned image is present (nothing failed, nothing left pending)."""
+        return (
+            self.failed_requests == 0
+            and self.kept_failures == 0
+            and self.pending_requests == 0
+            and not self.interrupted
+            and self.stopped is None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as plain data (the ledger's end event and `--json`)."""
+        return {
+            "run_id": self.run_id,
+            "simulated": self.simulated,
+            "complete": self.complete,
+            "planned_requests": self.planned_requests,
+            "planned_images": self.planned_images,
+            "skipped_requests": self.skipped_requests,
+            "skipped_images": self.skipped_images,
+            "ok_requests": self.ok_requests,
+            "failed_requests": self.failed_requests,
+            "pending_requests": self.pending_requests,
+            "images_written": self.images_written,
+            "failed_images": self.failed_images,
+            "kept_failures": self.kept_failures,
+            "retries": self.retries,
+            "ambiguous_retries": self.ambiguous_retries,
+            "rate_limited": self.rate_limited,
+            "failures": dict(self.failures),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "interrupted": self.interrupted,
+            "stopped": self.stopped,
+            "simulator_requests": self.simulator_requests,
+        }

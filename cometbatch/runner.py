@@ -1,0 +1,112 @@
+"""Run a manifest the way the CLI does: optional in-process simulator, progress, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from .engine import Engine
+from .manifest import Manifest
+from .progress import Mode, ProgressDisplay
+from .results import Summary
+from .settings import Settings
+from .simulator import SimConfig, Simulator
+
+log = logging.getLogger(__name__)
+
+SIMULATED_KEY = "sk-simulated"
+
+
+class _Interrupts:
+    """First Ctrl-C: stop taking work, let paid-for requests land; second (or grace over): quit."""
+
+    def __init__(self, engine: Engine, task: asyncio.Task[object], say: Callable[[str], None]):
+        self.engine = engine
+        self.task = task
+        self.say = say
+        self.aborted = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if not self.engine.stopping:
+            in_flight = self.engine.limiter.in_flight
+            grace = self.engine.settings.grace_period
+            self.say(
+                f"stopping: letting {in_flight} request(s) in flight finish (up to {grace:.0f} s); "
+                "press Ctrl-C again to quit now"
+            )
+            self.engine.stop()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(grace, self.abort)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.aborted:
+            self.aborted = True
+            self.say("quitting now; requests still in flight will be sent again next run")
+            self.task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def run_manifest(
+    manifest: Manifest,
+    *,
+    settings: Settings,
+    out_dir: str | Path,
+    simulate: SimConfig | None = None,
+    progress: Mode = "off",
+    say: Callable[[str], None] = print,
+    handle_signals: bool = False,
+) -> Summary:
+    """Run every pending request of a validated manifest and return the run's summary."""
+    sim: Simulator | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if simulate is not None:
+            sim = await stack.enter_async_context(Simulator(simulate))
+            settings = settings.model_copy(
+                update={"base_url": sim.base_url, "api_key": SecretStr(SIMULATED_KEY)}
+            )
+        engine = await stack.enter_async_context(
+            Engine(
+                settings,
+                out_dir=out_dir,
+                registry=manifest.registry,
+                simulated=simulate is not None,
+            )
+        )
+        interrupts: _Interrupts | None = None
+        if handle_signals:
+            task = asyncio.current_task()
+            assert task is not None
+            interrupts = _Interrupts(engine, task, say)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, interrupts)
+            stack.callback(interrupts.close)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                stack.callback(loop.remove_signal_handler, sig)
+        try:
+            async with ProgressDisplay(engine, mode=progress):
+                async for _ in engine.run(manifest):
+                    pass
+        except asyncio.CancelledError:
+            if interrupts is None or not interrupts.aborted:
+                raise
+            # Our own hard stop: uncancel so the engine can still write its end event.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            engine.summary.interrupted = True
+        if sim is not None:
+            engine.summary.simulator_requests = sim.stats.requests
+        return engine.summary

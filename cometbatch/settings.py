@@ -1,0 +1,75 @@
+"""Engine settings: one frozen object, validated once, safe to print (the key is a SecretStr)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
+KEY_ENV = "COMETAPI_KEY"
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for localhost and loopback addresses (where plain http is acceptable)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseModel):
+    """How the engine sends: limits, retries, timeouts, where, and with which key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    concurrency: int = Field(default=16, ge=1, le=10_000)
+    min_concurrency: int = Field(default=1, ge=1)
+    rpm: float | None = Field(default=None, gt=0)
+    ipm: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    # Retry timeouts and dropped connections that happen after the request was sent
+    # (the image may have been generated and billed).
+    retry_ambiguous: bool = True
+    timeout: float = Field(default=600.0, gt=0)
+    connect_timeout: float = Field(default=30.0, gt=0)
+    download_timeout: float = Field(default=120.0, gt=0)
+    max_download_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_retry_after: float = Field(default=120.0, ge=0)
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    # Stop the run when the API has been failing with no success for this long.
+    outage_limit: float = Field(default=300.0, gt=0)
+    retry_failed: bool = False
+    model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Plain http to a non-loopback host sends the key in clear text; refuse unless allowed.
+    allow_insecure_http: bool = False
+    # Grace period for in-flight requests after a stop is asked (Ctrl-C).
+    grace_period: float = Field(default=60.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"base URL must be http(s)://host[/path], got {value!r}")
+        return value.rstrip("/")
+
+    def resolved_key(self) -> str | None:
+        """The key from the settings, else from COMETAPI_KEY."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(KEY_ENV) or None
+
+    def public(self) -> dict[str, Any]:
+        """Settings as they go into the ledger's run event: never the key."""
+        return self.model_dump(mode="json", exclude={"api_key"})

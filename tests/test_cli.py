@@ -1,0 +1,186 @@
+"""The command line as a user runs it: real subprocesses, the in-process simulator, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "jobs" / "demo.jsonl"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cometbatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def ledger_results(out: Path) -> list[dict[str, Any]]:
+    events = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines() if x]
+    return [e for e in events if e["event"] == "result"]
+
+
+def planned_images(manifest: Path) -> set[tuple[str, int]]:
+    from cometbatch import load_manifest
+
+    return {(job.id, k) for job in load_manifest(manifest) for k in range(job.n)}
+
+
+def images_on_disk(out: Path) -> Counter[tuple[str, int]]:
+    found: Counter[tuple[str, int]] = Counter()
+    for path in (out / "images").rglob("*"):
+        if path.is_file():
+            assert not path.name.endswith(".tmp"), path
+            with Image.open(path) as image:
+                image.load()
+            found[(path.parent.name, int(path.stem))] += 1
+    return found
+
+
+def test_demo_run_then_rerun_sends_nothing(tmp_path: Path) -> None:
+    """The README's main command completes; the same command again sends zero requests."""
+    out = tmp_path / "out"
+    first = cli("run", str(DEMO), "--simulate", "--out", str(out), "--json")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["complete"] and summary["simulated"]
+    assert summary["simulator_requests"] >= summary["planned_requests"] > 0
+    assert set(images_on_disk(out)) == planned_images(DEMO)
+    statuses = Counter(e["status"] for e in ledger_results(out))
+    assert statuses == {"ok": summary["planned_requests"]}
+
+    second = cli("run", str(DEMO), "--simulate", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    assert "everything was already done" in second.stderr
+    again = cli("run", str(DEMO), "--simulate", "--out", str(out), "--json")
+    assert json.loads(again.stdout)["simulator_requests"] == 0
+
+
+def test_bad_manifest_exits_2_naming_every_line(tmp_path: Path) -> None:
+    """Invalid JSON, a missing prompt, an unknown field, n = 0 and a bad size: exit 2, all named."""
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(
+        "\n".join(
+            [
+                '{"prompt": "fine"}',
+                "{oops",
+                '{"model": "dall-e-3"}',
+                '{"prompt": "x", "colour": "red"}',
+                '{"prompt": "x", "n": 0}',
+                '{"prompt": "x", "model": "dall-e-2", "size": "1792x1024"}',
+            ]
+        )
+        + "\n"
+    )
+    out = tmp_path / "out"
+    result = cli("run", str(manifest), "--simulate", "--out", str(out))
+    assert result.returncode == 2
+    for fragment in (
+        "line 2",
+        "line 3, field 'prompt'",
+        "line 4, field 'colour'",
+        "line 5, field 'n'",
+        "line 6, field 'size'",
+    ):
+        assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "ledger.jsonl").exists()
+
+
+def test_missing_key_is_a_clear_usage_error(tmp_path: Path) -> None:
+    """Without COMETAPI_KEY and without --simulate the run refuses with exit 2 and says why."""
+    env = {k: v for k, v in os.environ.items() if k != "COMETAPI_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cometbatch", "run", str(DEMO), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "COMETAPI_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigint_midway_then_rerun_gives_every_image_once(tmp_path: Path) -> None:
+    """Ctrl-C part-way exits 130; the rerun completes with every image once and no key ok twice."""
+    manifest = tmp_path / "many.jsonl"
+    manifest.write_text(
+        "\n".join(
+            json.dumps({"id": f"m{i}", "prompt": f"picture {i}", "model": "qwen-image"})
+            for i in range(120)
+        )
+        + "\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
+            "--out", str(out), "--concurrency", "4", "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    ledger = out / "ledger.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ledger.exists() and ledger.read_text().count('"event":"result"') >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    partial = ledger_results(out)
+    assert 10 <= len(partial) < 120
+    assert json.loads(ledger.read_text().splitlines()[-1])["event"] == "end"
+
+    rerun = cli("run", str(manifest), "--simulate", "--out", str(out), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["simulator_requests"] == 120 - len(partial)
+    oks = Counter(e["key"] for e in ledger_results(out) if e["status"] == "ok")
+    assert len(oks) == 120 and max(oks.values()) == 1
+    on_disk = images_on_disk(out)
+    assert set(on_disk) == planned_images(manifest)
+    assert max(on_disk.values()) == 1
+
+
+def test_models_and_status_commands(tmp_path: Path) -> None:
+    """`models` lists the registry; `status --json` counts what a finished run holds."""
+    listed = cli("models", "--json")
+    assert listed.returncode == 0
+    names = {spec["name"] for spec in json.loads(listed.stdout)}
+    assert {"dall-e-2", "dall-e-3", "gpt-image-1", "qwen-image"} <= names
+
+    out = tmp_path / "out"
+    assert cli("run", str(DEMO), "--simulate", "--out", str(out), "--quiet").returncode == 0
+    status = cli("status", str(out), "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["ok_images"] == len(planned_images(DEMO))
+    assert data["failed_requests"] == 0
+    assert data["last_run_ended"] is True
+
+
+def test_status_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """`status` on a folder with no ledger says so and exits 2."""
+    result = cli("status", str(tmp_path))
+    assert result.returncode == 2
+    assert "nothing has run there yet" in result.stderr

@@ -1,0 +1,643 @@
+"""Tests for the HTTP client against small aiohttp servers on loopback ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from pydantic import SecretStr
+
+from cometbatch.client import Client, ImagesResponse
+from cometbatch.errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    ContentPolicyError,
+    DownloadError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from cometbatch.settings import Settings
+
+KEY = "sk-test-SECRET-0123456789"
+ROUTE = "/v1/images/generations"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serve(routes: dict[tuple[str, str], Handler]) -> AsyncIterator[str]:
+    """Serve `routes` ({(method, path): handler}) on 127.0.0.1; yields the server's root URL."""
+    app = web.Application()
+    for (method, path), handler in routes.items():
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def reply(status: int = 200, body: Any = None, **kwargs: Any) -> Handler:
+    """A handler answering a fixed JSON (or text, if `text=` is given) response."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if "text" in kwargs or "body_bytes" in kwargs:
+            return web.Response(
+                status=status,
+                text=kwargs.get("text"),
+                body=kwargs.get("body_bytes"),
+                content_type=kwargs.get("content_type", "text/plain"),
+                headers=kwargs.get("headers"),
+            )
+        return web.json_response(body, status=status, headers=kwargs.get("headers"))
+
+    return handler
+
+
+def comet_error(message: str, code: str = "", request_id: str | None = "req-42") -> dict[str, Any]:
+    """An error body in CometAPI's shape, with the request id inside the message."""
+    suffix = f" (request id: {request_id})" if request_id else ""
+    return {
+        "error": {"message": message + suffix, "type": "comet_api_error", "param": "", "code": code}
+    }
+
+
+def free_port() -> int:
+    """A loopback port that was just bound and released, so nothing listens on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def assert_no_key(exc: BaseException) -> None:
+    """The key appears nowhere in the exception or its cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        assert KEY not in str(seen)
+        assert KEY not in repr(seen)
+        seen = seen.__cause__
+
+
+async def generate(base: str, payload: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Send one generation through a fresh client to `base`/v1."""
+    async with Client(base_url=f"{base}/v1", api_key=KEY, **kwargs) as client:
+        return await client.generate(payload or {"model": "dall-e-3", "prompt": "a fox"})
+
+
+async def test_generate_parses_success_and_sends_key_per_request() -> None:
+    """A 200 answer is parsed, and the request carried the key and the JSON payload."""
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen["auth"] = request.headers.get("Authorization")
+        seen["body"] = await request.json()
+        return web.json_response(
+            {
+                "created": 1700000000,
+                "data": [{"b64_json": "aGk=", "revised_prompt": "a red fox", "extra": 1}],
+                "usage": {"total_tokens": 10},
+                "unknown_field": True,
+            }
+        )
+
+    async with serve({("POST", ROUTE): handler}) as base:
+        answer = await generate(base, {"model": "gpt-image-1", "prompt": "a fox", "n": 1})
+    assert isinstance(answer, ImagesResponse)
+    assert answer.created == 1700000000
+    assert answer.data[0].b64_json == "aGk="
+    assert answer.data[0].revised_prompt == "a red fox"
+    assert answer.usage == {"total_tokens": 10}
+    assert seen == {
+        "auth": f"Bearer {KEY}",
+        "body": {"model": "gpt-image-1", "prompt": "a fox", "n": 1},
+    }
+
+
+async def test_generate_without_key_sends_no_authorization() -> None:
+    """With no key, the request carries no Authorization header at all."""
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"data": [{"url": "http://127.0.0.1/x.png"}]})
+
+    async with (
+        serve({("POST", ROUTE): handler}) as base,
+        Client(base_url=f"{base}/v1/", api_key=None) as client,
+    ):
+        answer = await client.generate({"prompt": "p"})
+    assert answer.data[0].url == "http://127.0.0.1/x.png"
+    assert seen == [None]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "cls", "kind", "retryable"),
+    [
+        (400, "", "Invalid size", BadRequestError, "bad_request", False),
+        (401, "", "Invalid token", AuthenticationError, "auth", False),
+        (403, "", "Forbidden", PermissionDeniedError, "permission", False),
+        (404, "", "No such model", NotFoundError, "not_found", False),
+        (413, "", "Body too large", BadRequestError, "too_large", False),
+        (422, "", "Unprocessable", BadRequestError, "unprocessable", False),
+        (408, "", "Request timeout", APIStatusError, "status", True),
+        (409, "", "Conflict", APIStatusError, "status", True),
+        (429, "", "Rate limit reached", RateLimitError, "rate_limit", True),
+        (500, "", "Internal error", ServerError, "server", True),
+        (500, "invalid_request", "Upstream rejected", ServerError, "server", False),
+        (502, "", "Bad gateway", ServerError, "server", True),
+        (503, "", "Overloaded", ServerError, "server", True),
+        (504, "", "Gateway timeout", ServerError, "server", True),
+        (524, "", "A timeout occurred", ServerError, "server", True),
+        (
+            400,
+            "content_policy_violation",
+            "Rejected by the safety system",
+            ContentPolicyError,
+            "content_policy",
+            False,
+        ),
+    ],
+)
+async def test_error_statuses_are_classified(
+    status: int, code: str, message: str, cls: type[APIError], kind: str, retryable: bool
+) -> None:
+    """Each error status maps to its class, kind and retry decision, with the request id."""
+    async with serve({("POST", ROUTE): reply(status, comet_error(message, code))}) as base:
+        with pytest.raises(APIError) as info:
+            await generate(base)
+    exc = info.value
+    assert type(exc) is cls
+    assert (exc.kind, exc.retryable, exc.status) == (kind, retryable, status)
+    assert exc.request_id == "req-42"
+    assert exc.message == message
+    assert exc.code == (code or None)
+    assert exc.retry_after is None
+
+
+async def test_rate_limit_retry_after_is_recorded() -> None:
+    """A 429 with Retry-After carries the parsed wait on the error."""
+    handler = reply(429, comet_error("slow down"), headers={"Retry-After": "3"})
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(RateLimitError) as info:
+            await generate(base)
+    assert info.value.retry_after == 3.0
+    assert info.value.retryable is True
+
+
+async def test_retry_after_ms_is_recorded_uncapped() -> None:
+    """retry-after-ms wins, and a large value is stored raw (capping is the policy's job)."""
+    handler = reply(503, comet_error("busy"), headers={"retry-after-ms": "500000"})
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(ServerError) as info:
+            await generate(base)
+    assert info.value.retry_after == 500.0
+
+
+async def test_request_id_falls_back_to_header() -> None:
+    """Without a request id in the message, the X-Request-Id header supplies it."""
+    handler = reply(500, comet_error("boom", request_id=None), headers={"X-Request-Id": "hdr-7"})
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(ServerError) as info:
+            await generate(base)
+    assert info.value.request_id == "hdr-7"
+
+
+async def test_html_error_page_gives_short_message() -> None:
+    """A 502 HTML page becomes a short plain message, not the page."""
+    page = "<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>"
+    handler = reply(502, text=page, content_type="text/html")
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(ServerError) as info:
+            await generate(base)
+    assert info.value.message == "the server answered with an HTML page"
+    assert info.value.retryable is True
+
+
+async def test_html_200_is_not_an_openai_api() -> None:
+    """A 200 HTML page says plainly that this is not an OpenAI-compatible API."""
+    page = "<!doctype html><html><head><title>Welcome</title></head></html>"
+    handler = reply(200, text=page, content_type="text/html")
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    message = str(info.value)
+    assert "does not look like an OpenAI-compatible API" in message
+    assert "HTML page" in message
+    assert "<" not in message
+    assert info.value.retryable is False
+
+
+async def test_redirect_is_not_followed_and_explained() -> None:
+    """A 301 is not followed; the message names the redirect and the base URL."""
+    followed: list[str] = []
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        raise web.HTTPMovedPermanently(location="/login")
+
+    async def login(request: web.Request) -> web.StreamResponse:
+        followed.append(request.method)
+        return web.json_response({"data": [{"b64_json": "aGk="}]})
+
+    async with serve({("POST", ROUTE): moved, ("*", "/login"): login}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    message = str(info.value)
+    assert "301 redirect to /login" in message
+    assert "does not look like an OpenAI-compatible API" in message
+    assert f"{base}/v1" in message
+    assert info.value.retryable is False
+    assert followed == []
+
+
+async def test_non_json_200_is_not_an_openai_api() -> None:
+    """A 200 plain-text answer is reported as not an OpenAI-compatible API."""
+    async with serve({("POST", ROUTE): reply(200, text="hello world")}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert "does not look like an OpenAI-compatible API" in str(info.value)
+    assert info.value.retryable is False
+
+
+async def test_truncated_json_is_malformed_and_retryable() -> None:
+    """A cut-off JSON body is a malformed response worth retrying."""
+    body = b'{"created": 1, "data": [{"b64_json": "aGk'
+    handler = reply(200, body_bytes=body, content_type="application/json")
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert str(info.value).startswith("malformed response:")
+    assert info.value.retryable is True
+
+
+async def test_wrong_shape_json_is_malformed_and_retryable() -> None:
+    """JSON that fails validation is a malformed response worth retrying."""
+    async with serve({("POST", ROUTE): reply(200, {"data": "nope"})}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert str(info.value).startswith("malformed response: data")
+    assert info.value.retryable is True
+
+
+async def test_empty_data_is_retryable() -> None:
+    """An answer with no images is a retryable response error."""
+    async with serve({("POST", ROUTE): reply(200, {"created": 1, "data": []})}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert str(info.value) == "the API answered no images"
+    assert info.value.retryable is True
+
+
+async def test_error_object_with_200_is_an_error() -> None:
+    """A relay that sends an error object with status 200 still raises, with the request id."""
+    async with serve({("POST", ROUTE): reply(200, comet_error("upstream failed"))}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert "upstream failed" in str(info.value)
+    assert info.value.request_id == "req-42"
+
+
+async def test_connection_refused_is_not_sent() -> None:
+    """A refused connection means the request was never sent: retryable, not ambiguous."""
+    port = free_port()
+    with pytest.raises(APIConnectionError) as info:
+        await generate(f"http://127.0.0.1:{port}")
+    exc = info.value
+    assert type(exc) is APIConnectionError
+    assert (exc.sent, exc.retryable, exc.kind) == (False, True, "connection")
+    assert isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+    assert_no_key(exc)
+
+
+async def test_server_closing_after_request_is_ambiguous() -> None:
+    """A server that reads the request and hangs up leaves an ambiguous, retryable error."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(APIConnectionError) as info:
+            await generate(f"http://127.0.0.1:{port}")
+    exc = info.value
+    assert (exc.sent, exc.retryable, exc.kind) == (True, True, "ambiguous")
+
+
+async def test_slow_server_times_out_ambiguously() -> None:
+    """No answer within the timeout gives an ambiguous APITimeoutError."""
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await release.wait()
+        return web.json_response({"data": []})
+
+    async with serve({("POST", ROUTE): stall}) as base:
+        try:
+            with pytest.raises(APITimeoutError) as info:
+                await generate(base, timeout=0.05)
+        finally:
+            release.set()
+    exc = info.value
+    assert (exc.sent, exc.retryable, exc.kind) == (True, True, "ambiguous")
+
+
+def image_routes(seen: list[str | None]) -> dict[tuple[str, str], Handler]:
+    """A generation route that demands the key, and an image route that refuses any auth."""
+
+    async def generation(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {KEY}":
+            return web.json_response(comet_error("no key"), status=401)
+        return web.json_response({"data": [{"url": str(request.url.with_path("/img/0.png"))}]})
+
+    async def image(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        if "Authorization" in request.headers:
+            return web.Response(status=403, text="credentials not accepted here")
+        return web.Response(body=PNG, content_type="image/png")
+
+    return {("POST", ROUTE): generation, ("GET", "/img/0.png"): image}
+
+
+async def test_download_never_sends_authorization() -> None:
+    """The image download carries no Authorization header even though generation did."""
+    seen: list[str | None] = []
+    async with (
+        serve(image_routes(seen)) as base,
+        Client(base_url=f"{base}/v1", api_key=KEY) as client,
+    ):
+        answer = await client.generate({"prompt": "p"})
+        url = answer.data[0].url
+        assert url is not None
+        data, content_type = await client.download(url)
+    assert data == PNG
+    assert content_type == "image/png"
+    assert seen == [None]
+
+
+async def test_caller_session_is_used_and_left_open() -> None:
+    """A caller's session serves both calls, stays open, and downloads still carry no key."""
+    seen: list[str | None] = []
+    async with serve(image_routes(seen)) as base, aiohttp.ClientSession() as session:
+        async with Client(base_url=f"{base}/v1", api_key=KEY, session=session) as client:
+            answer = await client.generate({"prompt": "p"})
+            url = answer.data[0].url
+            assert url is not None
+            data, _ = await client.download(url)
+        assert not session.closed
+        assert "Authorization" not in session.headers
+        assert data == PNG
+        assert seen == [None]
+
+
+async def test_caller_session_with_default_auth_does_not_leak_to_downloads() -> None:
+    """Even a caller's session with a default Authorization header downloads without it."""
+    seen: list[str | None] = []
+    async with (
+        serve(image_routes(seen)) as base,
+        aiohttp.ClientSession(headers={"Authorization": "Bearer other"}) as session,
+    ):
+        async with Client(base_url=f"{base}/v1", api_key=KEY, session=session) as client:
+            answer = await client.generate({"prompt": "p"})
+            url = answer.data[0].url
+            assert url is not None
+            data, _ = await client.download(url)
+        assert not session.closed
+    assert data == PNG
+    assert seen == [None]
+
+
+async def test_download_follows_redirects() -> None:
+    """A redirected image URL is followed to the image."""
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(location="/real.png")
+
+    async def real(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=PNG, content_type="image/png")
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("GET", "/old.png"): moved,
+        ("GET", "/real.png"): real,
+    }
+    async with serve(routes) as base, Client(base_url=base, api_key=KEY) as client:
+        data, _ = await client.download(f"{base}/old.png")
+    assert data == PNG
+
+
+async def test_download_size_cap_by_content_length() -> None:
+    """An image whose Content-Length exceeds the cap is refused, not retried."""
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"x" * 1000, content_type="image/png")
+
+    async with (
+        serve({("GET", "/big.png"): big}) as base,
+        Client(base_url=base, api_key=KEY, max_download_bytes=100) as client,
+    ):
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"{base}/big.png")
+    assert str(info.value) == "image larger than 100 bytes"
+    assert info.value.retryable is False
+
+
+async def test_download_size_cap_while_streaming() -> None:
+    """A chunked image with no Content-Length is cut off once it passes the cap."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(10):
+            await response.write(b"x" * 100)
+        await response.write_eof()
+        return response
+
+    async with (
+        serve({("GET", "/big.png"): stream}) as base,
+        Client(base_url=base, api_key=KEY, max_download_bytes=250) as client,
+    ):
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"{base}/big.png")
+    assert str(info.value) == "image larger than 250 bytes"
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "message"),
+    [
+        (404, False, "the image URL is no longer valid (404)"),
+        (403, False, "the image URL is no longer valid (403)"),
+        (410, False, "the image URL is no longer valid (410)"),
+        (503, True, "the image host answered 503"),
+        (429, True, "the image host answered 429"),
+        (400, False, "the image host answered 400"),
+    ],
+)
+async def test_download_status_errors(status: int, retryable: bool, message: str) -> None:
+    """Expired URLs are permanent failures; server errors are worth another download."""
+    async with (
+        serve({("GET", "/x.png"): reply(status, text="nope")}) as base,
+        Client(base_url=base, api_key=KEY) as client,
+    ):
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"{base}/x.png")
+    assert (str(info.value), info.value.retryable, info.value.status) == (
+        message,
+        retryable,
+        status,
+    )
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json"])
+async def test_download_refuses_non_images(content_type: str) -> None:
+    """An HTML or JSON answer to an image URL is not an image, and not retried."""
+    handler = reply(200, text="<html></html>", content_type=content_type)
+    async with (
+        serve({("GET", "/x.png"): handler}) as base,
+        Client(base_url=base, api_key=KEY) as client,
+    ):
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"{base}/x.png")
+    assert str(info.value).startswith("not an image")
+    assert info.value.retryable is False
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.png", "x.png"])
+async def test_download_refuses_non_http_urls(url: str) -> None:
+    """Only http(s) URLs are downloaded."""
+    async with Client(base_url="http://127.0.0.1:9/v1", api_key=KEY) as client:
+        with pytest.raises(DownloadError) as info:
+            await client.download(url)
+    assert info.value.retryable is False
+
+
+async def test_download_connection_refused_is_retryable() -> None:
+    """A download that cannot connect is a retryable download error."""
+    port = free_port()
+    async with Client(base_url="http://127.0.0.1:9/v1", api_key=KEY) as client:
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"http://127.0.0.1:{port}/x.png")
+    assert info.value.retryable is True
+    assert info.value.kind == "download"
+
+
+async def test_key_never_appears_in_repr_or_errors() -> None:
+    """Neither repr(client) nor an error whose body echoes the key reveals it."""
+    echo = reply(401, comet_error(f"Incorrect API key provided: {KEY}"))
+    async with serve({("POST", ROUTE): echo}) as base:
+        client = Client(base_url=f"{base}/v1", api_key=KEY)
+        assert KEY not in repr(client)
+        async with client:
+            assert KEY not in repr(client)
+            with pytest.raises(AuthenticationError) as info:
+                await client.generate({"prompt": "p"})
+        assert KEY not in repr(client)
+    assert_no_key(info.value)
+    assert "***" in str(info.value)
+
+
+def test_repr_shows_base_url_and_state() -> None:
+    """repr names the base URL and the lifecycle state."""
+    client = Client(base_url="http://127.0.0.1:9/v1", api_key=KEY)
+    assert "http://127.0.0.1:9/v1" in repr(client)
+    assert "unopened" in repr(client)
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://example.com/v1", "http://10.0.0.1/v1", "http://api.cometapi.com/v1"]
+)
+def test_plain_http_to_remote_host_is_refused(base_url: str) -> None:
+    """A plain-http base URL to a non-loopback host is a ConfigError before any traffic."""
+    with pytest.raises(ConfigError) as info:
+        Client(base_url=base_url, api_key=KEY)
+    assert KEY not in str(info.value)
+
+
+def test_plain_http_allowed_for_loopback_or_when_asked() -> None:
+    """Loopback hosts, and any host with allow_insecure_http, may use plain http."""
+    Client(base_url="http://localhost:8000/v1", api_key=KEY)
+    Client(base_url="http://[::1]:8000/v1", api_key=KEY)
+    Client(base_url="http://example.com/v1", api_key=KEY, allow_insecure_http=True)
+
+
+@pytest.mark.parametrize("base_url", ["ftp://127.0.0.1/v1", "127.0.0.1:8000", ""])
+def test_bad_base_url_is_refused(base_url: str) -> None:
+    """A base URL that is not http(s)://host is a ConfigError."""
+    with pytest.raises(ConfigError):
+        Client(base_url=base_url, api_key=KEY)
+
+
+async def test_closed_client_refuses_use() -> None:
+    """After close the client refuses calls and cannot be reopened."""
+    client = Client(base_url="http://127.0.0.1:9/v1", api_key=KEY)
+    async with client:
+        pass
+    assert client.closed
+    assert "closed" in repr(client)
+    with pytest.raises(RuntimeError, match="client is closed"):
+        await client.generate({"prompt": "p"})
+    with pytest.raises(RuntimeError, match="client is closed"):
+        await client.download("http://127.0.0.1:9/x.png")
+    with pytest.raises(RuntimeError, match="client is closed"):
+        await client.__aenter__()
+
+
+async def test_unopened_client_without_session_refuses_use() -> None:
+    """A client that owns no session yet must be entered first."""
+    client = Client(base_url="http://127.0.0.1:9/v1", api_key=KEY)
+    with pytest.raises(RuntimeError, match="not open"):
+        await client.generate({"prompt": "p"})
+
+
+async def test_from_settings_uses_settings() -> None:
+    """from_settings takes base URL, key and limits from Settings."""
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"data": [{"b64_json": "aGk="}]})
+
+    async with serve({("POST", ROUTE): handler}) as base:
+        settings = Settings(base_url=f"{base}/v1", api_key=SecretStr(KEY), max_download_bytes=5)
+        client = Client.from_settings(settings)
+        assert client.max_download_bytes == 5
+        assert client.base_url == f"{base}/v1"
+        async with client:
+            await client.generate({"prompt": "p"})
+    assert seen == [f"Bearer {KEY}"]
+
+
+def test_images_response_ignores_unknown_fields() -> None:
+    """Unknown top-level fields are ignored and unknown image fields kept."""
+    answer = ImagesResponse.model_validate(
+        json.loads('{"data": [{"url": "u", "seed": 7}], "model": "m"}')
+    )
+    assert answer.data[0].url == "u"
+    assert answer.data[0].model_extra == {"seed": 7}

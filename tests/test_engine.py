@@ -1,0 +1,249 @@
+"""The engine end to end against the built-in simulator: images, ledger, resume, faults."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
+from cometbatch.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "jobs" / "demo.jsonl"
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+async def no_sleep(_: float) -> None:
+    """Retry waits take no real time in tests."""
+
+
+def settings_for(sim: Simulator, **overrides: Any) -> Settings:
+    return Settings(base_url=sim.base_url, api_key="sk-test", **overrides)
+
+
+def results(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "ledger.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == "result"]
+
+
+async def run_all(engine: Engine, jobs: Any) -> list[Any]:
+    return [result async for result in engine.run(jobs)]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(seed=1)) as server:
+        yield server
+
+
+def assert_images_complete(out: Path, manifest: Manifest) -> None:
+    """Every planned image exists once, decodes, and is the format its extension says."""
+    expected = {(job.id, k) for job in manifest for k in range(job.n)}
+    found = set()
+    for path in (out / "images").rglob("*"):
+        if path.is_dir():
+            continue
+        assert not path.name.endswith(".tmp")
+        with Image.open(path) as image:
+            image.load()
+            assert image.format == PIL_FORMATS[path.suffix[1:]]
+        found.add((path.parent.name, int(path.stem)))
+    assert found == expected
+
+
+async def test_demo_manifest_runs_to_completion(sim: Simulator, tmp_path: Path) -> None:
+    """The demo manifest produces every image, decodable, with one ok line per request key."""
+    manifest = load_manifest(DEMO)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        got = await run_all(engine, manifest)
+    assert engine.summary.complete
+    assert len(got) == manifest.stats.requests
+    assert_images_complete(tmp_path, manifest)
+    lines = results(tmp_path)
+    assert Counter(e["status"] for e in lines) == {"ok": manifest.stats.requests}
+    assert len({e["key"] for e in lines}) == len(lines)
+    assert sim.stats.download_auth_rejections == 0
+    assert sim.stats.downloads > 0
+
+
+async def test_rerun_sends_nothing_and_a_dropped_line_is_regenerated(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A second run sends zero requests; removing one ledger line regenerates exactly it."""
+    manifest = load_manifest(DEMO)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, manifest)
+    first = sim.stats.requests
+
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        assert await run_all(engine, manifest) == []
+    assert sim.stats.requests == first
+    assert engine.summary.skipped_requests == manifest.stats.requests
+    assert engine.summary.complete
+
+    ledger = tmp_path / "ledger.jsonl"
+    kept = [
+        text for text in ledger.read_text().splitlines() if '"key":"koi-pond#1"' not in text
+    ]
+    ledger.write_text("\n".join(kept) + "\n")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        again = await run_all(engine, manifest)
+    assert [r.key for r in again] == ["koi-pond#1"]
+    assert sim.stats.requests == first + 1
+
+
+async def test_no_forbidden_parameters_reach_the_api(sim: Simulator, tmp_path: Path) -> None:
+    """dall-e-3 and qwen-image never get n > 1; gpt-image models never get response_format."""
+    manifest = load_manifest(DEMO)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, manifest)
+    bodies = [entry["body"] for entry in sim.stats.requests_log]
+    assert bodies
+    for body in bodies:
+        if body["model"] in ("dall-e-3", "qwen-image"):
+            assert body.get("n", 1) == 1
+        if body["model"].startswith("gpt-image"):
+            assert "response_format" not in body
+    assert all(entry["authorization_present"] for entry in sim.stats.requests_log)
+
+
+async def test_faults_are_retried_until_every_image_lands(tmp_path: Path) -> None:
+    """With 429s (with and without Retry-After) and 5xx injected, 240 requests all succeed."""
+    config = SimConfig(seed=7, rate_429=0.1, rate_429_bare=0.05, rate_5xx=0.1)
+    jobs = [Job(id=f"j{i}", prompt=f"prompt {i}", model="dall-e-3") for i in range(240)]
+    async with (
+        Simulator(config) as server,
+        Engine(settings_for(server, concurrency=32), out_dir=tmp_path, sleep=no_sleep) as engine,
+    ):
+        got = await run_all(engine, jobs)
+    assert len(got) == 240
+    assert all(result.ok for result in got)
+    assert server.stats.faults["429"] + server.stats.faults["429-bare"] > 0
+    assert engine.summary.retries > 0
+    assert engine.summary.complete
+    assert len([p for p in (tmp_path / "images").rglob("*") if p.is_file()]) == 240
+
+
+async def test_bad_request_is_a_permanent_failure_with_request_id(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A 400 is not retried and is recorded as failed with its message and request id."""
+    sim.enqueue("400")
+    job = Job(id="bad", prompt="x", model="dall-e-3")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [job])
+    assert sim.stats.requests == 1
+    assert result.status == "failed"
+    assert result.attempts == 1
+    (event,) = results(tmp_path)
+    error = event["error"]
+    assert error["kind"] == "bad_request"
+    assert error["status"] == 400
+    assert error["retryable"] is False
+    assert error["request_id"]
+    assert error["message"]
+    assert not engine.summary.complete
+
+
+async def test_permanent_failures_are_kept_unless_retry_failed(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A rerun skips permanent failures; --retry-failed tries them again."""
+    sim.enqueue("400")
+    job = Job(id="bad", prompt="x", model="dall-e-3")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, [job])
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        assert await run_all(engine, [job]) == []
+    assert engine.summary.kept_failures == 1
+    assert sim.stats.requests == 1
+    settings = settings_for(sim, retry_failed=True)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [job])
+    assert result.ok
+
+
+async def test_url_downloads_never_carry_authorization(sim: Simulator, tmp_path: Path) -> None:
+    """URL-mode images are fetched without the Authorization header (the route rejects it)."""
+    jobs = [Job(id="u", prompt="x", model="dall-e-2", n=5, response_format="url")]
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, jobs)
+    assert result.ok
+    assert sim.stats.downloads == 5
+    assert sim.stats.download_auth_rejections == 0
+
+
+async def test_readme_library_example_with_caller_session(sim: Simulator, tmp_path: Path) -> None:
+    """The README's library example runs inside a running loop with a caller's aiohttp session."""
+    async with aiohttp.ClientSession() as session:
+        settings = Settings(concurrency=16, rpm=600, base_url=sim.base_url, api_key="sk-test")
+        async with Engine(settings, out_dir=tmp_path, session=session) as engine:
+            seen = [result async for result in engine.run(load_manifest(DEMO))]
+            summary = engine.summary
+        assert not session.closed
+    assert summary.complete
+    assert len(seen) == load_manifest(DEMO).stats.requests
+
+
+async def test_generate_serves_single_jobs_from_many_tasks(sim: Simulator, tmp_path: Path) -> None:
+    """generate() can be awaited from many tasks under one shared limit."""
+    import asyncio
+
+    settings = settings_for(sim, concurrency=4)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        batches = await asyncio.gather(
+            *(engine.generate(Job(id=f"g{i}", prompt=f"p{i}", model="gpt-image-1", n=2))
+              for i in range(20))
+        )
+    assert all(r.ok for batch in batches for r in batch)
+    assert sim.stats.max_in_flight <= 4
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 40
+
+
+async def test_changed_job_is_refused(sim: Simulator, tmp_path: Path) -> None:
+    """A job whose request changed since the ledger recorded it is refused, not silently reused."""
+    from cometbatch import LedgerError
+
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, [Job(id="c", prompt="one", model="dall-e-3")])
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        with pytest.raises(LedgerError, match="changed"):
+            await run_all(engine, [Job(id="c", prompt="two", model="dall-e-3")])
+    assert sim.stats.requests == 1
+
+
+async def test_engine_refuses_reuse_and_a_second_engine_on_the_same_folder(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """One run per folder: a second engine on the same folder names the lock holder."""
+    from cometbatch import LedgerError
+
+    engine = Engine(settings_for(sim), out_dir=tmp_path)
+    async with engine:
+        with pytest.raises(LedgerError, match="in use"):
+            async with Engine(settings_for(sim), out_dir=tmp_path):
+                pass
+    with pytest.raises(RuntimeError):
+        async with engine:
+            pass
+
+
+async def test_wrong_key_stops_the_run_without_failing_jobs(tmp_path: Path) -> None:
+    """A rejected key stops the run with AuthenticationError and records no failed jobs."""
+    from cometbatch import AuthenticationError
+
+    async with Simulator(SimConfig(api_key="right")) as server:
+        settings = Settings(base_url=server.base_url, api_key="wrong")
+        jobs = [Job(id=f"k{i}", prompt="x") for i in range(10)]
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            with pytest.raises(AuthenticationError):
+                await run_all(engine, jobs)
+    assert results(tmp_path) == []
+    assert "wrong" not in (tmp_path / "ledger.jsonl").read_text()

@@ -1,0 +1,619 @@
+"""Tests for the shared limiter, on an event loop whose clock jumps instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import selectors
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from aiolimiter import AsyncLimiter
+
+from cometbatch.errors import ConfigError, UpstreamDownError
+from cometbatch.limits import AimdLimit, Limiter, RetryBudget, pacing_bucket
+from cometbatch.settings import Settings
+
+T = TypeVar("T")
+LATE = 1e-9
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """A selector that, instead of blocking, moves its loop's clock to the next timer."""
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._stalled = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if events:
+            return events
+        if timeout is None:
+            raise AssertionError("deadlock: every task waits and no timer is set")
+        # Timers fire a nanosecond late, as on a real clock: a bucket woken exactly on time can
+        # find a float-rounding crumb of level left and reschedule itself at "now" forever.
+        self._stalled = self._stalled + 1 if timeout == 0 else 0
+        if timeout > 0 or self._stalled > 1000:
+            self._loop.now += timeout + LATE
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time (aiolimiter's MockLoopTime idea, driven by the loop)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(selector=_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on a fresh virtual-time loop."""
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(main())
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def max_in_window(times: list[float], weights: list[int] | None = None) -> int:
+    """The largest total weight of events in any closed 60 s window (give or take late timers)."""
+    weights = weights or [1] * len(times)
+    order = sorted(range(len(times)), key=times.__getitem__)
+    ts = [times[i] for i in order]
+    prefix = [0]
+    for i in order:
+        prefix.append(prefix[-1] + weights[i])
+    # Widened by a microsecond so that events the late timers pushed a few nanoseconds past
+    # the window's end still count.
+    span = 60.0 + 1e-6
+    return max(prefix[bisect.bisect_right(ts, t + span)] - prefix[k] for k, t in enumerate(ts))
+
+
+async def drive(
+    limiter: Limiter, sizes: list[int], *, workers: int, hold: float = 0.5
+) -> list[float]:
+    """Send one request per size through `workers` tasks; return the time each got its slot."""
+    todo = iter(sizes)
+    times: list[float] = []
+
+    async def worker() -> None:
+        for images in todo:
+            async with limiter.slot(images=images):
+                times.append(now())
+                await asyncio.sleep(hold)
+            limiter.record("ok")
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(workers):
+            tg.create_task(worker())
+    return times
+
+
+# -- pacing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "capacity", "expected"),
+    [(600, 1, (1, 60 / 599)), (61, 1, (1, 1.0)), (600, 10, (10, 600 / 590)), (70, 10, (10, 10.0))],
+)
+def test_pacing_bucket_shape(limit: float, capacity: float, expected: tuple[float, float]) -> None:
+    """The bucket holds one request and drains (limit - capacity) per minute."""
+    assert pacing_bucket(limit, capacity) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("limit", "capacity"), [(1, 1), (10, 10), (5, 10), (10, 0)])
+def test_pacing_bucket_rejects_a_limit_not_above_capacity(limit: float, capacity: float) -> None:
+    """A limit that a single request would fill is refused."""
+    with pytest.raises(ValueError):
+        pacing_bucket(limit, capacity)
+
+
+def test_plain_aiolimiter_bursts_twice_the_rate_in_the_first_minute() -> None:
+    """AsyncLimiter(R, 60) lets 2R through in the first minute: the reason for the small bucket."""
+
+    async def main() -> int:
+        bucket = AsyncLimiter(10, 60)
+        times = []
+        for _ in range(30):
+            await bucket.acquire()
+            times.append(now())
+        return sum(t <= 60.0 + 1e-6 for t in times)
+
+    assert run(main) == 20
+
+
+def test_rpm_holds_in_every_window_at_near_full_rate() -> None:
+    """2000 requests at rpm=600 never put more than 600 in any 60 s window, at >= 97 % of it."""
+
+    async def main() -> list[float]:
+        async with Limiter(concurrency=50, rpm=600) as limiter:
+            return await drive(limiter, [1] * 2000, workers=50)
+
+    times = run(main)
+    assert len(times) == 2000
+    assert max_in_window(times) <= 600
+    assert (len(times) - 1) / (max(times) - min(times)) * 60 >= 0.97 * 600
+
+
+def test_no_initial_burst_above_rpm() -> None:
+    """The first minute of a run holds at most rpm requests, however many tasks wait at start."""
+
+    async def main() -> list[float]:
+        async with Limiter(concurrency=100, rpm=10) as limiter:
+            return await drive(limiter, [1] * 40, workers=40, hold=0)
+
+    times = run(main)
+    assert sum(t <= 60.0 for t in times) <= 10
+    assert max_in_window(times) <= 10
+
+
+def test_ipm_holds_in_every_window_with_four_image_requests() -> None:
+    """4-image requests at ipm=600 never put more than 600 images in a window, at >= 97 % of it."""
+
+    async def main() -> list[float]:
+        async with Limiter(concurrency=50, ipm=600) as limiter:
+            return await drive(limiter, [4] * 500, workers=50)
+
+    times = run(main)
+    assert max_in_window(times, [4] * len(times)) <= 600
+    assert 4 * (len(times) - 1) / (max(times) - min(times)) * 60 >= 0.97 * 600
+
+
+def test_rpm_and_ipm_together_hold_both_limits() -> None:
+    """With mixed request sizes under both limits, neither is exceeded in any window."""
+    rnd = random.Random(7)
+    sizes = [rnd.choice([1, 1, 2, 10]) for _ in range(600)]
+
+    async def main() -> list[float]:
+        async with Limiter(concurrency=20, rpm=60, ipm=150) as limiter:
+            return await drive(limiter, sizes, workers=20, hold=0.1)
+
+    times = run(main)
+    by_time = sorted(zip(times, sizes, strict=True))
+    assert max_in_window([t for t, _ in by_time]) <= 60
+    assert max_in_window([t for t, _ in by_time], [n for _, n in by_time]) <= 150
+
+
+def test_an_rpm_token_held_while_ipm_fills_still_keeps_rpm() -> None:
+    """A request whose rpm token waited for ipm capacity does not let rpm + 1 into a window."""
+    # Request 2 takes its rpm token early and waits for ipm until 20 s, when the rpm bucket has
+    # drained: without a request of slack, the 1-image requests behind it would put 8 requests
+    # into [20 s, 80 s].
+    sizes = [10, 10] + [1] * 20
+
+    async def main() -> list[float]:
+        async with Limiter(concurrency=4, rpm=7, ipm=40) as limiter:
+            return await drive(limiter, sizes, workers=4, hold=0)
+
+    times = run(main)
+    assert max_in_window(times) <= 7
+    assert max_in_window(times, sizes) <= 40
+
+
+def test_ipm_serves_requests_in_arrival_order() -> None:
+    """A 10-image request is not overtaken by 1-image requests that came after it."""
+
+    async def main() -> list[int]:
+        order: list[int] = []
+        async with Limiter(concurrency=10, ipm=30) as limiter:
+
+            async def one(i: int, images: int) -> None:
+                async with limiter.slot(images=images):
+                    order.append(i)
+
+            async with asyncio.TaskGroup() as tg:
+                for i, images in enumerate([10, 10, 1, 1, 1]):
+                    tg.create_task(one(i, images))
+                    await asyncio.sleep(0)
+        return order
+
+    assert run(main) == [0, 1, 2, 3, 4]
+
+
+def test_a_request_larger_than_the_bucket_is_clamped_not_deadlocked() -> None:
+    """A request for more images than the ipm bucket holds still gets through."""
+
+    async def main() -> float:
+        limiter = Limiter(concurrency=2, ipm=100, max_images_per_request=4)
+        async with limiter, limiter.slot(images=9):
+            return now()
+
+    assert run(main) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"rpm": 1}, "rpm must be more than 1"),
+        ({"rpm": 2, "ipm": 100}, "rpm must be more than 2"),
+        ({"ipm": 10}, "largest request's image count (10)"),
+        ({"concurrency": 2, "min_concurrency": 3}, "min_concurrency"),
+        ({"throttle_threshold": 1.0}, "throttle_threshold"),
+    ],
+)
+def test_impossible_settings_raise_config_error(kwargs: dict[str, Any], words: str) -> None:
+    """Limits that cannot work are refused with a message naming the setting."""
+    kwargs.setdefault("concurrency", 4)
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Limiter(**kwargs)
+
+
+def test_from_settings_takes_limits_from_settings() -> None:
+    """from_settings copies concurrency, rpm, ipm and outage limit."""
+    limiter = Limiter.from_settings(
+        Settings(concurrency=8, rpm=120, ipm=300, outage_limit=30), max_images_per_request=4
+    )
+    assert (limiter.concurrency, limiter.limit, limiter.rpm, limiter.ipm) == (8, 8, 120, 300)
+    assert (limiter.max_images_per_request, limiter.outage_limit) == (4, 30)
+
+
+# -- concurrency ------------------------------------------------------------------------
+
+
+def test_concurrency_never_exceeds_the_limit() -> None:
+    """Many tasks with varied request times never hold more slots than the limit."""
+
+    async def main() -> int:
+        active = peak = 0
+        rnd = random.Random(3)
+        async with Limiter(concurrency=5) as limiter:
+
+            async def one() -> None:
+                nonlocal active, peak
+                async with limiter.slot():
+                    active += 1
+                    peak = max(peak, active)
+                    await asyncio.sleep(rnd.uniform(0.1, 2.0))
+                    active -= 1
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(200):
+                    tg.create_task(one())
+            assert limiter.in_flight == 0
+        return peak
+
+    assert run(main) == 5
+
+
+def test_waiters_are_served_in_arrival_order() -> None:
+    """When slots free up, waiting tasks enter in the order they arrived."""
+
+    async def main() -> list[int]:
+        order: list[int] = []
+        async with Limiter(concurrency=2) as limiter:
+
+            async def one(i: int) -> None:
+                async with limiter.slot():
+                    order.append(i)
+                    await asyncio.sleep(1)
+
+            async with asyncio.TaskGroup() as tg:
+                for i in range(8):
+                    tg.create_task(one(i))
+                    await asyncio.sleep(0.01)
+        return order
+
+    assert run(main) == list(range(8))
+
+
+def test_decrease_keeps_in_flight_requests_and_delays_new_ones() -> None:
+    """Lowering the limit never cancels holders; new slots wait until in_flight < limit."""
+
+    async def main() -> None:
+        async with Limiter(concurrency=4, min_round=10) as limiter:
+            release = asyncio.Event()
+            entered: list[float] = []
+
+            async def hold() -> None:
+                async with limiter.slot():
+                    await release.wait()
+
+            async def late() -> None:
+                async with limiter.slot():
+                    entered.append(now())
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(4):
+                    tg.create_task(hold())
+                await asyncio.sleep(0)
+                limiter.record("throttled")
+                limiter.record("throttled")  # 2 of a 10-outcome round: 4 -> 2
+                assert (limiter.limit, limiter.in_flight) == (2, 4)
+                tg.create_task(late())
+                await asyncio.sleep(1)
+                assert (entered, limiter.waiting) == ([], 1)
+                release.set()
+            assert entered == [pytest.approx(1.0)]
+
+    run(main)
+
+
+# -- AIMD -------------------------------------------------------------------------------
+
+
+def fixed_clock() -> float:
+    return 0.0
+
+
+def test_a_throttled_round_multiplies_the_limit_by_0_7() -> None:
+    """More than 10 % throttled in a round cuts the limit to floor(limit x 0.7) at once."""
+    limiter = Limiter(concurrency=16, clock=fixed_clock)
+    for _ in range(10):
+        limiter.record("throttled")
+    assert limiter.limit == 16
+    limiter.record("throttled")  # 11 of a 100-outcome round is over 10 %, whatever comes next
+    assert (limiter.limit, limiter.decreases, limiter.throttled_total) == (11, 1, 11)
+
+
+def test_a_round_at_or_under_the_threshold_adds_one() -> None:
+    """A round with at most 10 % throttled raises the limit by 1, up to the maximum."""
+    aimd = AimdLimit(floor=1, ceiling=16, threshold=0.1, min_round=100)
+    aimd.limit = 11
+    changes = [aimd.record(throttled=i < 10) for i in range(100)]
+    assert (changes[-1], sum(changes), aimd.limit) == (1, 1, 12)
+    for _ in range(1000):
+        aimd.record(throttled=False)
+    assert aimd.limit == 16
+
+
+def test_the_limit_stays_within_its_bounds() -> None:
+    """A storm of throttles stops at min_concurrency; recovery stops at concurrency."""
+    limiter = Limiter(concurrency=20, min_concurrency=3, clock=fixed_clock, budget_tokens=1e9)
+    for _ in range(500):
+        limiter.record("throttled")
+    assert limiter.limit == 3
+    for _ in range(10_000):
+        limiter.record("ok")
+    assert (limiter.limit, limiter.increases) == (20, 17)
+
+
+def test_five_percent_random_throttles_keep_the_limit_near_max() -> None:
+    """Random 5 % 429s over many rounds keep the limit at >= 80 % of its maximum on average."""
+    rnd = random.Random(42)
+    for ceiling in (8, 16, 64):
+        limiter = Limiter(concurrency=ceiling, clock=fixed_clock)
+        total = 0
+        for _ in range(20_000):
+            limiter.record("throttled" if rnd.random() < 0.05 else "ok")
+            total += limiter.limit
+        assert total / 20_000 >= 0.8 * ceiling
+
+
+def test_a_server_limit_is_converged_on() -> None:
+    """When requests above a server's capacity are throttled, the limit settles near it."""
+    rnd = random.Random(1)
+    limiter = Limiter(concurrency=64, clock=fixed_clock, budget_tokens=1e9)
+    limits = []
+    for _ in range(20_000):
+        over = max(0.0, (limiter.limit - 10) / limiter.limit)
+        limiter.record("throttled" if rnd.random() < over else "ok")
+        limits.append(limiter.limit)
+    tail = limits[5000:]
+    assert min(tail) >= 7 and max(tail) <= 13
+
+
+def test_not_adaptive_keeps_the_limit() -> None:
+    """With adaptive=False the limit never moves."""
+    limiter = Limiter(concurrency=8, adaptive=False, clock=fixed_clock)
+    for _ in range(40):
+        limiter.record("throttled")
+    assert (limiter.limit, limiter.decreases) == (8, 0)
+
+
+def test_unknown_outcome_is_refused() -> None:
+    """record() accepts only ok, throttled and failed."""
+    limiter = Limiter(concurrency=2, clock=fixed_clock)
+    with pytest.raises(ValueError, match="outcome"):
+        limiter.record("maybe")  # type: ignore[arg-type]
+
+
+# -- retry budget and outage ------------------------------------------------------------
+
+
+def test_retry_budget_spends_on_failure_and_earns_on_success() -> None:
+    """Failures cost 1, successes earn the ratio, capped at capacity; half spent is probing."""
+    budget = RetryBudget(capacity=10, ratio=0.5)
+    for _ in range(5):
+        budget.record(ok=False)
+    assert (budget.tokens, budget.probing) == (5, True)
+    budget.record(ok=True)
+    assert (budget.tokens, budget.probing) == (5.5, False)
+    for _ in range(20):
+        budget.record(ok=True)
+    assert budget.tokens == 10
+
+
+def test_failures_enter_probe_mode_with_one_request_at_a_time() -> None:
+    """After the budget is half spent only one request is in flight, until successes refill it."""
+
+    async def main() -> None:
+        async with Limiter(concurrency=8, adaptive=False, budget_ratio=0.1) as limiter:
+            for _ in range(49):
+                limiter.record("failed")
+            assert not limiter.probing
+            limiter.record("failed")
+            assert (limiter.probing, limiter.effective_limit, limiter.tokens) == (True, 1, 50)
+            outcomes = iter(["throttled"] * 3 + ["ok"] * 60)
+            active = 0
+            seen: list[tuple[bool, int]] = []
+
+            async def one() -> None:
+                nonlocal active
+                async with limiter.slot():
+                    active += 1
+                    seen.append((limiter.probing, active))
+                    await asyncio.sleep(1)
+                    active -= 1
+                    limiter.record(next(outcomes))  # type: ignore[arg-type]
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(63):
+                    tg.create_task(one())
+            probes = [active for probing, active in seen if probing]
+            # 47 tokens after the failed probes: 30 successes or so climb back above 50.
+            assert len(probes) > 30 and set(probes) == {1}
+            assert max(active for _, active in seen) == 8
+            assert (limiter.probing, limiter.effective_limit) == (False, 8)
+
+    run(main)
+
+
+def test_outage_stops_the_run_after_the_limit() -> None:
+    """Probing with no success for outage_limit seconds makes slot() raise UpstreamDownError."""
+    clock = [0.0]
+
+    async def main() -> None:
+        limiter = Limiter(concurrency=4, outage_limit=300, clock=lambda: clock[0])
+        async with limiter.slot():
+            pass
+        for _ in range(60):
+            limiter.record("throttled", detail="503 Service Unavailable")
+        clock[0] = 299.0
+        async with limiter.slot():
+            pass
+        clock[0] = 300.0
+        with pytest.raises(UpstreamDownError) as info:
+            async with limiter.slot():
+                pass
+        assert str(info.value) == (
+            "the API has failed every request for 300 s (last error: 503 Service Unavailable); "
+            "stopping — run the same command again to resume"
+        )
+        assert limiter.in_flight == 0
+
+    run(main)
+
+
+def test_no_outage_without_probe_mode() -> None:
+    """A long time with no success is not an outage while the retry budget holds."""
+    clock = [0.0]
+
+    async def main() -> None:
+        limiter = Limiter(concurrency=4, outage_limit=300, clock=lambda: clock[0])
+        limiter.record("throttled")
+        clock[0] = 10_000.0
+        limiter.check_outage()
+        async with limiter.slot():
+            pass
+
+    run(main)
+
+
+# -- cancellation and closing -----------------------------------------------------------
+
+
+def test_cancelled_waiter_leaks_no_slot() -> None:
+    """A task cancelled while queued for a slot leaves no trace; the next one gets the slot."""
+
+    async def main() -> None:
+        async with Limiter(concurrency=1) as limiter:
+            async with limiter.slot():
+                waiter = asyncio.create_task(limiter.slot().__aenter__())
+                await asyncio.sleep(0)
+                assert limiter.waiting == 1
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+                assert (limiter.in_flight, limiter.waiting) == (1, 0)
+            assert limiter.in_flight == 0
+            async with limiter.slot():
+                assert limiter.in_flight == 1
+
+    run(main)
+
+
+def test_cancelled_rate_waiter_spends_no_token() -> None:
+    """A task cancelled while waiting for an rpm token leaves that token to the next task."""
+
+    async def main() -> float:
+        # rpm=61: a 1-request bucket draining one request per second.
+        async with Limiter(concurrency=5, rpm=61) as limiter:
+            async with limiter.slot():
+                pass
+            first = asyncio.create_task(limiter.slot().__aenter__())
+            await asyncio.sleep(0.5)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert limiter.in_flight == 0
+            async with limiter.slot():
+                return now()
+
+    assert run(main) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cancelled_inside_the_slot_releases_it() -> None:
+    """A task cancelled while holding a slot gives it back."""
+
+    async def main() -> None:
+        async with Limiter(concurrency=3) as limiter:
+
+            async def hold() -> None:
+                async with limiter.slot():
+                    await asyncio.sleep(100)
+
+            task = asyncio.create_task(hold())
+            await asyncio.sleep(1)
+            assert limiter.in_flight == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert limiter.in_flight == 0
+
+    run(main)
+
+
+def test_slot_after_close_is_refused() -> None:
+    """slot() and reopening fail with RuntimeError once the limiter is closed."""
+
+    async def main() -> None:
+        async with Limiter(concurrency=1) as limiter:
+            pass
+        with pytest.raises(RuntimeError, match="closed"):
+            async with limiter.slot():
+                pass
+        with pytest.raises(RuntimeError, match="reopened"):
+            await limiter.__aenter__()
+
+    run(main)
+
+
+def test_close_wakes_every_waiter() -> None:
+    """Closing wakes tasks queued for a slot and the one waiting for a rate token."""
+
+    async def main() -> None:
+        limiter = Limiter(concurrency=2, rpm=2)  # one request per minute after the first
+        async with limiter.slot():
+            queued = [asyncio.create_task(limiter.slot().__aenter__()) for _ in range(3)]
+            await asyncio.sleep(1)
+            assert (limiter.in_flight, limiter.waiting) == (2, 3)
+            limiter.close()
+            results = await asyncio.gather(*queued, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results), results
+        assert (limiter.in_flight, limiter.waiting) == (0, 0)
+        assert now() == pytest.approx(1.0)
+
+    run(main)
+
+
+def test_repr_shows_live_state() -> None:
+    """The repr shows the limits, slots in flight, waiters, tokens and probe mode."""
+
+    async def main() -> str:
+        async with Limiter(concurrency=4, rpm=600, clock=fixed_clock) as limiter:
+            for _ in range(50):
+                limiter.record("failed")
+            async with limiter.slot():
+                return repr(limiter)
+
+    text = run(main)
+    assert text.startswith("<Limiter(concurrency=4, rpm=600, ipm=None) at 0x")
+    assert text.endswith("[limit: 1/4, in flight: 1, waiting: 0, tokens: 50.0, probing]>")

@@ -1,0 +1,205 @@
+"""Manifest loading: fields, defaults, Batch API lines, and errors that name line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cometbatch import Job, ManifestError, load_manifest
+from cometbatch.manifest import JobDefaults, parse_line
+from cometbatch.models import ModelRegistry
+
+REGISTRY = ModelRegistry()
+
+
+def line(**fields: Any) -> str:
+    return json.dumps(fields)
+
+
+def write(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_every_documented_field_is_accepted() -> None:
+    """A line with every manifest field parses into a Job with those values."""
+    job = parse_line(
+        line(
+            id="a",
+            prompt="p",
+            model="gpt-image-1",
+            n=3,
+            size="1024x1024",
+            quality="high",
+            output_format="webp",
+            output_compression=50,
+            background="opaque",
+            moderation="low",
+            user="u1",
+            extra={"seed": 7},
+            metadata={"k": "v"},
+        ),
+        1,
+        registry=REGISTRY,
+    )
+    assert job is not None
+    assert (job.id, job.n, job.output_compression, job.extra, job.metadata) == (
+        "a",
+        3,
+        50,
+        {"seed": 7},
+        {"k": "v"},
+    )
+
+
+def test_blank_and_comment_lines_are_ignored(tmp_path: Path) -> None:
+    """Blank lines and '#' lines do not become jobs."""
+    path = write(tmp_path, "# comment", "", line(prompt="x"), "   ")
+    manifest = load_manifest(path)
+    assert [job.prompt for job in manifest] == ["x"]
+    assert manifest.stats.jobs == 1
+
+
+def test_default_model_is_dall_e_3_and_cli_defaults_fill_gaps() -> None:
+    """A line without model gets dall-e-3; CLI defaults apply only where the line is silent."""
+    assert parse_line(line(prompt="x"), 1, registry=REGISTRY).model == "dall-e-3"  # type: ignore[union-attr]
+    defaults = JobDefaults(model="dall-e-2", size="256x256", n=2)
+    job = parse_line(line(prompt="x", n=5), 1, defaults=defaults, registry=REGISTRY)
+    assert job is not None
+    assert (job.model, job.size, job.n) == ("dall-e-2", "256x256", 5)
+
+
+def test_default_id_is_stable_and_ignores_n_and_metadata() -> None:
+    """The default id depends on what is sent, not on n or metadata, and is 16 hex digits."""
+    a = parse_line(line(prompt="x", n=1, metadata={"a": 1}), 1, registry=REGISTRY)
+    b = parse_line(line(prompt="x", n=4), 9, registry=REGISTRY)
+    c = parse_line(line(prompt="y"), 1, registry=REGISTRY)
+    assert a is not None and b is not None and c is not None
+    assert a.id == b.id != c.id
+    assert len(a.id) == 16
+
+
+def test_numeric_id_becomes_a_string() -> None:
+    """An id written as a number is accepted as its decimal string."""
+    job = parse_line(line(prompt="x", id=42), 1, registry=REGISTRY)
+    assert job is not None and job.id == "42"
+
+
+def test_batch_api_line_becomes_a_job() -> None:
+    """custom_id becomes id; body fields become job fields; unknown body fields go to extra."""
+    text = json.dumps(
+        {
+            "custom_id": "req-1",
+            "method": "POST",
+            "url": "/v1/images/generations",
+            "body": {"model": "dall-e-2", "prompt": "p", "n": 2, "seed": 5},
+        }
+    )
+    job = parse_line(text, 1, registry=REGISTRY)
+    assert job is not None
+    assert (job.id, job.model, job.n, job.extra) == ("req-1", "dall-e-2", 2, {"seed": 5})
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        ("{not json", None, "invalid JSON"),
+        ("[1, 2]", None, "JSON object"),
+        (line(model="dall-e-3"), "prompt", "required"),
+        (line(prompt="   "), "prompt", "blank"),
+        (line(prompt="x", promt="y"), "promt", "did you mean 'prompt'"),
+        (line(prompt="x", n=0), "n", "greater than or equal to 1"),
+        (line(prompt="x", size="640x480"), "size", "does not take size"),
+        (line(prompt="x", model="dall-e-3", quality="low"), "quality", "does not take quality"),
+        (line(prompt="x", model="gpt-image-1", response_format="url"), "response_format", "b64"),
+        (
+            line(prompt="x", model="gpt-image-1", background="transparent", output_format="jpeg"),
+            "output_format",
+            "needs output_format",
+        ),
+        (
+            line(prompt="x", model="gpt-image-1", output_compression=50),
+            "output_compression",
+            "needs output_format",
+        ),
+        (line(prompt="x" * 4001, model="dall-e-3"), "prompt", "at most 4000"),
+        (line(prompt="x", extra={"prompt": "y"}), "extra", "must not set prompt"),
+        (line(prompt="x", extra=[1]), "extra", "dictionary"),
+        (
+            json.dumps({"custom_id": "c", "method": "GET", "body": {"prompt": "x"}}),
+            "method",
+            "POST",
+        ),
+    ],
+)
+def test_bad_lines_name_line_and_field(text: str, field: str | None, fragment: str) -> None:
+    """Each kind of bad line is reported with its line number, its field and a clear reason."""
+    with pytest.raises(ManifestError) as info:
+        parse_line(text, 12, registry=REGISTRY)
+    (problem,) = info.value.problems
+    assert problem.line == 12
+    assert problem.field == field
+    assert fragment in problem.message
+
+
+def test_all_bad_lines_are_listed_at_once(tmp_path: Path) -> None:
+    """Validation lists every bad line, not just the first."""
+    path = write(
+        tmp_path,
+        line(prompt="ok"),
+        "{bad",
+        line(prompt="x", n=0),
+        line(prompt="x", size="1x1"),
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert [p.line for p in info.value.problems] == [2, 3, 4]
+    assert "3 invalid manifest line(s)" in str(info.value)
+
+
+def test_problem_list_is_capped(tmp_path: Path) -> None:
+    """A manifest with many bad lines reports up to the cap and says there are more."""
+    path = write(tmp_path, *["{bad"] * 30)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, max_problems=5)
+    assert len(info.value.problems) == 5
+    assert info.value.truncated
+
+
+def test_duplicate_ids_name_both_lines(tmp_path: Path) -> None:
+    """A repeated id (explicit or default) names the line that used it first."""
+    path = write(tmp_path, line(prompt="a", id="x"), line(prompt="b"), line(prompt="c", id="x"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.field) == (3, "id")
+    assert "line 1" in problem.message
+
+
+def test_stats_count_fan_out_per_model(tmp_path: Path) -> None:
+    """Stats count jobs, requests after fan-out by max n, and images per model."""
+    path = write(
+        tmp_path,
+        line(prompt="a", model="dall-e-3", n=3),
+        line(prompt="b", model="gpt-image-1", n=14),
+    )
+    stats = load_manifest(path).stats
+    assert (stats.jobs, stats.requests, stats.images) == (2, 5, 17)
+    assert stats.by_model["gpt-image-1"].requests == 2
+
+
+def test_missing_file_is_a_manifest_error(tmp_path: Path) -> None:
+    """A manifest path that does not exist is a ManifestError, not an OSError."""
+    with pytest.raises(ManifestError, match="file not found"):
+        load_manifest(tmp_path / "nope.jsonl")
+
+
+def test_unknown_model_is_accepted_with_pass_through(tmp_path: Path) -> None:
+    """Unknown models are allowed (with max n 1) and their parameters pass unchecked."""
+    job = parse_line(line(prompt="x", model="flux-pro", size="640x480"), 1, registry=REGISTRY)
+    assert isinstance(job, Job)
+    assert REGISTRY.get("flux-pro").max_n == 1
