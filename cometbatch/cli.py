@@ -1,4 +1,4 @@
-"""The command line: parse options, set up logging and progress, call the library, pick an exit code."""
+"""The command line: parse options, set up logging and progress, call the library, exit."""
 
 from __future__ import annotations
 
@@ -66,23 +66,48 @@ def main() -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: out/<manifest name>).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default: out/<manifest name>).",
+)
 @click.option("--base-url", help="API base URL (default https://api.cometapi.com/v1).")
-@click.option("--concurrency", type=click.IntRange(1, 10_000), default=16, show_default=True,
-              help="Requests in flight at most.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=16,
+    show_default=True,
+    help="Requests in flight at most.",
+)
 @click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
 @click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=8, show_default=True,
-              help="Attempts per request, the first included.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds to wait for one generation.")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=8,
+    show_default=True,
+    help="Attempts per request, the first included.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for one generation.",
+)
 @click.option("--model", help="Model for lines that name none (default dall-e-3).")
 @click.option("--size", help="Size for lines that set none.")
-@click.option("--n", "n", type=click.IntRange(min=1), help="Images per job for lines that set none.")
-@click.option("--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs.")
+@click.option(
+    "--n", "n", type=click.IntRange(min=1), help="Images per job for lines that set none."
+)
+@click.option(
+    "--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs."
+)
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; send nothing.")
-@click.option("--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network).")
+@click.option(
+    "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
+)
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")
 @click.option("--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug.")
@@ -172,7 +197,9 @@ def _print_plan(by_model: dict[str, Any], out: Path, json_output: bool) -> None:
         click.echo(json.dumps({"out_dir": str(out), "models": plan, "done_requests": done}))
         return
     for name, p in plan.items():
-        click.echo(f"{name:<20} {p['jobs']:>7} jobs {p['requests']:>8} requests {p['images']:>8} images")
+        click.echo(
+            f"{name:<20} {p['jobs']:>7} jobs {p['requests']:>8} requests {p['images']:>8} images"
+        )
     click.echo(f"already done in {out}: {done} request(s); nothing was sent (dry run)")
 
 
@@ -202,8 +229,10 @@ def _report(summary: Summary, out: Path, json_output: bool) -> None:
     for kind, count in sorted(summary.failures.items()):
         err.print(f"  failed ({kind}): {count}")
     if summary.kept_failures:
-        err.print(f"  {summary.kept_failures} permanent failure(s) from earlier runs kept; "
-                  "use --retry-failed to try them again")
+        err.print(
+            f"  {summary.kept_failures} permanent failure(s) from earlier runs kept; "
+            "use --retry-failed to try them again"
+        )
     if summary.stopped:
         err.print(f"stopped: {summary.stopped}")
     if summary.interrupted:
@@ -253,7 +282,9 @@ def models(json_output: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds per generation.")
+@click.option(
+    "--latency", type=float, default=0.0, show_default=True, help="Seconds per generation."
+)
 @click.option("--rate-429", type=float, default=0.0, help="Fraction answered 429 with Retry-After.")
 @click.option("--rate-429-bare", type=float, default=0.0, help="Fraction answered 429 without it.")
 @click.option("--rate-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
@@ -261,7 +292,9 @@ def models(json_output: bool) -> None:
 @click.option("--rate-malformed", type=float, default=0.0, help="Fraction of truncated bodies.")
 @click.option("--rpm-limit", type=int, help="Requests per minute the server allows.")
 @click.option("--ipm-limit", type=int, help="Images per minute the server allows.")
-@click.option("--api-key-env", default=None, help=f"Require the key from this variable (e.g. {KEY_ENV}).")
+@click.option(
+    "--api-key-env", default=None, help=f"Require the key from this variable (e.g. {KEY_ENV})."
+)
 def simulate(
     host: str,
     port: int,

@@ -172,7 +172,7 @@ class ServerError(APIStatusError):
 
 
 class APIResponseError(APIError):
-    """The answer was not what an OpenAI-compatible images API returns (HTML, redirect, bad JSON)."""
+    """Not what an OpenAI-compatible images API answers (HTML, a redirect, bad JSON)."""
 
     kind = "bad_response"
 

@@ -162,7 +162,9 @@ def _unwrap_batch_line(data: dict[str, Any], line: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         problems.append(ManifestProblem(line, "body", "must be a JSON object"))
     unknown = sorted(data.keys() - {"custom_id", "method", "url", "body", "metadata"})
-    problems += [ManifestProblem(line, name, "unknown field in a Batch API line") for name in unknown]
+    problems += [
+        ManifestProblem(line, name, "unknown field in a Batch API line") for name in unknown
+    ]
     if problems:
         raise ManifestError(problems)
     assert isinstance(body, dict)
@@ -317,7 +319,7 @@ def load_manifest(
     registry: ModelRegistry | None = None,
     max_problems: int = 50,
 ) -> Manifest:
-    """Validate a JSONL manifest (ManifestError lists every bad line) and return it for streaming."""
+    """Validate a JSONL manifest (ManifestError lists every bad line); return it to stream."""
     manifest = Manifest(path, defaults=JobDefaults(model=model, size=size, n=n), registry=registry)
     manifest.validate(max_problems=max_problems)
     return manifest

@@ -27,7 +27,7 @@ PARAMS: tuple[str, ...] = (
 
 
 class Requirement(BaseModel):
-    """When `param` is set (to one of `values`, or to anything if None), `needs` must be in `allowed`.
+    """When `param` is set (to one of `values`, or at all if None), `needs` must be in `allowed`.
 
     `default` is the value `needs` takes on the API side when it is not sent.
     """
@@ -179,9 +179,10 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         params={"quality": ("standard", "hd"), "style": ("vivid", "natural"), "user": None},
         returns_revised_prompt=True,
     ),
-    *(ModelSpec.model_validate({"name": name, **_GPT_IMAGE}) for name in (
-        "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"
-    )),
+    *(
+        ModelSpec.model_validate({"name": name, **_GPT_IMAGE})
+        for name in ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+    ),
     ModelSpec(
         name="qwen-image",
         max_n=1,

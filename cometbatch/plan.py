@@ -1,4 +1,4 @@
-"""Pure planning: a job becomes requests of at most the model's n, each with a key and fingerprint."""
+"""Pure planning: a job becomes requests of at most the model's n, with keys and fingerprints."""
 
 from __future__ import annotations
 

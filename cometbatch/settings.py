@@ -31,7 +31,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_url: str = DEFAULT_BASE_URL
-    api_key: SecretStr | None = Field(default=None, repr=False)
+    # A plain str is accepted for convenience and stored as a SecretStr (hidden in reprs).
+    api_key: SecretStr | str | None = Field(default=None, repr=False)
     concurrency: int = Field(default=16, ge=1, le=10_000)
     min_concurrency: int = Field(default=1, ge=1)
     rpm: float | None = Field(default=None, gt=0)
@@ -64,10 +65,15 @@ class Settings(BaseModel):
             raise ValueError(f"base URL must be http(s)://host[/path], got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("api_key")
+    @classmethod
+    def _hide_key(cls, value: SecretStr | str | None) -> SecretStr | None:
+        return SecretStr(value) if isinstance(value, str) else value
+
     def resolved_key(self) -> str | None:
         """The key from the settings, else from COMETAPI_KEY."""
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
+        if isinstance(self.api_key, SecretStr):
+            return self.api_key.get_secret_value() or None
         return os.environ.get(KEY_ENV) or None
 
     def public(self) -> dict[str, Any]:

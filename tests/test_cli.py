@@ -130,8 +130,17 @@ def test_sigint_midway_then_rerun_gives_every_image_once(tmp_path: Path) -> None
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
-            "--out", str(out), "--concurrency", "4", "--quiet",
+            sys.executable,
+            "-m",
+            "cometbatch",
+            "run",
+            str(manifest),
+            "--simulate",
+            "--out",
+            str(out),
+            "--concurrency",
+            "4",
+            "--quiet",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -89,9 +89,7 @@ async def test_rerun_sends_nothing_and_a_dropped_line_is_regenerated(
     assert engine.summary.complete
 
     ledger = tmp_path / "ledger.jsonl"
-    kept = [
-        text for text in ledger.read_text().splitlines() if '"key":"koi-pond#1"' not in text
-    ]
+    kept = [text for text in ledger.read_text().splitlines() if '"key":"koi-pond#1"' not in text]
     ledger.write_text("\n".join(kept) + "\n")
     async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
         again = await run_all(engine, manifest)
@@ -199,8 +197,10 @@ async def test_generate_serves_single_jobs_from_many_tasks(sim: Simulator, tmp_p
     settings = settings_for(sim, concurrency=4)
     async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
         batches = await asyncio.gather(
-            *(engine.generate(Job(id=f"g{i}", prompt=f"p{i}", model="gpt-image-1", n=2))
-              for i in range(20))
+            *(
+                engine.generate(Job(id=f"g{i}", prompt=f"p{i}", model="gpt-image-1", n=2))
+                for i in range(20)
+            )
         )
     assert all(r.ok for batch in batches for r in batch)
     assert sim.stats.max_in_flight <= 4
