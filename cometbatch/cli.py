@@ -33,8 +33,14 @@ _USAGE_ERRORS = (ManifestError, ConfigError, LedgerError)
 err = Console(stderr=True, highlight=False)
 
 
+def say(text: str) -> None:
+    """One message on stderr, printed as is (no markup, no wrapping)."""
+    err.print(text, markup=False, soft_wrap=True)
+
+
 def _fail(exc: CometBatchError) -> NoReturn:
-    err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+    err.print("[red]error:[/red] ", end="", soft_wrap=True)
+    say(str(exc))
     sys.exit(EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED)
 
 
@@ -104,6 +110,11 @@ def main() -> None:
 @click.option(
     "--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs."
 )
+@click.option(
+    "--allow-insecure-http",
+    is_flag=True,
+    help="Allow an http:// base URL to a non-loopback host (sends the key unencrypted).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; send nothing.")
 @click.option(
     "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
@@ -124,6 +135,7 @@ def run(
     size: str | None,
     n: int | None,
     retry_failed: bool,
+    allow_insecure_http: bool,
     dry_run: bool,
     simulate: bool,
     json_output: bool,
@@ -150,6 +162,7 @@ def run(
             "max_attempts": max_attempts,
             "timeout": timeout,
             "retry_failed": retry_failed,
+            "allow_insecure_http": allow_insecure_http,
         }
         if base_url:
             fields["base_url"] = base_url
@@ -169,16 +182,16 @@ def run(
                 loaded,
                 settings=settings,
                 out_dir=out,
-                simulate=SimConfig(latency=0.05) if simulate else None,
+                simulate=SimConfig(latency=0.2, latency_jitter=0.6) if simulate else None,
                 progress=choose_mode(quiet=quiet, json_output=json_output),
-                say=lambda text: err.print(text, soft_wrap=True),
+                say=say,
                 handle_signals=True,
             )
         )
     except CometBatchError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        say("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     _report(summary, out, json_output)
     if summary.interrupted:
@@ -210,33 +223,33 @@ def _report(summary: Summary, out: Path, json_output: bool) -> None:
         return
     sim = " [simulated API]" if summary.simulated else ""
     if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:
-        err.print(
+        say(
             f"everything was already done: {summary.skipped_requests} request(s), "
             f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}"
         )
         return
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
-    err.print(
+    say(
         f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
         f"({rate:.1f}/s) to {out / 'images'}{sim}"
     )
-    err.print(
+    say(
         f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
         f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
         f"retries {summary.retries} (429s {summary.rate_limited}), "
         f"possibly billed twice: {summary.ambiguous_retries}"
     )
     for kind, count in sorted(summary.failures.items()):
-        err.print(f"  failed ({kind}): {count}")
+        say(f"  failed ({kind}): {count}")
     if summary.kept_failures:
-        err.print(
+        say(
             f"  {summary.kept_failures} permanent failure(s) from earlier runs kept; "
             "use --retry-failed to try them again"
         )
     if summary.stopped:
-        err.print(f"stopped: {summary.stopped}")
+        say(f"stopped: {summary.stopped}")
     if summary.interrupted:
-        err.print("interrupted: run the same command again to resume")
+        say("interrupted: run the same command again to resume")
 
 
 @main.command()
