@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from .errors import (
     LedgerError,
     OutputError,
 )
-from .ledger import Ledger
+from .ledger import KeyState, Ledger
 from .limits import Limiter, Outcome
 from .manifest import Job, Manifest
 from .models import ModelRegistry
@@ -224,8 +224,8 @@ class Engine:
 
     # -- deciding what to send ------------------------------------------------------------
 
-    def _requests_for(self, job: Job) -> Iterable[Request | Result]:
-        """The job's requests still to send, or a reused Result for keys the ledger has as ok."""
+    def _triage(self, job: Job) -> Iterator[tuple[str, Request, KeyState | None]]:
+        """Each request with its verdict: send, reuse (ok already) or keep (failed for good)."""
         _, _, ledger, _ = self._open_parts()
         spec = self.registry.get(job.model)
         spec.check(job.params(), job.prompt)
@@ -233,15 +233,22 @@ class Engine:
         for request in plan_job(job, spec):
             state = ledger.state.get(request.key)
             if state is None:
-                yield request
-            elif state.fingerprint is not None and state.fingerprint != request.fingerprint:
-                changed.append(request.key)
+                yield "send", request, None
             elif state.status == "ok":
-                yield self._reused(request, state.images)
-            elif state.retryable is False and not self.settings.retry_failed:
-                self.summary.kept_failures += 1
+                # Old images that no longer match the request must not pass for its result.
+                if state.fingerprint is not None and state.fingerprint != request.fingerprint:
+                    changed.append(request.key)
+                else:
+                    yield "reuse", request, state
+            elif (
+                state.retryable is False
+                and not self.settings.retry_failed
+                and state.fingerprint == request.fingerprint
+            ):
+                yield "keep", request, state
             else:
-                yield request
+                # Retryable, --retry-failed, or a failed job the user has since edited.
+                yield "send", request, state
         if changed:
             raise LedgerError(
                 f"job {job.id!r} changed since the ledger in {self.out_dir} recorded it "
@@ -249,9 +256,18 @@ class Engine:
                 "use a new output folder, or restore the job as it was"
             )
 
-    def _reused(self, request: Request, images: list[dict[str, Any]]) -> Result:
-        self.summary.skipped_requests += 1
-        self.summary.skipped_images += request.n
+    def _count(self, verdict: str, request: Request, *, planned: bool) -> None:
+        s = self.summary
+        if planned:
+            s.planned_requests += 1
+            s.planned_images += request.n
+        if verdict == "reuse":
+            s.skipped_requests += 1
+            s.skipped_images += request.n
+        elif verdict == "keep":
+            s.kept_failures += 1
+
+    def _reused(self, request: Request, state: KeyState) -> Result:
         records = tuple(
             ImageRecord(
                 index=image["index"],
@@ -261,7 +277,7 @@ class Engine:
                 sha256=image["sha256"],
                 revised_prompt=image.get("revised_prompt"),
             )
-            for image in images
+            for image in state.images
         )
         return Result(
             run_id=self._run_id,
@@ -277,15 +293,9 @@ class Engine:
     def preflight(self, jobs: Iterable[Job]) -> None:
         """Count planned work and refuse changed jobs before anything is sent."""
         for job in jobs:
-            spec = self.registry.get(job.model)
-            for request in plan_job(job, spec):
+            for _, request, _ in self._triage(job):
                 self.summary.planned_requests += 1
                 self.summary.planned_images += request.n
-            for _ in self._requests_for(job):
-                pass
-        # _requests_for counted reuse and kept failures; the run counts them again as it goes.
-        self.summary.skipped_requests = self.summary.skipped_images = 0
-        self.summary.kept_failures = 0
 
     # -- sending one request ---------------------------------------------------------------
 
@@ -442,20 +452,16 @@ class Engine:
     async def generate(self, job: Job) -> list[Result]:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
-        items = list(self._requests_for(job))
-        for item in items:
-            if isinstance(item, Request):
-                self.summary.planned_requests += 1
-                self.summary.planned_images += item.n
+        triaged = list(self._triage(job))
+        calls = []
+        for verdict, request, state in triaged:
+            self._count(verdict, request, planned=True)
+            if verdict == "send":
+                calls.append(self._execute(request))
+            elif verdict == "reuse" and state is not None:
+                calls.append(_done(self._reused(request, state)))
         try:
-            return list(
-                await asyncio.gather(
-                    *(
-                        self._execute(item) if isinstance(item, Request) else _done(item)
-                        for item in items
-                    )
-                )
-            )
+            return list(await asyncio.gather(*calls))
         except _Stopped:
             raise CometBatchError("the engine is stopping; the job was not sent") from None
 
@@ -524,13 +530,10 @@ class Engine:
             async for job in _aiter(jobs):
                 if self.stopping:
                     return
-                for item in self._requests_for(job):
-                    if counting:
-                        self.summary.planned_requests += 1
-                        self.summary.planned_images += item.n
-                    if isinstance(item, Result):
-                        continue
-                    await queue.put(item)
+                for verdict, request, _ in self._triage(job):
+                    self._count(verdict, request, planned=counting)
+                    if verdict == "send":
+                        await queue.put(request)
         except CometBatchError as exc:
             # A changed or impossible job: stop cleanly; requests already sent still land.
             self._fail(exc)

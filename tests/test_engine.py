@@ -219,6 +219,20 @@ async def test_changed_job_is_refused(sim: Simulator, tmp_path: Path) -> None:
     assert sim.stats.requests == 1
 
 
+async def test_edited_job_after_a_permanent_failure_is_sent_again(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A job that failed for good and was then edited (same id) is sent, not refused or kept."""
+    sim.enqueue("content-policy")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (failed,) = await run_all(engine, [Job(id="c", prompt="too spicy", model="dall-e-3")])
+    assert failed.error is not None and failed.error["kind"] == "content_policy"
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (fixed,) = await run_all(engine, [Job(id="c", prompt="mild", model="dall-e-3")])
+    assert fixed.ok
+    assert sim.stats.requests == 2
+
+
 async def test_engine_refuses_reuse_and_a_second_engine_on_the_same_folder(
     sim: Simulator, tmp_path: Path
 ) -> None:
