@@ -306,6 +306,19 @@ def models(json_output: bool) -> None:
 @click.option("--rpm-limit", type=int, help="Requests per minute the server allows.")
 @click.option("--ipm-limit", type=int, help="Images per minute the server allows.")
 @click.option(
+    "--retry-after",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds in the Retry-After header of injected 429s.",
+)
+@click.option(
+    "--content-policy-marker",
+    metavar="TEXT",
+    help="Refuse prompts containing TEXT as a content-policy violation (400).",
+)
+@click.option("--seed", type=int, help="Seed for the injected faults (repeatable runs).")
+@click.option(
     "--api-key-env", default=None, help=f"Require the key from this variable (e.g. {KEY_ENV})."
 )
 def simulate(
@@ -319,6 +332,9 @@ def simulate(
     rate_malformed: float,
     rpm_limit: int | None,
     ipm_limit: int | None,
+    retry_after: float,
+    content_policy_marker: str | None,
+    seed: int | None,
     api_key_env: str | None,
 ) -> None:
     """Serve the simulated images API (for trying cometbatch or your own code without a key)."""
@@ -335,6 +351,9 @@ def simulate(
             rate_malformed=rate_malformed,
             rpm_limit=rpm_limit,
             ipm_limit=ipm_limit,
+            retry_after=retry_after,
+            content_policy_marker=content_policy_marker,
+            seed=seed,
             api_key=os.environ.get(api_key_env) if api_key_env else None,
             record_requests=False,
         )

@@ -72,6 +72,8 @@ class SimConfig(BaseModel):
     slow_seconds: float = Field(default=30.0, ge=0)
     seed: int | None = None
     record_requests: bool = True
+    # Prompts containing this text are refused as a content-policy violation (a 400).
+    content_policy_marker: str | None = None
 
     @model_validator(mode="after")
     def _rates_fit(self) -> SimConfig:
@@ -543,6 +545,10 @@ class Simulator:
         parsed = parse_request(body, self._registry) if failure is None else failure
         if isinstance(parsed, ApiFailure):
             return self._error(parsed)
+        marker = self.config.content_policy_marker
+        if marker and marker in parsed.prompt:
+            self._stats.faults["content-policy"] += 1
+            return self._fault_response("content-policy", request)
         if forced is None:
             refused = self._admit(parsed) or self._random_fault(request)
             if refused is not None:

@@ -193,3 +193,67 @@ def test_status_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = cli("status", str(tmp_path))
     assert result.returncode == 2
     assert "nothing has run there yet" in result.stderr
+
+
+def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
+    """Against `cometbatch simulate` with 429s (with/without Retry-After) and 5xx, 210 requests
+    all land; one content-policy 400 is recorded once, not retried, and the run exits 1."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cometbatch",
+            "simulate",
+            "--port",
+            "0",
+            "--seed",
+            "3",
+            "--rate-429",
+            "0.08",
+            "--rate-429-bare",
+            "0.04",
+            "--rate-5xx",
+            "0.08",
+            "--content-policy-marker",
+            "FORBIDDEN",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert server.stderr is not None
+        first = server.stderr.readline()
+        base_url = first.rsplit(" ", 1)[-1].strip()
+        assert base_url.startswith("http://127.0.0.1:"), first
+        manifest = tmp_path / "m.jsonl"
+        jobs = [{"id": f"f{i}", "prompt": f"scene {i}", "model": "qwen-image"} for i in range(210)]
+        jobs.append({"id": "nope", "prompt": "something FORBIDDEN", "model": "dall-e-3"})
+        manifest.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
+        out = tmp_path / "out"
+        result = cli(
+            "run",
+            str(manifest),
+            "--base-url",
+            base_url,
+            "--out",
+            str(out),
+            "--concurrency",
+            "32",
+            "--json",
+            env={"COMETAPI_KEY": "sk-test-key"},
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["ok_requests"], summary["failed_requests"]) == (210, 1)
+    assert summary["retries"] > 0
+    failed = [e for e in ledger_results(out) if e["status"] == "failed"]
+    assert len(failed) == 1
+    error = failed[0]["error"]
+    assert (failed[0]["key"], failed[0]["attempts"]) == ("nope#0", 1)
+    assert (error["kind"], error["status"], error["retryable"]) == ("content_policy", 400, False)
+    assert error["request_id"] and "safety system" in error["message"]
+    assert len(images_on_disk(out)) == 210
