@@ -15,7 +15,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from . import __version__
-from .errors import CometBatchError, ConfigError, LedgerError, ManifestError
+from .errors import (
+    AuthenticationError,
+    CometBatchError,
+    ConfigError,
+    LedgerError,
+    ManifestError,
+)
 from .ledger import LEDGER_NAME, LedgerState
 from .manifest import load_manifest
 from .models import ModelRegistry
@@ -28,7 +34,7 @@ from .status import read_status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Errors about the input or the folder (the user must change something) exit 2.
-_USAGE_ERRORS = (ManifestError, ConfigError, LedgerError)
+_USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError)
 
 err = Console(stderr=True, highlight=False)
 
@@ -39,8 +45,11 @@ def say(text: str) -> None:
 
 
 def _fail(exc: CometBatchError) -> NoReturn:
+    message = str(exc)
+    if isinstance(exc, AuthenticationError):
+        message = f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"
     err.print("[red]error:[/red] ", end="", soft_wrap=True)
-    say(str(exc))
+    say(message)
     sys.exit(EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED)
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .errors import (
     APIError,
     APIResponseError,
     CometBatchError,
+    ConfigError,
     LedgerError,
     OutputError,
 )
@@ -54,6 +56,14 @@ def _is_fatal(exc: APIError) -> bool:
         return True
     # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
     return exc.kind == "not_found" and exc.request_id is None and exc.code is None
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Attempts of one request so far (kept when the last attempt raises)."""
+
+    attempts: int = 0
+    ambiguous: int = 0
 
 
 class _Stopped(Exception):
@@ -315,10 +325,9 @@ class Engine:
         exc = state.outcome.exception() if state.outcome else None
         log.info("retrying after attempt %d failed: %s", state.attempt_number, exc)
 
-    async def _attempts(self, request: Request) -> tuple[ImagesResponse, int, int]:
-        """Send with retries under the shared limits; (response, attempts, ambiguous retries)."""
+    async def _attempts(self, request: Request, tally: _Tally) -> ImagesResponse:
+        """Send with retries under the shared limits, counting attempts into `tally`."""
         client, limiter, _, _ = self._open_parts()
-        attempts = ambiguous = 0
         last: APIError | None = None
         async for attempt in retrying(
             self.policy, sleep=self._sleep_fn(), before_sleep=self._before_sleep
@@ -331,8 +340,8 @@ class Engine:
                     if self.stopping:
                         raise _Stopped
                     if last is not None and last.kind == "ambiguous":
-                        ambiguous += 1
-                    attempts += 1
+                        tally.ambiguous += 1
+                    tally.attempts += 1
                     self._mark_busy(True)
                     try:
                         response = await client.generate(request.payload)
@@ -349,7 +358,7 @@ class Engine:
                     finally:
                         self._mark_busy(False)
                     limiter.record("ok")
-                    return response, attempts, ambiguous
+                    return response
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     @staticmethod
@@ -359,6 +368,15 @@ class Engine:
                 f"asked for {request.n} image(s), the API answered {len(response.data)}",
                 retryable=True,
             )
+
+    def _fatal_error(self, exc: APIError) -> CometBatchError:
+        """The run-stopping form of an error every request would get alike."""
+        if exc.kind == "not_found":
+            return ConfigError(
+                f"{self.settings.base_url} does not look like an OpenAI-compatible API: "
+                f"POST /images/generations answered {exc.status} ({exc}); check --base-url"
+            )
+        return exc
 
     def _mark_busy(self, busy: bool) -> None:
         """Workers holding a sent request are not cancelled on stop: their images are paid for."""
@@ -413,20 +431,19 @@ class Engine:
         """One request from send to ledger line; API failures become a failed Result."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        attempts = ambiguous = 0
+        tally = _Tally()
         images: list[ImageRecord] = []
         usage: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
         try:
-            response, attempts, ambiguous = await self._attempts(request)
+            response = await self._attempts(request, tally)
             usage = response.usage
             self._mark_busy(True)
             images = await self._store(request, response)
         except APIError as exc:
             if _is_fatal(exc):
-                raise
+                raise self._fatal_error(exc) from exc
             error = exc.to_record()
-            attempts = max(attempts, 1)
         result = Result(
             run_id=self._run_id,
             job=request.job,
@@ -435,8 +452,8 @@ class Engine:
             status="failed" if error else "ok",
             fingerprint=request.fingerprint,
             images=tuple(images),
-            attempts=attempts,
-            ambiguous_retries=ambiguous,
+            attempts=tally.attempts,
+            ambiguous_retries=tally.ambiguous,
             error=error,
             latency_s=loop.time() - started,
             finished_at=_now(),

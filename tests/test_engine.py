@@ -261,3 +261,30 @@ async def test_wrong_key_stops_the_run_without_failing_jobs(tmp_path: Path) -> N
                 await run_all(engine, jobs)
     assert results(tmp_path) == []
     assert "wrong" not in (tmp_path / "ledger.jsonl").read_text()
+
+
+async def test_exhausted_retries_record_every_attempt(sim: Simulator, tmp_path: Path) -> None:
+    """A request that fails on every attempt is recorded with all its attempts, still retryable."""
+    sim.enqueue("500", "503", "500")
+    job = Job(id="tired", prompt="x", model="dall-e-3")
+    settings = settings_for(sim, max_attempts=3)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [job])
+    assert (result.status, result.attempts) == ("failed", 3)
+    assert result.error is not None
+    assert (result.error["kind"], result.error["retryable"]) == ("server", True)
+    assert engine.summary.retries == 2
+
+
+async def test_wrong_base_url_stops_the_run_without_failing_jobs(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A base URL that answers an HTML 404 stops the run with a ConfigError naming the URL."""
+    from cometbatch import ConfigError
+
+    settings = Settings(base_url=sim.origin + "/wrong", api_key="sk-test")
+    jobs = [Job(id=f"w{i}", prompt="x") for i in range(5)]
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        with pytest.raises(ConfigError, match="does not look like an OpenAI-compatible API"):
+            await run_all(engine, jobs)
+    assert results(tmp_path) == []
