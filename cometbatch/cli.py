@@ -22,7 +22,7 @@ from .errors import (
     LedgerError,
     ManifestError,
 )
-from .ledger import LEDGER_NAME, LedgerState
+from .events import LEDGER_NAME
 from .manifest import load_manifest
 from .models import ModelRegistry
 from .progress import choose_mode
@@ -30,6 +30,7 @@ from .results import Summary
 from .runner import run_manifest
 from .settings import KEY_ENV, Settings
 from .simulator import SimConfig, serve
+from .state import LedgerState
 from .status import read_status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -26,7 +26,7 @@ from .errors import (
     LedgerError,
     OutputError,
 )
-from .ledger import KeyState, Ledger
+from .ledger import Ledger
 from .limits import Limiter, Outcome
 from .manifest import Job, Manifest
 from .models import ModelRegistry
@@ -35,6 +35,7 @@ from .results import Result, Summary
 from .retry import RetryPolicy, retrying
 from .settings import Settings
 from .sink import ImageRecord, Sink
+from .state import KeyState
 
 log = logging.getLogger(__name__)
 

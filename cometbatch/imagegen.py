@@ -11,7 +11,7 @@ import zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Fixed bytes of an empty PNG chunk stream end (IEND has no data).
+# The IEND chunk that closes every PNG (it carries no data, so its bytes never change).
 _IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 # Bytes a PNG adds around its pixel data: signature, IHDR, IDAT header and CRC, IEND.
 _PNG_OVERHEAD = len(PNG_SIGNATURE) + (12 + 13) + 12 + len(_IEND)

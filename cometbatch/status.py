@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LedgerError
-from .ledger import LEDGER_NAME, iter_events
+from .events import LEDGER_NAME, iter_events
 
 
 @dataclass(slots=True)

@@ -17,16 +17,10 @@ from typing import Any
 import pytest
 
 from cometbatch.errors import LedgerError
-from cometbatch.ledger import (
-    LEDGER_NAME,
-    LOCK_NAME,
-    FolderLock,
-    KeyState,
-    Ledger,
-    LedgerState,
-    iter_events,
-    repair_tail,
-)
+from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
+from cometbatch.ledger import Ledger
+from cometbatch.lock import LOCK_NAME, FolderLock
+from cometbatch.state import KeyState, LedgerState
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef" * 4
@@ -463,7 +457,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import sys, time
-        from cometbatch.ledger import FolderLock
+        from cometbatch.lock import FolderLock
         FolderLock(sys.argv[1]).acquire()
         print("locked", flush=True)
         time.sleep(600)

@@ -13,7 +13,7 @@ import pytest
 from aiolimiter import AsyncLimiter
 
 from cometbatch.errors import ConfigError, UpstreamDownError
-from cometbatch.limits import AimdLimit, Limiter, RetryBudget, pacing_bucket
+from cometbatch.limits import Limiter
 from cometbatch.settings import Settings
 
 T = TypeVar("T")
@@ -98,22 +98,6 @@ async def drive(
 
 
 # -- pacing -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("limit", "capacity", "expected"),
-    [(600, 1, (1, 60 / 599)), (61, 1, (1, 1.0)), (600, 10, (10, 600 / 590)), (70, 10, (10, 10.0))],
-)
-def test_pacing_bucket_shape(limit: float, capacity: float, expected: tuple[float, float]) -> None:
-    """The bucket holds one request and drains (limit - capacity) per minute."""
-    assert pacing_bucket(limit, capacity) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(("limit", "capacity"), [(1, 1), (10, 10), (5, 10), (10, 0)])
-def test_pacing_bucket_rejects_a_limit_not_above_capacity(limit: float, capacity: float) -> None:
-    """A limit that a single request would fill is refused."""
-    with pytest.raises(ValueError):
-        pacing_bucket(limit, capacity)
 
 
 def test_plain_aiolimiter_bursts_twice_the_rate_in_the_first_minute() -> None:
@@ -353,17 +337,6 @@ def test_a_throttled_round_multiplies_the_limit_by_0_7() -> None:
     assert (limiter.limit, limiter.decreases, limiter.throttled_total) == (11, 1, 11)
 
 
-def test_a_round_at_or_under_the_threshold_adds_one() -> None:
-    """A round with at most 10 % throttled raises the limit by 1, up to the maximum."""
-    aimd = AimdLimit(floor=1, ceiling=16, threshold=0.1, min_round=100)
-    aimd.limit = 11
-    changes = [aimd.record(throttled=i < 10) for i in range(100)]
-    assert (changes[-1], sum(changes), aimd.limit) == (1, 1, 12)
-    for _ in range(1000):
-        aimd.record(throttled=False)
-    assert aimd.limit == 16
-
-
 def test_the_limit_stays_within_its_bounds() -> None:
     """A storm of throttles stops at min_concurrency; recovery stops at concurrency."""
     limiter = Limiter(concurrency=20, min_concurrency=3, clock=fixed_clock, budget_tokens=1e9)
@@ -416,19 +389,6 @@ def test_unknown_outcome_is_refused() -> None:
 
 
 # -- retry budget and outage ------------------------------------------------------------
-
-
-def test_retry_budget_spends_on_failure_and_earns_on_success() -> None:
-    """Failures cost 1, successes earn the ratio, capped at capacity; half spent is probing."""
-    budget = RetryBudget(capacity=10, ratio=0.5)
-    for _ in range(5):
-        budget.record(ok=False)
-    assert (budget.tokens, budget.probing) == (5, True)
-    budget.record(ok=True)
-    assert (budget.tokens, budget.probing) == (5.5, False)
-    for _ in range(20):
-        budget.record(ok=True)
-    assert budget.tokens == 10
 
 
 def test_failures_enter_probe_mode_with_one_request_at_a_time() -> None:

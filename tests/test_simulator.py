@@ -546,6 +546,18 @@ async def test_html_faults(
     assert isinstance(answer, str) and "<html>" in answer
 
 
+async def test_content_policy_marker_refuses_marked_prompts(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A prompt containing content_policy_marker is a content-policy 400; others pass."""
+    async with Simulator(SimConfig(content_policy_marker="[refuse]")) as sim:
+        refused, answer, _ = await post(session, sim, {**DALLE2, "prompt": "a [refuse] cat"})
+        passed, _, _ = await post(session, sim, {**DALLE2, "prompt": "a cat"})
+    assert (refused, passed) == (400, 200)
+    assert_comet_error(answer, code="content_policy_violation")
+    assert sim.stats.faults == {"content-policy": 1}
+
+
 async def test_redirect_fault(sim: Simulator, session: aiohttp.ClientSession) -> None:
     """The "redirect" fault answers 301 to another path, which is an HTML 404."""
     sim.enqueue("redirect")
