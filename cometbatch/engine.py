@@ -32,6 +32,7 @@ from .manifest import Job, Manifest
 from .models import ModelRegistry
 from .plan import Request, plan_job
 from .results import Result, Summary
+from .resume import Verdict, decide
 from .retry import RetryPolicy, retrying
 from .settings import Settings
 from .sink import ImageRecord, Sink
@@ -235,7 +236,7 @@ class Engine:
 
     # -- deciding what to send ------------------------------------------------------------
 
-    def _triage(self, job: Job) -> Iterator[tuple[str, Request, KeyState | None]]:
+    def _triage(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
         """Each request with its verdict: send, reuse (ok already) or keep (failed for good)."""
         _, _, ledger, _ = self._open_parts()
         spec = self.registry.get(job.model)
@@ -243,23 +244,11 @@ class Engine:
         changed = []
         for request in plan_job(job, spec):
             state = ledger.state.get(request.key)
-            if state is None:
-                yield "send", request, None
-            elif state.status == "ok":
-                # Old images that no longer match the request must not pass for its result.
-                if state.fingerprint is not None and state.fingerprint != request.fingerprint:
-                    changed.append(request.key)
-                else:
-                    yield "reuse", request, state
-            elif (
-                state.retryable is False
-                and not self.settings.retry_failed
-                and state.fingerprint == request.fingerprint
-            ):
-                yield "keep", request, state
+            verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
+            if verdict == "changed":
+                changed.append(request.key)
             else:
-                # Retryable, --retry-failed, or a failed job the user has since edited.
-                yield "send", request, state
+                yield verdict, request, state
         if changed:
             raise LedgerError(
                 f"job {job.id!r} changed since the ledger in {self.out_dir} recorded it "

@@ -1,0 +1,34 @@
+"""Resume decisions as a table: recorded outcome and fingerprint in, verdict out."""
+
+from __future__ import annotations
+
+import pytest
+
+from cometbatch.resume import Verdict, decide
+from cometbatch.state import KeyState
+
+FP, OTHER = "a" * 16, "b" * 16
+
+
+def recorded(status: str, fingerprint: str | None = FP, retryable: bool | None = None) -> KeyState:
+    return KeyState("job#0", status, fingerprint, retryable, "job", 1)
+
+
+@pytest.mark.parametrize(
+    ("state", "retry_failed", "verdict"),
+    [
+        (None, False, "send"),
+        (recorded("ok"), False, "reuse"),
+        (recorded("ok"), True, "reuse"),
+        (recorded("ok", fingerprint=None), False, "reuse"),
+        (recorded("ok", fingerprint=OTHER), False, "changed"),
+        (recorded("failed", retryable=True), False, "send"),
+        (recorded("failed", retryable=False), False, "keep"),
+        (recorded("failed", retryable=False), True, "send"),
+        (recorded("failed", fingerprint=OTHER, retryable=False), False, "send"),
+        (recorded("failed", retryable=None), False, "send"),
+    ],
+)
+def test_decide(state: KeyState | None, retry_failed: bool, verdict: Verdict) -> None:
+    """ok keys are reused unless changed; permanent failures are kept unless asked or edited."""
+    assert decide(FP, state, retry_failed=retry_failed) == verdict
