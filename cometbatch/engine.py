@@ -8,68 +8,33 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from tenacity import RetryCallState
 
 from . import __version__
-from .client import Client, ImagesResponse
-from .errors import (
-    APIError,
-    APIResponseError,
-    CometBatchError,
-    ConfigError,
-    LedgerError,
-    OutputError,
-)
+from .client import Client
+from .dispatch import Dispatcher, Stopped, fatal_error, interruptible_sleep
+from .errors import APIError, CometBatchError, LedgerError, OutputError
 from .ledger import Ledger
-from .limits import Limiter, Outcome
+from .limits import Limiter
 from .manifest import Job, Manifest
 from .models import ModelRegistry
 from .plan import Request, plan_job
 from .results import Result, Summary
 from .resume import Verdict, decide
-from .retry import RetryPolicy, retrying
+from .retry import RetryPolicy
 from .settings import Settings
 from .sink import ImageRecord, Sink
 from .state import KeyState
 
 log = logging.getLogger(__name__)
 
-Sleep = Callable[[float], Awaitable[None]]
-# Failures that say "the server is overloaded" and slow the whole engine down.
-_THROTTLE_KINDS = frozenset({"rate_limit", "server", "timeout", "ambiguous", "connection"})
-DOWNLOAD_ATTEMPTS = 4
-
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _is_fatal(exc: APIError) -> bool:
-    """Errors that would fail every request alike: stop the run instead of failing each job."""
-    if exc.kind == "auth":
-        return True
-    if isinstance(exc, APIResponseError) and not exc.retryable:
-        return True
-    # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
-    return exc.kind == "not_found" and exc.request_id is None and exc.code is None
-
-
-@dataclass(slots=True)
-class _Tally:
-    """Attempts of one request so far (kept when the last attempt raises)."""
-
-    attempts: int = 0
-    ambiguous: int = 0
-
-
-class _Stopped(Exception):
-    """A request that was not started (or not retried) because the run is stopping."""
 
 
 class Engine:
@@ -82,7 +47,7 @@ class Engine:
         out_dir: str | os.PathLike[str],
         session: aiohttp.ClientSession | None = None,
         registry: ModelRegistry | None = None,
-        sleep: Sleep | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
         simulated: bool = False,
     ) -> None:
         self.settings = settings or Settings()
@@ -111,6 +76,7 @@ class Engine:
         self._limiter: Limiter | None = None
         self._ledger: Ledger | None = None
         self._sink: Sink | None = None
+        self._dispatcher: Dispatcher | None = None
         self._stack = contextlib.AsyncExitStack()
 
     def __repr__(self) -> str:
@@ -154,6 +120,16 @@ class Engine:
             )
             self._client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
+            )
+            self._dispatcher = Dispatcher(
+                client=self._client,
+                limiter=self._limiter,
+                sink=self._sink,
+                policy=self.policy,
+                summary=self.summary,
+                sleep=self._sleep or interruptible_sleep(self._stop_event),
+                stopping=self._stop_event.is_set,
+                busy=self._mark_busy,
             )
         except BaseException:
             self._state = "closed"
@@ -297,77 +273,6 @@ class Engine:
                 self.summary.planned_requests += 1
                 self.summary.planned_images += request.n
 
-    # -- sending one request ---------------------------------------------------------------
-
-    def _sleep_fn(self) -> Sleep:
-        if self._sleep is not None:
-            return self._sleep
-        stop = self._stop_event
-
-        async def sleep(delay: float) -> None:
-            # A retry wait ends early when the run stops, so Ctrl-C never waits out a backoff.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-
-        return sleep
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.info("retrying after attempt %d failed: %s", state.attempt_number, exc)
-
-    async def _attempts(self, request: Request, tally: _Tally) -> ImagesResponse:
-        """Send with retries under the shared limits, counting attempts into `tally`."""
-        client, limiter, _, _ = self._open_parts()
-        last: APIError | None = None
-        async for attempt in retrying(
-            self.policy, sleep=self._sleep_fn(), before_sleep=self._before_sleep
-        ):
-            with attempt:
-                if self.stopping:
-                    raise _Stopped
-                async with limiter.slot(images=request.n):
-                    # A stop may have come while this task waited for its slot.
-                    if self.stopping:
-                        raise _Stopped
-                    if last is not None and last.kind == "ambiguous":
-                        tally.ambiguous += 1
-                    tally.attempts += 1
-                    self._mark_busy(True)
-                    try:
-                        response = await client.generate(request.payload)
-                        self._check_count(request, response)
-                    except APIError as exc:
-                        last = exc
-                        if exc.kind == "rate_limit":
-                            self.summary.rate_limited += 1
-                        # Only overload slows everyone down; a rejected prompt says nothing
-                        # about the server's capacity.
-                        outcome: Outcome = "throttled" if exc.kind in _THROTTLE_KINDS else "ok"
-                        limiter.record(outcome, detail=str(exc))
-                        raise
-                    finally:
-                        self._mark_busy(False)
-                    limiter.record("ok")
-                    return response
-        raise AssertionError("unreachable: tenacity reraises the last error")
-
-    @staticmethod
-    def _check_count(request: Request, response: ImagesResponse) -> None:
-        if len(response.data) < request.n:
-            raise APIResponseError(
-                f"asked for {request.n} image(s), the API answered {len(response.data)}",
-                retryable=True,
-            )
-
-    def _fatal_error(self, exc: APIError) -> CometBatchError:
-        """The run-stopping form of an error every request would get alike."""
-        if exc.kind == "not_found":
-            return ConfigError(
-                f"{self.settings.base_url} does not look like an OpenAI-compatible API: "
-                f"POST /images/generations answered {exc.status} ({exc}); check --base-url"
-            )
-        return exc
-
     def _mark_busy(self, busy: bool) -> None:
         """Workers holding a sent request are not cancelled on stop: their images are paid for."""
         task = asyncio.current_task()
@@ -379,77 +284,31 @@ class Engine:
         else:
             self._idle.add(task)
 
-    async def _download(self, url: str) -> bytes:
-        client, _, _, _ = self._open_parts()
-        policy = RetryPolicy(
-            max_attempts=DOWNLOAD_ATTEMPTS,
-            backoff_base=self.policy.backoff_base,
-            backoff_max=self.policy.backoff_max,
-        )
-        async for attempt in retrying(policy, sleep=self._sleep_fn()):
-            with attempt:
-                data, _ = await client.download(url)
-                return data
-        raise AssertionError("unreachable: tenacity reraises the last error")
-
-    async def _store(self, request: Request, response: ImagesResponse) -> list[ImageRecord]:
-        """Decode or download each image and write it; a download is retried, never regenerated."""
-        _, _, _, sink = self._open_parts()
-        records = []
-        for offset, item in enumerate(response.data[: request.n]):
-            index = request.first_index + offset
-            try:
-                if item.b64_json:
-                    record = await sink.decode_and_write(
-                        request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
-                    )
-                elif item.url:
-                    data = await self._download(item.url)
-                    record = await sink.write(
-                        request.job.id, index, data, revised_prompt=item.revised_prompt
-                    )
-                else:
-                    raise APIResponseError("an image in the answer has neither b64_json nor url")
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot write images in {self.out_dir}: {exc.strerror or exc}"
-                ) from exc
-            records.append(record)
-        return records
-
     async def _execute(self, request: Request) -> Result:
         """One request from send to ledger line; API failures become a failed Result."""
+        _, _, ledger, _ = self._open_parts()
+        assert self._dispatcher is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
-        tally = _Tally()
-        images: list[ImageRecord] = []
-        usage: dict[str, Any] | None = None
-        error: dict[str, Any] | None = None
         try:
-            response = await self._attempts(request, tally)
-            usage = response.usage
-            self._mark_busy(True)
-            images = await self._store(request, response)
+            sent = await self._dispatcher.send(request)
         except APIError as exc:
-            if _is_fatal(exc):
-                raise self._fatal_error(exc) from exc
-            error = exc.to_record()
+            raise fatal_error(exc, self.settings.base_url) from exc
         result = Result(
             run_id=self._run_id,
             job=request.job,
             chunk=request.chunk,
             n=request.n,
-            status="failed" if error else "ok",
+            status="failed" if sent.error else "ok",
             fingerprint=request.fingerprint,
-            images=tuple(images),
-            attempts=tally.attempts,
-            ambiguous_retries=tally.ambiguous,
-            error=error,
+            images=tuple(sent.images),
+            attempts=sent.attempts,
+            ambiguous_retries=sent.ambiguous,
+            error=sent.error.to_record() if sent.error else None,
             latency_s=loop.time() - started,
             finished_at=_now(),
-            usage=usage,
+            usage=sent.usage,
         )
-        _, _, ledger, _ = self._open_parts()
         await self._append(ledger, result.to_event())
         self.summary.add(result)
         return result
@@ -469,7 +328,7 @@ class Engine:
                 calls.append(_done(self._reused(request, state)))
         try:
             return list(await asyncio.gather(*calls))
-        except _Stopped:
+        except Stopped:
             raise CometBatchError("the engine is stopping; the job was not sent") from None
 
     async def run(self, jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Result]:
@@ -559,7 +418,7 @@ class Engine:
                 return
             try:
                 result = await self._execute(request)
-            except _Stopped:
+            except Stopped:
                 return
             except CometBatchError as exc:
                 # Upstream down, a rejected key, an unwritable folder: every request would

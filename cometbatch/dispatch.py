@@ -1,0 +1,181 @@
+"""One request from first attempt to files on disk: retries under the shared limits, then store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import RetryCallState
+
+from .client import Client, ImagesResponse
+from .errors import APIError, APIResponseError, CometBatchError, ConfigError, OutputError
+from .limits import Limiter, Outcome
+from .plan import Request
+from .results import Summary
+from .retry import RetryPolicy, retrying
+from .sink import ImageRecord, Sink
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+# Failures that say "the server is overloaded" and slow the whole engine down; a rejected
+# prompt says nothing about the server's capacity.
+THROTTLE_KINDS = frozenset({"rate_limit", "server", "timeout", "ambiguous", "connection"})
+DOWNLOAD_ATTEMPTS = 4
+
+
+class Stopped(Exception):
+    """A request that was not started (or not retried) because the run is stopping."""
+
+
+def is_fatal(exc: APIError) -> bool:
+    """Errors that every request would get alike: stop the run instead of failing each job."""
+    if exc.kind == "auth":
+        return True
+    if isinstance(exc, APIResponseError) and not exc.retryable:
+        return True
+    # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
+    return exc.kind == "not_found" and exc.request_id is None and exc.code is None
+
+
+def fatal_error(exc: APIError, base_url: str) -> CometBatchError:
+    """The run-stopping form of a fatal error (a wrong URL is a configuration error)."""
+    if exc.kind == "not_found":
+        return ConfigError(
+            f"{base_url} does not look like an OpenAI-compatible API: "
+            f"POST /images/generations answered {exc.status} ({exc}); check --base-url"
+        )
+    return exc
+
+
+@dataclass(slots=True)
+class Sent:
+    """What one request came to: its images or its error, and how many attempts it took."""
+
+    images: list[ImageRecord] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    error: APIError | None = None
+    attempts: int = 0
+    ambiguous: int = 0
+
+
+def _check_count(request: Request, response: ImagesResponse) -> None:
+    if len(response.data) < request.n:
+        raise APIResponseError(
+            f"asked for {request.n} image(s), the API answered {len(response.data)}",
+            retryable=True,
+        )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.info("retrying after attempt %d failed: %s", state.attempt_number, exc)
+
+
+@dataclass(slots=True)
+class Dispatcher:
+    """Sends requests through the shared limiter and client and writes their images."""
+
+    client: Client
+    limiter: Limiter
+    sink: Sink
+    policy: RetryPolicy
+    summary: Summary
+    sleep: Sleep
+    stopping: Callable[[], bool]
+    # Told when a task starts or stops holding a sent (paid-for) request.
+    busy: Callable[[bool], None]
+
+    async def send(self, request: Request) -> Sent:
+        """Generate and store one request; API failures are returned, fatal ones raised."""
+        sent = Sent()
+        try:
+            response = await self._attempts(request, sent)
+            sent.usage = response.usage
+            self.busy(True)
+            sent.images = await self._store(request, response)
+        except APIError as exc:
+            if is_fatal(exc):
+                raise
+            sent.error = exc
+        return sent
+
+    async def _attempts(self, request: Request, sent: Sent) -> ImagesResponse:
+        last: APIError | None = None
+        async for attempt in retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry):
+            with attempt:
+                if self.stopping():
+                    raise Stopped
+                async with self.limiter.slot(images=request.n):
+                    # A stop may have come while this task waited for its slot.
+                    if self.stopping():
+                        raise Stopped
+                    if last is not None and last.kind == "ambiguous":
+                        sent.ambiguous += 1
+                    sent.attempts += 1
+                    self.busy(True)
+                    try:
+                        response = await self.client.generate(request.payload)
+                        _check_count(request, response)
+                    except APIError as exc:
+                        last = exc
+                        if exc.kind == "rate_limit":
+                            self.summary.rate_limited += 1
+                        outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
+                        self.limiter.record(outcome, detail=str(exc))
+                        raise
+                    finally:
+                        self.busy(False)
+                    self.limiter.record("ok")
+                    return response
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _download(self, url: str) -> bytes:
+        policy = RetryPolicy(
+            max_attempts=DOWNLOAD_ATTEMPTS,
+            backoff_base=self.policy.backoff_base,
+            backoff_max=self.policy.backoff_max,
+        )
+        async for attempt in retrying(policy, sleep=self.sleep, before_sleep=_log_retry):
+            with attempt:
+                data, _ = await self.client.download(url)
+                return data
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _store(self, request: Request, response: ImagesResponse) -> list[ImageRecord]:
+        """Decode or download each image and write it; a download is retried, never regenerated."""
+        records = []
+        for offset, item in enumerate(response.data[: request.n]):
+            index = request.first_index + offset
+            try:
+                if item.b64_json:
+                    record = await self.sink.decode_and_write(
+                        request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
+                    )
+                elif item.url:
+                    data = await self._download(item.url)
+                    record = await self.sink.write(
+                        request.job.id, index, data, revised_prompt=item.revised_prompt
+                    )
+                else:
+                    raise APIResponseError("an image in the answer has neither b64_json nor url")
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write images in {self.sink.out_dir}: {exc.strerror or exc}"
+                ) from exc
+            records.append(record)
+        return records
+
+
+def interruptible_sleep(stop: asyncio.Event) -> Sleep:
+    """A sleep that ends early when `stop` is set, so Ctrl-C never waits out a backoff."""
+
+    async def sleep(delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+    return sleep
