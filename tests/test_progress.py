@@ -1,0 +1,53 @@
+"""Progress lines are built from a plain snapshot, so their wording is tested without a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from cometbatch.progress import Snapshot, choose_mode
+
+
+def snap(**fields: int | bool) -> Snapshot:
+    values: dict[str, int | bool] = {
+        "done": 40,
+        "failed": 2,
+        "total": 100,
+        "in_flight": 8,
+        "limit": 16,
+        "retries": 3,
+        "rate_limited": 1,
+        "probing": False,
+    }
+    values.update(fields)
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+def test_plain_line_shows_counts_rate_and_eta() -> None:
+    """A plain line has done/total, the rate, an ETA from what is left, and the counters."""
+    line = snap().line(rate=2.0)
+    assert line.startswith("images 40/100 (2.0/s, eta 29 s)")
+    assert "in flight 8/16" in line and "retries 3" in line and "429s 1" in line
+    assert "failed 2" in line
+
+
+def test_probing_is_called_out() -> None:
+    """When the limiter probes a failing API, the line says so."""
+    assert "probing" in snap(probing=True).detail()
+
+
+def test_no_eta_without_a_rate() -> None:
+    """Before anything lands there is no ETA to show."""
+    assert "eta" not in snap().line(rate=0.0)
+
+
+def test_mode_follows_the_stream_and_flags() -> None:
+    """Rich on a terminal, plain on a pipe, off with --quiet or --json."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert choose_mode(quiet=False, json_output=False, stream=Tty()) == "rich"
+    assert choose_mode(quiet=False, json_output=False, stream=io.StringIO()) == "plain"
+    assert choose_mode(quiet=True, json_output=False, stream=Tty()) == "off"
+    assert choose_mode(quiet=False, json_output=True, stream=Tty()) == "off"
