@@ -192,8 +192,14 @@ def run(
                 loaded,
                 settings=settings,
                 out_dir=out,
-                simulate=SimConfig(latency=0.2, latency_jitter=0.6) if simulate else None,
+                # Requests are not kept in memory: a simulated run may be millions long.
+                simulate=(
+                    SimConfig(latency=0.2, latency_jitter=0.6, record_requests=False)
+                    if simulate
+                    else None
+                ),
                 progress=choose_mode(quiet=quiet, json_output=json_output),
+                console=err,
                 say=say,
                 handle_signals=True,
             )

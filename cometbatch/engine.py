@@ -266,6 +266,27 @@ class Engine:
             reused=True,
         )
 
+    def _kept(self, request: Request) -> Result:
+        """A permanent failure from an earlier run, reported again without a request."""
+        return Result(
+            run_id=self._run_id,
+            job=request.job,
+            chunk=request.chunk,
+            n=request.n,
+            status="failed",
+            fingerprint=request.fingerprint,
+            error={
+                "kind": "earlier_failure",
+                "status": None,
+                "code": None,
+                "message": "failed permanently in an earlier run (see the ledger); "
+                "set retry_failed to try again",
+                "request_id": None,
+                "retryable": False,
+            },
+            reused=True,
+        )
+
     def preflight(self, jobs: Iterable[Job]) -> None:
         """Count planned work and refuse changed jobs before anything is sent."""
         for job in jobs:
@@ -326,6 +347,8 @@ class Engine:
                 calls.append(self._execute(request))
             elif verdict == "reuse" and state is not None:
                 calls.append(_done(self._reused(request, state)))
+            else:
+                calls.append(_done(self._kept(request)))
         try:
             return list(await asyncio.gather(*calls))
         except Stopped:
@@ -336,11 +359,16 @@ class Engine:
 
         Keys the ledger already has as ok are skipped without a request (not yielded).
         """
-        self._open_parts()
+        _, _, ledger, _ = self._open_parts()
         manifest = jobs if isinstance(jobs, Manifest) else None
-        # Re-iterable inputs are counted (and checked for changed jobs) before anything is sent;
-        # one-shot iterators are counted as they stream.
-        if isinstance(jobs, Manifest | list | tuple):
+        if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
+            # A fresh folder has nothing to skip or contradict: the totals that validation
+            # counted are exact, so a large manifest is not read an extra time.
+            self.summary.planned_requests = manifest.stats.requests
+            self.summary.planned_images = manifest.stats.images
+        elif isinstance(jobs, Manifest | list | tuple):
+            # Re-iterable inputs are counted (and checked for changed jobs) before anything is
+            # sent; one-shot iterators are counted as they stream.
             self.preflight(jobs)
         await self._start_run(manifest)
         width = self.settings.concurrency

@@ -163,8 +163,11 @@ class ProgressDisplay:
         # Images skipped from the ledger are not throughput: rate counts from here on.
         last_time, last_done = loop.time(), Snapshot.of(self.engine).done
         every = 0.25 if self.mode == "rich" else self.plain_every
+        # A pipe gets its first line soon, so a log shows the run has started.
+        first = min(every, 2.0)
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(first)
+            first = every
             if self.mode == "rich":
                 self.refresh()
                 continue

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
+from rich.console import Console
 
 from .engine import Engine
 from .manifest import Manifest
@@ -65,6 +66,7 @@ async def run_manifest(
     out_dir: str | Path,
     simulate: SimConfig | None = None,
     progress: Mode = "off",
+    console: Console | None = None,
     say: Callable[[str], None] = print,
     handle_signals: bool = False,
 ) -> Summary:
@@ -96,7 +98,7 @@ async def run_manifest(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 stack.callback(loop.remove_signal_handler, sig)
         try:
-            async with ProgressDisplay(engine, mode=progress):
+            async with ProgressDisplay(engine, mode=progress, console=console):
                 async for _ in engine.run(manifest):
                     pass
         except asyncio.CancelledError:

@@ -288,3 +288,18 @@ async def test_wrong_base_url_stops_the_run_without_failing_jobs(
         with pytest.raises(ConfigError, match="does not look like an OpenAI-compatible API"):
             await run_all(engine, jobs)
     assert results(tmp_path) == []
+
+
+async def test_generate_reports_a_kept_failure_without_sending(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """generate() on a job that failed for good returns a failed Result and sends nothing."""
+    sim.enqueue("400")
+    job = Job(id="k", prompt="x", model="dall-e-3")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await engine.generate(job)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (again,) = await engine.generate(job)
+    assert again.status == "failed" and again.reused
+    assert again.error is not None and again.error["kind"] == "earlier_failure"
+    assert sim.stats.requests == 1
