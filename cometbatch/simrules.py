@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import string
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ _URL_FORMATS: Mapping[str, str] = {"dall-e-3": "webp"}  # CometAPI links dall-e-
 _OUTPUT_TOKENS: Mapping[str, int] = {"low": 272, "medium": 1056, "high": 4160, "auto": 1056}
 _WIDE_SIZES = frozenset({"1536x1024", "1024x1536"})
 _BASE_FIELDS = frozenset({"model", "prompt", "n"})
+ID_ALPHABET = string.ascii_letters + string.digits
 
 
 class SimConfig(BaseModel):
@@ -74,6 +77,7 @@ class SimConfig(BaseModel):
     def fault_rates_total(self) -> float:
         """The fraction of requests that get a random fault."""
         return sum(rate for _, rate in self.fault_rates())
+
 
 @dataclass(frozen=True, slots=True)
 class ApiFailure:
@@ -155,6 +159,14 @@ def _answer_format(
     if mode == "url":
         return "url", _URL_FORMATS.get(spec.name, "png")
     return _bad(f"Invalid value: '{mode}'. Supported values are: 'url' and 'b64_json'.")
+
+
+def json_or_none(raw: bytes) -> Any:
+    """The decoded JSON body, or None if it does not parse."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def parse_request(body: Any, registry: ModelRegistry) -> ImageRequest | ApiFailure:
@@ -294,6 +306,35 @@ class SlidingWindow:
         self._used += cost
 
 
+def admit(
+    checks: Sequence[tuple[SlidingWindow | None, int, str]], now: float
+) -> tuple[ApiFailure, dict[str, str]] | None:
+    """Record each cost in its window if all fit, else the 429 and headers of the first refusal."""
+    present = [(window, cost, unit) for window, cost, unit in checks if window is not None]
+    for window, cost, unit in present:
+        wait = window.wait_for(now, cost)
+        if wait > 0:
+            return rate_limited(unit, window.limit, wait)
+    for window, cost, _ in present:
+        window.add(now, cost)
+    return None
+
+
+def rate_limited(unit: str, limit: int, wait: float) -> tuple[ApiFailure, dict[str, str]]:
+    """The 429 for a full per-minute window, with its Retry-After headers."""
+    failure = ApiFailure(
+        429,
+        f"Rate limit reached for {unit} per minute: limit {limit}. "
+        f"Please try again in {wait:.3f}s.",
+        "comet_api_error",
+        "rate_limit_exceeded",
+    )
+    # Whole seconds in the standard header (never shorter than the real wait).
+    headers = retry_headers(wait)
+    headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    return failure, headers
+
+
 # -- canned answers ----------------------------------------------------------------------
 
 FAULT_ERRORS: Mapping[str, ApiFailure] = {
@@ -320,5 +361,8 @@ FAULT_PAGES: Mapping[str, tuple[int, str, str]] = {
     "524": (524, "A Timeout Occurred", "<title>524: A timeout occurred</title><h1>Error 524</h1>"),
     "html": (200, "OK", "<title>CometAPI</title><div id='root'>Loading...</div>"),
 }
-
+NOT_FOUND_PAGE = (
+    "<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1>"
+    "</center><hr><center>nginx</center></body></html>"
+)
 BAD_BASE64 = "%%% this is not base64 %%%"
