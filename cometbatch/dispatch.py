@@ -96,7 +96,6 @@ class Dispatcher:
         try:
             response = await self._attempts(request, sent)
             sent.usage = response.usage
-            self.busy(True)
             sent.images = await self._store(request, response)
         except APIError as exc:
             if is_fatal(exc):
@@ -117,19 +116,21 @@ class Dispatcher:
                     if last is not None and last.kind == "ambiguous":
                         sent.ambiguous += 1
                     sent.attempts += 1
+                    # From here the image may be paid for: a stop must not cancel this task
+                    # until its result is recorded (the engine marks it idle after that).
                     self.busy(True)
                     try:
                         response = await self.client.generate(request.payload)
                         _check_count(request, response)
                     except APIError as exc:
+                        # Nothing to store; a retry wait may follow, which a stop may cut short.
+                        self.busy(False)
                         last = exc
                         if exc.kind == "rate_limit":
                             self.summary.rate_limited += 1
                         outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
                         self.limiter.record(outcome, detail=str(exc))
                         raise
-                    finally:
-                        self.busy(False)
                     self.limiter.record("ok")
                     return response
         raise AssertionError("unreachable: tenacity reraises the last error")

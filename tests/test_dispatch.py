@@ -1,0 +1,93 @@
+"""Sending one request: the paid-for window is never cancellable, and which errors stop a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cometbatch import Job, SimConfig, Simulator
+from cometbatch.client import Client
+from cometbatch.dispatch import Dispatcher, fatal_error, is_fatal
+from cometbatch.errors import (
+    APIError,
+    APIResponseError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    NotFoundError,
+    ServerError,
+)
+from cometbatch.limits import Limiter
+from cometbatch.models import ModelRegistry
+from cometbatch.plan import plan_job
+from cometbatch.results import Summary
+from cometbatch.retry import RetryPolicy
+from cometbatch.sink import Sink
+
+
+async def no_sleep(_: float) -> None:
+    """Retry waits take no real time in tests."""
+
+
+async def send_once(tmp_path: Path, *faults: str) -> tuple[list[bool], bool]:
+    """Send one dall-e-3 request through a real dispatcher; return the busy calls and success."""
+    calls: list[bool] = []
+    job = Job(id="d", prompt="p", model="dall-e-3", response_format="b64_json")
+    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
+    async with (
+        Simulator(SimConfig()) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=2) as limiter,
+    ):
+        sim.enqueue(*faults)
+        dispatcher = Dispatcher(
+            client=client,
+            limiter=limiter,
+            sink=Sink(tmp_path),
+            policy=RetryPolicy(max_attempts=3),
+            summary=Summary(),
+            sleep=no_sleep,
+            stopping=lambda: False,
+            busy=calls.append,
+        )
+        sent = await dispatcher.send(request)
+    return calls, sent.error is None and len(sent.images) == 1
+
+
+async def test_a_successful_request_stays_busy_until_recorded(tmp_path: Path) -> None:
+    """After a successful generation the task is never marked idle (a stop must not cancel it)."""
+    calls, ok = await send_once(tmp_path)
+    assert ok
+    assert calls == [True]
+
+
+async def test_a_failed_attempt_is_idle_while_it_waits_to_retry(tmp_path: Path) -> None:
+    """A failed attempt marks the task idle (its retry wait may be cut short), then busy again."""
+    calls, ok = await send_once(tmp_path, "500")
+    assert ok
+    assert calls == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("exc", "fatal"),
+    [
+        (AuthenticationError("bad key", status=401), True),
+        (APIResponseError("an HTML page", retryable=False), True),
+        (APIResponseError("truncated JSON", retryable=True), False),
+        (NotFoundError("html 404", status=404), True),
+        (NotFoundError("no such model", status=404, request_id="2026abc"), False),
+        (BadRequestError("bad size", status=400, request_id="2026abc"), False),
+        (ServerError("overloaded", status=503, retryable=True), False),
+    ],
+)
+def test_which_errors_stop_the_run(exc: APIError, fatal: bool) -> None:
+    """Errors every request would get alike stop the run; the others fail only their job."""
+    assert is_fatal(exc) is fatal
+
+
+def test_a_wrong_url_becomes_a_configuration_error() -> None:
+    """A route that is not there is reported as a base-URL problem naming the URL."""
+    error = fatal_error(NotFoundError("page", status=404), "http://127.0.0.1:9/api")
+    assert isinstance(error, ConfigError)
+    assert "http://127.0.0.1:9/api does not look like an OpenAI-compatible API" in str(error)
