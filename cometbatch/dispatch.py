@@ -16,7 +16,7 @@ from .errors import APIError, APIResponseError, CometBatchError, ConfigError, Ou
 from .limits import Limiter, Outcome
 from .plan import Request
 from .results import Summary
-from .retry import RetryPolicy, retrying
+from .retry import RetryPolicy, possibly_billed, retrying
 from .sink import ImageRecord, Sink
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Dispatcher:
                     # A stop may have come while this task waited for its slot.
                     if self.stopping():
                         raise Stopped
-                    if last is not None and last.kind == "ambiguous":
+                    if last is not None and possibly_billed(last):
                         sent.ambiguous += 1
                     sent.attempts += 1
                     # From here the image may be paid for: a stop must not cancel this task

@@ -191,6 +191,17 @@ def make_status_error(
     )
 
 
+# Gateway timeouts: the gateway gave up waiting, but the generation behind it may have finished.
+GATEWAY_TIMEOUTS = frozenset({504, 524})
+
+
+def possibly_billed(exc: APIError) -> bool:
+    """Whether the failed attempt may have generated (and billed) images all the same."""
+    if isinstance(exc, APIConnectionError):
+        return exc.sent
+    return exc.status in GATEWAY_TIMEOUTS
+
+
 def backoff(
     attempt: int, *, base: float, cap: float, rand: Callable[[], float] = random.random
 ) -> float:
@@ -224,10 +235,10 @@ class RetryPolicy:
         )
 
     def should_retry(self, exc: BaseException) -> bool:
-        """Whether another attempt may succeed (ambiguous failures only if allowed)."""
+        """Whether another attempt may succeed (possibly billed failures only if allowed)."""
         if not isinstance(exc, APIError) or not exc.retryable:
             return False
-        if isinstance(exc, APIConnectionError) and exc.sent:
+        if possibly_billed(exc):
             return self.retry_ambiguous
         return True
 

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from cometbatch.errors import (
     APIConnectionError,
+    APIError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
@@ -29,6 +30,7 @@ from cometbatch.retry import (
     make_status_error,
     parse_error_body,
     parse_retry_after,
+    possibly_billed,
     retrying,
 )
 from cometbatch.settings import Settings
@@ -381,3 +383,27 @@ async def test_retrying_does_not_retry_foreign_exceptions() -> None:
     with pytest.raises(KeyError):
         await _run(RetryPolicy(), fn, sleep)
     sleep.assert_not_awaited()
+
+
+@pytest.mark.parametrize(
+    ("exc", "billed"),
+    [
+        (APIConnectionError("refused", sent=False), False),
+        (APIConnectionError("dropped after sending", sent=True), True),
+        (APITimeoutError("read timeout", sent=True), True),
+        (ServerError("gateway timeout", status=504, retryable=True), True),
+        (ServerError("cloudflare 524", status=524, retryable=True), True),
+        (ServerError("bad gateway", status=502, retryable=True), False),
+        (RateLimitError("slow down", status=429, retryable=True), False),
+    ],
+)
+def test_possibly_billed(exc: APIError, billed: bool) -> None:
+    """Failures after the request reached the generator (timeouts, 504, 524) may be billed."""
+    assert possibly_billed(exc) is billed
+
+
+def test_gateway_timeouts_are_not_retried_when_ambiguous_retries_are_off() -> None:
+    """With retry_ambiguous off, a 524 is not retried (the image may exist and be billed)."""
+    policy = RetryPolicy(retry_ambiguous=False)
+    assert not policy.should_retry(ServerError("524", status=524, retryable=True))
+    assert policy.should_retry(ServerError("502", status=502, retryable=True))
