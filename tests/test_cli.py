@@ -259,3 +259,51 @@ def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
     assert (error["kind"], error["status"], error["retryable"]) == ("content_policy", 400, False)
     assert error["request_id"] and "safety system" in error["message"]
     assert len(images_on_disk(out)) == 210
+
+
+def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> None:
+    """With slow requests in flight, a second SIGINT exits 130 at once; the rerun finishes."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "simulate", "--port", "0", "--latency", "30"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert server.stderr is not None
+        base_url = server.stderr.readline().rsplit(" ", 1)[-1].strip()
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_text(
+            "\n".join(json.dumps({"id": f"s{i}", "prompt": f"slow {i}"}) for i in range(6)) + "\n"
+        )
+        out = tmp_path / "out"
+        args = [sys.executable, "-m", "cometbatch", "run", str(manifest), "--base-url", base_url]
+        proc = subprocess.Popen(
+            [*args, "--out", str(out), "--quiet"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "COMETAPI_KEY": "sk-test"},
+        )
+        deadline = time.monotonic() + 30
+        while not (out / "ledger.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 130, stderr
+        assert time.monotonic() - started < 10
+        assert "Traceback" not in stderr
+        lines = (out / "ledger.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["event"] == "end"
+        assert json.loads(lines[-1])["summary"]["interrupted"] is True
+        assert ledger_results(out) == []
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    rerun = cli("run", str(manifest), "--simulate", "--out", str(out), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["ok_requests"] == 6
