@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
 KEY_ENV = "COMETAPI_KEY"
+BASE_URL_ENV = "COMETAPI_BASE_URL"
+
+
+def _default_base_url() -> str:
+    return os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -30,7 +35,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base_url: str = DEFAULT_BASE_URL
+    # COMETAPI_BASE_URL, when set, replaces the default (a proxy, a gateway, the simulator).
+    base_url: str = Field(default_factory=_default_base_url)
     # A plain str is accepted for convenience and stored as a SecretStr (hidden in reprs).
     api_key: SecretStr | str | None = Field(default=None, repr=False)
     concurrency: int = Field(default=16, ge=1, le=10_000)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from PIL import Image
 
@@ -178,16 +178,35 @@ async def test_url_downloads_never_carry_authorization(sim: Simulator, tmp_path:
     assert sim.stats.download_auth_rejections == 0
 
 
-async def test_readme_library_example_with_caller_session(sim: Simulator, tmp_path: Path) -> None:
-    """The README's library example runs inside a running loop with a caller's aiohttp session."""
-    async with aiohttp.ClientSession() as session:
-        settings = Settings(concurrency=16, rpm=600, base_url=sim.base_url, api_key="sk-test")
-        async with Engine(settings, out_dir=tmp_path, session=session) as engine:
-            seen = [result async for result in engine.run(load_manifest(DEMO))]
-            summary = engine.summary
-        assert not session.closed
+def readme_library_example() -> str:
+    """The first python block under the README's library heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## As a library") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+async def test_readme_library_example_runs_as_written(
+    sim: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's library example, verbatim, runs inside a running loop with its own session."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "demo.jsonl").write_text(DEMO.read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COMETAPI_BASE_URL", sim.base_url)
+    monkeypatch.setenv("COMETAPI_KEY", "sk-readme")
+    code = "async def example():\n" + textwrap.indent(readme_library_example(), "    ")
+    code += "    return summary\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    summary = await namespace["example"]()
     assert summary.complete
-    assert len(seen) == load_manifest(DEMO).stats.requests
+    assert summary.ok_requests == load_manifest(DEMO).stats.requests
+    assert "lighthouse-dawn#0 ok ['images/lighthouse-dawn/0." in capsys.readouterr().out
+    assert sim.stats.requests == summary.ok_requests
 
 
 async def test_generate_serves_single_jobs_from_many_tasks(sim: Simulator, tmp_path: Path) -> None:
