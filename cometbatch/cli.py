@@ -88,7 +88,10 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (default: out/<manifest name>).",
 )
-@click.option("--base-url", help="API base URL (default https://api.cometapi.com/v1).")
+@click.option(
+    "--base-url",
+    help="API base URL (default: $COMETAPI_BASE_URL, else https://api.cometapi.com/v1).",
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 10_000),

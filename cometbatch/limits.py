@@ -131,8 +131,9 @@ class Limiter:
         if ipm is not None:
             if ipm <= max_images_per_request:
                 raise ConfigError(
-                    f"ipm ({ipm:g}) must be more than the largest request's image count "
-                    f"({max_images_per_request}): raise ipm or lower the images per request"
+                    f"ipm ({ipm:g}) must be more than the most images one request can carry "
+                    f"({max_images_per_request}): no minute could hold a whole request "
+                    "otherwise; raise ipm"
                 )
             self._ipm = AsyncLimiter(*pacing_bucket(ipm, max_images_per_request))
         self._gate = _Gate(lambda: self.effective_limit)
