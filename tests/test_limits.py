@@ -218,7 +218,7 @@ def test_a_request_larger_than_the_bucket_is_clamped_not_deadlocked() -> None:
     [
         ({"rpm": 1}, "rpm must be more than 1"),
         ({"rpm": 2, "ipm": 100}, "rpm must be more than 2"),
-        ({"ipm": 10}, "largest request's image count (10)"),
+        ({"ipm": 10}, "most images one request can carry (10)"),
         ({"concurrency": 2, "min_concurrency": 3}, "min_concurrency"),
         ({"throttle_threshold": 1.0}, "throttle_threshold"),
     ],
