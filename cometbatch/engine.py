@@ -244,48 +244,22 @@ class Engine:
             s.kept_failures += 1
 
     def _reused(self, request: Request, state: KeyState) -> Result:
-        records = tuple(
-            ImageRecord(
-                index=image["index"],
-                path=image["path"],
-                format=image["format"],
-                bytes=image["bytes"],
-                sha256=image["sha256"],
-                revised_prompt=image.get("revised_prompt"),
-            )
-            for image in state.images
-        )
-        return Result(
-            run_id=self._run_id,
-            job=request.job,
-            chunk=request.chunk,
-            n=request.n,
-            status="ok",
-            fingerprint=request.fingerprint,
-            images=records,
-            reused=True,
-        )
+        """The ledger's ok result for a request, reported again without sending it."""
+        images = tuple(ImageRecord(**image) for image in state.images)
+        return Result.of(request, self._run_id, "ok", images=images, reused=True)
 
     def _kept(self, request: Request) -> Result:
         """A permanent failure from an earlier run, reported again without a request."""
-        return Result(
-            run_id=self._run_id,
-            job=request.job,
-            chunk=request.chunk,
-            n=request.n,
-            status="failed",
-            fingerprint=request.fingerprint,
-            error={
-                "kind": "earlier_failure",
-                "status": None,
-                "code": None,
-                "message": "failed permanently in an earlier run (see the ledger); "
-                "set retry_failed to try again",
-                "request_id": None,
-                "retryable": False,
-            },
-            reused=True,
-        )
+        error = {
+            "kind": "earlier_failure",
+            "status": None,
+            "code": None,
+            "message": "failed permanently in an earlier run (see the ledger); "
+            "set retry_failed to try again",
+            "request_id": None,
+            "retryable": False,
+        }
+        return Result.of(request, self._run_id, "failed", error=error, reused=True)
 
     def preflight(self, jobs: Iterable[Job]) -> None:
         """Count planned work and refuse changed jobs before anything is sent."""
@@ -315,13 +289,10 @@ class Engine:
             sent = await self._dispatcher.send(request)
         except APIError as exc:
             raise fatal_error(exc, self.settings.base_url) from exc
-        result = Result(
-            run_id=self._run_id,
-            job=request.job,
-            chunk=request.chunk,
-            n=request.n,
-            status="failed" if sent.error else "ok",
-            fingerprint=request.fingerprint,
+        result = Result.of(
+            request,
+            self._run_id,
+            "failed" if sent.error else "ok",
             images=tuple(sent.images),
             attempts=sent.attempts,
             ambiguous_retries=sent.ambiguous,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .manifest import Job
+from .plan import Request
 from .sink import ImageRecord
 
 
@@ -29,6 +30,19 @@ class Result:
     usage: dict[str, Any] | None = None
     # True when the ledger already held this key as ok and nothing was sent.
     reused: bool = False
+
+    @classmethod
+    def of(cls, request: Request, run_id: str, status: str, **fields: Any) -> Result:
+        """The result of `request`, with the request's own fields filled in."""
+        return cls(
+            run_id=run_id,
+            job=request.job,
+            chunk=request.chunk,
+            n=request.n,
+            status=status,
+            fingerprint=request.fingerprint,
+            **fields,
+        )
 
     @property
     def key(self) -> str:
