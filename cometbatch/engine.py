@@ -109,11 +109,7 @@ class Engine:
         self._state = "open"
         self._started_at = asyncio.get_running_loop().time()
         try:
-            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir))
-            self._sink = Sink(self.out_dir)
-            removed = self._sink.remove_stale_temp_files()
-            if removed:
-                log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
+            # Settings that cannot work fail here, before the output folder is created or locked.
             max_n = max((spec.max_n for spec in self.registry), default=10)
             self._limiter = await self._stack.enter_async_context(
                 Limiter.from_settings(self.settings, max_images_per_request=max_n)
@@ -121,6 +117,12 @@ class Engine:
             self._client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
             )
+            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir))
+            self._sink = Sink(self.out_dir)
+            # A large images folder takes a while to scan: keep the event loop free meanwhile.
+            removed = await asyncio.to_thread(self._sink.remove_stale_temp_files)
+            if removed:
+                log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
             self._dispatcher = Dispatcher(
                 client=self._client,
                 limiter=self._limiter,

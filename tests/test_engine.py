@@ -322,3 +322,17 @@ async def test_generate_reports_a_kept_failure_without_sending(
     assert again.status == "failed" and again.reused
     assert again.error is not None and again.error["kind"] == "earlier_failure"
     assert sim.stats.requests == 1
+
+
+async def test_impossible_settings_fail_before_the_folder_is_touched(tmp_path: Path) -> None:
+    """A setting that cannot work is refused before the output folder is created or locked."""
+    from cometbatch import ConfigError
+
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError):
+        async with Engine(Settings(ipm=5, api_key="sk-test"), out_dir=out):
+            pass
+    with pytest.raises(ConfigError, match="clear text"):
+        async with Engine(Settings(base_url="http://10.9.9.9/v1", api_key="sk-x"), out_dir=out):
+            pass
+    assert not out.exists()
