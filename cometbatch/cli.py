@@ -212,6 +212,13 @@ def run(
     except KeyboardInterrupt:
         say("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug of ours: say so plainly, keep the details for -vv
+        logging.getLogger("cometbatch").debug("internal error", exc_info=True)
+        say(
+            f"internal error (a bug in cometbatch, please report it): {exc!r}; every recorded "
+            "result is safe in the ledger, so rerunning resumes; -vv shows the traceback"
+        )
+        sys.exit(EXIT_FAILED)
     _report(summary, out, json_output)
     if summary.interrupted:
         sys.exit(EXIT_INTERRUPTED)

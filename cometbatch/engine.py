@@ -374,7 +374,7 @@ class Engine:
         counting = self.summary.planned_requests == 0
         try:
             async with asyncio.TaskGroup() as group:
-                producer = group.create_task(self._produce(jobs, queue, results, width, counting))
+                producer = group.create_task(self._produce(jobs, queue, width, counting))
                 self._idle.add(producer)
                 for _ in range(width):
                     worker = group.create_task(self._work(queue, results))
@@ -389,7 +389,6 @@ class Engine:
         self,
         jobs: Iterable[Job] | AsyncIterable[Job],
         queue: asyncio.Queue[Request | None],
-        results: asyncio.Queue[Result | None],
         width: int,
         counting: bool,
     ) -> None:

@@ -307,3 +307,20 @@ def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> 
     rerun = cli("run", str(manifest), "--simulate", "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["ok_requests"] == 6
+
+
+def test_an_internal_error_is_one_plain_line(monkeypatch: Any) -> None:
+    """An unexpected exception (a bug) is reported in one line with exit 1, not a traceback."""
+    from click.testing import CliRunner
+
+    from cometbatch import cli as cli_module
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_module, "run_manifest", broken)
+    result = CliRunner().invoke(cli_module.main, ["run", str(DEMO), "--simulate", "--quiet"])
+    assert result.exit_code == 1
+    assert "internal error (a bug in cometbatch" in result.output
+    assert "RuntimeError('boom')" in result.output
+    assert "Traceback" not in result.output
