@@ -89,6 +89,15 @@ class Dispatcher:
     stopping: Callable[[], bool]
     # Told when a task starts or stops holding a sent (paid-for) request.
     busy: Callable[[bool], None]
+    # Requests sleeping before their next attempt (for the progress display).
+    waiting: int = 0
+
+    async def _wait(self, delay: float) -> None:
+        self.waiting += 1
+        try:
+            await self.sleep(delay)
+        finally:
+            self.waiting -= 1
 
     async def send(self, request: Request) -> Sent:
         """Generate and store one request; API failures are returned, fatal ones raised."""
@@ -105,7 +114,7 @@ class Dispatcher:
 
     async def _attempts(self, request: Request, sent: Sent) -> ImagesResponse:
         last: APIError | None = None
-        async for attempt in retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry):
+        async for attempt in retrying(self.policy, sleep=self._wait, before_sleep=_log_retry):
             with attempt:
                 if self.stopping():
                     raise Stopped

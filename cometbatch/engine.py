@@ -99,6 +99,11 @@ class Engine:
         return self._limiter
 
     @property
+    def waiting_to_retry(self) -> int:
+        """Requests sleeping out a Retry-After or backoff before their next attempt."""
+        return self._dispatcher.waiting if self._dispatcher is not None else 0
+
+    @property
     def stopping(self) -> bool:
         """Whether a stop was asked: no new requests start."""
         return self._stop_event.is_set()

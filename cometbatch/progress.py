@@ -40,6 +40,7 @@ class Snapshot:
     retries: int
     rate_limited: int
     probing: bool
+    waiting: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> Snapshot:
@@ -55,12 +56,15 @@ class Snapshot:
             retries=s.retries,
             rate_limited=s.rate_limited,
             probing=limiter.probing,
+            waiting=engine.waiting_to_retry,
         )
 
     def detail(self) -> str:
         """The counters after the bar, one short line."""
-        parts = [
-            f"in flight {self.in_flight}/{self.limit}",
+        parts = [f"in flight {self.in_flight}/{self.limit}"]
+        if self.waiting:
+            parts.append(f"waiting to retry {self.waiting}")
+        parts += [
             f"retries {self.retries}",
             f"429s {self.rate_limited}",
             f"failed {self.failed}",

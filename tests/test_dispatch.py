@@ -91,3 +91,35 @@ def test_a_wrong_url_becomes_a_configuration_error() -> None:
     error = fatal_error(NotFoundError("page", status=404), "http://127.0.0.1:9/api")
     assert isinstance(error, ConfigError)
     assert "http://127.0.0.1:9/api does not look like an OpenAI-compatible API" in str(error)
+
+
+async def test_waiting_counts_requests_sleeping_before_a_retry(tmp_path: Path) -> None:
+    """While a request sleeps before its next attempt, the dispatcher counts it as waiting."""
+    seen: list[int] = []
+    job = Job(id="w", prompt="p", model="dall-e-3", response_format="b64_json")
+    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
+    async with (
+        Simulator(SimConfig()) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=1) as limiter,
+    ):
+        sim.enqueue("429", "503")
+        dispatcher: Dispatcher
+
+        async def sleep(_: float) -> None:
+            seen.append(dispatcher.waiting)
+
+        dispatcher = Dispatcher(
+            client=client,
+            limiter=limiter,
+            sink=Sink(tmp_path),
+            policy=RetryPolicy(max_attempts=3),
+            summary=Summary(),
+            sleep=sleep,
+            stopping=lambda: False,
+            busy=lambda _: None,
+        )
+        sent = await dispatcher.send(request)
+    assert sent.error is None
+    assert seen == [1, 1]
+    assert dispatcher.waiting == 0

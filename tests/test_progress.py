@@ -51,3 +51,9 @@ def test_mode_follows_the_stream_and_flags() -> None:
     assert choose_mode(quiet=False, json_output=False, stream=io.StringIO()) == "plain"
     assert choose_mode(quiet=True, json_output=False, stream=Tty()) == "off"
     assert choose_mode(quiet=False, json_output=True, stream=Tty()) == "off"
+
+
+def test_requests_waiting_to_retry_are_shown_only_when_there_are_some() -> None:
+    """During a long Retry-After the line says how many requests are waiting, else stays short."""
+    assert "waiting to retry 12" in snap(waiting=12).detail()
+    assert "waiting" not in snap(waiting=0).detail()
