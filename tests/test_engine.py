@@ -336,3 +336,16 @@ async def test_impossible_settings_fail_before_the_folder_is_touched(tmp_path: P
         async with Engine(Settings(base_url="http://10.9.9.9/v1", api_key="sk-x"), out_dir=out):
             pass
     assert not out.exists()
+
+
+async def test_raising_n_on_a_one_image_model_only_adds_images(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A dall-e-3 job raised from n=2 to n=4 keeps its id and sends only the two new requests."""
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, [Job(prompt="a kite", model="dall-e-3", n=2)])
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        more = await run_all(engine, [Job(prompt="a kite", model="dall-e-3", n=4)])
+    assert sorted(r.chunk for r in more) == [2, 3]
+    assert sim.stats.requests == 4
+    assert len([p for p in (tmp_path / "images").rglob("*") if p.is_file()]) == 4
