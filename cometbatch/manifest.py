@@ -37,7 +37,8 @@ class Job(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    # Optional for callers: when absent, _fill_id derives it from the request fields.
+    id: str = Field(default="", min_length=1, max_length=MAX_ID_CHARS)
     prompt: str = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
