@@ -157,10 +157,11 @@ class Simulator:
     async def aclose(self) -> None:
         """Stop serving; the simulator cannot be used again."""
         runner, self._runner = self._runner, None
-        self._state = "closed"
-        self._files.clear()
+        # Requests still being answered finish first: they read the simulator's state.
         if runner is not None:
             await runner.cleanup()
+        self._state = "closed"
+        self._files.clear()
 
     def _require_open(self) -> None:
         if self._state != "open":

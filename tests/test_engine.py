@@ -349,3 +349,43 @@ async def test_raising_n_on_a_one_image_model_only_adds_images(
     assert sorted(r.chunk for r in more) == [2, 3]
     assert sim.stats.requests == 4
     assert len([p for p in (tmp_path / "images").rglob("*") if p.is_file()]) == 4
+
+
+async def test_cancelling_the_consumer_leaves_a_resumable_ledger(tmp_path: Path) -> None:
+    """Cancelling the consumer of run() closes cleanly: end event, no stray tasks, resumable."""
+    import asyncio
+
+    jobs = [Job(id=f"c{i}", prompt=f"p{i}", model="qwen-image") for i in range(60)]
+    async with Simulator(SimConfig(latency=0.05)) as server:
+        seen: list[str] = []
+        enough = asyncio.Event()
+
+        async def consume() -> None:
+            async with Engine(settings_for(server, concurrency=4), out_dir=tmp_path) as engine:
+                async for result in engine.run(jobs):
+                    seen.append(result.key)
+                    if len(seen) == 8:
+                        enough.set()
+
+        before = asyncio.all_tasks()
+        task = asyncio.create_task(consume())
+        await enough.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The simulator may still be answering; none of the engine's own tasks may be left.
+        left = [
+            task
+            for task in asyncio.all_tasks() - before
+            if "Engine." in getattr(task.get_coro(), "__qualname__", "")
+        ]
+        assert left == []
+        lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+        assert lines[-1]["event"] == "end"
+        done = {e["key"] for e in lines if e["event"] == "result" and e["status"] == "ok"}
+        assert 8 <= len(done) < 60
+
+        async with Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine:
+            rest = await run_all(engine, jobs)
+        assert {r.key for r in rest} == {f"c{i}#0" for i in range(60)} - done
+        assert engine.summary.complete
