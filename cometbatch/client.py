@@ -17,9 +17,11 @@ from .errors import (
     APIError,
     APIResponseError,
     APITimeoutError,
+    BadRequestError,
     ConfigError,
     ContentPolicyError,
     DownloadError,
+    IncompatibleAPIError,
 )
 from .retry import is_content_policy, make_status_error, parse_error_body
 from .settings import is_loopback_host
@@ -244,7 +246,7 @@ class Client:
         status = resp.status
         if 300 <= status < 400:
             location = resp.headers.get("Location", "nowhere")
-            raise APIResponseError(
+            raise IncompatibleAPIError(
                 f"the server at {self.base_url} answered {status} redirect to {location}; "
                 "this does not look like an OpenAI-compatible API — check --base-url",
                 status=status,
@@ -254,7 +256,7 @@ class Client:
             raise make_status_error(status, text, headers=resp.headers)
         content_type = resp.headers.get("Content-Type", "").lower()
         if _looks_like_html(content_type, body):
-            raise APIResponseError(
+            raise IncompatibleAPIError(
                 f"the server at {self.base_url} does not look like an OpenAI-compatible API "
                 "(it answered an HTML page) — check --base-url",
                 status=status,
@@ -270,7 +272,7 @@ class Client:
             # An empty 200 is a transient fault (a proxy cut the body), not a wrong API.
             raise APIResponseError("malformed response: empty body", status=status, retryable=True)
         if not stripped.startswith(("{", "[")):
-            raise APIResponseError(
+            raise IncompatibleAPIError(
                 f"the server at {self.base_url} answered something that is not JSON; this does "
                 "not look like an OpenAI-compatible API — check --base-url",
                 status=status,
@@ -310,12 +312,12 @@ class Client:
         request_id = request_id or resp.headers.get("X-Request-Id")
         if is_content_policy(code, message):
             return ContentPolicyError(message, status=status, code=code, request_id=request_id)
+        text = f"the API answered {status} with an error: {message}"
+        if code == "invalid_request":
+            # The job's own request was refused: a failure of this job, not of the API.
+            return BadRequestError(text, status=status, code=code, request_id=request_id)
         return APIResponseError(
-            f"the API answered {status} with an error: {message}",
-            status=status,
-            code=code,
-            request_id=request_id,
-            retryable=code != "invalid_request",
+            text, status=status, code=code, request_id=request_id, retryable=True
         )
 
     def _session_for_download(self) -> aiohttp.ClientSession:

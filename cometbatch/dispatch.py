@@ -12,7 +12,14 @@ from typing import Any
 from tenacity import RetryCallState
 
 from .client import Client, ImagesResponse
-from .errors import APIError, APIResponseError, CometBatchError, ConfigError, OutputError
+from .errors import (
+    APIError,
+    APIResponseError,
+    CometBatchError,
+    ConfigError,
+    IncompatibleAPIError,
+    OutputError,
+)
 from .limits import Limiter, Outcome
 from .plan import Request
 from .results import Summary
@@ -36,7 +43,7 @@ def is_fatal(exc: APIError) -> bool:
     """Errors that every request would get alike: stop the run instead of failing each job."""
     if exc.kind == "auth":
         return True
-    if isinstance(exc, APIResponseError) and not exc.retryable:
+    if isinstance(exc, IncompatibleAPIError):
         return True
     # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
     return exc.kind == "not_found" and exc.request_id is None and exc.code is None
@@ -172,7 +179,9 @@ class Dispatcher:
                         request.job.id, index, data, revised_prompt=item.revised_prompt
                     )
                 else:
-                    raise APIResponseError("an image in the answer has neither b64_json nor url")
+                    raise APIResponseError(
+                        "an image in the answer has neither b64_json nor url", retryable=True
+                    )
             except OSError as exc:
                 raise OutputError(
                     f"cannot write images in {self.sink.out_dir}: {exc.strerror or exc}"

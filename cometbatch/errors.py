@@ -177,6 +177,12 @@ class APIResponseError(APIError):
     kind = "bad_response"
 
 
+class IncompatibleAPIError(APIResponseError):
+    """The server is not an OpenAI-compatible images API at all (a redirect, HTML, not JSON)."""
+
+    kind = "incompatible_api"
+
+
 class ImageDataError(APIError):
     """An image in the answer could not be decoded (bad base64, unknown bytes)."""
 

@@ -20,6 +20,7 @@ from tenacity import RetryCallState
 from .errors import (
     APIConnectionError,
     APIError,
+    APIResponseError,
     APIStatusError,
     AuthenticationError,
     BadRequestError,
@@ -199,6 +200,9 @@ def possibly_billed(exc: APIError) -> bool:
     """Whether the failed attempt may have generated (and billed) images all the same."""
     if isinstance(exc, APIConnectionError):
         return exc.sent
+    if isinstance(exc, APIResponseError) and exc.retryable:
+        # A truncated body or too few images: the generation ran, the answer was lost.
+        return True
     return exc.status in GATEWAY_TIMEOUTS
 
 

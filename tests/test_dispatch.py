@@ -15,6 +15,7 @@ from cometbatch.errors import (
     AuthenticationError,
     BadRequestError,
     ConfigError,
+    IncompatibleAPIError,
     NotFoundError,
     ServerError,
 )
@@ -73,7 +74,8 @@ async def test_a_failed_attempt_is_idle_while_it_waits_to_retry(tmp_path: Path) 
     ("exc", "fatal"),
     [
         (AuthenticationError("bad key", status=401), True),
-        (APIResponseError("an HTML page", retryable=False), True),
+        (IncompatibleAPIError("an HTML page"), True),
+        (APIResponseError("an odd answer", retryable=False), False),
         (APIResponseError("truncated JSON", retryable=True), False),
         (NotFoundError("html 404", status=404), True),
         (NotFoundError("no such model", status=404, request_id="2026abc"), False),

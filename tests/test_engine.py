@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import textwrap
 from collections import Counter
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
+from cometbatch.imagegen import make_png
 from cometbatch.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,3 +391,39 @@ async def test_cancelling_the_consumer_leaves_a_resumable_ledger(tmp_path: Path)
             rest = await run_all(engine, jobs)
         assert {r.key for r in rest} == {f"c{i}#0" for i in range(60)} - done
         assert engine.summary.complete
+
+
+async def test_an_error_inside_a_200_fails_only_its_job(tmp_path: Path) -> None:
+    """A 200 carrying an invalid_request error object is that job's failure; the run goes on."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        if "broken" in body["prompt"]:
+            error = {"message": "bad prompt (request id: 2026x1)", "type": "", "param": ""}
+            return web.json_response({"error": {**error, "code": "invalid_request"}})
+        image = {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}
+        return web.json_response({"created": 1, "data": [image]})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = Settings(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test")
+        jobs = [Job(id="a", prompt="fine"), Job(id="b", prompt="broken"), Job(id="c", prompt="ok")]
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            got = {r.key: r for r in await run_all(engine, jobs)}
+    finally:
+        await runner.cleanup()
+    assert got["a#0"].ok and got["c#0"].ok
+    error = got["b#0"].error
+    assert error is not None
+    assert (error["kind"], error["retryable"], error["request_id"]) == (
+        "bad_request",
+        False,
+        "2026x1",
+    )
