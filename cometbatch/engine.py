@@ -77,6 +77,7 @@ class Engine:
         self._ledger: Ledger | None = None
         self._sink: Sink | None = None
         self._dispatcher: Dispatcher | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
     def __repr__(self) -> str:
@@ -149,6 +150,7 @@ class Engine:
             return
         self._state = "closed"
         try:
+            await self._end_runner()
             if self._run_started and self._ledger is not None:
                 self.summary.elapsed_s = asyncio.get_running_loop().time() - self._started_at
                 with contextlib.suppress(Exception):
@@ -162,6 +164,16 @@ class Engine:
                     )
         finally:
             await self._stack.aclose()
+
+    async def _end_runner(self) -> None:
+        """Stop a run whose consumer went away (a break, a dropped generator) and wait for it."""
+        runner, self._runner = self._runner, None
+        if runner is None or runner.done():
+            return
+        self.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await runner
 
     def stop(self, reason: str = "interrupted") -> None:
         """Stop taking new work; requests already sent finish and are recorded."""
@@ -352,7 +364,7 @@ class Engine:
         width = self.settings.concurrency
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=width * 2)
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
-        runner = asyncio.create_task(self._run_all(jobs, queue, results, width))
+        runner = self._runner = asyncio.create_task(self._run_all(jobs, queue, results, width))
         try:
             while True:
                 item = await results.get()
@@ -361,11 +373,7 @@ class Engine:
                 yield item
             await runner
         finally:
-            if not runner.done():
-                self.stop()
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await runner
+            await self._end_runner()
         if self._fatal is not None:
             raise self._fatal
 
@@ -388,7 +396,13 @@ class Engine:
         finally:
             self._idle.clear()
             self._workers.clear()
-            await results.put(None)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The consumer is gone: nobody will read the end marker, so never wait on it.
+                with contextlib.suppress(asyncio.QueueFull):
+                    results.put_nowait(None)
+            else:
+                await results.put(None)
 
     async def _produce(
         self,

@@ -427,3 +427,29 @@ async def test_an_error_inside_a_200_fails_only_its_job(tmp_path: Path) -> None:
         False,
         "2026x1",
     )
+
+
+async def test_breaking_out_of_run_leaves_nothing_running(tmp_path: Path) -> None:
+    """A consumer that breaks out of run() early leaves no engine task behind, and resumes."""
+    import asyncio
+
+    jobs = [Job(id=f"b{i}", prompt=f"p{i}", model="qwen-image") for i in range(80)]
+    async with Simulator(SimConfig(latency=0.02)) as server:
+        before = asyncio.all_tasks()
+        async with Engine(settings_for(server, concurrency=2), out_dir=tmp_path) as engine:
+            async for _ in engine.run(jobs):
+                # A slow consumer: the run fills its results queue meanwhile.
+                await asyncio.sleep(0.5)
+                break
+        await asyncio.sleep(0.3)
+        left = [
+            task
+            for task in asyncio.all_tasks() - before
+            if "Engine." in getattr(task.get_coro(), "__qualname__", "")
+        ]
+        assert left == []
+        lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["event"] == "end"
+        async with Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine:
+            await run_all(engine, jobs)
+        assert engine.summary.complete
