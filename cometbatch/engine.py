@@ -70,7 +70,7 @@ class Engine:
         # Pool workers, and those of them not holding a sent request (safe to cancel on stop).
         self._workers: set[asyncio.Task[Any]] = set()
         self._idle: set[asyncio.Task[Any]] = set()
-        self._fatal: CometBatchError | None = None
+        self._fatal: Exception | None = None
         self._started_at = 0.0
         self._client: Client | None = None
         self._limiter: Limiter | None = None
@@ -188,7 +188,7 @@ class Engine:
         for task in list(self._idle):
             task.cancel()
 
-    def _fail(self, exc: CometBatchError) -> None:
+    def _fail(self, exc: Exception) -> None:
         """Remember the first error that ends the run, and stop."""
         if self._fatal is None:
             self._fatal = exc
@@ -419,8 +419,9 @@ class Engine:
                     self._count(verdict, request, planned=counting)
                     if verdict == "send":
                         await queue.put(request)
-        except CometBatchError as exc:
-            # A changed or impossible job: stop cleanly; requests already sent still land.
+        except Exception as exc:
+            # A changed or impossible job, or a broken job source: stop cleanly; requests
+            # already sent still land, then run() raises this error.
             self._fail(exc)
             return
         # Stopping workers are cancelled or leave on their own; only a finished producer
@@ -439,9 +440,9 @@ class Engine:
                 result = await self._execute(request)
             except Stopped:
                 return
-            except CometBatchError as exc:
-                # Upstream down, a rejected key, an unwritable folder: every request would
-                # fail alike, so stop cleanly and leave the rest for the next run.
+            except Exception as exc:
+                # Upstream down, a rejected key, an unwritable folder (or a bug): every request
+                # would fail alike, so stop cleanly and leave the rest for the next run.
                 self._fail(exc)
                 return
             finally:

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from .errors import ConfigError
+
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
 KEY_ENV = "COMETAPI_KEY"
 BASE_URL_ENV = "COMETAPI_BASE_URL"
@@ -77,10 +79,19 @@ class Settings(BaseModel):
         return SecretStr(value) if isinstance(value, str) else value
 
     def resolved_key(self) -> str | None:
-        """The key from the settings, else from COMETAPI_KEY."""
+        """The key from the settings, else from COMETAPI_KEY; stripped and checked."""
         if isinstance(self.api_key, SecretStr):
-            return self.api_key.get_secret_value() or None
-        return os.environ.get(KEY_ENV) or None
+            key = self.api_key.get_secret_value()
+        else:
+            key = os.environ.get(KEY_ENV, "")
+        # A key pasted from a CRLF .env file ends in "\r": harmless to drop, fatal to send.
+        key = key.strip()
+        if any(ch.isspace() or not ch.isprintable() for ch in key):
+            raise ConfigError(
+                f"the API key contains spaces or control characters; check {KEY_ENV} "
+                "(the key is not shown)"
+            )
+        return key or None
 
     def public(self) -> dict[str, Any]:
         """Settings as they go into the ledger's run event: never the key."""

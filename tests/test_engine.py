@@ -453,3 +453,35 @@ async def test_breaking_out_of_run_leaves_nothing_running(tmp_path: Path) -> Non
         async with Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine:
             await run_all(engine, jobs)
         assert engine.summary.complete
+
+
+async def test_a_failing_job_source_stops_cleanly_and_keeps_what_was_paid_for(
+    tmp_path: Path,
+) -> None:
+    """A job source that raises mid-run: in-flight requests are recorded, then its error raised."""
+
+    async def jobs() -> AsyncIterator[Job]:
+        import asyncio
+
+        for i in range(6):
+            yield Job(id=f"s{i}", prompt=f"p{i}", model="qwen-image")
+        await asyncio.sleep(0.1)  # the six requests are in flight now (latency 0.2 s)
+        raise OSError("the job source broke")
+
+    async with Simulator(SimConfig(latency=0.2)) as server:
+        async with Engine(settings_for(server, concurrency=8), out_dir=tmp_path) as engine:
+            with pytest.raises(OSError, match="the job source broke"):
+                await run_all(engine, jobs())
+        sent = server.stats.generated
+    assert sent == 6
+    assert len(results(tmp_path)) == 6
+
+
+def test_a_key_from_a_crlf_env_file_is_cleaned_and_bad_keys_are_refused() -> None:
+    """Surrounding whitespace is dropped from the key; inner control characters are refused."""
+    from cometbatch import ConfigError
+
+    assert Settings(api_key="sk-abc\r\n").resolved_key() == "sk-abc"
+    with pytest.raises(ConfigError, match="COMETAPI_KEY") as info:
+        Settings(api_key="sk-a\x00bc").resolved_key()
+    assert "sk-a" not in str(info.value)
