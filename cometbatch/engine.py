@@ -49,6 +49,7 @@ class Engine:
         registry: ModelRegistry | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         simulated: bool = False,
+        max_images_per_request: int | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
@@ -59,6 +60,8 @@ class Engine:
             else base
         )
         self.simulated = simulated
+        # Sizes --ipm pacing; default: the most any model in the registry takes per request.
+        self._max_images = max_images_per_request
         self.summary = Summary(simulated=simulated)
         self.policy = RetryPolicy.from_settings(self.settings)
         self._session = session
@@ -116,7 +119,7 @@ class Engine:
         self._started_at = asyncio.get_running_loop().time()
         try:
             # Settings that cannot work fail here, before the output folder is created or locked.
-            max_n = max((spec.max_n for spec in self.registry), default=10)
+            max_n = self._max_images or max((spec.max_n for spec in self.registry), default=10)
             self._limiter = await self._stack.enter_async_context(
                 Limiter.from_settings(self.settings, max_images_per_request=max_n)
             )

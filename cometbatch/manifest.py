@@ -122,10 +122,13 @@ class ManifestStats:
     requests: int = 0
     images: int = 0
     by_model: dict[str, ModelPlan] = field(default_factory=dict)
+    # The most images any one request will carry (sizes the --ipm pacing bucket).
+    max_request_images: int = 0
 
     def add(self, job: Job, max_n: int) -> None:
         """Count one job that fans out into requests of at most max_n images."""
         requests = -(-job.n // max_n)
+        self.max_request_images = max(self.max_request_images, min(job.n, max_n))
         plan = self.by_model.setdefault(job.model, ModelPlan())
         for target in (self, plan):
             target.jobs += 1

@@ -84,6 +84,7 @@ async def run_manifest(
                 out_dir=out_dir,
                 registry=manifest.registry,
                 simulated=simulate is not None,
+                max_images_per_request=manifest.stats.max_request_images or None,
             )
         )
         interrupts: _Interrupts | None = None

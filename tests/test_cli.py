@@ -324,3 +324,14 @@ def test_an_internal_error_is_one_plain_line(monkeypatch: Any) -> None:
     assert "internal error (a bug in cometbatch" in result.output
     assert "RuntimeError('boom')" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_small_ipm_works_for_one_image_requests(tmp_path: Path) -> None:
+    """--ipm below ten is accepted when no request carries more images than that."""
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text('{"id": "solo", "prompt": "one picture", "model": "dall-e-3"}\n')
+    result = cli("run", str(manifest), "--simulate", "--ipm", "5", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    refused = cli("run", str(DEMO), "--simulate", "--ipm", "5", "--out", str(tmp_path / "d"))
+    assert refused.returncode == 2
+    assert "most images one request can carry (10)" in refused.stderr

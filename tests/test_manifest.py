@@ -203,3 +203,14 @@ def test_unknown_model_is_accepted_with_pass_through(tmp_path: Path) -> None:
     job = parse_line(line(prompt="x", model="flux-pro", size="640x480"), 1, registry=REGISTRY)
     assert isinstance(job, Job)
     assert REGISTRY.get("flux-pro").max_n == 1
+
+
+def test_stats_know_the_largest_request(tmp_path: Path) -> None:
+    """The largest images-per-request is min(n, model max n) over all jobs."""
+    path = write(
+        tmp_path,
+        line(prompt="a", model="dall-e-3", n=3),
+        line(prompt="b", model="dall-e-2", n=4),
+        line(prompt="c", model="gpt-image-1", n=1),
+    )
+    assert load_manifest(path).stats.max_request_images == 4
