@@ -21,6 +21,7 @@ from .errors import (
     ConfigError,
     LedgerError,
     ManifestError,
+    OutputError,
 )
 from .events import LEDGER_NAME
 from .manifest import load_manifest
@@ -35,7 +36,7 @@ from .status import read_status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Errors about the input or the folder (the user must change something) exit 2.
-_USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError)
+_USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
 
 err = Console(stderr=True, highlight=False)
 

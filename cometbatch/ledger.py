@@ -13,7 +13,7 @@ from typing import Any, Self
 import aiofiles
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
-from .errors import LedgerError
+from .errors import LedgerError, OutputError
 from .events import LEDGER_NAME, repair_tail
 from .lock import FolderLock
 from .state import KeyState, LedgerState
@@ -61,9 +61,13 @@ class Ledger:
             # Loading a large ledger takes seconds: keep the event loop free meanwhile.
             self.state = await asyncio.to_thread(LedgerState.load, self.path)
             self._file = await aiofiles.open(self.path, "ab")
-        except BaseException:
+        except BaseException as exc:
             self._phase = "closed"
             self._lock.release()
+            if isinstance(exc, OSError):
+                raise OutputError(
+                    f"cannot use {self.path.parent} as the output folder: {exc.strerror or exc}"
+                ) from exc
             raise
         self._phase = "open"
         return self

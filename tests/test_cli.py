@@ -335,3 +335,13 @@ def test_a_small_ipm_works_for_one_image_requests(tmp_path: Path) -> None:
     refused = cli("run", str(DEMO), "--simulate", "--ipm", "5", "--out", str(tmp_path / "d"))
     assert refused.returncode == 2
     assert "most images one request can carry (10)" in refused.stderr
+
+
+def test_an_unusable_output_folder_is_a_clear_usage_error(tmp_path: Path) -> None:
+    """--out below a regular file names the folder and the reason, and exits 2."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    result = cli("run", str(DEMO), "--simulate", "--out", str(blocker / "sub"))
+    assert result.returncode == 2, result.stderr
+    assert "cannot use" in result.stderr and "as the output folder" in result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
