@@ -28,7 +28,7 @@ from .manifest import load_manifest
 from .models import ModelRegistry
 from .progress import choose_mode
 from .results import Summary
-from .runner import run_manifest
+from .runner import RunOutcome, run_manifest
 from .settings import KEY_ENV, Settings
 from .simulator import SimConfig, serve
 from .state import LedgerState
@@ -46,10 +46,15 @@ def say(text: str) -> None:
     err.print(text, markup=False, soft_wrap=True)
 
 
-def _fail(exc: CometBatchError) -> NoReturn:
+def _fail(
+    exc: CometBatchError, *, json_output: bool = False, summary: dict[str, Any] | None = None
+) -> NoReturn:
     message = str(exc)
     if isinstance(exc, AuthenticationError):
         message = f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"
+    if json_output:
+        # Scripts read one JSON object from stdout, also when the run could not finish.
+        click.echo(json.dumps({**(summary or {}), "error": message}))
     err.print("[red]error:[/red] ", end="", soft_wrap=True)
     say(message)
     sys.exit(EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED)
@@ -166,6 +171,7 @@ def run(
     """
     _setup_logging(verbose, quiet)
     out = out_dir or Path("out") / manifest.stem
+    outcome: RunOutcome | None = None
     try:
         registry = ModelRegistry()
         loaded = load_manifest(manifest, model=model, size=size, n=n, registry=registry)
@@ -191,7 +197,7 @@ def run(
             raise ConfigError(
                 f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"
             )
-        summary = asyncio.run(
+        outcome = asyncio.run(
             run_manifest(
                 loaded,
                 settings=settings,
@@ -208,18 +214,25 @@ def run(
                 handle_signals=True,
             )
         )
+        if outcome.error is not None:
+            raise outcome.error
     except CometBatchError as exc:
-        _fail(exc)
+        done = _summary_data(outcome.summary, out) if outcome is not None else None
+        _fail(exc, json_output=json_output, summary=done)
     except KeyboardInterrupt:
         say("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # a bug of ours: say so plainly, keep the details for -vv
         logging.getLogger("cometbatch").debug("internal error", exc_info=True)
-        say(
+        message = (
             f"internal error (a bug in cometbatch, please report it): {exc!r}; every recorded "
             "result is safe in the ledger, so rerunning resumes; -vv shows the traceback"
         )
+        if json_output:
+            click.echo(json.dumps({"error": message}))
+        say(message)
         sys.exit(EXIT_FAILED)
+    summary = outcome.summary
     _report(summary, out, json_output)
     if summary.interrupted:
         sys.exit(EXIT_INTERRUPTED)
@@ -243,10 +256,14 @@ def _print_plan(by_model: dict[str, Any], out: Path, json_output: bool) -> None:
     click.echo(f"already done in {out}: {done} request(s); nothing was sent (dry run)")
 
 
+def _summary_data(summary: Summary, out: Path) -> dict[str, Any]:
+    """The --json summary object."""
+    return {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
+
+
 def _report(summary: Summary, out: Path, json_output: bool) -> None:
-    data = summary.to_dict()
     if json_output:
-        click.echo(json.dumps({**data, "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}))
+        click.echo(json.dumps(_summary_data(summary, out)))
         return
     sim = " [simulated API]" if summary.simulated else ""
     if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:

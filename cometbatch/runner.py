@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -22,6 +23,14 @@ from .simulator import SimConfig, Simulator
 log = logging.getLogger(__name__)
 
 SIMULATED_KEY = "sk-simulated"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """A run's summary, and the error that stopped it early (if one did)."""
+
+    summary: Summary
+    error: Exception | None = None
 
 
 class _Interrupts:
@@ -69,8 +78,8 @@ async def run_manifest(
     console: Console | None = None,
     say: Callable[[str], None] = print,
     handle_signals: bool = False,
-) -> Summary:
-    """Run every pending request of a validated manifest and return the run's summary."""
+) -> RunOutcome:
+    """Run every pending request of a validated manifest; the summary, and what stopped it."""
     sim: Simulator | None = None
     async with contextlib.AsyncExitStack() as stack:
         if simulate is not None:
@@ -98,10 +107,14 @@ async def run_manifest(
             stack.callback(interrupts.close)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 stack.callback(loop.remove_signal_handler, sig)
+        error: Exception | None = None
         try:
             async with ProgressDisplay(engine, mode=progress, console=console):
                 async for _ in engine.run(manifest):
                     pass
+        except Exception as exc:
+            # Reported together with the summary of what the run did before it stopped.
+            error = exc
         except asyncio.CancelledError:
             if interrupts is None or not interrupts.aborted:
                 raise
@@ -112,4 +125,4 @@ async def run_manifest(
             engine.summary.interrupted = True
         if sim is not None:
             engine.summary.simulator_requests = sim.stats.requests
-        return engine.summary
+        return RunOutcome(engine.summary, error)

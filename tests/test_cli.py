@@ -345,3 +345,30 @@ def test_an_unusable_output_folder_is_a_clear_usage_error(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert "cannot use" in result.stderr and "as the output folder" in result.stderr
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_json_is_printed_even_when_the_run_stops_on_an_error(tmp_path: Path) -> None:
+    """With --json, a run stopped by a rejected key still prints one JSON object (exit 2)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "simulate", "--port", "0", "--api-key-env", "SIMKEY"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "SIMKEY": "sk-right"},
+    )
+    try:
+        assert server.stderr is not None
+        base_url = server.stderr.readline().rsplit(" ", 1)[-1].strip()
+        out = tmp_path / "out"
+        result = cli(
+            "run", str(DEMO), "--base-url", base_url, "--out", str(out), "--json",
+            env={"COMETAPI_KEY": "sk-wrong"},
+        )  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    assert result.returncode == 2, result.stderr
+    data = json.loads(result.stdout)
+    assert "rejected the key" in data["error"]
+    assert data["ok_requests"] == 0 and data["complete"] is False
+    assert "sk-wrong" not in result.stdout + result.stderr
