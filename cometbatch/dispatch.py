@@ -100,6 +100,8 @@ class Dispatcher:
     waiting: int = 0
 
     async def _wait(self, delay: float) -> None:
+        # Only a request waiting to retry holds nothing paid for: a stop may cancel it now.
+        self.busy(False)
         self.waiting += 1
         try:
             await self.sleep(delay)
@@ -139,8 +141,7 @@ class Dispatcher:
                         response = await self.client.generate(request.payload)
                         _check_count(request, response)
                     except APIError as exc:
-                        # Nothing to store; a retry wait may follow, which a stop may cut short.
-                        self.busy(False)
+                        # Still busy: a final failure is recorded before the task is idle.
                         last = exc
                         if exc.kind == "rate_limit":
                             self.summary.rate_limited += 1

@@ -125,3 +125,10 @@ async def test_waiting_counts_requests_sleeping_before_a_retry(tmp_path: Path) -
     assert sent.error is None
     assert seen == [1, 1]
     assert dispatcher.waiting == 0
+
+
+async def test_a_final_failure_stays_busy_until_recorded(tmp_path: Path) -> None:
+    """A failure that is not retried keeps the task busy, so its ledger line cannot be cut off."""
+    calls, ok = await send_once(tmp_path, "400")
+    assert not ok
+    assert calls == [True]
