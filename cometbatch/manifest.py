@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import CapabilityError, ManifestError, ManifestProblem
 from .models import DEFAULT_MODEL, PARAMS, ModelRegistry
+from .paths import safe_component
 
 MAX_ID_CHARS = 256
 MAX_N = 100_000
@@ -213,6 +214,11 @@ def parse_line(
     return job
 
 
+def folder_key(job_id: str) -> str:
+    """What must be unique per job: its image folder, also on case-insensitive file systems."""
+    return safe_component(job_id).casefold()
+
+
 def _id_digest(job_id: str) -> int:
     # 64-bit digests instead of the ids themselves keep duplicate detection small in memory.
     return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=8).digest(), "big")
@@ -261,7 +267,7 @@ class Manifest:
         problems: list[ManifestProblem] = []
         truncated = False
         seen: set[int] = set()
-        duplicates: dict[str, int] = {}
+        duplicates: dict[str, tuple[int, str]] = {}
         stats = ManifestStats()
         digest = hashlib.sha256()
         for number, text in self._lines():
@@ -272,9 +278,10 @@ class Manifest:
                 problems.extend(exc.problems)
                 job = None
             if job is not None:
-                key = _id_digest(job.id)
+                folder = folder_key(job.id)
+                key = _id_digest(folder)
                 if key in seen:
-                    duplicates.setdefault(job.id, number)
+                    duplicates.setdefault(folder, (number, job.id))
                 else:
                     seen.add(key)
                     stats.add(job, self.registry.get(job.model).max_n)
@@ -289,11 +296,11 @@ class Manifest:
         self.sha256 = digest.hexdigest()
         return stats
 
-    def _duplicate_problems(self, duplicates: dict[str, int]) -> list[ManifestProblem]:
+    def _duplicate_problems(self, duplicates: dict[str, tuple[int, str]]) -> list[ManifestProblem]:
         """Name the earlier line of each repeated id (a second pass, only when there are any)."""
         if not duplicates:
             return []
-        first: dict[str, int] = {}
+        first: dict[str, tuple[int, str]] = {}
         for number, text in self._lines():
             if len(first) == len(duplicates):
                 break
@@ -301,17 +308,24 @@ class Manifest:
                 job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
             except ManifestError:
                 continue
-            if job is not None and job.id in duplicates:
-                first.setdefault(job.id, number)
-        return [
-            ManifestProblem(
-                line,
-                "id",
-                f"id {job_id!r} is already used on line {first.get(job_id, '?')} "
-                "(give each line its own 'id', or ask for more images with 'n')",
-            )
-            for job_id, line in duplicates.items()
-        ]
+            if job is not None and folder_key(job.id) in duplicates:
+                first.setdefault(folder_key(job.id), (number, job.id))
+        problems = []
+        for folder, (line, job_id) in duplicates.items():
+            first_line, first_id = first.get(folder, (0, job_id))
+            if first_id == job_id:
+                message = (
+                    f"id {job_id!r} is already used on line {first_line} "
+                    "(give each line its own 'id', or ask for more images with 'n')"
+                )
+            else:
+                message = (
+                    f"id {job_id!r} would share an image folder with id {first_id!r} on line "
+                    f"{first_line} (ids must differ in more than letter case or characters "
+                    "that are unsafe in file names)"
+                )
+            problems.append(ManifestProblem(line, "id", message))
+        return problems
 
 
 def load_manifest(

@@ -214,3 +214,20 @@ def test_stats_know_the_largest_request(tmp_path: Path) -> None:
         line(prompt="c", model="gpt-image-1", n=1),
     )
     assert load_manifest(path).stats.max_request_images == 4
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Cat", "cat"), ("a/b", "a_b-c14cddc0")],
+)
+def test_ids_sharing_an_image_folder_are_refused(tmp_path: Path, first: str, second: str) -> None:
+    """Ids that differ only in case, or map to the same safe folder name, are duplicates."""
+    from cometbatch.paths import safe_component
+
+    assert safe_component(first).casefold() == safe_component(second).casefold()
+    path = write(tmp_path, line(prompt="a", id=first), line(prompt="b", id=second))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.field) == (2, "id")
+    assert f"share an image folder with id {first!r} on line 1" in problem.message
