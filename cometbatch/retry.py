@@ -34,7 +34,10 @@ from .errors import (
 if TYPE_CHECKING:
     from .settings import Settings
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 524})
+# DESIGN's list, plus Cloudflare's other transient origin errors (520-523: unknown error, web
+# server down, connection timed out, origin unreachable), siblings of the 524 it names. 501 and
+# 505 and the like say the server will never do this, so they are not retried.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 
 _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
@@ -119,7 +122,7 @@ def classify_status(
         return _STATUS_CLASSES[status], status in RETRYABLE_STATUSES
     if 500 <= status <= 599:
         # A 500 tagged invalid_request is the upstream rejecting the request itself.
-        return ServerError, code != "invalid_request"
+        return ServerError, status in RETRYABLE_STATUSES and code != "invalid_request"
     return APIStatusError, status in RETRYABLE_STATUSES
 
 
