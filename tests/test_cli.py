@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,27 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+@contextlib.contextmanager
+def simulate_server(*options: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`cometbatch simulate` on an ephemeral loopback port, stopped afterwards; its base URL."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "simulate", "--port", "0", *options],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert server.stderr is not None
+        first = server.stderr.readline()
+        base_url = first.rsplit(" ", 1)[-1].strip()
+        assert base_url.startswith("http://127.0.0.1:"), first
+        yield base_url
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
 
 
 def ledger_results(out: Path) -> list[dict[str, Any]]:
@@ -200,54 +223,18 @@ def test_status_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
     """Against `cometbatch simulate` with 429s (with/without Retry-After) and 5xx, 210 requests
     all land; one content-policy 400 is recorded once, not retried, and the run exits 1."""
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cometbatch",
-            "simulate",
-            "--port",
-            "0",
-            "--seed",
-            "3",
-            "--rate-429",
-            "0.08",
-            "--rate-429-bare",
-            "0.04",
-            "--rate-5xx",
-            "0.08",
-            "--content-policy-marker",
-            "FORBIDDEN",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert server.stderr is not None
-        first = server.stderr.readline()
-        base_url = first.rsplit(" ", 1)[-1].strip()
-        assert base_url.startswith("http://127.0.0.1:"), first
-        manifest = tmp_path / "m.jsonl"
-        jobs = [{"id": f"f{i}", "prompt": f"scene {i}", "model": "qwen-image"} for i in range(210)]
-        jobs.append({"id": "nope", "prompt": "something FORBIDDEN", "model": "dall-e-3"})
-        manifest.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
-        out = tmp_path / "out"
+    manifest = tmp_path / "m.jsonl"
+    jobs = [{"id": f"f{i}", "prompt": f"scene {i}", "model": "qwen-image"} for i in range(210)]
+    jobs.append({"id": "nope", "prompt": "something FORBIDDEN", "model": "dall-e-3"})
+    manifest.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
+    out = tmp_path / "out"
+    faults = ["--seed", "3", "--rate-429", "0.08", "--rate-429-bare", "0.04", "--rate-5xx", "0.08"]
+    with simulate_server(*faults, "--content-policy-marker", "FORBIDDEN") as base_url:
         result = cli(
-            "run",
-            str(manifest),
-            "--base-url",
-            base_url,
-            "--out",
-            str(out),
-            "--concurrency",
-            "32",
-            "--json",
+            "run", str(manifest), "--base-url", base_url, "--out", str(out),
+            "--concurrency", "32", "--json",
             env={"COMETAPI_KEY": "sk-test-key"},
-        )
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.communicate(timeout=30)
+        )  # fmt: skip
     assert result.returncode == 1, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["ok_requests"], summary["failed_requests"]) == (210, 1)
@@ -263,15 +250,7 @@ def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
 
 def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> None:
     """With slow requests in flight, a second SIGINT exits 130 at once; the rerun finishes."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cometbatch", "simulate", "--port", "0", "--latency", "30"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert server.stderr is not None
-        base_url = server.stderr.readline().rsplit(" ", 1)[-1].strip()
+    with simulate_server("--latency", "30") as base_url:
         manifest = tmp_path / "m.jsonl"
         manifest.write_text(
             "\n".join(json.dumps({"id": f"s{i}", "prompt": f"slow {i}"}) for i in range(6)) + "\n"
@@ -301,9 +280,6 @@ def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> 
         assert json.loads(lines[-1])["event"] == "end"
         assert json.loads(lines[-1])["summary"]["interrupted"] is True
         assert ledger_results(out) == []
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.communicate(timeout=30)
     rerun = cli("run", str(manifest), "--simulate", "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["ok_requests"] == 6
@@ -349,24 +325,12 @@ def test_an_unusable_output_folder_is_a_clear_usage_error(tmp_path: Path) -> Non
 
 def test_json_is_printed_even_when_the_run_stops_on_an_error(tmp_path: Path) -> None:
     """With --json, a run stopped by a rejected key still prints one JSON object (exit 2)."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cometbatch", "simulate", "--port", "0", "--api-key-env", "SIMKEY"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "SIMKEY": "sk-right"},
-    )
-    try:
-        assert server.stderr is not None
-        base_url = server.stderr.readline().rsplit(" ", 1)[-1].strip()
+    with simulate_server("--api-key-env", "SIMKEY", env={"SIMKEY": "sk-right"}) as base_url:
         out = tmp_path / "out"
         result = cli(
             "run", str(DEMO), "--base-url", base_url, "--out", str(out), "--json",
             env={"COMETAPI_KEY": "sk-wrong"},
         )  # fmt: skip
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.communicate(timeout=30)
     assert result.returncode == 2, result.stderr
     data = json.loads(result.stdout)
     assert "rejected the key" in data["error"]

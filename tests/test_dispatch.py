@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from cometbatch.errors import (
 )
 from cometbatch.limits import Limiter
 from cometbatch.models import ModelRegistry
-from cometbatch.plan import plan_job
+from cometbatch.plan import Request, plan_job
 from cometbatch.results import Summary
 from cometbatch.retry import RetryPolicy
 from cometbatch.sink import Sink
@@ -31,28 +32,45 @@ async def no_sleep(_: float) -> None:
     """Retry waits take no real time in tests."""
 
 
+def dispatcher_for(
+    client: Client,
+    limiter: Limiter,
+    tmp_path: Path,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = no_sleep,
+    busy: Callable[[bool], None] = lambda _: None,
+) -> Dispatcher:
+    """A dispatcher over real parts, with no real waiting and a recording hook for `busy`."""
+    return Dispatcher(
+        client=client,
+        limiter=limiter,
+        sink=Sink(tmp_path),
+        policy=RetryPolicy(max_attempts=3),
+        summary=Summary(),
+        sleep=sleep,
+        stopping=lambda: False,
+        busy=busy,
+    )
+
+
+def one_request() -> Request:
+    job = Job(id="d", prompt="p", model="dall-e-3", response_format="b64_json")
+    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
+    return request
+
+
 async def send_once(tmp_path: Path, *faults: str) -> tuple[list[bool], bool]:
     """Send one dall-e-3 request through a real dispatcher; return the busy calls and success."""
     calls: list[bool] = []
-    job = Job(id="d", prompt="p", model="dall-e-3", response_format="b64_json")
-    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
     async with (
         Simulator(SimConfig()) as sim,
         Client(base_url=sim.base_url, api_key="sk-test") as client,
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue(*faults)
-        dispatcher = Dispatcher(
-            client=client,
-            limiter=limiter,
-            sink=Sink(tmp_path),
-            policy=RetryPolicy(max_attempts=3),
-            summary=Summary(),
-            sleep=no_sleep,
-            stopping=lambda: False,
-            busy=calls.append,
+        sent = await dispatcher_for(client, limiter, tmp_path, busy=calls.append).send(
+            one_request()
         )
-        sent = await dispatcher.send(request)
     return calls, sent.error is None and len(sent.images) == 1
 
 
@@ -98,30 +116,18 @@ def test_a_wrong_url_becomes_a_configuration_error() -> None:
 async def test_waiting_counts_requests_sleeping_before_a_retry(tmp_path: Path) -> None:
     """While a request sleeps before its next attempt, the dispatcher counts it as waiting."""
     seen: list[int] = []
-    job = Job(id="w", prompt="p", model="dall-e-3", response_format="b64_json")
-    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
     async with (
         Simulator(SimConfig()) as sim,
         Client(base_url=sim.base_url, api_key="sk-test") as client,
         Limiter(concurrency=1) as limiter,
     ):
         sim.enqueue("429", "503")
-        dispatcher: Dispatcher
 
         async def sleep(_: float) -> None:
             seen.append(dispatcher.waiting)
 
-        dispatcher = Dispatcher(
-            client=client,
-            limiter=limiter,
-            sink=Sink(tmp_path),
-            policy=RetryPolicy(max_attempts=3),
-            summary=Summary(),
-            sleep=sleep,
-            stopping=lambda: False,
-            busy=lambda _: None,
-        )
-        sent = await dispatcher.send(request)
+        dispatcher = dispatcher_for(client, limiter, tmp_path, sleep=sleep)
+        sent = await dispatcher.send(one_request())
     assert sent.error is None
     assert seen == [1, 1]
     assert dispatcher.waiting == 0
