@@ -39,6 +39,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
 
 err = Console(stderr=True, highlight=False)
+# Settings owns the defaults; the options only show them.
+_DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
 
 
 def say(text: str) -> None:
@@ -101,7 +103,7 @@ def main() -> None:
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 10_000),
-    default=16,
+    default=_DEFAULTS["concurrency"],
     show_default=True,
     help="Requests in flight at most.",
 )
@@ -110,14 +112,14 @@ def main() -> None:
 @click.option(
     "--max-attempts",
     type=click.IntRange(1, 100),
-    default=8,
+    default=_DEFAULTS["max_attempts"],
     show_default=True,
     help="Attempts per request, the first included.",
 )
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1),
-    default=600.0,
+    default=_DEFAULTS["timeout"],
     show_default=True,
     help="Seconds to wait for one generation.",
 )
