@@ -62,6 +62,29 @@ def _fail(
     sys.exit(EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED)
 
 
+def _raise_open_file_limit(concurrency: int, simulate: bool) -> None:
+    """Let the process hold the sockets its concurrency needs (a CLI's job, never a library's)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    # Up to two sockets a request (generation and download), twice that when the simulated
+    # API's own end of each connection lives in this process, plus files and headroom.
+    wanted = concurrency * (4 if simulate else 2) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("cometbatch").warning(
+            "this process may open only %d files, fewer than --concurrency %d needs (%d); "
+            "lower --concurrency or raise the limit (ulimit -n)",
+            target,
+            concurrency,
+            wanted,
+        )
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING
     if verbose == 1:
@@ -195,6 +218,7 @@ def run(
         if dry_run:
             _print_plan(loaded.stats.by_model, out, json_output)
             return
+        _raise_open_file_limit(concurrency, simulate)
         if not simulate and not settings.resolved_key():
             raise ConfigError(
                 f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"

@@ -336,3 +336,28 @@ def test_json_is_printed_even_when_the_run_stops_on_an_error(tmp_path: Path) -> 
     assert "rejected the key" in data["error"]
     assert data["ok_requests"] == 0 and data["complete"] is False
     assert "sk-wrong" not in result.stdout + result.stderr
+
+
+def test_high_concurrency_works_under_a_low_open_file_limit(tmp_path: Path) -> None:
+    """With a soft limit of 256 open files, --concurrency 200 --simulate still completes."""
+    import resource
+
+    def low_limit() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    manifest = tmp_path / "many.jsonl"
+    manifest.write_text(
+        "\n".join(
+            json.dumps({"id": f"h{i}", "prompt": f"p{i}", "response_format": "b64_json"})
+            for i in range(400)
+        )
+        + "\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
+         "--concurrency", "200", "--out", str(tmp_path / "o"), "--json"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, preexec_fn=low_limit,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok_requests"] == 400
