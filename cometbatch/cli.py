@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -199,7 +200,14 @@ def run(
     outcome: RunOutcome | None = None
     try:
         registry = ModelRegistry()
-        loaded = load_manifest(manifest, model=model, size=size, n=n, registry=registry)
+        # A million-line manifest takes seconds to check: show that something is happening.
+        checking = (
+            err.status(f"checking {manifest} …")
+            if err.is_terminal and not (quiet or json_output)
+            else contextlib.nullcontext()
+        )
+        with checking:
+            loaded = load_manifest(manifest, model=model, size=size, n=n, registry=registry)
         fields: dict[str, Any] = {
             "concurrency": concurrency,
             "rpm": rpm,
