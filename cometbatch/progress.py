@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TextIO
 
@@ -17,7 +18,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ class Snapshot:
     rate_limited: int
     probing: bool
     waiting: int = 0
+    # Images finished by this run (written or failed): what the rate counts.
+    processed: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> Snapshot:
@@ -57,6 +59,7 @@ class Snapshot:
             rate_limited=s.rate_limited,
             probing=limiter.probing,
             waiting=engine.waiting_to_retry,
+            processed=s.images_written + s.failed_images,
         )
 
     def detail(self) -> str:
@@ -73,13 +76,18 @@ class Snapshot:
             parts.append("probing: the API is failing")
         return " · ".join(parts)
 
+    def eta(self, rate: float) -> float | None:
+        """Seconds left at `rate` (0 when all is done), or None while nothing is moving."""
+        left = self.total - self.done - self.failed
+        if self.total and left <= 0:
+            return 0.0
+        return left / rate if rate > 0 else None
+
     def line(self, rate: float) -> str:
         """A plain progress line for logs and pipes."""
-        eta = ""
-        left = self.total - self.done - self.failed
-        if rate > 0 and left > 0:
-            eta = f", eta {int(left / rate)} s"
-        return f"images {self.done}/{self.total} ({rate:.1f}/s{eta}) · {self.detail()}"
+        eta = self.eta(rate)
+        after = f", eta {eta_text(eta)}" if eta is not None else ""
+        return f"images {self.done}/{self.total} ({rate:.1f}/s{after}) · {self.detail()}"
 
 
 def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO | None = None) -> Mode:
@@ -88,6 +96,34 @@ def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO | None = None)
         return "off"
     stream = stream or sys.stderr
     return "rich" if stream.isatty() else "plain"
+
+
+class RateMeter:
+    """Images per second over a sliding window of samples; images skipped as done never count."""
+
+    def __init__(self, window: float = 15.0) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, processed: int) -> float:
+        """Record the processed count at `now`; the rate over the window up to now."""
+        self._samples.append((now, processed))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self.window:
+            self._samples.popleft()
+        then, before = self._samples[0]
+        return (processed - before) / (now - then) if now > then else 0.0
+
+
+def eta_text(seconds: float | None) -> str:
+    """A short time left: '42 s', '3:05', '2:03:05', or '?' when unknown."""
+    if seconds is None:
+        return "?"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class ProgressDisplay:
@@ -108,6 +144,8 @@ class ProgressDisplay:
         self._task: asyncio.Task[None] | None = None
         self._progress: Progress | None = None
         self._bar: TaskID | None = None
+        self._meter = RateMeter()
+        self._rate = 0.0
 
     def __repr__(self) -> str:
         return f"<ProgressDisplay mode={self.mode} running={self._task is not None}>"
@@ -120,14 +158,13 @@ class ProgressDisplay:
                 MofNCompleteColumn(),
                 TextColumn("[cyan]{task.fields[rate]}"),
                 TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
+                TextColumn("eta {task.fields[eta]}"),
                 TextColumn("{task.fields[detail]}"),
                 console=self.console,
                 transient=False,
             )
             self._progress.start()
-            self._bar = self._progress.add_task("images", total=None, rate="", detail="")
+            self._bar = self._progress.add_task("images", total=None, rate="", eta="?", detail="")
         if self.mode != "off":
             self._task = asyncio.create_task(self._loop())
         return self
@@ -144,42 +181,37 @@ class ProgressDisplay:
             self._progress = None
 
     def refresh(self) -> None:
-        """Draw the current state once."""
-        if self.mode == "off":
+        """Draw the current state once (rich mode), with the last measured rate."""
+        if self._progress is None or self._bar is None:
             return
         try:
             snap = Snapshot.of(self.engine)
         except RuntimeError:
             return
-        if self._progress is not None and self._bar is not None:
-            task = self._progress.tasks[0]
-            speed = task.speed or 0.0
-            self._progress.update(
-                self._bar,
-                total=snap.total or None,
-                completed=snap.done + snap.failed,
-                rate=f"{speed:.1f}/s",
-                detail=snap.detail(),
-            )
+        self._progress.update(
+            self._bar,
+            total=snap.total or None,
+            completed=snap.done + snap.failed,
+            rate=f"{self._rate:.1f}/s",
+            eta=eta_text(snap.eta(self._rate)),
+            detail=snap.detail(),
+        )
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        # Images skipped from the ledger are not throughput: rate counts from here on.
-        last_time, last_done = loop.time(), Snapshot.of(self.engine).done
         every = 0.25 if self.mode == "rich" else self.plain_every
         # A pipe gets its first line soon, so a log shows the run has started.
         first = min(every, 2.0)
         while True:
-            await asyncio.sleep(first)
-            first = every
-            if self.mode == "rich":
-                self.refresh()
-                continue
             try:
                 snap = Snapshot.of(self.engine)
             except RuntimeError:
-                continue
-            now = loop.time()
-            rate = (snap.done - last_done) / max(now - last_time, 1e-9)
-            last_time, last_done = now, snap.done
-            self.console.print(snap.line(rate), highlight=False, soft_wrap=True)
+                snap = None
+            if snap is not None:
+                self._rate = self._meter.add(loop.time(), snap.processed)
+                if self.mode == "rich":
+                    self.refresh()
+                elif first == every:
+                    self.console.print(snap.line(self._rate), highlight=False, soft_wrap=True)
+            await asyncio.sleep(first)
+            first = every

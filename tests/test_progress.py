@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from cometbatch.progress import Snapshot, choose_mode
 
 
@@ -57,3 +59,32 @@ def test_requests_waiting_to_retry_are_shown_only_when_there_are_some() -> None:
     """During a long Retry-After the line says how many requests are waiting, else stays short."""
     assert "waiting to retry 12" in snap(waiting=12).detail()
     assert "waiting" not in snap(waiting=0).detail()
+
+
+def test_rate_counts_only_this_runs_images_over_a_sliding_window() -> None:
+    """The rate comes from images processed in the window, not from a resume's skipped ones."""
+    from cometbatch.progress import RateMeter
+
+    meter = RateMeter(window=10)
+    assert meter.add(0.0, 0) == 0.0
+    assert meter.add(2.0, 20) == 10.0
+    assert meter.add(4.0, 40) == 10.0
+    # Old samples fall out of the window: a slowdown shows within it.
+    assert meter.add(20.0, 50) == pytest.approx(10 / 16)
+    assert meter.add(25.0, 55) == pytest.approx(5 / 5)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "?"), (0.4, "0 s"), (42, "42 s"), (185, "3:05"), (7385, "2:03:05")],
+)
+def test_eta_text(seconds: float | None, text: str) -> None:
+    """Time left reads as seconds, minutes:seconds or hours:minutes:seconds."""
+    from cometbatch.progress import eta_text
+
+    assert eta_text(seconds) == text
+
+
+def test_eta_is_zero_when_everything_is_done() -> None:
+    """A finished run shows no time left rather than an unknown one."""
+    assert snap(done=98, failed=2).eta(rate=0.0) == 0.0
