@@ -13,6 +13,7 @@ from tenacity import RetryCallState
 
 from .client import Client, ImagesResponse
 from .errors import (
+    APIConnectionError,
     APIError,
     APIResponseError,
     CometBatchError,
@@ -44,6 +45,9 @@ def is_fatal(exc: APIError) -> bool:
     if exc.kind == "auth":
         return True
     if isinstance(exc, IncompatibleAPIError):
+        return True
+    if isinstance(exc, APIConnectionError) and not exc.retryable:
+        # A TLS certificate the client refuses: no request to that host can succeed.
         return True
     # A 404 without CometAPI's JSON error (which always carries a request id) is a wrong URL.
     return exc.kind == "not_found" and exc.request_id is None and exc.code is None

@@ -11,6 +11,7 @@ from cometbatch import Job, SimConfig, Simulator
 from cometbatch.client import Client
 from cometbatch.dispatch import Dispatcher, fatal_error, is_fatal
 from cometbatch.errors import (
+    APIConnectionError,
     APIError,
     APIResponseError,
     AuthenticationError,
@@ -99,6 +100,8 @@ async def test_a_failed_attempt_is_idle_while_it_waits_to_retry(tmp_path: Path) 
         (NotFoundError("no such model", status=404, request_id="2026abc"), False),
         (BadRequestError("bad size", status=400, request_id="2026abc"), False),
         (ServerError("overloaded", status=503, retryable=True), False),
+        (APIConnectionError("TLS certificate check failed", retryable=False), True),
+        (APIConnectionError("connection refused"), False),
     ],
 )
 def test_which_errors_stop_the_run(exc: APIError, fatal: bool) -> None:
