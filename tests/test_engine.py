@@ -485,3 +485,25 @@ def test_a_key_from_a_crlf_env_file_is_cleaned_and_bad_keys_are_refused() -> Non
     with pytest.raises(ConfigError, match="COMETAPI_KEY") as info:
         Settings(api_key="sk-a\x00bc").resolved_key()
     assert "sk-a" not in str(info.value)
+
+
+async def test_a_lasting_outage_stops_the_run_and_leaves_everything_resumable(
+    tmp_path: Path,
+) -> None:
+    """When every answer is a 5xx past the outage limit, the run stops; nothing is lost."""
+    from cometbatch import UpstreamDownError
+
+    jobs = [Job(id=f"o{i}", prompt=f"p{i}", model="qwen-image") for i in range(30)]
+    settings_args = {"concurrency": 8, "max_attempts": 100, "outage_limit": 0.3}
+    async with Simulator(SimConfig(rate_5xx=1.0, seed=5)) as down:
+        async with Engine(
+            settings_for(down, **settings_args), out_dir=tmp_path, sleep=no_sleep
+        ) as engine:
+            with pytest.raises(UpstreamDownError, match="run the same command again"):
+                await run_all(engine, jobs)
+    assert engine.summary.stopped is not None
+    assert results(tmp_path) == []
+    async with Simulator(SimConfig()) as up:
+        async with Engine(settings_for(up), out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert len(await run_all(engine, jobs)) == 30
+        assert engine.summary.complete
