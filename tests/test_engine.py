@@ -495,12 +495,12 @@ async def test_a_lasting_outage_stops_the_run_and_leaves_everything_resumable(
 
     jobs = [Job(id=f"o{i}", prompt=f"p{i}", model="qwen-image") for i in range(30)]
     settings_args = {"concurrency": 8, "max_attempts": 100, "outage_limit": 0.3}
-    async with Simulator(SimConfig(rate_5xx=1.0, seed=5)) as down:
-        async with Engine(
-            settings_for(down, **settings_args), out_dir=tmp_path, sleep=no_sleep
-        ) as engine:
-            with pytest.raises(UpstreamDownError, match="run the same command again"):
-                await run_all(engine, jobs)
+    async with (
+        Simulator(SimConfig(rate_5xx=1.0, seed=5)) as down,
+        Engine(settings_for(down, **settings_args), out_dir=tmp_path, sleep=no_sleep) as engine,
+    ):
+        with pytest.raises(UpstreamDownError, match="run the same command again"):
+            await run_all(engine, jobs)
     assert engine.summary.stopped is not None
     assert results(tmp_path) == []
     async with Simulator(SimConfig()) as up:
