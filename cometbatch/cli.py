@@ -86,6 +86,22 @@ def _raise_open_file_limit(concurrency: int, simulate: bool) -> None:
         )
 
 
+def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`MODEL.FIELD=VALUE` options as model overrides; VALUE is JSON where it parses as JSON."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        model, dot, name = target.rpartition(".")
+        if not (sep and dot and model and name):
+            raise ConfigError(f"--model-override {item!r}: expected MODEL.FIELD=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(model, {})[name] = value
+    return overrides
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING
     if verbose == 1:
@@ -156,6 +172,14 @@ def main() -> None:
     "--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs."
 )
 @click.option(
+    "--model-override",
+    "model_override",
+    multiple=True,
+    metavar="MODEL.FIELD=VALUE",
+    help="Change what a model takes, e.g. dall-e-2.max_n=4 or my-model.sizes='[\"512x512\"]' "
+    "(repeatable; a new model name adds that model).",
+)
+@click.option(
     "--allow-insecure-http",
     is_flag=True,
     help="Allow an http:// base URL to a non-loopback host (sends the key unencrypted).",
@@ -180,6 +204,7 @@ def run(
     size: str | None,
     n: int | None,
     retry_failed: bool,
+    model_override: tuple[str, ...],
     allow_insecure_http: bool,
     dry_run: bool,
     simulate: bool,
@@ -199,7 +224,8 @@ def run(
     out = out_dir or Path("out") / manifest.stem
     outcome: RunOutcome | None = None
     try:
-        registry = ModelRegistry()
+        overrides = parse_overrides(model_override)
+        registry = ModelRegistry().with_overrides(overrides)
         # A million-line manifest takes seconds to check: show that something is happening.
         checking = (
             err.status(f"checking {manifest} …")
@@ -216,6 +242,7 @@ def run(
             "timeout": timeout,
             "retry_failed": retry_failed,
             "allow_insecure_http": allow_insecure_http,
+            "model_overrides": overrides,
         }
         if base_url:
             fields["base_url"] = base_url

@@ -53,12 +53,8 @@ class Engine:
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
-        base = registry or ModelRegistry()
-        self.registry = (
-            base.with_overrides(self.settings.model_overrides)
-            if self.settings.model_overrides
-            else base
-        )
+        # A caller's registry is used as given; the default one takes settings.model_overrides.
+        self.registry = registry or ModelRegistry().with_overrides(self.settings.model_overrides)
         self.simulated = simulated
         # Sizes --ipm pacing; default: the most any model in the registry takes per request.
         self._max_images = max_images_per_request

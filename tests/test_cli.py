@@ -361,3 +361,29 @@ def test_high_concurrency_works_under_a_low_open_file_limit(tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ok_requests"] == 400
+
+
+def test_model_override_changes_the_fan_out_and_bad_ones_are_usage_errors(tmp_path: Path) -> None:
+    """--model-override dall-e-2.max_n=2 splits n=5 into 3 requests; a malformed one exits 2."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "x", "prompt": "p", "model": "dall-e-2", "n": 5}\n')
+    out = str(tmp_path / "o")
+    result = cli("run", str(manifest), "--simulate", "--out", out, "--json",
+                 "--model-override", "dall-e-2.max_n=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["planned_requests"] == 3
+    for bad, words in [("dall-e-2.max_n=0", "bad override"), ("max_n=2", "MODEL.FIELD=VALUE")]:
+        refused = cli("run", str(manifest), "--simulate", "--out", out, "--model-override", bad)
+        assert refused.returncode == 2, refused.stderr
+        assert words in refused.stderr
+
+
+def test_parse_overrides_reads_json_values_and_plain_strings() -> None:
+    """Values that parse as JSON become numbers or lists; anything else stays a string."""
+    from cometbatch.cli import parse_overrides
+
+    assert parse_overrides(("gpt-image-1.max_n=4", 'my.model.sizes=["512x512"]', "m.name=x")) == {
+        "gpt-image-1": {"max_n": 4},
+        "my.model": {"sizes": ["512x512"]},
+        "m": {"name": "x"},
+    }
