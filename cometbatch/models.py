@@ -79,6 +79,9 @@ class ModelSpec(BaseModel):
                 field="prompt",
             )
         if not self.known:
+            # Pass-through models check only what they declare: sizes, when given.
+            if self.sizes is not None and params.get("size") is not None:
+                self._check_one("size", params["size"])
             return
         for name, value in params.items():
             if value is None:

@@ -231,3 +231,14 @@ def test_ids_sharing_an_image_folder_are_refused(tmp_path: Path, first: str, sec
     (problem,) = info.value.problems
     assert (problem.line, problem.field) == (2, "id")
     assert f"share an image folder with id {first!r} on line 1" in problem.message
+
+
+def test_a_model_added_by_override_checks_its_declared_sizes() -> None:
+    """A model added with only max_n and sizes passes other params but enforces its sizes."""
+    registry = ModelRegistry().with_overrides({"my-model": {"max_n": 4, "sizes": ["512x512"]}})
+    ok = parse_line(
+        line(prompt="x", model="my-model", size="512x512", seed=1), 1, registry=registry
+    )
+    assert ok is not None and registry.get("my-model").max_n == 4
+    with pytest.raises(ManifestError, match="does not take size"):
+        parse_line(line(prompt="x", model="my-model", size="64x64"), 2, registry=registry)
