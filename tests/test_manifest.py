@@ -237,7 +237,7 @@ def test_a_model_added_by_override_checks_its_declared_sizes() -> None:
     """A model added with only max_n and sizes passes other params but enforces its sizes."""
     registry = ModelRegistry().with_overrides({"my-model": {"max_n": 4, "sizes": ["512x512"]}})
     ok = parse_line(
-        line(prompt="x", model="my-model", size="512x512", seed=1), 1, registry=registry
+        line(prompt="x", model="my-model", size="512x512", extra={"seed": 1}), 1, registry=registry
     )
     assert ok is not None and registry.get("my-model").max_n == 4
     with pytest.raises(ManifestError, match="does not take size"):
