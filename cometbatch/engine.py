@@ -350,20 +350,25 @@ class Engine:
         """
         _, _, ledger, _ = self._open_parts()
         manifest = jobs if isinstance(jobs, Manifest) else None
+        counted = True
         if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
             # A fresh folder has nothing to skip or contradict: the totals that validation
             # counted are exact, so a large manifest is not read an extra time.
-            self.summary.planned_requests = manifest.stats.requests
-            self.summary.planned_images = manifest.stats.images
+            self.summary.planned_requests += manifest.stats.requests
+            self.summary.planned_images += manifest.stats.images
         elif isinstance(jobs, Manifest | list | tuple):
             # Re-iterable inputs are counted (and checked for changed jobs) before anything is
             # sent; one-shot iterators are counted as they stream.
             self.preflight(jobs)
+        else:
+            counted = False
         await self._start_run(manifest)
         width = self.settings.concurrency
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=width * 2)
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
-        runner = self._runner = asyncio.create_task(self._run_all(jobs, queue, results, width))
+        runner = self._runner = asyncio.create_task(
+            self._run_all(jobs, queue, results, width, counting=not counted)
+        )
         try:
             while True:
                 item = await results.get()
@@ -382,8 +387,9 @@ class Engine:
         queue: asyncio.Queue[Request | None],
         results: asyncio.Queue[Result | None],
         width: int,
+        *,
+        counting: bool,
     ) -> None:
-        counting = self.summary.planned_requests == 0
         try:
             async with asyncio.TaskGroup() as group:
                 producer = group.create_task(self._produce(jobs, queue, width, counting))

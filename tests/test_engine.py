@@ -507,3 +507,19 @@ async def test_a_lasting_outage_stops_the_run_and_leaves_everything_resumable(
         async with Engine(settings_for(up), out_dir=tmp_path, sleep=no_sleep) as engine:
             assert len(await run_all(engine, jobs)) == 30
         assert engine.summary.complete
+
+
+async def test_two_runs_on_one_engine_count_both(sim: Simulator, tmp_path: Path) -> None:
+    """run() may be called again on the same engine; the summary covers both runs."""
+
+    def stream(prefix: str) -> Any:
+        return (
+            Job(id=f"{prefix}{i}", prompt=f"{prefix} {i}", model="qwen-image") for i in range(3)
+        )
+
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, stream("a"))
+        await run_all(engine, stream("b"))
+    s = engine.summary
+    assert (s.planned_requests, s.ok_requests, s.pending_requests) == (6, 6, 0)
+    assert s.complete
