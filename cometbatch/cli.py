@@ -327,6 +327,9 @@ def _report(summary: Summary, out: Path, json_output: bool) -> None:
         click.echo(json.dumps(_summary_data(summary, out)))
         return
     sim = " [simulated API]" if summary.simulated else ""
+    if summary.planned_requests == 0:
+        say(f"nothing to do: the manifest has no jobs{sim}")
+        return
     if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:
         say(
             f"everything was already done: {summary.skipped_requests} request(s), "

@@ -387,3 +387,12 @@ def test_parse_overrides_reads_json_values_and_plain_strings() -> None:
         "my.model": {"sizes": ["512x512"]},
         "m": {"name": "x"},
     }
+
+
+def test_an_empty_manifest_says_there_is_nothing_to_do(tmp_path: Path) -> None:
+    """A manifest of only comments and blank lines exits 0 and says it had no jobs."""
+    manifest = tmp_path / "empty.jsonl"
+    manifest.write_text("# nothing yet\n\n")
+    result = cli("run", str(manifest), "--simulate", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: the manifest has no jobs" in result.stderr
