@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -77,6 +78,8 @@ class Engine:
         self._sink: Sink | None = None
         self._dispatcher: Dispatcher | None = None
         self._runner: asyncio.Task[None] | None = None
+        # Requests being sent now, by key: a second caller of the same key shares the result.
+        self._inflight: dict[str, asyncio.Future[Result]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     def __repr__(self) -> str:
@@ -298,6 +301,29 @@ class Engine:
             self._idle.add(task)
 
     async def _execute(self, request: Request) -> Result:
+        """Send a request, or share the result of the same request already being sent."""
+        while (pending := self._inflight.get(request.key)) is not None:
+            # Two generate() calls for one job must not pay twice; wait without taking over
+            # the first caller's error (if it fails, this caller sends the request itself).
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                self.summary.skipped_requests += 1
+                self.summary.skipped_images += request.n
+                return dataclasses.replace(pending.result(), reused=True)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._inflight[request.key] = future
+        try:
+            result = await self._send_and_record(request)
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[request.key]
+
+    async def _send_and_record(self, request: Request) -> Result:
         """One request from send to ledger line; API failures become a failed Result."""
         _, _, ledger, _ = self._open_parts()
         assert self._dispatcher is not None

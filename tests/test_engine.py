@@ -523,3 +523,19 @@ async def test_two_runs_on_one_engine_count_both(sim: Simulator, tmp_path: Path)
     s = engine.summary
     assert (s.planned_requests, s.ok_requests, s.pending_requests) == (6, 6, 0)
     assert s.complete
+
+
+async def test_the_same_job_from_two_tasks_is_generated_once(tmp_path: Path) -> None:
+    """Two concurrent generate() calls for one job share one request and one ledger line."""
+    import asyncio
+
+    job = Job(id="same", prompt="one kite", model="dall-e-3")
+    async with (
+        Simulator(SimConfig(latency=0.1)) as server,
+        Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine,
+    ):
+        (first,), (second,) = await asyncio.gather(engine.generate(job), engine.generate(job))
+    assert server.stats.requests == 1
+    assert first.ok and second.ok and first.images == second.images
+    assert [e["key"] for e in results(tmp_path)] == ["same#0"]
+    assert engine.summary.complete
