@@ -310,6 +310,13 @@ class Engine:
                 self.summary.skipped_requests += 1
                 self.summary.skipped_images += request.n
                 return dataclasses.replace(pending.result(), reused=True)
+        _, _, ledger, _ = self._open_parts()
+        state = ledger.state.get(request.key)
+        if state is not None and decide(request.fingerprint, state, retry_failed=False) == "reuse":
+            # Done since it was queued (the same job twice in a caller's list): reuse it.
+            self.summary.skipped_requests += 1
+            self.summary.skipped_images += request.n
+            return self._reused(request, state)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future
         try:

@@ -539,3 +539,14 @@ async def test_the_same_job_from_two_tasks_is_generated_once(tmp_path: Path) -> 
     assert first.ok and second.ok and first.images == second.images
     assert [e["key"] for e in results(tmp_path)] == ["same#0"]
     assert engine.summary.complete
+
+
+async def test_a_job_listed_twice_is_generated_once(sim: Simulator, tmp_path: Path) -> None:
+    """A library caller's list with the same job twice sends it once, even one at a time."""
+    job = Job(id="twice", prompt="p", model="dall-e-3")
+    settings = settings_for(sim, concurrency=1)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        got = await run_all(engine, iter([job, job]))
+    assert sim.stats.requests == 1
+    assert [r.reused for r in got] == [False, True]
+    assert engine.summary.complete
