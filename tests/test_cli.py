@@ -264,10 +264,14 @@ def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> 
             cwd=ROOT,
             env={**os.environ, "COMETAPI_KEY": "sk-test"},
         )
+        # The run event is written after the Ctrl-C handlers are in place.
+        ledger = out / "ledger.jsonl"
         deadline = time.monotonic() + 30
-        while not (out / "ledger.jsonl").exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            ledger.exists() and '"event":"run"' in ledger.read_text()
+        ):
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         started = time.monotonic()

@@ -465,10 +465,13 @@ async def test_a_failing_job_source_stops_cleanly_and_keeps_what_was_paid_for(
 
         for i in range(6):
             yield Job(id=f"s{i}", prompt=f"p{i}", model="qwen-image")
-        await asyncio.sleep(0.1)  # the six requests are in flight now (latency 0.2 s)
+        for _ in range(1000):  # until all six are at the server (each takes 0.5 s there)
+            if server.stats.requests == 6:
+                break
+            await asyncio.sleep(0.005)
         raise OSError("the job source broke")
 
-    async with Simulator(SimConfig(latency=0.2)) as server:
+    async with Simulator(SimConfig(latency=0.5)) as server:
         async with Engine(settings_for(server, concurrency=8), out_dir=tmp_path) as engine:
             with pytest.raises(OSError, match="the job source broke"):
                 await run_all(engine, jobs())
