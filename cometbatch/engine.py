@@ -307,15 +307,14 @@ class Engine:
             # the first caller's error (if it fails, this caller sends the request itself).
             await asyncio.wait({pending})
             if not pending.cancelled():
-                self.summary.skipped_requests += 1
-                self.summary.skipped_images += request.n
-                return dataclasses.replace(pending.result(), reused=True)
+                shared = pending.result()
+                self._count("reuse" if shared.ok else "keep", request, planned=False)
+                return dataclasses.replace(shared, reused=True)
         _, _, ledger, _ = self._open_parts()
         state = ledger.state.get(request.key)
         if state is not None and decide(request.fingerprint, state, retry_failed=False) == "reuse":
             # Done since it was queued (the same job twice in a caller's list): reuse it.
-            self.summary.skipped_requests += 1
-            self.summary.skipped_images += request.n
+            self._count("reuse", request, planned=False)
             return self._reused(request, state)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future

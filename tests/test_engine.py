@@ -553,3 +553,20 @@ async def test_a_job_listed_twice_is_generated_once(sim: Simulator, tmp_path: Pa
     assert sim.stats.requests == 1
     assert [r.reused for r in got] == [False, True]
     assert engine.summary.complete
+
+
+async def test_a_shared_failure_is_not_counted_as_done(tmp_path: Path) -> None:
+    """When the shared request fails, both callers get the failure and the run is not complete."""
+    import asyncio
+
+    job = Job(id="bad", prompt="p", model="dall-e-3")
+    async with (
+        Simulator(SimConfig(latency=0.1)) as server,
+        Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine,
+    ):
+        server.enqueue("400")
+        (first,), (second,) = await asyncio.gather(engine.generate(job), engine.generate(job))
+    assert server.stats.requests == 1
+    assert first.status == second.status == "failed"
+    assert engine.summary.skipped_requests == 0
+    assert not engine.summary.complete
