@@ -282,7 +282,7 @@ class Engine:
         }
         return Result.of(request, self._run_id, "failed", error=error, reused=True)
 
-    def preflight(self, jobs: Iterable[Job]) -> None:
+    def _preflight(self, jobs: Iterable[Job]) -> None:
         """Count planned work and refuse changed jobs before anything is sent."""
         for job in jobs:
             for _, request, _ in self._triage(job):
@@ -391,7 +391,7 @@ class Engine:
         elif isinstance(jobs, Manifest | list | tuple):
             # Re-iterable inputs are counted (and checked for changed jobs) before anything is
             # sent; one-shot iterators are counted as they stream.
-            self.preflight(jobs)
+            self._preflight(jobs)
         else:
             counted = False
         await self._start_run(manifest)
