@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ def simulate_server(*options: str, env: dict[str, str] | None = None) -> Iterato
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)
+
+
+def write_manifest(path: Path, jobs: Iterable[dict[str, Any]]) -> Path:
+    """A JSONL manifest with one job per line."""
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
 
 
 def ledger_results(out: Path) -> list[dict[str, Any]]:
@@ -142,13 +148,9 @@ def test_missing_key_is_a_clear_usage_error(tmp_path: Path) -> None:
 
 def test_sigint_midway_then_rerun_gives_every_image_once(tmp_path: Path) -> None:
     """Ctrl-C part-way exits 130; the rerun completes with every image once and no key ok twice."""
-    manifest = tmp_path / "many.jsonl"
-    manifest.write_text(
-        "\n".join(
-            json.dumps({"id": f"m{i}", "prompt": f"picture {i}", "model": "qwen-image"})
-            for i in range(120)
-        )
-        + "\n"
+    manifest = write_manifest(
+        tmp_path / "many.jsonl",
+        ({"id": f"m{i}", "prompt": f"picture {i}", "model": "qwen-image"} for i in range(120)),
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -226,7 +228,7 @@ def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
     jobs = [{"id": f"f{i}", "prompt": f"scene {i}", "model": "qwen-image"} for i in range(210)]
     jobs.append({"id": "nope", "prompt": "something FORBIDDEN", "model": "dall-e-3"})
-    manifest.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
+    write_manifest(manifest, jobs)
     out = tmp_path / "out"
     faults = ["--seed", "3", "--rate-429", "0.08", "--rate-429-bare", "0.04", "--rate-5xx", "0.08"]
     with simulate_server(*faults, "--content-policy-marker", "FORBIDDEN") as base_url:
@@ -251,9 +253,8 @@ def test_faulty_server_run_completes_and_a_400_exits_1(tmp_path: Path) -> None:
 def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> None:
     """With slow requests in flight, a second SIGINT exits 130 at once; the rerun finishes."""
     with simulate_server("--latency", "30") as base_url:
-        manifest = tmp_path / "m.jsonl"
-        manifest.write_text(
-            "\n".join(json.dumps({"id": f"s{i}", "prompt": f"slow {i}"}) for i in range(6)) + "\n"
+        manifest = write_manifest(
+            tmp_path / "m.jsonl", ({"id": f"s{i}", "prompt": f"slow {i}"} for i in range(6))
         )
         out = tmp_path / "out"
         args = [sys.executable, "-m", "cometbatch", "run", str(manifest), "--base-url", base_url]
@@ -350,13 +351,9 @@ def test_high_concurrency_works_under_a_low_open_file_limit(tmp_path: Path) -> N
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    manifest = tmp_path / "many.jsonl"
-    manifest.write_text(
-        "\n".join(
-            json.dumps({"id": f"h{i}", "prompt": f"p{i}", "response_format": "b64_json"})
-            for i in range(400)
-        )
-        + "\n"
+    manifest = write_manifest(
+        tmp_path / "many.jsonl",
+        ({"id": f"h{i}", "prompt": f"p{i}", "response_format": "b64_json"} for i in range(400)),
     )
     result = subprocess.run(
         [sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
