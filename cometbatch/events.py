@@ -67,14 +67,9 @@ class _EventReader:
         """Parse an unterminated last line, or note it as torn and return None."""
         if not raw.strip():
             return None
-        try:
-            event = json.loads(raw)
-        except ValueError:
+        event = _whole_event(raw)
+        if event is None:
             self.torn_tail = True
-            return None
-        if type(event) is not dict or "event" not in event:
-            self.torn_tail = True
-            return None
         return event
 
 
@@ -83,13 +78,13 @@ def iter_events(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     return iter(_EventReader(Path(path)))
 
 
-def _complete_line(tail: bytes) -> bool:
-    """Whether an unterminated tail is a whole event that only lacks its newline."""
+def _whole_event(tail: bytes) -> dict[str, Any] | None:
+    """An unterminated tail as an event, if it is a whole one that only lacks its newline."""
     try:
         event = json.loads(tail)
     except ValueError:
-        return False
-    return type(event) is dict and "event" in event
+        return None
+    return event if type(event) is dict and "event" in event else None
 
 
 def repair_tail(path: Path) -> bool:
@@ -111,7 +106,7 @@ def _repair_open(handle: IO[bytes]) -> bool:
         return False
     cut = _after_last_newline(handle, size)
     handle.seek(cut)
-    if _complete_line(handle.read()):
+    if _whole_event(handle.read()) is not None:
         # A whole event that lost only its newline is a result worth keeping.
         handle.seek(size)
         handle.write(b"\n")
