@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class KeyState:
         retryable: bool | None,
         job_id: str,
         n: int,
-        images: Iterable[dict[str, Any]] = (),
+        images: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
@@ -64,34 +64,22 @@ class KeyState:
         # Keys are "<job_id>#<chunk>": the job id is kept separately only if it differs.
         self._job_id = None if key.rpartition("#")[0] == job_id else job_id
         self.n = n
-        self._images = _pack_image_dicts(job_id, list(images))
+        self._images = _pack_image_dicts(job_id, images) if images else ()
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> KeyState:
         """Build from a result event; raises KeyError/TypeError/ValueError when malformed."""
         status = event["status"]
-        job_id = event["job_id"]
         retryable: bool | None = None
-        packed: tuple[Any, ...] = ()
-        if status == "ok":
-            raw_images = event.get("images")
-            if raw_images:
-                packed = _pack_image_dicts(job_id, raw_images)
-        else:
+        if status != "ok":
             error = event.get("error")
             if isinstance(error, dict):
                 retryable = error.get("retryable")
-        # The same assignments as __init__, inline: this runs once per ledger line.
-        self = cls.__new__(cls)
-        key = self.key = event["key"]
-        self.status = _SHARED.get(status, status)
-        fingerprint = event.get("fingerprint")
-        self._fingerprint = None if fingerprint is None else _pack_hex(fingerprint)
-        self.retryable = retryable
-        self._job_id = None if key.rpartition("#")[0] == job_id else job_id
-        self.n = event["n"]
-        self._images = packed
-        return self
+        images = (event.get("images") or ()) if status == "ok" else ()
+        return cls(
+            event["key"], status, event.get("fingerprint"), retryable, event["job_id"],
+            event["n"], images,
+        )  # fmt: skip
 
     @property
     def fingerprint(self) -> str | None:
@@ -178,7 +166,7 @@ def _pack_one(
     return (index, path_or_none, fmt, size, _pack_hex(sha256))
 
 
-def _pack_image_dicts(job_id: str, images: list[dict[str, Any]]) -> tuple[Any, ...]:
+def _pack_image_dicts(job_id: str, images: Sequence[dict[str, Any]]) -> tuple[Any, ...]:
     """Pack the `images` list of a result event."""
     if len(images) == 1:  # the common case, without the list
         i = images[0]
