@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,9 +27,9 @@ from .errors import (
 )
 from .events import LEDGER_NAME
 from .manifest import load_manifest
-from .models import ModelRegistry
+from .models import ModelRegistry, parse_overrides
 from .progress import choose_mode
-from .results import Summary
+from .report import model_lines, plan_data, plan_lines, status_lines, summary_data, summary_lines
 from .runner import RunOutcome, run_manifest
 from .settings import KEY_ENV, Settings
 from .simulator import SimConfig, serve
@@ -84,22 +85,6 @@ def _raise_open_file_limit(concurrency: int, simulate: bool) -> None:
             concurrency,
             wanted,
         )
-
-
-def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """`MODEL.FIELD=VALUE` options as model overrides; VALUE is JSON where it parses as JSON."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in items:
-        target, sep, raw = item.partition("=")
-        model, dot, name = target.rpartition(".")
-        if not (sep and dot and model and name):
-            raise ConfigError(f"--model-override {item!r}: expected MODEL.FIELD=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides.setdefault(model, {})[name] = value
-    return overrides
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -251,7 +236,9 @@ def run(
         except ValidationError as exc:
             raise ConfigError(str(exc.errors(include_url=False)[0]["msg"])) from None
         if dry_run:
-            _print_plan(loaded.stats.by_model, out, json_output)
+            done = LedgerState.load(out / LEDGER_NAME).counts().get("ok", 0)
+            plan = plan_data(loaded.stats.by_model, out, done)
+            click.echo(json.dumps(plan) if json_output else "\n".join(plan_lines(plan)))
             return
         _raise_open_file_limit(concurrency, simulate)
         if not simulate and not settings.resolved_key():
@@ -278,8 +265,8 @@ def run(
         if outcome.error is not None:
             raise outcome.error
     except CometBatchError as exc:
-        done = _summary_data(outcome.summary, out) if outcome is not None else None
-        _fail(exc, json_output=json_output, summary=done)
+        so_far = summary_data(outcome.summary, out) if outcome is not None else None
+        _fail(exc, json_output=json_output, summary=so_far)
     except KeyboardInterrupt:
         say("interrupted")
         sys.exit(EXIT_INTERRUPTED)
@@ -294,70 +281,14 @@ def run(
         say(message)
         sys.exit(EXIT_FAILED)
     summary = outcome.summary
-    _report(summary, out, json_output)
+    if json_output:
+        click.echo(json.dumps(summary_data(summary, out)))
+    else:
+        for line in summary_lines(summary, out):
+            say(line)
     if summary.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_OK if summary.complete else EXIT_FAILED)
-
-
-def _print_plan(by_model: dict[str, Any], out: Path, json_output: bool) -> None:
-    state = LedgerState.load(out / LEDGER_NAME)
-    plan = {
-        name: {"jobs": p.jobs, "requests": p.requests, "images": p.images}
-        for name, p in sorted(by_model.items())
-    }
-    done = state.counts().get("ok", 0)
-    if json_output:
-        click.echo(json.dumps({"out_dir": str(out), "models": plan, "done_requests": done}))
-        return
-    for name, p in plan.items():
-        click.echo(
-            f"{name:<20} {p['jobs']:>7} jobs {p['requests']:>8} requests {p['images']:>8} images"
-        )
-    click.echo(f"already done in {out}: {done} request(s); nothing was sent (dry run)")
-
-
-def _summary_data(summary: Summary, out: Path) -> dict[str, Any]:
-    """The --json summary object."""
-    return {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
-
-
-def _report(summary: Summary, out: Path, json_output: bool) -> None:
-    if json_output:
-        click.echo(json.dumps(_summary_data(summary, out)))
-        return
-    sim = " [simulated API]" if summary.simulated else ""
-    if summary.planned_requests == 0:
-        say(f"nothing to do: the manifest has no jobs{sim}")
-        return
-    if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:
-        say(
-            f"everything was already done: {summary.skipped_requests} request(s), "
-            f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}"
-        )
-        return
-    rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
-    say(
-        f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
-        f"({rate:.1f}/s) to {out / 'images'}{sim}"
-    )
-    say(
-        f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
-        f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
-        f"retries {summary.retries} (429s {summary.rate_limited}), "
-        f"possibly billed twice: {summary.ambiguous_retries}"
-    )
-    for kind, count in sorted(summary.failures.items()):
-        say(f"  failed ({kind}): {count}")
-    if summary.kept_failures:
-        say(
-            f"  {summary.kept_failures} permanent failure(s) from earlier runs kept; "
-            "use --retry-failed to try them again"
-        )
-    if summary.stopped:
-        say(f"stopped: {summary.stopped}")
-    if summary.interrupted:
-        say("interrupted: run the same command again to resume")
 
 
 @main.command()
@@ -369,18 +300,7 @@ def status(out_dir: Path, json_output: bool) -> None:
         data = read_status(out_dir).to_dict()
     except CometBatchError as exc:
         _fail(exc)
-    if json_output:
-        click.echo(json.dumps(data))
-        return
-    click.echo(f"{out_dir}: {data['runs']} run(s), last ended cleanly: {data['last_run_ended']}")
-    for name, item in data["by_model"].items():
-        click.echo(
-            f"  {name:<20} ok {item['ok_requests']} requests / {item['ok_images']} images, "
-            f"failed {item['failed_requests']} / {item['failed_images']}"
-        )
-    for kind, count in data["failures"].items():
-        click.echo(f"  failures {kind}: {count} (e.g. {data['failure_examples'][kind]})")
-    click.echo(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
+    click.echo(json.dumps(data) if json_output else "\n".join(status_lines(data)))
 
 
 @main.command()
@@ -390,14 +310,8 @@ def models(json_output: bool) -> None:
     specs = list(ModelRegistry())
     if json_output:
         click.echo(json.dumps([spec.model_dump(mode="json") for spec in specs]))
-        return
-    for spec in specs:
-        sizes = ", ".join(spec.sizes) if spec.sizes else "any"
-        params = ", ".join(sorted([*spec.params, *spec.int_ranges])) or "-"
-        click.echo(
-            f"{spec.name:<18} max n {spec.max_n:<3} answers {'/'.join(spec.response_formats):<13} "
-            f"sizes {sizes}; params {params}"
-        )
+    else:
+        click.echo("\n".join(model_lines(specs)))
 
 
 @main.command()
@@ -446,8 +360,6 @@ def simulate(
     api_key_env: str | None,
 ) -> None:
     """Serve the simulated images API (for trying cometbatch or your own code without a key)."""
-    import os
-
     _setup_logging(1, False)
     try:
         config = SimConfig(

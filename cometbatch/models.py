@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -251,3 +252,19 @@ class ModelRegistry:
             except ValidationError as exc:
                 raise ConfigError(f"bad override for model {name!r}: {exc}") from None
         return ModelRegistry(specs.values())
+
+
+def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`MODEL.FIELD=VALUE` options as model overrides; VALUE is JSON where it parses as JSON."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        model, dot, name = target.rpartition(".")
+        if not (sep and dot and model and name):
+            raise ConfigError(f"model override {item!r}: expected MODEL.FIELD=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(model, {})[name] = value
+    return overrides

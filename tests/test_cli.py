@@ -381,7 +381,7 @@ def test_model_override_changes_the_fan_out_and_bad_ones_are_usage_errors(tmp_pa
 
 def test_parse_overrides_reads_json_values_and_plain_strings() -> None:
     """Values that parse as JSON become numbers or lists; anything else stays a string."""
-    from cometbatch.cli import parse_overrides
+    from cometbatch.models import parse_overrides
 
     assert parse_overrides(("gpt-image-1.max_n=4", 'my.model.sizes=["512x512"]', "m.name=x")) == {
         "gpt-image-1": {"max_n": 4},
