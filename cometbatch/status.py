@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +40,17 @@ class FolderStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `status --json`."""
-        totals = ModelStatus()
-        for item in self.by_model.values():
-            totals.ok_requests += item.ok_requests
-            totals.failed_requests += item.failed_requests
-            totals.ok_images += item.ok_images
-            totals.failed_images += item.failed_images
+        by_model = {name: asdict(item) for name, item in sorted(self.by_model.items())}
+        totals = {
+            field: sum(item[field] for item in by_model.values())
+            for field in ("ok_requests", "failed_requests", "ok_images", "failed_images")
+        }
         return {
             "out_dir": self.out_dir,
             "runs": self.runs,
             "keys": self.keys,
-            "ok_requests": totals.ok_requests,
-            "failed_requests": totals.failed_requests,
-            "ok_images": totals.ok_images,
-            "failed_images": totals.failed_images,
-            "by_model": {name: vars_of(item) for name, item in sorted(self.by_model.items())},
+            **totals,
+            "by_model": by_model,
             "failures": dict(self.failures),
             "failure_examples": self.failure_examples,
             "retries": self.retries,
@@ -64,16 +60,6 @@ class FolderStatus:
             "last_run_ended": self.last_run_ended,
             "last_summary": self.last_summary,
         }
-
-
-def vars_of(item: ModelStatus) -> dict[str, int]:
-    """A ModelStatus as a dict."""
-    return {
-        "ok_requests": item.ok_requests,
-        "failed_requests": item.failed_requests,
-        "ok_images": item.ok_images,
-        "failed_images": item.failed_images,
-    }
 
 
 def read_status(out_dir: str | Path) -> FolderStatus:
