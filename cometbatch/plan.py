@@ -12,6 +12,11 @@ from .manifest import Job
 from .models import ModelSpec
 
 
+def request_key(job_id: str, chunk: int) -> str:
+    """The ledger key of a job's request: `<job_id>#<chunk>` (contract)."""
+    return f"{job_id}#{chunk}"
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One API call: images first_index .. first_index + n - 1 of its job."""
@@ -26,7 +31,7 @@ class Request:
     @property
     def key(self) -> str:
         """The ledger key, `<job_id>#<chunk>`."""
-        return f"{self.job.id}#{self.chunk}"
+        return request_key(self.job.id, self.chunk)
 
     @property
     def indexes(self) -> range:

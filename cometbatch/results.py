@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .manifest import Job
-from .plan import Request
+from .plan import Request, request_key
 from .sink import ImageRecord
 
 
@@ -47,7 +47,7 @@ class Result:
     @property
     def key(self) -> str:
         """The ledger key of this request."""
-        return f"{self.job.id}#{self.chunk}"
+        return request_key(self.job.id, self.chunk)
 
     @property
     def ok(self) -> bool:

@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,8 @@ class ImageRecord:
     revised_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ledger's image object."""
-        return {
-            "index": self.index,
-            "path": self.path,
-            "format": self.format,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "revised_prompt": self.revised_prompt,
-        }
+        """The ledger's image object (the fields, in order)."""
+        return asdict(self)
 
 
 def _sha256_hex(data: bytes) -> str:
