@@ -102,6 +102,15 @@ class Dispatcher:
     busy: Callable[[bool], None]
     # Requests sleeping before their next attempt (for the progress display).
     waiting: int = 0
+    # A download is retried a few times on its own, with the same backoff as generations.
+    download_policy: RetryPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.download_policy = RetryPolicy(
+            max_attempts=DOWNLOAD_ATTEMPTS,
+            backoff_base=self.policy.backoff_base,
+            backoff_max=self.policy.backoff_max,
+        )
 
     async def _wait(self, delay: float) -> None:
         # Only a request waiting to retry holds nothing paid for: a stop may cancel it now.
@@ -157,12 +166,8 @@ class Dispatcher:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _download(self, url: str) -> bytes:
-        policy = RetryPolicy(
-            max_attempts=DOWNLOAD_ATTEMPTS,
-            backoff_base=self.policy.backoff_base,
-            backoff_max=self.policy.backoff_max,
-        )
-        async for attempt in retrying(policy, sleep=self.sleep, before_sleep=_log_retry):
+        retry = retrying(self.download_policy, sleep=self.sleep, before_sleep=_log_retry)
+        async for attempt in retry:
             with attempt:
                 data, _ = await self.client.download(url)
                 return data
