@@ -26,10 +26,19 @@ from .errors import (
     OutputError,
 )
 from .events import LEDGER_NAME
+from .fetch import fetch_pending
 from .manifest import load_manifest
 from .models import ModelRegistry, parse_overrides
 from .progress import choose_mode
-from .report import model_lines, plan_data, plan_lines, status_lines, summary_data, summary_lines
+from .report import (
+    fetch_lines,
+    model_lines,
+    plan_data,
+    plan_lines,
+    status_lines,
+    summary_data,
+    summary_lines,
+)
 from .runner import RunOutcome, run_manifest
 from .settings import KEY_ENV, Settings
 from .simulator import SimConfig, serve
@@ -157,6 +166,18 @@ def main() -> None:
     "--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs."
 )
 @click.option(
+    "--regenerate-changed",
+    is_flag=True,
+    help="Regenerate jobs changed since the ledger recorded them (old images are moved to "
+    "OUT/replaced/; paid again).",
+)
+@click.option(
+    "--no-retry-ambiguous",
+    is_flag=True,
+    help="Do not retry a request that timed out or lost its connection after it was sent "
+    "(it may have been billed); it fails as 'ambiguous' instead.",
+)
+@click.option(
     "--model-override",
     "model_override",
     multiple=True,
@@ -189,6 +210,8 @@ def run(
     size: str | None,
     n: int | None,
     retry_failed: bool,
+    regenerate_changed: bool,
+    no_retry_ambiguous: bool,
     model_override: tuple[str, ...],
     allow_insecure_http: bool,
     dry_run: bool,
@@ -226,6 +249,8 @@ def run(
             "max_attempts": max_attempts,
             "timeout": timeout,
             "retry_failed": retry_failed,
+            "regenerate_changed": regenerate_changed,
+            "retry_ambiguous": not no_retry_ambiguous,
             "allow_insecure_http": allow_insecure_http,
             "model_overrides": overrides,
         }
@@ -301,6 +326,40 @@ def status(out_dir: Path, json_output: bool) -> None:
     except CometBatchError as exc:
         _fail(exc)
     click.echo(json.dumps(data) if json_output else "\n".join(status_lines(data)))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=_DEFAULTS["concurrency"],
+    show_default=True,
+    help="Downloads at a time.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")
+@click.option("--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug.")
+def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbose: int) -> None:
+    """Download again the images a run generated but could not download (no key needed).
+
+    Nothing is generated, so nothing is paid again. Image links expire (often within an
+    hour); a link that no longer works stays failed, and `run --retry-failed` regenerates it.
+    """
+    _setup_logging(verbose, quiet)
+    try:
+        summary = asyncio.run(fetch_pending(out_dir, Settings(concurrency=concurrency)))
+    except CometBatchError as exc:
+        _fail(exc, json_output=json_output)
+    except KeyboardInterrupt:
+        say("interrupted; run the same command again to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    if json_output:
+        click.echo(json.dumps(summary_data(summary, out_dir)))
+    else:
+        for line in fetch_lines(summary, out_dir):
+            say(line)
+    sys.exit(EXIT_OK if summary.complete else EXIT_FAILED)
 
 
 @main.command()

@@ -19,11 +19,11 @@ from .errors import (
     CometBatchError,
     ConfigError,
     IncompatibleAPIError,
-    OutputError,
 )
+from .fetch import Fetcher, output_error
 from .limits import Limiter, Outcome
 from .plan import Request
-from .results import Summary
+from .results import DOWNLOAD_FAILED, FAILED, OK, PendingDownload, Summary
 from .retry import RetryPolicy, possibly_billed, retrying
 from .sink import ImageRecord, Sink
 
@@ -33,7 +33,6 @@ Sleep = Callable[[float], Awaitable[None]]
 # Failures that say "the server is overloaded" and slow the whole engine down; a rejected
 # prompt says nothing about the server's capacity.
 THROTTLE_KINDS = frozenset({"rate_limit", "server", "timeout", "ambiguous", "connection"})
-DOWNLOAD_ATTEMPTS = 4
 
 
 class Stopped(Exception):
@@ -63,6 +62,19 @@ def fatal_error(exc: APIError, base_url: str) -> CometBatchError:
     return exc
 
 
+def ambiguous_failure(exc: APIError) -> APIError:
+    """A possibly billed failure that was not retried: kept (not resent) until --retry-failed."""
+    return APIError(
+        f"{exc.message} — the image may have been generated and billed, so it was not sent "
+        "again (retry_ambiguous is off; --retry-failed sends it again)",
+        kind="ambiguous",
+        status=exc.status,
+        code=exc.code,
+        request_id=exc.request_id,
+        retryable=False,
+    )
+
+
 @dataclass(slots=True)
 class Sent:
     """What one request came to: its images or its error, and how many attempts it took."""
@@ -72,6 +84,15 @@ class Sent:
     error: APIError | None = None
     attempts: int = 0
     ambiguous: int = 0
+    # Images generated whose download failed: kept with their URL, fetched again later.
+    pending: list[PendingDownload] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """The ledger status this outcome records."""
+        if self.pending:
+            return DOWNLOAD_FAILED
+        return FAILED if self.error is not None else OK
 
 
 def _check_count(request: Request, response: ImagesResponse) -> None:
@@ -102,15 +123,12 @@ class Dispatcher:
     busy: Callable[[bool], None]
     # Requests sleeping before their next attempt (for the progress display).
     waiting: int = 0
-    # A download is retried a few times on its own, with the same backoff as generations.
-    download_policy: RetryPolicy = field(init=False)
+    # Downloads are retried on their own, with the same backoff as generations.
+    fetcher: Fetcher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.download_policy = RetryPolicy(
-            max_attempts=DOWNLOAD_ATTEMPTS,
-            backoff_base=self.policy.backoff_base,
-            backoff_max=self.policy.backoff_max,
-        )
+        # A download holds a paid-for image: its retry waits keep the task busy (not cancelled).
+        self.fetcher = Fetcher(self.client, self.sink, self.policy, self.sleep)
 
     async def _wait(self, delay: float) -> None:
         # Only a request waiting to retry holds nothing paid for: a stop may cancel it now.
@@ -127,11 +145,13 @@ class Dispatcher:
         try:
             response = await self._attempts(request, sent)
             sent.usage = response.usage
-            sent.images = await self._store(request, response)
+            await self._store(request, response, sent)
         except APIError as exc:
             if is_fatal(exc):
                 raise
             sent.error = exc
+            if exc.retryable and possibly_billed(exc) and not self.policy.retry_ambiguous:
+                sent.error = ambiguous_failure(exc)
         return sent
 
     async def _attempts(self, request: Request, sent: Sent) -> ImagesResponse:
@@ -165,39 +185,36 @@ class Dispatcher:
                     return response
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    async def _download(self, url: str) -> bytes:
-        retry = retrying(self.download_policy, sleep=self.sleep, before_sleep=_log_retry)
-        async for attempt in retry:
-            with attempt:
-                data, _ = await self.client.download(url)
-                return data
-        raise AssertionError("unreachable: tenacity reraises the last error")
-
-    async def _store(self, request: Request, response: ImagesResponse) -> list[ImageRecord]:
-        """Decode or download each image and write it; a download is retried, never regenerated."""
-        records = []
+    async def _store(self, request: Request, response: ImagesResponse, sent: Sent) -> None:
+        """Write each image: decode inline ones, download URL ones (never regenerated)."""
+        urls = []
         for offset, item in enumerate(response.data[: request.n]):
             index = request.first_index + offset
-            try:
-                if item.b64_json:
+            if item.b64_json:
+                try:
                     record = await self.sink.decode_and_write(
                         request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
                     )
-                elif item.url:
-                    data = await self._download(item.url)
-                    record = await self.sink.write(
-                        request.job.id, index, data, revised_prompt=item.revised_prompt
-                    )
-                else:
-                    raise APIResponseError(
-                        "an image in the answer has neither b64_json nor url", retryable=True
-                    )
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot write images in {self.sink.out_dir}: {exc.strerror or exc}"
-                ) from exc
-            records.append(record)
-        return records
+                except OSError as exc:
+                    raise output_error(self.sink, exc) from exc
+                sent.images.append(record)
+            elif item.url:
+                urls.append(PendingDownload(index, item.url, item.revised_prompt))
+            else:
+                raise APIResponseError(
+                    "an image in the answer has neither b64_json nor url", retryable=True
+                )
+        if urls:
+            await self.refetch(request.job.id, urls, sent)
+
+    async def refetch(self, job_id: str, pending: list[PendingDownload], sent: Sent) -> None:
+        """Download images already generated; what still fails stays pending with its URL."""
+        fetched = await self.fetcher.fetch(job_id, pending)
+        sent.images.extend(fetched.images)
+        sent.images.sort(key=lambda image: image.index)
+        sent.pending = fetched.pending
+        if fetched.error is not None:
+            sent.error = fetched.error
 
 
 def interruptible_sleep(stop: asyncio.Event) -> Sleep:

@@ -9,22 +9,23 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from . import __version__
+from .aside import REPLACED_DIR, set_aside
 from .client import Client
-from .dispatch import Dispatcher, Stopped, fatal_error, interruptible_sleep
-from .errors import APIError, CometBatchError, LedgerError, OutputError
+from .dispatch import Dispatcher, Sent, Stopped, fatal_error, interruptible_sleep
+from .errors import APIError, ChangedJobsError, CometBatchError, OutputError
+from .events import now_iso
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
 from .models import ModelRegistry
 from .plan import Request, plan_job
-from .results import Result, Summary
+from .results import DOWNLOAD_FAILED, PendingDownload, Result, Summary
 from .resume import Verdict, decide
 from .retry import RetryPolicy
 from .settings import Settings
@@ -32,10 +33,6 @@ from .sink import ImageRecord, Sink
 from .state import KeyState
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Engine:
@@ -160,7 +157,7 @@ class Engine:
                         {
                             "event": "end",
                             "run_id": self._run_id,
-                            "finished_at": _now(),
+                            "finished_at": now_iso(),
                             "summary": self.summary.to_dict(),
                         }
                     )
@@ -215,7 +212,7 @@ class Engine:
             {
                 "event": "run",
                 "run_id": self._run_id,
-                "started_at": _now(),
+                "started_at": now_iso(),
                 "manifest": str(manifest.path) if manifest is not None else None,
                 "manifest_sha256": manifest.sha256 if manifest is not None else None,
                 "version": __version__,
@@ -234,7 +231,8 @@ class Engine:
     # -- deciding what to send ------------------------------------------------------------
 
     def _triage(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
-        """Each request with its verdict: send, reuse (ok already) or keep (failed for good)."""
+        """Each request of a job with its verdict (see resume.decide); "changed" is yielded
+        only when the settings allow regenerating changed jobs."""
         _, _, ledger, _ = self._open_parts()
         spec = self.registry.get(job.model)
         spec.check(job.params(), job.prompt)
@@ -242,16 +240,12 @@ class Engine:
         for request in plan_job(job, spec):
             state = ledger.state.get(request.key)
             verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
-            if verdict == "changed":
+            if verdict == "changed" and not self.settings.regenerate_changed:
                 changed.append(request.key)
             else:
                 yield verdict, request, state
         if changed:
-            raise LedgerError(
-                f"job {job.id!r} changed since the ledger in {self.out_dir} recorded it "
-                f"({', '.join(changed)}): its old images would no longer match the manifest; "
-                "use a new output folder, or restore the job as it was"
-            )
+            raise ChangedJobsError(self.out_dir, [job.id])
 
     def _count(self, verdict: str, request: Request, *, planned: bool) -> None:
         s = self.summary
@@ -263,31 +257,48 @@ class Engine:
             s.skipped_images += request.n
         elif verdict == "keep":
             s.kept_failures += 1
+        elif verdict == "changed":
+            s.regenerated_requests += 1
 
     def _reused(self, request: Request, state: KeyState) -> Result:
         """The ledger's ok result for a request, reported again without sending it."""
         images = tuple(ImageRecord(**image) for image in state.images)
         return Result.of(request, self._run_id, "ok", images=images, reused=True)
 
-    def _kept(self, request: Request) -> Result:
+    def _kept(self, request: Request, state: KeyState | None) -> Result:
         """A permanent failure from an earlier run, reported again without a request."""
+        if state is not None and state.status == DOWNLOAD_FAILED:
+            message = (
+                "generated in an earlier run, but its image link no longer works (see the "
+                "ledger); set retry_failed to generate it again (paid again)"
+            )
+        else:
+            message = (
+                "failed permanently in an earlier run (see the ledger); "
+                "set retry_failed to try again"
+            )
         error = {
             "kind": "earlier_failure",
             "status": None,
             "code": None,
-            "message": "failed permanently in an earlier run (see the ledger); "
-            "set retry_failed to try again",
+            "message": message,
             "request_id": None,
             "retryable": False,
         }
         return Result.of(request, self._run_id, "failed", error=error, reused=True)
 
     def _preflight(self, jobs: Iterable[Job]) -> None:
-        """Count planned work and refuse changed jobs before anything is sent."""
+        """Count planned work and refuse changed jobs (all named) before anything is sent."""
+        changed: list[str] = []
         for job in jobs:
-            for _, request, _ in self._triage(job):
-                self.summary.planned_requests += 1
-                self.summary.planned_images += request.n
+            try:
+                for _, request, _ in self._triage(job):
+                    self.summary.planned_requests += 1
+                    self.summary.planned_images += request.n
+            except ChangedJobsError:
+                changed.append(job.id)
+        if changed:
+            raise ChangedJobsError(self.out_dir, changed)
 
     def _mark_busy(self, busy: bool) -> None:
         """Workers holding a sent request are not cancelled on stop: their images are paid for."""
@@ -300,8 +311,9 @@ class Engine:
         else:
             self._idle.add(task)
 
-    async def _execute(self, request: Request) -> Result:
+    async def _execute(self, work: Work) -> Result:
         """Send a request, or share the result of the same request already being sent."""
+        request = work.request
         while (pending := self._inflight.get(request.key)) is not None:
             # Two generate() calls for one job must not pay twice; wait without taking over
             # the first caller's error (if it fails, this caller sends the request itself).
@@ -319,7 +331,7 @@ class Engine:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future
         try:
-            result = await self._send_and_record(request)
+            result = await self._send_and_record(work)
         except BaseException:
             future.cancel()
             raise
@@ -329,31 +341,60 @@ class Engine:
         finally:
             del self._inflight[request.key]
 
-    async def _send_and_record(self, request: Request) -> Result:
+    async def _send_and_record(self, work: Work) -> Result:
         """One request from send to ledger line; API failures become a failed Result."""
         _, _, ledger, _ = self._open_parts()
-        assert self._dispatcher is not None
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        request, recorded = work.request, work.recorded
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            sent = await self._dispatcher.send(request)
-        except APIError as exc:
-            raise fatal_error(exc, self.settings.base_url) from exc
+        if work.verdict == "fetch" and recorded is not None:
+            # Generated (and paid for) in an earlier run: only its downloads are tried again.
+            sent = Sent(images=[ImageRecord(**image) for image in recorded.images])
+            pending = [PendingDownload(*item) for item in recorded.downloads]
+            await dispatcher.refetch(request.job.id, pending, sent)
+        else:
+            if work.verdict == "changed" and recorded is not None:
+                await self._set_aside(recorded)
+            try:
+                sent = await dispatcher.send(request)
+            except APIError as exc:
+                raise fatal_error(exc, self.settings.base_url) from exc
         result = Result.of(
             request,
             self._run_id,
-            "failed" if sent.error else "ok",
+            sent.status,
             images=tuple(sent.images),
+            downloads=tuple(sent.pending),
             attempts=sent.attempts,
             ambiguous_retries=sent.ambiguous,
             error=sent.error.to_record() if sent.error else None,
             latency_s=loop.time() - started,
-            finished_at=_now(),
+            finished_at=now_iso(),
             usage=sent.usage,
         )
         await self._append(ledger, result.to_event())
         self.summary.add(result)
         return result
+
+    async def _set_aside(self, recorded: KeyState) -> None:
+        """Move a changed job's recorded images out of the way before regenerating them."""
+        relpaths = [image["path"] for image in recorded.images]
+        try:
+            moved = await asyncio.to_thread(set_aside, self.out_dir, self._run_id, relpaths)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot move the old images of job {recorded.job_id!r} aside in "
+                f"{self.out_dir}: {exc.strerror or exc}"
+            ) from exc
+        if moved:
+            log.info(
+                "job %r changed: %d old image(s) moved to %s",
+                recorded.job_id,
+                moved,
+                self.out_dir / REPLACED_DIR / self._run_id,
+            )
 
     # -- public entry points ---------------------------------------------------------------
 
@@ -364,12 +405,12 @@ class Engine:
         calls = []
         for verdict, request, state in triaged:
             self._count(verdict, request, planned=True)
-            if verdict == "send":
-                calls.append(self._execute(request))
+            if verdict in _SENT:
+                calls.append(self._execute(Work(request, verdict, state)))
             elif verdict == "reuse" and state is not None:
                 calls.append(_done(self._reused(request, state)))
             else:
-                calls.append(_done(self._kept(request)))
+                calls.append(_done(self._kept(request, state)))
         try:
             return list(await asyncio.gather(*calls))
         except Stopped:
@@ -396,7 +437,7 @@ class Engine:
             counted = False
         await self._start_run(manifest)
         width = self.settings.concurrency
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=width * 2)
+        queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=width * 2)
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
             self._run_all(jobs, queue, results, width, counting=not counted)
@@ -416,7 +457,7 @@ class Engine:
     async def _run_all(
         self,
         jobs: Iterable[Job] | AsyncIterable[Job],
-        queue: asyncio.Queue[Request | None],
+        queue: asyncio.Queue[Work | None],
         results: asyncio.Queue[Result | None],
         width: int,
         *,
@@ -444,7 +485,7 @@ class Engine:
     async def _produce(
         self,
         jobs: Iterable[Job] | AsyncIterable[Job],
-        queue: asyncio.Queue[Request | None],
+        queue: asyncio.Queue[Work | None],
         width: int,
         counting: bool,
     ) -> None:
@@ -452,10 +493,10 @@ class Engine:
             async for job in _aiter(jobs):
                 if self.stopping:
                     return
-                for verdict, request, _ in self._triage(job):
+                for verdict, request, state in self._triage(job):
                     self._count(verdict, request, planned=counting)
-                    if verdict == "send":
-                        await queue.put(request)
+                    if verdict in _SENT:
+                        await queue.put(Work(request, verdict, state))
         except Exception as exc:
             # A changed or impossible job, or a broken job source: stop cleanly; requests
             # already sent still land, then run() raises this error.
@@ -467,14 +508,14 @@ class Engine:
             await queue.put(None)
 
     async def _work(
-        self, queue: asyncio.Queue[Request | None], results: asyncio.Queue[Result | None]
+        self, queue: asyncio.Queue[Work | None], results: asyncio.Queue[Result | None]
     ) -> None:
         while not self.stopping:
-            request = await queue.get()
-            if request is None:
+            work = await queue.get()
+            if work is None:
                 return
             try:
-                result = await self._execute(request)
+                result = await self._execute(work)
             except Stopped:
                 return
             except Exception as exc:
@@ -485,6 +526,19 @@ class Engine:
             finally:
                 self._mark_busy(False)
             await results.put(result)
+
+
+# Verdicts that put a request on the work queue (the rest are answered from the ledger).
+_SENT = frozenset({"send", "fetch", "changed"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Work:
+    """A request for a worker: send it, fetch its pending downloads, or regenerate it."""
+
+    request: Request
+    verdict: Verdict = "send"
+    recorded: KeyState | None = None
 
 
 async def _done(result: Result) -> Result:

@@ -57,6 +57,26 @@ class LedgerError(CometBatchError):
     """Corrupt ledger, changed job fingerprint, or an output folder locked by another run."""
 
 
+class ChangedJobsError(LedgerError):
+    """Jobs whose request changed since the ledger recorded their images (all named)."""
+
+    SHOWN = 10
+
+    def __init__(self, out_dir: object, job_ids: list[str]) -> None:
+        self.job_ids = list(job_ids)
+        shown = ", ".join(repr(job_id) for job_id in self.job_ids[: self.SHOWN])
+        more = len(self.job_ids) - self.SHOWN
+        if more > 0:
+            shown += f" and {more} more"
+        super().__init__(
+            f"{len(self.job_ids)} job(s) changed since the ledger in {out_dir} recorded them: "
+            f"{shown}; their images no longer match the manifest. To regenerate them (paid "
+            f"again; the old images are moved to {out_dir}/replaced/), rerun with "
+            "--regenerate-changed (setting regenerate_changed); or use a new output folder, "
+            "or restore the jobs as they were"
+        )
+
+
 class OutputError(CometBatchError):
     """The output folder cannot be written (permissions, disk full); the ledger stays consistent."""
 

@@ -1,10 +1,11 @@
-"""Reading the ledger file: stream its events, tolerate and repair a torn last line."""
+"""The ledger file: stream its events, tolerate and repair a torn last line, stamp times."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,7 +17,12 @@ _TAIL_CHUNK = 64 * 1024
 _DECODER = json.JSONDecoder()
 # json.loads makes a fresh string per value; sharing the few recurring ones saves memory
 # across a million results.
-_SHARED: dict[str, str] = {s: s for s in ("ok", "failed", "png", "jpeg", "webp")}
+_SHARED: dict[str, str] = {s: s for s in ("ok", "failed", "download_failed", "png", "jpeg", "webp")}
+
+
+def now_iso() -> str:
+    """The ledger's timestamp format: UTC, milliseconds, a trailing Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _EventReader:

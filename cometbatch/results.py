@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .manifest import Job
 from .plan import Request, request_key
 from .sink import ImageRecord
+
+# Result statuses. A download that failed after its image was generated (and paid for) is
+# not a failed generation: its URL is kept so the download alone can be tried again.
+OK = "ok"
+FAILED = "failed"
+DOWNLOAD_FAILED = "download_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDownload:
+    """A generated image whose download has not succeeded yet (its temporary URL)."""
+
+    index: int
+    url: str
+    revised_prompt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ledger's `downloads` entry."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +47,8 @@ class Result:
     latency_s: float = 0.0
     finished_at: str = ""
     usage: dict[str, Any] | None = None
+    # Images generated but not downloaded yet (status download_failed).
+    downloads: tuple[PendingDownload, ...] = ()
     # True when the ledger already held this key as ok and nothing was sent.
     reused: bool = False
 
@@ -52,7 +73,7 @@ class Result:
     @property
     def ok(self) -> bool:
         """Whether every image of this request is on disk."""
-        return self.status == "ok"
+        return self.status == OK
 
     def to_event(self) -> dict[str, Any]:
         """The ledger's result event (contract field names, no secrets)."""
@@ -67,6 +88,7 @@ class Result:
             "model": self.job.model,
             "n": self.n,
             "images": [image.to_dict() for image in self.images],
+            "downloads": [pending.to_dict() for pending in self.downloads],
             "attempts": self.attempts,
             "ambiguous_retries": self.ambiguous_retries,
             "error": self.error,
@@ -93,6 +115,8 @@ class Summary:
     failed_images: int = 0
     # Permanent failures from earlier runs that this run did not try again.
     kept_failures: int = 0
+    # Requests whose job changed since the ledger recorded it, regenerated on request.
+    regenerated_requests: int = 0
     retries: int = 0
     ambiguous_retries: int = 0
     rate_limited: int = 0
@@ -110,7 +134,9 @@ class Summary:
             self.images_written += len(result.images)
         else:
             self.failed_requests += 1
-            self.failed_images += result.n
+            # A download_failed request wrote some of its images; the rest are the failures.
+            self.images_written += len(result.images)
+            self.failed_images += result.n - len(result.images)
             kind = (result.error or {}).get("kind", "unknown")
             self.failures[str(kind)] += 1
         self.retries += max(result.attempts - 1, 0)
@@ -149,6 +175,7 @@ class Summary:
             "images_written": self.images_written,
             "failed_images": self.failed_images,
             "kept_failures": self.kept_failures,
+            "regenerated_requests": self.regenerated_requests,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
             "rate_limited": self.rate_limited,

@@ -6,17 +6,29 @@ from typing import Literal
 
 from .state import KeyState
 
-Verdict = Literal["send", "reuse", "keep", "changed"]
+Verdict = Literal["send", "reuse", "keep", "fetch", "changed"]
 
 
 def decide(fingerprint: str, recorded: KeyState | None, *, retry_failed: bool) -> Verdict:
-    """send it, reuse its ok images, keep a permanent failure, or flag that the job changed."""
+    """What to do with one planned request.
+
+    send it; reuse its ok images; keep a permanent failure; fetch the images it generated
+    but could not download; or flag that the job changed since its images were written.
+    """
     if recorded is None:
         return "send"
     same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
-    if recorded.status == "ok":
+    if recorded.status in ("ok", "download_failed") and not same:
         # Old images that no longer match the request must not pass for its result.
-        return "reuse" if same else "changed"
+        return "changed"
+    if recorded.status == "ok":
+        return "reuse"
+    if recorded.status == "download_failed":
+        # Paid for already: download again, never generate again, unless the links are gone
+        # for good and the user asks for that (retry_failed pays for the images again).
+        if recorded.retryable is not False:
+            return "fetch"
+        return "send" if retry_failed else "keep"
     if recorded.retryable is False and not retry_failed and same:
         return "keep"
     # Retryable, --retry-failed, or a failed job the user has since edited.

@@ -59,6 +59,9 @@ class Settings(BaseModel):
     # Stop the run when the API has been failing with no success for this long.
     outage_limit: float = Field(default=300.0, gt=0)
     retry_failed: bool = False
+    # Regenerate jobs whose request changed since the ledger recorded them; their old images
+    # are moved to OUT/replaced/<run_id>/ first. Off: such a run is refused, naming the jobs.
+    regenerate_changed: bool = False
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Plain http to a non-loopback host sends the key in clear text; refuse unless allowed.
     allow_insecure_http: bool = False

@@ -29,6 +29,8 @@ def _unpack_hex(value: bytes | str) -> str:
     return value.hex() if isinstance(value, bytes) else value
 
 
+_WITH_IMAGES = frozenset({"ok", "download_failed"})
+
 # Each image is packed flat into KeyState._images as these five values, because a million
 # results held as dicts or small objects cost several times the memory.
 _FIELDS_PER_IMAGE = 5
@@ -37,7 +39,9 @@ _FIELDS_PER_IMAGE = 5
 class KeyState:
     """The latest recorded outcome of one request key (`<job_id>#<chunk>`), stored compactly."""
 
-    __slots__ = ("_fingerprint", "_images", "_job_id", "key", "n", "retryable", "status")
+    __slots__ = (
+        "_fingerprint", "_images", "_job_id", "downloads", "key", "n", "retryable", "status",
+    )  # fmt: skip
 
     key: str
     status: str
@@ -46,6 +50,8 @@ class KeyState:
     _fingerprint: bytes | str | None
     _job_id: str | None
     _images: tuple[Any, ...]
+    # (index, url, revised_prompt) of images generated but not downloaded (download_failed).
+    downloads: tuple[tuple[int, str, str | None], ...]
 
     def __init__(
         self,
@@ -56,6 +62,7 @@ class KeyState:
         job_id: str,
         n: int,
         images: Sequence[dict[str, Any]] = (),
+        downloads: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
@@ -65,6 +72,9 @@ class KeyState:
         self._job_id = None if key.rpartition("#")[0] == job_id else job_id
         self.n = n
         self._images = _pack_image_dicts(job_id, images) if images else ()
+        self.downloads = tuple(
+            (int(item["index"]), str(item["url"]), item.get("revised_prompt")) for item in downloads
+        )
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> KeyState:
@@ -75,10 +85,12 @@ class KeyState:
             error = event.get("error")
             if isinstance(error, dict):
                 retryable = error.get("retryable")
-        images = (event.get("images") or ()) if status == "ok" else ()
+        # A download_failed result keeps the images it did write, and the URLs still to fetch.
+        images = (event.get("images") or ()) if status in _WITH_IMAGES else ()
+        downloads = (event.get("downloads") or ()) if status == "download_failed" else ()
         return cls(
             event["key"], status, event.get("fingerprint"), retryable, event["job_id"],
-            event["n"], images,
+            event["n"], images, downloads,
         )  # fmt: skip
 
     @property
@@ -95,7 +107,7 @@ class KeyState:
 
     @property
     def image_count(self) -> int:
-        """How many images the result recorded (0 unless ok)."""
+        """How many images the result recorded (0 unless ok or download_failed)."""
         return len(self._images) // _FIELDS_PER_IMAGE
 
     @property
@@ -105,7 +117,7 @@ class KeyState:
 
     @property
     def images(self) -> list[dict[str, Any]]:
-        """The recorded image objects of an ok result, rebuilt; `revised_prompt` is not kept."""
+        """The recorded image objects, rebuilt; `revised_prompt` is not kept."""
         packed = self._images
         if not packed:
             return []
@@ -136,6 +148,7 @@ class KeyState:
             self.job_id,
             self.n,
             self.images,
+            self.downloads,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -149,7 +162,8 @@ class KeyState:
         return (
             f"KeyState(key={self.key!r}, status={self.status!r}, "
             f"fingerprint={self.fingerprint!r}, retryable={self.retryable!r}, "
-            f"job_id={self.job_id!r}, n={self.n!r}, images={self.image_count})"
+            f"job_id={self.job_id!r}, n={self.n!r}, images={self.image_count}, "
+            f"downloads={len(self.downloads)})"
         )
 
 

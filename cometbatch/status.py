@@ -30,6 +30,8 @@ class FolderStatus:
     keys: int = 0
     by_model: dict[str, ModelStatus] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
+    # Images generated but not downloaded yet (`cometbatch fetch` tries them again).
+    awaiting_download: int = 0
     failure_examples: dict[str, str] = field(default_factory=dict)
     retries: int = 0
     ambiguous_retries: int = 0
@@ -52,6 +54,7 @@ class FolderStatus:
             **totals,
             "by_model": by_model,
             "failures": dict(self.failures),
+            "awaiting_download": self.awaiting_download,
             "failure_examples": self.failure_examples,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
@@ -86,6 +89,7 @@ def read_status(out_dir: str | Path) -> FolderStatus:
                 "model": event.get("model"),
                 "n": event.get("n", 0),
                 "error": event.get("error"),
+                "written": len(event.get("images") or ()),
             }
             status.retries += max(int(event.get("attempts") or 1) - 1, 0)
             status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
@@ -97,8 +101,13 @@ def read_status(out_dir: str | Path) -> FolderStatus:
             model.ok_requests += 1
             model.ok_images += int(item["n"])
         else:
+            # A download_failed request wrote some of its images; the rest are waiting.
+            written = item["written"] if item["status"] == "download_failed" else 0
+            if item["status"] == "download_failed":
+                status.awaiting_download += int(item["n"]) - written
             model.failed_requests += 1
-            model.failed_images += int(item["n"])
+            model.ok_images += written
+            model.failed_images += int(item["n"]) - written
             error = item["error"] or {}
             kind = str(error.get("kind", "unknown"))
             status.failures[kind] += 1

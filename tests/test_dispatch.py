@@ -141,3 +141,41 @@ async def test_a_final_failure_stays_busy_until_recorded(tmp_path: Path) -> None
     calls, ok = await send_once(tmp_path, "400")
     assert not ok
     assert calls == [True]
+
+
+@pytest.mark.parametrize("fault", ["504", "524", "drop", "malformed", "fewer-images"])
+async def test_a_possibly_billed_failure_is_not_resent_when_ambiguous_retries_are_off(
+    tmp_path: Path, fault: str
+) -> None:
+    """With retry_ambiguous off, a failure after the request left fails as a kept 'ambiguous'."""
+    async with (
+        Simulator(SimConfig()) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=2) as limiter,
+    ):
+        sim.enqueue(fault)
+        dispatcher = dispatcher_for(client, limiter, tmp_path)
+        dispatcher.policy = RetryPolicy(max_attempts=3, retry_ambiguous=False)
+        sent = await dispatcher.send(one_request())
+        assert sim.stats.requests == 1
+    assert sent.attempts == 1 and sent.ambiguous == 0
+    assert sent.error is not None
+    record = sent.error.to_record()
+    assert record["kind"] == "ambiguous"
+    # Kept on the next run (not resent behind the user's back) until --retry-failed.
+    assert record["retryable"] is False
+    assert "may have been generated and billed" in record["message"]
+
+
+async def test_a_possibly_billed_retry_is_counted(tmp_path: Path) -> None:
+    """By default the same failure is retried, and the retry is counted as possibly billed."""
+    async with (
+        Simulator(SimConfig()) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=2) as limiter,
+    ):
+        sim.enqueue("drop", "500")
+        sent = await dispatcher_for(client, limiter, tmp_path).send(one_request())
+    assert sent.error is None and sent.attempts == 3
+    # The drop may have been billed; the 500 was not.
+    assert sent.ambiguous == 1

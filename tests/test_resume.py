@@ -27,8 +27,17 @@ def recorded(status: str, fingerprint: str | None = FP, retryable: bool | None =
         (recorded("failed", retryable=False), True, "send"),
         (recorded("failed", fingerprint=OTHER, retryable=False), False, "send"),
         (recorded("failed", retryable=None), False, "send"),
+        # Generated and paid for, not downloaded: fetch again, never generate again...
+        (recorded("download_failed", retryable=True), False, "fetch"),
+        (recorded("download_failed", retryable=True), True, "fetch"),
+        (recorded("download_failed", retryable=None), False, "fetch"),
+        # ...unless the link is gone for good: kept, or regenerated when the user asks.
+        (recorded("download_failed", retryable=False), False, "keep"),
+        (recorded("download_failed", retryable=False), True, "send"),
+        (recorded("download_failed", fingerprint=OTHER, retryable=True), False, "changed"),
     ],
 )
 def test_decide(state: KeyState | None, retry_failed: bool, verdict: Verdict) -> None:
-    """ok keys are reused unless changed; permanent failures are kept unless asked or edited."""
+    """ok keys are reused unless changed; permanent failures are kept unless asked or edited;
+    images generated but not downloaded are fetched again."""
     assert decide(FP, state, retry_failed=retry_failed) == verdict

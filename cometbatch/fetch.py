@@ -1,0 +1,229 @@
+"""Downloads of generated images: retried on their own, never by generating the image again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import RetryCallState
+
+from . import __version__
+from .client import Client
+from .errors import APIError, DownloadError, ImageDataError, OutputError
+from .events import iter_events, now_iso
+from .ledger import Ledger
+from .results import DOWNLOAD_FAILED, OK, PendingDownload, Summary
+from .retry import RetryPolicy, retrying
+from .settings import Settings
+from .sink import ImageRecord, Sink
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+DOWNLOAD_ATTEMPTS = 4
+
+
+@dataclass(slots=True)
+class Fetched:
+    """What fetching a request's image URLs came to: files written, URLs still pending."""
+
+    images: list[ImageRecord] = field(default_factory=list)
+    pending: list[PendingDownload] = field(default_factory=list)
+    # The last download failure, when some URL is still pending.
+    error: APIError | None = None
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.info("retrying a download after attempt %d failed: %s", state.attempt_number, exc)
+
+
+class Fetcher:
+    """Downloads image URLs (retrying each a few times) and writes them through the sink."""
+
+    def __init__(self, client: Client, sink: Sink, policy: RetryPolicy, sleep: Sleep) -> None:
+        self.client = client
+        self.sink = sink
+        self.sleep = sleep
+        # The generation policy's backoff, with fewer attempts: a link either works or expires.
+        self.policy = RetryPolicy(
+            max_attempts=DOWNLOAD_ATTEMPTS,
+            backoff_base=policy.backoff_base,
+            backoff_max=policy.backoff_max,
+            rand=policy.rand,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Fetcher attempts={self.policy.max_attempts} sink={self.sink!r}>"
+
+    async def download(self, url: str) -> bytes:
+        """One URL's bytes, retried on transient failures; raises DownloadError."""
+        retry = retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry)
+        async for attempt in retry:
+            with attempt:
+                data, _ = await self.client.download(url)
+                return data
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def fetch(self, job_id: str, pending: Iterable[PendingDownload]) -> Fetched:
+        """Download and write each pending image; failures stay pending, with their URL."""
+        fetched = Fetched()
+        for item in pending:
+            try:
+                data = await self.download(item.url)
+                record = await self.sink.write(
+                    job_id, item.index, data, revised_prompt=item.revised_prompt
+                )
+            except (DownloadError, ImageDataError) as exc:
+                log.warning("image %d of job %r was not downloaded: %s", item.index, job_id, exc)
+                fetched.pending.append(item)
+                fetched.error = exc
+                continue
+            except OSError as exc:
+                raise output_error(self.sink, exc) from exc
+            fetched.images.append(record)
+        return fetched
+
+
+def output_error(sink: Sink, exc: OSError) -> OutputError:
+    """The run-stopping error for a failed image write."""
+    return OutputError(f"cannot write images in {sink.out_dir}: {exc.strerror or exc}")
+
+
+def _pending_events(path: Path) -> list[dict[str, Any]]:
+    """The latest result event of each key whose status is download_failed."""
+    latest: dict[str, dict[str, Any]] = {}
+    for _, event in iter_events(path):
+        if event.get("event") != "result":
+            continue
+        if event.get("status") == DOWNLOAD_FAILED:
+            latest[event["key"]] = event
+        else:
+            latest.pop(event.get("key"), None)  # type: ignore[arg-type]
+    return list(latest.values())
+
+
+def _fetched_event(
+    old: dict[str, Any], fetched: Fetched, run_id: str, took: float
+) -> dict[str, Any]:
+    """The result line that replaces a download_failed line after another try."""
+    images = [*old.get("images", ()), *(image.to_dict() for image in fetched.images)]
+    images.sort(key=lambda image: image["index"])
+    status = DOWNLOAD_FAILED if fetched.pending else OK
+    return {
+        **old,
+        "run_id": run_id,
+        "status": status,
+        "images": images,
+        "downloads": [item.to_dict() for item in fetched.pending],
+        # Nothing was generated this time: no attempts, nothing billed.
+        "attempts": 0,
+        "ambiguous_retries": 0,
+        "error": fetched.error.to_record() if fetched.error is not None else None,
+        "latency_s": round(took, 3),
+        "finished_at": now_iso(),
+    }
+
+
+async def fetch_pending(
+    out_dir: str | os.PathLike[str],
+    settings: Settings | None = None,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> Summary:
+    """Download again the images of every download_failed request in an output folder.
+
+    Nothing is generated and no key is needed: the links the API gave are fetched while they
+    are still valid, and each request gets a new ledger line (ok, or download_failed).
+    """
+    settings = settings or Settings()
+    out = Path(out_dir)
+    summary = Summary()
+    async with Ledger(out) as ledger:
+        pending = await asyncio.to_thread(_pending_events, ledger.path)
+        if not pending:
+            return summary
+        run_id = summary.run_id = uuid.uuid4().hex[:12]
+        summary.planned_requests = len(pending)
+        summary.planned_images = sum(len(event.get("downloads") or ()) for event in pending)
+        started = time.monotonic()
+        await ledger.append(
+            {
+                "event": "run",
+                "run_id": run_id,
+                "started_at": now_iso(),
+                "manifest": None,
+                "manifest_sha256": None,
+                "version": __version__,
+                "settings": {**settings.public(), "command": "fetch"},
+            }
+        )
+        # Downloads carry no key, whatever the settings hold.
+        client = Client(
+            base_url=settings.base_url,
+            api_key=None,
+            connect_timeout=settings.connect_timeout,
+            download_timeout=settings.download_timeout,
+            max_download_bytes=settings.max_download_bytes,
+            session=session,
+            allow_insecure_http=True,
+        )
+        async with client:
+            fetcher = Fetcher(client, Sink(out), RetryPolicy.from_settings(settings), sleep)
+            gate = asyncio.Semaphore(settings.concurrency)
+            try:
+                async for event, fetched in _fetch_each(fetcher, pending, gate, run_id):
+                    await ledger.append(event)
+                    _count(summary, fetched)
+            finally:
+                summary.elapsed_s = time.monotonic() - started
+                await ledger.append(
+                    {
+                        "event": "end",
+                        "run_id": run_id,
+                        "finished_at": now_iso(),
+                        "summary": summary.to_dict(),
+                    }
+                )
+    return summary
+
+
+async def _fetch_each(
+    fetcher: Fetcher, pending: list[dict[str, Any]], gate: asyncio.Semaphore, run_id: str
+) -> AsyncIterator[tuple[dict[str, Any], Fetched]]:
+    """Fetch each request's links (a few requests at a time); yield their new ledger lines."""
+
+    async def one(old: dict[str, Any]) -> tuple[dict[str, Any], Fetched]:
+        async with gate:
+            began = time.monotonic()
+            items = [PendingDownload(**item) for item in old.get("downloads") or ()]
+            fetched = await fetcher.fetch(old["job_id"], items)
+            return _fetched_event(old, fetched, run_id, time.monotonic() - began), fetched
+
+    tasks = [asyncio.ensure_future(one(old)) for old in pending]
+    try:
+        for done in asyncio.as_completed(tasks):
+            yield await done
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _count(summary: Summary, fetched: Fetched) -> None:
+    summary.images_written += len(fetched.images)
+    if fetched.error is None:
+        summary.ok_requests += 1
+    else:
+        summary.failed_requests += 1
+        summary.failed_images += len(fetched.pending)
+        summary.failures[fetched.error.kind] += 1
