@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -49,6 +50,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Errors about the input or the folder (the user must change something) exit 2.
 _USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False)
 # Settings owns the defaults; the options only show them.
 _DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
@@ -116,6 +118,29 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.propagate = False
 
 
+def _reporting_options(command: _F) -> _F:
+    """--json, --quiet and --verbose, shared by the commands that do work."""
+    command = click.option(
+        "--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug."
+    )(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")(
+        command
+    )
+    return click.option(
+        "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout."
+    )(command)
+
+
+def _concurrency_option(text: str) -> Callable[[_F], _F]:
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(1, 10_000),
+        default=_DEFAULTS["concurrency"],
+        show_default=True,
+        help=text,
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cometbatch")
 def main() -> None:
@@ -134,13 +159,7 @@ def main() -> None:
     "--base-url",
     help="API base URL (default: $COMETAPI_BASE_URL, else https://api.cometapi.com/v1).",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 10_000),
-    default=_DEFAULTS["concurrency"],
-    show_default=True,
-    help="Requests in flight at most.",
-)
+@_concurrency_option("Requests in flight at most.")
 @click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
 @click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
 @click.option(
@@ -194,9 +213,7 @@ def main() -> None:
 @click.option(
     "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
 )
-@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")
-@click.option("--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug.")
+@_reporting_options
 def run(
     manifest: Path,
     out_dir: Path | None,
@@ -330,16 +347,8 @@ def status(out_dir: Path, json_output: bool) -> None:
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 10_000),
-    default=_DEFAULTS["concurrency"],
-    show_default=True,
-    help="Downloads at a time.",
-)
-@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")
-@click.option("--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug.")
+@_concurrency_option("Downloads at a time.")
+@_reporting_options
 def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbose: int) -> None:
     """Download again the images a run generated but could not download (no key needed).
 
