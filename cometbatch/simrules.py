@@ -18,12 +18,28 @@ from .errors import CapabilityError
 from .models import ModelRegistry, ModelSpec
 
 SERVER_ERROR_STATUSES: tuple[int, ...] = (500, 502, 503, 504, 524)
-# Faults that change a successful answer instead of replacing it.
-SHAPING_FAULTS: tuple[str, ...] = ("empty-data", "fewer-images", "bad-base64", "slow")
+# Faults that change a successful answer instead of replacing it. "drop-midway" sends the
+# headers and half the body of a generated (billed) answer, then closes the connection.
+SHAPING_FAULTS: tuple[str, ...] = (
+    "empty-data",
+    "fewer-images",
+    "bad-base64",
+    "slow",
+    "drop-midway",
+)
+# Faults of the file route, applied to the next downloads rather than the next generations.
+# "download-expired" makes the file pass its TTL (gone for good); "download-404" is one 404.
+DOWNLOAD_FAULTS: tuple[str, ...] = (
+    "download-404",
+    "download-expired",
+    "download-huge",
+    "download-not-image",
+)
 FAULTS: tuple[str, ...] = (
     *("429", "429-bare", "500", "502", "503", "504", "524", "500-invalid-request"),
     *("400", "content-policy", "drop", "malformed", "html", "redirect"),
     *SHAPING_FAULTS,
+    *DOWNLOAD_FAULTS,
 )
 _WINDOW_SECONDS = 60.0
 _URL_FORMATS: Mapping[str, str] = {"dall-e-3": "webp"}  # CometAPI links dall-e-3 to .webp files
@@ -53,6 +69,8 @@ class SimConfig(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     url_ttl: float = Field(default=3600.0, ge=0)
     slow_seconds: float = Field(default=30.0, ge=0)
+    # The size of a "download-huge" answer: by default just over the client's 64 MiB cap.
+    huge_download_bytes: int = Field(default=64 * 1024 * 1024 + 1, gt=0)
     seed: int | None = None
     record_requests: bool = True
     # Prompts containing this text are refused as a content-policy violation (a 400).
@@ -254,6 +272,16 @@ def pick_fault(config: SimConfig, draw: float) -> str | None:
     return None
 
 
+def images_to_answer(fault: str | None, n: int) -> int:
+    """How many of the `n` images asked for an answer shaped by `fault` carries."""
+    return {"fewer-images": n - 1, "empty-data": 0}.get(fault or "", n)
+
+
+def counts_as_generated(fault: str | None) -> bool:
+    """Whether an answer shaped by `fault` was generated in full (and billed) by the server."""
+    return fault in (None, "slow", "drop-midway")
+
+
 def format_seconds(seconds: float) -> str:
     """A Retry-After value: whole seconds as an integer, else a short decimal."""
     if seconds == int(seconds):
@@ -366,3 +394,8 @@ NOT_FOUND_PAGE = (
     "</center><hr><center>nginx</center></body></html>"
 )
 BAD_BASE64 = "%%% this is not base64 %%%"
+# A CDN's interstitial: what an image link can answer instead of the image.
+NOT_AN_IMAGE_PAGE = (
+    "<html><head><title>Just a moment...</title></head><body><h1>Checking your browser "
+    "before accessing the file</h1></body></html>"
+)

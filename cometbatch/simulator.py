@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -21,10 +22,12 @@ from .imagegen import CONTENT_TYPES, make_image, png_of_size
 from .models import ModelRegistry
 from .simrules import (
     BAD_BASE64,
+    DOWNLOAD_FAULTS,
     FAULT_ERRORS,
     FAULT_PAGES,
     FAULTS,
     ID_ALPHABET,
+    NOT_AN_IMAGE_PAGE,
     NOT_FOUND_PAGE,
     SERVER_ERROR_STATUSES,
     SHAPING_FAULTS,
@@ -34,8 +37,10 @@ from .simrules import (
     SlidingWindow,
     admit,
     check_authorization,
+    counts_as_generated,
     error_body,
     image_seed,
+    images_to_answer,
     json_or_none,
     make_request_id,
     parse_request,
@@ -54,6 +59,7 @@ GENERATION_PATH = "/v1/images/generations"
 _PICTURE_VARIANTS = 1024
 _PAYLOAD_VARIANTS = 4
 _MAX_FILES = 100_000
+_CHUNK = 64 * 1024
 _EXTENSIONS: Mapping[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
@@ -111,6 +117,7 @@ class Simulator:
         self._state: Literal["new", "open", "closed"] = "new"
         self._runner: web.AppRunner | None = None
         self._forced: deque[str] = deque()
+        self._forced_downloads: deque[str] = deque()
         self._rng = random.Random(self.config.seed)
         self._ids = random.Random()
         self._rpm = SlidingWindow(self.config.rpm_limit) if self.config.rpm_limit else None
@@ -188,20 +195,23 @@ class Simulator:
         return self._stats
 
     def enqueue(self, *faults: str) -> None:
-        """Force the outcome of the next requests, in order."""
+        """Force the outcome of the next requests, in order ("download-*": the next downloads)."""
         if self._state == "closed":
             raise RuntimeError("the Simulator is closed")
         unknown = [name for name in faults if name not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-        self._forced.extend(faults)
+        for name in faults:
+            queue = self._forced_downloads if name in DOWNLOAD_FAULTS else self._forced
+            queue.append(name)
 
     def __repr__(self) -> str:
         where = self.base_url if self._state == "open" else self._state
         s = self._stats
         return (
             f"<Simulator {where} requests={s.requests} generated={s.generated} "
-            f"images={s.images} in_flight={self._in_flight} queued_faults={len(self._forced)}>"
+            f"images={s.images} in_flight={self._in_flight} "
+            f"queued_faults={len(self._forced) + len(self._forced_downloads)}>"
         )
 
     # helpers
@@ -266,7 +276,7 @@ class Simulator:
         elif forced == "slow":
             await asyncio.sleep(self.config.slow_seconds)
         await self._latency()
-        return self._success(parsed, forced)
+        return await self._success(parsed, forced, request)
 
     def _admit(self, request: ImageRequest) -> web.StreamResponse | None:
         windows = ((self._rpm, 1, "requests"), (self._ipm, request.n, "images"))
@@ -313,17 +323,21 @@ class Simulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def _success(self, request: ImageRequest, forced: str | None) -> web.Response:
-        count = {"fewer-images": request.n - 1, "empty-data": 0}.get(forced or "", request.n)
+    async def _success(
+        self, request: ImageRequest, forced: str | None, http: web.Request
+    ) -> web.StreamResponse:
+        count = images_to_answer(forced, request.n)
         items = [self._item(request, index, forced == "bad-base64") for index in range(count)]
         body: dict[str, Any] = {"created": int(time.time()), "data": items}
         if request.usage:
             body["usage"] = usage_for(request)
-        if forced in (None, "slow"):
+        if counts_as_generated(forced):
             stats = self._stats
             stats.generated += 1
             stats.images += count
             stats.by_model[request.model] = stats.by_model.get(request.model, 0) + 1
+        if forced == "drop-midway":
+            return await _drop_midway(http, json.dumps(body).encode())
         return self._reply(web.Response(text=json.dumps(body), content_type="application/json"))
 
     def _item(self, request: ImageRequest, index: int, corrupt: bool) -> dict[str, str]:
@@ -393,9 +407,19 @@ class Simulator:
             )
         self._evict(self._now())
         name = request.match_info["name"]
+        fault = self._forced_downloads.popleft() if self._forced_downloads else None
+        if fault is not None:
+            self._stats.faults[fault] += 1
+            if fault == "download-expired":
+                # Past its TTL: gone for good, answered as any expired link is.
+                self._files.pop(name, None)
         stored = self._files.get(name)
-        if stored is None:
+        if stored is None or fault == "download-404":
             return _html(404, NOT_FOUND_PAGE)
+        if fault == "download-not-image":
+            return _html(200, NOT_AN_IMAGE_PAGE)
+        if fault == "download-huge":
+            return await _send_huge(request, stored, self.config.huge_download_bytes)
         stored.downloads += 1
         # Two downloads allow one client retry; then the memory is released.
         if stored.downloads >= 2:
@@ -412,6 +436,33 @@ def _drop(request: web.Request) -> web.StreamResponse:
     if request.transport is not None:
         request.transport.close()
     return web.Response(status=499)
+
+
+async def _drop_midway(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Send the headers and half the body, then close: the answer is lost after it was paid."""
+    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    # close() (not abort()) sends what was written before the FIN; aiohttp then finds the
+    # transport closing and skips finishing the response.
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+async def _send_huge(request: web.Request, stored: _StoredFile, size: int) -> web.StreamResponse:
+    """Stream the image padded to `size` bytes, announced in Content-Length."""
+    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: stored.content_type})
+    response.content_length = total = max(size, len(stored.data))
+    await response.prepare(request)
+    padding = bytes(_CHUNK)
+    # A client that refuses it after the headers closes the connection: that is the point.
+    with contextlib.suppress(ConnectionError):
+        await response.write(stored.data)
+        for start in range(len(stored.data), total, _CHUNK):
+            await response.write(padding[: min(_CHUNK, total - start)])
+    return response
 
 
 async def serve(

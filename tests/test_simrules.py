@@ -8,12 +8,17 @@ import pytest
 
 from cometbatch.models import ModelRegistry
 from cometbatch.simrules import (
+    DOWNLOAD_FAULTS,
+    FAULTS,
+    SHAPING_FAULTS,
     ApiFailure,
     ImageRequest,
     SimConfig,
     SlidingWindow,
     check_authorization,
+    counts_as_generated,
     format_seconds,
+    images_to_answer,
     make_request_id,
     parse_request,
     pick_fault,
@@ -182,3 +187,36 @@ def test_sliding_window_frees_capacity_as_events_age() -> None:
     assert window.wait_for(20.0, 3) == pytest.approx(50.0)
     assert window.wait_for(60.0, 2) == 0.0
     assert window.wait_for(60.0, 4) == 60.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "n", "count", "generated"),
+    [
+        (None, 3, 3, True),
+        ("slow", 2, 2, True),
+        ("drop-midway", 2, 2, True),
+        ("bad-base64", 2, 2, False),
+        ("fewer-images", 3, 2, False),
+        ("fewer-images", 1, 0, False),
+        ("empty-data", 4, 0, False),
+    ],
+)
+def test_shaped_answers(fault: str | None, n: int, count: int, generated: bool) -> None:
+    """A shaping fault sets how many images an answer carries and whether it counts as made."""
+    assert images_to_answer(fault, n) == count
+    assert counts_as_generated(fault) is generated
+
+
+def test_fault_names_are_unique_and_grouped() -> None:
+    """Every fault name is known once; download faults are their own group, by prefix."""
+    assert len(FAULTS) == len(set(FAULTS))
+    assert set(SHAPING_FAULTS) <= set(FAULTS) and set(DOWNLOAD_FAULTS) <= set(FAULTS)
+    assert not set(SHAPING_FAULTS) & set(DOWNLOAD_FAULTS)
+    assert {name for name in FAULTS if name.startswith("download-")} == set(DOWNLOAD_FAULTS)
+
+
+def test_huge_downloads_exceed_the_default_download_cap() -> None:
+    """By default a "download-huge" answer is just over the client's 64 MiB cap."""
+    from cometbatch.client import DEFAULT_MAX_DOWNLOAD_BYTES
+
+    assert SimConfig().huge_download_bytes == DEFAULT_MAX_DOWNLOAD_BYTES + 1

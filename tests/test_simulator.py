@@ -412,6 +412,29 @@ async def test_drop_fault_closes_the_connection(
     assert sim.stats.statuses == {200: 1}
 
 
+async def test_drop_midway_fault_cuts_a_generated_answer_after_the_headers(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """ "drop-midway" sends 200, the length and half the body of a billed answer, then closes."""
+    sim.enqueue("drop-midway")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{sim.base_url}/images/generations"
+    async with session.post(url, json=DALLE2, headers=headers) as resp:
+        assert (resp.status, resp.content_type) == (200, "application/json")
+        assert resp.content_length is not None
+        received = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in resp.content.iter_any():
+                received += chunk
+    assert 0 < len(received) < resp.content_length
+    assert received.startswith(b'{"created"')
+    assert (await post(session, sim, DALLE2))[0] == 200
+    # The cut-off answer was generated (paid for), but never answered in full.
+    assert (sim.stats.generated, sim.stats.images) == (2, 4)
+    assert sim.stats.statuses == {200: 1}
+    assert sim.stats.faults == {"drop-midway": 1}
+
+
 @pytest.mark.parametrize(("fault", "count"), [("empty-data", 0), ("fewer-images", 1)])
 async def test_missing_image_faults(
     sim: Simulator, session: aiohttp.ClientSession, fault: str, count: int
@@ -460,6 +483,72 @@ def test_enqueue_rejects_unknown_fault() -> None:
     with pytest.raises(ValueError, match="418"):
         Simulator().enqueue("418")
     assert "slow" in FAULTS
+
+
+async def download(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
+    """GET a file link: its status, content type and body."""
+    async with session.get(url) as resp:
+        return resp.status, resp.content_type, await resp.read()
+
+
+async def test_download_faults_apply_to_the_next_downloads_in_order(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """Download faults wait for the next downloads, in order; generation faults are separate."""
+    sim.enqueue("download-404", "500", "download-not-image")
+    assert "queued_faults=3" in repr(sim)
+    assert (await post(session, sim, DALLE2))[0] == 500
+    _, answer, _ = await post(session, sim, {"model": "dall-e-2", "prompt": "x"})
+    url = answer["data"][0]["url"]
+    status, content_type, body = await download(session, url)
+    assert (status, content_type) == (404, "text/html")
+    assert b"404 Not Found" in body
+    status, content_type, body = await download(session, url)
+    assert (status, content_type) == (200, "text/html")
+    assert body.startswith(b"<html>")
+    status, content_type, body = await download(session, url)
+    assert (status, content_type) == (200, "image/png")
+    assert decode(body).format == "PNG"
+    assert sim.stats.faults == {"500": 1, "download-404": 1, "download-not-image": 1}
+    assert sim.stats.downloads == 1
+
+
+async def test_download_expired_fault_removes_the_file_for_good(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """ "download-expired" ages the link past its TTL: this and every later download is a 404."""
+    _, answer, _ = await post(session, sim, {"model": "dall-e-2", "prompt": "x", "n": 2})
+    first, second = (item["url"] for item in answer["data"])
+    sim.enqueue("download-expired")
+    assert [(await download(session, first))[0] for _ in range(2)] == [404, 404]
+    assert (await download(session, second))[0] == 200
+    assert sim.stats.faults == {"download-expired": 1}
+
+
+async def test_download_huge_fault_sends_the_image_padded_to_the_configured_size(
+    session: aiohttp.ClientSession,
+) -> None:
+    """ "download-huge" announces and sends huge_download_bytes, starting with the image."""
+    async with Simulator(SimConfig(huge_download_bytes=300_000)) as sim:
+        _, answer, _ = await post(session, sim, {"model": "dall-e-2", "prompt": "x"})
+        url = answer["data"][0]["url"]
+        sim.enqueue("download-huge")
+        async with session.get(url) as resp:
+            assert (resp.status, resp.content_type) == (200, "image/png")
+            assert resp.content_length == 300_000
+            huge = await resp.read()
+        status, _, image = await download(session, url)
+    assert status == 200
+    assert len(huge) == 300_000
+    assert huge.startswith(image) and huge[len(image) :] == bytes(300_000 - len(image))
+    assert sim.stats.downloads == 1
+
+
+def test_download_fault_names_are_known() -> None:
+    """Download faults are enqueued by name like the others; a typo is still refused."""
+    assert {"download-404", "download-expired", "download-huge"} <= set(FAULTS)
+    with pytest.raises(ValueError, match="download-410"):
+        Simulator().enqueue("download-410")
 
 
 # -- limits, random faults, stats ------------------------------------------------------------
