@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +25,21 @@ MAX_N = 100_000
 # keeps the id and only the new images are generated.
 _ID_FIELDS = ("prompt", "model", *PARAMS, "extra")
 _CORE = frozenset(("prompt", "model", "n", *PARAMS))
+_TEXT_PARAMS = tuple(name for name in PARAMS if name != "output_compression")
 BATCH_URL = "/v1/images/generations"
+# Deeper lines are refused: json's encoder and decoder recurse, so data nested near the
+# interpreter's recursion limit would parse here and then fail to serialise further on.
+MAX_NESTING = 100
+# What undecodable bytes become when a line is read with errors="surrogateescape".
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 def default_job_id(data: dict[str, Any]) -> str:
     """A short stable id from a job's request fields (64 bits: collisions are negligible)."""
     basis = {k: data[k] for k in _ID_FIELDS if data.get(k) not in (None, {})}
     text = json.dumps(basis, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    # surrogatepass: a lone surrogate must fail validation naming its field, not crash here.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class Job(BaseModel):
@@ -82,6 +91,19 @@ class Job(BaseModel):
         clash = sorted(_CORE & value.keys())
         if clash:
             raise ValueError(f"extra must not set {', '.join(clash)}: set it as a top-level field")
+        return value
+
+    # prompt, model and id need no check: their length constraints already refuse surrogates.
+    @field_validator(*_TEXT_PARAMS, "extra")
+    @classmethod
+    def _sent_as_text(cls, value: Any) -> Any:
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            # It would be sent, and hashed into the request fingerprint, as UTF-8.
+            raise ValueError(
+                "holds a lone surrogate (a \\ud800-\\udfff escape), not text"
+            ) from None
         return value
 
     def params(self) -> dict[str, Any]:
@@ -156,6 +178,58 @@ def _problems_from(exc: ValidationError, line: int) -> list[ManifestProblem]:
     return problems
 
 
+class _NotJSONError(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSONError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # It would go out as Infinity, which is not JSON either.
+        raise _NotJSONError(f"{text} is out of range for a number")
+    return value
+
+
+def _nesting_exceeds(data: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than `limit` (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _strict_json(text: str) -> Any:
+    """Standard JSON nested at most MAX_NESTING deep; otherwise ValueError saying why."""
+    too_deep = f"nested more than {MAX_NESTING} levels deep"
+    try:
+        data = json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except _NotJSONError:
+        raise
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    except ValueError:
+        # Python refuses integers longer than sys.get_int_max_str_digits() (4300 by default).
+        raise ValueError("a number has too many digits") from None
+    if text.count("[") + text.count("{") > MAX_NESTING and _nesting_exceeds(data, MAX_NESTING):
+        raise ValueError(too_deep)
+    return data
+
+
 def _unwrap_batch_line(data: dict[str, Any], line: int) -> dict[str, Any]:
     """An OpenAI Batch API line becomes a plain job; body keys we do not know go to extra."""
     problems = []
@@ -194,9 +268,9 @@ def parse_line(
     if not stripped or stripped.startswith("#"):
         return None
     try:
-        data = json.loads(stripped)
-    except json.JSONDecodeError as exc:
-        raise ManifestError([ManifestProblem(line, None, f"invalid JSON: {exc.msg}")]) from None
+        data = _strict_json(stripped)
+    except ValueError as exc:
+        raise ManifestError([ManifestProblem(line, None, f"invalid JSON: {exc}")]) from None
     if not isinstance(data, dict):
         raise ManifestError([ManifestProblem(line, None, "a line must be a JSON object")])
     if "custom_id" in data or "body" in data:
@@ -244,21 +318,28 @@ class Manifest:
         return f"Manifest({str(self.path)!r}, jobs={self.stats.jobs}, images={self.stats.images})"
 
     def _lines(self) -> Iterator[tuple[int, str]]:
+        # surrogateescape: bytes that are not UTF-8 fail their own line (see _parse), not the file.
         try:
-            with self.path.open(encoding="utf-8-sig", newline="") as handle:
-                yield from enumerate(handle, start=1)
+            with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+                yield from enumerate(f, start=1)
         except FileNotFoundError:
             raise ManifestError(
                 [ManifestProblem(0, None, "file not found")], source=str(self.path)
             ) from None
-        except UnicodeDecodeError as exc:
+        except OSError as exc:
             raise ManifestError(
-                [ManifestProblem(0, None, f"not UTF-8 text ({exc.reason})")], source=str(self.path)
+                [ManifestProblem(0, None, f"cannot read the file: {exc.strerror or exc}")],
+                source=str(self.path),
             ) from None
+
+    def _parse(self, text: str, number: int) -> Job | None:
+        if _UNDECODABLE.search(text):
+            raise ManifestError([ManifestProblem(number, None, "not UTF-8 text")])
+        return parse_line(text, number, defaults=self.defaults, registry=self.registry)
 
     def __iter__(self) -> Iterator[Job]:
         for number, text in self._lines():
-            job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+            job = self._parse(text, number)
             if job is not None:
                 yield job
 
@@ -271,9 +352,9 @@ class Manifest:
         stats = ManifestStats()
         digest = hashlib.sha256()
         for number, text in self._lines():
-            digest.update(text.encode())
+            digest.update(text.encode("utf-8", "surrogateescape"))
             try:
-                job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+                job = self._parse(text, number)
             except ManifestError as exc:
                 problems.extend(exc.problems)
                 job = None
@@ -305,7 +386,7 @@ class Manifest:
             if len(first) == len(duplicates):
                 break
             try:
-                job = parse_line(text, number, defaults=self.defaults, registry=self.registry)
+                job = self._parse(text, number)
             except ManifestError:
                 continue
             if job is not None and folder_key(job.id) in duplicates:

@@ -152,7 +152,7 @@ def parse_error_body(text: str) -> tuple[str, str | None, str | None]:
     """(message, code, request_id) from an error body in CometAPI's shape, or a plain excerpt."""
     try:
         data: Any = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # also too many digits, or nested too deeply
         return _plain(text), None, None
     if not isinstance(data, dict):
         return _plain(text), None, None
