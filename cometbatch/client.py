@@ -95,7 +95,7 @@ class Client:
         ):
             raise ConfigError(
                 f"refusing to send the API key in clear text to {parts.hostname}: use https, "
-                "or allow insecure http explicitly"
+                "or allow it explicitly (--allow-insecure-http, Settings(allow_insecure_http=True))"
             )
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
@@ -186,8 +186,25 @@ class Client:
             return text.replace(self._api_key, "***")
         return text
 
+    def _scrub(self, exc: APIError) -> None:
+        """Blank the key out of every server-supplied text of an error, however it came back
+        (JSON-escaped in a body, in a Location or X-Request-Id header, inside an image URL)."""
+        if not self._api_key:
+            return
+        exc.message = self._redact(exc.message)
+        exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
+        exc.code = self._redact(exc.code) if exc.code else exc.code
+        exc.request_id = self._redact(exc.request_id) if exc.request_id else exc.request_id
+
     async def generate(self, payload: dict[str, Any]) -> ImagesResponse:
         """Send one images/generations request and return its parsed answer (no retries)."""
+        try:
+            return await self._generate(payload)
+        except APIError as exc:
+            self._scrub(exc)
+            raise
+
+    async def _generate(self, payload: dict[str, Any]) -> ImagesResponse:
         session = self._live_session()
         url = f"{self.base_url}/images/generations"
         headers = {"Accept": "application/json"}
@@ -236,7 +253,10 @@ class Client:
             ) from exc
         if isinstance(exc, aiohttp.ClientPayloadError):
             raise APIConnectionError(
-                f"the answer from {where} was cut off: {detail}", sent=True
+                # aiohttp's detail quotes its parser's internal code (400): not an HTTP status.
+                f"the answer from {where} was cut off before it was complete "
+                "(the image may have been generated)",
+                sent=True,
             ) from exc
         raise APIConnectionError(
             f"connection to {where} failed after sending: {detail}", sent=True
@@ -285,6 +305,13 @@ class Client:
                 status=status,
                 retryable=True,
             ) from None
+        except (ValueError, RecursionError):
+            # Python refuses integers longer than 4300 digits and very deep nesting.
+            raise APIResponseError(
+                "malformed response: JSON with a number too long or nesting too deep to read",
+                status=status,
+                retryable=True,
+            ) from None
         if isinstance(data, dict) and "error" in data and "data" not in data:
             raise self._error_in_ok(status, self._redact(text), resp)
         try:
@@ -311,6 +338,8 @@ class Client:
         message, code, request_id = parse_error_body(text)
         request_id = request_id or resp.headers.get("X-Request-Id")
         if is_content_policy(code, message):
+            # The code alone can say so: {"error": {"code": "content_policy_violation"}}.
+            message = message or f"the API answered {status} with error code {code}"
             return ContentPolicyError(message, status=status, code=code, request_id=request_id)
         text = f"the API answered {status} with an error: {message}"
         if code == "invalid_request":
@@ -334,6 +363,13 @@ class Client:
 
     async def download(self, url: str) -> tuple[bytes, str | None]:
         """Fetch one image URL without credentials; returns (bytes, content type)."""
+        try:
+            return await self._download(url)
+        except APIError as exc:
+            self._scrub(exc)
+            raise
+
+    async def _download(self, url: str) -> tuple[bytes, str | None]:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise DownloadError(f"refusing to download a non-http(s) image URL ({scheme or '?'})")

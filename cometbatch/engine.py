@@ -134,7 +134,11 @@ class Engine:
                 sink=self._sink,
                 policy=self.policy,
                 summary=self.summary,
-                sleep=self._sleep or interruptible_sleep(self._stop_event),
+                sleep=(
+                    self._sleep
+                    if self._sleep is not None
+                    else interruptible_sleep(self._stop_event)
+                ),
                 stopping=self._stop_event.is_set,
                 busy=self._mark_busy,
             )
