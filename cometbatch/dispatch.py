@@ -188,24 +188,30 @@ class Dispatcher:
     async def _store(self, request: Request, response: ImagesResponse, sent: Sent) -> None:
         """Write each image: decode inline ones, download URL ones (never regenerated)."""
         urls = []
-        for offset, item in enumerate(response.data[: request.n]):
-            index = request.first_index + offset
-            if item.b64_json:
-                try:
-                    record = await self.sink.decode_and_write(
-                        request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
+        try:
+            for offset, item in enumerate(response.data[: request.n]):
+                index = request.first_index + offset
+                if item.b64_json:
+                    try:
+                        record = await self.sink.decode_and_write(
+                            request.job.id, index, item.b64_json, revised_prompt=item.revised_prompt
+                        )
+                    except OSError as exc:
+                        raise output_error(self.sink, exc) from exc
+                    sent.images.append(record)
+                elif item.url:
+                    urls.append(PendingDownload(index, item.url, item.revised_prompt))
+                else:
+                    raise APIResponseError(
+                        "an image in the answer has neither b64_json nor url", retryable=True
                     )
-                except OSError as exc:
-                    raise output_error(self.sink, exc) from exc
-                sent.images.append(record)
-            elif item.url:
-                urls.append(PendingDownload(index, item.url, item.revised_prompt))
-            else:
-                raise APIResponseError(
-                    "an image in the answer has neither b64_json nor url", retryable=True
-                )
-        if urls:
-            await self.refetch(request.job.id, urls, sent)
+            if urls:
+                await self.refetch(request.job.id, urls, sent)
+        except BaseException:
+            # The request will not be recorded ok: images it already wrote must not stay behind.
+            self.sink.discard(sent.images)
+            sent.images.clear()
+            raise
 
     async def refetch(self, job_id: str, pending: list[PendingDownload], sent: Sent) -> None:
         """Download images already generated; what still fails stays pending with its URL."""

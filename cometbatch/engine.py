@@ -211,8 +211,7 @@ class Engine:
         settings = self.settings.public()
         settings["simulated"] = self.simulated
         self.summary.run_id = self._run_id
-        await self._append(
-            ledger,
+        await ledger.append(
             {
                 "event": "run",
                 "run_id": self._run_id,
@@ -223,14 +222,6 @@ class Engine:
                 "settings": settings,
             },
         )
-
-    async def _append(self, ledger: Ledger, event: dict[str, Any]) -> None:
-        try:
-            await ledger.append(event)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write the ledger in {self.out_dir}: {exc.strerror or exc}"
-            ) from exc
 
     # -- deciding what to send ------------------------------------------------------------
 
@@ -378,7 +369,7 @@ class Engine:
             finished_at=now_iso(),
             usage=sent.usage,
         )
-        await self._append(ledger, result.to_event())
+        await ledger.append(result.to_event())
         self.summary.add(result)
         return result
 

@@ -33,6 +33,14 @@ class _EventReader:
         self.torn_tail = False
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        try:
+            yield from self._read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise LedgerError(f"cannot read the ledger {self.path}: {exc.strerror or exc}") from exc
+
+    def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
         raw_decode = _DECODER.raw_decode
         with open(self.path, "rb") as handle:
             for lineno, raw in enumerate(handle, 1):

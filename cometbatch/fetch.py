@@ -87,8 +87,12 @@ class Fetcher:
                 fetched.pending.append(item)
                 fetched.error = exc
                 continue
-            except OSError as exc:
-                raise output_error(self.sink, exc) from exc
+            except BaseException as exc:
+                # Nothing of this fetch will be recorded: its new files must not stay behind.
+                self.sink.discard(fetched.images)
+                if isinstance(exc, OSError):
+                    raise output_error(self.sink, exc) from exc
+                raise
             fetched.images.append(record)
         return fetched
 

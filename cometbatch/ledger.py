@@ -13,7 +13,7 @@ from typing import Any, Self
 import aiofiles
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
-from .errors import LedgerError, OutputError
+from .errors import CometBatchError, LedgerError, OutputError
 from .events import LEDGER_NAME, repair_tail
 from .lock import FolderLock
 from .state import KeyState, LedgerState
@@ -27,6 +27,14 @@ def _encode(event: dict[str, Any]) -> bytes:
     except UnicodeEncodeError:
         # Lone surrogates (legal in JSON input, not in UTF-8) survive only as \u escapes.
         return json.dumps(event, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _reason(exc: OSError, subject: Path) -> str:
+    """The OS's reason for `exc`, naming the file it is about when that is not `subject`."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and Path(str(exc.filename)) != subject:
+        reason += f" ({exc.filename})"
+    return reason
 
 
 class Ledger:
@@ -56,18 +64,26 @@ class Ledger:
             raise RuntimeError(f"{self!r} cannot be opened again")
         self._phase = "opening"
         try:
-            self._lock.acquire()
-            self.repaired = await asyncio.to_thread(repair_tail, self.path)
-            # Loading a large ledger takes seconds: keep the event loop free meanwhile.
-            self.state = await asyncio.to_thread(LedgerState.load, self.path)
-            self._file = await aiofiles.open(self.path, "ab")
-        except BaseException as exc:
+            try:
+                self._lock.acquire()
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot use {self.out_dir} as the output folder: {_reason(exc, self.out_dir)}"
+                ) from exc
+            try:
+                self.repaired = await asyncio.to_thread(repair_tail, self.path)
+                # Loading a large ledger takes seconds: keep the event loop free meanwhile.
+                self.state = await asyncio.to_thread(LedgerState.load, self.path)
+                # Opened for appending before anything is sent: a ledger that cannot take
+                # results must stop the run before a single image is paid for.
+                self._file = await aiofiles.open(self.path, "ab")
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot open the ledger {self.path}: {_reason(exc, self.path)}"
+                ) from exc
+        except BaseException:
             self._phase = "closed"
             self._lock.release()
-            if isinstance(exc, OSError):
-                raise OutputError(
-                    f"cannot use {self.path.parent} as the output folder: {exc.strerror or exc}"
-                ) from exc
             raise
         self._phase = "open"
         return self
@@ -87,27 +103,36 @@ class Ledger:
         self._phase = "closed"
         handle = self._file
         try:
-            if self._pending:
-                await asyncio.gather(*self._pending, return_exceptions=True)
-            self._file = None
-            if handle is not None:
-                with contextlib.suppress(*self._quiet()):
-                    await handle.flush()
-                    await asyncio.to_thread(os.fsync, handle.fileno())
-        finally:
             try:
+                if self._pending:
+                    await asyncio.gather(*self._pending, return_exceptions=True)
+                self._file = None
+                if handle is not None:
+                    with contextlib.suppress(*self._quiet()):
+                        await handle.flush()
+                        await asyncio.to_thread(os.fsync, handle.fileno())
+            finally:
                 if handle is not None:
                     with contextlib.suppress(*self._quiet()):
                         await handle.close()
-            finally:
-                self._lock.release()
+        except OSError as exc:
+            # Every line was flushed when appended; this is the last fsync or close failing.
+            raise OutputError(
+                f"cannot finish writing the ledger {self.path}: {_reason(exc, self.path)}"
+            ) from exc
+        finally:
+            self._lock.release()
 
     def _quiet(self) -> tuple[type[BaseException], ...]:
         """Errors closing may swallow: after a failed write they were reported already."""
         return () if self._broken is None else (OSError,)
 
     async def append(self, event: dict[str, Any]) -> None:
-        """Write one event as a line, flushed (and fsynced if asked) before returning."""
+        """Write one event as a line, flushed (and fsynced if asked) before returning.
+
+        A write the OS refuses raises OutputError naming the ledger; so does every append
+        after it, so its partial line stays the last one (the next open drops it).
+        """
         if self._phase != "open":
             raise RuntimeError(f"cannot append to {self!r}")
         self._check_writable()
@@ -127,10 +152,22 @@ class Ledger:
     def _check_writable(self) -> None:
         """Refuse to write after a failed write: its partial line must stay the last one."""
         if self._broken is not None:
-            raise LedgerError(
-                f"{self.path} could not be written ({self._broken}); "
+            raise self._write_error() from self._broken
+
+    def _write_error(self) -> CometBatchError:
+        """The error of a failed write, the same for it and for every append refused after it.
+
+        Concurrent appends race to report first: they all say the same thing.
+        """
+        broken = self._broken
+        if isinstance(broken, OSError):
+            return OutputError(
+                f"cannot write the ledger {self.path}: {_reason(broken, self.path)}; "
                 "fix the cause and run again to resume"
-            ) from self._broken
+            )
+        return LedgerError(
+            f"{self.path} could not be written ({broken!r}); fix the cause and run again to resume"
+        )
 
     async def _write(self, data: bytes, event: dict[str, Any], update: KeyState | None) -> None:
         """Write, flush and maybe fsync one line under the write lock, then update the state."""
@@ -147,6 +184,8 @@ class Ledger:
             except BaseException as exc:
                 # The line may be half on disk; appending more would bury it mid-file.
                 self._broken = exc
+                if isinstance(exc, OSError):
+                    raise self._write_error() from exc
                 raise
             if update is not None:
                 self.state._record(update)

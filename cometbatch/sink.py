@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from cometbatch.errors import ImageDataError
+from cometbatch.errors import ImageDataError, OutputError
 from cometbatch.paths import image_relpath
 
 __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
@@ -132,9 +133,25 @@ class Sink:
         return await self.write(job_id, index, data, revised_prompt=revised_prompt)
 
     async def _write_atomic(self, final: Path, index: int, data: bytes) -> None:
-        """Write to a temporary name in the final folder, then rename it into place."""
+        """Write to a temporary name in the final folder, then rename it into place.
+
+        An OSError keeps its type and errno; its reason names the image folder.
+        """
         folder = final.parent
-        await aiofiles.os.makedirs(folder, exist_ok=True)
+        try:
+            await aiofiles.os.makedirs(folder, exist_ok=True)
+            await self._write_temp_then_rename(folder, final, index, data)
+        except OSError as exc:
+            if exc.errno is None or exc.strerror is None:
+                raise
+            # Callers show only the reason: put the folder in it. OSError(errno, ...) builds
+            # the matching subclass again (PermissionError for EACCES, ...).
+            raise OSError(exc.errno, f"{exc.strerror} ({folder})", exc.filename) from exc
+
+    async def _write_temp_then_rename(
+        self, folder: Path, final: Path, index: int, data: bytes
+    ) -> None:
+        """The write itself; on any failure (or cancellation) the temporary file is removed."""
         # Same folder as the final name: os.replace is atomic only within one filesystem.
         temp = folder / f".{index}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
         try:
@@ -151,17 +168,32 @@ class Sink:
                 os.unlink(temp)
             raise
 
+    def discard(self, records: Iterable[ImageRecord]) -> None:
+        """Remove images that will not be recorded (their request failed to store); best effort."""
+        for record in records:
+            with contextlib.suppress(OSError):
+                os.unlink(self.out_dir / record.path)
+
     def remove_stale_temp_files(self) -> int:
-        """Delete temporary files left under OUT/images/ by a crash; call before writing."""
+        """Delete temporary files left under OUT/images/ by a crash; call before writing.
+
+        Raises OutputError when the images folder cannot be read or cleaned.
+        """
+        images = self.out_dir / "images"
         removed = 0
         try:
-            folders = os.scandir(self.out_dir / "images")
+            folders = os.scandir(images)
         except FileNotFoundError:
             return 0
-        with folders:
-            for folder in folders:
-                if folder.is_dir(follow_symlinks=False):
-                    removed += _remove_temp_files(folder.path)
+        except OSError as exc:
+            raise _cleanup_error(images, exc) from exc
+        try:
+            with folders:
+                for folder in folders:
+                    if folder.is_dir(follow_symlinks=False):
+                        removed += _remove_temp_files(folder.path)
+        except OSError as exc:
+            raise _cleanup_error(images, exc) from exc
         return removed
 
 
@@ -179,3 +211,11 @@ def _remove_temp_files(folder: str) -> int:
             os.unlink(path)
             removed += 1
     return removed
+
+
+def _cleanup_error(images: Path, exc: OSError) -> OutputError:
+    """The run-stopping error for an images folder that cannot be scanned or cleaned."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputError(
+        f"cannot clean up unfinished image files in {images}: {exc.strerror or exc}{where}"
+    )

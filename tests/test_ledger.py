@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cometbatch.errors import LedgerError
+from cometbatch.errors import LedgerError, OutputError
 from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger import Ledger
 from cometbatch.lock import LOCK_NAME, FolderLock
@@ -382,7 +383,7 @@ async def test_lone_surrogates_round_trip(tmp_path: Path) -> None:
 async def test_failed_write_stops_further_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a write fails, later appends refuse so a partial line is never buried mid-file."""
+    """A failed write is an OutputError; later appends refuse so a partial line stays last."""
     async with Ledger(tmp_path) as ledger:
         await ledger.append(RUN)
         handle: Any = ledger._file
@@ -391,9 +392,13 @@ async def test_failed_write_stops_further_appends(
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(handle, "write", full_disk)
-        with pytest.raises(OSError):
+        message = f"cannot write the ledger {ledger.path}: No space left on device; "
+        with pytest.raises(OutputError, match=re.escape(message)) as first:
             await ledger.append(result("a"))
-        with pytest.raises(LedgerError, match="could not be written"):
+        assert isinstance(first.value.__cause__, OSError)
+        assert first.value.__cause__.errno == errno.ENOSPC
+        # Every later append says the same (concurrent appends race to report first).
+        with pytest.raises(OutputError, match=re.escape(message)):
             await ledger.append(result("b"))
         assert ledger.state.results == 0
     assert LedgerState.load(tmp_path / LEDGER_NAME).runs == 1

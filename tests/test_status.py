@@ -71,3 +71,10 @@ def test_folder_without_ledger_is_a_ledger_error(tmp_path: Path) -> None:
     """A folder nothing has run in is a clear LedgerError."""
     with pytest.raises(LedgerError, match="nothing has run there yet"):
         read_status(tmp_path)
+
+
+def test_an_unreadable_ledger_is_a_ledger_error(tmp_path: Path) -> None:
+    """A ledger that cannot be opened is one clear LedgerError, not an OSError traceback."""
+    (tmp_path / "ledger.jsonl").mkdir()
+    with pytest.raises(LedgerError, match="cannot read the ledger"):
+        read_status(tmp_path)
