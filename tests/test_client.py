@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
+from support import Handler, serve
 
 from cometbatch.client import Client, ImagesResponse
 from cometbatch.errors import (
@@ -37,24 +36,6 @@ from cometbatch.settings import Settings
 KEY = "sk-test-SECRET-0123456789"
 ROUTE = "/v1/images/generations"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@contextlib.asynccontextmanager
-async def serve(routes: dict[tuple[str, str], Handler]) -> AsyncIterator[str]:
-    """Serve `routes` ({(method, path): handler}) on 127.0.0.1; yields the server's root URL."""
-    app = web.Application()
-    for (method, path), handler in routes.items():
-        app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def reply(status: int = 200, body: Any = None, **kwargs: Any) -> Handler:

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from support import no_sleep
 
 from cometbatch import Job, SimConfig, Simulator
 from cometbatch.client import Client
@@ -27,10 +28,6 @@ from cometbatch.plan import Request, plan_job
 from cometbatch.results import Summary
 from cometbatch.retry import RetryPolicy
 from cometbatch.sink import Sink
-
-
-async def no_sleep(_: float) -> None:
-    """Retry waits take no real time in tests."""
 
 
 def dispatcher_for(

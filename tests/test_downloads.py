@@ -11,31 +11,15 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support import ledger_results as results
+from support import no_sleep, run_all, settings_for
 
 from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.fetch import fetch_pending
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def no_sleep(_: float) -> None:
-    """Retry waits take no real time in tests."""
-
-
-def settings_for(sim: Simulator, **overrides: Any) -> Settings:
-    return Settings(base_url=sim.base_url, api_key="sk-test", **overrides)
-
-
-def results(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "ledger.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == "result"]
-
-
-async def run_all(engine: Engine, jobs: Any) -> list[Any]:
-    return [result async for result in engine.run(jobs)]
 
 
 def sha256(path: Path) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from support import ledger_results as results
+from support import no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
 from cometbatch.imagegen import make_png
@@ -20,23 +22,6 @@ from cometbatch.manifest import Manifest
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "jobs" / "demo.jsonl"
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-
-
-async def no_sleep(_: float) -> None:
-    """Retry waits take no real time in tests."""
-
-
-def settings_for(sim: Simulator, **overrides: Any) -> Settings:
-    return Settings(base_url=sim.base_url, api_key="sk-test", **overrides)
-
-
-def results(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "ledger.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == "result"]
-
-
-async def run_all(engine: Engine, jobs: Any) -> list[Any]:
-    return [result async for result in engine.run(jobs)]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from support import settings_for
 
 from cometbatch import (
     APIConnectionError,
@@ -110,10 +111,6 @@ MATRIX: dict[str, Outcome] = {
 # A "slow" answer outlasts this timeout; every other answer comes back in milliseconds.
 SLOW = {"timeout": 0.2}
 SIM = SimConfig(seed=11, retry_after=RETRY_AFTER, slow_seconds=0.5)
-
-
-def settings_for(sim: Simulator, **overrides: Any) -> Settings:
-    return Settings(base_url=sim.base_url, api_key="sk-test", **overrides)
 
 
 def events(out: Path) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import aiofiles.threadpool
 import pytest
 from aiohttp import web
 from PIL import Image
+from support import no_sleep, settings_for
 
 from cometbatch import Engine, Job, OutputError, Settings, SimConfig, Simulator
 from cometbatch.imagegen import make_png
@@ -270,14 +271,6 @@ def unwritable(how: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 WAYS = [pytest.param("chmod", marks=needs_chmod), "patched"]
 
 # --- engine level ------------------------------------------------------------------------
-
-
-async def no_sleep(_: float) -> None:
-    """Retry waits take no real time in tests."""
-
-
-def settings_for(sim: Simulator, **overrides: Any) -> Settings:
-    return Settings(base_url=sim.base_url, api_key="sk-test", **overrides)
 
 
 def make_jobs(count: int, **fields: Any) -> list[Job]:

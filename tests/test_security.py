@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
+from support import Handler, no_sleep, serve
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
 from cometbatch.client import Client
@@ -49,7 +50,6 @@ from cometbatch.sink import Sink
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/images/generations"
 PNG = make_png(8, 8, 1)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # --- helpers: the leak detector -----------------------------------------------------------
@@ -215,22 +215,6 @@ def simulator_process(
         server.wait(timeout=30)
 
 
-@contextlib.asynccontextmanager
-async def serve(routes: dict[tuple[str, str], Handler]) -> AsyncIterator[str]:
-    """Serve `routes` ({(method, path): handler}) on 127.0.0.1; yields the server's origin."""
-    app = web.Application()
-    for (method, path), handler in routes.items():
-        app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 @dataclass
 class Recorder:
     """A second origin that records every request it gets: (method, path, Authorization)."""
@@ -246,10 +230,6 @@ class Recorder:
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         return {("*", "/{tail:.*}"): self.handle}
-
-
-async def no_sleep(_: float) -> None:
-    """Retry waits take no real time in tests."""
 
 
 @contextlib.contextmanager
