@@ -104,6 +104,11 @@ class Engine:
         return self._dispatcher.waiting if self._dispatcher is not None else 0
 
     @property
+    def holding_sent_requests(self) -> int:
+        """Workers holding a request that was sent (maybe paid for) and is not recorded yet."""
+        return len(self._workers - self._idle)
+
+    @property
     def stopping(self) -> bool:
         """Whether a stop was asked: no new requests start."""
         return self._stop_event.is_set()

@@ -55,6 +55,11 @@ def summary_lines(summary: Summary, out: Path) -> list[str]:
         )
     if summary.stopped:
         lines.append(f"stopped: {summary.stopped}")
+    if summary.cut_off_requests:
+        lines.append(
+            f"  {summary.cut_off_requests} request(s) cut off after they were sent: they may "
+            "have been billed, and the next run sends them again"
+        )
     if summary.interrupted:
         lines.append("interrupted: run the same command again to resume")
     return lines

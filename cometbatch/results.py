@@ -123,6 +123,9 @@ class Summary:
     failures: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
     interrupted: bool = False
+    # Requests cut off after they were sent by a hard stop (second Ctrl-C): maybe billed,
+    # not recorded, so the next run sends them again.
+    cut_off_requests: int = 0
     stopped: str | None = None
     # Requests the built-in simulator answered (only when the run was simulated).
     simulator_requests: int | None = None
@@ -182,6 +185,7 @@ class Summary:
             "failures": dict(self.failures),
             "elapsed_s": round(self.elapsed_s, 3),
             "interrupted": self.interrupted,
+            "cut_off_requests": self.cut_off_requests,
             "stopped": self.stopped,
             "simulator_requests": self.simulator_requests,
         }

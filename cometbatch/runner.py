@@ -60,7 +60,11 @@ class _Interrupts:
     def abort(self) -> None:
         if not self.aborted:
             self.aborted = True
-            self.say("quitting now; requests still in flight will be sent again next run")
+            cut = self.engine.summary.cut_off_requests = self.engine.holding_sent_requests
+            self.say(
+                f"quitting now; {cut} request(s) still in flight may have been billed and will "
+                "be sent again next run"
+            )
             self.task.cancel()
 
     def close(self) -> None:

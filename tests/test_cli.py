@@ -284,6 +284,9 @@ def test_second_ctrl_c_quits_at_once_and_the_rerun_completes(tmp_path: Path) -> 
         lines = (out / "ledger.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["event"] == "end"
         assert json.loads(lines[-1])["summary"]["interrupted"] is True
+        # All six were sent and cut off: counted, and said, as possibly billed.
+        assert json.loads(lines[-1])["summary"]["cut_off_requests"] == 6
+        assert "6 request(s) still in flight may have been billed" in stderr
         assert ledger_results(out) == []
     rerun = cli("run", str(manifest), "--simulate", "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
