@@ -41,7 +41,7 @@ from .report import (
     summary_lines,
 )
 from .runner import RunOutcome, run_manifest
-from .settings import KEY_ENV, Settings
+from .settings import KEY_ENV, Settings, check_base_url
 from .simulator import SimConfig, serve
 from .state import LedgerState
 from .status import read_status
@@ -277,6 +277,8 @@ def run(
             settings = Settings(**fields)
         except ValidationError as exc:
             raise ConfigError(str(exc.errors(include_url=False)[0]["msg"])) from None
+        # Checked here too so that a dry run refuses what the real run would refuse.
+        check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
         if dry_run:
             done = LedgerState.load(out / LEDGER_NAME).counts().get("ok", 0)
             plan = plan_data(loaded.stats.by_model, out, done)

@@ -18,13 +18,12 @@ from .errors import (
     APIResponseError,
     APITimeoutError,
     BadRequestError,
-    ConfigError,
     ContentPolicyError,
     DownloadError,
     IncompatibleAPIError,
 )
 from .retry import is_content_policy, make_status_error, parse_error_body
-from .settings import is_loopback_host
+from .settings import check_base_url
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -85,18 +84,7 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         allow_insecure_http: bool = False,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"base URL must be http(s)://host[/path], got {base_url!r}")
-        if (
-            parts.scheme == "http"
-            and not allow_insecure_http
-            and not is_loopback_host(parts.hostname)
-        ):
-            raise ConfigError(
-                f"refusing to send the API key in clear text to {parts.hostname}: use https, "
-                "or allow it explicitly (--allow-insecure-http, Settings(allow_insecure_http=True))"
-            )
+        check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)

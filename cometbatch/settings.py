@@ -32,6 +32,19 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def check_base_url(base_url: str, *, allow_insecure_http: bool) -> None:
+    """Refuse a base URL that is not http(s), or plain http to a host off this machine
+    (it would carry the key in clear text) unless that is explicitly allowed."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"base URL must be http(s)://host[/path], got {base_url!r}")
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"refusing to send the API key in clear text to {parts.hostname}: use https, "
+            "or allow it explicitly (--allow-insecure-http, Settings(allow_insecure_http=True))"
+        )
+
+
 class Settings(BaseModel):
     """How the engine sends: limits, retries, timeouts, where, and with which key."""
 

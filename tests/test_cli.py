@@ -400,3 +400,11 @@ def test_an_empty_manifest_says_there_is_nothing_to_do(tmp_path: Path) -> None:
     result = cli("run", str(manifest), "--simulate", "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     assert "nothing to do: the manifest has no jobs" in result.stderr
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse() -> None:
+    """Plain http to a remote host is refused by --dry-run too (nothing is sent either way)."""
+    done = cli("run", str(DEMO), "--dry-run", "--base-url", "http://192.0.2.1/v1")
+    assert done.returncode == 2
+    assert "clear text to 192.0.2.1" in done.stderr and "--allow-insecure-http" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -215,3 +215,38 @@ async def test_regenerating_a_changed_job_keeps_its_old_images_aside(
     async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
         assert await run_all(engine, [changed]) == []
     assert sim.stats.requests == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason", "fetched_later"),
+    [
+        ("download-404", "no longer valid (404)", True),
+        ("download-expired", "no longer valid (404)", False),
+        ("download-huge", "image larger than 4096 bytes", True),
+        ("download-not-image", "not an image: the URL answered text/html", True),
+    ],
+)
+async def test_each_download_fault_is_recorded_with_its_link_and_reason(
+    sim: Simulator, tmp_path: Path, fault: str, reason: str, fetched_later: bool
+) -> None:
+    """A download fault leaves a download_failed line naming the link and the reason; the other
+    images of the request are written; `fetch` gets the image if the link still works."""
+    sim.enqueue(fault)
+    settings = settings_for(sim, max_download_bytes=4096)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [URL_JOB])
+    assert result.status == "download_failed" and len(result.downloads) == 1
+    (line,) = results(tmp_path)
+    assert line["status"] == "download_failed"
+    assert [image["index"] for image in line["images"]] == [1, 2]
+    (pending,) = line["downloads"]
+    assert pending["index"] == 0 and pending["url"].startswith(sim.origin)
+    assert reason in line["error"]["message"]
+    assert line["error"]["kind"] == "download" and line["error"]["retryable"] is False
+    assert engine.summary.images_written == 2 and engine.summary.failed_images == 1
+    on_disk = sorted(p.name for p in (tmp_path / "images").rglob("*") if p.is_file())
+    assert on_disk == sorted(Path(image["path"]).name for image in line["images"])
+    summary = await fetch_pending(tmp_path, Settings(base_url=sim.base_url), sleep=no_sleep)
+    assert summary.complete is fetched_later
+    assert results(tmp_path)[-1]["status"] == ("ok" if fetched_later else "download_failed")
+    assert sim.stats.requests == 1
