@@ -19,6 +19,7 @@ from .errors import (
     CometBatchError,
     ConfigError,
     IncompatibleAPIError,
+    UpstreamDownError,
 )
 from .fetch import Fetcher, output_error
 from .limits import Limiter, Outcome
@@ -52,8 +53,18 @@ def is_fatal(exc: APIError) -> bool:
     return exc.kind == "not_found" and exc.request_id is None and exc.code is None
 
 
+def never_reached(exc: APIError) -> bool:
+    """A failure before the request left this machine (refused, DNS, connect timeout)."""
+    return isinstance(exc, APIConnectionError) and not exc.sent
+
+
 def fatal_error(exc: APIError, base_url: str) -> CometBatchError:
     """The run-stopping form of a fatal error (a wrong URL is a configuration error)."""
+    if never_reached(exc):
+        return UpstreamDownError(
+            f"{exc}; stopping (nothing of the request was sent) — check --base-url and the "
+            "network, then run the same command again to resume"
+        )
     if exc.kind == "not_found":
         return ConfigError(
             f"{base_url} does not look like an OpenAI-compatible API: "
@@ -148,6 +159,11 @@ class Dispatcher:
             await self._store(request, response, sent)
         except APIError as exc:
             if is_fatal(exc):
+                raise
+            if never_reached(exc) and self.limiter.ok_total == 0:
+                # Not one answer from the API this run, even after every retry: a wrong port
+                # or no network. Every request would fare the same: stop, fail no job. (Once
+                # the API has answered, an outage is the limiter's to judge: outage_limit.)
                 raise
             sent.error = exc
             if exc.retryable and possibly_billed(exc) and not self.policy.retry_ambiguous:

@@ -98,7 +98,8 @@ async def test_a_failed_attempt_is_idle_while_it_waits_to_retry(tmp_path: Path) 
         (BadRequestError("bad size", status=400, request_id="2026abc"), False),
         (ServerError("overloaded", status=503, retryable=True), False),
         (APIConnectionError("TLS certificate check failed", retryable=False), True),
-        (APIConnectionError("connection refused"), False),
+        (APIConnectionError("connection refused", sent=False), False),
+        (APIConnectionError("dropped while waiting", sent=True), False),
     ],
 )
 def test_which_errors_stop_the_run(exc: APIError, fatal: bool) -> None:

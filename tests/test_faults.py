@@ -291,26 +291,45 @@ def closed_port_settings(**overrides: Any) -> Settings:
     return Settings(base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="sk-test", **overrides)
 
 
-async def test_connection_refused_fails_each_job_retryably_and_a_rerun_completes(
+async def test_connection_refused_stops_the_run_with_every_job_pending(
     tmp_path: Path,
 ) -> None:
-    """A closed port: each job fails as "connection" (never sent, retryable); a rerun sends it."""
+    """A closed port: after its retries the first request stops the run (nothing was sent, and
+    every other request would fare the same); no job is failed, and a rerun completes them."""
+    jobs = [Job(id=f"r{i}", prompt=f"p{i}", model="qwen-image") for i in range(4)]
     settings = closed_port_settings(max_attempts=3)
     async with Engine(settings, out_dir=tmp_path, sleep=Sleeps()) as engine:
-        (result,) = [r async for r in engine.run([JOB])]
-    assert result.status == "failed"
-    (event,) = events(tmp_path)
-    assert (event["attempts"], event["ambiguous_retries"], event["images"]) == (3, 0, [])
-    error = event["error"]
-    assert (error["kind"], error["status"], error["retryable"]) == ("connection", None, True)
-    assert error["message"].startswith(f"cannot connect to {settings.base_url}")
+        with pytest.raises(UpstreamDownError) as info:
+            _ = [r async for r in engine.run(jobs)]
+    message = str(info.value)
+    assert message.startswith(f"cannot connect to {settings.base_url}")
+    assert "check --base-url" in message and "run the same command again" in message
+    assert_stopped_with_the_job_pending(engine, tmp_path, pending=4)
+
+    async with (
+        Simulator(SIM) as server,
+        Engine(settings_for(server), out_dir=tmp_path, sleep=Sleeps()) as engine,
+    ):
+        assert len([r async for r in engine.run(jobs)]) == 4
+    assert engine.summary.complete
+    assert [e["status"] for e in events(tmp_path)] == ["ok"] * 4
     assert_files_match_ledger(tmp_path)
 
-    async with Simulator(SIM) as server:
-        (again,) = await run_one(server, tmp_path, Sleeps())
-    assert again.ok
-    assert [e["status"] for e in events(tmp_path)] == ["failed", "ok"]
-    assert_files_match_ledger(tmp_path)
+
+async def test_refused_after_the_api_answered_fails_only_that_job(tmp_path: Path) -> None:
+    """Once the API has answered this run, a refused connection is an outage (judged by
+    outage_limit): that job fails retryably, the run is not stopped by it."""
+    async with Simulator(SIM) as sim:
+        settings = settings_for(sim, max_attempts=2)
+        async with Engine(settings, out_dir=tmp_path, sleep=Sleeps()) as engine:
+            (first,) = await engine.generate(JOB)
+            await sim.aclose()  # the API goes away (closing twice is harmless)
+            (second,) = await engine.generate(Job(id="later", prompt="p", model="qwen-image"))
+    assert first.ok
+    assert second.status == "failed" and second.error is not None
+    assert (second.error["kind"], second.error["retryable"]) == ("connection", True)
+    assert engine.summary.stopped is None
+    assert [e["status"] for e in events(tmp_path)] == ["ok", "failed"]
 
 
 async def test_connection_refused_past_the_outage_limit_stops_the_run(tmp_path: Path) -> None:
