@@ -18,6 +18,8 @@ from support import no_sleep, run_all, settings_for
 
 from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.fetch import fetch_pending
+from cometbatch.report import status_lines, summary_lines
+from cometbatch.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +49,7 @@ async def test_a_failed_download_keeps_its_links_and_is_not_generated_again(
     assert engine.summary.failures == {"download": 1}
     assert engine.summary.failed_images == 3
     assert not engine.summary.complete
+    assert any(f"cometbatch fetch {tmp_path}" in x for x in summary_lines(engine.summary, tmp_path))
     (line,) = results(tmp_path)
     assert line["status"] == "download_failed"
     assert line["attempts"] == 1
@@ -57,6 +60,9 @@ async def test_a_failed_download_keeps_its_links_and_is_not_generated_again(
     assert "larger than 16 bytes" in line["error"]["message"]
     assert sim.stats.requests == 1
     assert not list((tmp_path / "images").rglob("*.*"))
+    status = read_status(tmp_path).to_dict()
+    assert (status["awaiting_download"], status["failed_images"]) == (3, 3)
+    assert any("cometbatch fetch" in line for line in status_lines(status))
 
 
 async def test_fetch_downloads_the_pending_images_without_generating(
