@@ -1,36 +1,33 @@
-"""The engine: plan, skip what the ledger has, send under shared limits, store, record."""
+"""The engine: one folder's shared parts and run; jobs go through triage, the pool, the sender."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from . import __version__
-from .aside import REPLACED_DIR, set_aside
 from .client import Client
-from .dispatch import Dispatcher, Sent, Stopped, fatal_error, interruptible_sleep
-from .errors import APIError, ChangedJobsError, CometBatchError, OutputError
+from .dispatch import Dispatcher, Stopped, interruptible_sleep
+from .errors import CometBatchError
 from .events import now_iso
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
 from .models import ModelRegistry
-from .plan import Request, plan_job
-from .results import DOWNLOAD_FAILED, PendingDownload, Result, Summary
-from .resume import Verdict, decide
+from .pool import WorkerPool
+from .results import Result, Summary
 from .retry import RetryPolicy
+from .sender import Sender
 from .settings import Settings
-from .sink import ImageRecord, Sink
-from .state import KeyState
+from .sink import Sink
+from .triage import SENT, Triage, Work
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +61,20 @@ class Engine:
         self._run_id = uuid.uuid4().hex[:12]
         self._run_started = False
         self._stop_event = asyncio.Event()
-        # Pool workers, and those of them not holding a sent request (safe to cancel on stop).
-        self._workers: set[asyncio.Task[Any]] = set()
-        self._idle: set[asyncio.Task[Any]] = set()
+        self._triage = Triage(
+            settings=self.settings,
+            registry=self.registry,
+            out_dir=self.out_dir,
+            run_id=self._run_id,
+            summary=self.summary,
+            recorded=lambda: self._open_ledger().state,
+        )
+        self._pool = WorkerPool(
+            triage=self._triage,
+            execute=self._execute,
+            stopping=self._stop_event.is_set,
+            fail=self._fail,
+        )
         self._fatal: Exception | None = None
         self._started_at = 0.0
         self._client: Client | None = None
@@ -74,9 +82,8 @@ class Engine:
         self._ledger: Ledger | None = None
         self._sink: Sink | None = None
         self._dispatcher: Dispatcher | None = None
+        self._sender: Sender | None = None
         self._runner: asyncio.Task[None] | None = None
-        # Requests being sent now, by key: a second caller of the same key shares the result.
-        self._inflight: dict[str, asyncio.Future[Result]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     def __repr__(self) -> str:
@@ -106,7 +113,7 @@ class Engine:
     @property
     def holding_sent_requests(self) -> int:
         """Workers holding a request that was sent (maybe paid for) and is not recorded yet."""
-        return len(self._workers - self._idle)
+        return self._pool.holding_sent
 
     @property
     def stopping(self) -> bool:
@@ -145,7 +152,16 @@ class Engine:
                     else interruptible_sleep(self._stop_event)
                 ),
                 stopping=self._stop_event.is_set,
-                busy=self._mark_busy,
+                busy=self._pool.mark_busy,
+            )
+            self._sender = Sender(
+                dispatcher=self._dispatcher,
+                triage=self._triage,
+                ledger=self._open_ledger,
+                out_dir=self.out_dir,
+                run_id=self._run_id,
+                summary=self.summary,
+                base_url=self.settings.base_url,
             )
         except BaseException:
             self._state = "closed"
@@ -193,8 +209,7 @@ class Engine:
         else:
             self.summary.stopped = reason
         # Workers waiting for a slot, a queue item or a retry hold nothing paid for: cancel them.
-        for task in list(self._idle):
-            task.cancel()
+        self._pool.cancel_idle()
 
     def _fail(self, exc: Exception) -> None:
         """Remember the first error that ends the run, and stop."""
@@ -202,16 +217,17 @@ class Engine:
             self._fatal = exc
             self.stop(str(exc))
 
-    def _open_parts(self) -> tuple[Client, Limiter, Ledger, Sink]:
+    def _open_ledger(self) -> Ledger:
+        """The open ledger; raises when the engine is not open."""
         if self._state != "open":
             raise RuntimeError("the engine is not open: use 'async with Engine(...)'")
         assert self._client and self._limiter and self._ledger and self._sink
-        return self._client, self._limiter, self._ledger, self._sink
+        return self._ledger
 
     async def _start_run(self, manifest: Manifest | None) -> None:
         if self._run_started:
             return
-        _, _, ledger, _ = self._open_parts()
+        ledger = self._open_ledger()
         self._run_started = True
         settings = self.settings.public()
         settings["simulated"] = self.simulated
@@ -228,189 +244,26 @@ class Engine:
             },
         )
 
-    # -- deciding what to send ------------------------------------------------------------
-
-    def _triage(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
-        """Each request of a job with its verdict (see resume.decide); "changed" is yielded
-        only when the settings allow regenerating changed jobs."""
-        _, _, ledger, _ = self._open_parts()
-        spec = self.registry.get(job.model)
-        spec.check(job.params(), job.prompt)
-        changed = []
-        for request in plan_job(job, spec):
-            state = ledger.state.get(request.key)
-            verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
-            if verdict == "changed" and not self.settings.regenerate_changed:
-                changed.append(request.key)
-            else:
-                yield verdict, request, state
-        if changed:
-            raise ChangedJobsError(self.out_dir, [job.id])
-
-    def _count(self, verdict: str, request: Request, *, planned: bool) -> None:
-        s = self.summary
-        if planned:
-            s.planned_requests += 1
-            s.planned_images += request.n
-        if verdict == "reuse":
-            s.skipped_requests += 1
-            s.skipped_images += request.n
-        elif verdict == "keep":
-            s.kept_failures += 1
-        elif verdict == "changed":
-            s.regenerated_requests += 1
-
-    def _reused(self, request: Request, state: KeyState) -> Result:
-        """The ledger's ok result for a request, reported again without sending it."""
-        images = tuple(ImageRecord(**image) for image in state.images)
-        return Result.of(request, self._run_id, "ok", images=images, reused=True)
-
-    def _kept(self, request: Request, state: KeyState | None) -> Result:
-        """A permanent failure from an earlier run, reported again without a request."""
-        if state is not None and state.status == DOWNLOAD_FAILED:
-            message = (
-                "generated in an earlier run, but its image link no longer works (see the "
-                "ledger); set retry_failed to generate it again (paid again)"
-            )
-        else:
-            message = (
-                "failed permanently in an earlier run (see the ledger); "
-                "set retry_failed to try again"
-            )
-        error = {
-            "kind": "earlier_failure",
-            "status": None,
-            "code": None,
-            "message": message,
-            "request_id": None,
-            "retryable": False,
-        }
-        return Result.of(request, self._run_id, "failed", error=error, reused=True)
-
-    def _preflight(self, jobs: Iterable[Job]) -> None:
-        """Count planned work and refuse changed jobs (all named) before anything is sent."""
-        changed: list[str] = []
-        for job in jobs:
-            try:
-                for _, request, _ in self._triage(job):
-                    self.summary.planned_requests += 1
-                    self.summary.planned_images += request.n
-            except ChangedJobsError:
-                changed.append(job.id)
-        if changed:
-            raise ChangedJobsError(self.out_dir, changed)
-
-    def _mark_busy(self, busy: bool) -> None:
-        """Workers holding a sent request are not cancelled on stop: their images are paid for."""
-        task = asyncio.current_task()
-        if task not in self._workers:
-            return
-        assert task is not None
-        if busy:
-            self._idle.discard(task)
-        else:
-            self._idle.add(task)
-
     async def _execute(self, work: Work) -> Result:
-        """Send a request, or share the result of the same request already being sent."""
-        request = work.request
-        while (pending := self._inflight.get(request.key)) is not None:
-            # Two generate() calls for one job must not pay twice; wait without taking over
-            # the first caller's error (if it fails, this caller sends the request itself).
-            await asyncio.wait({pending})
-            if not pending.cancelled():
-                shared = pending.result()
-                self._count("reuse" if shared.ok else "keep", request, planned=False)
-                return dataclasses.replace(shared, reused=True)
-        _, _, ledger, _ = self._open_parts()
-        state = ledger.state.get(request.key)
-        if state is not None and decide(request.fingerprint, state, retry_failed=False) == "reuse":
-            # Done since it was queued (the same job twice in a caller's list): reuse it.
-            self._count("reuse", request, planned=False)
-            return self._reused(request, state)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._inflight[request.key] = future
-        try:
-            result = await self._send_and_record(work)
-        except BaseException:
-            future.cancel()
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[request.key]
-
-    async def _send_and_record(self, work: Work) -> Result:
-        """One request from send to ledger line; API failures become a failed Result."""
-        _, _, ledger, _ = self._open_parts()
-        dispatcher = self._dispatcher
-        assert dispatcher is not None
-        request, recorded = work.request, work.recorded
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        if work.verdict == "fetch" and recorded is not None:
-            # Generated (and paid for) in an earlier run: only its downloads are tried again.
-            sent = Sent(images=[ImageRecord(**image) for image in recorded.images])
-            pending = [PendingDownload(*item) for item in recorded.downloads]
-            await dispatcher.refetch(request.job.id, pending, sent)
-        else:
-            if work.verdict == "changed" and recorded is not None:
-                await self._set_aside(recorded)
-            try:
-                sent = await dispatcher.send(request)
-            except APIError as exc:
-                raise fatal_error(exc, self.settings.base_url) from exc
-        result = Result.of(
-            request,
-            self._run_id,
-            sent.status,
-            images=tuple(sent.images),
-            downloads=tuple(sent.pending),
-            attempts=sent.attempts,
-            ambiguous_retries=sent.ambiguous,
-            error=sent.error.to_record() if sent.error else None,
-            latency_s=loop.time() - started,
-            finished_at=now_iso(),
-            usage=sent.usage,
-        )
-        await ledger.append(result.to_event())
-        self.summary.add(result)
-        return result
-
-    async def _set_aside(self, recorded: KeyState) -> None:
-        """Move a changed job's recorded images out of the way before regenerating them."""
-        relpaths = [image["path"] for image in recorded.images]
-        try:
-            moved = await asyncio.to_thread(set_aside, self.out_dir, self._run_id, relpaths)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot move the old images of job {recorded.job_id!r} aside in "
-                f"{self.out_dir}: {exc.strerror or exc}"
-            ) from exc
-        if moved:
-            log.info(
-                "job %r changed: %d old image(s) moved to %s",
-                recorded.job_id,
-                moved,
-                self.out_dir / REPLACED_DIR / self._run_id,
-            )
+        """Hand one request to the sender (made when the engine opens)."""
+        assert self._sender is not None
+        return await self._sender.execute(work)
 
     # -- public entry points ---------------------------------------------------------------
 
     async def generate(self, job: Job) -> list[Result]:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
-        triaged = list(self._triage(job))
+        triaged = list(self._triage.verdicts(job))
         calls = []
         for verdict, request, state in triaged:
-            self._count(verdict, request, planned=True)
-            if verdict in _SENT:
+            self._triage.count(verdict, request, planned=True)
+            if verdict in SENT:
                 calls.append(self._execute(Work(request, verdict, state)))
             elif verdict == "reuse" and state is not None:
-                calls.append(_done(self._reused(request, state)))
+                calls.append(_done(self._triage.reused(request, state)))
             else:
-                calls.append(_done(self._kept(request, state)))
+                calls.append(_done(self._triage.kept(request, state)))
         try:
             return list(await asyncio.gather(*calls))
         except Stopped:
@@ -421,7 +274,7 @@ class Engine:
 
         Keys the ledger already has as ok are skipped without a request (not yielded).
         """
-        _, _, ledger, _ = self._open_parts()
+        ledger = self._open_ledger()
         manifest = jobs if isinstance(jobs, Manifest) else None
         counted = True
         if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
@@ -432,15 +285,14 @@ class Engine:
         elif isinstance(jobs, Manifest | list | tuple):
             # Re-iterable inputs are counted (and checked for changed jobs) before anything is
             # sent; one-shot iterators are counted as they stream.
-            self._preflight(jobs)
+            self._triage.preflight(jobs)
         else:
             counted = False
         await self._start_run(manifest)
         width = self.settings.concurrency
-        queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=width * 2)
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
-            self._run_all(jobs, queue, results, width, counting=not counted)
+            self._pool.run(jobs, results, width, counting=not counted)
         )
         try:
             while True:
@@ -454,104 +306,6 @@ class Engine:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _run_all(
-        self,
-        jobs: Iterable[Job] | AsyncIterable[Job],
-        queue: asyncio.Queue[Work | None],
-        results: asyncio.Queue[Result | None],
-        width: int,
-        *,
-        counting: bool,
-    ) -> None:
-        try:
-            async with asyncio.TaskGroup() as group:
-                producer = group.create_task(self._produce(jobs, queue, width, counting))
-                self._idle.add(producer)
-                for _ in range(width):
-                    worker = group.create_task(self._work(queue, results))
-                    self._workers.add(worker)
-                    self._idle.add(worker)
-        finally:
-            self._idle.clear()
-            self._workers.clear()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # The consumer is gone: nobody will read the end marker, so never wait on it.
-                with contextlib.suppress(asyncio.QueueFull):
-                    results.put_nowait(None)
-            else:
-                await results.put(None)
-
-    async def _produce(
-        self,
-        jobs: Iterable[Job] | AsyncIterable[Job],
-        queue: asyncio.Queue[Work | None],
-        width: int,
-        counting: bool,
-    ) -> None:
-        try:
-            async for job in _aiter(jobs):
-                if self.stopping:
-                    return
-                for verdict, request, state in self._triage(job):
-                    self._count(verdict, request, planned=counting)
-                    if verdict in _SENT:
-                        await queue.put(Work(request, verdict, state))
-        except Exception as exc:
-            # A changed or impossible job, or a broken job source: stop cleanly; requests
-            # already sent still land, then run() raises this error.
-            self._fail(exc)
-            return
-        # Stopping workers are cancelled or leave on their own; only a finished producer
-        # tells each worker that the queue is done.
-        for _ in range(width):
-            await queue.put(None)
-
-    async def _work(
-        self, queue: asyncio.Queue[Work | None], results: asyncio.Queue[Result | None]
-    ) -> None:
-        while not self.stopping:
-            work = await queue.get()
-            if work is None:
-                return
-            try:
-                result = await self._execute(work)
-            except Stopped:
-                return
-            except Exception as exc:
-                # Upstream down, a rejected key, an unwritable folder (or a bug): every request
-                # would fail alike, so stop cleanly and leave the rest for the next run.
-                self._fail(exc)
-                return
-            finally:
-                self._mark_busy(False)
-            await results.put(result)
-
-
-# Verdicts that put a request on the work queue (the rest are answered from the ledger).
-_SENT = frozenset({"send", "fetch", "changed"})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Work:
-    """A request for a worker: send it, fetch its pending downloads, or regenerate it."""
-
-    request: Request
-    verdict: Verdict = "send"
-    recorded: KeyState | None = None
-
 
 async def _done(result: Result) -> Result:
     return result
-
-
-async def _aiter(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Job]:
-    if isinstance(jobs, AsyncIterable):
-        async for job in jobs:
-            yield job
-    else:
-        for count, job in enumerate(jobs):
-            yield job
-            if count % 256 == 255:
-                # Reading and validating a large manifest must not starve the workers.
-                await asyncio.sleep(0)

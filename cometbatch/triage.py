@@ -1,0 +1,122 @@
+"""Resume triage: each job's requests with their verdicts, and the results the ledger answers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .errors import ChangedJobsError
+from .manifest import Job
+from .models import ModelRegistry
+from .plan import Request, plan_job
+from .results import DOWNLOAD_FAILED, Result, Summary
+from .resume import Verdict, decide
+from .settings import Settings
+from .sink import ImageRecord
+from .state import KeyState, LedgerState
+
+# Verdicts that put a request on the work queue (the rest are answered from the ledger).
+SENT = frozenset({"send", "fetch", "changed"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Work:
+    """A request for a worker: send it, fetch its pending downloads, or regenerate it."""
+
+    request: Request
+    verdict: Verdict = "send"
+    recorded: KeyState | None = None
+
+
+class Triage:
+    """Decides, without sending, what each request needs; counts it in the run's summary."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        registry: ModelRegistry,
+        out_dir: Path,
+        run_id: str,
+        summary: Summary,
+        recorded: Callable[[], LedgerState],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self.summary = summary
+        # The open ledger's state, looked up per job: a closed engine raises instead of guessing.
+        self._recorded = recorded
+
+    def verdicts(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
+        """Each request of a job with its verdict (see resume.decide); "changed" is yielded
+        only when the settings allow regenerating changed jobs."""
+        recorded = self._recorded()
+        spec = self.registry.get(job.model)
+        spec.check(job.params(), job.prompt)
+        changed = []
+        for request in plan_job(job, spec):
+            state = recorded.get(request.key)
+            verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
+            if verdict == "changed" and not self.settings.regenerate_changed:
+                changed.append(request.key)
+            else:
+                yield verdict, request, state
+        if changed:
+            raise ChangedJobsError(self.out_dir, [job.id])
+
+    def count(self, verdict: str, request: Request, *, planned: bool) -> None:
+        """Count one request in the summary: planned (unless counted before) and its verdict."""
+        s = self.summary
+        if planned:
+            s.planned_requests += 1
+            s.planned_images += request.n
+        if verdict == "reuse":
+            s.skipped_requests += 1
+            s.skipped_images += request.n
+        elif verdict == "keep":
+            s.kept_failures += 1
+        elif verdict == "changed":
+            s.regenerated_requests += 1
+
+    def reused(self, request: Request, state: KeyState) -> Result:
+        """The ledger's ok result for a request, reported again without sending it."""
+        images = tuple(ImageRecord(**image) for image in state.images)
+        return Result.of(request, self.run_id, "ok", images=images, reused=True)
+
+    def kept(self, request: Request, state: KeyState | None) -> Result:
+        """A permanent failure from an earlier run, reported again without a request."""
+        if state is not None and state.status == DOWNLOAD_FAILED:
+            message = (
+                "generated in an earlier run, but its image link no longer works (see the "
+                "ledger); set retry_failed to generate it again (paid again)"
+            )
+        else:
+            message = (
+                "failed permanently in an earlier run (see the ledger); "
+                "set retry_failed to try again"
+            )
+        error = {
+            "kind": "earlier_failure",
+            "status": None,
+            "code": None,
+            "message": message,
+            "request_id": None,
+            "retryable": False,
+        }
+        return Result.of(request, self.run_id, "failed", error=error, reused=True)
+
+    def preflight(self, jobs: Iterable[Job]) -> None:
+        """Count planned work and refuse changed jobs (all named) before anything is sent."""
+        changed: list[str] = []
+        for job in jobs:
+            try:
+                for _, request, _ in self.verdicts(job):
+                    self.summary.planned_requests += 1
+                    self.summary.planned_images += request.n
+            except ChangedJobsError:
+                changed.append(job.id)
+        if changed:
+            raise ChangedJobsError(self.out_dir, changed)
