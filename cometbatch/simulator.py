@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
 import logging
 import random
-import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import hdrs, web
 
-from .imagegen import CONTENT_TYPES, make_image, png_of_size
 from .models import ModelRegistry
+from .simfiles import FileStore
+from .simpictures import PictureCache
 from .simrules import (
     BAD_BASE64,
     DOWNLOAD_FAULTS,
@@ -27,7 +24,6 @@ from .simrules import (
     FAULT_PAGES,
     FAULTS,
     ID_ALPHABET,
-    NOT_AN_IMAGE_PAGE,
     NOT_FOUND_PAGE,
     SERVER_ERROR_STATUSES,
     SHAPING_FAULTS,
@@ -48,49 +44,17 @@ from .simrules import (
     retry_headers,
     usage_for,
 )
+from .simstats import SimStats
+from .simwire import drop, drop_midway, html
 
 __all__ = ["GENERATION_PATH", "SimConfig", "SimStats", "Simulator", "serve"]
 
 log = logging.getLogger(__name__)
 
 GENERATION_PATH = "/v1/images/generations"
-# Distinct pictures cached per format: enough that prompts rarely share one, few enough
-# that a long benchmark draws nearly every image from the cache.
-_PICTURE_VARIANTS = 1024
-_PAYLOAD_VARIANTS = 4
+# The most url files kept at once. Passed to the store at each use rather than fixed when
+# the store is made, so a lowered value applies to a simulator already serving.
 _MAX_FILES = 100_000
-_CHUNK = 64 * 1024
-_EXTENSIONS: Mapping[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-
-@dataclass
-class SimStats:
-    """What the simulator saw and answered; never the API key."""
-
-    requests: int = 0
-    generated: int = 0
-    images: int = 0
-    by_model: dict[str, int] = field(default_factory=dict)
-    statuses: Counter[int] = field(default_factory=Counter)
-    faults: Counter[str] = field(default_factory=Counter)
-    limit_429s: int = 0
-    downloads: int = 0
-    download_auth_rejections: int = 0
-    max_in_flight: int = 0
-    requests_log: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _html(status: int, body: str, reason: str | None = None) -> web.Response:
-    page = f"<!DOCTYPE html><html><body>{body}</body></html>" if "<html>" not in body else body
-    return web.Response(status=status, reason=reason, text=page, content_type="text/html")
-
-
-@dataclass(slots=True)
-class _StoredFile:
-    data: bytes
-    content_type: str
-    expires_at: float
-    downloads: int = 0
 
 
 # -- the server --------------------------------------------------------------------------
@@ -117,15 +81,15 @@ class Simulator:
         self._state: Literal["new", "open", "closed"] = "new"
         self._runner: web.AppRunner | None = None
         self._forced: deque[str] = deque()
-        self._forced_downloads: deque[str] = deque()
         self._rng = random.Random(self.config.seed)
         self._ids = random.Random()
         self._rpm = SlidingWindow(self.config.rpm_limit) if self.config.rpm_limit else None
         self._ipm = SlidingWindow(self.config.ipm_limit) if self.config.ipm_limit else None
         self._fault_total = self.config.fault_rates_total()
-        self._files: dict[str, _StoredFile] = {}
-        self._bytes_cache: dict[tuple[str, int], bytes] = {}
-        self._b64_cache: dict[tuple[str, int], str] = {}
+        self._files = FileStore(
+            self._stats, self._now, self.config.url_ttl, self.config.huge_download_bytes
+        )
+        self._pictures = PictureCache(self.config.image_px, self.config.payload_bytes)
         self._in_flight = 0
 
     # lifecycle
@@ -202,7 +166,7 @@ class Simulator:
         if unknown:
             raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
         for name in faults:
-            queue = self._forced_downloads if name in DOWNLOAD_FAULTS else self._forced
+            queue = self._files.faults if name in DOWNLOAD_FAULTS else self._forced
             queue.append(name)
 
     def __repr__(self) -> str:
@@ -211,7 +175,7 @@ class Simulator:
         return (
             f"<Simulator {where} requests={s.requests} generated={s.generated} "
             f"images={s.images} in_flight={self._in_flight} "
-            f"queued_faults={len(self._forced) + len(self._forced_downloads)}>"
+            f"queued_faults={len(self._forced) + len(self._files.faults)}>"
         )
 
     # helpers
@@ -303,7 +267,7 @@ class Simulator:
             return self._error(FAULT_ERRORS[fault], headers)
         if fault in FAULT_PAGES:
             status, reason, page = FAULT_PAGES[fault]
-            return self._reply(_html(status, page, reason))
+            return self._reply(html(status, page, reason))
         if fault == "redirect":
             location = f"{self.origin}/moved{GENERATION_PATH}"
             return self._reply(web.Response(status=301, headers={hdrs.LOCATION: location}))
@@ -313,7 +277,7 @@ class Simulator:
                 web.Response(text=text[: len(text) // 2], content_type="application/json")
             )
         if fault == "drop":
-            return _drop(request)
+            return drop(request)
         raise ValueError(f"fault {fault!r} does not replace the answer")
 
     async def _latency(self) -> None:
@@ -337,7 +301,7 @@ class Simulator:
             stats.images += count
             stats.by_model[request.model] = stats.by_model.get(request.model, 0) + 1
         if forced == "drop-midway":
-            return await _drop_midway(http, json.dumps(body).encode())
+            return await drop_midway(http, json.dumps(body).encode())
         return self._reply(web.Response(text=json.dumps(body), content_type="application/json"))
 
     def _item(self, request: ImageRequest, index: int, corrupt: bool) -> dict[str, str]:
@@ -346,123 +310,24 @@ class Simulator:
         if corrupt:
             item = {"b64_json": BAD_BASE64}
         elif request.mode == "b64_json":
-            item = {"b64_json": self._image_b64(request.fmt, seed)}
+            item = {"b64_json": self._pictures.image_b64(request.fmt, seed)}
         else:
             item = {"url": self._store(request.fmt, seed)}
         if request.revised_prompt:
             item["revised_prompt"] = f"{request.prompt}, rendered in rich, vivid detail"
         return item
 
-    def _picture_key(self, fmt: str, seed: int) -> tuple[str, int]:
-        variants = _PAYLOAD_VARIANTS if fmt == "png" and self.config.payload_bytes else None
-        return fmt, seed % (variants or _PICTURE_VARIANTS)
-
-    def _image_bytes(self, fmt: str, seed: int) -> bytes:
-        key = self._picture_key(fmt, seed)
-        data = self._bytes_cache.get(key)
-        if data is None:
-            if fmt == "png" and self.config.payload_bytes:
-                data = png_of_size(self.config.payload_bytes, key[1])
-            else:
-                px = self.config.image_px
-                data = make_image(fmt, key[1], (px, px))
-            self._bytes_cache[key] = data
-        return data
-
-    def _image_b64(self, fmt: str, seed: int) -> str:
-        key = self._picture_key(fmt, seed)
-        text = self._b64_cache.get(key)
-        if text is None:
-            text = base64.b64encode(self._image_bytes(fmt, seed)).decode("ascii")
-            self._b64_cache[key] = text
-        return text
-
     def _store(self, fmt: str, seed: int) -> str:
-        now = self._now()
-        self._evict(now, room=1)
-        name = f"{secrets.token_hex(12)}.{_EXTENSIONS[fmt]}"
-        self._files[name] = _StoredFile(
-            self._image_bytes(fmt, seed), CONTENT_TYPES[fmt], now + self.config.url_ttl
-        )
+        name = self._files.put(self._pictures.image_bytes(fmt, seed), fmt, _MAX_FILES)
         return f"{self.origin}/files/{name}"
-
-    def _evict(self, now: float, room: int = 0) -> None:
-        # Every file lives for the same TTL, so insertion order is expiry order; the cap keeps
-        # memory bounded when a long run never downloads its links.
-        while self._files:
-            name = next(iter(self._files))
-            if self._files[name].expires_at > now and len(self._files) + room <= _MAX_FILES:
-                break
-            del self._files[name]
 
     # other routes
 
     async def _handle_download(self, request: web.Request) -> web.StreamResponse:
-        if hdrs.AUTHORIZATION in request.headers:
-            self._stats.download_auth_rejections += 1
-            return web.Response(
-                status=403,
-                text="Forbidden: file links take no credentials",
-                content_type="text/plain",
-            )
-        self._evict(self._now())
-        name = request.match_info["name"]
-        fault = self._forced_downloads.popleft() if self._forced_downloads else None
-        if fault is not None:
-            self._stats.faults[fault] += 1
-            if fault == "download-expired":
-                # Past its TTL: gone for good, answered as any expired link is.
-                self._files.pop(name, None)
-        stored = self._files.get(name)
-        if stored is None or fault == "download-404":
-            return _html(404, NOT_FOUND_PAGE)
-        if fault == "download-not-image":
-            return _html(200, NOT_AN_IMAGE_PAGE)
-        if fault == "download-huge":
-            return await _send_huge(request, stored, self.config.huge_download_bytes)
-        stored.downloads += 1
-        # Two downloads allow one client retry; then the memory is released.
-        if stored.downloads >= 2:
-            del self._files[name]
-        self._stats.downloads += 1
-        return web.Response(body=stored.data, content_type=stored.content_type)
+        return await self._files.serve(request, _MAX_FILES)
 
     async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
-        return _html(404, NOT_FOUND_PAGE)
-
-
-def _drop(request: web.Request) -> web.StreamResponse:
-    """Close the connection without answering; aiohttp then skips writing the response."""
-    if request.transport is not None:
-        request.transport.close()
-    return web.Response(status=499)
-
-
-async def _drop_midway(request: web.Request, body: bytes) -> web.StreamResponse:
-    """Send the headers and half the body, then close: the answer is lost after it was paid."""
-    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
-    response.content_length = len(body)
-    await response.prepare(request)
-    await response.write(body[: len(body) // 2])
-    # close() (not abort()) sends what was written before the FIN; aiohttp then finds the
-    # transport closing and skips finishing the response.
-    if request.transport is not None:
-        request.transport.close()
-    return response
-
-
-async def _send_huge(request: web.Request, stored: _StoredFile, size: int) -> web.StreamResponse:
-    """Stream the image padded to `size` bytes, announced in Content-Length."""
-    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: stored.content_type})
-    response.content_length = total = max(size, len(stored.data))
-    await response.prepare(request)
-    padding = bytes(_CHUNK)
-    # A client that refuses it after the headers closes the connection: that is the point.
-    with contextlib.suppress(ConnectionError):
-        await response.write(stored.data)
-        for start in range(len(stored.data), total, _CHUNK):
-            await response.write(padding[: min(_CHUNK, total - start)])
-    return response
+        return html(404, NOT_FOUND_PAGE)
 
 
 async def serve(
