@@ -46,6 +46,7 @@ class Sender:
         self.base_url = base_url
         # Requests being sent now, by key: a second caller of the same key shares the result.
         self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._writable = False
 
     async def execute(self, work: Work) -> Result:
         """Send a request, or share the result of the same request already being sent."""
@@ -81,6 +82,10 @@ class Sender:
         ledger = self._ledger()
         request, recorded = work.request, work.recorded
         loop = asyncio.get_running_loop()
+        if not self._writable:
+            # Before the first request is paid for: its images must have somewhere to go.
+            await asyncio.to_thread(self.dispatcher.sink.check_writable)
+            self._writable = True
         started = loop.time()
         if work.verdict == "fetch" and recorded is not None:
             # Generated (and paid for) in an earlier run: only its downloads are tried again.

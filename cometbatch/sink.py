@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,6 +168,20 @@ class Sink:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
+
+    def check_writable(self) -> None:
+        """Raise OutputError unless OUT/images/ takes a new file: checked before the first
+        request is paid for, so an unwritable folder costs nothing."""
+        images = self.out_dir / "images"
+        try:
+            images.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix=".probe.", suffix=_TEMP_SUFFIX, dir=images)
+            os.close(handle)
+            os.unlink(name)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write images in {self.out_dir}: {exc.strerror or exc} ({images})"
+            ) from exc
 
     def discard(self, records: Iterable[ImageRecord]) -> None:
         """Remove images that will not be recorded (their request failed to store); best effort."""

@@ -359,11 +359,15 @@ async def assert_rerun_sends_only_what_is_missing(
 async def test_an_unwritable_images_folder_stops_the_run_and_the_rerun_finishes(
     sim: Simulator, tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """OUT/images refusing new job folders stops the run naming it; the rerun pays only once."""
+    """OUT/images refusing new files stops the run naming it before anything more is paid for;
+    the rerun pays only once."""
     out = tmp_path / "out"
     await run_jobs(sim, out, JOBS[:3])
+    sent_before = sim.stats.requests
     with unwritable(how, out / "images", monkeypatch), pytest.raises(OutputError) as info:
         await run_jobs(sim, out, JOBS)
+    # Checked before the first request of the run: nothing was sent into an unwritable folder.
+    assert sim.stats.requests == sent_before
     message = str(info.value)
     assert message.startswith(f"cannot write images in {out}: {EACCES} ({out / 'images'}")
     events = ledger_events(out)
