@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 from support import ledger_results as results
-from support import no_sleep, run_all, settings_for
+from support import no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
 from cometbatch.imagegen import make_png
@@ -390,20 +390,11 @@ async def test_an_error_inside_a_200_fails_only_its_job(tmp_path: Path) -> None:
         image = {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}
         return web.json_response({"created": 1, "data": [image]})
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        settings = Settings(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test")
-        jobs = [Job(id="a", prompt="fine"), Job(id="b", prompt="broken"), Job(id="c", prompt="ok")]
+    jobs = [Job(id="a", prompt="fine"), Job(id="b", prompt="broken"), Job(id="c", prompt="ok")]
+    async with serve({("POST", "/v1/images/generations"): answer}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
         async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
             got = {r.key: r for r in await run_all(engine, jobs)}
-    finally:
-        await runner.cleanup()
     assert got["a#0"].ok and got["c#0"].ok
     error = got["b#0"].error
     assert error is not None

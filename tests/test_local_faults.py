@@ -24,7 +24,7 @@ import aiofiles.threadpool
 import pytest
 from aiohttp import web
 from PIL import Image
-from support import no_sleep, settings_for
+from support import no_sleep, serve, settings_for
 
 from cometbatch import Engine, Job, OutputError, Settings, SimConfig, Simulator
 from cometbatch.imagegen import make_png
@@ -745,20 +745,11 @@ async def test_a_request_whose_second_image_is_corrupt_leaves_no_file(tmp_path: 
         body = {"created": 1, "data": [{"b64_json": good}, {"b64_json": "%%% not base64"}]}
         return web.json_response(body)
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     job = Job(id="two", prompt="p", model="gpt-image-1", n=2)
-    try:
-        settings = Settings(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test")
+    async with serve({("POST", "/v1/images/generations"): handler}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
         async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
             (result,) = [r async for r in engine.run([job])]
-    finally:
-        await runner.cleanup()
     assert result.status == "failed"
     assert result.error is not None and result.error["kind"] == "invalid_image"
     assert [p for p in (tmp_path / "images").rglob("*") if p.is_file()] == []
