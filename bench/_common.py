@@ -1,0 +1,97 @@
+"""What every benchmark shares: a simulator on its own thread, options, RSS, the verdict.
+
+Benchmarks print their figures and the target, and exit 1 when the target is missed, so
+`python bench/<name>.py` is a check as well as a measurement. `--smoke` runs a tiny size that
+only proves the script still works (the test suite runs every benchmark that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import resource
+import statistics
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from cometbatch import SimConfig, Simulator
+
+
+@dataclass
+class Options:
+    """The command line every benchmark takes."""
+
+    smoke: bool
+    runs: int
+
+
+def options(description: str, *, runs: int = 3) -> Options:
+    """Parse `--smoke` and `--runs N` (medians are taken over the runs)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the script")
+    parser.add_argument("--runs", type=int, default=runs, help="runs to take the median of")
+    args = parser.parse_args()
+    return Options(smoke=args.smoke, runs=1 if args.smoke else max(1, args.runs))
+
+
+@contextlib.contextmanager
+def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
+    """The simulated API on its own thread and event loop, so it does not share a CPU-bound
+    loop with the client being measured; yields the open Simulator (read `stats` freely)."""
+    ready: Future[Simulator] = Future()
+    stop: Future[None] = Future()
+
+    async def serve() -> None:
+        async with Simulator(config) as sim:
+            ready.set_result(sim)
+            await asyncio.wrap_future(stop)
+
+    def main() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # reported to the waiting caller
+            if not ready.done():
+                ready.set_exception(exc)
+
+    thread = threading.Thread(target=main, name="simulator", daemon=True)
+    thread.start()
+    sim = ready.result(timeout=30)
+    try:
+        yield sim
+    finally:
+        stop.set_result(None)
+        thread.join(timeout=30)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / (1024 * 1024)
+
+
+def median(values: list[float]) -> float:
+    """The median of the runs."""
+    return statistics.median(values)
+
+
+def verdict(
+    name: str, measured: float, target: float, *, higher_is_better: bool, unit: str
+) -> bool:
+    """Print the figure against its target; True when the target is met."""
+    met = measured >= target if higher_is_better else measured <= target
+    relation = "≥" if higher_is_better else "≤"
+    print(
+        f"{name}: {measured:.3f}{unit} (target {relation} {target:g}{unit}) "
+        f"{'MET' if met else 'MISSED'}"
+    )
+    return met
+
+
+def finish(met: bool, *, smoke: bool) -> None:
+    """Exit 1 when a target was missed (a smoke run only has to run)."""
+    if not met and not smoke:
+        sys.exit(1)
