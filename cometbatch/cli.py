@@ -54,6 +54,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False)
 # Settings owns the defaults; the options only show them.
 _DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
+# The upper bound of --concurrency auto unless --max-concurrency says otherwise.
+AUTO_MAX_CONCURRENCY = 256
 
 
 def say(text: str) -> None:
@@ -141,6 +143,44 @@ def _concurrency_option(text: str) -> Callable[[_F], _F]:
     )
 
 
+def _parse_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    """--concurrency: a number of requests in flight, or "auto"."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor 'auto'") from None
+    if not 1 <= number <= 10_000:
+        raise click.BadParameter(f"{number} is not in the range 1<=x<=10000")
+    return number
+
+
+def _concurrency_fields(
+    concurrency: int | str, min_concurrency: int | None, max_concurrency: int | None
+) -> dict[str, Any]:
+    """The Settings fields for --concurrency N|auto, --min-concurrency and --max-concurrency."""
+    fields: dict[str, Any] = {}
+    if concurrency == "auto":
+        fields["auto_concurrency"] = True
+        fields["concurrency"] = max_concurrency or AUTO_MAX_CONCURRENCY
+    else:
+        if max_concurrency is not None:
+            raise ConfigError(
+                "--max-concurrency bounds --concurrency auto; with a fixed --concurrency N, "
+                "N is the maximum"
+            )
+        fields["concurrency"] = concurrency
+    if min_concurrency is not None:
+        if min_concurrency > fields["concurrency"]:
+            raise ConfigError(
+                f"--min-concurrency ({min_concurrency}) is above the maximum concurrency "
+                f"({fields['concurrency']})"
+            )
+        fields["min_concurrency"] = min_concurrency
+    return fields
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cometbatch")
 def main() -> None:
@@ -159,7 +199,27 @@ def main() -> None:
     "--base-url",
     help="API base URL (default: $COMETAPI_BASE_URL, else https://api.cometapi.com/v1).",
 )
-@_concurrency_option("Requests in flight at most.")
+@click.option(
+    "--concurrency",
+    metavar="N|auto",
+    default=str(_DEFAULTS["concurrency"]),
+    callback=_parse_concurrency,
+    show_default=True,
+    help="Requests in flight at most (backed off on 429s), or 'auto': start at 16 (or "
+    "--min-concurrency) and grow while latency and errors hold, up to --max-concurrency.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(1, 10_000),
+    metavar="N",
+    help=f"Upper bound of --concurrency auto (default {AUTO_MAX_CONCURRENCY}).",
+)
+@click.option(
+    "--min-concurrency",
+    type=click.IntRange(1, 10_000),
+    metavar="N",
+    help="Lower bound when concurrency backs off or adapts (default 1).",
+)
 @click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
 @click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
 @click.option(
@@ -218,7 +278,9 @@ def run(
     manifest: Path,
     out_dir: Path | None,
     base_url: str | None,
-    concurrency: int,
+    concurrency: int | str,
+    max_concurrency: int | None,
+    min_concurrency: int | None,
     rpm: float | None,
     ipm: float | None,
     max_attempts: int,
@@ -244,6 +306,7 @@ def run(
       cometbatch run jobs/demo.jsonl --simulate
       COMETAPI_KEY=sk-... cometbatch run prompts.jsonl --out out/cats --rpm 300
       cometbatch run prompts.jsonl --model gpt-image-1 --n 4 --dry-run
+      cometbatch run prompts.jsonl --concurrency auto --max-concurrency 500
     """
     _setup_logging(verbose, quiet)
     out = out_dir or Path("out") / manifest.stem
@@ -260,7 +323,7 @@ def run(
         with checking:
             loaded = load_manifest(manifest, model=model, size=size, n=n, registry=registry)
         fields: dict[str, Any] = {
-            "concurrency": concurrency,
+            **_concurrency_fields(concurrency, min_concurrency, max_concurrency),
             "rpm": rpm,
             "ipm": ipm,
             "max_attempts": max_attempts,
@@ -284,7 +347,7 @@ def run(
             plan = plan_data(loaded.stats.by_model, out, done)
             click.echo(json.dumps(plan) if json_output else "\n".join(plan_lines(plan)))
             return
-        _raise_open_file_limit(concurrency, simulate)
+        _raise_open_file_limit(settings.concurrency, simulate)
         if not simulate and not settings.resolved_key():
             raise ConfigError(
                 f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 _CHUNK = 64 * 1024
+_READ_BUFSIZE = 1024 * 1024
 _GONE_STATUSES = frozenset({403, 404, 410})
 _RETRYABLE_DOWNLOAD_STATUSES = frozenset({408, 425, 429})
 _NOT_IMAGE_TYPES = ("text/html", "application/json")
@@ -83,8 +85,10 @@ class Client:
         pool_size: int = 100,
         session: aiohttp.ClientSession | None = None,
         allow_insecure_http: bool = False,
+        offload_bytes: int = 512 * 1024,
     ) -> None:
         check_base_url(base_url, allow_insecure_http=allow_insecure_http)
+        self.offload_bytes = offload_bytes
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -208,9 +212,13 @@ class Client:
                 allow_redirects=False,
                 raise_for_status=False,
                 timeout=self._timeout,
+                read_bufsize=_READ_BUFSIZE,
             ) as resp:
                 body = await resp.read()
-                return self._parse_answer(resp, body)
+                if len(body) < self.offload_bytes:
+                    return self._parse_answer(resp, body)
+            # Parsing a multi-megabyte answer takes milliseconds: not on the event loop.
+            return await asyncio.to_thread(self._parse_answer, resp, body)
         except APIError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

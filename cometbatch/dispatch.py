@@ -171,35 +171,55 @@ class Dispatcher:
         return sent
 
     async def _attempts(self, request: Request, sent: Sent) -> ImagesResponse:
-        last: APIError | None = None
+        # Most requests succeed at once: the first attempt is made without building the
+        # retry machinery (a real cost at a thousand requests a second). If it fails in a way
+        # worth retrying, tenacity takes over and is handed that failure as its own first
+        # attempt, so waits, logging and the attempt limit are exactly as if it had made it.
+        try:
+            return await self._attempt(request, sent, None)
+        except APIError as exc:
+            if not self.policy.should_retry(exc):
+                raise
+            first: APIError | None = exc
+        last = first
         async for attempt in retrying(self.policy, sleep=self._wait, before_sleep=_log_retry):
             with attempt:
-                if self.stopping():
-                    raise Stopped
-                async with self.limiter.slot(images=request.n):
-                    # A stop may have come while this task waited for its slot.
-                    if self.stopping():
-                        raise Stopped
-                    if last is not None and possibly_billed(last):
-                        sent.ambiguous += 1
-                    sent.attempts += 1
-                    # From here the image may be paid for: a stop must not cancel this task
-                    # until its result is recorded (the engine marks it idle after that).
-                    self.busy(True)
-                    try:
-                        response = await self.client.generate(request.payload)
-                        _check_count(request, response)
-                    except APIError as exc:
-                        # Still busy: a final failure is recorded before the task is idle.
-                        last = exc
-                        if exc.kind == "rate_limit":
-                            self.summary.rate_limited += 1
-                        outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
-                        self.limiter.record(outcome, detail=str(exc))
-                        raise
-                    self.limiter.record("ok")
-                    return response
+                if first is not None:
+                    failed, first = first, None
+                    raise failed
+                try:
+                    return await self._attempt(request, sent, last)
+                except APIError as exc:
+                    last = exc
+                    raise
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _attempt(self, request: Request, sent: Sent, last: APIError | None) -> ImagesResponse:
+        """One attempt under the shared limits; `last` is the previous attempt's failure."""
+        if self.stopping():
+            raise Stopped
+        async with self.limiter.slot(images=request.n):
+            # A stop may have come while this task waited for its slot.
+            if self.stopping():
+                raise Stopped
+            if last is not None and possibly_billed(last):
+                sent.ambiguous += 1
+            sent.attempts += 1
+            # From here the image may be paid for: a stop must not cancel this task until its
+            # result is recorded (the engine marks it idle after that).
+            self.busy(True)
+            try:
+                response = await self.client.generate(request.payload)
+                _check_count(request, response)
+            except APIError as exc:
+                # Still busy: a final failure is recorded before the task is idle.
+                if exc.kind == "rate_limit":
+                    self.summary.rate_limited += 1
+                outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
+                self.limiter.record(outcome, detail=str(exc))
+                raise
+            self.limiter.record("ok")
+            return response
 
     async def _store(self, request: Request, response: ImagesResponse, sent: Sent) -> None:
         """Write each image: decode inline ones, download URL ones (never regenerated)."""

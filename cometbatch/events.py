@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +43,6 @@ class _EventReader:
             raise LedgerError(f"cannot read the ledger {self.path}: {exc.strerror or exc}") from exc
 
     def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        raw_decode = _DECODER.raw_decode
         with open(self.path, "rb") as handle:
             for lineno, raw in enumerate(handle, 1):
                 if not raw.endswith(b"\n"):
@@ -51,24 +52,30 @@ class _EventReader:
                     if event is not None:
                         yield lineno, event
                     return
-                # raw_decode on str skips json.loads' encoding sniffing and wrappers, about
-                # a sixth of the load time of a large ledger; anything unusual (blank line,
-                # leading space, trailing text, bad UTF-8) takes the careful path below.
-                try:
-                    text = raw.decode()
-                    event, end = raw_decode(text)
-                    if end != len(text) - 1:
-                        raise ValueError("not a lone JSON value")
-                except ValueError:
-                    if not raw.strip():
-                        continue
-                    event = self._parse_strict(lineno, raw)
-                if type(event) is not dict or "event" not in event:
-                    raise LedgerError(
-                        f"{self.path} line {lineno} is not a ledger event "
-                        "(a JSON object with an 'event' field)"
-                    )
-                yield lineno, event
+                event = self._parse_line(lineno, raw)
+                if event is not None:
+                    yield lineno, event
+
+    def _parse_line(self, lineno: int, raw: bytes) -> dict[str, Any] | None:
+        """One newline-terminated line as an event (None if blank); LedgerError if it is not."""
+        # raw_decode on str skips json.loads' encoding sniffing and wrappers, about a sixth
+        # of the load time of a large ledger; anything unusual (blank line, leading space,
+        # trailing text, bad UTF-8) takes the careful path below.
+        try:
+            text = raw.decode()
+            event, end = _DECODER.raw_decode(text)
+            if end != len(text) - 1:
+                raise ValueError("not a lone JSON value")
+        except ValueError:
+            if not raw.strip():
+                return None
+            event = self._parse_strict(lineno, raw)
+        if type(event) is not dict or "event" not in event:
+            raise LedgerError(
+                f"{self.path} line {lineno} is not a ledger event "
+                "(a JSON object with an 'event' field)"
+            )
+        return event
 
     def _parse_strict(self, lineno: int, raw: bytes) -> Any:
         """Parse a line with json.loads, naming the line when it is not JSON."""
@@ -85,6 +92,171 @@ class _EventReader:
         if event is None:
             self.torn_tail = True
         return event
+
+
+# --- reading result lines fast --------------------------------------------------------------
+#
+# Decoding a million result lines with json costs seconds, almost all of it building dicts
+# and strings that resume throws away. Lines in the shape this package writes are instead
+# matched by one regular expression that accepts nothing json would refuse: it is only tried
+# on lines without backslashes or raw control characters, where every JSON string is plain
+# text between two quotes, and it spells out the JSON grammar of every value it skips over.
+# Any other line (another writer's field order, escapes, deep nesting) takes the json path.
+
+_READ_SIZE = 1 << 20
+# Deleting these from a line leaves only its control characters and backslashes.
+_PLAIN_BYTES = bytes(b for b in range(256) if b >= 0x20 and b != 0x5C)
+_STR = rb'"[^"]*+"'
+_INT = rb"-?(?:0|[1-9][0-9]*+)"
+_NUM = _INT + rb"(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?"
+
+
+def _json_value(depth: int) -> bytes:
+    """A pattern for one JSON value (of plain strings) nested at most `depth` deep."""
+    if depth == 0:
+        return rb"(?:null|" + _STR + rb"|" + _NUM + rb"|true|false)"
+    inner = _json_value(depth - 1)
+    return (
+        rb"(?:null|" + _STR + rb"|" + _NUM + rb"|true|false"
+        rb"|\{(?:" + _STR + rb":" + inner + rb"(?:," + _STR + rb":" + inner + rb")*+)?\}"
+        rb"|\[(?:" + inner + rb"(?:," + inner + rb")*+)?\])"
+    )
+
+
+_VALUE = _json_value(3)
+_IMAGE = (
+    rb'\{"index":' + _INT + rb',"path":' + _STR + rb',"format":' + _STR + rb',"bytes":'
+    + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?\}"
+)  # fmt: skip
+# A result line as this package writes it, for a request key `<job_id>#<chunk>` with a
+# planner's fingerprint. Groups: the line, the key, the key's job id, status, fingerprint,
+# n, and the error's JSON text.
+_RESULT = (
+    rb'(\{"event":"result","run_id":' + _STR
+    + rb',"key":"(([^"]*)#(?:0|[1-9][0-9]*+))","job_id":"\3","chunk":' + _INT
+    + rb',"status":"(ok|failed|download_failed)","fingerprint":"([0-9a-f]{16})"'
+    + rb',"model":(?:null|' + _STR + rb'),"n":(0|[1-9][0-9]{0,8})'
+    + rb',"images":\[(?:' + _IMAGE + rb"(?:," + _IMAGE + rb")*+)?\]"
+    + rb'(?:,"downloads":\[\])?,"attempts":' + _NUM + rb',"ambiguous_retries":' + _NUM
+    + rb',"error":(' + _VALUE + rb'),"latency_s":' + _NUM
+    + rb',"finished_at":(?:null|' + _STR + rb'),"usage":' + _VALUE
+    + rb',"metadata":' + _VALUE + rb"\}\n)"
+)  # fmt: skip
+_RESULT_LINE = re.compile(_RESULT)
+# Every line of a block: a result line as above, or any other line (the last group).
+_BLOCK_LINE = re.compile(_RESULT + rb"|([^\n]*+\n)")
+_OTHER = operator.itemgetter(7)
+
+# One line of a block as _BLOCK_LINE.findall gives it: the groups of _RESULT, then the text
+# of a line that is not such a result (b"" where a group did not take part).
+Row = tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes]
+
+
+class _ResultScanner(_EventReader):
+    """Streams a ledger as (line number, byte offset, item): item is a list of Rows for a run
+    of consecutive result lines in this package's own shape, or else one line's event.
+
+    After iterating, `end` is the offset just past the last whole line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.end = 0
+
+    def scan(self) -> Iterator[tuple[int, int, list[Row] | dict[str, Any]]]:
+        """The items; raises like iterating an _EventReader."""
+        try:
+            yield from self._scan()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise LedgerError(f"cannot read the ledger {self.path}: {exc.strerror or exc}") from exc
+
+    def _scan(self) -> Iterator[tuple[int, int, list[Row] | dict[str, Any]]]:
+        lineno = 0
+        offset = 0
+        with open(self.path, "rb") as handle:
+            for block in _whole_lines(handle):
+                if not block.endswith(b"\n"):
+                    event = self._parse_last(lineno + 1, block)
+                    if event is not None:
+                        yield lineno + 1, offset, event
+                    return
+                rows: list[Row] | None = None
+                newlines = _plain_lines(block)
+                if newlines:
+                    rows = _BLOCK_LINE.findall(block)
+                    # Each match ends with a newline, so as many matches as newlines means
+                    # that no match ran on into the next line (through a quote left open).
+                    if len(rows) != newlines:
+                        rows = None
+                if rows is None:
+                    # bytes.splitlines would also split at a lone carriage return.
+                    lines = block.split(b"\n")[:-1]
+                    rows = [_line_row(line + b"\n") for line in lines]
+                if not any(map(_OTHER, rows)):
+                    yield lineno + 1, offset, rows
+                else:
+                    yield from self._split(rows, lineno, offset)
+                lineno += len(rows)
+                offset += len(block)
+                self.end = offset
+
+    def _split(
+        self, rows: list[Row], lineno: int, offset: int
+    ) -> Iterator[tuple[int, int, list[Row] | dict[str, Any]]]:
+        """The items of a block that holds other lines too, in order."""
+        start = 0
+        for at, row in enumerate(rows):
+            if row[7]:
+                if start < at:
+                    yield lineno + start + 1, offset, rows[start:at]
+                    offset += sum(len(earlier[0]) for earlier in rows[start:at])
+                event = self._parse_line(lineno + at + 1, row[7])
+                if event is not None:
+                    yield lineno + at + 1, offset, event
+                offset += len(row[7])
+                start = at + 1
+        if start < len(rows):
+            yield lineno + start + 1, offset, rows[start:]
+
+
+def _line_row(line: bytes) -> Row:
+    """The Row of one line, checked on its own (for blocks that are not plain throughout)."""
+    if _plain_lines(line):
+        found = _RESULT_LINE.fullmatch(line)
+        if found is not None:
+            return (*found.groups(), b"")  # type: ignore[return-value]
+    return (b"", b"", b"", b"", b"", b"", b"", line)
+
+
+def _whole_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """The file in blocks of whole lines (the last block may be an unterminated line)."""
+    carry: list[bytes] = []
+    while data := handle.read(_READ_SIZE):
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            carry.append(data)  # inside a line longer than a block
+            continue
+        carry.append(data[:cut])
+        yield b"".join(carry) if len(carry) > 1 else carry[0]
+        carry = [data[cut:]] if cut < len(data) else []
+    if carry:
+        yield b"".join(carry)
+
+
+def _plain_lines(data: bytes) -> int:
+    """How many lines `data` holds if it is plain (UTF-8 without backslashes or control
+    characters besides newlines); 0 if it is not."""
+    rest = data.translate(None, _PLAIN_BYTES)
+    if rest.count(b"\n") != len(rest):
+        return 0
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return 0
+    return len(rest)
 
 
 def iter_events(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -7,6 +7,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Literal
 
@@ -14,13 +15,26 @@ from aiolimiter import AsyncLimiter
 
 from .errors import ConfigError, UpstreamDownError
 from .settings import Settings
-from .throttle import AimdLimit, RetryBudget, pacing_bucket
+from .throttle import (
+    PACING_BURST,
+    PACING_MARGIN,
+    WINDOW,
+    AimdLimit,
+    AutoLimit,
+    RetryBudget,
+    auto_start,
+    pacing_bucket,
+    pacing_capacity,
+)
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["ok", "throttled", "failed"]
 OUTCOMES: frozenset[str] = frozenset({"ok", "throttled", "failed"})
 _CLOSED = "the limiter is closed"
+# When the current task's request left (its slot was granted and its rate tokens taken): what
+# record() times a success from. A task holds one slot at a time, so one value per task.
+_SENT_AT: ContextVar[float | None] = ContextVar("cometbatch_sent_at", default=None)
 
 
 class _Gate:
@@ -51,6 +65,11 @@ class _Gate:
                 with suppress(ValueError):
                     self._waiters.remove(fut)
             raise
+
+    @property
+    def waiting(self) -> int:
+        """Tasks queued for a place."""
+        return len(self._waiters)
 
     def release(self) -> None:
         self.holders -= 1
@@ -91,7 +110,11 @@ class Limiter:
         outage_limit: float = 300.0,
         clock: Callable[[], float] | None = None,
         adaptive: bool = True,
+        auto: bool = False,
+        start: int | None = None,
         min_round: int = 100,
+        pacing_margin: float = PACING_MARGIN,
+        pacing_burst: float = PACING_BURST,
     ) -> None:
         if concurrency < 1 or not 1 <= min_concurrency <= concurrency:
             raise ConfigError(
@@ -104,21 +127,44 @@ class Limiter:
             raise ConfigError(f"throttle_threshold must be in [0, 1), got {throttle_threshold}")
         if budget_tokens <= 0 or budget_ratio < 0 or outage_limit <= 0:
             raise ConfigError("budget_tokens and outage_limit must be > 0, budget_ratio >= 0")
+        if pacing_margin < 0 or pacing_burst < 0:
+            raise ConfigError("pacing_margin and pacing_burst must be >= 0")
         self.concurrency = concurrency
         self.rpm = rpm
         self.ipm = ipm
         self.max_images_per_request = max_images_per_request
         self.outage_limit = outage_limit
+        if auto and not adaptive:
+            raise ConfigError("auto concurrency adapts the limit: it needs adaptive=True")
         self.adaptive = adaptive
+        self.auto = auto
         self._clock = clock
-        self._aimd = AimdLimit(
-            floor=min_concurrency,
-            ceiling=concurrency,
-            threshold=throttle_threshold,
-            min_round=min_round,
-        )
+        self._auto: AutoLimit | None = None
+        self._aimd: AimdLimit
+        if auto:
+            begin = auto_start(min_concurrency, concurrency) if start is None else start
+            if not min_concurrency <= begin <= concurrency:
+                raise ConfigError(
+                    f"start must be within [min_concurrency, concurrency] = "
+                    f"[{min_concurrency}, {concurrency}], got {begin}"
+                )
+            self._aimd = self._auto = AutoLimit(
+                floor=min_concurrency,
+                ceiling=concurrency,
+                threshold=throttle_threshold,
+                min_round=min_round,
+                start=begin,
+            )
+        else:
+            self._aimd = AimdLimit(
+                floor=min_concurrency,
+                ceiling=concurrency,
+                threshold=throttle_threshold,
+                min_round=min_round,
+            )
         self._budget = RetryBudget(budget_tokens, budget_ratio)
         self._rpm = self._ipm = None
+        window = WINDOW + pacing_margin
         if rpm is not None:
             # With both limits the rpm token is taken first and may be held while the ipm bucket
             # drains, so a window can see the request it paid for plus a full rpm of later
@@ -127,7 +173,8 @@ class Limiter:
             slack = 1 if ipm is not None else 0
             if rpm <= 1 + slack:
                 raise ConfigError(f"rpm must be more than {1 + slack}, got {rpm:g}")
-            self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, 1))
+            size = pacing_capacity(rpm - slack, 1, pacing_burst)
+            self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, size, window=window))
         if ipm is not None:
             if ipm <= max_images_per_request:
                 raise ConfigError(
@@ -135,7 +182,8 @@ class Limiter:
                     f"({max_images_per_request}): no minute could hold a whole request "
                     "otherwise; raise ipm"
                 )
-            self._ipm = AsyncLimiter(*pacing_bucket(ipm, max_images_per_request))
+            size = pacing_capacity(ipm, max_images_per_request, pacing_burst)
+            self._ipm = AsyncLimiter(*pacing_bucket(ipm, size, window=window))
         self._gate = _Gate(lambda: self.effective_limit)
         # Pacing is single file, in arrival order: aiolimiter alone serves small amounts first,
         # which could starve 10-image requests behind 1-image ones.
@@ -152,10 +200,12 @@ class Limiter:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, max_images_per_request: int = 10) -> Limiter:
-        """A limiter with the engine settings' concurrency, rpm, ipm and outage limit."""
+        """A limiter with the engine settings' concurrency (fixed or auto), rpm, ipm and outage
+        limit."""
         return cls(
             concurrency=settings.concurrency,
             min_concurrency=min(settings.min_concurrency, settings.concurrency),
+            auto=settings.auto_concurrency,
             rpm=settings.rpm,
             ipm=settings.ipm,
             max_images_per_request=max_images_per_request,
@@ -166,6 +216,21 @@ class Limiter:
     def limit(self) -> int:
         """The adaptive concurrency limit, within [min_concurrency, concurrency]."""
         return self._aimd.limit
+
+    @property
+    def min_concurrency(self) -> int:
+        """The floor the limit never goes below."""
+        return self._aimd.floor
+
+    @property
+    def slow_start(self) -> bool:
+        """True while auto concurrency still doubles its limit every round trip."""
+        return self._auto is not None and self._auto.slow_start
+
+    @property
+    def latency(self) -> float | None:
+        """Auto concurrency's recent median latency in seconds (None when not auto or untimed)."""
+        return self._auto.latency if self._auto is not None else None
 
     @property
     def effective_limit(self) -> int:
@@ -215,8 +280,14 @@ class Limiter:
                 "stopping — run the same command again to resume"
             )
 
-    def record(self, outcome: Outcome, detail: str | None = None) -> None:
-        """Feed one attempt's outcome to the retry budget and the adaptive limit."""
+    def record(
+        self, outcome: Outcome, detail: str | None = None, *, latency: float | None = None
+    ) -> None:
+        """Feed one attempt's outcome to the retry budget and the adaptive limit.
+
+        An answer with no `detail` is a success; with auto concurrency its latency (by default
+        the time since the current task's slot let its request go) feeds the growth decision.
+        """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
         now = self._now()
@@ -233,12 +304,7 @@ class Limiter:
                 self._last_error = detail
         self._budget.record(outcome == "ok")
         if self.adaptive:
-            change = self._aimd.record(outcome == "throttled")
-            if change < 0:
-                self.decreases += 1
-                log.info("backing off: concurrency limit %d -> %d", self.limit - change, self.limit)
-            elif change > 0:
-                self.increases += 1
+            self._adapt(outcome, detail, latency, now)
         if self._budget.probing != was_probing:
             if was_probing:
                 log.info("the API answers again: leaving probe mode")
@@ -247,13 +313,51 @@ class Limiter:
         # A raised limit or the end of probing makes room for waiters.
         self._gate.wake()
 
+    def _adapt(
+        self, outcome: Outcome, detail: str | None, latency: float | None, now: float
+    ) -> None:
+        auto = self._auto
+        slow_start = auto is not None and auto.slow_start
+        # Only real answers are timed and may grow the limit: an error answer (a refused
+        # prompt) comes back fast and says nothing about generation time or capacity.
+        success = outcome == "ok" and detail is None
+        if auto is not None and success:
+            if latency is None:
+                sent = _SENT_AT.get()
+                latency = None if sent is None else now - sent
+            if latency is not None:
+                auto.observe(latency)
+        change = self._aimd.record(outcome == "throttled", busy=success and self._busy())
+        if change < 0:
+            self.decreases += 1
+            log.info("backing off: concurrency limit %d -> %d", self.limit - change, self.limit)
+        elif change > 0:
+            self.increases += 1
+            log.debug("concurrency limit %d -> %d", self.limit - change, self.limit)
+        if slow_start and auto is not None and not auto.slow_start and change >= 0:
+            log.info(
+                "auto concurrency: latency rose to %.2f s (lowest %.2f s); growing slowly from %d",
+                auto.latency or 0.0,
+                auto.baseline or 0.0,
+                self.limit,
+            )
+
+    def _busy(self) -> bool:
+        """Whether the concurrency limit, not pacing or a lack of work, holds requests back."""
+        if self._pacer.holders or self._pacer.waiting:
+            # Someone waits for rate tokens: more slots would only wait with it.
+            return False
+        return self._gate.holders >= self.effective_limit
+
     @asynccontextmanager
     async def slot(self, images: int = 1) -> AsyncIterator[None]:
         """Wait for a concurrency slot, then 1 rpm token and `images` ipm tokens; hold the slot."""
         await self._enter(images)
+        sent = _SENT_AT.set(self._now())
         try:
             yield
         finally:
+            _SENT_AT.reset(sent)
             self._gate.release()
 
     async def _enter(self, images: int) -> None:
@@ -342,6 +446,8 @@ class Limiter:
 
     def __repr__(self) -> str:
         args = f"concurrency={self.concurrency!r}, rpm={self.rpm!r}, ipm={self.ipm!r}"
+        if self.auto:
+            args += ", auto=True"
         state = (
             f"limit: {self.effective_limit}/{self.limit}, in flight: {self.in_flight}, "
             f"waiting: {self.waiting}, tokens: {self.tokens:.1f}"

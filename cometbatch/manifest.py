@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,10 @@ class Job(BaseModel):
     @classmethod
     def _sent_as_text(cls, value: Any) -> Any:
         try:
-            json.dumps(value, ensure_ascii=False).encode()
+            if isinstance(value, str):
+                value.encode()  # what json.dumps would fail on, without building the JSON
+            elif value:
+                json.dumps(value, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             # It would be sent, and hashed into the request fingerprint, as UTF-8.
             raise ValueError(
@@ -108,7 +112,9 @@ class Job(BaseModel):
 
     def params(self) -> dict[str, Any]:
         """The optional request parameters that are set."""
-        return {name: value for name in PARAMS if (value := getattr(self, name)) is not None}
+        # Straight from the instance dict: this runs several times per job on every pass.
+        fields = self.__dict__
+        return {name: value for name in PARAMS if (value := fields[name]) is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,11 +217,17 @@ def _nesting_exceeds(data: Any, limit: int) -> bool:
     return False
 
 
+# One decoder for every line: json.loads with hooks would build a new one per line.
+_STRICT_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_refuse_constant)
+
+
 def _strict_json(text: str) -> Any:
     """Standard JSON nested at most MAX_NESTING deep; otherwise ValueError saying why."""
     too_deep = f"nested more than {MAX_NESTING} levels deep"
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")  # as json.loads says
     try:
-        data = json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+        data = _STRICT_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ValueError(exc.msg) from None
     except _NotJSONError:
@@ -298,6 +310,44 @@ def _id_digest(job_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=8).digest(), "big")
 
 
+class _DigestSet:
+    """A set of 64-bit digests in one flat table: a million take 16 MB, not the 60 MB of a
+    set of ints (an object per digest, and a slot of pointer and hash for each)."""
+
+    __slots__ = ("_count", "_table")
+
+    def __init__(self) -> None:
+        self._table = array("Q", bytes(8 * 1024))
+        self._count = 0
+
+    def add(self, digest: int) -> bool:
+        """Add `digest`; False if it was there already."""
+        digest = digest or 1  # 0 marks a free slot (a digest of 0 passes for one of 1)
+        table = self._table
+        mask = len(table) - 1
+        at = digest & mask  # a digest's low bits are as random as its high ones
+        while found := table[at]:
+            if found == digest:
+                return False
+            at = (at + 1) & mask
+        table[at] = digest
+        self._count += 1
+        if 2 * self._count > len(table):
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        table = array("Q", bytes(16 * len(self._table)))
+        mask = len(table) - 1
+        for digest in self._table:
+            if digest:
+                at = digest & mask
+                while table[at]:
+                    at = (at + 1) & mask
+                table[at] = digest
+        self._table = table
+
+
 class Manifest:
     """A validated manifest file: iterate it for Jobs (re-read from disk each time)."""
 
@@ -333,7 +383,8 @@ class Manifest:
             ) from None
 
     def _parse(self, text: str, number: int) -> Job | None:
-        if _UNDECODABLE.search(text):
+        # An ASCII line cannot hold the stand-ins for undecodable bytes: skip the search.
+        if not text.isascii() and _UNDECODABLE.search(text):
             raise ManifestError([ManifestProblem(number, None, "not UTF-8 text")])
         return parse_line(text, number, defaults=self.defaults, registry=self.registry)
 
@@ -347,7 +398,7 @@ class Manifest:
         """Check every line; raise one ManifestError listing the problems (up to the cap)."""
         problems: list[ManifestProblem] = []
         truncated = False
-        seen: set[int] = set()
+        seen = _DigestSet()
         duplicates: dict[str, tuple[int, str]] = {}
         stats = ManifestStats()
         digest = hashlib.sha256()
@@ -360,12 +411,10 @@ class Manifest:
                 job = None
             if job is not None:
                 folder = folder_key(job.id)
-                key = _id_digest(folder)
-                if key in seen:
-                    duplicates.setdefault(folder, (number, job.id))
-                else:
-                    seen.add(key)
+                if seen.add(_id_digest(folder)):
                     stats.add(job, self.registry.get(job.model).max_n)
+                else:
+                    duplicates.setdefault(folder, (number, job.id))
             if len(problems) + len(duplicates) > max_problems:
                 truncated = True
                 break

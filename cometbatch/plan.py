@@ -39,10 +39,13 @@ class Request:
         return range(self.first_index, self.first_index + self.n)
 
 
+# One encoder for every request: json.dumps with options would build a new one per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def fingerprint(payload: dict[str, Any]) -> str:
     """A stable digest of exactly what is sent (key order and spacing do not matter)."""
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(_CANONICAL.encode(payload).encode()).hexdigest()[:16]
 
 
 def build_payload(job: Job, spec: ModelSpec, n: int) -> dict[str, Any]:

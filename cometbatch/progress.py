@@ -43,6 +43,9 @@ class Snapshot:
     waiting: int = 0
     # Images finished by this run (written or failed): what the rate counts.
     processed: int = 0
+    # Auto concurrency: `limit` is the level it chose, `ceiling` the most it may grow to.
+    auto: bool = False
+    ceiling: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> Snapshot:
@@ -60,11 +63,15 @@ class Snapshot:
             probing=limiter.probing,
             waiting=engine.waiting_to_retry,
             processed=s.images_written + s.failed_images,
+            auto=limiter.auto,
+            ceiling=limiter.concurrency,
         )
 
     def detail(self) -> str:
         """The counters after the bar, one short line."""
         parts = [f"in flight {self.in_flight}/{self.limit}"]
+        if self.auto:
+            parts[0] += f" (auto, max {self.ceiling})"
         if self.waiting:
             parts.append(f"waiting to retry {self.waiting}")
         parts += [

@@ -56,6 +56,9 @@ class Settings(BaseModel):
     api_key: SecretStr | str | None = Field(default=None, repr=False)
     concurrency: int = Field(default=16, ge=1, le=10_000)
     min_concurrency: int = Field(default=1, ge=1)
+    # Concurrency finds its own level: it starts at 16 (or min_concurrency, if higher) and grows
+    # while latency and errors hold, up to `concurrency`; 429s and timeouts back it off.
+    auto_concurrency: bool = False
     rpm: float | None = Field(default=None, gt=0)
     ipm: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=8, ge=1, le=100)

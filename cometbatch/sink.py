@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import errno
 import hashlib
+import itertools
 import os
+import queue
 import secrets
+import sys
 import tempfile
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiofiles
-import aiofiles.os
+from typing import Any, TypeVar
 
 from cometbatch.errors import ImageDataError, OutputError
 from cometbatch.paths import image_relpath
@@ -25,6 +27,11 @@ __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TEMP_SUFFIX = ".tmp"
+# Characters of base64 decoded at a time (a multiple of 4): about a millisecond of work.
+_B64_SLICE = 256 * 1024
+_T = TypeVar("_T")
+# Job folders a sink remembers having seen, so their images skip the mkdir.
+_KNOWN_FOLDERS = 1024
 
 
 def detect_format(data: bytes) -> str | None:
@@ -38,6 +45,27 @@ def detect_format(data: bytes) -> str | None:
     return None
 
 
+def _a2b_strict(body: str) -> bytes:
+    """Strict base64 decoding, in slices when large.
+
+    binascii holds the GIL while it decodes (about 5 ms per MB): slices of _B64_SLICE
+    characters let the event loop's thread in between, so a large image decoded in a worker
+    thread does not stall the loop for the whole of it.
+    """
+    if len(body) < 2 * _B64_SLICE:
+        return binascii.a2b_base64(body, strict_mode=True)
+    # Whole slices first; the last one (one to two slices long) holds the end of the data,
+    # where strict mode's rules about padding apply, exactly as in a single call.
+    last = (len(body) // _B64_SLICE - 1) * _B64_SLICE
+    if body.find("=", 0, last) >= 0:
+        raise binascii.Error("padding before the end of the data")
+    out = bytearray()
+    for start in range(0, last, _B64_SLICE):
+        out += binascii.a2b_base64(body[start : start + _B64_SLICE], strict_mode=True)
+    out += binascii.a2b_base64(body[last:], strict_mode=True)
+    return bytes(out)
+
+
 def decode_b64(text: str) -> bytes:
     """Decode strict base64 image data, allowing a `data:...;base64,` prefix and line breaks."""
     body = text.strip()
@@ -46,12 +74,16 @@ def decode_b64(text: str) -> bytes:
         if not comma or not header.lower().endswith(";base64"):
             raise ImageDataError("invalid base64 image data", retryable=False)
         body = rest
-    # Strict mode rejects whitespace, but wrapped base64 (MIME style) is still valid data.
-    body = "".join(body.split())
     try:
-        data = binascii.a2b_base64(body.encode("ascii"), strict_mode=True)
-    except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII characters
-        raise ImageDataError("invalid base64 image data", retryable=False) from exc
+        # Strict mode rejects whitespace; the usual answer has none, so it is decoded in one
+        # pass without first copying a multi-megabyte string.
+        data = _a2b_strict(body)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+        # Wrapped base64 (MIME style) is still valid data: decode it without the breaks.
+        try:
+            data = _a2b_strict("".join(body.split()))
+        except (binascii.Error, ValueError) as exc:
+            raise ImageDataError("invalid base64 image data", retryable=False) from exc
     if not data:
         raise ImageDataError("invalid base64 image data", retryable=False)
     return data
@@ -70,16 +102,151 @@ class ImageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The ledger's image object (the fields, in order)."""
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies generically, a cost paid per image.
+        return {
+            "index": self.index,
+            "path": self.path,
+            "format": self.format,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "revised_prompt": self.revised_prompt,
+        }
 
 
-def _sha256_hex(data: bytes) -> str:
-    """Hex sha256 of `data`."""
-    return hashlib.sha256(data).hexdigest()
+def _describe(job_id: str, index: int, data: bytes) -> tuple[str, str, str]:
+    """The image's format, its path relative to OUT and its hex sha256; raises ImageDataError
+    for bytes that are not an image."""
+    fmt = detect_format(data)
+    if fmt is None:
+        raise ImageDataError("not a PNG, JPEG or WebP image", retryable=False)
+    return fmt, image_relpath(job_id, index, fmt), hashlib.sha256(data).hexdigest()
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the entries of `folder` durable (a rename, a new file); a no-op on Windows."""
+    if sys.platform == "win32":
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+class _Trip:
+    """One image's trip through a worker thread, which its caller may call off meanwhile."""
+
+    __slots__ = ("called_off", "folder_known", "placed")
+
+    def __init__(self, folder_known: bool) -> None:
+        # Whether the job's folder was there a moment ago (then it is not made again).
+        self.folder_known = folder_known
+        self.called_off = False
+        # The final path, once the file was renamed there.
+        self.placed: str | None = None
+
+    def place(self, temp: str, final: str) -> None:
+        """Rename `temp` onto `final` unless the write was called off (in the worker thread)."""
+        if self.called_off:
+            raise _CalledOff
+        # Replacing is deliberate: a regenerated request overwrites its earlier image.
+        os.replace(temp, final)
+        self.placed = final
+
+
+class _CalledOff(Exception):
+    """The write was called off before its rename (its caller was cancelled)."""
+
+
+# A write handed to the writer threads: the loop to report to, its future, what to call.
+_Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+class _Writers:
+    """A few threads that write images for every sink in the process.
+
+    Cheaper per write than a thread-pool future, and each thread wakes the event loop once
+    per batch of finished writes rather than once per write (each wake-up is a system call
+    on the loop's thread, which then has to win the GIL back). Threads start on demand and
+    leave after a few idle seconds; they are daemons, so an idle one never holds up exit
+    (every write is awaited by its request, and an interrupted one leaves only a temp file).
+    """
+
+    def __init__(self, size: int, idle: float) -> None:
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._size = size
+        self._idle_timeout = idle
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, func: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue `func(*args)`; its future is settled on the calling event loop."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((loop, future, func, args))
+        with self._lock:
+            if self._idle == 0 and self._threads < self._size:
+                self._threads += 1
+                threading.Thread(target=self._serve, name="cometbatch-writer", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        work = self._queue
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                first = work.get(timeout=self._idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if work.empty():
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < _BATCH:
+                    batch.append(work.get_nowait())
+            done: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
+            for loop, future, func, args in batch:
+                try:
+                    outcome: tuple[Any, ...] = (future, func(*args), None)
+                except BaseException as exc:
+                    outcome = (future, None, exc)
+                done.setdefault(loop, []).append(outcome)
+            for loop, outcomes in done.items():
+                # A loop already closed has nobody left waiting.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _settle(outcomes: list[tuple[Any, ...]]) -> None:
+    """Hand finished writes their results (on the event loop)."""
+    for future, result, exc in outcomes:
+        if future.cancelled():
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
+# Writes at most one thread takes at a time (so the others get some of a burst).
+_BATCH = 16
+_WRITERS = _Writers(size=4, idle=5.0)
 
 
 class Sink:
-    """Writes images atomically under OUT/images/ so a file either is complete or is absent."""
+    """Writes images atomically under OUT/images/ so a file either is complete or is absent.
+
+    Each image costs one worker-thread call: temp file, write, (fsync,) rename, with the
+    folder made only when the first open finds it missing. Images of `offload_bytes` or more
+    are also decoded and hashed in that call, so large payloads never stall the event loop.
+    """
 
     def __init__(
         self,
@@ -94,6 +261,11 @@ class Sink:
         self.written = 0
         self.written_bytes = 0
         self._in_flight = 0
+        # Jobs whose folder this sink made or wrote to lately (insertion-ordered, bounded).
+        self._folders: dict[str, None] = {}
+        # Temporary names: unique per sink and write, with no system call to draw them.
+        self._temp_prefix = secrets.token_hex(4)
+        self._serial = itertools.count()
 
     def __repr__(self) -> str:
         return (
@@ -105,69 +277,138 @@ class Sink:
         self, job_id: str, index: int, data: bytes, *, revised_prompt: str | None = None
     ) -> ImageRecord:
         """Check, hash and atomically write one image; return what the ledger records."""
-        fmt = detect_format(data)
-        if fmt is None:
-            raise ImageDataError("not a PNG, JPEG or WebP image", retryable=False)
-        relpath = image_relpath(job_id, index, fmt)
         if len(data) >= self.offload_bytes:
             # hashlib releases the GIL on large buffers, so the loop keeps serving other tasks.
-            digest = await asyncio.to_thread(_sha256_hex, data)
+            record = await self._in_thread(job_id, self._store, job_id, index, data, revised_prompt)
         else:
-            digest = _sha256_hex(data)
-        self._in_flight += 1
-        try:
-            await self._write_atomic(self.out_dir / relpath, index, data)
-        finally:
-            self._in_flight -= 1
+            fmt, relpath, digest = _describe(job_id, index, data)
+            await self._in_thread(job_id, self._write_atomic, relpath, index, data)
+            record = ImageRecord(index, relpath, fmt, len(data), digest, revised_prompt)
         self.written += 1
-        self.written_bytes += len(data)
-        return ImageRecord(index, relpath, fmt, len(data), digest, revised_prompt)
+        self.written_bytes += record.bytes
+        return record
 
     async def decode_and_write(
         self, job_id: str, index: int, b64: str, *, revised_prompt: str | None = None
     ) -> ImageRecord:
-        """Decode a base64 image (in a thread when large) and write it."""
-        if len(b64) >= self.offload_bytes:
-            data = await asyncio.to_thread(decode_b64, b64)
-        else:
+        """Decode a base64 image (in the writing thread when large) and write it."""
+        if len(b64) < self.offload_bytes:
             data = decode_b64(b64)
-        return await self.write(job_id, index, data, revised_prompt=revised_prompt)
+            return await self.write(job_id, index, data, revised_prompt=revised_prompt)
+        # Decoded, hashed and written in one trip to a worker thread.
+        record = await self._in_thread(
+            job_id, self._decode_and_store, job_id, index, b64, revised_prompt
+        )
+        self.written += 1
+        self.written_bytes += record.bytes
+        return record
 
-    async def _write_atomic(self, final: Path, index: int, data: bytes) -> None:
-        """Write to a temporary name in the final folder, then rename it into place.
+    def _decode_and_store(
+        self, job_id: str, index: int, b64: str, revised_prompt: str | None, trip: _Trip
+    ) -> ImageRecord:
+        """Decode, check, hash and write a large image (in a worker thread)."""
+        return self._store(job_id, index, decode_b64(b64), revised_prompt, trip)
 
-        An OSError keeps its type and errno; its reason names the image folder.
+    def _store(
+        self,
+        job_id: str,
+        index: int,
+        data: bytes,
+        revised_prompt: str | None,
+        trip: _Trip,
+    ) -> ImageRecord:
+        """Check, hash and write a large image (in a worker thread)."""
+        fmt, relpath, digest = _describe(job_id, index, data)
+        self._write_atomic(relpath, index, data, trip)
+        return ImageRecord(index, relpath, fmt, len(data), digest, revised_prompt)
+
+    async def _in_thread(self, job_id: str, func: Callable[..., _T], /, *args: Any) -> _T:
+        """Run `func(*args, trip)` in a worker thread for an image of `job_id`; a cancelled
+        call leaves no file.
+
+        A thread cannot be interrupted: a cancelled call tells it to drop its temporary file
+        instead of renaming it, waits for it, and removes the file if it was renamed anyway,
+        so no file of the write is left once the cancellation is through.
         """
-        folder = final.parent
+        trip = _Trip(job_id in self._folders)
+        self._in_flight += 1
         try:
-            await aiofiles.os.makedirs(folder, exist_ok=True)
-            await self._write_temp_then_rename(folder, final, index, data)
+            done: asyncio.Future[_T] = _WRITERS.submit(func, (*args, trip))
+            try:
+                result = await asyncio.shield(done)
+            except asyncio.CancelledError:
+                trip.called_off = True
+                await _wait_out(done)
+                if trip.placed is not None:
+                    # Complete, but its request will not be recorded: it must not stay behind.
+                    with contextlib.suppress(OSError):
+                        os.unlink(trip.placed)
+                raise
+        finally:
+            self._in_flight -= 1
+        folders = self._folders
+        if job_id not in folders:
+            folders[job_id] = None
+            if len(folders) > _KNOWN_FOLDERS:
+                del folders[next(iter(folders))]
+        return result
+
+    def _write_atomic(self, relpath: str, index: int, data: bytes, trip: _Trip) -> None:
+        """Write to a temporary name in the final folder, then rename it into place (in a
+        worker thread). An OSError keeps its type and errno; its reason names the folder.
+
+        Every system call here gives up the GIL and must win it back, which takes up to a
+        switch interval when other threads are busy: the write makes as few as it can (no
+        buffering, no existence checks; a job's folder is made once, by trying).
+        """
+        final = os.path.join(self.out_dir, relpath)
+        folder = os.path.dirname(final)
+        # Same folder as the final name: os.replace is atomic only within one filesystem.
+        serial = next(self._serial)
+        temp = os.path.join(folder, f".{index}.{self._temp_prefix}{serial:x}{_TEMP_SUFFIX}")
+        made = False
+        try:
+            if not trip.folder_known:
+                made = _make_folder(folder)
+            try:
+                handle = open(temp, "xb", buffering=0)  # noqa: SIM115 - closed before the rename
+            except FileNotFoundError:
+                if made:
+                    raise
+                # The folder went away since it was seen: make it again.
+                made = _make_folder(folder)
+                handle = open(temp, "xb", buffering=0)  # noqa: SIM115
+            try:
+                with handle:
+                    view = memoryview(data)
+                    while view:
+                        # An unbuffered write may take less than it is given.
+                        written = handle.write(view)
+                        if not written:
+                            raise OSError(errno.EIO, os.strerror(errno.EIO), temp)
+                        view = view[written:]
+                    if self.fsync:
+                        os.fsync(handle.fileno())
+                trip.place(temp, final)
+                if self.fsync:
+                    # The rename (and a new job folder) must outlive a power loss too.
+                    _fsync_folder(folder)
+                    if made:
+                        _fsync_folder(os.path.dirname(folder))
+            except BaseException:
+                # Also when called off: no file of a failed write may outlive the attempt.
+                for leftover in (temp, trip.placed):
+                    if leftover is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(leftover)
+                trip.placed = None
+                raise
         except OSError as exc:
             if exc.errno is None or exc.strerror is None:
                 raise
             # Callers show only the reason: put the folder in it. OSError(errno, ...) builds
             # the matching subclass again (PermissionError for EACCES, ...).
             raise OSError(exc.errno, f"{exc.strerror} ({folder})", exc.filename) from exc
-
-    async def _write_temp_then_rename(
-        self, folder: Path, final: Path, index: int, data: bytes
-    ) -> None:
-        """The write itself; on any failure (or cancellation) the temporary file is removed."""
-        # Same folder as the final name: os.replace is atomic only within one filesystem.
-        temp = folder / f".{index}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
-        try:
-            async with aiofiles.open(temp, "xb") as handle:
-                await handle.write(data)
-                await handle.flush()
-                if self.fsync:
-                    await asyncio.to_thread(os.fsync, handle.fileno())
-            # Replacing is deliberate: a regenerated request overwrites its earlier image.
-            await aiofiles.os.replace(temp, final)
-        except BaseException:
-            # Also on cancellation: a half-written temp file must never outlive the attempt.
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
 
     def check_writable(self) -> None:
         """Raise OutputError unless OUT/images/ takes a new file: checked before the first
@@ -210,6 +451,27 @@ class Sink:
         except OSError as exc:
             raise _cleanup_error(images, exc) from exc
         return removed
+
+
+def _make_folder(folder: str) -> bool:
+    """Make a job's image folder (and OUT/images/ if need be); False if it was there."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+    return True
+
+
+async def _wait_out(done: asyncio.Future[Any]) -> None:
+    """Wait until `done` is settled, through any further cancellations (re-raised by the
+    caller afterwards), and mark its outcome as seen."""
+    while not done.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({done})
+    if not done.cancelled():
+        done.exception()
 
 
 def _remove_temp_files(folder: str) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import json
+from array import array
 from collections.abc import Iterator, Sequence
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
 from .errors import LedgerError
-from .events import _SHARED, _EventReader
+from .events import _RESULT_LINE, _SHARED, Row, _ResultScanner
 from .paths import EXTENSIONS
 
 
@@ -31,27 +34,36 @@ def _unpack_hex(value: bytes | str) -> str:
 
 _WITH_IMAGES = frozenset({"ok", "download_failed"})
 
-# Each image is packed flat into KeyState._images as these five values, because a million
-# results held as dicts or small objects cost several times the memory.
+# Each image is packed flat into KeyState._images as these five values, because results held
+# as dicts or small objects cost several times the memory.
 _FIELDS_PER_IMAGE = 5
+
+Downloads = tuple[tuple[int, str, str | None], ...]
 
 
 class KeyState:
-    """The latest recorded outcome of one request key (`<job_id>#<chunk>`), stored compactly."""
+    """The latest recorded outcome of one request key (`<job_id>#<chunk>`).
+
+    A state that LedgerState hands out reads its images from its ledger line when first
+    asked for them: resume decides on status and fingerprint alone, and keeping every key's
+    images in memory is what made a million-result ledger cost half a gigabyte.
+    """
 
     __slots__ = (
-        "_fingerprint", "_images", "_job_id", "downloads", "key", "n", "retryable", "status",
+        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "key", "n", "retryable",
+        "status",
     )  # fmt: skip
 
     key: str
     status: str
     retryable: bool | None
     n: int
-    _fingerprint: bytes | str | None
+    _fingerprint: str | None
     _job_id: str | None
-    _images: tuple[Any, ...]
-    # (index, url, revised_prompt) of images generated but not downloaded (download_failed).
-    downloads: tuple[tuple[int, str, str | None], ...]
+    # Packed images and pending downloads; None until read from the ledger line at _line.
+    _images: tuple[Any, ...] | None
+    _downloads: Downloads | None
+    _line: tuple[Path, int] | None
 
     def __init__(
         self,
@@ -66,15 +78,14 @@ class KeyState:
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
-        self._fingerprint = None if fingerprint is None else _pack_hex(fingerprint)
+        self._fingerprint = fingerprint
         self.retryable = retryable
         # Keys are "<job_id>#<chunk>": the job id is kept separately only if it differs.
         self._job_id = None if key.rpartition("#")[0] == job_id else job_id
         self.n = n
         self._images = _pack_image_dicts(job_id, images) if images else ()
-        self.downloads = tuple(
-            (int(item["index"]), str(item["url"]), item.get("revised_prompt")) for item in downloads
-        )
+        self._downloads = _pack_downloads(downloads)
+        self._line = None
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> KeyState:
@@ -93,11 +104,34 @@ class KeyState:
             event["n"], images, downloads,
         )  # fmt: skip
 
+    @classmethod
+    def _on_disk(
+        cls,
+        key: str,
+        status: str,
+        fingerprint: str | None,
+        retryable: bool | None,
+        job_id: str | None,
+        n: int,
+        line: tuple[Path, int],
+    ) -> KeyState:
+        """A state whose images stay in its ledger line (job_id None: the key's prefix)."""
+        self = cls.__new__(cls)
+        self.key = key
+        self.status = status
+        self._fingerprint = fingerprint
+        self.retryable = retryable
+        self._job_id = job_id
+        self.n = n
+        self._images = None
+        self._downloads = None
+        self._line = line
+        return self
+
     @property
     def fingerprint(self) -> str | None:
         """The request fingerprint the ledger recorded."""
-        value = self._fingerprint
-        return None if value is None else _unpack_hex(value)
+        return self._fingerprint
 
     @property
     def job_id(self) -> str:
@@ -106,19 +140,53 @@ class KeyState:
         return self.key.rpartition("#")[0] if job_id is None else job_id
 
     @property
+    def downloads(self) -> Downloads:
+        """(index, url, revised_prompt) of images generated but not downloaded yet."""
+        if self._downloads is None:
+            self._read_line()
+        assert self._downloads is not None
+        return self._downloads
+
+    def _packed_images(self) -> tuple[Any, ...]:
+        if self._images is None:
+            self._read_line()
+        assert self._images is not None
+        return self._images
+
+    def _read_line(self) -> None:
+        """Fill in images and downloads from the ledger line this state was read from."""
+        assert self._line is not None
+        path, offset = self._line
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                raw = handle.readline()
+            event = json.loads(raw)
+            if type(event) is not dict or event.get("key") != self.key:
+                raise ValueError("not this key's result")
+            recorded = KeyState.from_event(event)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(
+                f"{path} changed while it was in use: the result of {self.key!r} is no longer "
+                f"at byte {offset} ({exc})"
+            ) from None
+        self._images = recorded._images
+        self._downloads = recorded._downloads
+
+    @property
     def image_count(self) -> int:
         """How many images the result recorded (0 unless ok or download_failed)."""
-        return len(self._images) // _FIELDS_PER_IMAGE
+        return len(self._packed_images()) // _FIELDS_PER_IMAGE
 
     @property
     def image_bytes(self) -> int:
         """Total size of the recorded images."""
-        return sum(self._images[3::_FIELDS_PER_IMAGE])
+        return sum(self._packed_images()[3::_FIELDS_PER_IMAGE])
 
     @property
     def images(self) -> list[dict[str, Any]]:
         """The recorded image objects, rebuilt; `revised_prompt` is not kept."""
-        packed = self._images
+        packed = self._packed_images()
         if not packed:
             return []
         job_id = self.job_id
@@ -159,11 +227,12 @@ class KeyState:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
+        images = "?" if self._images is None else str(self.image_count)
+        downloads = "?" if self._downloads is None else str(len(self._downloads))
         return (
             f"KeyState(key={self.key!r}, status={self.status!r}, "
             f"fingerprint={self.fingerprint!r}, retryable={self.retryable!r}, "
-            f"job_id={self.job_id!r}, n={self.n!r}, images={self.image_count}, "
-            f"downloads={len(self.downloads)})"
+            f"job_id={self.job_id!r}, n={self.n!r}, images={images}, downloads={downloads})"
         )
 
 
@@ -191,14 +260,103 @@ def _pack_image_dicts(job_id: str, images: Sequence[dict[str, Any]]) -> tuple[An
     return tuple(packed)
 
 
+def _pack_downloads(downloads: Sequence[dict[str, Any]]) -> Downloads:
+    """The `downloads` list of a result event as tuples."""
+    return tuple(
+        (int(item["index"]), str(item["url"]), item.get("revised_prompt")) for item in downloads
+    )
+
+
+# --- the table ----------------------------------------------------------------------------
+#
+# One row per key, in first-recorded order, held in flat arrays rather than one object per
+# key: a million keys take about 65 bytes each. Keys live UTF-8 encoded end to end in one
+# bytearray, found through an open-addressing table of row numbers. A row whose values do not
+# fit the compact form (an unusual fingerprint, a job id that is not the key's prefix, a
+# ledger line that could not be located) is kept whole, as a KeyState, in `_whole`.
+
+_RETRYABLE = (None, True, False)
+_NO_FINGERPRINT = 4  # flag bit; bits 0-1 index _RETRYABLE
+_MAX_N = 0xFFFFFFFF
+# Status codes: the fast path's three come first, in this order; a row loaded twice (a later
+# line for the same key) is folded into the first and left dead.
+_FAST_STATUS = {b"ok": 0, b"failed": 1, b"download_failed": 2}
+_DEAD = 255
+_MAX_STATUSES = _DEAD
+# The index of row numbers is at most this full (linear probing stays short).
+_MAX_LOAD = 0.6
+_FINGERPRINT_BYTES = 8
+_NOTHING_AHEAD = (b"", 0)
+
+
+def _is_fingerprint(value: object) -> bool:
+    """Whether `value` is 16 lowercase hex digits, as the planner writes fingerprints."""
+    if type(value) is not str or len(value) != 16:
+        return False
+    try:
+        return bytes.fromhex(value).hex() == value
+    except ValueError:
+        return False
+
+
+def _retry_flag(value: object) -> int:
+    """`value`'s index in _RETRYABLE, or -1 (JSON's 1 and 0 are not True and False here)."""
+    if value is None:
+        return 0
+    if value is True:
+        return 1
+    return 2 if value is False else -1
+
+
+def _error_flag(error: bytes) -> int:
+    """The retryable flag of a failed result's error (plain JSON text, as _RESULT matched it)."""
+    if error[:1] != b"{":
+        return 0  # only an object has a "retryable"
+    return _retry_flag(json.loads(error).get("retryable"))
+
+
+def _encode_key(key: str) -> bytes:
+    # surrogatepass: JSON may carry lone surrogates, and they must round-trip exactly.
+    try:
+        return key.encode()
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogatepass")
+
+
 class LedgerState:
     """The latest result per key, plus counts; what resume and `status` need from a ledger."""
 
-    __slots__ = ("_counts", "_keys", "last_end", "last_run", "results", "runs", "torn_tail")
+    __slots__ = (
+        "_ahead", "_blob", "_codes", "_counts", "_dead", "_end", "_ends", "_fingerprints",
+        "_flags", "_following", "_hashes", "_ns", "_offsets", "_path", "_slots",
+        "_status_names", "_statuses", "_whole", "last_end", "last_run", "results", "runs",
+        "torn_tail",
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        self._keys: dict[str, KeyState] = {}
-        self._counts: dict[str, int] = {"ok": 0, "failed": 0}
+        self._blob = bytearray()
+        self._ends = array("Q")
+        self._hashes = array("q")
+        self._slots = array("i", bytes(4 * 8))
+        self._statuses = bytearray()
+        self._flags = bytearray()
+        self._fingerprints = bytearray()
+        self._ns = array("I")
+        self._offsets = array("q")
+        self._whole: dict[int, KeyState] = {}
+        self._dead = 0
+        self._status_names: list[Any] = []
+        self._codes: dict[Any, int] = {}
+        for status in _FAST_STATUS:
+            self._code(status.decode())
+        self._counts: dict[Any, int] = {"ok": 0, "failed": 0}
+        # The ledger file rows point into; while following, lines appended to it later are
+        # found at _end (the first line not yet accounted for), so their rows point there too.
+        self._path: Path | None = None
+        self._following = False
+        self._end = 0
+        # Lines read past _end but not yet recorded: the bytes, and where the next one starts.
+        self._ahead = _NOTHING_AHEAD
         self.runs = 0
         self.results = 0
         self.torn_tail = False
@@ -207,23 +365,27 @@ class LedgerState:
 
     def __repr__(self) -> str:
         return (
-            f"<LedgerState keys={len(self._keys)} ok={self._counts.get('ok', 0)} "
+            f"<LedgerState keys={len(self)} ok={self._counts.get('ok', 0)} "
             f"failed={self._counts.get('failed', 0)} runs={self.runs} results={self.results}>"
         )
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._ends) - self._dead
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return type(key) is str and self._find(_encode_key(key))[0] >= 0
 
     def get(self, key: str) -> KeyState | None:
         """The latest state of `key`, or None if the ledger never recorded it."""
-        return self._keys.get(key)
+        row = self._find(_encode_key(key))[0]
+        return None if row < 0 else self._state(row, key)
 
     def items(self) -> Iterator[tuple[str, KeyState]]:
         """Every key with its latest state, in first-recorded order."""
-        return iter(self._keys.items())
+        for row in range(len(self._ends)):
+            if self._statuses[row] != _DEAD:
+                key = self._key_bytes(row).decode("utf-8", "surrogatepass")
+                yield key, self._state(row, key)
 
     def counts(self) -> dict[str, int]:
         """How many keys are currently ok and failed."""
@@ -234,49 +396,335 @@ class LedgerState:
         kind = event["event"]
         if kind == "result":
             self._record(KeyState.from_event(event))
-        elif kind == "run":
+            return
+        if kind == "run":
             self.runs += 1
             self.last_run = event
         elif kind == "end":
             self.last_end = event
         # Unknown event kinds are left alone so older versions can read newer ledgers.
+        self._follow(None)
 
     def _record(self, state: KeyState) -> None:
-        """Replace the state of its key, keeping the status counts in step."""
-        key = state.key
-        previous = self._keys.get(key)
+        """Replace the state of its key (the Ledger calls this once its line is written)."""
+        offset = self._follow(state.key)
+        self._put(state, offset)
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def _key_bytes(self, row: int) -> bytes:
+        ends = self._ends
+        return bytes(self._blob[ends[row - 1] if row else 0 : ends[row]])
+
+    def _find(self, key: bytes, hashed: int | None = None) -> tuple[int, int]:
+        """(row, slot) of `key`, or (-1, the free slot where it would go)."""
+        if hashed is None:
+            hashed = hash(key)
+        slots = self._slots
+        hashes = self._hashes
+        ends = self._ends
+        blob = self._blob
+        mask = len(slots) - 1
+        slot = hashed & mask
+        while True:
+            row = slots[slot] - 1
+            if row < 0:
+                return -1, slot
+            if hashes[row] == hashed and blob[ends[row - 1] if row else 0 : ends[row]] == key:
+                return row, slot
+            slot = (slot + 1) & mask
+
+    def _reserve(self, rows: int) -> None:
+        """Size the index for `rows` rows, rehashing if it grows."""
+        size = len(self._slots)
+        while size * _MAX_LOAD < rows:
+            size *= 2
+        if size == len(self._slots):
+            return
+        slots = array("i", bytes(4 * size))
+        mask = size - 1
+        statuses = self._statuses
+        for row, hashed in enumerate(self._hashes):
+            if statuses[row] == _DEAD:
+                continue
+            slot = hashed & mask
+            while slots[slot]:
+                slot = (slot + 1) & mask
+            slots[slot] = row + 1
+        self._slots = slots
+
+    def _code(self, status: Any) -> int:
+        """The small number that stands for a status (-1 when there are too many)."""
+        code = self._codes.get(status)
+        if code is None:
+            if len(self._status_names) >= _MAX_STATUSES:
+                return -1
+            code = self._codes[status] = len(self._status_names)
+            self._status_names.append(status)
+        return code
+
+    def _status_of(self, row: int) -> Any:
+        whole = self._whole.get(row)
+        return self._status_names[self._statuses[row]] if whole is None else whole.status
+
+    def _put(self, state: KeyState, offset: int) -> None:
+        """Store `state` for its key; its images stay in the ledger line at `offset` if >= 0."""
+        key = _encode_key(state.key)
+        hashed = hash(key)
+        row, slot = self._find(key, hashed)
         counts = self._counts
-        if previous is not None:
-            counts[previous.status] -= 1
-        self._keys[key] = state
+        if row >= 0:
+            counts[self._status_of(row)] -= 1
+        else:
+            row = len(self._ends)
+            self._slots[slot] = row + 1
+            self._blob += key
+            self._ends.append(len(self._blob))
+            self._hashes.append(hashed)
+            self._statuses.append(0)
+            self._flags.append(0)
+            self._fingerprints += bytes(_FINGERPRINT_BYTES)
+            self._ns.append(0)
+            self._offsets.append(-1)
+            self._reserve(len(self._ends))
         counts[state.status] = counts.get(state.status, 0) + 1
         self.results += 1
+        fingerprint = state.fingerprint
+        code = self._code(state.status)
+        flags = _retry_flag(state.retryable)
+        compact = (
+            offset >= 0
+            and code >= 0
+            and state._job_id is None
+            and flags >= 0
+            and (fingerprint is None or _is_fingerprint(fingerprint))
+            and type(state.n) is int
+            and 0 <= state.n <= _MAX_N
+        )
+        if not compact:
+            if offset >= 0:
+                assert self._path is not None  # offsets are only known in a ledger file
+                state = KeyState._on_disk(
+                    state.key, state.status, fingerprint, state.retryable, state._job_id,
+                    state.n, (self._path, offset),
+                )  # fmt: skip
+            self._statuses[row] = 0
+            self._whole[row] = state
+            return
+        self._whole.pop(row, None)
+        self._statuses[row] = code
+        if fingerprint is None:
+            flags |= _NO_FINGERPRINT
+        else:
+            at = row * _FINGERPRINT_BYTES
+            self._fingerprints[at : at + _FINGERPRINT_BYTES] = bytes.fromhex(fingerprint)
+        self._flags[row] = flags
+        self._ns[row] = state.n
+        self._offsets[row] = offset
+
+    def _put_rows(self, rows: list[Row], offset: int) -> int:
+        """Store result lines in this package's own shape, starting at `offset`, in bulk.
+
+        This is where a large ledger's time goes, so what can be is done a block at a time by
+        C code; only the index is updated line by line. Returns how many rows it stored: it
+        stops before a line whose error's "retryable" is neither true, false nor null.
+        """
+        lines, keys, _, statuses, fingerprints, ns, errors, _ = zip(*rows, strict=True)
+        flags: list[int] | bytes
+        if statuses.count(b"ok") == len(statuses):
+            flags = bytes(len(rows))
+        else:
+            flags = [
+                0 if s == b"ok" else _error_flag(e) for s, e in zip(statuses, errors, strict=True)
+            ]
+            if -1 in flags:
+                stop = flags.index(-1)
+                return self._put_rows(rows[:stop], offset) if stop else 0
+        first = len(self._ends)
+        # Grown first: growing rehashes every row there is, and these are added one by one.
+        self._reserve(first + len(rows))
+        blob = self._blob
+        self._ends.extend(islice(accumulate(map(len, keys), initial=len(blob)), 1, None))
+        blob += b"".join(keys)
+        hashes = array("q", map(hash, keys))
+        self._hashes += hashes
+        self._statuses += bytes(map(_FAST_STATUS.__getitem__, statuses))
+        self._flags += bytes(flags)
+        self._fingerprints += bytes.fromhex(b"".join(fingerprints).decode())
+        self._ns.extend(map(int, ns))
+        self._offsets.extend(islice(accumulate(map(len, lines), initial=offset), len(rows)))
+        counts = self._counts
+        for status, code in _FAST_STATUS.items():
+            if found := statuses.count(status):
+                name = self._status_names[code]
+                counts[name] = counts.get(name, 0) + found
+        self.results += len(rows)
+        slots = self._slots
+        mask = len(slots) - 1
+        all_hashes = self._hashes
+        for row, hashed in enumerate(hashes, first):
+            slot = hashed & mask
+            while other := slots[slot]:
+                if all_hashes[other - 1] == hashed and self._same_key(other - 1, row):
+                    self._fold(other - 1, row)
+                    break
+                slot = (slot + 1) & mask
+            else:
+                slots[slot] = row + 1
+        return len(rows)
+
+    def _same_key(self, row: int, other: int) -> bool:
+        return self._key_bytes(row) == self._key_bytes(other)
+
+    def _fold(self, row: int, later: int) -> None:
+        """Move a later row of the same key into `row`, which keeps its place; `later` dies."""
+        self._counts[self._status_of(row)] -= 1
+        self._whole.pop(row, None)
+        self._statuses[row] = self._statuses[later]
+        self._flags[row] = self._flags[later]
+        at, source = row * _FINGERPRINT_BYTES, later * _FINGERPRINT_BYTES
+        self._fingerprints[at : at + _FINGERPRINT_BYTES] = self._fingerprints[
+            source : source + _FINGERPRINT_BYTES
+        ]
+        self._ns[row] = self._ns[later]
+        self._offsets[row] = self._offsets[later]
+        self._statuses[later] = _DEAD
+        self._dead += 1
+
+    def _state(self, row: int, key: str) -> KeyState:
+        whole = self._whole.get(row)
+        if whole is not None:
+            return whole
+        flags = self._flags[row]
+        if flags & _NO_FINGERPRINT:
+            fingerprint = None
+        else:
+            at = row * _FINGERPRINT_BYTES
+            fingerprint = self._fingerprints[at : at + _FINGERPRINT_BYTES].hex()
+        assert self._path is not None  # compact rows are only stored with a ledger file
+        return KeyState._on_disk(
+            key, self._status_names[self._statuses[row]], fingerprint, _RETRYABLE[flags & 3],
+            None, self._ns[row], (self._path, self._offsets[row]),
+        )  # fmt: skip
+
+    # -- following appends ------------------------------------------------------------------
+
+    def _follow(self, key: str | None) -> int:
+        """The offset of the line just appended for `key` (None: not a result), or -1.
+
+        The Ledger writes each line before it records it, in order, so the next unread line
+        of the file is the one being recorded; if it is not (another writer, a change in how
+        lines are written), following stops and states are kept whole in memory instead.
+        """
+        if not self._following:
+            return -1
+        start = self._end
+        line = self._next_line()
+        if line is not None and _line_is(line, key):
+            self._end = start + len(line)
+            return start
+        self._following = False
+        self._ahead = _NOTHING_AHEAD
+        return -1
+
+    def _next_line(self) -> bytes | None:
+        """The next whole line after `_end`; a batch of lines is read in one go."""
+        ahead, at = self._ahead
+        cut = ahead.find(b"\n", at) + 1
+        if not cut:
+            assert self._path is not None
+            try:
+                with open(self._path, "rb") as handle:
+                    handle.seek(self._end)
+                    ahead, at = handle.read(), 0
+            except OSError:
+                return None
+            cut = ahead.find(b"\n") + 1
+            if not cut:
+                return None
+        self._ahead = (ahead, cut)
+        return ahead[at:cut]
 
     @classmethod
     def load(cls, path: Path) -> LedgerState:
         """Read a ledger without locking it (a missing file is an empty ledger)."""
         self = cls()
-        reader = _EventReader(Path(path))
-        # A million results create millions of objects with no cycles among them; automatic
-        # collections would rescan them all again and again for nothing.
+        self._path = path = Path(path)
+        scanner = _ResultScanner(path)
+        # Sized once, from the file's size, where the first block shows the lines' length.
+        sized = False
+        # A million results create objects with no cycles among them; automatic collections
+        # would rescan them again and again for nothing.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for lineno, event in reader:
-                try:
-                    if event["event"] == "result":
-                        self._record(KeyState.from_event(event))
-                    else:
-                        self.apply(event)
-                except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                    raise LedgerError(
-                        f"{path} line {lineno} is not a valid {event.get('event')!r} event: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from None
+            for lineno, offset, item in scanner.scan():
+                if isinstance(item, list):
+                    if not sized:
+                        self._reserve(_guess_rows(path, item))
+                        sized = True
+                    self._load_rows(item, lineno, offset)
+                else:
+                    self._load_event(item, lineno, offset)
         except FileNotFoundError:
-            return cls()
+            pass
         finally:
             if gc_was_enabled:
                 gc.enable()
-        self.torn_tail = reader.torn_tail
+        self.torn_tail = scanner.torn_tail
+        # Lines appended from here on (by a Ledger holding the lock) are followed.
+        self._end = scanner.end
+        self._following = True
         return self
+
+    def _load_rows(self, rows: list[Row], lineno: int, offset: int) -> None:
+        while rows:
+            done = self._put_rows(rows, offset)
+            if done == len(rows):
+                return
+            # A line the compact form cannot hold: read it in full.
+            offset += sum(len(row[0]) for row in rows[:done])
+            self._load_event(json.loads(rows[done][0]), lineno + done, offset)
+            offset += len(rows[done][0])
+            rows = rows[done + 1 :]
+            lineno += done + 1
+
+    def _load_event(self, event: dict[str, Any], lineno: int, offset: int) -> None:
+        try:
+            if event["event"] == "result":
+                self._put(KeyState.from_event(event), offset)
+            else:
+                self.apply(event)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(
+                f"{self._path} line {lineno} is not a valid {event.get('event')!r} event: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+
+
+def _guess_rows(path: Path, rows: list[Row]) -> int:
+    """Roughly how many keys a ledger holds, so that its index is rarely rehashed."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return 0
+    return size * len(rows) // max(sum(len(row[0]) for row in rows), 1)
+
+
+def _line_is(line: bytes, key: str | None) -> bool:
+    """Whether `line` is the result line of `key` (key None: a whole line of another event)."""
+    if not line.endswith(b"\n"):
+        return False
+    if key is not None:
+        found = _RESULT_LINE.fullmatch(line)
+        if found is not None:
+            return found.group(2) == _encode_key(key)
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return False
+    if type(event) is not dict:
+        return False
+    if key is None:
+        return event.get("event") != "result"
+    return event.get("event") == "result" and event.get("key") == key

@@ -1,21 +1,45 @@
-"""Pure decisions for the shared limiter: pacing bucket shape, AIMD concurrency, retry budget."""
+"""Pure decisions for the shared limiter: pacing buckets, AIMD, auto concurrency, retry budget."""
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 WINDOW = 60.0
+# Adaptive concurrency starts here (the default fixed concurrency) unless the floor is higher.
+AUTO_START = 16
+# A request reaches the server a little after it leaves the pacer (the event loop, a
+# connection, the network), and not always equally late: one held up by 0.3 s lands 0.3 s
+# closer to the requests of the next minute. Pacing over a window this much longer than the
+# server's keeps every server-side minute within the limit as long as those delays differ by
+# less than this (without it, 2-minute runs at 6,000 rpm drew a few 429s). It costs 0.8 %.
+PACING_MARGIN = 0.5
+# Room in the bucket for this many seconds of requests. A one-request bucket forgets any
+# lateness: each wake-up that comes 1 ms late on a 10 ms pace loses 10 % of the rate for
+# good (6,000 rpm reached only 87 % of the limit). With room for half a second, late wake-ups
+# are made up at once, still within the limit; it costs 0.8 % of it.
+PACING_BURST = 0.5
 
 
-def pacing_bucket(limit: float, capacity: float) -> tuple[float, float]:
+def pacing_bucket(limit: float, capacity: float, *, window: float = WINDOW) -> tuple[float, float]:
     """`(max_rate, time_period)` for an AsyncLimiter that lets at most `limit` through per window.
 
     `AsyncLimiter(limit, 60)` starts full of room: a burst of `limit`, then `limit` more as it
-    drains, so 2 x limit in the first minute. A bucket of `capacity` (one whole request) that
-    drains (limit - capacity) per window holds at most capacity + (limit - capacity) = limit
-    in any 60 s window, the first one included, and costs only `capacity` of throughput.
+    drains, so 2 x limit in the first minute. A bucket of `capacity` that drains
+    (limit - capacity) per `window` holds at most capacity + (limit - capacity) = limit in any
+    window, the first one included, and costs only `capacity` of throughput (plus the part of
+    the window beyond 60 s, when it is made longer to absorb delays on the way).
     """
     if capacity <= 0 or limit <= capacity:
         raise ValueError(f"limit {limit!r} must exceed the bucket capacity {capacity!r}")
-    return capacity, WINDOW * capacity / (limit - capacity)
+    if window <= 0:
+        raise ValueError(f"window must be > 0, got {window!r}")
+    return capacity, window * capacity / (limit - capacity)
+
+
+def pacing_capacity(limit: float, request: float, burst: float = PACING_BURST) -> float:
+    """The bucket size for `limit` per minute: `burst` seconds of it, at least one `request`."""
+    return max(request, limit * burst / WINDOW)
 
 
 class AimdLimit:
@@ -36,22 +60,131 @@ class AimdLimit:
         self._seen = 0
         self._throttled = 0
 
-    def record(self, throttled: bool) -> int:
-        """Count one outcome; return the change made to the limit (0 while a round runs)."""
+    def record(self, throttled: bool, *, busy: bool = True) -> int:
+        """Count one outcome; return the change made to the limit (0 while a round runs).
+
+        `busy` (whether the limit was in full use) matters only to AutoLimit: a fixed
+        maximum is recovered to whether or not it is needed.
+        """
+        self._count(throttled)
+        if self._storm():
+            return self._set(self._decreased())
+        if self._round_over():
+            return self._set(min(self.ceiling, self.limit + 1))
+        return 0
+
+    def _count(self, throttled: bool) -> None:
         self._seen += 1
         self._throttled += throttled
-        size = max(self.limit, self.min_round)
-        # Decide as soon as the round's verdict is certain, so a storm of 429s is answered
+
+    def _storm(self) -> bool:
+        # Decided as soon as the round's verdict is certain, so a storm of 429s is answered
         # after a few of them rather than after a whole round.
-        if self._throttled > self.threshold * size:
-            new = max(self.floor, self.limit * 7 // 10)
-        elif self._seen >= size:
-            new = min(self.ceiling, self.limit + 1)
-        else:
-            return 0
+        return self._throttled > self.threshold * max(self.limit, self.min_round)
+
+    def _round_over(self) -> bool:
+        return self._seen >= max(self.limit, self.min_round)
+
+    def _decreased(self) -> int:
+        return max(self.floor, self.limit * 7 // 10)
+
+    def _set(self, new: int) -> int:
+        """Set the limit and start a new round; return the change."""
         change, self.limit = new - self.limit, new
-        self._seen = self._throttled = 0
+        self._new_round()
         return change
+
+    def _new_round(self) -> None:
+        self._seen = self._throttled = 0
+
+
+class AutoLimit(AimdLimit):
+    """AIMD that finds its own level: starts at `start`, grows while latency and errors hold.
+
+    Slow start, as in TCP: each success that finds the limit in full use adds 1, so the limit
+    doubles every round trip, until a throttled round or a latency rise ends it. Latency holds
+    while the median of the last `samples` successes stays within `tolerance` x the lowest
+    such median seen: more requests in flight still buy throughput, not a queue at the server.
+    After slow start, AIMD: a round (as in AimdLimit) that was mostly in full use, with latency
+    holding, adds 1; a throttled round multiplies the limit by 0.7 at once. Latency beyond the
+    tolerance stops growth but never lowers the limit: a slower mix of jobs looks the same.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor: int,
+        ceiling: int,
+        threshold: float,
+        min_round: int,
+        start: int,
+        tolerance: float = 2.0,
+        samples: int = 16,
+    ) -> None:
+        super().__init__(floor=floor, ceiling=ceiling, threshold=threshold, min_round=min_round)
+        if not floor <= start <= ceiling:
+            raise ValueError(f"start {start} must be within [{floor}, {ceiling}]")
+        if tolerance < 1 or samples < 1:
+            raise ValueError("tolerance must be >= 1 and samples >= 1")
+        self.limit = start
+        self.tolerance = tolerance
+        self.slow_start = True
+        # The lowest median latency seen, once `samples` successes were timed.
+        self.baseline: float | None = None
+        self._recent: deque[float] = deque(maxlen=samples)
+        self._busy = 0
+
+    @property
+    def latency(self) -> float | None:
+        """The median latency of the recent successes (None before any)."""
+        return statistics.median(self._recent) if self._recent else None
+
+    @property
+    def latency_holds(self) -> bool:
+        """True until the recent median latency exceeds tolerance x the baseline."""
+        latency = self.latency
+        if self.baseline is None or latency is None:
+            return True
+        return latency <= self.tolerance * self.baseline
+
+    def observe(self, latency: float) -> None:
+        """Time one success (seconds from sending to the answer)."""
+        self._recent.append(latency)
+        if len(self._recent) == self._recent.maxlen:
+            median = statistics.median(self._recent)
+            self.baseline = median if self.baseline is None else min(self.baseline, median)
+
+    def record(self, throttled: bool, *, busy: bool = True) -> int:
+        """Count one outcome (`busy`: the limit was in full use); return the change made."""
+        self._count(throttled)
+        self._busy += busy
+        if self._storm():
+            self.slow_start = False
+            return self._set(self._decreased())
+        holds = self.latency_holds
+        if self.slow_start and not holds:
+            self.slow_start = False
+        if self.slow_start:
+            change = 0
+            if busy and not throttled and self.limit < self.ceiling:
+                self.limit += 1
+                change = 1
+            if self._round_over():
+                self._new_round()
+            return change
+        if self._round_over():
+            grow = holds and 2 * self._busy >= self._seen
+            return self._set(min(self.ceiling, self.limit + 1) if grow else self.limit)
+        return 0
+
+    def _new_round(self) -> None:
+        super()._new_round()
+        self._busy = 0
+
+
+def auto_start(floor: int, ceiling: int) -> int:
+    """Where adaptive concurrency starts: AUTO_START, raised to the floor, within the ceiling."""
+    return min(ceiling, max(floor, AUTO_START))
 
 
 class RetryBudget:

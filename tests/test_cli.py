@@ -408,3 +408,42 @@ def test_a_dry_run_refuses_what_the_run_would_refuse() -> None:
     assert done.returncode == 2
     assert "clear text to 192.0.2.1" in done.stderr and "--allow-insecure-http" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors(
+    tmp_path: Path,
+) -> None:
+    """--concurrency auto records auto with --max-concurrency as the bound; misuse exits 2."""
+    out = tmp_path / "o"
+    bounds = ["--concurrency", "auto", "--max-concurrency", "40", "--min-concurrency", "2"]
+    result = cli("run", str(DEMO), "--simulate", "--out", str(out), "--json", *bounds)
+    assert result.returncode == 0, result.stderr
+    run_event = json.loads((out / "ledger.jsonl").read_text().splitlines()[0])
+    settings = run_event["settings"]
+    assert (settings["auto_concurrency"], settings["concurrency"]) == (True, 40)
+    assert settings["min_concurrency"] == 2
+    for args, words in [
+        (["--concurrency", "8", "--max-concurrency", "40"], "--max-concurrency bounds"),
+        (["--concurrency", "lots"], "neither a whole number nor 'auto'"),
+        (["--concurrency", "0"], "not in the range"),
+        (["--concurrency", "auto", "--min-concurrency", "300"], "above the maximum"),
+    ]:
+        refused = cli("run", str(DEMO), "--simulate", "--out", str(tmp_path / "x"), *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert words in refused.stderr, refused.stderr
+
+
+def test_concurrency_fields_map_the_options_to_settings() -> None:
+    """auto takes --max-concurrency (default 256) as its bound; a number is the bound itself."""
+    from cometbatch.cli import _concurrency_fields
+
+    assert _concurrency_fields("auto", None, None) == {
+        "auto_concurrency": True,
+        "concurrency": 256,
+    }
+    assert _concurrency_fields("auto", 4, 500) == {
+        "auto_concurrency": True,
+        "concurrency": 500,
+        "min_concurrency": 4,
+    }
+    assert _concurrency_fields(32, None, None) == {"concurrency": 32}

@@ -11,15 +11,19 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cometbatch import events
 from cometbatch.errors import LedgerError, OutputError
 from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
-from cometbatch.ledger import Ledger
+from cometbatch.ledger import FsyncPolicy, Ledger
 from cometbatch.lock import LOCK_NAME, FolderLock
 from cometbatch.state import KeyState, LedgerState
 
@@ -337,12 +341,54 @@ async def test_concurrent_appends_never_interleave(tmp_path: Path) -> None:
     assert sorted(e["key"] for e in events) == sorted(f"job{i}#0" for i in range(50))
 
 
-async def test_fsync_mode_appends(tmp_path: Path) -> None:
-    """With fsync on, appends still land as whole lines."""
-    async with Ledger(tmp_path, fsync=True) as ledger:
+@pytest.mark.parametrize("policy", ["end", "batch", "always"])
+async def test_fsync_policies_append_whole_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: FsyncPolicy
+) -> None:
+    """Every policy appends whole lines; "end" fsyncs only at close, the others before each
+    append returns."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with Ledger(tmp_path, fsync=policy) as ledger:
+        opened = len(synced)
         await ledger.append(RUN)
         await ledger.append(result("a"))
+        assert len(synced) - opened == (0 if policy == "end" else 2)
+    assert len(synced) - opened == (1 if policy == "end" else 3)
     assert LedgerState.load(tmp_path / LEDGER_NAME).results == 1
+
+
+def test_an_unknown_fsync_policy_is_refused(tmp_path: Path) -> None:
+    """A policy name that does not exist fails at construction, naming the choices."""
+    with pytest.raises(ValueError, match="end, batch, always"):
+        Ledger(tmp_path, fsync="sometimes")  # type: ignore[arg-type]
+
+
+async def test_appends_queued_during_a_write_share_the_next_one(tmp_path: Path) -> None:
+    """Lines appended while a write is under way go out together: 200 concurrent appends take
+    far fewer writes than lines, each returning once its own line is on disk, in order."""
+    path = tmp_path / LEDGER_NAME
+    async with Ledger(tmp_path) as ledger:
+
+        async def append(i: int) -> None:
+            await ledger.append(result(f"job{i}"))
+            # Returned: this line is in the file (whole), not just queued.
+            assert f'"key":"job{i}#0"'.encode() in path.read_bytes()
+            assert f"job{i}#0" in ledger.state
+
+        async with asyncio.TaskGroup() as group:
+            for i in range(200):
+                group.create_task(append(i))
+        assert ledger.writes < 200
+        assert "pending=0" in repr(ledger)
+    keys = [e["key"] for _, e in iter_events(path)]
+    assert keys == [f"job{i}#0" for i in range(200)]
 
 
 async def test_cancelled_append_still_writes_a_whole_line(tmp_path: Path) -> None:
@@ -380,18 +426,26 @@ async def test_lone_surrogates_round_trip(tmp_path: Path) -> None:
     assert event["metadata"] == {"odd": "\ud800"}
 
 
+class FullDiskFile:
+    """The ledger's file on a disk that has just filled up: every write fails."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 async def test_failed_write_stops_further_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failed write is an OutputError; later appends refuse so a partial line stays last."""
     async with Ledger(tmp_path) as ledger:
         await ledger.append(RUN)
-        handle: Any = ledger._file
-
-        async def full_disk(data: bytes) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(handle, "write", full_disk)
+        monkeypatch.setattr(ledger, "_file", FullDiskFile(ledger._file))
         message = f"cannot write the ledger {ledger.path}: No space left on device; "
         with pytest.raises(OutputError, match=re.escape(message)) as first:
             await ledger.append(result("a"))
@@ -495,3 +549,246 @@ def test_lock_of_a_killed_process_is_free(tmp_path: Path) -> None:
                 stream.close()
     with FolderLock(out) as lock:
         assert lock.held
+
+
+# --- the compact state and the fast path for result lines -------------------------------
+
+
+def folded(path: Path) -> dict[str, KeyState]:
+    """What a ledger holds, folded the plain way: every line through json and from_event."""
+    latest: dict[str, KeyState] = {}
+    for _, event in iter_events(path):
+        if event["event"] == "result":
+            latest[event["key"]] = KeyState.from_event(event)
+    return latest
+
+
+def assert_loads_like_json(path: Path) -> LedgerState:
+    """LedgerState.load agrees with folding every line through json, key by key and in order."""
+    state = LedgerState.load(path)
+    expected = folded(path)
+    assert [key for key, _ in state.items()] == list(expected)
+    for key, value in state.items():
+        assert value == expected[key], key
+        assert state.get(key) == expected[key]
+    assert len(state) == len(expected)
+    counts = {"ok": 0, "failed": 0}
+    for value in expected.values():
+        counts[value.status] = counts.get(value.status, 0) + 1
+    # A status no key has any more may stay listed, at 0.
+    assert {k: v for k, v in state.counts().items() if v or k in ("ok", "failed")} == counts
+    return state
+
+
+# Text JSON writes as it is, and text it must escape (quotes, backslashes, controls, surrogates).
+_PLAIN_TEXT = st.text(st.sampled_from(list("ab#-_. /é猫\U0001f431")), max_size=8)
+_TEXT = st.text(st.sampled_from(list('ab#-_. "\\/é猫\U0001f431\x00\n\ud800')), max_size=8)
+
+
+def json_values(text: st.SearchStrategy[str], *, deep: bool) -> st.SearchStrategy[Any]:
+    """JSON values with strings drawn from `text`: nested a little, or deep and with floats
+    that json writes as Infinity."""
+    floats = st.floats(allow_nan=False, allow_infinity=deep)
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | floats | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=8 if deep else 3,
+    )
+
+
+_HEX16 = st.text("0123456789abcdef", min_size=16, max_size=16)
+
+
+@st.composite
+def result_lines(draw: st.DrawFn) -> str:
+    """Result lines as the Ledger writes them, mostly, and in many other legal shapes."""
+    ours = draw(st.booleans())  # as the Ledger writes: compact UTF-8, plain text, its order
+    text = _PLAIN_TEXT if ours else draw(st.sampled_from([_PLAIN_TEXT, _TEXT]))
+    job_id = draw(st.sampled_from(["a", "b", "c/d", "e#f"]) | text.filter(bool))
+    chunk = draw(st.integers(0, 2))
+    statuses = ["ok", "ok", "failed", "download_failed"] + ([] if ours else ["weird"])
+    status = draw(st.sampled_from(statuses))
+    event = result(job_id, chunk, status if status != "weird" else "failed")
+    event["status"] = status
+    odd_fingerprints = st.sampled_from([None, "F" * 16, "f" * 64, "xyz"])
+    event["fingerprint"] = draw(_HEX16 if ours else _HEX16 | odd_fingerprints)
+    event["n"] = draw(st.integers(0, 12) if ours else st.sampled_from([0, 2**40, -1, True, "1"]))
+    if not ours and draw(st.booleans()):
+        event["key"] = draw(text)
+    fmt = st.sampled_from(["png", "jpeg", "webp", "gif"])
+    event["images"] = [
+        image(job_id, index, format=draw(fmt), bytes=draw(st.integers(0, 2**40)),
+              sha256=draw(st.sampled_from([SHA, "XYZ", ""])),
+              path=draw(st.sampled_from([f"images/{job_id}/{index}.png", "images/x/0.png"])),
+              revised_prompt=draw(st.none() | text))
+        for index in range(draw(st.integers(0, 3)))
+    ]  # fmt: skip
+    event["downloads"] = (
+        [{"index": 1, "url": draw(text), "revised_prompt": draw(st.none() | text)}]
+        if status == "download_failed" and draw(st.booleans())
+        else []
+    )
+    if status != "ok":
+        retryable = draw(st.sampled_from([True, False, None, "yes", 1, 0]))
+        event["error"] = draw(
+            st.sampled_from([None, [], {"kind": "x", "retryable": retryable}, {"kind": "y"}])
+        )
+    event["metadata"] = draw(json_values(text, deep=not ours))
+    event["usage"] = draw(st.none() | json_values(text, deep=not ours))
+    # The Ledger's field order (Result.to_event): downloads follow images.
+    order = [*list(event)[: list(event).index("images") + 1], "downloads"]
+    event = {name: event[name] for name in [*order, *(k for k in event if k not in order)]}
+    if not ours and draw(st.booleans()):
+        items = list(event.items())
+        draw(st.randoms()).shuffle(items)
+        event = dict(items)
+    compact = ours or draw(st.booleans())
+    separators = (",", ":") if compact else (", ", ": ")
+    return json.dumps(event, ensure_ascii=not ours and draw(st.booleans()), separators=separators)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(result_lines() | st.just(None), max_size=12),
+    st.sampled_from([64, 1000, 1 << 20]),
+)
+def test_load_agrees_with_json_on_any_result_lines(lines: list[str | None], block: int) -> None:
+    """Whatever shape result lines take, and however blocks split them, loading gives what
+    folding each line through json gives."""
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(events, "_READ_SIZE", block)
+        path = Path(folder) / LEDGER_NAME
+        text = [json.dumps(RUN) if line is None else line for line in [None, *lines]]
+        data = "".join(line + "\n" for line in text).encode("utf-8", "surrogatepass")
+        # Lone surrogates end up as (invalid) UTF-8 bytes here: json.loads reads them still.
+        path.write_bytes(data)
+        state = assert_loads_like_json(path)
+        assert state.results == len([line for line in lines if line is not None])
+        assert state.runs == 1 + lines.count(None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_fast_pattern_takes_no_line_json_refuses(data: st.DataObject) -> None:
+    """A damaged result line that the fast pattern still takes is one json reads the same."""
+    line = data.draw(result_lines()).encode("utf-8", "surrogatepass") + b"\n"
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(line) - 1))
+        byte = data.draw(st.sampled_from(list(b'"{}[],:0123456789-.eE\\ antrufls#\n\x00\x7f')))
+        head, tail = line[:at], line[at:]
+        damaged = [head + tail[1:], head + bytes([byte]) + tail, head + bytes([byte]) + tail[1:]]
+        line = data.draw(st.sampled_from(damaged))
+    if not line.endswith(b"\n") or line.count(b"\n") != 1 or not events._plain_lines(line):
+        return  # the fast pattern never sees such a line
+    found = events._RESULT_LINE.fullmatch(line)
+    if found is None:
+        return
+    parsed = json.loads(line)
+    key, job_id, status, fingerprint, n = found.group(2, 3, 4, 5, 6)
+    assert parsed["event"] == "result"
+    assert parsed["key"] == key.decode() and parsed["job_id"] == job_id.decode()
+    assert key.decode().rpartition("#")[0] == parsed["job_id"]
+    assert (parsed["status"], parsed["fingerprint"]) == (status.decode(), fingerprint.decode())
+    assert parsed["n"] == int(n)
+
+
+@pytest.mark.parametrize("block", [1000, 1 << 20])
+def test_a_ledger_in_this_packages_shape_loads_compactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """Results the engine writes take the fast path and no whole objects; images stay on disk
+    (read in blocks of a few lines, the index grows as it goes)."""
+    monkeypatch.setattr(events, "_READ_SIZE", block)
+    path = tmp_path / LEDGER_NAME
+    later = result("a", fingerprint="0" * 16, status="failed")
+    later["error"]["retryable"] = False
+    # A long first line makes the index's first sizing too small: it grows during the load.
+    first = result("long", fingerprint="f" * 16, metadata={"pad": "x" * 20_000})
+    lines = [RUN, first, *(result(f"j{i}", fingerprint=f"{i:016x}") for i in range(300)), later]
+    path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in lines))
+    state = assert_loads_like_json(path)
+    assert not state._whole
+    assert len(state) == 302 and state.results == 302
+    recorded = state.get("j7#0")
+    assert recorded is not None and "images=?" in repr(recorded)
+    assert recorded.images == [{k: v for k, v in image("j7").items() if k != "revised_prompt"}]
+    a = state.get("a#0")
+    assert a is not None and (a.status, a.retryable, a.fingerprint) == ("failed", False, "0" * 16)
+
+
+def test_a_later_line_for_a_key_replaces_it_in_place(tmp_path: Path) -> None:
+    """A retried key keeps its first place, takes its last line's state, and counts once."""
+    path = tmp_path / LEDGER_NAME
+    fp = "0123456789abcdef"
+    lines = [
+        result("a", status="failed", fingerprint=fp),
+        result("b", fingerprint=fp),
+        result("a", fingerprint=fp, n=3),
+        result("b", status="download_failed", fingerprint=fp),
+    ]
+    path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in lines))
+    state = assert_loads_like_json(path)
+    assert [key for key, _ in state.items()] == ["a#0", "b#0"]
+    assert state.counts() == {"ok": 1, "failed": 0, "download_failed": 1}
+    a = state.get("a#0")
+    assert a is not None and (a.status, a.n) == ("ok", 3)
+    assert (len(state), state.results) == (2, 4)
+
+
+async def test_appended_results_are_found_in_the_file_not_kept(tmp_path: Path) -> None:
+    """Results appended through the Ledger point at their lines; their images read back."""
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(RUN)
+        async with asyncio.TaskGroup() as group:
+            for i in range(40):
+                group.create_task(ledger.append(result(f"j{i}", fingerprint=f"{i:016x}")))
+        await ledger.append(result("j3", status="failed", fingerprint="f" * 16))
+        state = ledger.state
+        assert state._following and not state._whole
+        assert state.get("j3#0") == KeyState("j3#0", "failed", "f" * 16, True, "j3", 1)
+        j9 = state.get("j9#0")
+        assert j9 is not None and j9.images[0]["path"] == "images/j9/0.png"
+    assert_loads_like_json(tmp_path / LEDGER_NAME)
+
+
+async def test_results_are_kept_whole_when_the_file_is_not_as_expected(tmp_path: Path) -> None:
+    """If a line turns up that the Ledger did not write, states are kept in memory instead."""
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(result("a", fingerprint="a" * 16))
+        append_bytes(tmp_path / LEDGER_NAME, b'{"event":"note"}\n')
+        await ledger.append(result("b", fingerprint="b" * 16))
+        await ledger.append(result("c", fingerprint="c" * 16))
+        state = ledger.state
+        assert not state._following and sorted(state._whole) == [1, 2]
+        for key in ("a", "b", "c"):
+            recorded = state.get(f"{key}#0")
+            assert recorded is not None and recorded.image_bytes == 1234
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    """Another writer appending to the ledger behind the Ledger's back."""
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def test_a_ledger_changed_under_a_state_is_an_error(tmp_path: Path) -> None:
+    """Images of a key whose line moved away are refused, not read from another line."""
+    path = tmp_path / LEDGER_NAME
+    write_lines(path, RUN, result("a", fingerprint="a" * 16), result("b", fingerprint="b" * 16))
+    state = LedgerState.load(path)
+    write_lines(path, RUN, result("b", fingerprint="b" * 16))
+    recorded = state.get("b#0")
+    assert recorded is not None
+    with pytest.raises(LedgerError, match="changed while it was in use"):
+        recorded.images  # noqa: B018
+
+
+def test_lines_needing_escapes_keep_their_line_numbers(tmp_path: Path) -> None:
+    """A block with escaped text takes the careful path and still names a bad line exactly."""
+    path = tmp_path / LEDGER_NAME
+    quoted = result('say "hi"', fingerprint="a" * 16, metadata={"tab": "\t"})
+    write_lines(path, RUN, quoted, result("x", fingerprint="b" * 16), "{oops", result("y"))
+    with pytest.raises(LedgerError, match="line 4 is not valid JSON"):
+        LedgerState.load(path)
+    write_lines(path, RUN, quoted, result("x", fingerprint="b" * 16))
+    assert_loads_like_json(path)

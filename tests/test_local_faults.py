@@ -18,9 +18,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
-import aiofiles.threadpool
 import pytest
 from aiohttp import web
 from PIL import Image
@@ -45,7 +42,7 @@ EROFS = os.strerror(errno.EROFS)
 # --- fault injection ---------------------------------------------------------------------
 #
 # Each fault patches the few entry points cometbatch reaches the filesystem through (os.mkdir
-# under os.makedirs and Path.mkdir, os.open, open, aiofiles) and refuses what the real fault
+# under os.makedirs and Path.mkdir, os.open, open, os.replace) and refuses what the real fault
 # would refuse, with the same errno. `install` takes the setattr to patch with: the test's
 # monkeypatch.setattr in this process, builtins.setattr in a CLI subprocess.
 
@@ -132,9 +129,6 @@ def patch_filesystem(rule: Rule, set_attr: Setattr) -> None:
         check(path, "remove")
         real_unlink(path, *args, **kwargs)
 
-    async def async_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        await asyncio.to_thread(replace, src, dst, *args, **kwargs)
-
     set_attr(os, "mkdir", mkdir)
     set_attr(os, "open", os_open)
     set_attr(os, "replace", replace)
@@ -143,22 +137,24 @@ def patch_filesystem(rule: Rule, set_attr: Setattr) -> None:
     set_attr(os, "remove", unlink)
     set_attr(builtins, "open", open_)
     set_attr(io, "open", open_)
-    # aiofiles keeps its own references to the originals, taken at import.
-    set_attr(aiofiles.threadpool, "sync_open", open_)
-    set_attr(aiofiles.os, "replace", async_replace)
 
 
 class FullDisk:
-    """Replaces aiofiles.open: the chosen files take `budget` writes, then the disk is full.
+    """Replaces open(): the chosen files take `budget` writes, then the disk is full.
 
     The write that hits the full disk puts half its bytes on disk first, as a real one can.
+    With `by_line`, the budget counts lines instead of writes (the ledger writes several
+    queued lines at once), and the line that hits the full disk is the one cut in half.
     """
 
-    def __init__(self, chosen: Callable[[Path], bool], budget: int) -> None:
+    def __init__(
+        self, chosen: Callable[[Path], bool], budget: int, *, by_line: bool = False
+    ) -> None:
         self.chosen = chosen
         self.budget = budget
+        self.by_line = by_line
         self.failures = 0
-        self.real_open: Any = aiofiles.open
+        self.real_open: Any = builtins.open
 
     def __call__(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         opened = self.real_open(file, mode, *args, **kwargs)
@@ -166,48 +162,40 @@ class FullDisk:
         reading = mode.startswith("r") and "+" not in mode
         if reading or path is None or not self.chosen(path):
             return opened
-        return _FullOpen(opened, self)
+        return _FullFile(opened, self)
 
     def install(self, set_attr: Setattr) -> FullDisk:
-        set_attr(aiofiles, "open", self)
+        set_attr(builtins, "open", self)
+        set_attr(io, "open", self)
         return self
 
 
-class _FullOpen:
-    """The awaitable, async-with-able result of FullDisk(...), like aiofiles.open's."""
-
-    def __init__(self, opened: Any, disk: FullDisk) -> None:
-        self.opened = opened
-        self.disk = disk
-
-    def __await__(self) -> Any:
-        return self._open().__await__()
-
-    async def _open(self) -> _FullFile:
-        return _FullFile(await self.opened, self.disk)
-
-    async def __aenter__(self) -> _FullFile:
-        return _FullFile(await self.opened.__aenter__(), self.disk)
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.opened.__aexit__(*exc)
-
-
 class _FullFile:
-    """An aiofiles file whose writes spend the disk's budget."""
+    """A file whose writes spend the disk's budget."""
 
     def __init__(self, real: Any, disk: FullDisk) -> None:
         self.real = real
         self.disk = disk
 
-    async def write(self, data: bytes) -> int:
-        if self.disk.budget > 0:
-            self.disk.budget -= 1
-            return int(await self.real.write(data))
-        self.disk.failures += 1
-        await self.real.write(data[: len(data) // 2])
-        await self.real.flush()
-        raise OSError(errno.ENOSPC, ENOSPC)
+    def write(self, data: bytes) -> int:
+        pieces = bytes(data).splitlines(keepends=True) if self.disk.by_line else [data]
+        written = 0
+        for piece in pieces:
+            if self.disk.budget > 0:
+                self.disk.budget -= 1
+                written += int(self.real.write(piece))
+                continue
+            self.disk.failures += 1
+            self.real.write(piece[: len(piece) // 2])
+            self.real.flush()
+            raise OSError(errno.ENOSPC, ENOSPC)
+        return written
+
+    def __enter__(self) -> _FullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -240,7 +228,7 @@ def install(fault: str, target: str, set_attr: Setattr) -> None:
     elif kind == "full-disk-images":
         FullDisk(is_image, int(count)).install(set_attr)
     elif kind == "full-disk-ledger":
-        FullDisk(is_ledger, int(count)).install(set_attr)
+        FullDisk(is_ledger, int(count), by_line=True).install(set_attr)
     elif kind != "none":
         raise ValueError(f"unknown fault {fault!r}")
 
@@ -437,7 +425,7 @@ async def test_a_full_disk_while_appending_to_the_ledger_leaves_only_a_torn_last
     drops before regenerating exactly the requests without an ok line."""
     out = tmp_path / "out"
     # The run line and three results fit; the fourth result is cut in half.
-    disk = FullDisk(is_ledger, budget=4).install(monkeypatch.setattr)
+    disk = FullDisk(is_ledger, budget=4, by_line=True).install(monkeypatch.setattr)
     with pytest.raises(OutputError) as info:
         await run_jobs(sim, out, JOBS)
     assert disk.failures == 1
@@ -458,7 +446,7 @@ async def test_a_failed_ledger_write_refuses_every_later_append(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a torn write, no line (not even the end event) can be buried after the torn one."""
-    disk = FullDisk(is_ledger, budget=1).install(monkeypatch.setattr)
+    disk = FullDisk(is_ledger, budget=1, by_line=True).install(monkeypatch.setattr)
     async with Ledger(tmp_path) as ledger:
         await ledger.append({"event": "run", "run_id": "r"})
         with pytest.raises(OutputError) as first:

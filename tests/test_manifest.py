@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cometbatch import Job, ManifestError, load_manifest
-from cometbatch.manifest import JobDefaults, parse_line
+from cometbatch.manifest import JobDefaults, _DigestSet, parse_line
 from cometbatch.models import ModelRegistry
 
 REGISTRY = ModelRegistry()
@@ -242,3 +242,23 @@ def test_a_model_added_by_override_checks_its_declared_sizes() -> None:
     assert ok is not None and registry.get("my-model").max_n == 4
     with pytest.raises(ManifestError, match="does not take size"):
         parse_line(line(prompt="x", model="my-model", size="64x64"), 2, registry=registry)
+
+
+def test_duplicates_are_found_among_many_ids(tmp_path: Path) -> None:
+    """Duplicate detection keeps working as its table grows, far into a long manifest."""
+    lines = [line(prompt=f"p{i}", id=f"id-{i}") for i in range(5000)]
+    path = write(tmp_path, *lines, line(prompt="again", id="id-1234"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.field) == (5001, "id")
+    assert "already used on line 1235" in problem.message
+
+
+def test_digest_set_holds_every_digest_once() -> None:
+    """The digest table refuses what it holds, grows without losing any, and takes a 0."""
+    digests = _DigestSet()
+    values = [0, *range(1, 5000, 7), 2**64 - 1, 2**63, 1 << 40]
+    assert all(digests.add(value) for value in values[1:])
+    assert not any(digests.add(value) for value in values[1:])
+    assert not digests.add(0)  # a digest of 0 passes for 1, which is in already

@@ -88,3 +88,28 @@ def test_eta_text(seconds: float | None, text: str) -> None:
 def test_eta_is_zero_when_everything_is_done() -> None:
     """A finished run shows no time left rather than an unknown one."""
     assert snap(done=98, failed=2).eta(rate=0.0) == 0.0
+
+
+def test_auto_concurrency_shows_the_level_it_chose_and_its_maximum() -> None:
+    """With auto concurrency the line shows the chosen limit and the most it may grow to."""
+    line = snap(in_flight=60, limit=64, auto=True, ceiling=500).detail()
+    assert line.startswith("in flight 60/64 (auto, max 500)")
+    assert "auto" not in snap().detail()
+
+
+def test_the_snapshot_reads_auto_concurrency_from_the_engine() -> None:
+    """Snapshot.of takes the auto flag and the maximum from the engine's limiter."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from cometbatch.engine import Engine
+    from cometbatch.limits import Limiter
+    from cometbatch.results import Summary
+
+    engine = SimpleNamespace(
+        summary=Summary(planned_images=10),
+        limiter=Limiter(concurrency=300, auto=True),
+        waiting_to_retry=0,
+    )
+    shot = Snapshot.of(cast(Engine, engine))
+    assert (shot.auto, shot.limit, shot.ceiling) == (True, 16, 300)

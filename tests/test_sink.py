@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import errno
 import hashlib
 import io
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
 import pytest
 from PIL import Image
 
@@ -129,23 +130,36 @@ async def test_write_is_atomic_and_recorded(
     assert "written=1" in repr(sink)
 
 
-async def test_write_offloads_large_images_to_a_thread(
+async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Images at or above offload_bytes are hashed in a thread, with the same result."""
-    calls: list[Callable[..., Any]] = []
-    real_to_thread = asyncio.to_thread
+    """Each image takes one worker-thread call; at or above offload_bytes it is hashed in that
+    thread too (smaller ones on the event loop), with the same result."""
+    loop = asyncio.get_running_loop()
+    trips: list[Callable[..., Any]] = []
+    real_run_in_executor = loop.run_in_executor
 
-    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        calls.append(func)
-        return await real_to_thread(func, *args, **kwargs)
+    def spy(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+        trips.append(func)
+        return real_run_in_executor(executor, func, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", spy)
+    on_loop: list[bool] = []
+    real_sha256 = hashlib.sha256
+
+    def sha256(data: bytes = b"") -> Any:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return real_sha256(data)
+
+    monkeypatch.setattr(loop, "run_in_executor", spy)
+    monkeypatch.setattr(hashlib, "sha256", sha256)
     small = await Sink(tmp_path, offload_bytes=len(WEBP) + 1).write("a", 0, WEBP)
-    assert calls == []
+    assert (len(trips), on_loop) == (1, [True])
     large = await Sink(tmp_path, offload_bytes=len(WEBP), fsync=True).write("b", 0, WEBP)
-    assert calls
-    assert small.sha256 == large.sha256 == hashlib.sha256(WEBP).hexdigest()
+    assert (len(trips), on_loop) == (2, [True, False])
+    b64 = base64.b64encode(WEBP).decode()
+    await Sink(tmp_path, offload_bytes=len(b64)).decode_and_write("c", 0, b64)
+    assert (len(trips), on_loop) == (3, [True, False, False])
+    assert small.sha256 == large.sha256 == real_sha256(WEBP).hexdigest()
 
 
 async def test_write_rejects_unknown_bytes_without_touching_disk(tmp_path: Path) -> None:
@@ -174,41 +188,39 @@ async def test_dangerous_job_id_is_written_inside_images(tmp_path: Path) -> None
 
 
 class FailingFile:
-    """An aiofiles handle stand-in that writes part of the data, then hits a full disk."""
+    """A file stand-in that writes part of the data, then hits a full disk."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
 
-    async def write(self, data: bytes) -> int:
-        await self.real.write(data[:10])
-        await self.real.flush()
+    def write(self, data: bytes) -> int:
+        self.real.write(data[:10])
+        self.real.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    async def flush(self) -> None:
-        await self.real.flush()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
-    def fileno(self) -> int:
-        return int(self.real.fileno())
+    def __enter__(self) -> FailingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()
 
 
 class FailingOpen:
-    """Replaces aiofiles.open: opens the real temp file, then fails the write midway."""
+    """Replaces open() for temporary image files: opens the real file, then fails the write."""
 
     def __init__(self) -> None:
         self.opened: list[Path] = []
-        self.real_open: Any = aiofiles.open
+        self.real_open: Any = builtins.open
 
-    def __call__(self, path: Any, mode: str = "r", **kwargs: Any) -> FailingOpen:
+    def __call__(self, path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        real = self.real_open(path, mode, *args, **kwargs)
+        if not str(path).endswith(".tmp"):
+            return real
         self.opened.append(Path(path))
-        self.path, self.mode = path, mode
-        return self
-
-    async def __aenter__(self) -> FailingFile:
-        self.cm = self.real_open(self.path, self.mode)
-        return FailingFile(await self.cm.__aenter__())
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.cm.__aexit__(*exc)
+        return FailingFile(real)
 
 
 async def test_failed_write_leaves_no_temp_and_no_final_file(
@@ -216,10 +228,11 @@ async def test_failed_write_leaves_no_temp_and_no_final_file(
 ) -> None:
     """A write that fails midway removes its temp file, writes no final file, and re-raises."""
     fake = FailingOpen()
-    monkeypatch.setattr(aiofiles, "open", fake)
+    monkeypatch.setattr(builtins, "open", fake)
     with pytest.raises(OSError) as info:
         await Sink(tmp_path).write("a", 0, PNG)
     assert info.value.errno == errno.ENOSPC
+    # Opened once: a new job folder is made first (by trying), then the temp file in it.
     assert len(fake.opened) == 1
     assert fake.opened[0].name.startswith(".0.")
     assert fake.opened[0].name.endswith(".tmp")
@@ -232,35 +245,76 @@ async def test_failed_rename_leaves_no_temp_file(
 ) -> None:
     """If the final rename fails, the temp file is removed and the error propagates."""
 
-    async def refuse(*args: Any, **kwargs: Any) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(errno.EACCES, "denied")
 
-    monkeypatch.setattr(aiofiles.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(PermissionError):
         await Sink(tmp_path).write("a", 0, PNG)
     assert files_under(tmp_path) == []
 
 
-async def test_cancelled_write_leaves_no_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+class Stall:
+    """Holds the worker thread inside a file operation until the test releases it."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        self.release.wait(30)
+        return self.real(*args, **kwargs)
+
+
+class StalledWrites:
+    """Replaces open() for temporary image files: their write waits in `stall`."""
+
+    def __init__(self, stall: Stall) -> None:
+        self.stall = stall
+        self.real_open: Any = builtins.open
+
+    def __call__(self, path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        real = self.real_open(path, mode, *args, **kwargs)
+        if not str(path).endswith(".tmp"):
+            return real
+        self.stall.real = real.write
+        file = FailingFile(real)
+        file.write = self.stall  # type: ignore[method-assign]
+        return file
+
+
+@pytest.mark.parametrize("stalled", ["write", "rename"])
+async def test_cancelled_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stalled: str
 ) -> None:
-    """Cancelling a write while it is in progress removes its temp file."""
-    started = asyncio.Event()
-    real_replace = aiofiles.os.replace
-
-    async def stall(*args: Any, **kwargs: Any) -> None:
-        started.set()
-        await asyncio.Event().wait()
-        await real_replace(*args, **kwargs)
-
-    monkeypatch.setattr(aiofiles.os, "replace", stall)
-    task = asyncio.create_task(Sink(tmp_path).write("a", 0, PNG))
-    await started.wait()
-    assert len(files_under(tmp_path)) == 1
+    """A write cancelled while its thread writes or renames leaves neither a temp file nor an
+    unrecorded image; called off before its rename, it leaves the earlier image alone."""
+    sink = Sink(tmp_path)
+    earlier = make_image("PNG", (2, 2))
+    await sink.write("a", 0, earlier)
+    stall = Stall(os.replace)
+    if stalled == "write":
+        monkeypatch.setattr(builtins, "open", StalledWrites(stall))
+    else:
+        monkeypatch.setattr(os, "replace", stall)
+    task = asyncio.create_task(sink.write("a", 0, PNG))
+    assert await asyncio.to_thread(stall.started.wait, 30)
+    assert len(files_under(tmp_path)) == 2  # the earlier image and the temp file
     task.cancel()
+    await asyncio.sleep(0)
+    # The cancellation waits for the thread, which cannot be interrupted, to finish.
+    assert not task.done()
+    stall.release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert files_under(tmp_path) == []
+    if stalled == "write":
+        assert files_under(tmp_path) == ["images/a/0.png"]
+        assert (tmp_path / "images" / "a" / "0.png").read_bytes() == earlier
+    else:
+        assert files_under(tmp_path) == []
+    assert "in_flight=0" in repr(sink)
 
 
 @pytest.mark.parametrize("offload_bytes", [0, 10**9])

@@ -1,10 +1,20 @@
-"""Tests for the limiter's pure decisions: pacing bucket shape, AIMD rounds and retry budget."""
+"""Tests for the limiter's pure decisions: pacing buckets, AIMD rounds, auto concurrency, budget."""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import pytest
 
-from cometbatch.throttle import AimdLimit, RetryBudget, pacing_bucket
+from cometbatch.throttle import (
+    AimdLimit,
+    AutoLimit,
+    RetryBudget,
+    auto_start,
+    pacing_bucket,
+    pacing_capacity,
+)
 
 # -- pacing bucket ----------------------------------------------------------------------
 
@@ -53,3 +63,176 @@ def test_retry_budget_spends_on_failure_and_earns_on_success() -> None:
     for _ in range(20):
         budget.record(ok=True)
     assert budget.tokens == 10
+
+
+@pytest.mark.parametrize(
+    ("limit", "capacity", "window", "expected"),
+    [(600, 1, 60.5, (1, 60.5 / 599)), (6000, 50, 60.5, (50, 60.5 * 50 / 5950))],
+)
+def test_pacing_bucket_over_a_longer_window(
+    limit: float, capacity: float, window: float, expected: tuple[float, float]
+) -> None:
+    """Pacing over 60 s plus a margin drains (limit - capacity) per that longer window."""
+    assert pacing_bucket(limit, capacity, window=window) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("limit", "size", "burst", "expected"),
+    [
+        (6000, 1, 0.5, 50),
+        (600, 1, 0.5, 5),
+        (60, 1, 0.5, 1),
+        (6000, 10, 0.5, 50),
+        (600, 10, 0.5, 10),
+    ],
+)
+def test_pacing_capacity_is_burst_seconds_of_the_limit_but_one_request_at_least(
+    limit: float, size: float, burst: float, expected: float
+) -> None:
+    """The bucket holds `burst` seconds of the limit, never less than one whole request."""
+    assert pacing_capacity(limit, size, burst) == pytest.approx(expected)
+
+
+# -- auto concurrency --------------------------------------------------------------------
+
+
+def auto(**overrides: Any) -> AutoLimit:
+    values: dict[str, Any] = {
+        "floor": 1,
+        "ceiling": 500,
+        "threshold": 0.1,
+        "min_round": 100,
+        "start": 16,
+    }
+    values.update(overrides)
+    return AutoLimit(**values)
+
+
+def test_auto_starts_at_its_start_and_doubles_every_round_trip() -> None:
+    """Slow start: every success with the limit in full use adds 1, so a round trip doubles it."""
+    limit = auto()
+    assert limit.limit == 16
+    for _ in range(16):  # one round trip: the 16 requests in flight come back
+        limit.observe(2.0)
+        limit.record(throttled=False)
+    assert (limit.limit, limit.slow_start) == (32, True)
+    for _ in range(32 + 64 + 128 + 256):
+        limit.observe(2.0)
+        limit.record(throttled=False)
+    assert limit.limit == 500  # capped at the ceiling
+
+
+def test_auto_does_not_grow_a_limit_that_is_not_in_use() -> None:
+    """Successes while fewer requests than the limit are in flight (or rate-bound) add nothing."""
+    limit = auto()
+    for _ in range(1000):
+        limit.observe(1.0)
+        limit.record(throttled=False, busy=False)
+    assert limit.limit == 16
+
+
+def test_a_latency_rise_ends_slow_start_and_holds_the_limit() -> None:
+    """A recent median latency over tolerance x the lowest one stops growth without cutting."""
+    limit = auto(samples=8, tolerance=2.0)
+    for _ in range(20):
+        limit.observe(1.0)
+        limit.record(throttled=False)
+    assert (limit.limit, limit.baseline, limit.slow_start) == (36, 1.0, True)
+    for latency in [1.5, 1.8, 2.0, 2.4, 2.6, 2.8, 3.0]:
+        limit.observe(latency)
+        limit.record(throttled=False)
+    # The median of the last 8 (1.0 and the seven above) is 2.2: above 2 x 1.0.
+    assert (limit.slow_start, limit.latency_holds) == (False, False)
+    held = limit.limit
+    for _ in range(1000):
+        limit.observe(3.0)
+        limit.record(throttled=False)
+    assert limit.limit == held
+
+
+def test_after_slow_start_a_clean_busy_round_adds_one() -> None:
+    """Once slow start is over, growth is one per round of max(limit, min_round) outcomes."""
+    limit = auto(start=40)
+    for _ in range(11):  # 11 throttled of a 100-outcome round: x0.7, slow start over
+        limit.record(throttled=True)
+    assert (limit.limit, limit.slow_start) == (28, False)
+    for _ in range(99):
+        limit.observe(1.0)
+        limit.record(throttled=False)
+    assert limit.limit == 28
+    limit.record(throttled=False)
+    assert limit.limit == 29
+    for _ in range(100):  # a round mostly not in full use: no growth
+        limit.record(throttled=False, busy=False)
+    assert limit.limit == 29
+
+
+def test_auto_stays_within_its_bounds() -> None:
+    """A storm stops at the floor; growth stops at the ceiling."""
+    limit = auto(floor=4, ceiling=64, start=16)
+    for _ in range(1000):
+        limit.record(throttled=True)
+    assert limit.limit == 4
+    for _ in range(100_000):
+        limit.observe(1.0)
+        limit.record(throttled=False)
+    assert limit.limit == 64
+
+
+def test_auto_with_random_five_percent_throttles_still_reaches_its_ceiling() -> None:
+    """Random 5 % 429s neither end slow start early nor keep auto far below its maximum."""
+    rnd = random.Random(5)
+    limit = auto(ceiling=200)
+    levels = []
+    for _ in range(50_000):
+        throttled = rnd.random() < 0.05
+        if not throttled:
+            limit.observe(1.0)
+        limit.record(throttled=throttled)
+        levels.append(limit.limit)
+    assert max(levels) == 200
+    assert sum(levels[-20_000:]) / 20_000 >= 0.8 * 200
+
+
+def test_auto_converges_on_a_server_capacity() -> None:
+    """A server that throttles whatever runs above 40 at once keeps auto near 40."""
+    rnd = random.Random(2)
+    limit = auto()
+    levels = []
+    for _ in range(40_000):
+        throttled = rnd.random() < max(0.0, (limit.limit - 40) / limit.limit)
+        if not throttled:
+            limit.observe(1.0)
+        limit.record(throttled=throttled)
+        levels.append(limit.limit)
+    tail = levels[10_000:]
+    assert min(tail) >= 28 and max(tail) <= 48
+
+
+def test_auto_stops_growing_where_the_server_starts_queueing() -> None:
+    """Latency that grows with more than 60 in flight stops auto where it has doubled (~120)."""
+    limit = auto()
+    for _ in range(20_000):
+        limit.observe(1.0 * max(1.0, limit.limit / 60))
+        limit.record(throttled=False)
+    # A little past 120: the median of the last 16 answers lags the growth by 8 of them.
+    assert 120 <= limit.limit <= 130
+    assert not limit.slow_start
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [({"start": 0}, "start"), ({"start": 600}, "start"), ({"tolerance": 0.5}, "tolerance")],
+)
+def test_impossible_auto_settings_are_refused(overrides: dict[str, Any], words: str) -> None:
+    """A start outside the bounds or a tolerance below 1 is refused."""
+    with pytest.raises(ValueError, match=words):
+        auto(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("floor", "ceiling", "start"), [(1, 256, 16), (1, 8, 8), (32, 256, 32), (1, 16, 16)]
+)
+def test_auto_start_is_sixteen_within_the_bounds(floor: int, ceiling: int, start: int) -> None:
+    """Auto concurrency starts at 16, raised to the floor and capped at the ceiling."""
+    assert auto_start(floor, ceiling) == start
