@@ -113,14 +113,16 @@ _NUM = _INT + rb"(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?"
 
 def _json_value(depth: int) -> bytes:
     """A pattern for one JSON value (of plain strings) nested at most `depth` deep."""
+    # Alternatives that start with a fixed character are skipped at a glance when it does
+    # not match; a number does not, so it comes last.
     if depth == 0:
-        return rb"(?:null|" + _STR + rb"|" + _NUM + rb"|true|false)"
+        return rb"(?:null|" + _STR + rb"|true|false|" + _NUM + rb")"
     inner = _json_value(depth - 1)
     return (
-        rb"(?:null|" + _STR + rb"|" + _NUM + rb"|true|false"
-        rb"|\{(?:" + _STR + rb":" + inner + rb"(?:," + _STR + rb":" + inner + rb")*+)?\}"
-        rb"|\[(?:" + inner + rb"(?:," + inner + rb")*+)?\])"
-    )
+        rb"(?:null|" + _STR
+        + rb"|\{(?:" + _STR + rb":" + inner + rb"(?:," + _STR + rb":" + inner + rb")*+)?\}"
+        + rb"|\[(?:" + inner + rb"(?:," + inner + rb")*+)?\]|true|false|" + _NUM + rb")"
+    )  # fmt: skip
 
 
 _VALUE = _json_value(3)

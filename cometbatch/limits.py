@@ -16,6 +16,7 @@ from aiolimiter import AsyncLimiter
 from .errors import ConfigError, UpstreamDownError
 from .settings import Settings
 from .throttle import (
+    MIN_ROUND,
     PACING_BURST,
     PACING_MARGIN,
     WINDOW,
@@ -112,7 +113,7 @@ class Limiter:
         adaptive: bool = True,
         auto: bool = False,
         start: int | None = None,
-        min_round: int = 100,
+        min_round: int = MIN_ROUND,
         pacing_margin: float = PACING_MARGIN,
         pacing_burst: float = PACING_BURST,
     ) -> None:
@@ -229,7 +230,7 @@ class Limiter:
 
     @property
     def latency(self) -> float | None:
-        """Auto concurrency's recent median latency in seconds (None when not auto or untimed)."""
+        """Auto concurrency's median latency of its last block of successes, in seconds."""
         return self._auto.latency if self._auto is not None else None
 
     @property

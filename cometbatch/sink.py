@@ -6,6 +6,7 @@ import asyncio
 import binascii
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -136,14 +137,30 @@ def _fsync_folder(folder: str) -> None:
 class _Trip:
     """One image's trip through a worker thread, which its caller may call off meanwhile."""
 
-    __slots__ = ("called_off", "folder_known", "placed")
+    __slots__ = ("called_off", "finished", "folder_known", "placed", "waiter")
 
     def __init__(self, folder_known: bool) -> None:
         # Whether the job's folder was there a moment ago (then it is not made again).
         self.folder_known = folder_known
         self.called_off = False
+        # Set on the event loop once the thread is done with it; a cancelled caller waits
+        # for that on `waiter`.
+        self.finished = False
+        self.waiter: asyncio.Future[None] | None = None
         # The final path, once the file was renamed there.
         self.placed: str | None = None
+
+    def report(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        """Hand the thread's outcome to `future` (on the event loop), unless it was cancelled."""
+        self.finished = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        if future.cancelled():
+            return
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
 
     def place(self, temp: str, final: str) -> None:
         """Rename `temp` onto `final` unless the write was called off (in the worker thread)."""
@@ -158,8 +175,10 @@ class _CalledOff(Exception):
     """The write was called off before its rename (its caller was cancelled)."""
 
 
-# A write handed to the writer threads: the loop to report to, its future, what to call.
-_Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+# A write handed to the writer threads: the loop to report to, what to call, and the
+# callback (run on that loop) that takes its result or its exception.
+Report = Callable[[Any, "BaseException | None"], None]
+_Work = tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], Report]
 
 
 class _Writers:
@@ -180,16 +199,13 @@ class _Writers:
         self._threads = 0
         self._idle = 0
 
-    def submit(self, func: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue `func(*args)`; its future is settled on the calling event loop."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((loop, future, func, args))
+    def submit(self, func: Callable[..., Any], args: tuple[Any, ...], report: Report) -> None:
+        """Run `func(*args)` in a writer thread, then `report(result, exc)` on this loop."""
+        self._queue.put((asyncio.get_running_loop(), func, args, report))
         with self._lock:
             if self._idle == 0 and self._threads < self._size:
                 self._threads += 1
                 threading.Thread(target=self._serve, name="cometbatch-writer", daemon=True).start()
-        return future
 
     def _serve(self) -> None:
         work = self._queue
@@ -211,28 +227,23 @@ class _Writers:
             with contextlib.suppress(queue.Empty):
                 while len(batch) < _BATCH:
                     batch.append(work.get_nowait())
-            done: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
-            for loop, future, func, args in batch:
+            done: dict[asyncio.AbstractEventLoop, list[tuple[Report, Any, Any]]] = {}
+            for loop, func, args, report in batch:
                 try:
-                    outcome: tuple[Any, ...] = (future, func(*args), None)
+                    outcome: tuple[Report, Any, Any] = (report, func(*args), None)
                 except BaseException as exc:
-                    outcome = (future, None, exc)
+                    outcome = (report, None, exc)
                 done.setdefault(loop, []).append(outcome)
             for loop, outcomes in done.items():
                 # A loop already closed has nobody left waiting.
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, outcomes)
+                    loop.call_soon_threadsafe(_report_all, outcomes)
 
 
-def _settle(outcomes: list[tuple[Any, ...]]) -> None:
-    """Hand finished writes their results (on the event loop)."""
-    for future, result, exc in outcomes:
-        if future.cancelled():
-            continue
-        if exc is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exc)
+def _report_all(outcomes: list[tuple[Report, Any, Any]]) -> None:
+    """Hand finished writes their outcomes (on the event loop)."""
+    for report, result, exc in outcomes:
+        report(result, exc)
 
 
 # Writes at most one thread takes at a time (so the others get some of a burst).
@@ -331,14 +342,20 @@ class Sink:
         so no file of the write is left once the cancellation is through.
         """
         trip = _Trip(job_id in self._folders)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
         self._in_flight += 1
         try:
-            done: asyncio.Future[_T] = _WRITERS.submit(func, (*args, trip))
+            _WRITERS.submit(func, (*args, trip), functools.partial(trip.report, future))
             try:
-                result = await asyncio.shield(done)
+                # Awaited directly, not through asyncio.shield: a shield costs the caller an
+                # extra turn of the event loop on every write.
+                result = await future
             except asyncio.CancelledError:
                 trip.called_off = True
-                await _wait_out(done)
+                if not trip.finished:
+                    trip.waiter = loop.create_future()
+                    await _wait_out(trip.waiter)
                 if trip.placed is not None:
                     # Complete, but its request will not be recorded: it must not stay behind.
                     with contextlib.suppress(OSError):

@@ -287,6 +287,7 @@ _MAX_STATUSES = _DEAD
 _MAX_LOAD = 0.6
 _FINGERPRINT_BYTES = 8
 _NOTHING_AHEAD = (b"", 0)
+_DIGITS = bytes.maketrans(b"0123456789", bytes(range(10)))
 
 
 def _is_fingerprint(value: object) -> bool:
@@ -551,7 +552,9 @@ class LedgerState:
         self._statuses += bytes(map(_FAST_STATUS.__getitem__, statuses))
         self._flags += bytes(flags)
         self._fingerprints += bytes.fromhex(b"".join(fingerprints).decode())
-        self._ns.extend(map(int, ns))
+        digits = b"".join(ns)
+        # Nearly always one digit each: then a byte translation is the whole conversion.
+        self._ns.extend(digits.translate(_DIGITS) if len(digits) == len(ns) else map(int, ns))
         self._offsets.extend(islice(accumulate(map(len, lines), initial=offset), len(rows)))
         counts = self._counts
         for status, code in _FAST_STATUS.items():

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cometbatch import sink as sink_module
 from cometbatch.errors import ImageDataError
 from cometbatch.sink import ImageRecord, Sink, decode_b64, detect_format
 
@@ -133,15 +134,14 @@ async def test_write_is_atomic_and_recorded(
 async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each image takes one worker-thread call; at or above offload_bytes it is hashed in that
-    thread too (smaller ones on the event loop), with the same result."""
-    loop = asyncio.get_running_loop()
+    """Each image takes one trip to a writer thread; at or above offload_bytes it is decoded
+    and hashed in that thread too (smaller ones on the event loop), with the same result."""
     trips: list[Callable[..., Any]] = []
-    real_run_in_executor = loop.run_in_executor
+    real_submit = sink_module._WRITERS.submit
 
-    def spy(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+    def spy(func: Callable[..., Any], args: tuple[Any, ...], report: Any) -> None:
         trips.append(func)
-        return real_run_in_executor(executor, func, *args)
+        real_submit(func, args, report)
 
     on_loop: list[bool] = []
     real_sha256 = hashlib.sha256
@@ -150,7 +150,7 @@ async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
         on_loop.append(threading.current_thread() is threading.main_thread())
         return real_sha256(data)
 
-    monkeypatch.setattr(loop, "run_in_executor", spy)
+    monkeypatch.setattr(sink_module._WRITERS, "submit", spy)
     monkeypatch.setattr(hashlib, "sha256", sha256)
     small = await Sink(tmp_path, offload_bytes=len(WEBP) + 1).write("a", 0, WEBP)
     assert (len(trips), on_loop) == (1, [True])
@@ -160,6 +160,43 @@ async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
     await Sink(tmp_path, offload_bytes=len(b64)).decode_and_write("c", 0, b64)
     assert (len(trips), on_loop) == (3, [True, False, False])
     assert small.sha256 == large.sha256 == real_sha256(WEBP).hexdigest()
+
+
+async def test_writer_threads_batch_start_on_demand_and_leave_when_idle() -> None:
+    """Writer threads return every result and error to its own caller, leave once idle, and
+    start again for the next write."""
+
+    def work(i: int) -> int:
+        if i % 7 == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return i * i
+
+    writers = sink_module._Writers(size=2, idle=0.01)
+
+    def submit(i: int) -> asyncio.Future[int]:
+        future = asyncio.get_running_loop().create_future()
+
+        def report(result: int, exc: BaseException | None) -> None:
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+        writers.submit(work, (i,), report)
+        return future
+
+    outcomes = await asyncio.gather(*(submit(i) for i in range(200)), return_exceptions=True)
+    for i, outcome in enumerate(outcomes):
+        if i % 7 == 3:
+            assert isinstance(outcome, OSError) and outcome.errno == errno.ENOSPC
+        else:
+            assert outcome == i * i
+    for _ in range(500):
+        if writers._threads == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert writers._threads == 0
+    assert await submit(5) == 25
 
 
 async def test_write_rejects_unknown_bytes_without_touching_disk(tmp_path: Path) -> None:
