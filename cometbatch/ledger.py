@@ -9,9 +9,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, Self, get_args
 
 from .errors import CometBatchError, LedgerError, OutputError
