@@ -82,6 +82,8 @@ def main() -> None:
                 print(f"run {run} {name:>10}: {count / seconds:8.0f} requests/s ({seconds:.2f} s)")
                 shutil.rmtree(out, ignore_errors=True)
     raw, cb = median(raw_rates), median(cb_rates)
+    pairs = " ".join(f"{c / r:.2f}" for r, c in zip(raw_rates, cb_rates, strict=True))
+    print(f"ratio of each run: {pairs}")
     print(f"median raw loop:   {raw:8.0f} requests/s")
     print(f"median cometbatch: {cb:8.0f} requests/s")
     met = verdict("cometbatch / raw loop", cb / raw, TARGET_RATIO, higher_is_better=True, unit="x")

@@ -317,7 +317,7 @@ class _DigestSet:
     __slots__ = ("_count", "_table")
 
     def __init__(self) -> None:
-        self._table = array("Q", bytes(8 * 1024))
+        self._table = array("Q", [0]) * 1024
         self._count = 0
 
     def add(self, digest: int) -> bool:
@@ -337,7 +337,7 @@ class _DigestSet:
         return True
 
     def _grow(self) -> None:
-        table = array("Q", bytes(16 * len(self._table)))
+        table = array("Q", [0]) * (2 * len(self._table))
         mask = len(table) - 1
         for digest in self._table:
             if digest:

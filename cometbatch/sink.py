@@ -177,8 +177,8 @@ class _CalledOff(Exception):
 
 # A write handed to the writer threads: the loop to report to, what to call, and the
 # callback (run on that loop) that takes its result or its exception.
-Report = Callable[[Any, "BaseException | None"], None]
-_Work = tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], Report]
+_Report = Callable[[Any, "BaseException | None"], None]
+_Work = tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], _Report]
 
 
 class _Writers:
@@ -199,7 +199,16 @@ class _Writers:
         self._threads = 0
         self._idle = 0
 
-    def submit(self, func: Callable[..., Any], args: tuple[Any, ...], report: Report) -> None:
+    def __repr__(self) -> str:
+        return f"<_Writers threads={self._threads}/{self._size} idle={self._idle}>"
+
+    def forget_threads(self) -> None:
+        """In a forked child: the parent's threads (and its queued writes) did not come along."""
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = 0
+
+    def submit(self, func: Callable[..., Any], args: tuple[Any, ...], report: _Report) -> None:
         """Run `func(*args)` in a writer thread, then `report(result, exc)` on this loop."""
         self._queue.put((asyncio.get_running_loop(), func, args, report))
         with self._lock:
@@ -208,6 +217,19 @@ class _Writers:
                 threading.Thread(target=self._serve, name="cometbatch-writer", daemon=True).start()
 
     def _serve(self) -> None:
+        left = False
+        try:
+            while (batch := self._take()) is not None:
+                self._run(batch)
+            left = True
+        finally:
+            if not left:
+                # Leaving on an unexpected error: make room for a new thread.
+                with self._lock:
+                    self._threads -= 1
+
+    def _take(self) -> list[_Work] | None:
+        """The next writes (up to _BATCH at once); None when idle long enough to leave."""
         work = self._queue
         while True:
             with self._lock:
@@ -217,9 +239,11 @@ class _Writers:
             except queue.Empty:
                 with self._lock:
                     self._idle -= 1
+                    # Checked under the lock that submit() takes after queueing: a write
+                    # queued after this check finds no idle thread and starts one.
                     if work.empty():
                         self._threads -= 1
-                        return
+                        return None
                 continue
             with self._lock:
                 self._idle -= 1
@@ -227,36 +251,42 @@ class _Writers:
             with contextlib.suppress(queue.Empty):
                 while len(batch) < _BATCH:
                     batch.append(work.get_nowait())
-            done: dict[asyncio.AbstractEventLoop, list[tuple[Report, Any, Any]]] = {}
-            for loop, func, args, report in batch:
-                try:
-                    outcome: tuple[Report, Any, Any] = (report, func(*args), None)
-                except BaseException as exc:
-                    outcome = (report, None, exc)
-                done.setdefault(loop, []).append(outcome)
-            for loop, outcomes in done.items():
-                # A loop already closed has nobody left waiting.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_report_all, outcomes)
+            return batch
+
+    def _run(self, batch: list[_Work]) -> None:
+        """Do the writes of `batch`, then wake each event loop once with their outcomes."""
+        done: dict[asyncio.AbstractEventLoop, list[tuple[_Report, Any, Any]]] = {}
+        for loop, func, args, report in batch:
+            try:
+                outcome: tuple[_Report, Any, Any] = (report, func(*args), None)
+            except BaseException as exc:
+                outcome = (report, None, exc)
+            done.setdefault(loop, []).append(outcome)
+        for loop, outcomes in done.items():
+            # A loop already closed has nobody left waiting.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_report_all, outcomes)
 
 
-def _report_all(outcomes: list[tuple[Report, Any, Any]]) -> None:
+def _report_all(outcomes: list[tuple[_Report, Any, Any]]) -> None:
     """Hand finished writes their outcomes (on the event loop)."""
     for report, result, exc in outcomes:
         report(result, exc)
 
 
 # Writes at most one thread takes at a time (so the others get some of a burst).
-_BATCH = 16
+_BATCH = 8
 _WRITERS = _Writers(size=4, idle=5.0)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WRITERS.forget_threads)
 
 
 class Sink:
     """Writes images atomically under OUT/images/ so a file either is complete or is absent.
 
-    Each image costs one worker-thread call: temp file, write, (fsync,) rename, with the
-    folder made only when the first open finds it missing. Images of `offload_bytes` or more
-    are also decoded and hashed in that call, so large payloads never stall the event loop.
+    Each image costs one trip to a writer thread: temp file, write, (fsync,) rename, and the
+    job's folder made by its first image. Images of `offload_bytes` or more are also decoded
+    and hashed on that trip, so large payloads never stall the event loop.
     """
 
     def __init__(

@@ -338,7 +338,7 @@ class LedgerState:
         self._blob = bytearray()
         self._ends = array("Q")
         self._hashes = array("q")
-        self._slots = array("i", bytes(4 * 8))
+        self._slots = array("i", [0]) * 8
         self._statuses = bytearray()
         self._flags = bytearray()
         self._fingerprints = bytearray()
@@ -442,7 +442,7 @@ class LedgerState:
             size *= 2
         if size == len(self._slots):
             return
-        slots = array("i", bytes(4 * size))
+        slots = array("i", [0]) * size  # no zeroed bytes object on the way
         mask = size - 1
         statuses = self._statuses
         for row, hashed in enumerate(self._hashes):

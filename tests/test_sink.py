@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import builtins
 import errno
 import hashlib
 import io
 import os
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +102,37 @@ def test_decode_b64_rejects_invalid_data(text: str) -> None:
         decode_b64(text)
     assert info.value.retryable is False
     assert info.value.kind == "invalid_image"
+
+
+def _strict_or_none(decode: Callable[[str], bytes], text: str) -> bytes | None:
+    try:
+        return decode(text)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def test_large_base64_is_decoded_in_slices_exactly_as_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoding slice by slice (so a worker thread lets go of the GIL between slices) accepts
+    and refuses exactly what one strict call does, padding rules included."""
+    monkeypatch.setattr(sink_module, "_B64_SLICE", 8)
+    rng = random.Random(7)
+    texts = ["", "=", "YQ==YQ==", "YWJjZGVmZ2hpamts", "YWJjZGVmZ2hpamt=", "YWJjZGVmZ2hpamtsbQ=="]
+    texts += ["YWJjZGVmZ2hp=mts", "YWJjZGVm Z2hpamts", "YWJjZGVmZ2hpamtsbQ==A", "YWJjZGVmZ2hpamts="]
+    for _ in range(3000):
+        text = base64.b64encode(rng.randbytes(rng.randint(0, 40))).decode()
+        for _ in range(rng.randint(0, 2)):
+            if text:
+                at = rng.randrange(len(text))
+                text = text[:at] + rng.choice("A/+= \né") + text[at + 1 :]
+        texts.append(text + rng.choice(["", "", "=", "A", "AB=="]))
+
+    def whole(text: str) -> bytes:
+        return binascii.a2b_base64(text, strict_mode=True)
+
+    for text in texts:
+        assert _strict_or_none(sink_module._a2b_strict, text) == _strict_or_none(whole, text), text
 
 
 def test_image_record_to_dict_has_exactly_the_ledger_keys() -> None:
