@@ -10,15 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import resource
+import shutil
 import statistics
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TypeVar
 
 from cometbatch import SimConfig, Simulator
+from cometbatch.simstats import SimStats
 
 
 @dataclass
@@ -65,6 +72,85 @@ def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
     finally:
         stop.set_result(None)
         thread.join(timeout=30)
+
+
+class SimulatorProcess:
+    """A simulated API running in a child process: its base URL, and its stats on request."""
+
+    def __init__(self, base_url: str, conn: Connection) -> None:
+        self.base_url = base_url
+        self._conn = conn
+
+    @property
+    def stats(self) -> SimStats:
+        """A snapshot of the child's counters."""
+        self._conn.send("stats")
+        stats: SimStats = self._conn.recv()
+        return stats
+
+
+def _serve_child(config: SimConfig, conn: Connection) -> None:
+    """The child's body: serve until the parent says stop (or goes away)."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[None] = loop.create_future()
+        async with Simulator(config) as sim:
+
+            def on_message() -> None:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    message = "stop"
+                if message == "stats":
+                    conn.send(sim.stats)
+                elif not stop.done():
+                    stop.set_result(None)
+
+            loop.add_reader(conn.fileno(), on_message)
+            conn.send(sim.base_url)
+            await stop
+            loop.remove_reader(conn.fileno())
+
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def simulator_process(config: SimConfig) -> Iterator[SimulatorProcess]:
+    """The simulated API in its own process, as a remote API would be: its CPU work (encoding
+    answers, the HTTP server) does not share the measured client's interpreter (GIL)."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_serve_child, args=(config, child), daemon=True)
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("the simulator process did not start")
+        yield SimulatorProcess(parent.recv(), parent)
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send("stop")
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+        parent.close()
+
+
+T = TypeVar("T")
+
+
+def in_turn(run: int, contenders: Sequence[T]) -> list[T]:
+    """The contenders of run `run`, in alternating order: neither always goes first (and
+    so neither always meets the machine as the other left it)."""
+    return list(contenders) if run % 2 else list(reversed(contenders))
+
+
+def settle(out: Path) -> None:
+    """Untimed, between runs: delete a run's output and write back what the OS still holds
+    dirty, so that the next run does not pay for the disk writes of the one before."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
 
 
 def peak_rss_mb() -> float:

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from _common import finish, median, options, peak_rss_mb, simulator_thread, verdict
+from _common import (
+    finish,
+    in_turn,
+    median,
+    options,
+    peak_rss_mb,
+    settle,
+    simulator_process,
+    verdict,
+)
 from overhead import make_jobs, run_cometbatch, run_raw, warm_up
 
 from cometbatch import Job, SimConfig
@@ -81,12 +89,13 @@ def main() -> None:
         f"{count} requests, concurrency {CONCURRENCY}, PNGs of ~{PAYLOAD_BYTES / 1e6:g} MB "
         f"as base64, simulator latency 0"
     )
-    with simulator_thread(config) as sim, tempfile.TemporaryDirectory() as tmp:
+    with simulator_process(config) as sim, tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         # The simulator makes its few large pictures on first use: not part of any timing.
         warm_up(sim.base_url, jobs[:WARM_UP], Path(tmp) / "warm-up", CONCURRENCY)
         for run in range(1, opts.runs + 1):
-            for name, runner in (("raw loop", run_raw), ("cometbatch", run_cometbatch)):
+            contenders = [("raw loop", run_raw), ("cometbatch", run_cometbatch)]
+            for name, runner in in_turn(run, contenders):
                 out = Path(tmp) / f"{name.replace(' ', '-')}-{run}"
                 seconds, lag = asyncio.run(measured(runner, sim.base_url, jobs, out))
                 rates[name].append(count / seconds)
@@ -96,7 +105,7 @@ def main() -> None:
                     f"({count * PAYLOAD_BYTES / seconds / 1e6:3.0f} MB/s, {seconds:5.2f} s), "
                     f"{describe(lag)}"
                 )
-                shutil.rmtree(out, ignore_errors=True)
+                settle(out)
         took = time.perf_counter() - started
     raw, cb = median(rates["raw loop"]), median(rates["cometbatch"])
     pairs = zip(rates["raw loop"], rates["cometbatch"], strict=True)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import finish, median, peak_rss_mb, simulator_thread, verdict
+from _common import finish, median, peak_rss_mb, simulator_process, verdict
 
 from cometbatch import Engine, Job, Settings, SimConfig
 
@@ -94,7 +94,7 @@ def main() -> None:
     )
     config = SimConfig(latency=latency, record_requests=False)
     walls: list[float] = []
-    with simulator_thread(config) as sim:
+    with simulator_process(config) as sim:
         for i in range(runs):
             with tempfile.TemporaryDirectory() as tmp:
                 result = asyncio.run(

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import finish, median, options, simulator_thread, verdict
+from _common import finish, in_turn, median, options, settle, simulator_process, verdict
 from _rawloop import raw_loop
 
 from cometbatch import Engine, Job, Settings, SimConfig
@@ -69,18 +69,19 @@ def main() -> None:
     cb_rates: list[float] = []
     config = SimConfig(seed=1, record_requests=False)
     print(f"{count} requests, concurrency {CONCURRENCY}, {MODEL} b64, simulator latency 0")
-    with simulator_thread(config) as sim, tempfile.TemporaryDirectory() as tmp:
+    with simulator_process(config) as sim, tempfile.TemporaryDirectory() as tmp:
         warm_up(sim.base_url, jobs[:WARM_UP], Path(tmp) / "warm-up", CONCURRENCY)
         for run in range(1, opts.runs + 1):
-            for name, runner, rates in (
+            contenders = [
                 ("raw loop", run_raw, raw_rates),
                 ("cometbatch", run_cometbatch, cb_rates),
-            ):
+            ]
+            for name, runner, rates in in_turn(run, contenders):
                 out = Path(tmp) / f"{name.replace(' ', '-')}-{run}"
                 seconds = asyncio.run(runner(sim.base_url, jobs, out, CONCURRENCY))
                 rates.append(count / seconds)
                 print(f"run {run} {name:>10}: {count / seconds:8.0f} requests/s ({seconds:.2f} s)")
-                shutil.rmtree(out, ignore_errors=True)
+                settle(out)
     raw, cb = median(raw_rates), median(cb_rates)
     pairs = " ".join(f"{c / r:.2f}" for r, c in zip(raw_rates, cb_rates, strict=True))
     print(f"ratio of each run: {pairs}")
