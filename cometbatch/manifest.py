@@ -1,4 +1,5 @@
-"""JSONL manifests: one job per line, validated up front, streamed on use."""
+"""Manifests: one job per line (JSONL; text and CSV through `inputs`), validated up front,
+streamed on use."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CapabilityError, ManifestError, ManifestProblem
+from .inputs import input_format, reader_for
 from .models import DEFAULT_MODEL, PARAMS, ModelRegistry
 from .paths import safe_component
 
@@ -287,6 +289,15 @@ def parse_line(
         raise ManifestError([ManifestProblem(line, None, "a line must be a JSON object")])
     if "custom_id" in data or "body" in data:
         data = _unwrap_batch_line(data, line)
+    return job_from_data(data, line, defaults=defaults, registry=registry)
+
+
+def job_from_data(
+    data: dict[str, Any], line: int, *, defaults: JobDefaults | None = None, registry: ModelRegistry
+) -> Job:
+    """A job from one line's fields (defaults filled in); ManifestError naming line and field.
+
+    The one validation every input format shares (JSONL, text, CSV)."""
     if defaults is not None:
         data = defaults.apply(data)
     try:
@@ -349,7 +360,10 @@ class _DigestSet:
 
 
 class Manifest:
-    """A validated manifest file: iterate it for Jobs (re-read from disk each time)."""
+    """A validated manifest file: iterate it for Jobs (re-read from disk each time).
+
+    `format` is "jsonl", "txt" or "csv"; by default it follows the file's suffix (.txt, .csv;
+    anything else is JSONL)."""
 
     def __init__(
         self,
@@ -357,12 +371,18 @@ class Manifest:
         *,
         defaults: JobDefaults | None = None,
         registry: ModelRegistry | None = None,
+        format: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.defaults = defaults or JobDefaults()
         self.registry = registry or ModelRegistry()
         self.stats = ManifestStats()
         self.sha256 = ""
+        self.format = input_format(self.path, format)
+        self._reader = reader_for(self.format, self._job_from)
+
+    def _job_from(self, data: dict[str, Any], line: int) -> Job:
+        return job_from_data(data, line, defaults=self.defaults, registry=self.registry)
 
     def __repr__(self) -> str:
         return f"Manifest({str(self.path)!r}, jobs={self.stats.jobs}, images={self.stats.images})"
@@ -371,7 +391,8 @@ class Manifest:
         # surrogateescape: bytes that are not UTF-8 fail their own line (see _parse), not the file.
         try:
             with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-                yield from enumerate(f, start=1)
+                lines = enumerate(f, start=1)
+                yield from lines if self._reader is None else self._reader.records(lines)
         except FileNotFoundError:
             raise ManifestError(
                 [ManifestProblem(0, None, "file not found")], source=str(self.path)
@@ -386,6 +407,8 @@ class Manifest:
         # An ASCII line cannot hold the stand-ins for undecodable bytes: skip the search.
         if not text.isascii() and _UNDECODABLE.search(text):
             raise ManifestError([ManifestProblem(number, None, "not UTF-8 text")])
+        if self._reader is not None:
+            return self._reader.parse(text, number)
         return parse_line(text, number, defaults=self.defaults, registry=self.registry)
 
     def __iter__(self) -> Iterator[Job]:
@@ -466,8 +489,17 @@ def load_manifest(
     n: int | None = None,
     registry: ModelRegistry | None = None,
     max_problems: int = 50,
+    defaults: JobDefaults | None = None,
+    format: str | None = None,
 ) -> Manifest:
-    """Validate a JSONL manifest (ManifestError lists every bad line); return it to stream."""
-    manifest = Manifest(path, defaults=JobDefaults(model=model, size=size, n=n), registry=registry)
+    """Validate a manifest (ManifestError lists every bad line); return it to stream.
+
+    JSONL, or by suffix a .txt of prompts or a .csv (see `Manifest`). `defaults` is the
+    JobDefaults to use instead of model/size/n."""
+    if defaults is None:
+        defaults = JobDefaults(model=model, size=size, n=n)
+    elif (model, size, n) != (None, None, None):
+        raise TypeError("pass either defaults or model/size/n, not both")
+    manifest = Manifest(path, defaults=defaults, registry=registry, format=format)
     manifest.validate(max_problems=max_problems)
     return manifest

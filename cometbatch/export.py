@@ -1,0 +1,408 @@
+"""An output folder's results as one line per job: OpenAI Batch API output, CSV or JSONL.
+
+The ledger is read, never written (safe while a run appends to it). A job with more images than
+its model takes per request has several requests (keys `<job_id>#<chunk>`); the latest result
+of each request wins and a job's requests are merged into one line. Jobs come out in the order
+their last result was recorded. The ledger knows only the requests it has recorded: a job whose
+later requests were never sent (an interrupted run) shows just the ones that were.
+
+Job statuses: `ok` (every recorded request ok), `download_failed` (generated, some images still
+to download: `cometbatch fetch`), `partial` (a request failed, some images were written),
+`failed` (no image written).
+
+`openai-batch`, one line per job in the shape of OpenAI's Batch API output file:
+
+    {"id": "batch_req_<24 hex>", "custom_id": "<job id>",
+     "response": {"status_code": 200, "request_id": null,
+                  "body": {"created": <unix time>, "data": [{"url": "images/<job>/0.png",
+                           "revised_prompt": "..."}], "usage": {...}}},
+     "error": null}
+
+`url` is the image file's path relative to the output folder (a relative URL reference), not a
+link; `revised_prompt` and `usage` appear when the API gave them. A job that failed on an API
+error answer carries that answer as OpenAI does, `"response": {"status_code": 400,
+"request_id": "...", "body": {"error": {"message", "type", "param", "code"}}}, "error": null`;
+a failure with no API answer (connection, timeout, download, bad image) has `"response": null,
+"error": {"code", "message"}`. Failed and partial jobs list no images in this format.
+
+`csv`: a header row, then one row per job with the columns in `CSV_COLUMNS`; `image_paths`
+are separated by spaces, `revised_prompts` by newlines, `metadata` is a JSON object.
+
+`jsonl`: one object per job with every image record, pending downloads, the first error (with
+its `chunk`), summed usage, attempts, and metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import ConfigError, LedgerError
+from .events import LEDGER_NAME, iter_events
+
+__all__ = [
+    "CSV_COLUMNS",
+    "EXPORT_FORMATS",
+    "JobResults",
+    "csv_row",
+    "export",
+    "jsonl_record",
+    "openai_batch_record",
+    "read_jobs",
+]
+
+EXPORT_FORMATS = ("openai-batch", "csv", "jsonl")
+
+CSV_COLUMNS = (
+    "job_id",
+    "status",
+    "model",
+    "n",
+    "images",
+    "requests",
+    "image_paths",
+    "revised_prompts",
+    "error_kind",
+    "error_status",
+    "error_code",
+    "error_message",
+    "request_id",
+    "pending_downloads",
+    "attempts",
+    "ambiguous_retries",
+    "input_tokens",
+    "output_tokens",
+    "finished_at",
+    "metadata",
+)
+
+OK = "ok"
+FAILED = "failed"
+PARTIAL = "partial"
+DOWNLOAD_FAILED = "download_failed"
+
+# Lone surrogates (from \ud800-style escapes in an answer) cannot be written as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Add one answer's usage into `total`: numbers summed, objects merged."""
+    for key, value in usage.items():
+        have = total.get(key)
+        if isinstance(value, dict):
+            if not isinstance(have, dict):
+                have = total[key] = {}
+            _add_usage(have, value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(have, int | float) and not isinstance(have, bool):
+                total[key] = have + value
+            elif key not in total:
+                total[key] = value
+        else:
+            total.setdefault(key, value)
+
+
+@dataclass(slots=True)
+class JobResults:
+    """One job as the ledger has it now: the latest result event of each of its requests."""
+
+    job_id: str
+    requests: dict[int, dict[str, Any]]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The latest result of each request, in chunk order."""
+        return [self.requests[chunk] for chunk in sorted(self.requests)]
+
+    @property
+    def model(self) -> str | None:
+        model = self.events[0].get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def n(self) -> int:
+        """Images asked for across the recorded requests."""
+        return sum(_count(event.get("n")) for event in self.events)
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Every image on disk, by index."""
+        found = [
+            image
+            for event in self.events
+            for image in event.get("images") or ()
+            if isinstance(image, dict)
+        ]
+        return sorted(found, key=lambda image: _count(image.get("index")))
+
+    @property
+    def downloads(self) -> list[dict[str, Any]]:
+        """Generated images still to be downloaded."""
+        return [
+            pending
+            for event in self.events
+            for pending in event.get("downloads") or ()
+            if isinstance(pending, dict)
+        ]
+
+    @property
+    def status(self) -> str:
+        statuses = {event.get("status") for event in self.events}
+        if statuses == {OK}:
+            return OK
+        if statuses <= {OK, DOWNLOAD_FAILED}:
+            return DOWNLOAD_FAILED
+        return PARTIAL if self.images else FAILED
+
+    @property
+    def failed_requests(self) -> int:
+        return sum(event.get("status") != OK for event in self.events)
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The first request's error that is not ok, with its `chunk`."""
+        for chunk in sorted(self.requests):
+            event = self.requests[chunk]
+            if event.get("status") != OK:
+                error = event.get("error")
+                found = dict(error) if isinstance(error, dict) else {"kind": "unknown"}
+                return {**found, "chunk": chunk}
+        return None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """Token usage summed over the requests that reported it."""
+        total: dict[str, Any] = {}
+        for event in self.events:
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                _add_usage(total, usage)
+        return total or None
+
+    @property
+    def finished_at(self) -> str | None:
+        stamps = [event["finished_at"] for event in self.events if event.get("finished_at")]
+        return max(map(str, stamps), default=None)
+
+    @property
+    def created(self) -> int | None:
+        """finished_at as Unix seconds (the `created` of an API answer)."""
+        stamp = self.finished_at
+        try:
+            return int(datetime.fromisoformat(stamp).timestamp()) if stamp else None
+        except ValueError:
+            return None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        metadata = self.events[-1].get("metadata")
+        return metadata if isinstance(metadata, dict) else {}
+
+    def total(self, name: str) -> int:
+        """A per-request count (attempts, ambiguous_retries) summed over the requests."""
+        return sum(_count(event.get(name)) for event in self.events)
+
+    @property
+    def latency_s(self) -> float:
+        values = (event.get("latency_s") for event in self.events)
+        total = sum(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
+        return round(total, 3)
+
+
+def _where(event: dict[str, Any]) -> tuple[str, int] | None:
+    """A result event's job id and chunk (from the key if the fields are missing)."""
+    job_id, chunk = event.get("job_id"), event.get("chunk")
+    if isinstance(job_id, str) and isinstance(chunk, int) and not isinstance(chunk, bool):
+        return job_id, chunk
+    key = event.get("key")
+    if isinstance(key, str) and "#" in key:
+        head, _, tail = key.rpartition("#")
+        if tail.isdigit():
+            return head, int(tail)
+    return None
+
+
+def read_jobs(out_dir: str | os.PathLike[str]) -> Iterator[JobResults]:
+    """Each job of OUT's ledger with the latest result of each of its requests.
+
+    Two passes over the ledger keep memory to the jobs whose requests are not all read yet,
+    not the whole ledger: the first notes each job's last result line, the second emits a job
+    on reaching it. Lines appended between the passes are left for the next export.
+    """
+    path = Path(out_dir) / LEDGER_NAME
+    if not path.is_file():
+        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
+    return _merged_jobs(path)
+
+
+def _merged_jobs(path: Path) -> Iterator[JobResults]:
+    last: dict[str, int] = {}
+    end = 0
+    for lineno, event in iter_events(path):
+        end = lineno
+        where = _where(event) if event.get("event") == "result" else None
+        if where is not None:
+            last[where[0]] = lineno
+    pending: dict[str, dict[int, dict[str, Any]]] = {}
+    for lineno, event in iter_events(path):
+        if lineno > end:
+            break
+        where = _where(event) if event.get("event") == "result" else None
+        if where is None:
+            continue
+        job_id, chunk = where
+        pending.setdefault(job_id, {})[chunk] = event
+        if last.get(job_id) == lineno:
+            yield JobResults(job_id, pending.pop(job_id))
+    # Only when the ledger changed between the passes (it was repaired or replaced).
+    for job_id, requests in pending.items():
+        yield JobResults(job_id, requests)
+
+
+def _batch_id(job_id: str) -> str:
+    digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=12)
+    return f"batch_req_{digest.hexdigest()}"
+
+
+def openai_batch_record(job: JobResults) -> dict[str, Any]:
+    """The job as one line of an OpenAI Batch API output file (see the module docstring)."""
+    record: dict[str, Any] = {"id": _batch_id(job.job_id), "custom_id": job.job_id}
+    error = job.error
+    if error is None:
+        data = []
+        for image in job.images:
+            item = {"url": image.get("path")}
+            if image.get("revised_prompt") is not None:
+                item["revised_prompt"] = image["revised_prompt"]
+            data.append(item)
+        body: dict[str, Any] = {"created": job.created, "data": data}
+        if job.usage is not None:
+            body["usage"] = job.usage
+        record["response"] = {"status_code": 200, "request_id": None, "body": body}
+        record["error"] = None
+        return record
+    status = error.get("status")
+    answered = (
+        job.status != DOWNLOAD_FAILED
+        and isinstance(status, int)
+        and not isinstance(status, bool)
+        and error.get("kind") != "download"
+    )
+    if answered:
+        body = {
+            "error": {
+                "message": error.get("message"),
+                "type": error.get("kind"),
+                "param": None,
+                "code": error.get("code"),
+            }
+        }
+        record["response"] = {
+            "status_code": status,
+            "request_id": error.get("request_id"),
+            "body": body,
+        }
+        record["error"] = None
+    else:
+        code = DOWNLOAD_FAILED if job.status == DOWNLOAD_FAILED else error.get("kind")
+        record["response"] = None
+        record["error"] = {"code": error.get("code") or code, "message": error.get("message")}
+    return record
+
+
+def jsonl_record(job: JobResults) -> dict[str, Any]:
+    """The job as one flat JSON object (every image record, the first error, summed usage)."""
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "model": job.model,
+        "n": job.n,
+        "requests": len(job.requests),
+        "failed_requests": job.failed_requests,
+        "images": job.images,
+        "downloads": job.downloads,
+        "error": job.error,
+        "attempts": job.total("attempts"),
+        "ambiguous_retries": job.total("ambiguous_retries"),
+        "latency_s": job.latency_s,
+        "finished_at": job.finished_at,
+        "usage": job.usage,
+        "metadata": job.metadata,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return _SURROGATE.sub("\ufffd", value if isinstance(value, str) else str(value))
+
+
+def csv_row(job: JobResults) -> list[str]:
+    """The job as one CSV row, in CSV_COLUMNS order."""
+    images = job.images
+    error = job.error or {}
+    usage = job.usage or {}
+    revised = [str(image["revised_prompt"]) for image in images if image.get("revised_prompt")]
+    values: dict[str, Any] = {
+        "job_id": job.job_id,
+        "status": job.status,
+        "model": job.model,
+        "n": job.n,
+        "images": len(images),
+        "requests": len(job.requests),
+        "image_paths": " ".join(str(image.get("path")) for image in images),
+        "revised_prompts": "\n".join(revised),
+        "error_kind": error.get("kind"),
+        "error_status": error.get("status"),
+        "error_code": error.get("code"),
+        "error_message": error.get("message"),
+        "request_id": error.get("request_id"),
+        "pending_downloads": len(job.downloads),
+        "attempts": job.total("attempts"),
+        "ambiguous_retries": job.total("ambiguous_retries"),
+        "input_tokens": usage.get("input_tokens"),
+        "output_tokens": usage.get("output_tokens"),
+        "finished_at": job.finished_at,
+        "metadata": json.dumps(job.metadata, ensure_ascii=False) if job.metadata else "",
+    }
+    return [_cell(values[column]) for column in CSV_COLUMNS]
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    text = json.dumps(record, ensure_ascii=False)
+    if _SURROGATE.search(text):
+        text = json.dumps(record)  # \ud800-style escapes are valid JSON; raw, not UTF-8
+    return text + "\n"
+
+
+def export(out_dir: str | os.PathLike[str], format: str, stream: TextIO) -> int:
+    """Write one line per job of OUT's ledger to `stream` in `format` (EXPORT_FORMATS);
+    returns the number of jobs written. Opens no file for writing; reads the ledger only."""
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(EXPORT_FORMATS)}")
+    jobs = read_jobs(out_dir)
+    count = 0
+    if format == "csv":
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for job in jobs:
+            writer.writerow(csv_row(job))
+            count += 1
+        return count
+    make = openai_batch_record if format == "openai-batch" else jsonl_record
+    for job in jobs:
+        stream.write(_json_line(make(job)))
+        count += 1
+    return count

@@ -1,0 +1,315 @@
+"""List prices as data: what a plan should cost, and what a finished request did cost.
+
+The built-in table (`prices.toml` in this package) holds estimates from OpenAI's published list
+prices on `PRICES_AS_OF`; a user file of the same shape (TOML or JSON) is merged over it.
+Everything here is a pure function of its arguments except `builtin_prices` and `load_prices`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PricesError
+from .manifest import Job
+from .plan import Request
+from .results import FAILED, Result
+
+__all__ = [
+    "PRICES_AS_OF",
+    "CostEstimate",
+    "ModelPrices",
+    "PriceTable",
+    "TokenRates",
+    "actual",
+    "builtin_prices",
+    "estimate",
+    "format_usd",
+    "load_prices",
+    "spent",
+    "usage_cost",
+]
+
+# The date the built-in prices were taken (shown next to every estimate).
+PRICES_AS_OF = "2026-11-21"
+# A quality or size of "*" in the table matches any; a job's "auto" is priced as the default.
+ANY = "*"
+AUTO = "auto"
+_TOP_LEVEL = frozenset({"as_of", "currency", "models"})
+
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
+class TokenRates(BaseModel):
+    """Dollars per million tokens, for models whose answers report `usage`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text_input: Price
+    image_input: Price
+    image_output: Price
+    # Text the model writes (billed by some models); None: such tokens cost image_output.
+    text_output: Price | None = None
+
+
+class ModelPrices(BaseModel):
+    """One model's prices: per image by quality and size, and per token where it has them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # What a job that sets no size or quality (or "auto") is priced as.
+    default_size: str | None = None
+    default_quality: str | None = None
+    # quality -> size -> dollars per image; "*" matches any quality or size.
+    per_image: dict[str, dict[str, Price]] = Field(default_factory=dict)
+    tokens: TokenRates | None = None
+
+    def image_price(self, size: str | None, quality: str | None) -> float | None:
+        """Dollars per image at this size and quality; None when the table has no price."""
+        if size in (None, AUTO):
+            size = self.default_size
+        if quality in (None, AUTO):
+            quality = self.default_quality
+        by_size = self.per_image.get(quality) if quality is not None else None
+        if by_size is None:
+            by_size = self.per_image.get(ANY)
+        if by_size is None:
+            return None
+        price = by_size.get(size) if size is not None else None
+        return by_size.get(ANY) if price is None else price
+
+
+class PriceTable(BaseModel):
+    """Prices for every model cometbatch knows a price for, and where they came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    as_of: str
+    currency: Literal["USD"] = "USD"
+    models: dict[str, ModelPrices] = Field(default_factory=dict)
+    # Override files merged over the built-in table, in order.
+    sources: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """Where these prices come from, for output next to a figure."""
+        text = f"list-price estimates as of {self.as_of}"
+        if self.sources:
+            text += f", with overrides from {', '.join(self.sources)}"
+        return text
+
+    def per_image(self, model: str, size: str | None, quality: str | None) -> float | None:
+        """Dollars per image; None for a model, size or quality the table has no price for."""
+        spec = self.models.get(model)
+        return None if spec is None else spec.image_price(size, quality)
+
+    def merged(self, data: Any, *, source: str) -> PriceTable:
+        """This table with `data` (the same shape, partial) merged over it; PricesError if bad."""
+        if not isinstance(data, Mapping):
+            raise PricesError("must be a table (a TOML document or a JSON object)", source=source)
+        for key in data:
+            if key not in _TOP_LEVEL:
+                raise PricesError(
+                    "unknown entry (expected as_of, currency or models)", source=source, entry=key
+                )
+        base = self.model_dump(exclude={"sources"}, exclude_none=True)
+        merged = _merge(base, data)
+        merged["sources"] = (*self.sources, source)
+        try:
+            return PriceTable.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            entry = ".".join(str(part) for part in err["loc"])
+            raise PricesError(err["msg"], source=source, entry=entry or None) from None
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in: tables merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@cache
+def builtin_prices() -> PriceTable:
+    """The table shipped with cometbatch (read once)."""
+    text = resources.files("cometbatch").joinpath("prices.toml").read_text(encoding="utf-8")
+    return PriceTable.model_validate(tomllib.loads(text))
+
+
+def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
+    """The built-in prices with the file at `path` (TOML, or JSON for .json) merged over them."""
+    table = builtin_prices()
+    if path is None:
+        return table
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise PricesError(f"cannot read the file: {exc.strerror or exc}", source=source) from None
+    try:
+        text = raw.decode("utf-8-sig")
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise PricesError("not UTF-8 text", source=source) from None
+    except (ValueError, RecursionError) as exc:
+        # tomllib.TOMLDecodeError and json.JSONDecodeError both say where (line, column).
+        kind = "JSON" if Path(path).suffix.lower() == ".json" else "TOML"
+        raise PricesError(f"not valid {kind}: {exc}", source=source) from None
+    return table.merged(data, source=source)
+
+
+def _count(value: Any) -> int | None:
+    """A token count from an API answer, or None if it is not a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _split(total: int, details: Any, first: str, second: str) -> tuple[int, int]:
+    """`total` split by a usage `*_tokens_details` object (all of it `first` without one)."""
+    if isinstance(details, Mapping):
+        one, two = _count(details.get(first)), _count(details.get(second))
+        if one is not None or two is not None:
+            return one or 0, two or 0
+    return total, 0
+
+
+def usage_cost(usage: Any, rates: TokenRates) -> float | None:
+    """Dollars for an answer's `usage` tokens; None if `usage` does not hold token counts."""
+    if not isinstance(usage, Mapping):
+        return None
+    input_tokens = _count(usage.get("input_tokens"))
+    output_tokens = _count(usage.get("output_tokens"))
+    if input_tokens is None or output_tokens is None:
+        return None
+    text_in, image_in = _split(
+        input_tokens, usage.get("input_tokens_details"), "text_tokens", "image_tokens"
+    )
+    image_out, text_out = _split(
+        output_tokens, usage.get("output_tokens_details"), "image_tokens", "text_tokens"
+    )
+    text_out_rate = rates.image_output if rates.text_output is None else rates.text_output
+    dollars = (
+        text_in * rates.text_input
+        + image_in * rates.image_input
+        + image_out * rates.image_output
+        + text_out * text_out_rate
+    )
+    return dollars / 1_000_000
+
+
+def estimate(item: Job | Request, prices: PriceTable | None = None) -> float | None:
+    """Planned dollars for a job (all its images) or one request; None if not priced."""
+    job = item if isinstance(item, Job) else item.job
+    per_image = (prices or builtin_prices()).per_image(job.model, job.size, job.quality)
+    return None if per_image is None else per_image * item.n
+
+
+def actual(
+    model: str,
+    usage: Any,
+    images: int,
+    size: str | None = None,
+    quality: str | None = None,
+    *,
+    prices: PriceTable | None = None,
+) -> float | None:
+    """Dollars a finished request cost: from its `usage` tokens where the model is billed by
+    token and the answer reported them, else `images` (generated) times the per-image price.
+    None when neither is known."""
+    spec = (prices or builtin_prices()).models.get(model)
+    if spec is not None and spec.tokens is not None and usage:
+        cost = usage_cost(usage, spec.tokens)
+        if cost is not None:
+            return cost
+    if images == 0:
+        return 0.0
+    per_image = None if spec is None else spec.image_price(size, quality)
+    return None if per_image is None else per_image * images
+
+
+def spent(result: Result, prices: PriceTable | None = None) -> float | None:
+    """What this run paid for a result: nothing for a reused or failed request."""
+    if result.reused or result.status == FAILED:
+        return 0.0
+    # download_failed: the images were generated (paid) whether or not they are on disk yet.
+    generated = len(result.images) + len(result.downloads)
+    job = result.job
+    return actual(job.model, result.usage, generated, job.size, job.quality, prices=prices)
+
+
+def format_usd(value: float | None) -> str:
+    """A dollar figure for people: "$12.34", "$0.042", or "unknown"."""
+    if value is None:
+        return "unknown"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.3f}"
+
+
+@dataclass(slots=True)
+class CostEstimate:
+    """A plan's cost at list prices, and the images it could not price."""
+
+    prices: PriceTable = field(default_factory=builtin_prices)
+    usd: float = 0.0
+    priced_images: int = 0
+    unpriced_images: int = 0
+    by_model: dict[str, float] = field(default_factory=dict)
+    # "model size quality" -> images without a price.
+    unpriced: dict[str, int] = field(default_factory=dict)
+
+    def add(self, item: Job | Request) -> float | None:
+        """Count a job (all its images) or one request; returns its estimate."""
+        cost = estimate(item, self.prices)
+        job = item if isinstance(item, Job) else item.job
+        if cost is None:
+            self.unpriced_images += item.n
+            what = " ".join(str(part) for part in (job.model, job.size, job.quality) if part)
+            self.unpriced[what] = self.unpriced.get(what, 0) + item.n
+        else:
+            self.usd += cost
+            self.priced_images += item.n
+            self.by_model[job.model] = self.by_model.get(job.model, 0.0) + cost
+        return cost
+
+    def add_all(self, items: Iterable[Job | Request]) -> CostEstimate:
+        """Count every job or request; returns self."""
+        for item in items:
+            self.add(item)
+        return self
+
+    @property
+    def total(self) -> float | None:
+        """The estimate in dollars; None when nothing at all could be priced."""
+        return None if self.priced_images == 0 and self.unpriced_images else self.usd
+
+    def __str__(self) -> str:
+        text = f"{format_usd(self.total)} ({self.prices.describe()}"
+        if self.unpriced_images:
+            names = ", ".join(sorted(self.unpriced))
+            text += f"; {self.unpriced_images} image(s) of unknown price: {names}"
+        return text + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `--json` output."""
+        return {
+            "estimated_usd": None if self.total is None else round(self.usd, 6),
+            "prices_as_of": self.prices.as_of,
+            "price_sources": list(self.prices.sources),
+            "priced_images": self.priced_images,
+            "unpriced_images": self.unpriced_images,
+            "by_model": {name: round(usd, 6) for name, usd in sorted(self.by_model.items())},
+            "unpriced": dict(sorted(self.unpriced.items())),
+        }
