@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TextIO
 
@@ -97,12 +99,33 @@ class Snapshot:
         return f"images {self.done}/{self.total} ({rate:.1f}/s{after}) · {self.detail()}"
 
 
-def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO | None = None) -> Mode:
-    """Rich on a terminal, plain lines on a pipe, nothing with --quiet or --json."""
+def wants_no_color(environ: Mapping[str, str] | None = None) -> bool:
+    """NO_COLOR set to anything but "" (https://no-color.org) asks for no colour or styling."""
+    return (os.environ if environ is None else environ).get("NO_COLOR", "") != ""
+
+
+def make_console(*, stderr: bool = True, environ: Mapping[str, str] | None = None) -> Console:
+    """A console that writes no colour or style codes at all when NO_COLOR is set."""
+    if wants_no_color(environ):
+        # color_system=None drops every style code (bold too), not only the colours.
+        return Console(stderr=stderr, highlight=False, no_color=True, color_system=None)
+    return Console(stderr=stderr, highlight=False)
+
+
+def choose_mode(
+    *,
+    quiet: bool,
+    json_output: bool,
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Mode:
+    """Rich on a terminal, plain lines on a pipe or a dumb terminal, nothing with --quiet or
+    --json (the display writes to `stream`, stderr by default)."""
     if quiet or json_output:
         return "off"
     stream = stream or sys.stderr
-    return "rich" if stream.isatty() else "plain"
+    term = (os.environ if environ is None else environ).get("TERM", "")
+    return "rich" if stream.isatty() and term != "dumb" else "plain"
 
 
 class RateMeter:
@@ -143,11 +166,13 @@ class ProgressDisplay:
         mode: Mode,
         console: Console | None = None,
         plain_every: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.engine = engine
         self.mode = mode
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.plain_every = plain_every
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self._progress: Progress | None = None
         self._bar: TaskID | None = None
@@ -220,5 +245,5 @@ class ProgressDisplay:
                     self.refresh()
                 elif first == every:
                     self.console.print(snap.line(self._rate), highlight=False, soft_wrap=True)
-            await asyncio.sleep(first)
+            await self._sleep(first)
             first = every

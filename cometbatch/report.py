@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .aside import REPLACED_DIR
 from .events import LEDGER_NAME
-from .manifest import ModelPlan
+from .forecast import Forecast
 from .models import ModelSpec
+from .prices import format_usd
+from .progress import eta_text
 from .results import Summary
 
+if TYPE_CHECKING:
+    from .runner import Spend
 
-def summary_data(summary: Summary, out: Path) -> dict[str, Any]:
+# Changed jobs named in a plan; the rest are counted.
+MAX_NAMED = 10
+
+
+def summary_data(summary: Summary, out: Path, spend: Spend | None = None) -> dict[str, Any]:
     """The `run --json` object."""
-    return {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
+    data = {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
+    if spend is not None:
+        data["spend"] = spend.to_dict()
+    return data
 
 
-def summary_lines(summary: Summary, out: Path) -> list[str]:
+def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> list[str]:
     """The end-of-run report for a person."""
     sim = " [simulated API]" if summary.simulated else ""
     if summary.planned_requests == 0:
@@ -37,6 +48,14 @@ def summary_lines(summary: Summary, out: Path) -> list[str]:
         f"retries {summary.retries} (429s {summary.rate_limited}), "
         f"possibly billed twice: {summary.ambiguous_retries}",
     ]
+    if spend is not None and (summary.ok_requests or summary.failed_requests):
+        unknown = (
+            f"; {spend.unpriced_images} image(s) of unknown price" if spend.unpriced_images else ""
+        )
+        sim = " (simulated: nothing was billed)" if summary.simulated else ""
+        lines.append(
+            f"spent: about {format_usd(spend.usd)}{sim} ({spend.prices.describe()}{unknown})"
+        )
     lines += [f"  failed ({kind}): {count}" for kind, count in sorted(summary.failures.items())]
     if summary.kept_failures:
         lines.append(
@@ -82,46 +101,120 @@ def fetch_lines(summary: Summary, out: Path) -> list[str]:
     return lines
 
 
-def plan_data(by_model: Mapping[str, ModelPlan], out: Path, done: int) -> dict[str, Any]:
+def plan_data(forecast: Forecast, out: Path, manifest: Path) -> dict[str, Any]:
     """The `run --dry-run --json` object."""
-    models = {
-        name: {"jobs": p.jobs, "requests": p.requests, "images": p.images}
-        for name, p in sorted(by_model.items())
+    totals = forecast.totals()
+    return {
+        "dry_run": True,
+        "manifest": str(manifest),
+        "out_dir": str(out),
+        "models": {name: p.to_dict() for name, p in sorted(forecast.by_model.items())},
+        "totals": totals.to_dict(),
+        "done_requests": totals.done_requests,
+        "changed_jobs": forecast.changed_jobs[:MAX_NAMED],
+        "changed_job_count": len(forecast.changed_jobs),
+        "cost": forecast.to_send.to_dict(),
+        "cost_all": forecast.everything.to_dict(),
+        "prices": forecast.prices.describe(),
     }
-    return {"out_dir": str(out), "models": models, "done_requests": done}
 
 
 def plan_lines(data: dict[str, Any]) -> list[str]:
     """The dry-run plan for a person, from `plan_data`."""
-    lines = [
-        f"{name:<20} {p['jobs']:>7} jobs {p['requests']:>8} requests {p['images']:>8} images"
-        for name, p in data["models"].items()
-    ]
-    lines.append(
-        f"already done in {data['out_dir']}: {data['done_requests']} request(s); "
-        "nothing was sent (dry run)"
+    header = (
+        f"{'model':<20} {'jobs':>7} {'requests':>9} {'images':>8} {'done':>8} "
+        f"{'to send':>8} {'est. cost':>10}"
     )
+    lines = [f"plan for {data['manifest']} into {data['out_dir']}", header]
+    rows = [*data["models"].items(), ("total", data["totals"])]
+    lines += [
+        f"{name:<20} {p['jobs']:>7} {p['requests']:>9} {p['images']:>8} "
+        f"{p['done_requests']:>8} {p['send_requests']:>8} {format_usd(p['estimated_usd']):>10}"
+        for name, p in rows
+    ]
+    totals = data["totals"]
+    cost = data["cost"]
+    unpriced = ""
+    if cost["unpriced_images"]:
+        unpriced = f"; {cost['unpriced_images']} image(s) of unknown price: " + ", ".join(
+            cost["unpriced"]
+        )
+    lines.append(
+        f"to send: {totals['send_requests']} request(s), {totals['send_images']} image(s); "
+        f"estimated cost {format_usd(cost['estimated_usd'])} ({data['prices']}{unpriced})"
+    )
+    if totals["done_requests"]:
+        lines.append(
+            f"already done: {totals['done_requests']} request(s), {totals['done_images']} "
+            "image(s), skipped without a request"
+        )
+    if totals["fetch_requests"]:
+        lines.append(
+            f"{totals['fetch_requests']} request(s) only need their images downloaded "
+            "(nothing is generated or paid again)"
+        )
+    if totals["kept_requests"]:
+        lines.append(
+            f"{totals['kept_requests']} permanent failure(s) from earlier runs kept; "
+            "--retry-failed would send them again"
+        )
+    if data["changed_job_count"]:
+        named = ", ".join(data["changed_jobs"])
+        more = data["changed_job_count"] - len(data["changed_jobs"])
+        lines.append(
+            f"{data['changed_job_count']} job(s) changed since the ledger recorded them ({named}"
+            f"{f', and {more} more' if more else ''}): the run refuses them without "
+            "--regenerate-changed"
+        )
+    lines.append("dry run: nothing was sent")
     return lines
+
+
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return eta_text(seconds)
 
 
 def status_lines(data: dict[str, Any]) -> list[str]:
     """`status` for a person, from `FolderStatus.to_dict()`."""
-    lines = [
-        f"{data['out_dir']}: {data['runs']} run(s), last ended cleanly: {data['last_run_ended']}"
-    ]
-    lines += [
-        f"  {name:<20} ok {item['ok_requests']} requests / {item['ok_images']} images, "
-        f"failed {item['failed_requests']} / {item['failed_images']}"
-        for name, item in data["by_model"].items()
-    ]
-    lines += [
-        f"  failures {kind}: {count} (e.g. {data['failure_examples'][kind]})"
-        for kind, count in data["failures"].items()
-    ]
+    span = ""
+    if data["first_at"]:
+        span = f", {data['first_at']} to {data['last_at']} ({_span(data.get('span_s'))})"
+    state = data.get("state", "")
+    lines = [f"{data['out_dir']}: {state}, {data['runs']} run(s){span}"]
+    if data.get("state_detail"):
+        lines.append(f"  {data['state_detail']}")
+    pending_known = data.get("pending_requests") is not None
+    columns = ["ok", "failed", *(["pending"] if pending_known else [])]
+    titles = {"ok": "done", "failed": "failed", "pending": "pending"}
+    header = "".join(f"{titles[c]:>16}" for c in columns)
+    lines.append(f"  {'model':<20}{header}   (requests / images)")
+    for name, item in [*data["by_model"].items(), ("total", data)]:
+        pairs = [(item[c + "_requests"] or 0, item[c + "_images"] or 0) for c in columns]
+        cells = "".join(f"{f'{requests} / {images}':>16}" for requests, images in pairs)
+        lines.append(f"  {name:<20}{cells}")
+    if data.get("manifest_note"):
+        lines.append(f"  {data['manifest_note']}")
+    for kind, count in data["failures"].items():
+        lines.append(f"  failed ({kind}): {count}, e.g. {data['failure_examples'][kind]}")
     if data["awaiting_download"]:
         lines.append(
             f"  {data['awaiting_download']} image(s) generated but not downloaded: "
             f"`cometbatch fetch {data['out_dir']}` tries them again"
+        )
+    spend = data.get("spend")
+    if spend:
+        unpriced = (
+            f"; {spend['unpriced_images']} image(s) of unknown price"
+            if spend["unpriced_images"]
+            else ""
+        )
+        if spend.get("simulated_runs"):
+            unpriced += f"; {spend['simulated_runs']} simulated run(s): nothing was billed"
+        lines.append(
+            f"  spent: about {format_usd(spend['usd'])} ({spend['prices']}; from usage "
+            f"tokens where the answers had them{unpriced})"
         )
     lines.append(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
     return lines

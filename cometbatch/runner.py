@@ -7,16 +7,18 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 from rich.console import Console
 
 from .engine import Engine
 from .manifest import Manifest
+from .prices import PriceTable, builtin_prices, spent
 from .progress import Mode, ProgressDisplay
-from .results import Summary
+from .results import Result, Summary
 from .settings import Settings
 from .simulator import SimConfig, Simulator
 
@@ -25,12 +27,38 @@ log = logging.getLogger(__name__)
 SIMULATED_KEY = "sk-simulated"
 
 
+@dataclass(slots=True)
+class Spend:
+    """What a run's answers cost at list prices (usage tokens where the answers had them)."""
+
+    prices: PriceTable = field(default_factory=builtin_prices)
+    usd: float = 0.0
+    unpriced_images: int = 0
+
+    def add(self, result: Result) -> None:
+        """Count one result (nothing for a reused or failed one)."""
+        cost = spent(result, self.prices)
+        if cost is None:
+            self.unpriced_images += len(result.images) + len(result.downloads)
+        else:
+            self.usd += cost
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return {
+            "estimated_usd": round(self.usd, 6),
+            "unpriced_images": self.unpriced_images,
+            "prices": self.prices.describe(),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """A run's summary, and the error that stopped it early (if one did)."""
+    """A run's summary, what it cost, and the error that stopped it early (if one did)."""
 
     summary: Summary
     error: Exception | None = None
+    spend: Spend | None = None
 
 
 class _Interrupts:
@@ -82,9 +110,11 @@ async def run_manifest(
     console: Console | None = None,
     say: Callable[[str], None] = print,
     handle_signals: bool = False,
+    prices: PriceTable | None = None,
 ) -> RunOutcome:
     """Run every pending request of a validated manifest; the summary, and what stopped it."""
     sim: Simulator | None = None
+    spend = Spend(prices or builtin_prices())
     async with contextlib.AsyncExitStack() as stack:
         if simulate is not None:
             sim = await stack.enter_async_context(Simulator(simulate))
@@ -114,8 +144,8 @@ async def run_manifest(
         error: Exception | None = None
         try:
             async with ProgressDisplay(engine, mode=progress, console=console):
-                async for _ in engine.run(manifest):
-                    pass
+                async for result in engine.run(manifest):
+                    spend.add(result)
         except Exception as exc:
             # Reported together with the summary of what the run did before it stopped.
             error = exc
@@ -129,4 +159,4 @@ async def run_manifest(
             engine.summary.interrupted = True
         if sim is not None:
             engine.summary.simulator_requests = sim.stats.requests
-        return RunOutcome(engine.summary, error)
+        return RunOutcome(engine.summary, error, spend)

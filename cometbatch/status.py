@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import LedgerError
+from .errors import CometBatchError, LedgerError, ManifestError
 from .events import LEDGER_NAME, iter_events
+from .forecast import forecast, quiet_registry
+from .holder import RunState, run_state
+from .manifest import Manifest
+from .prices import PriceTable, actual, builtin_prices
+from .state import KeyState
+
+PAID = frozenset({"ok", "download_failed"})
 
 
 @dataclass(slots=True)
@@ -19,6 +27,9 @@ class ModelStatus:
     failed_requests: int = 0
     ok_images: int = 0
     failed_images: int = 0
+    # Planned in the manifest and not recorded yet (None while unknown).
+    pending_requests: int | None = None
+    pending_images: int | None = None
 
 
 @dataclass(slots=True)
@@ -39,42 +50,89 @@ class FolderStatus:
     last_at: str | None = None
     last_run_ended: bool = False
     last_summary: dict[str, Any] | None = None
+    state: RunState = "unknown"
+    state_detail: str = ""
+    manifest: str | None = None
+    # Why pending is unknown, or a caveat about it; pending_known says whether it is counted.
+    manifest_note: str = ""
+    pending_known: bool = False
+    spend_usd: float = 0.0
+    unpriced_images: int = 0
+    prices: str = ""
+    # Runs against the simulated API (their "spend" was never billed).
+    simulated_runs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `status --json`."""
         by_model = {name: asdict(item) for name, item in sorted(self.by_model.items())}
-        totals = {
-            field: sum(item[field] for item in by_model.values())
-            for field in ("ok_requests", "failed_requests", "ok_images", "failed_images")
+        names = ("ok_requests", "failed_requests", "ok_images", "failed_images")
+        totals: dict[str, int | None] = {
+            name: sum(item[name] for item in by_model.values()) for name in names
         }
+        for name in ("pending_requests", "pending_images"):
+            known = self.pending_known
+            totals[name] = sum(item[name] or 0 for item in by_model.values()) if known else None
         return {
             "out_dir": self.out_dir,
+            "state": self.state,
+            "state_detail": self.state_detail,
             "runs": self.runs,
             "keys": self.keys,
             **totals,
             "by_model": by_model,
+            "manifest": self.manifest,
+            "manifest_note": self.manifest_note,
             "failures": dict(self.failures),
             "awaiting_download": self.awaiting_download,
             "failure_examples": self.failure_examples,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
+            "spend": {
+                "usd": round(self.spend_usd, 6),
+                "unpriced_images": self.unpriced_images,
+                "prices": self.prices,
+                "simulated_runs": self.simulated_runs,
+            },
             "first_at": self.first_at,
             "last_at": self.last_at,
+            "span_s": span_seconds(self.first_at, self.last_at),
             "last_run_ended": self.last_run_ended,
             "last_summary": self.last_summary,
         }
 
 
-def read_status(out_dir: str | Path) -> FolderStatus:
-    """Summarise a folder's ledger; works while a run is writing it (a torn tail is skipped)."""
-    path = Path(out_dir) / LEDGER_NAME
+def span_seconds(first: str | None, last: str | None) -> float | None:
+    """Seconds between two ledger timestamps; None if either is missing or unreadable."""
+    if not first or not last:
+        return None
+    try:
+        return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def read_status(
+    out_dir: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    prices: PriceTable | None = None,
+) -> FolderStatus:
+    """Summarise a folder's ledger; works while a run is writing it (a torn tail is skipped).
+
+    Pending work needs the manifest: `manifest`, else the one the latest run recorded."""
+    folder = Path(out_dir)
+    path = folder / LEDGER_NAME
     if not path.exists():
         raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
     status = FolderStatus(out_dir=str(out_dir))
     latest: dict[str, dict[str, Any]] = {}
+    # What was paid for: the latest result of each (key, request) that generated images.
+    paid: dict[tuple[str, str], dict[str, Any]] = {}
+    run: dict[str, Any] = {}
     for _, event in iter_events(path):
         kind = event.get("event")
         if kind == "run":
+            run = event
             status.runs += 1
             status.last_run_ended = False
             status.first_at = status.first_at or event.get("started_at")
@@ -82,19 +140,37 @@ def read_status(out_dir: str | Path) -> FolderStatus:
         elif kind == "end":
             status.last_run_ended = True
             status.last_summary = event.get("summary")
+            if isinstance(status.last_summary, dict) and status.last_summary.get("simulated"):
+                status.simulated_runs += 1
             status.last_at = event.get("finished_at") or status.last_at
         elif kind == "result":
-            latest[str(event.get("key"))] = {
+            key = str(event.get("key"))
+            item = {
                 "status": event.get("status"),
                 "model": event.get("model"),
+                "job_id": event.get("job_id"),
                 "n": event.get("n", 0),
                 "error": event.get("error"),
+                "fingerprint": event.get("fingerprint"),
                 "written": len(event.get("images") or ()),
+                "generated": len(event.get("images") or ()) + len(event.get("downloads") or ()),
             }
+            latest[key] = item
+            if item["status"] in PAID:
+                paid[(key, str(item["fingerprint"]))] = {**item, "usage": event.get("usage")}
             status.retries += max(int(event.get("attempts") or 1) - 1, 0)
             status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
             status.last_at = event.get("finished_at") or status.last_at
     status.keys = len(latest)
+    _count_outcomes(status, latest)
+    interrupted = bool((status.last_summary or {}).get("interrupted"))
+    status.state, status.state_detail = run_state(folder, status.last_run_ended, interrupted)
+    sizes = _count_pending(status, latest, run, manifest)
+    _count_spend(status, paid, sizes, prices or builtin_prices())
+    return status
+
+
+def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> None:
     for item in latest.values():
         model = status.by_model.setdefault(str(item["model"]), ModelStatus())
         if item["status"] == "ok":
@@ -112,4 +188,85 @@ def read_status(out_dir: str | Path) -> FolderStatus:
             kind = str(error.get("kind", "unknown"))
             status.failures[kind] += 1
             status.failure_examples.setdefault(kind, str(error.get("message", "")))
-    return status
+
+
+def _count_pending(
+    status: FolderStatus,
+    latest: dict[str, dict[str, Any]],
+    run: dict[str, Any],
+    given: str | Path | None,
+) -> dict[str, tuple[str | None, str | None]]:
+    """Pending work per model from the manifest; returns each recorded job's size and quality
+    (for pricing). Leaves pending unknown, with a note, when the manifest cannot be used."""
+    recorded_path = run.get("manifest")
+    path = Path(given) if given is not None else Path(recorded_path) if recorded_path else None
+    if path is None:
+        status.manifest_note = "pending work is unknown: no manifest recorded (pass --manifest)"
+        return {}
+    status.manifest = str(path)
+    settings = run.get("settings") if isinstance(run.get("settings"), dict) else {}
+    assert isinstance(settings, dict)
+    sizes: dict[str, tuple[str | None, str | None]] = {}
+    recorded_jobs = {str(item["job_id"]) for item in latest.values()}
+    try:
+        manifest = Manifest(path, registry=quiet_registry(settings.get("model_overrides")))
+        manifest.validate()
+
+        def jobs() -> Any:
+            for job in manifest:
+                if job.id in recorded_jobs:
+                    sizes[job.id] = (job.size, job.quality)
+                yield job
+
+        def lookup(key: str) -> KeyState | None:
+            item = latest.get(key)
+            if item is None:
+                return None
+            return KeyState(key, item["status"], item["fingerprint"], None, "", item["n"])
+
+        plan = forecast(jobs(), manifest.registry, lookup)
+    except ManifestError as exc:
+        first = exc.problems[0] if exc.problems else None
+        reason = first.message if first is not None and first.line == 0 else str(exc)
+        status.manifest_note = f"pending work is unknown: cannot read {path}: {reason}"
+        return {}
+    except (CometBatchError, OSError) as exc:
+        status.manifest_note = f"pending work is unknown: cannot read {path}: {exc}"
+        return {}
+    matched = sum(p.requests - p.new_requests for p in plan.by_model.values())
+    if latest and not matched:
+        # Typically a .txt or .csv run with --model/--size/--n, which the ledger does not record.
+        status.manifest_note = (
+            f"pending work is unknown: none of the jobs in {path} is in the ledger (was it run "
+            "with --model, --size or --n? pass the manifest the run used with --manifest)"
+        )
+        return sizes
+    for name, item in plan.by_model.items():
+        model = status.by_model.setdefault(name, ModelStatus())
+        model.pending_requests = item.new_requests
+        model.pending_images = item.new_images
+    for model in status.by_model.values():
+        if model.pending_requests is None:
+            model.pending_requests = model.pending_images = 0
+    status.pending_known = True
+    if given is None and run.get("manifest_sha256") and manifest.sha256 != run["manifest_sha256"]:
+        status.manifest_note = f"{path} changed since the last run: pending counts its new content"
+    return sizes
+
+
+def _count_spend(
+    status: FolderStatus,
+    paid: dict[tuple[str, str], dict[str, Any]],
+    sizes: dict[str, tuple[str | None, str | None]],
+    prices: PriceTable,
+) -> None:
+    """What the recorded generations cost: usage tokens where recorded, else list prices."""
+    status.prices = prices.describe()
+    for item in paid.values():
+        size, quality = sizes.get(str(item["job_id"]), (None, None))
+        model = str(item["model"])
+        cost = actual(model, item["usage"], item["generated"], size, quality, prices=prices)
+        if cost is None:
+            status.unpriced_images += item["generated"]
+        else:
+            status.spend_usd += cost

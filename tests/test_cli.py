@@ -435,7 +435,7 @@ def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors
 
 def test_concurrency_fields_map_the_options_to_settings() -> None:
     """auto takes --max-concurrency (default 256) as its bound; a number is the bound itself."""
-    from cometbatch.cli import _concurrency_fields
+    from cometbatch.cli_options import concurrency_fields as _concurrency_fields
 
     assert _concurrency_fields("auto", None, None) == {
         "auto_concurrency": True,
@@ -447,3 +447,97 @@ def test_concurrency_fields_map_the_options_to_settings() -> None:
         "min_concurrency": 4,
     }
     assert _concurrency_fields(32, None, None) == {"concurrency": 32}
+
+
+def run_in_terminal(*args: str, env: dict[str, str]) -> str:
+    """Run the CLI on a pseudo-terminal (so it draws its live display); everything it wrote."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", *args],
+        stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+        env={**base, "TERM": "xterm-256color", "COLUMNS": "120", **env},
+    )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=30) == 0, b"".join(chunks)
+    finally:
+        os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_no_color_means_no_style_codes_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal the display is coloured; with NO_COLOR=1 not one colour/style code is
+    written (the live display still moves the cursor to redraw itself)."""
+    import re
+
+    style = re.compile(r"\x1b\[[0-9;]*m")
+    coloured = run_in_terminal("run", str(DEMO), "--simulate", "--out", str(tmp_path / "a"), env={})
+    assert style.search(coloured), coloured
+    plain = run_in_terminal(
+        "run", str(DEMO), "--simulate", "--out", str(tmp_path / "b"), env={"NO_COLOR": "1"}
+    )
+    assert "image(s) written" in plain
+    assert not style.search(plain), plain
+
+
+def test_off_a_terminal_nothing_but_plain_text_is_written(tmp_path: Path) -> None:
+    """On pipes (and with NO_COLOR) stdout and stderr hold no escape sequence at all."""
+    out = tmp_path / "o"
+    result = cli("run", str(DEMO), "--simulate", "--out", str(out), "-v", env={"NO_COLOR": "1"})
+    assert result.returncode == 0, result.stderr
+    status = cli("status", str(out), env={"NO_COLOR": "1"})
+    assert "\x1b" not in result.stdout + result.stderr + status.stdout + status.stderr
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    """--quiet: no progress and no warnings, only the summary lines (errors would show too)."""
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [{"id": "u", "prompt": "p", "model": "some-new-model"}]
+    )
+    loud = cli("run", str(manifest), "--simulate", "--out", str(tmp_path / "a"))
+    assert "not in cometbatch's registry" in loud.stderr
+    quiet = cli("run", str(manifest), "--simulate", "--out", str(tmp_path / "b"), "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.splitlines()
+    assert lines[0].startswith("1 image(s) written") and lines[1].startswith("requests: 1 ok")
+    assert all(not line.startswith(("cometbatch:", "images ")) for line in lines)
+    assert quiet.stdout == ""
+
+
+def test_verbose_shows_each_retry_with_its_reason(tmp_path: Path) -> None:
+    """-v logs one line per retry with the error that caused it; without -v there are none."""
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", ({"id": f"v{i}", "prompt": f"p {i}", "model": "qwen-image"}
+                               for i in range(8))
+    )  # fmt: skip
+    faults = ["--rate-429", "0.5", "--retry-after", "0", "--seed", "7"]
+    env = {"COMETAPI_KEY": "sk-test-verbose"}
+    with simulate_server(*faults) as base_url:
+        args = ["run", str(manifest), "--base-url", base_url, "--json"]
+        loud = cli(*args, "--out", str(tmp_path / "a"), "-v", env=env)
+        quiet = cli(*args, "--out", str(tmp_path / "b"), env=env)
+    assert loud.returncode == 0, loud.stderr
+    retries = [line for line in loud.stderr.splitlines() if "retrying after attempt" in line]
+    assert len(retries) == json.loads(loud.stdout)["retries"] > 0
+    assert all("failed: upstream load is saturated" in line for line in retries)
+    assert "retrying" not in quiet.stderr
+    assert "sk-test-verbose" not in loud.stdout + loud.stderr

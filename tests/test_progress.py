@@ -113,3 +113,71 @@ def test_the_snapshot_reads_auto_concurrency_from_the_engine() -> None:
     )
     shot = Snapshot.of(cast(Engine, engine))
     assert (shot.auto, shot.limit, shot.ceiling) == (True, 16, 300)
+
+
+def test_plain_mode_prints_one_line_per_period_without_escapes() -> None:
+    """Off a terminal the display prints a plain line every period (the first one sooner)."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import cast
+
+    from rich.console import Console
+
+    from cometbatch.engine import Engine
+    from cometbatch.limits import Limiter
+    from cometbatch.progress import ProgressDisplay
+    from cometbatch.results import Summary
+
+    engine = SimpleNamespace(
+        summary=Summary(planned_images=10, images_written=4),
+        limiter=Limiter(concurrency=8),
+        waiting_to_retry=0,
+    )
+    printed = io.StringIO()
+    naps: list[float] = []
+
+    async def scenario() -> None:
+        parked = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            naps.append(seconds)
+            if len(naps) == 3:
+                parked.set()
+                await asyncio.Event().wait()
+
+        console = Console(file=printed, width=200)
+        display = ProgressDisplay(
+            cast(Engine, engine), mode="plain", console=console, plain_every=10, sleep=sleep
+        )
+        async with display:
+            await parked.wait()
+
+    asyncio.run(scenario())
+    assert naps == [2.0, 10, 10]
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.startswith("images 4/10") for line in lines)
+    assert "\x1b" not in printed.getvalue()
+
+
+def test_no_color_console_writes_no_style_codes() -> None:
+    """NO_COLOR (any non-empty value) turns off colour and every other style code."""
+    from cometbatch.progress import make_console, wants_no_color
+
+    assert wants_no_color({"NO_COLOR": "1"}) and not wants_no_color({"NO_COLOR": ""})
+    console = make_console(environ={"NO_COLOR": "1"})
+    assert console.no_color and console.color_system is None
+    with console.capture() as captured:
+        console.print("[bold red]error:[/bold red] x")
+    assert captured.get() == "error: x\n"
+
+
+def test_a_dumb_terminal_gets_plain_lines() -> None:
+    """TERM=dumb cannot redraw a bar: plain lines instead."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    mode = choose_mode(quiet=False, json_output=False, stream=Tty(), environ={"TERM": "dumb"})
+    assert mode == "plain"
+    assert choose_mode(quiet=False, json_output=False, stream=Tty(), environ={}) == "rich"

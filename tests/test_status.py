@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +82,147 @@ def test_an_unreadable_ledger_is_a_ledger_error(tmp_path: Path) -> None:
     (tmp_path / "ledger.jsonl").mkdir()
     with pytest.raises(LedgerError, match="cannot read the ledger"):
         read_status(tmp_path)
+
+
+# Real folders: a finished run, a crashed one (SIGKILL mid-run) and one still being written.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def manifest_of(path: Path, count: int, model: str = "qwen-image") -> Path:
+    lines = (
+        json.dumps({"id": f"j{i}", "prompt": f"picture {i}", "model": model}) for i in range(count)
+    )
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def recorded_ok(folder: Path) -> int:
+    events = [json.loads(x) for x in (folder / "ledger.jsonl").read_text().splitlines() if x]
+    return len({e["key"] for e in events if e["event"] == "result" and e["status"] == "ok"})
+
+
+def test_status_json_of_a_finished_folder(tmp_path: Path) -> None:
+    """After a complete run: every job done, nothing pending, state finished, spend counted."""
+    from click.testing import CliRunner
+
+    from cometbatch.cli import main
+
+    manifest = manifest_of(tmp_path / "m.jsonl", 6, model="gpt-image-1")
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["run", str(manifest), "--simulate", "--out", str(out), "-q"])
+    assert done.exit_code == 0, done.output
+    shown = CliRunner().invoke(main, ["status", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["state"] == "finished"
+    assert (data["ok_requests"], data["failed_requests"], data["pending_requests"]) == (6, 0, 0)
+    assert data["by_model"]["gpt-image-1"]["pending_images"] == 0
+    assert data["manifest"] == str(manifest) and data["manifest_note"] == ""
+    # The simulator reports gpt-image usage tokens: spend comes from them.
+    assert data["spend"]["usd"] > 0 and data["spend"]["simulated_runs"] == 1
+    assert data["span_s"] is not None and data["span_s"] >= 0
+    text = CliRunner().invoke(main, ["status", str(out)]).output
+    assert "finished" in text and "spent: about $" in text and "pending" in text
+
+
+def test_status_json_of_a_crashed_folder(tmp_path: Path) -> None:
+    """A run killed with SIGKILL: no end line, a stale lock; counts match what was recorded."""
+    manifest = manifest_of(tmp_path / "m.jsonl", 80)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
+         "--out", str(out), "--concurrency", "2", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    ledger = out / "ledger.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ledger.exists() and ledger.read_text().count('"event":"result"') >= 5:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    ok = recorded_ok(out)
+    assert 5 <= ok < 80
+    data = read_status(out).to_dict()
+    assert data["state"] == "crashed", data
+    assert f"pid {proc.pid}" in data["state_detail"]
+    assert data["last_run_ended"] is False
+    assert (data["ok_requests"], data["pending_requests"]) == (ok, 80 - ok)
+    assert data["by_model"]["qwen-image"]["pending_images"] == 80 - ok
+
+
+async def test_status_json_of_a_running_folder(tmp_path: Path) -> None:
+    """While an engine writes the folder: state running, counts as recorded, no lock taken."""
+    from support import settings_for
+
+    from cometbatch import Engine, Simulator, load_manifest
+    from cometbatch.simulator import SimConfig
+
+    manifest = load_manifest(manifest_of(tmp_path / "m.jsonl", 6))
+    out = tmp_path / "out"
+    async with Simulator(SimConfig(slow_seconds=30)) as sim:
+        # Three requests hang (until the run is stopped); the other three answer at once.
+        sim.enqueue(*(["slow"] * 3))
+        settings = settings_for(sim, concurrency=6)
+        async with Engine(settings, out_dir=out) as engine:
+            results = aiter(engine.run(manifest))
+            assert isinstance(results, AsyncGenerator)
+            seen = [await anext(results) for _ in range(3)]
+            data = read_status(out).to_dict()
+            assert data["state"] == "running", data
+            assert (data["ok_requests"], data["pending_requests"]) == (3, 3)
+            assert data["last_run_ended"] is False
+            # Reading the status took no lock: the run goes on until cancelled, and ends cleanly.
+            await results.aclose()
+    assert all(result.ok for result in seen)
+    after = read_status(out).to_dict()
+    assert after["state"] != "running" and after["last_run_ended"] is True
+
+
+def test_pending_is_unknown_without_a_manifest(tmp_path: Path) -> None:
+    """A ledger whose run names no manifest: pending is None and the note says why."""
+    folder = write(tmp_path, RUN, result("a#0", "ok"), END)
+    data = read_status(folder).to_dict()
+    assert data["pending_requests"] is None and data["pending_images"] is None
+    assert "pending work is unknown" in data["manifest_note"]
+
+
+def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
+    """The holder info names a process that is gone: crashed; this live process: running."""
+    import os
+    import socket
+
+    from cometbatch.holder import run_state
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    info = {"pid": int(gone.stdout), "host": socket.gethostname(), "started_at": "t"}
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    assert run_state(tmp_path, ended=False, interrupted=False)[0] == "crashed"
+    info["pid"] = os.getpid()
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    assert run_state(tmp_path, ended=True, interrupted=False)[0] == "running"
+    info["host"] = "elsewhere.invalid"
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    assert run_state(tmp_path, ended=False, interrupted=False)[0] == "unknown"
+    (tmp_path / ".cometbatch.lock").write_text("")
+    assert run_state(tmp_path, ended=True, interrupted=True)[0] == "interrupted"
+
+
+def test_spend_counts_each_paid_request_once(tmp_path: Path) -> None:
+    """A request fetched again (same fingerprint) is paid once; failures cost nothing."""
+    paid: dict[str, Any] = {"fingerprint": "f1", "usage": None, "images": [{"index": 0}]}
+    folder = write(
+        tmp_path,
+        RUN,
+        result("a#0", "ok", model="dall-e-3", **paid),
+        result("a#0", "ok", model="dall-e-3", **paid),
+        result("b#0", "failed", model="dall-e-3"),
+        result("c#0", "ok", model="no-price-model", fingerprint="f2", images=[{"index": 0}]),
+        END,
+    )
+    spend = read_status(folder).to_dict()["spend"]
+    assert spend["usd"] == pytest.approx(0.04)  # dall-e-3 1024x1024 standard, once
+    assert spend["unpriced_images"] == 1

@@ -1,0 +1,134 @@
+"""Commands that read an output folder or the registry: status, gallery, export, models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_options import EXIT_USAGE, fail, internal_error, say, setup_logging
+from .errors import CometBatchError
+from .export import EXPORT_FORMATS
+from .export import export as export_ledger
+from .gallery import write_gallery
+from .models import ModelRegistry
+from .prices import load_prices
+from .report import model_lines, status_lines
+from .status import read_status
+
+_FOLDER = click.Path(file_okay=False, path_type=Path)
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--manifest",
+    type=_FILE,
+    help="The manifest, for pending work (default: the one the latest run recorded).",
+)
+@click.option("--prices", "prices_path", type=_FILE, help="Price file for the spend estimate.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def status(
+    out_dir: Path, manifest: Path | None, prices_path: Path | None, json_output: bool
+) -> None:
+    """Show done / failed / pending per model, failures, spend and retries of an output folder.
+
+    Read-only and without the folder's lock: safe while a run is writing it, and on a folder
+    whose run crashed.
+
+    \b
+    Examples:
+      cometbatch status out/demo
+      cometbatch status out/demo --json | jq .pending_images
+    """
+    setup_logging(0, False)
+    try:
+        prices = load_prices(prices_path) if prices_path else None
+        data = read_status(out_dir, manifest=manifest, prices=prices).to_dict()
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    except Exception as exc:
+        internal_error(exc, json_output=json_output)
+    click.echo(json.dumps(data) if json_output else "\n".join(status_lines(data)))
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--manifest",
+    type=_FILE,
+    help="The manifest, for prompts and sizes (default: the one the latest run recorded).",
+)
+def gallery(out_dir: Path, manifest: Path | None) -> None:
+    """Write OUT/index.html, a self-contained page of the folder's images; print its path.
+
+    \b
+    Example:
+      cometbatch gallery out/demo && xdg-open out/demo/index.html
+    """
+    setup_logging(0, False)
+    try:
+        page = write_gallery(out_dir, manifest)
+    except CometBatchError as exc:
+        fail(exc)
+    except OSError as exc:
+        say(f"error: cannot write the gallery in {out_dir}: {exc.strerror or exc}")
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        internal_error(exc)
+    click.echo(str(page))
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--format",
+    "format_name",
+    type=click.Choice(EXPORT_FORMATS),
+    required=True,
+    help="openai-batch: Batch API output lines; csv: a table; jsonl: flat JSON records.",
+)
+@click.option("--output", "-o", "output", type=_FILE, help="Write to this file (default: stdout).")
+def export(out_dir: Path, format_name: str, output: Path | None) -> None:
+    """Export the ledger, one line per job (reads the ledger only; safe during a run).
+
+    \b
+    Examples:
+      cometbatch export out/demo --format csv -o results.csv
+      cometbatch export out/demo --format openai-batch > batch_output.jsonl
+    """
+    setup_logging(0, False)
+    try:
+        if output is None:
+            count = export_ledger(out_dir, format_name, sys.stdout)
+        else:
+            temporary = output.with_name(f".{output.name}.tmp")
+            try:
+                # newline="": the CSV writer ends its own lines.
+                with temporary.open("w", encoding="utf-8", newline="") as stream:
+                    count = export_ledger(out_dir, format_name, stream)
+                temporary.replace(output)
+            finally:
+                temporary.unlink(missing_ok=True)
+            say(f"{count} job(s) written to {output}")
+    except CometBatchError as exc:
+        fail(exc)
+    except OSError as exc:
+        say(f"error: cannot write {output}: {exc.strerror or exc}")
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        internal_error(exc)
+
+
+@click.command()
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def models(json_output: bool) -> None:
+    """List the models cometbatch knows and what each accepts."""
+    specs = list(ModelRegistry())
+    if json_output:
+        click.echo(json.dumps([spec.model_dump(mode="json") for spec in specs]))
+    else:
+        click.echo("\n".join(model_lines(specs)))

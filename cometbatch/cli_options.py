@@ -1,0 +1,193 @@
+"""What every command shares: the stderr console, one-line errors, logging, common options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+from .errors import (
+    AuthenticationError,
+    CometBatchError,
+    ConfigError,
+    LedgerError,
+    ManifestError,
+    OutputError,
+)
+from .progress import make_console
+from .settings import KEY_ENV, Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Errors about the input or the folder (the user must change something) exit 2.
+USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Settings owns the defaults; the options only show them.
+DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
+
+_console: Console | None = None
+
+
+def console() -> Console:
+    """The stderr console, made on first use (so NO_COLOR is read when a command runs)."""
+    global _console
+    if _console is None:
+        _console = make_console()
+    return _console
+
+
+def reset_console() -> Console:
+    """A fresh stderr console for this command (NO_COLOR and the stream read again)."""
+    global _console
+    _console = make_console()
+    return _console
+
+
+def say(text: str) -> None:
+    """One message on stderr, printed as is (no markup, no wrapping)."""
+    console().print(text, markup=False, soft_wrap=True)
+
+
+def fail(
+    exc: CometBatchError, *, json_output: bool = False, summary: dict[str, Any] | None = None
+) -> NoReturn:
+    """Print one clear error line (and the JSON object scripts wait for); exit 2 or 1."""
+    message = str(exc)
+    if isinstance(exc, AuthenticationError):
+        message = f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"
+    if json_output:
+        # Scripts read one JSON object from stdout, also when the run could not finish.
+        click.echo(json.dumps({**(summary or {}), "error": message}))
+    console().print("[red]error:[/red] ", end="", soft_wrap=True)
+    say(message)
+    sys.exit(EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILED)
+
+
+def internal_error(exc: Exception, *, json_output: bool = False) -> NoReturn:
+    """A bug of ours: one plain line (the traceback only with -vv), exit 1."""
+    logging.getLogger("cometbatch").debug("internal error", exc_info=True)
+    message = (
+        f"internal error (a bug in cometbatch, please report it): {exc!r}; every recorded "
+        "result is safe in the ledger, so rerunning resumes; -vv shows the traceback"
+    )
+    if json_output:
+        click.echo(json.dumps({"error": message}))
+    say(message)
+    sys.exit(EXIT_FAILED)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """-v: info (each retry with its reason), -vv: debug, --quiet: errors only."""
+    err = reset_console()
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cometbatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger("cometbatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def reporting_options(command: F) -> F:
+    """--json, --quiet and --verbose, shared by the commands that do work."""
+    command = click.option(
+        "--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug."
+    )(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")(
+        command
+    )
+    return click.option(
+        "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout."
+    )(command)
+
+
+def concurrency_option(text: str) -> Callable[[F], F]:
+    """--concurrency N for commands without an adaptive level."""
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(1, 10_000),
+        default=DEFAULTS["concurrency"],
+        show_default=True,
+        help=text,
+    )
+
+
+# The upper bound of --concurrency auto unless --max-concurrency says otherwise.
+AUTO_MAX_CONCURRENCY = 256
+
+
+def raise_open_file_limit(concurrency: int, simulate: bool) -> None:
+    """Let the process hold the sockets its concurrency needs (a CLI's job, never a library's)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    # Up to two sockets a request (generation and download), twice that when the simulated
+    # API's own end of each connection lives in this process, plus files and headroom.
+    wanted = concurrency * (4 if simulate else 2) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("cometbatch").warning(
+            "this process may open only %d files, fewer than --concurrency %d needs (%d); "
+            "lower --concurrency or raise the limit (ulimit -n)",
+            target,
+            concurrency,
+            wanted,
+        )
+
+
+def parse_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    """--concurrency: a number of requests in flight, or "auto"."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor 'auto'") from None
+    if not 1 <= number <= 10_000:
+        raise click.BadParameter(f"{number} is not in the range 1<=x<=10000")
+    return number
+
+
+def concurrency_fields(
+    concurrency: int | str, min_concurrency: int | None, max_concurrency: int | None
+) -> dict[str, Any]:
+    """The Settings fields for --concurrency N|auto, --min-concurrency and --max-concurrency."""
+    fields: dict[str, Any] = {}
+    if concurrency == "auto":
+        fields["auto_concurrency"] = True
+        fields["concurrency"] = max_concurrency or AUTO_MAX_CONCURRENCY
+    else:
+        if max_concurrency is not None:
+            raise ConfigError(
+                "--max-concurrency bounds --concurrency auto; with a fixed --concurrency N, "
+                "N is the maximum"
+            )
+        fields["concurrency"] = concurrency
+    if min_concurrency is not None:
+        if min_concurrency > fields["concurrency"]:
+            raise ConfigError(
+                f"--min-concurrency ({min_concurrency}) is above the maximum concurrency "
+                f"({fields['concurrency']})"
+            )
+        fields["min_concurrency"] = min_concurrency
+    return fields

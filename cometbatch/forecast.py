@@ -1,0 +1,137 @@
+"""What a manifest still needs given a ledger, per model, with its list-price cost (sends nothing).
+
+`--dry-run` shows it as the plan; `status` uses it for the work not recorded yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .manifest import Job
+from .models import ModelRegistry, ModelSpec
+from .plan import plan_job
+from .prices import CostEstimate, PriceTable, builtin_prices
+from .resume import decide
+from .state import KeyState
+
+Lookup = Callable[[str], KeyState | None]
+
+
+class QuietRegistry(ModelRegistry):
+    """A registry that does not warn about unknown models (a report is not a run)."""
+
+    def get(self, name: str) -> ModelSpec:
+        """The model's spec; an unknown model gets the default one silently."""
+        return self._specs.get(name) or ModelSpec(name=name, max_n=1, known=False)
+
+
+def quiet_registry(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> QuietRegistry:
+    """The built-in registry with `overrides` applied, without unknown-model warnings."""
+    return QuietRegistry(ModelRegistry().with_overrides(overrides or {}))
+
+
+@dataclass(slots=True)
+class ModelForecast:
+    """One model's planned work and what the ledger already holds of it."""
+
+    jobs: int = 0
+    requests: int = 0
+    images: int = 0
+    # Recorded ok with the same request: skipped without a request.
+    done_requests: int = 0
+    done_images: int = 0
+    # What a run would send (new, retryable failures, and changed ones it may regenerate).
+    send_requests: int = 0
+    send_images: int = 0
+    # Not in the ledger at all.
+    new_requests: int = 0
+    new_images: int = 0
+    # Generated but not downloaded: fetched, not paid again.
+    fetch_requests: int = 0
+    # Permanent failures kept unless --retry-failed.
+    kept_requests: int = 0
+    # Changed since the ledger recorded them: refused unless --regenerate-changed.
+    changed_requests: int = 0
+    estimated_usd: float | None = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        data = asdict(self)
+        if self.estimated_usd is not None:
+            data["estimated_usd"] = round(self.estimated_usd, 6)
+        return data
+
+
+@dataclass(slots=True)
+class Forecast:
+    """The whole manifest against the ledger: per model, totals, costs and the changed jobs."""
+
+    prices: PriceTable
+    by_model: dict[str, ModelForecast] = field(default_factory=dict)
+    # The cost of what a run would send, and of the whole manifest.
+    to_send: CostEstimate = field(init=False)
+    everything: CostEstimate = field(init=False)
+    changed_jobs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.to_send = CostEstimate(prices=self.prices)
+        self.everything = CostEstimate(prices=self.prices)
+
+    def totals(self) -> ModelForecast:
+        """Every model's counts added up."""
+        total = ModelForecast()
+        for item in self.by_model.values():
+            for name in total.__dataclass_fields__:
+                if name != "estimated_usd":
+                    setattr(total, name, getattr(total, name) + getattr(item, name))
+        total.estimated_usd = self.to_send.total
+        return total
+
+
+def forecast(
+    jobs: Iterable[Job],
+    registry: ModelRegistry,
+    recorded: Lookup,
+    *,
+    retry_failed: bool = False,
+    regenerate_changed: bool = False,
+    prices: PriceTable | None = None,
+) -> Forecast:
+    """Each job's requests with their resume verdicts (as a run would decide), counted."""
+    result = Forecast(prices or builtin_prices())
+    for job in jobs:
+        item = result.by_model.setdefault(job.model, ModelForecast())
+        item.jobs += 1
+        changed = False
+        for request in plan_job(job, registry.get(job.model)):
+            state = recorded(request.key)
+            verdict = decide(request.fingerprint, state, retry_failed=retry_failed)
+            item.requests += 1
+            item.images += request.n
+            result.everything.add(request)
+            if state is None:
+                item.new_requests += 1
+                item.new_images += request.n
+            if verdict == "reuse":
+                item.done_requests += 1
+                item.done_images += request.n
+            elif verdict == "fetch":
+                item.fetch_requests += 1
+            elif verdict == "keep":
+                item.kept_requests += 1
+            elif verdict == "changed" and not regenerate_changed:
+                item.changed_requests += 1
+                changed = True
+            else:
+                item.send_requests += 1
+                item.send_images += request.n
+                result.to_send.add(request)
+        if changed:
+            result.changed_jobs.append(job.id)
+    for name, item in result.by_model.items():
+        item.estimated_usd = result.to_send.by_model.get(name, 0.0)
+        if item.send_images and name not in result.to_send.by_model:
+            item.estimated_usd = None
+    return result
