@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .budget import BUDGET_REASONS
 from .errors import (
     AuthenticationError,
     CometBatchError,
@@ -21,9 +22,10 @@ from .errors import (
     OutputError,
 )
 from .progress import make_console
+from .results import Summary
 from .settings import KEY_ENV, Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Errors about the input or the folder (the user must change something) exit 2.
 USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
 
@@ -115,6 +117,35 @@ def reporting_options(command: F) -> F:
     return click.option(
         "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout."
     )(command)
+
+
+def budget_options(command: F) -> F:
+    """--max-images and --max-cost: caps over the whole output folder."""
+    command = click.option(
+        "--max-cost",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="USD",
+        help="Stop before the folder's spend (list-price estimates, usage tokens where "
+        f"answered; requests in flight counted) would pass USD; exit {EXIT_BUDGET}. Counts "
+        "earlier runs too: rerun with a higher cap to continue.",
+    )(command)
+    return click.option(
+        "--max-images",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Stop before the folder would hold more than N generated images (earlier runs "
+        f"and requests in flight counted); exit {EXIT_BUDGET}. Rerun with a higher cap to "
+        "continue.",
+    )(command)
+
+
+def run_exit_code(summary: Summary) -> int:
+    """`run`'s exit code for a run that ended without an error."""
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if summary.stopped in BUDGET_REASONS:
+        return EXIT_BUDGET
+    return EXIT_OK if summary.complete else EXIT_FAILED
 
 
 def concurrency_option(text: str) -> Callable[[F], F]:

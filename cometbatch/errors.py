@@ -95,6 +95,15 @@ class UpstreamDownError(CometBatchError):
     """The API kept failing past the outage limit; the run stopped and stays resumable."""
 
 
+class BudgetExceededError(CometBatchError):
+    """A request not sent because it could cross a budget cap (`reason`: max_images or
+    max_cost); the engine has stopped taking new work."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 class APIError(CometBatchError):
     """A failed request, classified; `kind` is the ledger's short failure name.
 

@@ -130,9 +130,9 @@ _IMAGE = (
     rb'\{"index":' + _INT + rb',"path":' + _STR + rb',"format":' + _STR + rb',"bytes":'
     + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?\}"
 )  # fmt: skip
-# A result line as this package writes it, for a request key `<job_id>#<chunk>` with a
-# planner's fingerprint. Groups: the line, the key, the key's job id, status, fingerprint,
-# n, and the error's JSON text.
+# A result line as this package writes it (older versions wrote no `rate_limited` or `cost`),
+# for a request key `<job_id>#<chunk>` with a planner's fingerprint. Groups: the line, the
+# key, the key's job id, status, fingerprint, n, and the error's JSON text.
 _RESULT = (
     rb'(\{"event":"result","run_id":' + _STR
     + rb',"key":"(([^"]*)#(?:0|[1-9][0-9]*+))","job_id":"\3","chunk":' + _INT
@@ -140,8 +140,10 @@ _RESULT = (
     + rb',"model":(?:null|' + _STR + rb'),"n":(0|[1-9][0-9]{0,8})'
     + rb',"images":\[(?:' + _IMAGE + rb"(?:," + _IMAGE + rb")*+)?\]"
     + rb'(?:,"downloads":\[\])?,"attempts":' + _NUM + rb',"ambiguous_retries":' + _NUM
+    + rb'(?:,"rate_limited":' + _INT + rb")?"
     + rb',"error":(' + _VALUE + rb'),"latency_s":' + _NUM
     + rb',"finished_at":(?:null|' + _STR + rb'),"usage":' + _VALUE
+    + rb'(?:,"cost":' + _VALUE + rb")?"
     + rb',"metadata":' + _VALUE + rb"\}\n)"
 )  # fmt: skip
 _RESULT_LINE = re.compile(_RESULT)

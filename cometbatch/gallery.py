@@ -10,11 +10,12 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import CometBatchError, LedgerError, ManifestError, ManifestProblem
+from .errors import LedgerError
 from .events import LEDGER_NAME, iter_events
 from .gallerypage import render_page
-from .manifest import Job, Manifest
-from .models import ModelRegistry, ModelSpec
+from .gallerytext import JobText, attach_manifest
+from .manifest import JobDefaults
+from .status import recorded_defaults
 
 GALLERY_NAME = "index.html"
 # A page past this many figures is too slow to be usable; the newest results are kept.
@@ -23,15 +24,6 @@ MAX_EXAMPLES = 5
 # Chart buckets: the narrowest width (seconds) that covers the run in at most MAX_BUCKETS.
 MAX_BUCKETS = 120
 _WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
-
-
-@dataclass(frozen=True, slots=True)
-class JobText:
-    """What the manifest says about a job (the ledger does not record the prompt or size)."""
-
-    prompt: str
-    size: str | None = None
-    position: int = 0  # the job's place in the manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +62,7 @@ class Bucket:
     start: float  # seconds since the epoch
     images: int = 0
     retries: int = 0
-    throttled: int = 0  # requests whose final answer was a 429
+    throttled: int = 0  # 429 answers of the requests that finished in it
     failed: int = 0
 
 
@@ -86,8 +78,10 @@ class Gallery:
     bucket_s: int = 60
     runs: int = 0
     simulated: bool = False
-    # 429 answers over the runs that ended (their summaries; not timestamped per answer).
+    # 429 answers: counted per result line (older ledgers: the ended runs' summaries).
     rate_limited: int = 0
+    # Whether every result line counts its 429s (else the chart shows final 429s only).
+    per_result_429s: bool = True
     retries: int = 0
     first_at: str | None = None
     last_at: str | None = None
@@ -95,6 +89,8 @@ class Gallery:
     manifest: str | None = None
     manifest_sha256: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # The --model/--size/--n of the run that recorded the manifest.
+    defaults: JobDefaults = field(default_factory=JobDefaults)
     manifest_note: str = ""
     dropped_tiles: int = 0
 
@@ -167,6 +163,7 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
     # Each key's latest outcome, kept as its tiles: the event dicts themselves are let go.
     latest: dict[str, tuple[list[Tile], Failure | None]] = {}
     per_second: dict[int, list[int]] = {}
+    line_429s = summary_429s = 0
     for event in events:
         kind = event.get("event")
         if kind == "run":
@@ -179,10 +176,11 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
                 gallery.manifest_sha256 = event.get("manifest_sha256")
                 overrides = _mapping(settings).get("model_overrides")
                 gallery.model_overrides = _mapping(overrides)
+                gallery.defaults = recorded_defaults(event)
         elif kind == "end":
             summary = event.get("summary")
             if isinstance(summary, dict):
-                gallery.rate_limited += int(summary.get("rate_limited") or 0)
+                summary_429s += int(summary.get("rate_limited") or 0)
             gallery.last_at = event.get("finished_at") or gallery.last_at
         elif kind == "result":
             key = str(event.get("key"))
@@ -190,14 +188,20 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
             retries = max(int(event.get("attempts") or 1) - 1, 0)
             gallery.retries += retries
             gallery.last_at = event.get("finished_at") or gallery.last_at
+            throttled = event.get("rate_limited")
+            if not isinstance(throttled, int) or isinstance(throttled, bool) or throttled < 0:
+                # Written before results counted their 429s: only a final 429 is known.
+                gallery.per_result_429s = False
+                throttled = int(_mapping(event.get("error")).get("status") == 429)
+            line_429s += throttled
             moment = parse_time(event.get("finished_at"))
             if moment is not None:
-                error = _mapping(event.get("error"))
                 row = per_second.setdefault(math.floor(moment), [0, 0, 0, 0])
                 row[0] += len(event.get("images") or ())
                 row[1] += retries
-                row[2] += error.get("status") == 429
+                row[2] += throttled
                 row[3] += event.get("status") != "ok"
+    gallery.rate_limited = line_429s if gallery.per_result_429s else summary_429s
     gallery.bucket_s, gallery.buckets = bucket_series(per_second)
     gallery.tiles = [tile for tiles, _ in latest.values() for tile in tiles]
     gallery.failures = [failure for _, failure in latest.values() if failure is not None]
@@ -243,54 +247,6 @@ def _outcome(key: str, event: dict[str, Any]) -> tuple[list[Tile], Failure | Non
     return tiles, failure
 
 
-# -- the manifest: prompts and sizes ---------------------------------------------------------
-
-
-class _QuietRegistry(ModelRegistry):
-    """A registry that takes unknown models without the run's warning (the run gave it)."""
-
-    def get(self, name: str) -> ModelSpec:
-        return super().get(name) if name in self else ModelSpec(name=name, max_n=1, known=False)
-
-
-def read_job_texts(manifest: Iterable[Job], wanted: set[str]) -> dict[str, JobText]:
-    """Prompt and size of the manifest's jobs whose ids are `wanted`."""
-    found: dict[str, JobText] = {}
-    for position, job in enumerate(manifest):
-        if job.id in wanted:
-            found[job.id] = JobText(job.prompt, job.size, position)
-            if len(found) == len(wanted):
-                break
-    return found
-
-
-def _attach_manifest(gallery: Gallery, given: Path | None) -> None:
-    """Fill gallery.jobs from the manifest (the one the latest run names unless given)."""
-    path = given or (Path(gallery.manifest) if gallery.manifest else None)
-    if path is None:
-        gallery.manifest_note = "no manifest recorded: prompts and sizes are not shown"
-        return
-    gallery.manifest = str(path)
-    try:
-        registry = _QuietRegistry(ModelRegistry().with_overrides(gallery.model_overrides))
-        manifest = Manifest(path, registry=registry)
-        if given is None and gallery.manifest_sha256:
-            # The digest the run recorded, computed the same way: did the file change since?
-            manifest.validate()
-            if manifest.sha256 != gallery.manifest_sha256:
-                gallery.manifest_note = f"{path} changed since the run: its prompts may differ"
-        gallery.jobs = read_job_texts(manifest, {tile.job_id for tile in gallery.tiles})
-        # Manifest order reads best; jobs it does not hold keep their ledger order, last.
-        unknown = JobText("", position=1 << 62)
-        gallery.tiles.sort(key=lambda tile: gallery.jobs.get(tile.job_id, unknown).position)
-    except ManifestError as exc:
-        first = exc.problems[0] if exc.problems else ManifestProblem(0, None, "unreadable")
-        reason = first.message if first.line == 0 else str(first)
-        gallery.manifest_note = f"cannot read the manifest {path}: {reason}"
-    except CometBatchError as exc:
-        gallery.manifest_note = f"cannot read the manifest {path}: {exc}"
-
-
 def read_gallery(
     out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> Gallery:
@@ -301,7 +257,7 @@ def read_gallery(
         raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
     events = (event for _, event in iter_events(ledger))
     gallery = build_gallery(events, title=folder.resolve().name)
-    _attach_manifest(gallery, Path(manifest) if manifest else None)
+    attach_manifest(gallery, Path(manifest) if manifest else None)
     return gallery
 
 

@@ -90,8 +90,23 @@ def _rate(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}".removesuffix(".0")
 
 
+def _legend(gallery: Gallery) -> str:
+    """What the chart's lines count (older ledgers did not count each request's 429s)."""
+    text = (
+        "Bars: images per minute. Lines: retries (orange) and 429 answers (red) per minute, "
+        f"each counted when its request finished, in buckets of {gallery.bucket_s} s."
+    )
+    if not gallery.per_result_429s:
+        text += (
+            " This ledger's older lines do not count their 429s: for them the red line shows "
+            f"only requests whose final answer was a 429; the runs' summaries count "
+            f"{gallery.rate_limited} in all."
+        )
+    return f'<p class="legend">{text}</p>'
+
+
 def render_chart(buckets: list[Bucket], width_s: int) -> str:
-    """Images, retries and final 429s per minute as an inline SVG (bars and two lines)."""
+    """Images, retries and 429s per minute as an inline SVG (bars and two lines)."""
     if not buckets:
         return "<p class=note>No timestamped results yet.</p>"
     per_min = 60 / width_s
@@ -104,7 +119,7 @@ def render_chart(buckets: list[Bucket], width_s: int) -> str:
         f'<text x="4" y="16">{_rate(top_max)}/min</text><text x="4" y="136">0</text>',
         f'<text x="4" y="166">{_rate(low_max)}/min</text><text x="4" y="226">0</text>'
         if low_peak
-        else f'<text x="{left + 8}" y="212">no retries, no final 429s</text>',
+        else f'<text x="{left + 8}" y="212">no retries, no 429s</text>',
         f'<line class="axis" x1="{left}" y1="130" x2="{right}" y2="130"/>',
         f'<line class="axis" x1="{left}" y1="220" x2="{right}" y2="220"/>',
     ]
@@ -115,7 +130,7 @@ def render_chart(buckets: list[Bucket], width_s: int) -> str:
         height = b.images * per_min / top_max * 115
         label = (
             f"{_clock(b.start)} UTC: {_rate(b.images * per_min)} images/min, "
-            f"{b.retries} retries, {b.throttled} final 429s, {b.failed} failed"
+            f"{b.retries} retries, {b.throttled} 429s, {b.failed} failed"
         )
         parts.append(
             f'<rect class="bar" x="{x:.1f}" y="{130 - height:.1f}" width="{max(step - 1, 1):.1f}"'
@@ -242,10 +257,7 @@ def render_page(gallery: Gallery) -> str:
         f"{escape(_DOT.join(facts))}{sim}{source}</p>{note}</header>"
         f'<section id="chart"><h2>Over time</h2>'
         f"{render_chart(gallery.buckets, gallery.bucket_s)}"
-        '<p class="legend">Bars: images per minute. Lines: retries per minute (orange) and '
-        "requests whose final answer was a 429 (red), per minute, in buckets of "
-        f"{gallery.bucket_s} s. The ledger does not timestamp each 429 answer: the "
-        f"runs' summaries count {gallery.rate_limited} in all.</p></section>"
+        f"{_legend(gallery)}</section>"
         f'<section id="failures"><h2>Failures</h2>{_failures(gallery)}</section>'
         f'<nav id="filters"><label>Model <select id="f-model">'
         f"{_options('models', models, Counter(t.model for t in gallery.tiles))}</select></label>"

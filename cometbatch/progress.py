@@ -22,6 +22,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from .prices import format_usd
+
 if TYPE_CHECKING:
     from .engine import Engine
 
@@ -48,12 +50,19 @@ class Snapshot:
     # Auto concurrency: `limit` is the level it chose, `ceiling` the most it may grow to.
     auto: bool = False
     ceiling: int = 0
+    # This run's spend so far; with a cap, the folder's figures against it.
+    spent: float = 0.0
+    images_cap: int | None = None
+    images_counted: int = 0
+    cost_cap: float | None = None
+    cost_counted: float = 0.0
 
     @classmethod
     def of(cls, engine: Engine) -> Snapshot:
         """Read the engine's live counters."""
         s = engine.summary
         limiter = engine.limiter
+        budget = s.budget
         return cls(
             done=s.images_written + s.skipped_images,
             failed=s.failed_images,
@@ -67,6 +76,11 @@ class Snapshot:
             processed=s.images_written + s.failed_images,
             auto=limiter.auto,
             ceiling=limiter.concurrency,
+            spent=s.spent_usd,
+            images_cap=budget.max_images if budget is not None else None,
+            images_counted=budget.images + budget.reserved_images if budget is not None else 0,
+            cost_cap=budget.max_cost if budget is not None else None,
+            cost_counted=budget.cost + budget.reserved_cost if budget is not None else 0.0,
         )
 
     def detail(self) -> str:
@@ -81,6 +95,15 @@ class Snapshot:
             f"429s {self.rate_limited}",
             f"failed {self.failed}",
         ]
+        if self.cost_cap is not None:
+            parts.append(
+                f"spent {format_usd(self.spent)} (folder {format_usd(self.cost_counted)} "
+                f"of max {format_usd(self.cost_cap)})"
+            )
+        else:
+            parts.append(f"spent {format_usd(self.spent)}")
+        if self.images_cap is not None:
+            parts.append(f"folder images {self.images_counted} of max {self.images_cap}")
         if self.probing:
             parts.append("probing: the API is failing")
         return " · ".join(parts)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .aside import REPLACED_DIR
+from .budget import BUDGET_REASONS, cap_text
 from .events import LEDGER_NAME
 from .forecast import Forecast
 from .models import ModelSpec
@@ -34,7 +35,8 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
     sim = " [simulated API]" if summary.simulated else ""
     if summary.planned_requests == 0:
         return [f"nothing to do: the manifest has no jobs{sim}"]
-    if summary.ok_requests == summary.failed_requests == 0 and summary.skipped_requests:
+    nothing_sent = summary.ok_requests == summary.failed_requests == 0
+    if nothing_sent and summary.skipped_requests and summary.stopped not in BUDGET_REASONS:
         return [
             f"everything was already done: {summary.skipped_requests} request(s), "
             f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}"
@@ -72,7 +74,12 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
             f"  images generated but not downloaded are kept with their links: "
             f"`cometbatch fetch {out}` tries them again (nothing is generated again)"
         )
-    if summary.stopped:
+    if summary.stopped in BUDGET_REASONS and summary.budget is not None:
+        lines.append(
+            f"stopped at the budget cap {cap_text(summary.budget)}; run again with a higher "
+            f"--{summary.stopped.replace('_', '-')} to continue (nothing done is sent again)"
+        )
+    elif summary.stopped:
         lines.append(f"stopped: {summary.stopped}")
     if summary.cut_off_requests:
         lines.append(

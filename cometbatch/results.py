@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .manifest import Job
 from .plan import Request, request_key
 from .sink import ImageRecord
+
+if TYPE_CHECKING:
+    from .budget import Budget
 
 # Result statuses. A download that failed after its image was generated (and paid for) is
 # not a failed generation: its URL is kept so the download alone can be tried again.
@@ -51,6 +54,12 @@ class Result:
     downloads: tuple[PendingDownload, ...] = ()
     # True when the ledger already held this key as ok and nothing was sent.
     reused: bool = False
+    # 429 answers this request met on its way (retried ones included).
+    rate_limited: int = 0
+    # What it cost (None: no price known) and how that was found: "usage" tokens, "list"
+    # price per image, "none" (nothing generated), "unpriced".
+    cost_usd: float | None = 0.0
+    cost_basis: str = "none"
 
     @classmethod
     def of(cls, request: Request, run_id: str, status: str, **fields: Any) -> Result:
@@ -91,10 +100,15 @@ class Result:
             "downloads": [pending.to_dict() for pending in self.downloads],
             "attempts": self.attempts,
             "ambiguous_retries": self.ambiguous_retries,
+            "rate_limited": self.rate_limited,
             "error": self.error,
             "latency_s": round(self.latency_s, 3),
             "finished_at": self.finished_at,
             "usage": self.usage,
+            "cost": {
+                "usd": None if self.cost_usd is None else round(self.cost_usd, 6),
+                "basis": self.cost_basis,
+            },
             "metadata": self.job.metadata,
         }
 
@@ -129,9 +143,15 @@ class Summary:
     stopped: str | None = None
     # Requests the built-in simulator answered (only when the run was simulated).
     simulator_requests: int | None = None
+    # What this run's requests cost (list-price estimates, usage tokens where answered),
+    # and images generated without a known price.
+    spent_usd: float = 0.0
+    unpriced_images: int = 0
+    # The caps and how much of them is used, when Settings set any.
+    budget: Budget | None = None
 
-    def add(self, result: Result) -> None:
-        """Count one finished request."""
+    def add(self, result: Result, *, paid: bool = True) -> None:
+        """Count one finished request (`paid`: its cost was paid by this run)."""
         if result.ok:
             self.ok_requests += 1
             self.images_written += len(result.images)
@@ -144,6 +164,12 @@ class Summary:
             self.failures[str(kind)] += 1
         self.retries += max(result.attempts - 1, 0)
         self.ambiguous_retries += result.ambiguous_retries
+        if paid:
+            cost = result.cost_usd
+            if cost is None:
+                self.unpriced_images += len(result.images) + len(result.downloads)
+            else:
+                self.spent_usd += cost
 
     @property
     def pending_requests(self) -> int:
@@ -188,4 +214,7 @@ class Summary:
             "cut_off_requests": self.cut_off_requests,
             "stopped": self.stopped,
             "simulator_requests": self.simulator_requests,
+            "spent_usd": round(self.spent_usd, 6),
+            "unpriced_images": self.unpriced_images,
+            "budget": self.budget.to_dict() if self.budget is not None else None,
         }

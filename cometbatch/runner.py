@@ -35,6 +35,11 @@ class Spend:
     usd: float = 0.0
     unpriced_images: int = 0
 
+    @classmethod
+    def of(cls, summary: Summary, prices: PriceTable) -> Spend:
+        """The spend a run's summary counted (each result's `cost`)."""
+        return cls(prices, summary.spent_usd, summary.unpriced_images)
+
     def add(self, result: Result) -> None:
         """Count one result (nothing for a reused or failed one)."""
         cost = spent(result, self.prices)
@@ -114,7 +119,7 @@ async def run_manifest(
 ) -> RunOutcome:
     """Run every pending request of a validated manifest; the summary, and what stopped it."""
     sim: Simulator | None = None
-    spend = Spend(prices or builtin_prices())
+    prices = prices or builtin_prices()
     async with contextlib.AsyncExitStack() as stack:
         if simulate is not None:
             sim = await stack.enter_async_context(Simulator(simulate))
@@ -128,6 +133,7 @@ async def run_manifest(
                 registry=manifest.registry,
                 simulated=simulate is not None,
                 max_images_per_request=manifest.stats.max_request_images or None,
+                prices=prices,
             )
         )
         interrupts: _Interrupts | None = None
@@ -144,8 +150,8 @@ async def run_manifest(
         error: Exception | None = None
         try:
             async with ProgressDisplay(engine, mode=progress, console=console):
-                async for result in engine.run(manifest):
-                    spend.add(result)
+                async for _ in engine.run(manifest):
+                    pass
         except Exception as exc:
             # Reported together with the summary of what the run did before it stopped.
             error = exc
@@ -159,4 +165,4 @@ async def run_manifest(
             engine.summary.interrupted = True
         if sim is not None:
             engine.summary.simulator_requests = sim.stats.requests
-        return RunOutcome(engine.summary, error, spend)
+        return RunOutcome(engine.summary, error, Spend.of(engine.summary, prices))

@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .aside import REPLACED_DIR, set_aside
-from .dispatch import Dispatcher, Sent, fatal_error
+from .budget import Budget, CapReason, request_cost
+from .dispatch import Dispatcher, Sent, Stopped, fatal_error
 from .errors import APIError, OutputError
 from .events import now_iso
 from .ledger import Ledger
-from .results import PendingDownload, Result, Summary
+from .prices import PriceTable, estimate
+from .results import FAILED, PendingDownload, Result, Summary
 from .resume import decide
+from .retry import possibly_billed
 from .sink import ImageRecord
 from .state import KeyState
 from .triage import Triage, Work
@@ -35,6 +38,9 @@ class Sender:
         run_id: str,
         summary: Summary,
         base_url: str,
+        prices: PriceTable,
+        budget: Budget | None = None,
+        refused: Callable[[CapReason], None] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.triage = triage
@@ -44,6 +50,10 @@ class Sender:
         self.run_id = run_id
         self.summary = summary
         self.base_url = base_url
+        self.prices = prices
+        # Caps (None: none set, and no bookkeeping at all); `refused` stops the run at one.
+        self.budget = budget
+        self._refused = refused
         # Requests being sent now, by key: a second caller of the same key shares the result.
         self._inflight: dict[str, asyncio.Future[Result]] = {}
         self._writable = False
@@ -92,13 +102,14 @@ class Sender:
             sent = Sent(images=[ImageRecord(**image) for image in recorded.images])
             pending = [PendingDownload(*item) for item in recorded.downloads]
             await self.dispatcher.refetch(request.job.id, pending, sent)
+            reserved: float | None = None
         else:
-            if work.verdict == "changed" and recorded is not None:
-                await self._set_aside(recorded)
-            try:
-                sent = await self.dispatcher.send(request)
-            except APIError as exc:
-                raise fatal_error(exc, self.base_url) from exc
+            sent, reserved = await self._send(work)
+        job = request.job
+        generated = 0 if sent.status == FAILED else len(sent.images) + len(sent.pending)
+        cost, basis = request_cost(
+            job.model, sent.usage, generated, job.size, job.quality, self.prices
+        )
         result = Result.of(
             request,
             self.run_id,
@@ -111,10 +122,54 @@ class Sender:
             latency_s=loop.time() - started,
             finished_at=now_iso(),
             usage=sent.usage,
+            rate_limited=sent.rate_limited,
+            cost_usd=cost,
+            cost_basis=basis,
         )
+        if self.budget is not None and work.verdict != "fetch":
+            self._settle(self.budget, result, sent, reserved)
         await ledger.append(result.to_event())
-        self.summary.add(result)
+        # A fetch pays nothing now: its line carries the request's cost, this run's spend not.
+        self.summary.add(result, paid=work.verdict != "fetch")
         return result
+
+    async def _send(self, work: Work) -> tuple[Sent, float | None]:
+        """Generate a request within the budget (when caps are set); the sent outcome and
+        the dollars reserved for it (settled by `_settle` once its result is known)."""
+        request, recorded = work.request, work.recorded
+        budget = self.budget
+        reserved: float | None = None
+        if budget is not None:
+            reserved = estimate(request, self.prices)
+            cap = budget.reserve(request.n, reserved)
+            if cap is not None:
+                # Nothing was sent; the run takes no new work, requests under way still land.
+                if self._refused is not None:
+                    self._refused(cap)
+                raise Stopped
+        try:
+            if work.verdict == "changed" and recorded is not None:
+                await self._set_aside(recorded)
+            try:
+                return await self.dispatcher.send(request), reserved
+            except APIError as exc:
+                raise fatal_error(exc, self.base_url) from exc
+        except BaseException:
+            if budget is not None:
+                budget.release(request.n, reserved)
+            raise
+
+    def _settle(self, budget: Budget, result: Result, sent: Sent, reserved: float | None) -> None:
+        """Replace a request's reservation by what it made and cost; a failure that may have
+        been billed keeps its estimate."""
+        made = 0 if result.status == FAILED else len(result.images) + len(result.downloads)
+        if made:
+            spent = (reserved or 0.0) if result.cost_usd is None else result.cost_usd
+        elif sent.ambiguous or (sent.error is not None and _maybe_billed(sent.error)):
+            spent = reserved or 0.0
+        else:
+            spent = 0.0
+        budget.settle(result.n, reserved, made, spent)
 
     async def _set_aside(self, recorded: KeyState) -> None:
         """Move a changed job's recorded images out of the way before regenerating them."""
@@ -133,3 +188,8 @@ class Sender:
                 moved,
                 self.out_dir / REPLACED_DIR / self.run_id,
             )
+
+
+def _maybe_billed(error: APIError) -> bool:
+    """A final failure that may have generated (and billed) images all the same."""
+    return error.kind == "ambiguous" or possibly_billed(error)

@@ -12,7 +12,7 @@ from .errors import CometBatchError, LedgerError, ManifestError
 from .events import LEDGER_NAME, iter_events
 from .forecast import forecast, quiet_registry
 from .holder import RunState, run_state
-from .manifest import Manifest
+from .manifest import JobDefaults, Manifest
 from .prices import PriceTable, actual, builtin_prices
 from .state import KeyState
 
@@ -109,6 +109,19 @@ def span_seconds(first: str | None, last: str | None) -> float | None:
         return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
     except (TypeError, ValueError):
         return None
+
+
+def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
+    """The --model/--size/--n a run event recorded (none for older ledgers or odd values)."""
+    given = run.get("defaults")
+    if not isinstance(given, dict):
+        return JobDefaults()
+    model, size, n = given.get("model"), given.get("size"), given.get("n")
+    return JobDefaults(
+        model=model if isinstance(model, str) else None,
+        size=size if isinstance(size, str) else None,
+        n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None,
+    )
 
 
 def read_status(
@@ -209,7 +222,11 @@ def _count_pending(
     sizes: dict[str, tuple[str | None, str | None]] = {}
     recorded_jobs = {str(item["job_id"]) for item in latest.values()}
     try:
-        manifest = Manifest(path, registry=quiet_registry(settings.get("model_overrides")))
+        manifest = Manifest(
+            path,
+            defaults=recorded_defaults(run),
+            registry=quiet_registry(settings.get("model_overrides")),
+        )
         manifest.validate()
 
         def jobs() -> Any:
@@ -235,10 +252,11 @@ def _count_pending(
         return {}
     matched = sum(p.requests - p.new_requests for p in plan.by_model.values())
     if latest and not matched:
-        # Typically a .txt or .csv run with --model/--size/--n, which the ledger does not record.
+        # A .txt or .csv run with --model/--size/--n from before run events recorded them, or
+        # another manifest than the one that ran.
         status.manifest_note = (
-            f"pending work is unknown: none of the jobs in {path} is in the ledger (was it run "
-            "with --model, --size or --n? pass the manifest the run used with --manifest)"
+            f"pending work is unknown: none of the jobs in {path} is in the ledger (pass the "
+            "manifest the run used with --manifest)"
         )
         return sizes
     for name, item in plan.by_model.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -536,8 +537,10 @@ def test_verbose_shows_each_retry_with_its_reason(tmp_path: Path) -> None:
         loud = cli(*args, "--out", str(tmp_path / "a"), "-v", env=env)
         quiet = cli(*args, "--out", str(tmp_path / "b"), env=env)
     assert loud.returncode == 0, loud.stderr
-    retries = [line for line in loud.stderr.splitlines() if "retrying after attempt" in line]
+    retries = [line for line in loud.stderr.splitlines() if "INFO: retry " in line]
     assert len(retries) == json.loads(loud.stdout)["retries"] > 0
-    assert all("failed: upstream load is saturated" in line for line in retries)
-    assert "retrying" not in quiet.stderr
+    assert all(re.search(r"retry \d+ of job v\d \(key v\d#0\): 429 rate_limit, waiting "
+                         r"0\.0 s \(Retry-After\): upstream load is saturated", line)
+               for line in retries)  # fmt: skip
+    assert "retry " not in quiet.stderr
     assert "sk-test-verbose" not in loud.stdout + loud.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -177,3 +178,27 @@ async def test_a_possibly_billed_retry_is_counted(tmp_path: Path) -> None:
     assert sent.error is None and sent.attempts == 3
     # The drop may have been billed; the 500 was not.
     assert sent.ambiguous == 1
+
+
+async def test_each_retry_is_logged_with_its_job_status_kind_and_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """-v retry lines name the job and key, the HTTP status and error kind, and the wait and
+    where it came from (Retry-After or backoff); the request counts its 429s."""
+    async with (
+        Simulator(SimConfig(retry_after=1.0)) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=2) as limiter,
+    ):
+        sim.enqueue("429", "500")
+        with caplog.at_level(logging.INFO, logger="cometbatch.dispatch"):
+            sent = await dispatcher_for(client, limiter, tmp_path).send(one_request())
+    assert sent.error is None and sent.rate_limited == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "retry 1 of job d (key d#0): 429 rate_limit, waiting 1.0 s (Retry-After): "
+    )
+    assert lines[1].startswith("retry 2 of job d (key d#0): 500 server, waiting ")
+    assert "(backoff): " in lines[1]
+    assert "sk-test" not in "".join(lines)

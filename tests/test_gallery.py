@@ -135,6 +135,25 @@ def test_latest_result_per_key_wins_and_failures_are_grouped() -> None:
     assert (second.images, second.retries) == (2, 1)
 
 
+def test_the_chart_counts_each_requests_429s_when_the_lines_record_them() -> None:
+    """Result lines with `rate_limited` chart every 429 answer when their request finished;
+    a ledger with older lines falls back to final 429s and the summaries' total."""
+    later = "2026-01-01T10:00:05.000Z"
+    events = [
+        {"event": "run", "run_id": "r1", "started_at": "2026-01-01T10:00:00Z", "settings": {}},
+        result("a#0", rate_limited=3, attempts=4),
+        result("b#0", rate_limited=0, finished_at=later),
+        result("c#0", "failed", error=error("rate_limit", 429), rate_limited=8, attempts=8),
+        {"event": "end", "run_id": "r1", "finished_at": "x", "summary": {"rate_limited": 99}},
+    ]
+    gallery = build_gallery(events)
+    assert gallery.per_result_429s and gallery.rate_limited == 11
+    assert [b.throttled for b in gallery.buckets if b.throttled] == [11]
+    older = build_gallery([*events[:3], result("d#0", "failed", error=error("x", 429)), events[4]])
+    assert not older.per_result_429s and older.rate_limited == 99
+    assert sum(b.throttled for b in older.buckets) == 3 + 1
+
+
 @pytest.mark.parametrize(
     ("path", "kept"),
     [

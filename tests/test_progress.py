@@ -9,8 +9,8 @@ import pytest
 from cometbatch.progress import Snapshot, choose_mode
 
 
-def snap(**fields: int | bool) -> Snapshot:
-    values: dict[str, int | bool] = {
+def snap(**fields: float | bool | None) -> Snapshot:
+    values: dict[str, float | bool | None] = {
         "done": 40,
         "failed": 2,
         "total": 100,
@@ -181,3 +181,14 @@ def test_a_dumb_terminal_gets_plain_lines() -> None:
     mode = choose_mode(quiet=False, json_output=False, stream=Tty(), environ={"TERM": "dumb"})
     assert mode == "plain"
     assert choose_mode(quiet=False, json_output=False, stream=Tty(), environ={}) == "rich"
+
+
+def test_spend_so_far_is_shown_and_a_cap_with_the_folders_figures() -> None:
+    """The run's spend is always shown; with caps, the folder's count (in flight included)
+    against each cap."""
+    assert "spent $0.420" in snap(spent=0.42).detail()
+    line = snap(spent=0.5, cost_cap=2.0, cost_counted=1.25, images_cap=40, images_counted=31)
+    text = line.detail()
+    assert "spent $0.500 (folder $1.25 of max $2.00)" in text
+    assert "folder images 31 of max 40" in text
+    assert "max" not in snap(spent=0.5).detail()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -368,7 +369,7 @@ def test_the_key_never_leaks_from_a_faulty_verbose_cli_run(tmp_path: Path) -> No
     assert (summary["ok_requests"], summary["failed_requests"]) == (len(LEAK_JOBS) - 1, 1)
     assert summary["failures"] == {"content_policy": 1}
     assert summary["retries"] > 0 and summary["simulated"] is False
-    assert "retrying after attempt" in run.stderr
+    assert re.search(r"retry \d+ of job \S+ \(key \S+\): ", run.stderr)
     events = ledger_events(out)
     (started,) = [e for e in events if e["event"] == "run"]
     assert "api_key" not in started["settings"]

@@ -189,6 +189,31 @@ def test_pending_is_unknown_without_a_manifest(tmp_path: Path) -> None:
     assert "pending work is unknown" in data["manifest_note"]
 
 
+async def test_a_txt_run_with_job_defaults_has_known_pending_work(tmp_path: Path) -> None:
+    """The run event records --model/--n, so status and the gallery read a .txt manifest as
+    it ran: pending work is counted and prompts are found."""
+    from support import no_sleep, settings_for
+
+    from cometbatch import Engine, SimConfig, Simulator, load_manifest
+    from cometbatch.gallery import read_gallery
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue bird\na green frog\n")
+    manifest = load_manifest(prompts, model="qwen-image", n=2)
+    out = tmp_path / "out"
+    async with Simulator(SimConfig(seed=5)) as sim:
+        settings = settings_for(sim, max_images=4)
+        async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
+            async for _ in engine.run(manifest):
+                pass
+    data = read_status(out).to_dict()
+    assert data["manifest_note"] == ""
+    assert (data["ok_images"], data["pending_images"]) == (4, 2)
+    gallery = read_gallery(out)
+    assert gallery.manifest_note == ""
+    assert {job.prompt for job in gallery.jobs.values()} == {"a red fox", "a blue bird"}
+
+
 def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
     """The holder info names a process that is gone: crashed; this live process: running."""
     import os

@@ -1,0 +1,211 @@
+"""Budget caps (`max_images`, `max_cost`): reserve before each send, settle when it is recorded.
+
+The caps count the whole output folder: what its ledger already records as generated (and
+spent) plus this run's requests, those in flight included. So a run stopped at a cap is
+continued by running it again with a higher one. `Budget` is pure bookkeeping; reading the
+ledger's earlier figures is `earlier_totals`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from .events import iter_events
+from .prices import PriceTable, format_usd, usage_cost
+from .settings import Settings
+from .state import LedgerState
+
+CapReason = Literal["max_images", "max_cost"]
+# The reasons a budget stops a run (Summary.stopped holds one of them).
+BUDGET_REASONS: frozenset[str] = frozenset({"max_images", "max_cost"})
+# Float sums of prices (0.04 * 25 = 1.0000000000000002) must not cross a cap by rounding.
+_SLACK = 1e-9
+_PAID = frozenset({"ok", "download_failed"})
+
+
+class Budget:
+    """How much of each cap is spent and reserved; refuses a request that would cross one."""
+
+    __slots__ = (
+        "cost", "earlier_cost", "earlier_images", "images", "max_cost", "max_images",
+        "reserved_cost", "reserved_images", "stopped", "unpriced",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        max_images: int | None = None,
+        max_cost: float | None = None,
+        earlier_images: int = 0,
+        earlier_cost: float = 0.0,
+    ) -> None:
+        self.max_images = max_images
+        self.max_cost = max_cost
+        self.earlier_images = earlier_images
+        self.earlier_cost = earlier_cost
+        # Committed (recorded) figures, the folder's earlier ones included.
+        self.images = earlier_images
+        self.cost = earlier_cost
+        # Held by requests being sent now.
+        self.reserved_images = 0
+        self.reserved_cost = 0.0
+        # The cap that refused a request; from then on every request is refused.
+        self.stopped: CapReason | None = None
+        # True when max_cost refused a request it could not price.
+        self.unpriced = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Budget images={self.images}+{self.reserved_images}/{self.max_images} "
+            f"cost={self.cost:.4f}+{self.reserved_cost:.4f}/{self.max_cost} "
+            f"stopped={self.stopped}>"
+        )
+
+    def reserve(self, images: int, cost: float | None) -> CapReason | None:
+        """Hold `images` and `cost` (dollars; None: unpriced) for a request about to be sent;
+        None when they fit, else the cap they would cross (and nothing is held)."""
+        if self.stopped is not None:
+            return self.stopped
+        limit = self.max_images
+        if limit is not None and self.images + self.reserved_images + images > limit:
+            self.stopped = "max_images"
+            return self.stopped
+        if self.max_cost is not None:
+            if cost is None:
+                # A request without a price cannot be kept under a dollar cap.
+                self.unpriced = True
+                self.stopped = "max_cost"
+                return self.stopped
+            if self.cost + self.reserved_cost + cost > self.max_cost + _SLACK:
+                self.stopped = "max_cost"
+                return self.stopped
+        self.reserved_images += images
+        self.reserved_cost += cost or 0.0
+        return None
+
+    def settle(self, images: int, cost: float | None, made: int, spent: float) -> None:
+        """Replace a reservation (as reserved) by what the request did: `made` images
+        generated, `spent` dollars (0 for nothing made, unless it may have been billed)."""
+        self.reserved_images -= images
+        self.reserved_cost -= cost or 0.0
+        self.images += made
+        self.cost += spent
+
+    def release(self, images: int, cost: float | None) -> None:
+        """Give a reservation back: the request was not sent, or nothing of it is recorded."""
+        self.settle(images, cost, 0, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the summary (`end` event, `--json`)."""
+        return {
+            "max_images": self.max_images,
+            "max_cost": self.max_cost,
+            "images": self.images,
+            "cost_usd": round(self.cost, 6),
+            "earlier_images": self.earlier_images,
+            "earlier_cost_usd": round(self.earlier_cost, 6),
+            "stopped": self.stopped,
+            "unpriced": self.unpriced,
+        }
+
+
+def cap_text(budget: Budget) -> str:
+    """Why a budget stopped a run, for a person (the caps' figures cover the whole folder)."""
+    if budget.stopped == "max_images":
+        return (
+            f"max_images {budget.max_images}: the next request would cross it "
+            f"({budget.images} image(s) made in this folder, {budget.reserved_images} in flight)"
+        )
+    if budget.stopped == "max_cost":
+        cap = format_usd(budget.max_cost)
+        if budget.unpriced:
+            return (
+                f"max_cost {cap}: the next request's model, size or quality has no price, so "
+                "the cap cannot bound it (give it one with --prices)"
+            )
+        return (
+            f"max_cost {cap}: the next request would cross it (about "
+            f"{format_usd(budget.cost)} spent in this folder, "
+            f"{format_usd(budget.reserved_cost)} in flight)"
+        )
+    return "no budget cap was reached"
+
+
+def request_cost(
+    model: str,
+    usage: Any,
+    generated: int,
+    size: str | None,
+    quality: str | None,
+    prices: PriceTable,
+) -> tuple[float | None, str]:
+    """Dollars a finished request cost and on what basis: "usage" (the answer's tokens),
+    "list" (per-image list price), "none" (nothing generated), "unpriced" (None dollars)."""
+    if generated == 0:
+        return 0.0, "none"
+    spec = prices.models.get(model)
+    if spec is None:
+        return None, "unpriced"
+    if spec.tokens is not None and usage:
+        dollars = usage_cost(usage, spec.tokens)
+        if dollars is not None:
+            return dollars, "usage"
+    per_image = spec.image_price(size, quality)
+    return (None, "unpriced") if per_image is None else (per_image * generated, "list")
+
+
+def _recorded_cost(event: Mapping[str, Any], prices: PriceTable) -> float:
+    """What a paid result line cost: its `cost` field, else priced from its usage."""
+    cost = event.get("cost")
+    if isinstance(cost, Mapping):
+        usd = cost.get("usd")
+        if isinstance(usd, int | float) and not isinstance(usd, bool) and math.isfinite(usd):
+            return float(usd)
+        return 0.0
+    generated = len(event.get("images") or ()) + len(event.get("downloads") or ())
+    usd, _ = request_cost(
+        str(event.get("model")), event.get("usage"), generated, None, None, prices
+    )
+    return usd or 0.0
+
+
+def earlier_totals(
+    state: LedgerState, ledger: Path, prices: PriceTable, *, with_cost: bool
+) -> tuple[int, float]:
+    """Images the folder's ledger records as generated (each key's latest result) and, with
+    `with_cost`, dollars spent (each key and request counted once, as `status` counts)."""
+    images = sum(item.n for _, item in state.items() if item.status in _PAID)
+    if not with_cost:
+        return images, 0.0
+    paid: dict[tuple[str, str], float] = {}
+    try:
+        for _, event in iter_events(ledger):
+            if event.get("event") == "result" and event.get("status") in _PAID:
+                key = (str(event.get("key")), str(event.get("fingerprint")))
+                paid[key] = _recorded_cost(event, prices)
+    except FileNotFoundError:
+        return images, 0.0
+    return images, sum(paid.values())
+
+
+async def open_budget(
+    settings: Settings, state: LedgerState, ledger: Path, prices: PriceTable
+) -> Budget | None:
+    """The caps' bookkeeping from what the folder's ledger records; None when no cap is set."""
+    if settings.max_images is None and settings.max_cost is None:
+        return None
+    with_cost = settings.max_cost is not None
+    # A long ledger takes a while to read: keep the event loop free meanwhile.
+    images, cost = await asyncio.to_thread(
+        earlier_totals, state, ledger, prices, with_cost=with_cost
+    )
+    return Budget(
+        max_images=settings.max_images,
+        max_cost=settings.max_cost,
+        earlier_images=images,
+        earlier_cost=cost,
+    )
