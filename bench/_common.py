@@ -16,9 +16,7 @@ import resource
 import shutil
 import statistics
 import sys
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -43,35 +41,6 @@ def options(description: str, *, runs: int = 3) -> Options:
     parser.add_argument("--runs", type=int, default=runs, help="runs to take the median of")
     args = parser.parse_args()
     return Options(smoke=args.smoke, runs=1 if args.smoke else max(1, args.runs))
-
-
-@contextlib.contextmanager
-def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
-    """The simulated API on its own thread and event loop, so it does not share a CPU-bound
-    loop with the client being measured; yields the open Simulator (read `stats` freely)."""
-    ready: Future[Simulator] = Future()
-    stop: Future[None] = Future()
-
-    async def serve() -> None:
-        async with Simulator(config) as sim:
-            ready.set_result(sim)
-            await asyncio.wrap_future(stop)
-
-    def main() -> None:
-        try:
-            asyncio.run(serve())
-        except BaseException as exc:  # reported to the waiting caller
-            if not ready.done():
-                ready.set_exception(exc)
-
-    thread = threading.Thread(target=main, name="simulator", daemon=True)
-    thread.start()
-    sim = ready.result(timeout=30)
-    try:
-        yield sim
-    finally:
-        stop.set_result(None)
-        thread.join(timeout=30)
 
 
 class SimulatorProcess:

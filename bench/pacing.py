@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
-from _common import finish, median, simulator_thread, verdict
+from _common import finish, median, simulator_process, verdict
 
 from cometbatch import Engine, Job, Settings, SimConfig
 
@@ -168,7 +168,7 @@ def measure(mode: str, seconds: float) -> Run:
         rpm_limit=LIMIT if mode == "rpm" else None,
         ipm_limit=LIMIT if mode == "ipm" else None,
     )
-    with simulator_thread(config) as sim, tempfile.TemporaryDirectory() as tmp:
+    with simulator_process(config) as sim, tempfile.TemporaryDirectory() as tmp:
         run, _ = asyncio.run(one_run(mode, sim.base_url, seconds, Path(tmp)))
         run.limit_429s = sim.stats.limit_429s
         run.all_429s = sim.stats.statuses[429]

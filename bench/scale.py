@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from _common import Options, finish, median, options, simulator_thread, verdict
+from _common import Options, finish, median, options, simulator_process, verdict
 
 from cometbatch import SimConfig
 from cometbatch.manifest import parse_line
@@ -397,7 +397,7 @@ def main(opts: Options) -> None:
     config = SimConfig(image_px=8, record_requests=False)
     with (
         tempfile.TemporaryDirectory(prefix="cometbatch-scale-") as tmp,
-        simulator_thread(config) as sim,
+        simulator_process(config) as sim,
     ):
         base_url = sim.base_url
         folder = Path(tmp)

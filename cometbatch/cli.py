@@ -20,9 +20,8 @@ from .cli_inspect import export, gallery, models, status
 from .cli_options import (
     AUTO_MAX_CONCURRENCY,
     DEFAULTS,
-    EXIT_FAILED,
     EXIT_INTERRUPTED,
-    EXIT_OK,
+    budget_options,
     concurrency_fields,
     console,
     fail,
@@ -30,6 +29,7 @@ from .cli_options import (
     parse_concurrency,
     raise_open_file_limit,
     reporting_options,
+    run_exit_code,
     say,
     setup_logging,
 )
@@ -61,8 +61,11 @@ def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfi
         "retry_failed": opts["retry_failed"],
         "regenerate_changed": opts["regenerate_changed"],
         "retry_ambiguous": not opts["no_retry_ambiguous"],
+        "fsync": opts["fsync"],
         "allow_insecure_http": opts["allow_insecure_http"],
         "model_overrides": overrides,
+        "max_images": opts["max_images"],
+        "max_cost": opts["max_cost"],
     }
     if opts["base_url"]:
         fields["base_url"] = opts["base_url"]
@@ -164,6 +167,15 @@ def main() -> None:
     "OUT/replaced/; paid again).",
 )
 @click.option(
+    "--fsync",
+    type=click.Choice(["end", "batch", "always"]),
+    default="end",
+    show_default=True,
+    help="When results reach the disk itself: 'end' flushes each ledger write to the OS "
+    "and fsyncs at the end (a crash loses nothing); 'batch' also fsyncs each write (a power "
+    "loss loses nothing); 'always' also fsyncs every image before its line.",
+)
+@click.option(
     "--no-retry-ambiguous",
     is_flag=True,
     help="Do not retry a request that timed out or lost its connection after it was sent "
@@ -204,6 +216,7 @@ def main() -> None:
 @click.option(
     "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
 )
+@budget_options
 @reporting_options
 @click.pass_context
 def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
@@ -221,6 +234,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
       cometbatch run prompts.txt --model gpt-image-1 --size 1024x1024 --n 4
       cometbatch run prompts.jsonl --concurrency auto --max-concurrency 500
       cometbatch run prompts.jsonl --config team.toml --prices our-prices.toml
+      cometbatch run prompts.jsonl --max-images 500 --max-cost 20   # exit 3 at a cap
     """
     json_output, quiet = bool(options["json_output"]), bool(options["quiet"])
     setup_logging(int(options["verbose"]), quiet)
@@ -292,9 +306,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
     else:
         for line in summary_lines(summary, out, outcome.spend):
             say(line)
-    if summary.interrupted:
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(EXIT_OK if summary.complete else EXIT_FAILED)
+    sys.exit(run_exit_code(summary))
 
 
 for _command in (status, gallery, export, fetch, models, simulate):

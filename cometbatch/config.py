@@ -40,6 +40,9 @@ class FileSettings(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     timeout: float | None = Field(default=None, ge=1)
     retry_ambiguous: bool | None = None
+    fsync: Literal["end", "batch", "always"] | None = None
+    max_images: int | None = Field(default=None, ge=1)
+    max_cost: float | None = Field(default=None, gt=0)
     # Job defaults, as --model, --size and --n.
     model: str | None = None
     size: str | None = None

@@ -95,6 +95,8 @@ class Sent:
     error: APIError | None = None
     attempts: int = 0
     ambiguous: int = 0
+    # 429 answers met on the way (retried ones included).
+    rate_limited: int = 0
     # Images generated whose download failed: kept with their URL, fetched again later.
     pending: list[PendingDownload] = field(default_factory=list)
 
@@ -114,9 +116,31 @@ def _check_count(request: Request, response: ImagesResponse) -> None:
         )
 
 
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.info("retrying after attempt %d failed: %s", state.attempt_number, exc)
+def retry_logger(request: Request) -> Callable[[RetryCallState], None]:
+    """tenacity's before_sleep for one request: a -v line naming it, the failure, the wait."""
+
+    def log_retry(state: RetryCallState) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if isinstance(exc, APIError):
+            what = f"{exc.status} {exc.kind}" if exc.status is not None else exc.kind
+            why = "Retry-After" if exc.retry_after is not None else "backoff"
+        else:
+            what, why = type(exc).__name__, "backoff"
+        log.info(
+            "retry %d of job %s (key %s): %s, waiting %.1f s (%s): %s",
+            state.attempt_number,
+            request.job.id,
+            request.key,
+            what,
+            wait,
+            why,
+            exc,
+        )
+
+    return log_retry
 
 
 @dataclass(slots=True)
@@ -132,6 +156,8 @@ class Dispatcher:
     stopping: Callable[[], bool]
     # Told when a task starts or stops holding a sent (paid-for) request.
     busy: Callable[[bool], None]
+    # Told when a task starts or ends a retry wait (the pool lends its slot meanwhile).
+    lend: Callable[[bool], None] = field(default=lambda waiting: None)
     # Requests sleeping before their next attempt (for the progress display).
     waiting: int = 0
     # Downloads are retried on their own, with the same backoff as generations.
@@ -145,10 +171,12 @@ class Dispatcher:
         # Only a request waiting to retry holds nothing paid for: a stop may cancel it now.
         self.busy(False)
         self.waiting += 1
+        self.lend(True)
         try:
             await self.sleep(delay)
         finally:
             self.waiting -= 1
+            self.lend(False)
 
     async def send(self, request: Request) -> Sent:
         """Generate and store one request; API failures are returned, fatal ones raised."""
@@ -182,7 +210,8 @@ class Dispatcher:
                 raise
             first: APIError | None = exc
         last = first
-        async for attempt in retrying(self.policy, sleep=self._wait, before_sleep=_log_retry):
+        log_retry = retry_logger(request)
+        async for attempt in retrying(self.policy, sleep=self._wait, before_sleep=log_retry):
             with attempt:
                 if first is not None:
                     failed, first = first, None
@@ -215,6 +244,7 @@ class Dispatcher:
                 # Still busy: a final failure is recorded before the task is idle.
                 if exc.kind == "rate_limit":
                     self.summary.rate_limited += 1
+                    sent.rate_limited += 1
                 outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
                 self.limiter.record(outcome, detail=str(exc))
                 raise

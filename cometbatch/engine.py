@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -13,15 +14,17 @@ from pathlib import Path
 import aiohttp
 
 from . import __version__
+from .budget import BUDGET_REASONS, CapReason, cap_text, open_budget
 from .client import Client
 from .dispatch import Dispatcher, Stopped, interruptible_sleep
-from .errors import CometBatchError
-from .events import now_iso
+from .errors import BudgetExceededError, CometBatchError
+from .events import LEDGER_NAME, now_iso
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
 from .models import ModelRegistry
 from .pool import WorkerPool
+from .prices import PriceTable, builtin_prices
 from .results import Result, Summary
 from .retry import RetryPolicy
 from .sender import Sender
@@ -45,12 +48,15 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         simulated: bool = False,
         max_images_per_request: int | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
         # A caller's registry is used as given; the default one takes settings.model_overrides.
         self.registry = registry or ModelRegistry().with_overrides(self.settings.model_overrides)
         self.simulated = simulated
+        # Prices each result's cost and, with Settings.max_cost, each request's estimate.
+        self.prices = prices or builtin_prices()
         # Sizes --ipm pacing; default: the most any model in the registry takes per request.
         self._max_images = max_images_per_request
         self.summary = Summary(simulated=simulated)
@@ -134,12 +140,16 @@ class Engine:
             self._client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
             )
-            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir))
-            self._sink = Sink(self.out_dir)
+            fsync = self.settings.fsync
+            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir, fsync=fsync))
+            self._sink = Sink(self.out_dir, fsync=fsync == "always")
             # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(self._sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
+            budget = self.summary.budget = await open_budget(
+                self.settings, self._ledger.state, self.out_dir / LEDGER_NAME, self.prices
+            )
             self._dispatcher = Dispatcher(
                 client=self._client,
                 limiter=self._limiter,
@@ -153,6 +163,7 @@ class Engine:
                 ),
                 stopping=self._stop_event.is_set,
                 busy=self._pool.mark_busy,
+                lend=self._pool.lend,
             )
             self._sender = Sender(
                 dispatcher=self._dispatcher,
@@ -162,6 +173,9 @@ class Engine:
                 run_id=self._run_id,
                 summary=self.summary,
                 base_url=self.settings.base_url,
+                prices=self.prices,
+                budget=budget,
+                refused=self._cap_reached,
             )
         except BaseException:
             self._state = "closed"
@@ -183,11 +197,22 @@ class Engine:
                             "event": "end",
                             "run_id": self._run_id,
                             "finished_at": now_iso(),
+                            "stopped": _budget_stop(self.summary),
                             "summary": self.summary.to_dict(),
                         }
                     )
         finally:
             await self._stack.aclose()
+
+    def _cap_reached(self, reason: CapReason) -> None:
+        """A request would cross a cap: take no new work; requests already budgeted (in
+        flight, waiting for a slot or to retry) are still sent and recorded."""
+        budget = self.summary.budget
+        if self.summary.stopped is None and not self.summary.interrupted:
+            self.summary.stopped = reason
+            if budget is not None:
+                log.info("%s; no new requests start", cap_text(budget))
+        self._pool.drain()
 
     async def _end_runner(self) -> None:
         """Stop a run whose consumer went away (a break, a dropped generator) and wait for it."""
@@ -241,6 +266,8 @@ class Engine:
                 "manifest_sha256": manifest.sha256 if manifest is not None else None,
                 "version": __version__,
                 "settings": settings,
+                # --model/--size/--n, so that status and gallery can read the manifest as run.
+                "defaults": dataclasses.asdict(manifest.defaults) if manifest is not None else None,
             },
         )
 
@@ -267,6 +294,11 @@ class Engine:
         try:
             return list(await asyncio.gather(*calls))
         except Stopped:
+            budget = self.summary.budget
+            if budget is not None and budget.stopped is not None:
+                raise BudgetExceededError(
+                    f"{cap_text(budget)}; the job was not sent", reason=budget.stopped
+                ) from None
             raise CometBatchError("the engine is stopping; the job was not sent") from None
 
     async def run(self, jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Result]:
@@ -305,6 +337,11 @@ class Engine:
             await self._end_runner()
         if self._fatal is not None:
             raise self._fatal
+
+
+def _budget_stop(summary: Summary) -> str | None:
+    """The cap that stopped a run, if one did (the `end` event's `stopped`)."""
+    return summary.stopped if summary.stopped in BUDGET_REASONS else None
 
 
 async def _done(result: Result) -> Result:

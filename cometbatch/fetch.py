@@ -152,7 +152,7 @@ async def fetch_pending(
     settings = settings or Settings()
     out = Path(out_dir)
     summary = Summary()
-    async with Ledger(out) as ledger:
+    async with Ledger(out, fsync=settings.fsync) as ledger:
         pending = await asyncio.to_thread(_pending_events, ledger.path)
         if not pending:
             return summary
@@ -182,7 +182,12 @@ async def fetch_pending(
             allow_insecure_http=True,
         )
         async with client:
-            fetcher = Fetcher(client, Sink(out), RetryPolicy.from_settings(settings), sleep)
+            fetcher = Fetcher(
+                client,
+                Sink(out, fsync=settings.fsync == "always"),
+                RetryPolicy.from_settings(settings),
+                sleep,
+            )
             gate = asyncio.Semaphore(settings.concurrency)
             try:
                 async for event, fetched in _fetch_each(fetcher, pending, gate, run_id):

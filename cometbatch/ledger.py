@@ -12,14 +12,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, Self, get_args
+from typing import Any, BinaryIO, Self, get_args
 
 from .errors import CometBatchError, LedgerError, OutputError
 from .events import LEDGER_NAME, repair_tail
 from .lock import FolderLock
+from .settings import FsyncPolicy
 from .state import KeyState, LedgerState
 
-FsyncPolicy = Literal["end", "batch", "always"]
 FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 
 # A line waiting for the write that carries it: its bytes, its event, its key's new state,

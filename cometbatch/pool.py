@@ -32,6 +32,17 @@ class WorkerPool:
         # Pool workers, and those of them not holding a sent request (safe to cancel on stop).
         self._workers: set[asyncio.Task[Any]] = set()
         self._idle: set[asyncio.Task[Any]] = set()
+        # Draining (a budget cap was reached): no new work is taken, work in hand finishes.
+        self._draining = False
+        self._producer: asyncio.Task[Any] | None = None
+        # Workers waiting for their next piece of work (let go at once when draining).
+        self._getting: set[asyncio.Task[Any]] = set()
+        # While a request waits out a retry delay (a 429's Retry-After), its worker is lent
+        # out: a spare worker takes the next request, so one throttled request does not idle a
+        # whole slot of `width`. Spares leave once the waiters are back (at most 2 x width).
+        self._width = 0
+        self._waiting = 0
+        self._spawn: Callable[[], None] | None = None
 
     @property
     def holding_sent(self) -> int:
@@ -42,6 +53,29 @@ class WorkerPool:
         """Cancel the producer and the workers that hold no sent request."""
         for task in list(self._idle):
             task.cancel()
+
+    def drain(self) -> None:
+        """Take no new work: the producer and the workers waiting for work are let go; the
+        requests in hand (budgeted already) are sent, retried and recorded as usual."""
+        self._draining = True
+        if self._producer is not None:
+            self._producer.cancel()
+        for task in list(self._getting):
+            task.cancel()
+
+    def lend(self, waiting: bool) -> None:
+        """A worker starts (True) or ends (False) a retry wait; starting one may add a spare."""
+        if not waiting:
+            self._waiting -= 1
+            return
+        self._waiting += 1
+        if (
+            self._spawn is not None
+            and not self._draining
+            and not self._stopping()
+            and len(self._workers) < self._width + min(self._waiting, self._width)
+        ):
+            self._spawn()
 
     def mark_busy(self, busy: bool) -> None:
         """Workers holding a sent request are not cancelled on stop: their images are paid for."""
@@ -64,17 +98,28 @@ class WorkerPool:
     ) -> None:
         """Triage `jobs`, send their requests with `width` workers; put each Result, then None."""
         queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=width * 2)
+        self._width = width
         try:
             async with asyncio.TaskGroup() as group:
-                producer = group.create_task(self._produce(jobs, queue, width, counting))
-                self._idle.add(producer)
-                for _ in range(width):
+
+                def spawn() -> None:
                     worker = group.create_task(self._work(queue, results))
                     self._workers.add(worker)
                     self._idle.add(worker)
+
+                producer = group.create_task(self._produce(jobs, queue, counting))
+                self._producer = producer
+                self._idle.add(producer)
+                if self._draining:
+                    producer.cancel()
+                for _ in range(width):
+                    spawn()
+                self._spawn = spawn
         finally:
+            self._spawn = None
             self._idle.clear()
             self._workers.clear()
+            self._producer = None
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # The consumer is gone: nobody will read the end marker, so never wait on it.
@@ -87,7 +132,6 @@ class WorkerPool:
         self,
         jobs: Iterable[Job] | AsyncIterable[Job],
         queue: asyncio.Queue[Work | None],
-        width: int,
         counting: bool,
     ) -> None:
         try:
@@ -104,16 +148,36 @@ class WorkerPool:
             self._fail(exc)
             return
         # Stopping workers are cancelled or leave on their own; only a finished producer
-        # tells each worker that the queue is done.
-        for _ in range(width):
-            await queue.put(None)
+        # tells the workers that the queue is done: each passes the marker on as it leaves.
+        await queue.put(None)
 
     async def _work(
         self, queue: asyncio.Queue[Work | None], results: asyncio.Queue[Result | None]
     ) -> None:
-        while not self._stopping():
-            work = await queue.get()
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await self._serve(task, queue, results)
+        finally:
+            self._workers.discard(task)
+            self._idle.discard(task)
+
+    async def _serve(
+        self,
+        task: asyncio.Task[Any],
+        queue: asyncio.Queue[Work | None],
+        results: asyncio.Queue[Result | None],
+    ) -> None:
+        while not self._stopping() and not self._draining:
+            if len(self._workers) - self._waiting > self._width:
+                return  # a spare whose waiter is back
+            self._getting.add(task)
+            try:
+                work = await queue.get()
+            finally:
+                self._getting.discard(task)
             if work is None:
+                queue.put_nowait(None)  # for the next worker
                 return
             try:
                 result = await self._execute(work)

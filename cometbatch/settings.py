@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from .errors import ConfigError
+
+# "end": flushed to the OS per write, fsynced at close (a crash loses nothing; a power loss may
+# lose the last lines); "batch": each group of lines fsynced before its appends return;
+# "always": "batch", and every image fsynced before its line is written.
+FsyncPolicy = Literal["end", "batch", "always"]
 
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
 KEY_ENV = "COMETAPI_KEY"
@@ -65,6 +70,8 @@ class Settings(BaseModel):
     # Retry timeouts and dropped connections that happen after the request was sent
     # (the image may have been generated and billed).
     retry_ambiguous: bool = True
+    # When ledger lines (and images) reach the disk itself: see Ledger for each policy.
+    fsync: FsyncPolicy = "end"
     timeout: float = Field(default=600.0, gt=0)
     connect_timeout: float = Field(default=30.0, gt=0)
     download_timeout: float = Field(default=120.0, gt=0)
@@ -83,6 +90,11 @@ class Settings(BaseModel):
     allow_insecure_http: bool = False
     # Grace period for in-flight requests after a stop is asked (Ctrl-C).
     grace_period: float = Field(default=60.0, ge=0)
+    # Budget caps over the output folder (what its ledger records plus this run, in flight
+    # included): no request starts that could cross one; the run stops as "max_images" or
+    # "max_cost" instead. None: no cap.
+    max_images: int | None = Field(default=None, gt=0)
+    max_cost: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @field_validator("base_url")
     @classmethod

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pybase64
+
 from cometbatch.errors import ImageDataError, OutputError
 from cometbatch.paths import image_relpath
 
@@ -75,6 +77,15 @@ def decode_b64(text: str) -> bytes:
         if not comma or not header.lower().endswith(";base64"):
             raise ImageDataError("invalid base64 image data", retryable=False)
         body = rest
+    try:
+        # pybase64 (SIMD) decodes a 2 MB image in about 0.3 ms where binascii takes 10+: it
+        # never accepts what binascii's strict mode refuses, but refuses a few odd paddings
+        # that strict mode accepts, which the exact path below then settles.
+        data = pybase64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        data = b""
+    if data:
+        return data
     try:
         # Strict mode rejects whitespace; the usual answer has none, so it is decoded in one
         # pass without first copying a multi-megabyte string.

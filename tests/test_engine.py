@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from PIL import Image
 from support import ledger_results as results
 from support import no_sleep, run_all, serve, settings_for
@@ -546,3 +549,91 @@ async def test_a_shared_failure_is_not_counted_as_done(tmp_path: Path) -> None:
     assert first.status == second.status == "failed"
     assert engine.summary.skipped_requests == 0
     assert not engine.summary.complete
+
+
+@pytest.mark.parametrize(
+    ("policy", "per_image"), [("end", False), ("batch", False), ("always", True)]
+)
+async def test_the_fsync_setting_reaches_the_ledger_and_the_images(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, per_image: bool
+) -> None:
+    """fsync="end" syncs the ledger once, at the end; "batch" syncs each ledger write;
+    "always" also syncs every image file before its line."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc") else "?")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    jobs = [Job(id=f"f{i}", prompt=f"p {i}", model="gpt-image-1", n=2) for i in range(6)]
+    settings = settings_for(sim, fsync=policy, concurrency=1)
+    async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+        await run_all(engine, jobs)
+        ledger_writes = engine._ledger.writes if engine._ledger else 0
+    # An image is synced as its temp file, before the rename (and its folder after it).
+    images = [name for name in synced if "/images/" in name and name.endswith(".tmp")]
+    ledger = [name for name in synced if name.endswith("ledger.jsonl")]
+    assert len(images) == (12 if per_image else 0)
+    if policy == "end":
+        assert len(ledger) == 1
+    else:
+        assert len(ledger) >= ledger_writes >= 6
+
+
+async def test_a_request_waiting_out_a_429_lends_its_slot(tmp_path: Path) -> None:
+    """While one request sleeps on Retry-After, a spare worker takes its slot: the server
+    below answers only pairs of requests in flight at once, which two workers can form only
+    if the waiting one lent its slot; the limit on requests in flight still holds."""
+    image = {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}
+    release = asyncio.Event()
+    partner: list[asyncio.Future[None]] = []
+    seen = {"requests": 0, "in_flight": 0, "most": 0}
+
+    async def answer(request: web.Request) -> web.Response:
+        seen["requests"] += 1
+        if seen["requests"] == 1:
+            return web.json_response(
+                {"error": {"message": "slow down", "type": "rate_limit"}},
+                status=429,
+                headers={"Retry-After": "5"},
+            )
+        seen["in_flight"] += 1
+        seen["most"] = max(seen["most"], seen["in_flight"])
+        try:
+            if not release.is_set():
+                if partner:
+                    partner.pop().set_result(None)
+                else:
+                    waiting = asyncio.get_running_loop().create_future()
+                    partner.append(waiting)
+                    await waiting
+            return web.json_response({"created": 1, "data": [image]})
+        finally:
+            seen["in_flight"] -= 1
+
+    waits: list[float] = []
+
+    async def held_sleep(delay: float) -> None:
+        waits.append(delay)
+        await release.wait()
+
+    done: list[str] = []
+    jobs = [Job(id=f"w{i}", prompt=f"p {i}", model="gpt-image-1") for i in range(7)]
+    async with serve({("POST", "/v1/images/generations"): answer}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test", concurrency=2)
+        async with Engine(settings, out_dir=tmp_path, sleep=held_sleep) as engine:
+
+            async def consume() -> None:
+                async for result in engine.run(jobs):
+                    done.append(result.job.id)
+                    if len(done) == 6:
+                        # The other six went through in pairs while the first one waited.
+                        assert waits == [5.0] and not release.is_set()
+                        release.set()
+
+            await asyncio.wait_for(consume(), timeout=30)
+    assert sorted(done) == sorted(job.id for job in jobs)
+    assert engine.summary.complete and engine.summary.rate_limited == 1
+    assert seen["most"] == 2

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from cometbatch import events
 from cometbatch.errors import LedgerError, OutputError
 from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
-from cometbatch.ledger import FsyncPolicy, Ledger
+from cometbatch.ledger import Ledger
 from cometbatch.lock import LOCK_NAME, FolderLock
+from cometbatch.settings import FsyncPolicy
 from cometbatch.state import KeyState, LedgerState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -635,6 +636,17 @@ def result_lines(draw: st.DrawFn) -> str:
         )
     event["metadata"] = draw(json_values(text, deep=not ours))
     event["usage"] = draw(st.none() | json_values(text, deep=not ours))
+    if draw(st.booleans()):
+        # Lines since results count their 429s and cost: each after its neighbour.
+        costs = st.fixed_dictionaries({"usd": st.none() | st.floats(0, 100), "basis": text})
+        added = {"ambiguous_retries": ("rate_limited", draw(st.integers(0, 99))),
+                 "usage": ("cost", draw(st.none() | costs))}  # fmt: skip
+        grown: dict[str, Any] = {}
+        for name, value in event.items():
+            grown[name] = value
+            if name in added:
+                grown[added[name][0]] = added[name][1]
+        event = grown
     # The Ledger's field order (Result.to_event): downloads follow images.
     order = [*list(event)[: list(event).index("images") + 1], "downloads"]
     event = {name: event[name] for name in [*order, *(k for k in event if k not in order)]}
@@ -714,6 +726,29 @@ def test_a_ledger_in_this_packages_shape_loads_compactly(
     assert recorded.images == [{k: v for k, v in image("j7").items() if k != "revised_prompt"}]
     a = state.get("a#0")
     assert a is not None and (a.status, a.retryable, a.fingerprint) == ("failed", False, "0" * 16)
+
+
+def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
+    """A Result's ledger line, with its 429 count and cost, matches the fast pattern."""
+    from cometbatch.ledger import _encode
+    from cometbatch.manifest import Job
+    from cometbatch.models import ModelRegistry
+    from cometbatch.plan import plan_job
+    from cometbatch.results import Result
+    from cometbatch.sink import ImageRecord
+
+    job = Job(id="fast", prompt="p", model="dall-e-3", metadata={"sku": "A-1"})
+    (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
+    record = ImageRecord(index=0, path="images/fast/0.png", format="png", bytes=9, sha256=SHA)
+    for cost, basis in ((0.04, "list"), (None, "unpriced")):
+        result = Result.of(
+            request, "r1", "ok", images=(record,), attempts=3, rate_limited=2,
+            usage={"input_tokens": 1}, cost_usd=cost, cost_basis=basis,
+        )  # fmt: skip
+        line = _encode(result.to_event())
+        found = events._RESULT_LINE.fullmatch(line)
+        assert found is not None and found.group(2) == b"fast#0"
+        assert json.loads(line)["cost"] == {"usd": cost, "basis": basis}
 
 
 def test_a_later_line_for_a_key_replaces_it_in_place(tmp_path: Path) -> None:

@@ -135,6 +135,53 @@ def test_large_base64_is_decoded_in_slices_exactly_as_in_one_call(
         assert _strict_or_none(sink_module._a2b_strict, text) == _strict_or_none(whole, text), text
 
 
+def _reference_decode(text: str) -> bytes | None:
+    """decode_b64's contract with binascii alone: strict, else strict without whitespace."""
+    body = text.strip()
+    for candidate in (body, "".join(body.split())):
+        decoded = _strict_or_none(lambda t: binascii.a2b_base64(t, strict_mode=True), candidate)
+        if decoded is not None:
+            return decoded or None
+    return None
+
+
+def test_fast_decoding_accepts_and_refuses_exactly_what_strict_binascii_does() -> None:
+    """The SIMD fast path refuses some paddings strict binascii accepts; those fall through
+    to the exact path, so decode_b64 answers exactly as binascii alone would."""
+    rng = random.Random(11)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    texts = ["YWJjZGVmZ2hpamts=", "294Z=", "YQ", "YQ=", "YR==", "a===", "Y\nQ==", " YQ== "]
+    for _ in range(20_000):
+        text = base64.b64encode(rng.randbytes(rng.randint(0, 40))).decode()
+        for _ in range(rng.randint(0, 3)):
+            if text:
+                at = rng.randrange(len(text))
+                keep = rng.random() < 0.7
+                text = text[:at] + rng.choice("A/+= \né-_\x00" + alphabet[:5]) + text[at + keep :]
+        texts.append(text + rng.choice(["", "", "=", "==", "A", "AB==", "\n"]))
+    accepted = 0
+    for text in texts:
+        expected = _reference_decode(text)
+        try:
+            got: bytes | None = sink_module.decode_b64(text)
+        except ImageDataError:
+            got = None
+        assert got == expected, text
+        accepted += expected is not None
+    assert accepted > 1000  # the corpus exercises the accepting side too
+
+
+def test_valid_base64_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Well-formed data never reaches the slow exact path (10+ ms per 2 MB image)."""
+
+    def slow_path(body: str) -> bytes:
+        raise AssertionError("the exact path was used for valid data")
+
+    monkeypatch.setattr(sink_module, "_a2b_strict", slow_path)
+    data = os.urandom(3 * 1024 * 1024)
+    assert decode_b64(base64.b64encode(data).decode()) == data
+
+
 def test_image_record_to_dict_has_exactly_the_ledger_keys() -> None:
     """An ImageRecord serializes to the ledger's image object."""
     record = ImageRecord(0, "images/a/0.png", "png", 3, "ab" * 32, "a cat")
