@@ -94,7 +94,7 @@ class Ledger:
         # Lines waiting for the next write.
         self._queue: list[_Queued] = []
         # The write under way in a worker thread, if any.
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[int | None] | None = None
         self._broken: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -249,7 +249,7 @@ class Ledger:
         self._writing = writing
         writing.add_done_callback(functools.partial(self._written, queued))
 
-    def _written(self, queued: list[_Queued], done: asyncio.Future[None]) -> None:
+    def _written(self, queued: list[_Queued], done: asyncio.Future[int | None]) -> None:
         """Record a finished write's lines and settle its appends; start the next write."""
         self._writing = None
         exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
@@ -259,12 +259,13 @@ class Ledger:
             _fail(queued, self._write_error, exc)
         else:
             self.writes += 1
-            for _, event, update, written in queued:
+            self.state._appended(sum(len(line) for line, _, _, _ in queued), done.result())
+            for line, event, update, written in queued:
                 try:
                     if update is not None:
-                        self.state._record(update)
+                        self.state._record(update, line)
                     else:
-                        self.state.apply(event)
+                        self.state.apply(event, line)
                 except Exception as error:
                     # Validated before it was queued: a bug, but no append may hang on it.
                     if not written.done():
@@ -295,8 +296,9 @@ def _fail(
         written.set_exception(exc)
 
 
-def _write_lines(handle: BinaryIO, data: bytes, fsync: bool) -> None:
-    """Append `data` (whole lines) to the unbuffered file; fsync it if asked (in a thread)."""
+def _write_lines(handle: BinaryIO, data: bytes, fsync: bool) -> int | None:
+    """Append `data` (whole lines) to the unbuffered file; fsync it if asked (in a thread).
+    Returns where the file now ends (None if the file cannot tell)."""
     view = memoryview(data)
     while view:
         # A raw write may take less than it is given (a signal, a nearly full disk).
@@ -305,6 +307,10 @@ def _write_lines(handle: BinaryIO, data: bytes, fsync: bool) -> None:
             raise OSError(errno.EIO, "the ledger file took no bytes", str(handle.name))
         view = view[written:]
     _flush(handle, fsync)
+    try:
+        return handle.tell()
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _flush(handle: BinaryIO, fsync: bool) -> None:

@@ -392,11 +392,13 @@ class LedgerState:
         """How many keys are currently ok and failed."""
         return dict(self._counts)
 
-    def apply(self, event: dict[str, Any]) -> None:
-        """Fold one ledger event into the state; raises KeyError/TypeError when malformed."""
+    def apply(self, event: dict[str, Any], line: bytes | None = None) -> None:
+        """Fold one ledger event into the state; raises KeyError/TypeError when malformed.
+
+        `line` is the event's line as the Ledger just appended it (see `_record`)."""
         kind = event["event"]
         if kind == "result":
-            self._record(KeyState.from_event(event))
+            self._record(KeyState.from_event(event), line)
             return
         if kind == "run":
             self.runs += 1
@@ -404,11 +406,15 @@ class LedgerState:
         elif kind == "end":
             self.last_end = event
         # Unknown event kinds are left alone so older versions can read newer ledgers.
-        self._follow(None)
+        self._follow(None, line)
 
-    def _record(self, state: KeyState) -> None:
-        """Replace the state of its key (the Ledger calls this once its line is written)."""
-        offset = self._follow(state.key)
+    def _record(self, state: KeyState, line: bytes | None = None) -> None:
+        """Replace the state of its key (the Ledger calls this once its line is written).
+
+        With `line`, the bytes the Ledger appended for it, its offset in the file is known
+        without reading the file back; the Ledger has checked (`_appended`) that its write
+        landed exactly at the end this state knows."""
+        offset = self._follow(state.key, line)
         self._put(state, offset)
 
     # -- rows --------------------------------------------------------------------------------
@@ -612,16 +618,28 @@ class LedgerState:
 
     # -- following appends ------------------------------------------------------------------
 
-    def _follow(self, key: str | None) -> int:
+    def _appended(self, size: int, end: int | None) -> None:
+        """The Ledger appended `size` bytes and the file now ends at `end` (None: unknown).
+        Unless that is exactly where this state expected, stop following the file: states
+        are then kept whole in memory instead of as offsets into it."""
+        if self._following and end != self._end + size:
+            self._following = False
+            self._ahead = _NOTHING_AHEAD
+
+    def _follow(self, key: str | None, line: bytes | None = None) -> int:
         """The offset of the line just appended for `key` (None: not a result), or -1.
 
         The Ledger writes each line before it records it, in order, so the next unread line
-        of the file is the one being recorded; if it is not (another writer, a change in how
-        lines are written), following stops and states are kept whole in memory instead.
+        of the file is the one being recorded (given as `line`, or read back); if it is not
+        (another writer, a change in how lines are written), following stops and states are
+        kept whole in memory instead.
         """
         if not self._following:
             return -1
         start = self._end
+        if line is not None:
+            self._end = start + len(line)
+            return start
         line = self._next_line()
         if line is not None and _line_is(line, key):
             self._end = start + len(line)

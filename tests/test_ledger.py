@@ -80,6 +80,8 @@ def result(job_id: str, chunk: int = 0, status: str = "ok", **overrides: Any) ->
     return event
 
 
+# A fingerprint as the planner writes them (16 hex digits): such rows are kept compact.
+PLANNED = "0123456789abcdef"
 RUN = {"event": "run", "run_id": "r1", "started_at": "2026-01-01T00:00:00+00:00", "settings": {}}
 END = {"event": "end", "run_id": "r1", "finished_at": "2026-01-01T00:01:00+00:00", "summary": {}}
 
@@ -827,3 +829,56 @@ def test_lines_needing_escapes_keep_their_line_numbers(tmp_path: Path) -> None:
         LedgerState.load(path)
     write_lines(path, RUN, quoted, result("x", fingerprint="b" * 16))
     assert_loads_like_json(path)
+
+
+def recorded(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The images a state holds, without the fields it adds (revised_prompt: None)."""
+    return [{k: v for k, v in img.items() if v is not None} for img in images]
+
+
+async def test_appended_results_are_kept_as_offsets_without_reading_the_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results the Ledger appends are remembered as their line's offset (memory stays flat
+    over millions of results), placed from the bytes written rather than by re-reading the
+    file, and each reads back exactly as recorded."""
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(RUN)
+        await ledger.append(result("before", fingerprint=PLANNED))
+
+    def no_read_back(self: LedgerState) -> bytes | None:
+        raise AssertionError("the ledger file was read back")
+
+    monkeypatch.setattr(LedgerState, "_next_line", no_read_back)
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(RUN)
+        await asyncio.gather(
+            *(ledger.append(result(f"k{i}", fingerprint=PLANNED)) for i in range(40))
+        )
+        await ledger.append(result("k3", status="failed", fingerprint=PLANNED))
+        assert not ledger.state._whole
+        for i in range(40):
+            state = ledger.state.get(f"k{i}#0")
+            assert state is not None
+            expected = [] if i == 3 else recorded([image(f"k{i}")])
+            assert (state.status, recorded(state.images)) == (
+                "failed" if i == 3 else "ok",
+                expected,
+            )
+
+
+async def test_a_foreign_append_makes_the_state_keep_results_in_memory(tmp_path: Path) -> None:
+    """If the file does not end where the Ledger's writes put it (someone else appended),
+    offsets can no longer be trusted: later results are kept whole, and still read right."""
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(RUN)
+        await ledger.append(result("a", fingerprint=PLANNED))
+        assert not ledger.state._whole
+        with (tmp_path / LEDGER_NAME).open("ab") as other:
+            other.write(json.dumps(result("stranger")).encode() + b"\n")
+        await ledger.append(result("b", fingerprint=PLANNED))
+        await ledger.append(result("c", fingerprint=PLANNED))
+        assert len(ledger.state._whole) == 2  # b and c; a keeps its offset
+        for key in ("a", "b", "c"):
+            state = ledger.state.get(f"{key}#0")
+            assert state is not None and recorded(state.images) == recorded([image(key)])
