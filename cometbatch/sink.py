@@ -301,9 +301,9 @@ if hasattr(os, "register_at_fork"):
 class Sink:
     """Writes images atomically under OUT/images/ so a file either is complete or is absent.
 
-    Each image costs one trip to a writer thread: hash, temp file, write, (fsync,) rename, and
-    the job's folder made by its first image. Base64 of `offload_bytes` characters or more is
-    also decoded on that trip (with SIMD), so large payloads never stall the event loop.
+    Each image costs one trip to a writer thread: temp file, write, (fsync,) rename, and the
+    job's folder made by its first image. Images (and base64) of `offload_bytes` or more are
+    also decoded (with SIMD) and hashed on that trip, so large payloads never stall the loop.
     """
 
     def __init__(

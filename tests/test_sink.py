@@ -212,12 +212,11 @@ async def test_write_is_atomic_and_recorded(
     assert "written=1" in repr(sink)
 
 
-async def test_each_write_is_one_thread_trip_where_images_are_hashed(
+async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each image takes one trip to a writer thread, where it is hashed (never on the event
-    loop, whose thread must not let go of the GIL); base64 at or above offload_bytes is
-    decoded there too. The records are the same either way."""
+    """Each image takes one trip to a writer thread; at or above offload_bytes it is decoded
+    and hashed in that thread too (smaller ones on the event loop), with the same result."""
     trips: list[Callable[..., Any]] = []
     real_submit = sink_module._WRITERS.submit
 
@@ -235,13 +234,13 @@ async def test_each_write_is_one_thread_trip_where_images_are_hashed(
     monkeypatch.setattr(sink_module._WRITERS, "submit", spy)
     monkeypatch.setattr(hashlib, "sha256", sha256)
     small = await Sink(tmp_path, offload_bytes=len(WEBP) + 1).write("a", 0, WEBP)
-    assert (len(trips), on_loop) == (1, [False])
+    assert (len(trips), on_loop) == (1, [True])
     large = await Sink(tmp_path, offload_bytes=len(WEBP), fsync=True).write("b", 0, WEBP)
-    assert (len(trips), on_loop) == (2, [False, False])
+    assert (len(trips), on_loop) == (2, [True, False])
     b64 = base64.b64encode(WEBP).decode()
     await Sink(tmp_path, offload_bytes=len(b64)).decode_and_write("c", 0, b64)
     await Sink(tmp_path, offload_bytes=len(b64) + 1).decode_and_write("d", 0, b64)
-    assert (len(trips), on_loop) == (4, [False] * 4)
+    assert (len(trips), on_loop) == (4, [True, False, False, True])
     assert small.sha256 == large.sha256 == real_sha256(WEBP).hexdigest()
 
 
