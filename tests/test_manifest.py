@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,18 @@ def test_digest_set_holds_every_digest_once() -> None:
     assert all(digests.add(value) for value in values[1:])
     assert not any(digests.add(value) for value in values[1:])
     assert not digests.add(0)  # a digest of 0 passes for 1, which is in already
+
+
+def test_the_id_table_grows_finds_repeats_and_gives_its_memory_back() -> None:
+    """The duplicate-id table keeps every digest across growth, refuses a repeat, and unmaps
+    its memory when closed (its own map, not the heap: see _zeroed_table)."""
+    from cometbatch.manifest import _DigestSet
+
+    rng = random.Random(3)
+    digests = [rng.getrandbits(64) for _ in range(5_000)]
+    seen = _DigestSet()
+    assert all(seen.add(digest) for digest in digests)
+    assert not any(seen.add(digest) for digest in digests[::7])
+    mapped = seen._map
+    seen.close()
+    assert mapped.closed
