@@ -202,7 +202,8 @@ async def test_a_txt_run_with_job_defaults_has_known_pending_work(tmp_path: Path
     manifest = load_manifest(prompts, model="qwen-image", n=2)
     out = tmp_path / "out"
     async with Simulator(SimConfig(seed=5)) as sim:
-        settings = settings_for(sim, max_images=4)
+        # One at a time: which requests fit under the cap is then the manifest order.
+        settings = settings_for(sim, max_images=4, concurrency=1)
         async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
             async for _ in engine.run(manifest):
                 pass
