@@ -8,7 +8,6 @@ import errno
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +16,7 @@ from typing import Any, BinaryIO, Self, get_args
 from .errors import CometBatchError, LedgerError, OutputError
 from .events import LEDGER_NAME, repair_tail
 from .lock import FolderLock
+from .paths import fsync_folder
 from .settings import FsyncPolicy
 from .state import KeyState, LedgerState
 
@@ -43,17 +43,6 @@ def _reason(exc: OSError, subject: Path) -> str:
     if exc.filename is not None and Path(str(exc.filename)) != subject:
         reason += f" ({exc.filename})"
     return reason
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a new entry in `folder` (the ledger file itself) durable; a no-op on Windows."""
-    if sys.platform == "win32":
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class Ledger:
@@ -139,7 +128,7 @@ class Ledger:
         handle = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in aclose()
         if self.fsync != "end":
             try:
-                _fsync_folder(self.out_dir)
+                fsync_folder(self.out_dir)
             except BaseException:
                 handle.close()
                 raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sys
 
 __all__ = ["EXTENSIONS", "MAX_COMPONENT", "image_relpath", "safe_component"]
 
@@ -58,3 +60,14 @@ def image_relpath(job_id: str, index: int, fmt: str) -> str:
     except KeyError:
         raise ValueError(f"unknown image format {fmt!r}") from None
     return f"images/{safe_component(job_id)}/{index}.{ext}"
+
+
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """Make the entries of `folder` durable (a rename, a new file); a no-op on Windows."""
+    if sys.platform == "win32":
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

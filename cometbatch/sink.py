@@ -12,7 +12,6 @@ import itertools
 import os
 import queue
 import secrets
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import pybase64
 
 from cometbatch.errors import ImageDataError, OutputError
-from cometbatch.paths import image_relpath
+from cometbatch.paths import fsync_folder, image_relpath
 
 __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 
@@ -138,17 +137,6 @@ def _describe(job_id: str, index: int, data: bytes) -> tuple[str, str, str]:
     if fmt is None:
         raise ImageDataError("not a PNG, JPEG or WebP image", retryable=False)
     return fmt, image_relpath(job_id, index, fmt), hashlib.sha256(data).hexdigest()
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the entries of `folder` durable (a rename, a new file); a no-op on Windows."""
-    if sys.platform == "win32":
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class _Trip:
@@ -457,9 +445,9 @@ class Sink:
                 trip.place(temp, final)
                 if self.fsync:
                     # The rename (and a new job folder) must outlive a power loss too.
-                    _fsync_folder(folder)
+                    fsync_folder(folder)
                     if made:
-                        _fsync_folder(os.path.dirname(folder))
+                        fsync_folder(os.path.dirname(folder))
             except BaseException:
                 # Also when called off: no file of a failed write may outlive the attempt.
                 for leftover in (temp, trip.placed):
