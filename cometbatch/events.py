@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .errors import LedgerError
 
@@ -20,6 +20,9 @@ _DECODER = json.JSONDecoder()
 # json.loads makes a fresh string per value; sharing the few recurring ones saves memory
 # across a million results.
 _SHARED: dict[str, str] = {s: s for s in ("ok", "failed", "download_failed", "png", "jpeg", "webp")}
+
+
+_T = TypeVar("_T")
 
 
 def now_iso() -> str:
@@ -35,8 +38,12 @@ class _EventReader:
         self.torn_tail = False
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        return self._reading(self._read())
+
+    def _reading(self, items: Iterator[_T]) -> Iterator[_T]:
+        """`items`, with an unreadable ledger (not a missing one) raised as LedgerError."""
         try:
-            yield from self._read()
+            yield from items
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -169,12 +176,7 @@ class _ResultScanner(_EventReader):
 
     def scan(self) -> Iterator[tuple[int, int, list[Row] | dict[str, Any]]]:
         """The items; raises like iterating an _EventReader."""
-        try:
-            yield from self._scan()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise LedgerError(f"cannot read the ledger {self.path}: {exc.strerror or exc}") from exc
+        return self._reading(self._scan())
 
     def _scan(self) -> Iterator[tuple[int, int, list[Row] | dict[str, Any]]]:
         lineno = 0
