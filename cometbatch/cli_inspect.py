@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import EXIT_USAGE, fail, internal_error, say, setup_logging
+from .cli_options import fail, internal_error, reported_errors, say, setup_logging
 from .errors import CometBatchError
 from .export import EXPORT_FORMATS
 from .export import export as export_ledger
@@ -70,15 +70,8 @@ def gallery(out_dir: Path, manifest: Path | None) -> None:
       cometbatch gallery out/demo && xdg-open out/demo/index.html
     """
     setup_logging(0, False)
-    try:
+    with reported_errors(f"the gallery in {out_dir}"):
         page = write_gallery(out_dir, manifest)
-    except CometBatchError as exc:
-        fail(exc)
-    except OSError as exc:
-        say(f"error: cannot write the gallery in {out_dir}: {exc.strerror or exc}")
-        sys.exit(EXIT_USAGE)
-    except Exception as exc:
-        internal_error(exc)
     click.echo(str(page))
 
 
@@ -101,7 +94,7 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
       cometbatch export out/demo --format openai-batch > batch_output.jsonl
     """
     setup_logging(0, False)
-    try:
+    with reported_errors(str(output)):
         if output is None:
             count = export_ledger(out_dir, format_name, sys.stdout)
         else:
@@ -114,13 +107,6 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
             finally:
                 temporary.unlink(missing_ok=True)
             say(f"{count} job(s) written to {output}")
-    except CometBatchError as exc:
-        fail(exc)
-    except OSError as exc:
-        say(f"error: cannot write {output}: {exc.strerror or exc}")
-        sys.exit(EXIT_USAGE)
-    except Exception as exc:
-        internal_error(exc)
 
 
 @click.command()

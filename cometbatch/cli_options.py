@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -82,6 +83,22 @@ def internal_error(exc: Exception, *, json_output: bool = False) -> NoReturn:
         click.echo(json.dumps({"error": message}))
     say(message)
     sys.exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def reported_errors(writing: str) -> Iterator[None]:
+    """For a command that writes a file: any error becomes one line and an exit code (a
+    cometbatch error as usual, an OS error as "cannot write <writing>", anything else as an
+    internal error)."""
+    try:
+        yield
+    except CometBatchError as exc:
+        fail(exc)
+    except OSError as exc:
+        say(f"error: cannot write {writing}: {exc.strerror or exc}")
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        internal_error(exc)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
