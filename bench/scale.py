@@ -315,16 +315,20 @@ def startup(data: Dataset, runs: int) -> tuple[bool, float]:
     return met, median(peaks)
 
 
+def run_manifest(data: Dataset, base_url: str, sim: Any) -> tuple[Child, dict[str, Any], int]:
+    """`cometbatch run` of the dataset in a child: the child, its JSON summary, requests sent."""
+    before = sim.stats.requests
+    done = run_child(
+        cli(str(data.manifest), "--out", str(data.out), "--base-url", base_url),
+        env=child_env(),
+    )
+    return done, json.loads(done.stdout), sim.stats.requests - before
+
+
 def full_resume(data: Dataset, base_url: str, sim: Any, runs: int) -> bool:
     walls, peaks = [], []
     for _ in range(runs):
-        before = sim.stats.requests
-        done = run_child(
-            cli(str(data.manifest), "--out", str(data.out), "--base-url", base_url),
-            env=child_env(),
-        )
-        summary = json.loads(done.stdout)
-        sent = sim.stats.requests - before
+        done, summary, sent = run_manifest(data, base_url, sim)
         if sent or summary["skipped_requests"] != data.requests or not summary["complete"]:
             raise SystemExit(f"the resume was not a no-op: sent {sent}, summary {summary}")
         walls.append(done.seconds)
@@ -363,13 +367,7 @@ def run_step(
     walls, peaks = [], []
     for _ in range(runs):
         reset(data, data.done_size)
-        before = sim.stats.requests
-        done = run_child(
-            cli(str(data.manifest), "--out", str(data.out), "--base-url", base_url),
-            env=child_env(),
-        )
-        summary = json.loads(done.stdout)
-        sent = sim.stats.requests - before
+        done, summary, sent = run_manifest(data, base_url, sim)
         if sent != data.pending_requests or summary["ok_requests"] != data.pending_requests:
             raise SystemExit(f"expected {data.pending_requests} sends, got {sent}: {summary}")
         walls.append(done.seconds)
