@@ -47,6 +47,7 @@ from .runner import RunOutcome, run_manifest
 from .settings import KEY_ENV, Settings, check_base_url
 from .simulator import SimConfig
 from .state import LedgerState
+from .textsafe import printable
 
 
 def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfig) -> Settings:
@@ -94,7 +95,7 @@ def _dry_run(
         prices=prices,
     )
     data = plan_data(plan, out, loaded.path)
-    click.echo(json.dumps(data) if json_output else "\n".join(plan_lines(data)))
+    click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

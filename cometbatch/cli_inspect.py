@@ -17,6 +17,7 @@ from .models import ModelRegistry
 from .prices import load_prices
 from .report import model_lines, status_lines
 from .status import read_status
+from .textsafe import printable
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -52,7 +53,9 @@ def status(
         fail(exc, json_output=json_output)
     except Exception as exc:
         internal_error(exc, json_output=json_output)
-    click.echo(json.dumps(data) if json_output else "\n".join(status_lines(data)))
+    # Failure examples and holder info come from the server and the ledger: shown escaped.
+    text = json.dumps(data) if json_output else "\n".join(map(printable, status_lines(data)))
+    click.echo(text)
 
 
 @click.command()
@@ -72,7 +75,7 @@ def gallery(out_dir: Path, manifest: Path | None) -> None:
     setup_logging(0, False)
     with reported_errors(f"the gallery in {out_dir}"):
         page = write_gallery(out_dir, manifest)
-    click.echo(str(page))
+    click.echo(printable(str(page)))
 
 
 @click.command()

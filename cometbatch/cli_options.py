@@ -25,6 +25,7 @@ from .errors import (
 from .progress import make_console
 from .results import Summary
 from .settings import KEY_ENV, Settings
+from .textsafe import PrintableFormatter, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Errors about the input or the folder (the user must change something) exit 2.
@@ -35,6 +36,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
 
 _console: Console | None = None
+# Characters of an internal error's repr that its one line shows.
+MAX_SHOWN = 300
 
 
 def console() -> Console:
@@ -53,8 +56,9 @@ def reset_console() -> Console:
 
 
 def say(text: str) -> None:
-    """One message on stderr, printed as is (no markup, no wrapping)."""
-    console().print(text, markup=False, soft_wrap=True)
+    """One message on stderr, printed as is (no markup, no wrapping), controls escaped."""
+    # Messages quote server and ledger text: an escape code in it must not reach the terminal.
+    console().print(printable(text), markup=False, soft_wrap=True)
 
 
 def fail(
@@ -75,8 +79,11 @@ def fail(
 def internal_error(exc: Exception, *, json_output: bool = False) -> NoReturn:
     """A bug of ours: one plain line (the traceback only with -vv), exit 1."""
     logging.getLogger("cometbatch").debug("internal error", exc_info=True)
+    shown = repr(exc)
+    if len(shown) > MAX_SHOWN:  # an error may carry a whole file: the traceback has it
+        shown = shown[: MAX_SHOWN - 1] + "\u2026"
     message = (
-        f"internal error (a bug in cometbatch, please report it): {exc!r}; every recorded "
+        f"internal error (a bug in cometbatch, please report it): {shown}; every recorded "
         "result is safe in the ledger, so rerunning resumes; -vv shows the traceback"
     )
     if json_output:
@@ -114,9 +121,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     handler: logging.Handler
     if err.is_terminal:
         handler = RichHandler(console=err, show_path=False, show_time=False)
+        handler.setFormatter(PrintableFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("cometbatch: %(levelname)s: %(message)s"))
+        handler.setFormatter(PrintableFormatter("cometbatch: %(levelname)s: %(message)s"))
     root = logging.getLogger("cometbatch")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -38,7 +38,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +46,7 @@ from typing import Any, TextIO
 
 from .errors import ConfigError, LedgerError
 from .events import LEDGER_NAME, iter_events
+from .textsafe import printable, safe_json
 
 __all__ = [
     "CSV_COLUMNS",
@@ -88,9 +88,6 @@ OK = "ok"
 FAILED = "failed"
 PARTIAL = "partial"
 DOWNLOAD_FAILED = "download_failed"
-
-# Lone surrogates (from \ud800-style escapes in an answer) cannot be written as UTF-8.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _count(value: Any) -> int:
@@ -344,9 +341,11 @@ def jsonl_record(job: JobResults) -> dict[str, Any]:
 
 
 def _cell(value: Any) -> str:
+    """A CSV cell: controls, bidi overrides and lone surrogates (server text is data, and a
+    table is read on screens) shown as escapes; line breaks kept."""
     if value is None:
         return ""
-    return _SURROGATE.sub("\ufffd", value if isinstance(value, str) else str(value))
+    return printable(value if isinstance(value, str) else str(value), newlines=True)
 
 
 def csv_row(job: JobResults) -> list[str]:
@@ -381,10 +380,8 @@ def csv_row(job: JobResults) -> list[str]:
 
 
 def _json_line(record: dict[str, Any]) -> str:
-    text = json.dumps(record, ensure_ascii=False)
-    if _SURROGATE.search(text):
-        text = json.dumps(record)  # \ud800-style escapes are valid JSON; raw, not UTF-8
-    return text + "\n"
+    # Controls and lone surrogates as \u escapes: the same values, and valid UTF-8.
+    return safe_json(json.dumps(record, ensure_ascii=False)) + "\n"
 
 
 def export(out_dir: str | os.PathLike[str], format: str, stream: TextIO) -> int:

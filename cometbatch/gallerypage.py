@@ -6,9 +6,11 @@ import json
 import re
 from collections import Counter
 from datetime import UTC, datetime
-from html import escape
+from html import escape as html_escape
 from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+from .textsafe import printable, storable
 
 if TYPE_CHECKING:
     from .gallery import Bucket, Gallery, Tile
@@ -70,6 +72,12 @@ _SCRIPT = """
   update();
 })();
 """
+
+
+def escape(text: str) -> str:
+    """`text` for HTML: markup escaped, controls and bidi overrides shown as escapes (a
+    prompt's line breaks kept), lone surrogates too, so that the page is valid UTF-8."""
+    return html_escape(printable(text, newlines=True))
 
 
 def _clip(text: str, limit: int) -> str:
@@ -164,7 +172,7 @@ def _figure(
     size = job.size if job is not None and job.size else ""
     classes = f"m{model_ix[tile.model]} s{status_ix[tile.status]}"
     if tile.path is not None:
-        href = escape(quote(tile.path))
+        href = escape(quote(storable(tile.path)))
         dims = _SIZE.fullmatch(size)
         wh = f' width="{dims[1]}" height="{dims[2]}"' if dims else ""
         alt = escape(f"{tile.job_id} #{tile.index}")

@@ -19,6 +19,7 @@ from .lock import FolderLock
 from .paths import fsync_folder
 from .settings import FsyncPolicy
 from .state import KeyState, LedgerState
+from .textsafe import safe_json
 
 FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 
@@ -28,13 +29,11 @@ _Queued = tuple[bytes, dict[str, Any], KeyState | None, "asyncio.Future[None]"]
 
 
 def _encode(event: dict[str, Any]) -> bytes:
-    """One ledger line, UTF-8 with its newline."""
-    line = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return line.encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        # Lone surrogates (legal in JSON input, not in UTF-8) survive only as \u escapes.
-        return json.dumps(event, separators=(",", ":")).encode("ascii") + b"\n"
+    """One ledger line, UTF-8 with its newline; controls, bidi overrides and lone surrogates
+    (legal in JSON input, not in UTF-8) as \\u escapes, so that every line is valid UTF-8 and
+    `cat` or `tail -f` of the ledger shows server text without acting on it."""
+    line = safe_json(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    return line.encode("utf-8") + b"\n"
 
 
 def _reason(exc: OSError, subject: Path) -> str:
