@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,6 +35,34 @@ BATCH_URL = "/v1/images/generations"
 MAX_NESTING = 100
 # What undecodable bytes become when a line is read with errors="surrogateescape".
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
+# Characters a manifest line may hold: far above the longest prompt a model takes (32,000)
+# with its metadata, far below what would exhaust memory (a binary or a log given by mistake).
+MAX_LINE_CHARS = 1 << 20
+
+
+class _LineTooLong(ManifestError):
+    """A line over MAX_LINE_CHARS: it ends the reading of the file."""
+
+
+def numbered_lines(handle: TextIO, limit: int = MAX_LINE_CHARS) -> Iterator[tuple[int, str]]:
+    """(number, text) of each physical line of a text file; a line over `limit` characters
+    raises ManifestError naming it, read no further than the limit."""
+    number = 0
+    # readline(size) reads in chunks and stops at `size`: a huge line is never held whole.
+    while text := handle.readline(limit + 1):
+        number += 1
+        if len(text) > limit and not text.endswith(("\n", "\r")):
+            raise _LineTooLong(
+                [
+                    ManifestProblem(
+                        number,
+                        None,
+                        f"the line is longer than {limit:,} characters: no manifest line is "
+                        "that long (is this the right file?); the lines after it were not read",
+                    )
+                ]
+            )
+        yield number, text
 
 
 def default_job_id(data: dict[str, Any]) -> str:
@@ -409,7 +437,7 @@ class Manifest:
         # surrogateescape: bytes that are not UTF-8 fail their own line (see _parse), not the file.
         try:
             with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-                lines = enumerate(f, start=1)
+                lines = numbered_lines(f)
                 yield from lines if self._reader is None else self._reader.records(lines)
         except FileNotFoundError:
             raise ManifestError(
@@ -460,22 +488,26 @@ class Manifest:
         duplicates: dict[str, tuple[int, str]] = {}
         stats = ManifestStats()
         digest = hashlib.sha256()
-        for number, text in self._lines():
-            digest.update(text.encode("utf-8", "surrogateescape"))
-            try:
-                job = self._parse(text, number)
-            except ManifestError as exc:
-                problems.extend(exc.problems)
-                job = None
-            if job is not None:
-                folder = folder_key(job.id)
-                if seen.add(_id_digest(folder)):
-                    stats.add(job, self.registry.get(job.model).max_n)
-                else:
-                    duplicates.setdefault(folder, (number, job.id))
-            if len(problems) + len(duplicates) > max_problems:
-                truncated = True
-                break
+        try:
+            for number, text in self._lines():
+                digest.update(text.encode("utf-8", "surrogateescape"))
+                try:
+                    job = self._parse(text, number)
+                except ManifestError as exc:
+                    problems.extend(exc.problems)
+                    job = None
+                if job is not None:
+                    folder = folder_key(job.id)
+                    if seen.add(_id_digest(folder)):
+                        stats.add(job, self.registry.get(job.model).max_n)
+                    else:
+                        duplicates.setdefault(folder, (number, job.id))
+                if len(problems) + len(duplicates) > max_problems:
+                    truncated = True
+                    break
+        except _LineTooLong as exc:
+            # The rest of the file is not read: what was found before the line is kept.
+            problems.extend(exc.problems)
         return stats, problems, duplicates, truncated, digest.hexdigest()
 
     def _duplicate_problems(self, duplicates: dict[str, tuple[int, str]]) -> list[ManifestProblem]:

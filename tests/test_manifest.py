@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +279,31 @@ def test_the_id_table_grows_finds_repeats_and_gives_its_memory_back() -> None:
     mapped = seen._map
     seen.close()
     assert mapped.closed
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv"])
+def test_a_line_over_the_cap_is_named_without_reading_it_whole(tmp_path: Path, suffix: str) -> None:
+    """A 24 MiB line (a binary or a log given as a manifest) is a ManifestError naming its
+    line, read in pieces: memory stays far below the line's size, earlier problems are kept."""
+    path = tmp_path / f"m{suffix}"
+    head = "prompt\n" if suffix == ".csv" else ""
+    first = line(prompt="ok") if suffix == ".jsonl" else "ok"
+    bad = line(prompt="x", n=0) if suffix == ".jsonl" else ""
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(f"{head}{first}\n{bad}\n")
+        for _ in range(24):
+            handle.write("y" * (1 << 20))
+        handle.write("\n" + first.replace("ok", "after") + "\n")
+    number = 3 + bool(head)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError) as info:
+            load_manifest(path, model="dall-e-3")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    problems = info.value.problems
+    assert problems[-1].line == number and "longer than" in problems[-1].message
+    if suffix == ".jsonl":
+        assert [p.line for p in problems] == [2, 3]
+    assert peak < 8 << 20
