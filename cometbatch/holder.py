@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from .lock import LOCK_NAME
+from .lock import LOCK_NAME, process_start
 
 RunState = Literal["finished", "interrupted", "running", "crashed", "unknown"]
 
@@ -59,7 +59,12 @@ def lock_holder(out_dir: Path) -> tuple[bool | None, str]:
     holder = f"pid {pid} on {host}, started {info.get('started_at', '?')}"
     if host != socket.gethostname() or sys.platform == "win32":
         return None, holder
-    return _pid_alive(pid), holder
+    if not _pid_alive(pid):
+        return False, holder
+    recorded, now = info.get("process_start"), process_start(pid)
+    # The pid lives, but if it started at another time, another process has taken it since
+    # (a killed run leaves its info behind). Without a recorded or readable start: alive.
+    return not (isinstance(recorded, str) and now is not None and recorded != now), holder
 
 
 def run_state(out_dir: Path, ended: bool, interrupted: bool) -> tuple[RunState, str]:

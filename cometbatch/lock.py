@@ -52,6 +52,20 @@ else:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as "<boot id>:<start ticks>" (Linux; None elsewhere or when
+    it cannot be read): a pid the OS gives to another process later has another start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    # "pid (name) S ...": fields resume after the last ")" (a name may hold parentheses) at
+    # field 3, so field 22, the start time in clock ticks since boot, is the 20th of them.
+    fields = stat[stat.rfind(")") + 1 :].split()
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
+
+
 def _holder_text(fd: int) -> str:
     """Describe the lock holder from the info it wrote, as far as it can be read."""
     try:
@@ -102,6 +116,8 @@ class FolderLock:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                # Tells this process from a later one given the same pid (see holder.py).
+                "process_start": process_start(os.getpid()),
             }
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)

@@ -237,6 +237,30 @@ def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
     assert run_state(tmp_path, ended=True, interrupted=True)[0] == "interrupted"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_lock_whose_pid_now_belongs_to_another_process_reads_as_crashed(tmp_path: Path) -> None:
+    """A killed run's holder info names a pid that another process has since taken: crashed,
+    not running; a lock held now reads as running."""
+    import os
+
+    from cometbatch.holder import run_state
+    from cometbatch.lock import LOCK_NAME, FolderLock
+
+    killed = "import os, sys; from cometbatch.lock import FolderLock; "
+    killed += "FolderLock(sys.argv[1]).acquire(); os._exit(9)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    died = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], env=env)
+    assert died.returncode == 9
+    info = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert run_state(tmp_path, ended=False, interrupted=False)[0] == "crashed"
+    # The pid is reused: by this test's own process, which started at another time.
+    info["pid"] = os.getpid()
+    (tmp_path / LOCK_NAME).write_text(json.dumps(info))
+    assert run_state(tmp_path, ended=False, interrupted=False)[0] == "crashed"
+    with FolderLock(tmp_path / "live"):
+        assert run_state(tmp_path / "live", ended=True, interrupted=False)[0] == "running"
+
+
 def test_spend_counts_each_paid_request_once(tmp_path: Path) -> None:
     """A request fetched again (same fingerprint) is paid once; failures cost nothing."""
     paid: dict[str, Any] = {"fingerprint": "f1", "usage": None, "images": [{"index": 0}]}
