@@ -19,6 +19,7 @@ from .client import Client
 from .dispatch import Dispatcher, Stopped, interruptible_sleep
 from .errors import BudgetExceededError, CometBatchError
 from .events import LEDGER_NAME, now_iso
+from .inflight import InFlight
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
@@ -67,6 +68,9 @@ class Engine:
         self._run_id = uuid.uuid4().hex[:12]
         self._run_started = False
         self._stop_event = asyncio.Event()
+        # Every task carrying a request (run()'s workers, generate()'s requests): the engine
+        # owns them, so a caller's cancellation never drops a request that was sent.
+        self._inflight = InFlight()
         self._triage = Triage(
             settings=self.settings,
             registry=self.registry,
@@ -80,6 +84,7 @@ class Engine:
             execute=self._execute,
             stopping=self._stop_event.is_set,
             fail=self._fail,
+            inflight=self._inflight,
         )
         self._fatal: Exception | None = None
         self._started_at = 0.0
@@ -118,8 +123,8 @@ class Engine:
 
     @property
     def holding_sent_requests(self) -> int:
-        """Workers holding a request that was sent (maybe paid for) and is not recorded yet."""
-        return self._pool.holding_sent
+        """Requests that were sent (maybe paid for) and are not recorded yet."""
+        return self._inflight.holding_sent
 
     @property
     def stopping(self) -> bool:
@@ -162,13 +167,13 @@ class Engine:
                     else interruptible_sleep(self._stop_event)
                 ),
                 stopping=self._stop_event.is_set,
-                busy=self._pool.mark_busy,
+                busy=self._inflight.mark_busy,
                 lend=self._pool.lend,
             )
             self._sender = Sender(
                 dispatcher=self._dispatcher,
                 triage=self._triage,
-                ledger=self._open_ledger,
+                ledger=self._recording_ledger,
                 out_dir=self.out_dir,
                 run_id=self._run_id,
                 summary=self.summary,
@@ -184,11 +189,19 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._state == "closed":
+        if self._state in ("closing", "closed"):
             return
-        self._state = "closed"
+        # Closing: nothing new starts, requests already sent are still recorded.
+        self._state = "closing"
+        cancelled: asyncio.CancelledError | None = None
         try:
-            await self._end_runner()
+            try:
+                await self._land_sent_requests()
+            except asyncio.CancelledError as exc:
+                # Cancelled while waiting: what is still out is cut off (and counted) now;
+                # the end line is still written, then the cancellation goes on.
+                cancelled = exc
+                await self._cut_off()
             if self._run_started and self._ledger is not None:
                 self.summary.elapsed_s = asyncio.get_running_loop().time() - self._started_at
                 with contextlib.suppress(Exception):
@@ -202,7 +215,10 @@ class Engine:
                         }
                     )
         finally:
+            self._state = "closed"
             await self._stack.aclose()
+        if cancelled is not None:
+            raise cancelled
 
     def _cap_reached(self, reason: CapReason) -> None:
         """A request would cross a cap: take no new work; requests already budgeted (in
@@ -214,15 +230,39 @@ class Engine:
                 log.info("%s; no new requests start", cap_text(budget))
         self._pool.drain()
 
-    async def _end_runner(self) -> None:
-        """Stop a run whose consumer went away (a break, a dropped generator) and wait for it."""
+    def _let_go(self) -> None:
+        """run()'s consumer went away (a break, a cancellation, a dropped generator): take no
+        new work; requests already sent finish under the engine and are recorded."""
+        runner = self._runner
+        if runner is not None and not runner.done():
+            self.stop()
+            self._pool.abandon()
+
+    async def _land_sent_requests(self) -> None:
+        """Let requests still out land within the grace period, then cut off the rest."""
+        self._let_go()
+        await self._inflight.wait(self.settings.grace_period)
+        await self._cut_off()
+
+    async def _cut_off(self) -> None:
+        """Cancel whatever still runs, counting the sent requests it drops (maybe billed)."""
+        if self._inflight.running:
+            self.stop()
+        self.summary.cut_off_requests += await self._inflight.abort()
         runner, self._runner = self._runner, None
-        if runner is None or runner.done():
-            return
+        if runner is not None:
+            # Its workers have ended; only the producer (stopped) may still be finishing.
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+
+    def abort(self) -> int:
+        """Stop at once: cancel every request, counting the sent ones cut off (they may have
+        been billed; nothing records them, so the next run sends them again)."""
         self.stop()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await runner
+        cut = self._inflight.cut_off()
+        self.summary.cut_off_requests += cut
+        return cut
 
     def stop(self, reason: str = "interrupted") -> None:
         """Stop taking new work; requests already sent finish and are recorded."""
@@ -248,6 +288,13 @@ class Engine:
             raise RuntimeError("the engine is not open: use 'async with Engine(...)'")
         assert self._client and self._limiter and self._ledger and self._sink
         return self._ledger
+
+    def _recording_ledger(self) -> Ledger:
+        """The ledger for the sender: also while closing, when sent requests still land."""
+        if self._state == "closing":
+            assert self._ledger is not None
+            return self._ledger
+        return self._open_ledger()
 
     async def _start_run(self, manifest: Manifest | None) -> None:
         if self._run_started:
@@ -282,17 +329,26 @@ class Engine:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
         triaged = list(self._triage.verdicts(job))
-        calls = []
+        calls: list[asyncio.Future[Result]] = []
+        sending = []
         for verdict, request, state in triaged:
             self._triage.count(verdict, request, planned=True)
             if verdict in SENT:
-                calls.append(self._execute(Work(request, verdict, state)))
+                # The request runs in a task the engine owns; this call only waits for it.
+                task = self._inflight.start(self._execute(Work(request, verdict, state)))
+                sending.append(task)
+                calls.append(asyncio.shield(task))
             elif verdict == "reuse" and state is not None:
-                calls.append(_done(self._triage.reused(request, state)))
+                calls.append(_resolved(self._triage.reused(request, state)))
             else:
-                calls.append(_done(self._triage.kept(request, state)))
+                calls.append(_resolved(self._triage.kept(request, state)))
         try:
             return list(await asyncio.gather(*calls))
+        except asyncio.CancelledError:
+            # The caller went away: a request not sent yet is cancelled; one that was sent
+            # finishes under the engine and is recorded (leaving the engine waits for it).
+            self._inflight.cancel_idle(sending)
+            raise
         except Stopped:
             budget = self.summary.budget
             if budget is not None and budget.stopped is not None:
@@ -334,7 +390,9 @@ class Engine:
                 yield item
             await runner
         finally:
-            await self._end_runner()
+            # Left early: stop taking work, but never wait here (a cancelled caller's wait
+            # ends now); leaving the engine waits for the requests already sent.
+            self._let_go()
         if self._fatal is not None:
             raise self._fatal
 
@@ -344,5 +402,7 @@ def _budget_stop(summary: Summary) -> str | None:
     return summary.stopped if summary.stopped in BUDGET_REASONS else None
 
 
-async def _done(result: Result) -> Result:
-    return result
+def _resolved(result: Result) -> asyncio.Future[Result]:
+    future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future

@@ -8,13 +8,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from typing import Any
 
 from .dispatch import Stopped
+from .inflight import InFlight
 from .manifest import Job
 from .results import Result
 from .triage import SENT, Triage, Work
 
 
 class WorkerPool:
-    """run()'s producer and workers, and which of them hold a sent (maybe paid-for) request."""
+    """run()'s producer and workers; the engine's InFlight knows which hold a sent request."""
 
     def __init__(
         self,
@@ -23,18 +24,23 @@ class WorkerPool:
         execute: Callable[[Work], Awaitable[Result]],
         stopping: Callable[[], bool],
         fail: Callable[[Exception], None],
+        inflight: InFlight,
     ) -> None:
         self.triage = triage
+        # Workers are tracked there: those holding a sent request are never cancelled on stop.
+        self._inflight = inflight
         self._execute = execute
         self._stopping = stopping
         # Told the first error that ends the run (the engine stops and raises it later).
         self._fail = fail
-        # Pool workers, and those of them not holding a sent request (safe to cancel on stop).
         self._workers: set[asyncio.Task[Any]] = set()
-        self._idle: set[asyncio.Task[Any]] = set()
         # Draining (a budget cap was reached): no new work is taken, work in hand finishes.
         self._draining = False
         self._producer: asyncio.Task[Any] | None = None
+        # The consumer of run() went away: results are dropped, never waited on (sticky: a
+        # stopped engine starts no new run).
+        self._abandoned = False
+        self._results: asyncio.Queue[Result | None] | None = None
         # Workers waiting for their next piece of work (let go at once when draining).
         self._getting: set[asyncio.Task[Any]] = set()
         # While a request waits out a retry delay (a 429's Retry-After), its worker is lent
@@ -44,15 +50,19 @@ class WorkerPool:
         self._waiting = 0
         self._spawn: Callable[[], None] | None = None
 
-    @property
-    def holding_sent(self) -> int:
-        """Workers holding a request that was sent (maybe paid for) and is not recorded yet."""
-        return len(self._workers - self._idle)
-
     def cancel_idle(self) -> None:
         """Cancel the producer and the workers that hold no sent request."""
-        for task in list(self._idle):
-            task.cancel()
+        if self._producer is not None:
+            self._producer.cancel()
+        self._inflight.cancel_idle(list(self._workers))
+
+    def abandon(self) -> None:
+        """run()'s consumer left: drop its results from now on, so that no worker (and not
+        the end marker) waits for a reader; workers holding a sent request still record it."""
+        self._abandoned = True
+        results = self._results
+        while results is not None and not results.empty():
+            results.get_nowait()
 
     def drain(self) -> None:
         """Take no new work: the producer and the workers waiting for work are let go; the
@@ -77,17 +87,6 @@ class WorkerPool:
         ):
             self._spawn()
 
-    def mark_busy(self, busy: bool) -> None:
-        """Workers holding a sent request are not cancelled on stop: their images are paid for."""
-        task = asyncio.current_task()
-        if task not in self._workers:
-            return
-        assert task is not None
-        if busy:
-            self._idle.discard(task)
-        else:
-            self._idle.add(task)
-
     async def run(
         self,
         jobs: Iterable[Job] | AsyncIterable[Job],
@@ -99,17 +98,17 @@ class WorkerPool:
         """Triage `jobs`, send their requests with `width` workers; put each Result, then None."""
         queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=width * 2)
         self._width = width
+        self._results = results
         try:
             async with asyncio.TaskGroup() as group:
 
                 def spawn() -> None:
                     worker = group.create_task(self._work(queue, results))
                     self._workers.add(worker)
-                    self._idle.add(worker)
+                    self._inflight.track(worker)
 
                 producer = group.create_task(self._produce(jobs, queue, counting))
                 self._producer = producer
-                self._idle.add(producer)
                 if self._draining:
                     producer.cancel()
                 for _ in range(width):
@@ -117,11 +116,11 @@ class WorkerPool:
                 self._spawn = spawn
         finally:
             self._spawn = None
-            self._idle.clear()
             self._workers.clear()
             self._producer = None
+            self._results = None
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if self._abandoned or (task is not None and task.cancelling()):
                 # The consumer is gone: nobody will read the end marker, so never wait on it.
                 with contextlib.suppress(asyncio.QueueFull):
                     results.put_nowait(None)
@@ -160,7 +159,6 @@ class WorkerPool:
             await self._serve(task, queue, results)
         finally:
             self._workers.discard(task)
-            self._idle.discard(task)
 
     async def _serve(
         self,
@@ -189,8 +187,9 @@ class WorkerPool:
                 self._fail(exc)
                 return
             finally:
-                self.mark_busy(False)
-            await results.put(result)
+                self._inflight.mark_busy(False)
+            if not self._abandoned:
+                await results.put(result)
 
 
 async def _aiter(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Job]:

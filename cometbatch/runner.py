@@ -66,43 +66,66 @@ class RunOutcome:
     spend: Spend | None = None
 
 
-class _Interrupts:
-    """First Ctrl-C: stop taking work, let paid-for requests land; second (or grace over): quit."""
+# A closed terminal (SIGHUP) and a polite kill (SIGTERM) stop the way Ctrl-C does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self, engine: Engine, task: asyncio.Task[object], say: Callable[[str], None]):
-        self.engine = engine
-        self.task = task
+
+class _Interrupts:
+    """First Ctrl-C, SIGTERM or SIGHUP: stop taking work, let sent requests land; a second
+    signal (or the grace period running out): stop at once, counting what was cut off."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
         self.say = say
+        self.engine: Engine | None = None
+        self.signals = 0
         self.aborted = False
         self._timer: asyncio.TimerHandle | None = None
+        self._installed: list[signal.Signals] = []
 
-    def __call__(self) -> None:
-        if not self.engine.stopping:
-            in_flight = self.engine.limiter.in_flight
-            grace = self.engine.settings.grace_period
-            self.say(
-                f"stopping: letting {in_flight} request(s) in flight finish (up to {grace:.0f} s); "
-                "press Ctrl-C again to quit now"
-            )
-            self.engine.stop()
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(grace, self.abort)
-        else:
-            self.abort()
+    def install(self, engine: Engine) -> None:
+        """Handle the stop signals for `engine`'s run (until `uninstall`)."""
+        self.engine = engine
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self)
+            self._installed.append(sig)
 
-    def abort(self) -> None:
-        if not self.aborted:
-            self.aborted = True
-            cut = self.engine.summary.cut_off_requests = self.engine.holding_sent_requests
-            self.say(
-                f"quitting now; {cut} request(s) still in flight may have been billed and will "
-                "be sent again next run"
-            )
-            self.task.cancel()
-
-    def close(self) -> None:
+    def uninstall(self) -> None:
+        """Give the signals back (after the engine wrote its end line) and drop the timer."""
         if self._timer is not None:
             self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        while self._installed:
+            loop.remove_signal_handler(self._installed.pop())
+
+    def __call__(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        self.signals += 1
+        if self.signals > 1:
+            self.abort()
+            return
+        # Stop first: the message below may go to a terminal that is already gone.
+        in_flight = engine.holding_sent_requests
+        engine.stop()
+        grace = engine.settings.grace_period
+        self._timer = asyncio.get_running_loop().call_later(grace, self.abort)
+        self.say(
+            f"stopping: letting {in_flight} request(s) in flight finish (up to {grace:.0f} s); "
+            "press Ctrl-C again to quit now"
+        )
+
+    def abort(self) -> None:
+        """Stop at once: the engine cancels every request and counts the sent ones; the run
+        then ends as usual (its end line written), with no request left running."""
+        if self.aborted or self.engine is None:
+            return
+        self.aborted = True
+        cut = self.engine.abort()
+        self.say(
+            f"quitting now; {cut} request(s) still in flight may have been billed and will "
+            "be sent again next run"
+        )
 
 
 async def run_manifest(
@@ -126,6 +149,11 @@ async def run_manifest(
             settings = settings.model_copy(
                 update={"base_url": sim.base_url, "api_key": SecretStr(SIMULATED_KEY)}
             )
+        interrupts: _Interrupts | None = None
+        if handle_signals:
+            interrupts = _Interrupts(say)
+            # Registered before the engine: the handlers stay until its end line is written.
+            stack.callback(interrupts.uninstall)
         engine = await stack.enter_async_context(
             Engine(
                 settings,
@@ -136,17 +164,8 @@ async def run_manifest(
                 prices=prices,
             )
         )
-        interrupts: _Interrupts | None = None
-        if handle_signals:
-            task = asyncio.current_task()
-            assert task is not None
-            interrupts = _Interrupts(engine, task, say)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, interrupts)
-            stack.callback(interrupts.close)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                stack.callback(loop.remove_signal_handler, sig)
+        if interrupts is not None:
+            interrupts.install(engine)
         error: Exception | None = None
         try:
             async with ProgressDisplay(engine, mode=progress, console=console):
@@ -155,14 +174,6 @@ async def run_manifest(
         except Exception as exc:
             # Reported together with the summary of what the run did before it stopped.
             error = exc
-        except asyncio.CancelledError:
-            if interrupts is None or not interrupts.aborted:
-                raise
-            # Our own hard stop: uncancel so the engine can still write its end event.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            engine.summary.interrupted = True
         if sim is not None:
             engine.summary.simulator_requests = sim.stats.requests
         return RunOutcome(engine.summary, error, Spend.of(engine.summary, prices))

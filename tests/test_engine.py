@@ -637,3 +637,111 @@ async def test_a_request_waiting_out_a_429_lends_its_slot(tmp_path: Path) -> Non
     assert sorted(done) == sorted(job.id for job in jobs)
     assert engine.summary.complete and engine.summary.rate_limited == 1
     assert seen["most"] == 2
+
+
+# -- cancellation never drops a paid request ------------------------------------------------
+
+EIGHT = [Job(id=f"x{i}", prompt=f"p{i}", model="qwen-image") for i in range(8)]
+
+
+async def until(condition: Any) -> None:
+    """Poll on the event loop until `condition()` holds (at most some 10 s)."""
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("the condition never held")
+
+
+def ledger_events(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+async def test_cancelling_generate_after_sending_records_every_request(tmp_path: Path) -> None:
+    """Eight generate() calls cancelled once their requests reached the server: the callers'
+    waits end at once, the engine records all eight before it closes (then the end line), and
+    a new engine over the folder sends nothing: none is paid twice."""
+    async with Simulator(SimConfig(latency=0.3)) as server:
+        async with Engine(settings_for(server, concurrency=8), out_dir=tmp_path) as engine:
+            calls = [asyncio.create_task(engine.generate(job)) for job in EIGHT]
+            await until(lambda: server.stats.requests == 8)
+            for call in calls:
+                call.cancel()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(x, asyncio.CancelledError) for x in outcomes)
+            # Only the waits ended: the eight requests are still at the server, held.
+            assert engine.holding_sent_requests == 8
+        events = ledger_events(tmp_path)
+        assert sorted(e["key"] for e in events if e["event"] == "result" and e["status"] == "ok")
+        assert len([e for e in events if e["event"] == "result" and e["status"] == "ok"]) == 8
+        assert events[-1]["event"] == "end"
+        assert events[-1]["summary"]["cut_off_requests"] == 0
+        async with Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine:
+            again = [result for job in EIGHT for result in await engine.generate(job)]
+        assert all(result.ok and result.reused for result in again)
+        assert server.stats.requests == 8  # paid twice: 0
+
+
+async def test_cancelling_generate_before_sending_sends_nothing(tmp_path: Path) -> None:
+    """A generate() cancelled while its request waits for a slot is simply cancelled."""
+    async with Simulator(SimConfig(latency=0.3)) as server:
+        async with Engine(settings_for(server, concurrency=1), out_dir=tmp_path) as engine:
+            first = asyncio.create_task(engine.generate(EIGHT[0]))
+            await until(lambda: server.stats.requests == 1)
+            waiting = asyncio.create_task(engine.generate(EIGHT[1]))
+            await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            (done,) = await first
+        assert done.ok
+        assert server.stats.requests == 1
+        assert [e["key"] for e in results(tmp_path)] == ["x0#0"]
+
+
+async def test_requests_still_out_after_the_grace_period_are_counted_as_cut_off(
+    tmp_path: Path,
+) -> None:
+    """With no grace period, closing the engine cuts the eight sent requests off at once and
+    counts them (they may be billed; nothing records them)."""
+    async with Simulator(SimConfig(latency=0.3)) as server:
+        settings = settings_for(server, concurrency=8, grace_period=0)
+        async with Engine(settings, out_dir=tmp_path) as engine:
+            calls = [asyncio.create_task(engine.generate(job)) for job in EIGHT]
+            await until(lambda: server.stats.requests == 8)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+    assert engine.summary.cut_off_requests == 8
+    events = ledger_events(tmp_path)
+    assert [e for e in events if e["event"] == "result"] == []
+    assert events[-1]["event"] == "end" and events[-1]["summary"]["cut_off_requests"] == 8
+
+
+async def test_breaking_out_of_run_records_every_sent_request(tmp_path: Path) -> None:
+    """A consumer breaks out of run() at its first result while the other eight requests are
+    held at the server: leaving the engine waits for their lines; a rerun sends nothing."""
+    image = {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((await request.json())["prompt"])
+        if len(seen) > 1:
+            await release.wait()
+        return web.json_response({"created": 1, "data": [image]})
+
+    jobs = [Job(id=f"b{i}", prompt=f"p{i}", model="qwen-image") for i in range(9)]
+    async with serve({("POST", "/v1/images/generations"): answer}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test", concurrency=9)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            async for _ in engine.run(jobs):
+                await until(lambda: len(seen) == 9)
+                break
+            release.set()
+        oks = [e["key"] for e in results(tmp_path) if e["status"] == "ok"]
+        assert sorted(oks) == sorted(f"b{i}#0" for i in range(9))
+        assert ledger_events(tmp_path)[-1]["event"] == "end"
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert await run_all(engine, jobs) == []
+        assert len(seen) == 9  # paid twice: 0
