@@ -23,7 +23,7 @@ from .errors import (
     DownloadError,
     IncompatibleAPIError,
 )
-from .retry import is_content_policy, make_status_error, parse_error_body
+from .retry import is_content_policy, make_status_error, not_the_api, parse_error_body
 from .settings import check_base_url
 
 if TYPE_CHECKING:
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# An error answer is read this far only: its message is at the start, and a proxy's error
+# page may be of any size.
+_ERROR_BODY_BYTES = 1024 * 1024
+MASK = "***"
 _CHUNK = 64 * 1024
 _READ_BUFSIZE = 1024 * 1024
 _GONE_STATUSES = frozenset({403, 404, 410})
@@ -70,6 +75,56 @@ def _looks_like_html(content_type: str, body: bytes) -> bool:
     return "html" in content_type or head.startswith((b"<!doctype", b"<html", b"<head", b"<body"))
 
 
+def redact(text: str, key: str | None) -> str:
+    """`text` with every occurrence of `key` blanked out (a server may echo the key back)."""
+    if key and key in text:
+        return text.replace(key, MASK)
+    return text
+
+
+def _redact_json(data: Any, key: str) -> None:
+    """Blank `key` out of every string of parsed JSON, object keys included, in place."""
+    # A loop, not recursion: an answer may be nested about as deep as json.loads goes.
+    pending = [data]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for name in [name for name in node if key in name]:
+                node[redact(name, key)] = node.pop(name)
+            children: Any = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        else:
+            continue
+        for where, value in children:
+            if isinstance(value, str):
+                # A substring search: a multi-megabyte base64 string is only copied if it
+                # really holds the key.
+                if key in value:
+                    node[where] = value.replace(key, MASK)
+            elif isinstance(value, dict | list):
+                pending.append(value)
+
+
+def _may_carry_images(data: Any) -> bool:
+    """Whether a parsed answer has something where paid images would be (a non-empty data)."""
+    return isinstance(data, dict) and isinstance(data.get("data"), list) and bool(data["data"])
+
+
+async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first `limit` bytes at most; the rest is left unread (and the connection
+    closed, not reused)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    body = b"".join(chunks)
+    return body[:limit] if size > limit else body
+
+
 class Client:
     """An async context manager that sends one images request or one download per call."""
 
@@ -82,6 +137,7 @@ class Client:
         connect_timeout: float = 30.0,
         download_timeout: float = 120.0,
         max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         pool_size: int = 100,
         session: aiohttp.ClientSession | None = None,
         allow_insecure_http: bool = False,
@@ -96,6 +152,7 @@ class Client:
             total=download_timeout, sock_connect=connect_timeout
         )
         self.max_download_bytes = max_download_bytes
+        self.max_response_bytes = max_response_bytes
         self._pool_size = pool_size
         self._session = session
         self._owns_session = session is None
@@ -119,6 +176,7 @@ class Client:
             connect_timeout=settings.connect_timeout,
             download_timeout=settings.download_timeout,
             max_download_bytes=settings.max_download_bytes,
+            max_response_bytes=settings.max_response_bytes,
             # Generations and downloads share the pool, so leave room for both.
             pool_size=pool_size if pool_size is not None else max(100, 2 * settings.concurrency),
             session=session,
@@ -174,9 +232,7 @@ class Client:
 
     def _redact(self, text: str) -> str:
         """Text with the key blanked out, in case a server echoed it back."""
-        if self._api_key and self._api_key in text:
-            return text.replace(self._api_key, "***")
-        return text
+        return redact(text, self._api_key)
 
     def _scrub(self, exc: APIError) -> None:
         """Blank the key out of every server-supplied text of an error, however it came back
@@ -214,7 +270,7 @@ class Client:
                 timeout=self._timeout,
                 read_bufsize=_READ_BUFSIZE,
             ) as resp:
-                body = await resp.read()
+                body = await self._read_answer(resp)
                 if len(body) < self.offload_bytes:
                     return self._parse_answer(resp, body)
             # Parsing a multi-megabyte answer takes milliseconds: not on the event loop.
@@ -223,6 +279,30 @@ class Client:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._raise_connection_error(exc)
+
+    async def _read_answer(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, refused beyond max_response_bytes instead of filling memory."""
+        if not 200 <= resp.status < 300:
+            return await _read_up_to(resp, _ERROR_BODY_BYTES)
+        cap = self.max_response_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            raise self._answer_too_large(resp.status)
+        body = await _read_up_to(resp, cap + 1)
+        if len(body) > cap:
+            raise self._answer_too_large(resp.status)
+        return body
+
+    def _answer_too_large(self, status: int) -> APIResponseError:
+        # Retrying would pay for the same too-large answer again: the user raises the cap.
+        return APIResponseError(
+            f"the answer from {self.base_url} is larger than max_response_bytes "
+            f"({self.max_response_bytes} bytes) and was not read; its images were generated "
+            "and may have been billed (raise max_response_bytes; --retry-failed then sends "
+            "the request again)",
+            status=status,
+            retryable=False,
+            maybe_billed=True,
+        )
 
     def _raise_connection_error(self, exc: BaseException) -> NoReturn:
         """Translate an aiohttp failure, deciding whether the request may have been sent."""
@@ -267,11 +347,25 @@ class Client:
                 "this does not look like an OpenAI-compatible API — check --base-url",
                 status=status,
             )
+        content_type = resp.headers.get("Content-Type", "").lower()
+        html = _looks_like_html(content_type, body)
         if status >= 400 or status < 200:
             text = self._redact(body.decode("utf-8", errors="replace"))
-            raise make_status_error(status, text, headers=resp.headers)
-        content_type = resp.headers.get("Content-Type", "").lower()
-        if _looks_like_html(content_type, body):
+            error = make_status_error(status, text, headers=resp.headers)
+            json_body = not html and text.lstrip().startswith("{")
+            code, request_id = error.code, error.request_id
+            if not_the_api(
+                status, code=code, request_id=request_id, html=html, json_body=json_body
+            ):
+                detail = "an HTML page" if html else error.message
+                raise IncompatibleAPIError(
+                    f"the server at {self.base_url} answered {status} ({detail}) to POST "
+                    "/images/generations; this does not look like an OpenAI-compatible API "
+                    "— check --base-url",
+                    status=status,
+                )
+            raise error
+        if html:
             raise IncompatibleAPIError(
                 f"the server at {self.base_url} does not look like an OpenAI-compatible API "
                 "(it answered an HTML page) — check --base-url",
@@ -308,6 +402,10 @@ class Client:
                 status=status,
                 retryable=True,
             ) from None
+        key = self._api_key
+        # Only JSON's \u escapes can hide the key from a plain search of the text.
+        if key and (key in text or "\\u" in text):
+            _redact_json(data, key)
         if isinstance(data, dict) and "error" in data and "data" not in data:
             raise self._error_in_ok(status, self._redact(text), resp)
         try:
@@ -316,10 +414,16 @@ class Client:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
             raise APIResponseError(
-                f"malformed response: {where}: {first['msg']}", status=status, retryable=True
+                f"malformed response: {where}: {first['msg']}",
+                status=status,
+                retryable=True,
+                maybe_billed=_may_carry_images(data),
             ) from None
         if not answer.data:
-            raise APIResponseError("the API answered no images", status=status, retryable=True)
+            # A readable answer without images: nothing was paid for, retrying cannot pay twice.
+            raise APIResponseError(
+                "the API answered no images", status=status, retryable=True, maybe_billed=False
+            )
         for index, item in enumerate(answer.data):
             if not item.b64_json and not item.url:
                 raise APIResponseError(
@@ -341,8 +445,14 @@ class Client:
         if code == "invalid_request":
             # The job's own request was refused: a failure of this job, not of the API.
             return BadRequestError(text, status=status, code=code, request_id=request_id)
+        # A readable error object carries no images: a retry cannot pay twice.
         return APIResponseError(
-            text, status=status, code=code, request_id=request_id, retryable=True
+            text,
+            status=status,
+            code=code,
+            request_id=request_id,
+            retryable=True,
+            maybe_billed=False,
         )
 
     def _session_for_download(self) -> aiohttp.ClientSession:

@@ -51,6 +51,7 @@ class FileSettings(BaseModel):
     connect_timeout: float | None = Field(default=None, gt=0)
     download_timeout: float | None = Field(default=None, gt=0)
     max_download_bytes: int | None = Field(default=None, gt=0)
+    max_response_bytes: int | None = Field(default=None, gt=0)
     max_retry_after: float | None = Field(default=None, ge=0)
     backoff_base: float | None = Field(default=None, gt=0)
     backoff_max: float | None = Field(default=None, gt=0)
@@ -67,6 +68,7 @@ SETTINGS_ONLY = (
     "connect_timeout",
     "download_timeout",
     "max_download_bytes",
+    "max_response_bytes",
     "max_retry_after",
     "backoff_base",
     "backoff_max",

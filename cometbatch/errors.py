@@ -211,13 +211,23 @@ class ServerError(APIStatusError):
 
 
 class APIResponseError(APIError):
-    """Not what an OpenAI-compatible images API answers (HTML, a redirect, bad JSON)."""
+    """Not what an OpenAI-compatible images API answers (HTML, a redirect, bad JSON).
+
+    `maybe_billed` says whether the answer may have carried images that were paid for (a body
+    cut off, unreadable or too large: retrying may pay twice) or could not have (a readable
+    answer with no images). Unset, a retryable bad answer counts as possibly billed.
+    """
 
     kind = "bad_response"
 
+    def __init__(self, message: str, *, maybe_billed: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.maybe_billed = self.retryable if maybe_billed is None else maybe_billed
 
-class IncompatibleAPIError(APIResponseError):
-    """The server is not an OpenAI-compatible images API at all (a redirect, HTML, not JSON)."""
+
+class IncompatibleAPIError(APIResponseError, ConfigError):
+    """The server is not an OpenAI-compatible images API at all (a redirect, an HTML page, a
+    plain web server's 404, 405 or 501): the base URL is wrong, so it is a ConfigError too."""
 
     kind = "incompatible_api"
 

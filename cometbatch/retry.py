@@ -126,6 +126,26 @@ def classify_status(
     return APIStatusError, status in RETRYABLE_STATUSES
 
 
+# Error pages a proxy in front of the real API sends for one request or a passing fault (the
+# upstream down, a firewall refusing this prompt, a body too large, a login it wants): their
+# HTML says nothing about the base URL. Any other HTML error page is a plain web server's.
+_PROXY_PAGE_STATUSES = RETRYABLE_STATUSES | {401, 403, 413}
+
+
+def not_the_api(
+    status: int, *, code: str | None, request_id: str | None, html: bool, json_body: bool
+) -> bool:
+    """Whether an error answer comes from a plain web server rather than an images API: a 404
+    without CometAPI's request id, a 405 or 501 that is not a JSON error, an HTML error page."""
+    if code is not None or request_id is not None:
+        return False  # CometAPI's own error: its message carries a request id.
+    if status == 404:
+        return True
+    if status in (405, 501):
+        return not json_body
+    return html and status not in _PROXY_PAGE_STATUSES
+
+
 def status_kind(status: int) -> str | None:
     """The ledger kind for statuses whose class alone does not name it (413, 422)."""
     return _STATUS_KINDS.get(status)
@@ -203,8 +223,8 @@ def possibly_billed(exc: APIError) -> bool:
     """Whether the failed attempt may have generated (and billed) images all the same."""
     if isinstance(exc, APIConnectionError):
         return exc.sent
-    if isinstance(exc, APIResponseError) and exc.retryable:
-        # A truncated body or too few images: the generation ran, the answer was lost.
+    if isinstance(exc, APIResponseError) and exc.maybe_billed:
+        # A body cut off, unreadable or too large: the generation ran, the answer was lost.
         return True
     return exc.status in GATEWAY_TIMEOUTS
 

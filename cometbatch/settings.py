@@ -76,6 +76,8 @@ class Settings(BaseModel):
     connect_timeout: float = Field(default=30.0, gt=0)
     download_timeout: float = Field(default=120.0, gt=0)
     max_download_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # The largest answer read into memory: room for 10 base64 images of about 19 MB each.
+    max_response_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_retry_after: float = Field(default=120.0, ge=0)
     backoff_base: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)

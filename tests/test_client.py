@@ -26,11 +26,13 @@ from cometbatch.errors import (
     ConfigError,
     ContentPolicyError,
     DownloadError,
+    IncompatibleAPIError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     ServerError,
 )
+from cometbatch.retry import possibly_billed
 from cometbatch.settings import Settings
 
 KEY = "sk-test-SECRET-0123456789"
@@ -291,6 +293,35 @@ async def test_empty_data_is_retryable() -> None:
     assert info.value.retryable is True
 
 
+@pytest.mark.parametrize(
+    ("body", "billed"),
+    [
+        (b"{}", False),
+        (b'{"created": 1}', False),
+        (b'{"created": 1, "data": []}', False),
+        (b'{"data": null, "usage": {"total_tokens": 1}}', False),
+        (json.dumps(comet_error("upstream failed")).encode(), False),
+        (b"", True),
+        (b'{"created": 1, "data": [{"b64_json": "aGk', True),
+        (b'{"data": [{"b64_json": 5}]}', True),
+        (b'{"data": [{"revised_prompt": "a fox"}]}', True),
+    ],
+    ids=["empty-object", "no-data", "empty-data", "null-data", "error-in-200", "empty-body",
+         "cut-off", "wrong-image-shape", "image-without-content"],
+)  # fmt: skip
+async def test_only_answers_that_could_carry_images_count_as_possibly_billed(
+    body: bytes, billed: bool
+) -> None:
+    """A readable answer with no images is malformed but paid nothing; a cut-off or unreadable
+    one, or one with an image slot, may have carried paid images. All are retried."""
+    handler = reply(200, body_bytes=body, content_type="application/json")
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base)
+    assert info.value.retryable is True
+    assert possibly_billed(info.value) is billed
+
+
 async def test_error_object_with_200_is_an_error() -> None:
     """A relay that sends an error object with status 200 still raises, with the request id."""
     async with serve({("POST", ROUTE): reply(200, comet_error("upstream failed"))}) as base:
@@ -298,6 +329,103 @@ async def test_error_object_with_200_is_an_error() -> None:
             await generate(base)
     assert "upstream failed" in str(info.value)
     assert info.value.request_id == "req-42"
+
+
+NOT_THE_API = [
+    (405, "405: Method Not Allowed", "text/plain"),
+    (501, "<html><body><h1>Unsupported method ('POST')</h1></body></html>", "text/html"),
+    (404, "<!DOCTYPE html><html><body>Not Found</body></html>", "text/html"),
+    (400, "<html><body>The plain HTTP request was sent to HTTPS port</body></html>", "text/html"),
+    (200, "<!DOCTYPE html><html><body>Welcome to nginx!</body></html>", "text/html"),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "content_type"), NOT_THE_API, ids=[str(row[0]) for row in NOT_THE_API]
+)
+async def test_a_plain_web_server_is_not_the_api(status: int, text: str, content_type: str) -> None:
+    """405, 501 and HTML pages a plain web server answers a POST with say "not this API": a
+    configuration error naming --base-url, never a job's failure."""
+    handler = reply(status, text=text, content_type=content_type)
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(IncompatibleAPIError) as info:
+            await generate(base)
+    assert isinstance(info.value, ConfigError)
+    assert (info.value.status, info.value.retryable) == (status, False)
+    message = str(info.value)
+    assert f"{base}/v1" in message and "check --base-url" in message
+    assert "<" not in message
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "cls"),
+    [
+        (405, comet_error("Method not allowed"), APIStatusError),
+        (501, comet_error("Not implemented"), ServerError),
+        (404, comet_error("No such model"), NotFoundError),
+        (502, "<html><body><h1>502 Bad Gateway</h1></body></html>", ServerError),
+        (403, "<html><body>Blocked by the firewall</body></html>", PermissionDeniedError),
+        (413, "<html><body>Request Entity Too Large</body></html>", BadRequestError),
+    ],
+)
+async def test_the_api_or_a_proxy_in_front_of_it_keeps_its_classification(
+    status: int, body: Any, cls: type[APIError]
+) -> None:
+    """CometAPI's own JSON errors, and the error pages a proxy in front of it sends for one
+    request or a passing fault, are classified by status as before."""
+    if isinstance(body, str):
+        handler = reply(status, text=body, content_type="text/html")
+    else:
+        handler = reply(status, body)
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(APIError) as info:
+            await generate(base)
+    assert type(info.value) is cls
+    assert not isinstance(info.value, ConfigError)
+
+
+def big_answer(chunked: bool, size: int) -> Handler:
+    """A 200 answer of about `size` bytes, sent with a Content-Length or in chunks."""
+    body = json.dumps({"data": [{"b64_json": "A" * size}]}).encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if not chunked:
+            return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for start in range(0, len(body), 4096):
+            await resp.write(body[start : start + 4096])
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_an_answer_over_the_size_cap_is_a_failure_that_may_be_billed(chunked: bool) -> None:
+    """An answer larger than max_response_bytes is not read into memory: a non-retried
+    failure that says its images may have been paid for."""
+    async with serve({("POST", ROUTE): big_answer(chunked, 200_000)}) as base:
+        with pytest.raises(APIResponseError) as info:
+            await generate(base, max_response_bytes=100_000)
+        assert len((await generate(base, max_response_bytes=300_000)).data) == 1
+    exc = info.value
+    assert (exc.kind, exc.status, exc.retryable) == ("bad_response", 200, False)
+    assert possibly_billed(exc)
+    assert "max_response_bytes (100000 bytes)" in exc.message
+    assert "may have been billed" in exc.message
+
+
+async def test_an_error_answer_over_the_size_cap_is_classified_by_its_status() -> None:
+    """A huge error page is cut short, not read whole, and still classified by its status."""
+    page = "<html><body>" + "x" * 3_000_000 + "</body></html>"
+    handler = reply(503, text=page, content_type="text/html")
+    async with serve({("POST", ROUTE): handler}) as base:
+        with pytest.raises(ServerError) as info:
+            await generate(base, max_response_bytes=100_000)
+    assert (info.value.status, info.value.retryable) == (503, True)
 
 
 async def test_connection_refused_is_not_sent() -> None:

@@ -20,7 +20,9 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import ledger_results, no_sleep, run_all
 
+from cometbatch import Engine, Settings
 from cometbatch.client import Client, ImagesResponse
 from cometbatch.errors import (
     APIError,
@@ -32,6 +34,7 @@ from cometbatch.errors import (
     ManifestError,
     ServerError,
 )
+from cometbatch.imagegen import make_png
 from cometbatch.manifest import MAX_N, MAX_NESTING, Job, folder_key, load_manifest, parse_line
 from cometbatch.models import ModelRegistry
 from cometbatch.paths import image_relpath, safe_component
@@ -759,7 +762,8 @@ def test_client_answers_only_images_or_api_errors() -> None:
                     if 300 <= answer.status < 400:
                         assert isinstance(exc, IncompatibleAPIError)
                     if answer.status >= 400:
-                        assert isinstance(exc, APIStatusError)
+                        # Classified by status, or (a plain web server's page) not the API.
+                        assert isinstance(exc, APIStatusError | IncompatibleAPIError)
                         assert exc.status == answer.status
                     if answer.status in NEVER_RETRIED:
                         assert not exc.retryable
@@ -775,6 +779,53 @@ def test_client_answers_only_images_or_api_errors() -> None:
     finally:
         loop.run_until_complete(server.stop())
         loop.close()
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"created": 1, "data": []}'], ids=["empty", "no-images"])
+async def test_answers_without_images_are_retried_but_not_counted_as_billed_twice(
+    body: bytes, tmp_path: Path
+) -> None:
+    """7 jobs answered `{}` (or no images) 3 times each: retried, failed as malformed, and
+    none of the retries counted as "possibly billed twice" (no image could have been paid)."""
+    server = ScriptedServer()
+    server.answer = Answer(200, body, {"Content-Type": "application/json"})
+    base = await server.start()
+    try:
+        settings = Settings(base_url=base, api_key=KEY, max_attempts=3)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            results = await run_all(engine, [Job(id=f"e{i}", prompt="p") for i in range(7)])
+    finally:
+        await server.stop()
+    assert [(r.status, r.attempts, r.error and r.error["kind"]) for r in results] == [
+        ("failed", 3, "bad_response")
+    ] * 7
+    assert (engine.summary.retries, engine.summary.ambiguous_retries) == (14, 0)
+    assert sum(e["ambiguous_retries"] for e in ledger_results(tmp_path)) == 0
+
+
+async def test_an_answer_over_the_size_cap_is_recorded_as_a_failure(tmp_path: Path) -> None:
+    """An answer over max_response_bytes fails its job in the ledger (sent once, may have been
+    billed), and the run goes on; a later run with a higher cap sends it again on request."""
+    server = ScriptedServer()
+    png = base64.b64encode(make_png(64, 64, 1)).decode()
+    big = json.dumps({"data": [{"b64_json": png}], "pad": "x" * 50_000}).encode()
+    server.answer = Answer(200, big, {"Content-Type": "application/json"})
+    base = await server.start()
+    try:
+        settings = Settings(base_url=base, api_key=KEY, max_response_bytes=10_000)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await run_all(engine, [Job(id="big", prompt="p")])
+        roomy = Settings(base_url=base, api_key=KEY, retry_failed=True)
+        async with Engine(roomy, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (done,) = await run_all(engine, [Job(id="big", prompt="p")])
+    finally:
+        await server.stop()
+    assert (failed.status, failed.attempts) == ("failed", 1)
+    assert failed.error is not None and failed.error["kind"] == "bad_response"
+    assert "max_response_bytes" in failed.error["message"]
+    assert "may have been billed" in failed.error["message"]
+    assert done.ok
+    assert [e["status"] for e in ledger_results(tmp_path)] == ["failed", "ok"]
 
 
 # --- pure parsing functions -------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
+    APIResponseError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
@@ -28,6 +29,7 @@ from cometbatch.retry import (
     backoff,
     classify_status,
     make_status_error,
+    not_the_api,
     parse_error_body,
     parse_retry_after,
     possibly_billed,
@@ -398,10 +400,15 @@ async def test_retrying_does_not_retry_foreign_exceptions() -> None:
         (ServerError("cloudflare 524", status=524, retryable=True), True),
         (ServerError("bad gateway", status=502, retryable=True), False),
         (RateLimitError("slow down", status=429, retryable=True), False),
+        (APIResponseError("truncated JSON", status=200, retryable=True), True),
+        (APIResponseError("no images", status=200, retryable=True, maybe_billed=False), False),
+        (APIResponseError("too large", status=200, maybe_billed=True), True),
+        (APIResponseError("odd answer", status=200), False),
     ],
 )
 def test_possibly_billed(exc: APIError, billed: bool) -> None:
-    """Failures after the request reached the generator (timeouts, 504, 524) may be billed."""
+    """Failures after the request reached the generator (timeouts, 504, 524, an answer cut
+    off or too large) may be billed; an answer read whole without images may not."""
     assert possibly_billed(exc) is billed
 
 
@@ -410,3 +417,41 @@ def test_gateway_timeouts_are_not_retried_when_ambiguous_retries_are_off() -> No
     policy = RetryPolicy(retry_ambiguous=False)
     assert not policy.should_retry(ServerError("524", status=524, retryable=True))
     assert policy.should_retry(ServerError("502", status=502, retryable=True))
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "request_id", "html", "json_body", "foreign"),
+    [
+        (404, None, None, True, False, True),
+        (404, None, None, False, True, True),
+        (404, None, "req-1", False, True, False),
+        (404, "model_not_found", None, False, True, False),
+        (405, None, None, False, False, True),
+        (405, None, None, False, True, False),
+        (501, None, None, True, False, True),
+        (501, None, "req-1", False, True, False),
+        (400, None, None, True, False, True),
+        (400, None, None, False, True, False),
+        (410, None, None, True, False, True),
+        (401, None, None, True, False, False),
+        (403, None, None, True, False, False),
+        (413, None, None, True, False, False),
+        (429, None, None, True, False, False),
+        (500, None, None, True, False, False),
+        (502, None, None, True, False, False),
+        (524, None, None, True, False, False),
+        (503, None, None, False, False, False),
+    ],
+)
+def test_not_the_api_table(
+    status: int,
+    code: str | None,
+    request_id: str | None,
+    html: bool,
+    json_body: bool,
+    foreign: bool,
+) -> None:
+    """A plain web server's 404, 405, 501 or HTML error page is "not the API"; CometAPI's own
+    errors and the pages a proxy sends for one request or a passing fault are not."""
+    found = not_the_api(status, code=code, request_id=request_id, html=html, json_body=json_body)
+    assert found is foreign

@@ -7,6 +7,7 @@ test_sink, test_engine, test_ledger and test_simulator for the unit-level checks
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -579,6 +580,136 @@ async def test_the_key_in_any_server_supplied_text_is_blanked(echo: str) -> None
     assert [text for text in shown if key in text] == []
 
 
+async def cometbatch_async(
+    *args: str, env: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion without blocking the event loop a test server runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cometbatch",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+
+# What an API that echoes the key in its successful answers is asked for, by prompt: "plain"
+# echoes it in every string of the answer, "escaped" the same as JSON \u escapes, "link"
+# answers an image URL carrying the key whose download then keeps failing.
+ECHO_PROMPTS = ("plain", "escaped", "link")
+
+
+def key_echoing_api() -> dict[tuple[str, str], Handler]:
+    """An API whose answers carry the key: revised prompt, usage values and keys, an extra
+    field of the image, and an image URL that cannot be downloaded."""
+
+    async def generation(request: web.Request) -> web.StreamResponse:
+        prompt = (await request.json())["prompt"]
+        bearer = request.headers.get("Authorization", "")
+        key = bearer.removeprefix("Bearer ")
+        item: dict[str, Any] = {"revised_prompt": f"a cat, for {bearer}"}
+        if prompt == "link":
+            origin = request.url.origin()
+            item["url"] = f"{origin}/img/{key}.png?auth={quote(bearer)}"
+        else:
+            item["b64_json"] = base64.b64encode(PNG).decode()
+            item["echo"] = {"headers": [f"Authorization: {bearer}"]}
+        usage = {"total_tokens": 3, "note": f"billed to {key}", key: {"by": [key]}}
+        text = json.dumps({"created": 1, "data": [item], "usage": usage})
+        if prompt == "escaped":
+            text = text.replace(key, _escaped(key))
+        return web.Response(text=text, content_type="application/json")
+
+    async def image(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503, text="image host down")
+
+    return {("POST", ROUTE): generation, ("GET", "/img/{name}"): image}
+
+
+def check_echoes_blanked(out: Path) -> None:
+    """The echoed texts are kept in the ledger, with the key blanked where it stood."""
+    results = {e["job_id"]: e for e in ledger_events(out) if e["event"] == "result"}
+    assert {job: e["status"] for job, e in results.items()} == {
+        "plain": "ok",
+        "escaped": "ok",
+        "link": "download_failed",
+    }
+    for job in ("plain", "escaped"):
+        assert results[job]["images"][0]["revised_prompt"] == "a cat, for Bearer ***"
+        assert results[job]["usage"] == {
+            "total_tokens": 3,
+            "note": "billed to ***",
+            "***": {"by": ["***"]},
+        }
+    (pending,) = results["link"]["downloads"]
+    assert pending["url"].endswith("/img/***.png?auth=Bearer%20***")
+
+
+async def test_a_key_echoed_in_answers_reaches_no_ledger_result_or_log(tmp_path: Path) -> None:
+    """An API that echoes the key in revised prompts, usage, extra image fields and an image
+    URL whose download fails leaves no form of it in results, the output folder or logs."""
+    key = canary_key()
+    out = tmp_path / "out"
+    jobs = [Job(id=prompt, prompt=prompt) for prompt in ECHO_PROMPTS]
+    with captured_logs() as logs:
+        async with serve(key_echoing_api()) as api:
+            settings = Settings(base_url=f"{api}/v1", api_key=key, max_attempts=2)
+            async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
+                results = [r async for r in engine.run(jobs)]
+
+    check_echoes_blanked(out)
+    assert_no_leak(
+        leak_forms(key),
+        logs="\n".join(logs),
+        results=repr(results),
+        **{str(p): p.read_bytes() for p in files_under(tmp_path)},
+    )
+
+
+async def test_a_key_echoed_in_answers_is_in_no_cli_output_or_file(tmp_path: Path) -> None:
+    """The same API through `run -v --json` with COMETAPI_KEY set, then `status`, `gallery`
+    and every `export` format: no form of the key on the terminal or in any file."""
+    key = canary_key()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(HOME=str(home), COMETAPI_KEY=key)
+    manifest = write_manifest(tmp_path / "m.jsonl", ({"id": p, "prompt": p} for p in ECHO_PROMPTS))
+    out = tmp_path / "out"
+    async with serve(key_echoing_api()) as api:
+        run = await cometbatch_async(
+            "run", str(manifest), "--base-url", f"{api}/v1", "--out", str(out),
+            "--max-attempts", "2", "-v", "--json",
+            env=env, cwd=tmp_path,
+        )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert json.loads(run.stdout)["ok_requests"] == 2
+    check_echoes_blanked(out)
+    shown = {"run": run.stdout + run.stderr}
+    commands = [
+        ("status", str(out)),
+        ("status", str(out), "--json"),
+        ("gallery", str(out)),
+        *(("export", str(out), "--format", f) for f in ("openai-batch", "csv", "jsonl")),
+    ]
+    for command in commands:
+        done = await cometbatch_async(*command, env=env, cwd=tmp_path)
+        assert done.returncode in (0, 1), done.stderr
+        assert "Traceback" not in done.stderr
+        shown[" ".join(command[::2])] = done.stdout + done.stderr
+    assert (out / "index.html").is_file()
+    assert_no_leak(
+        leak_forms(key),
+        **shown,
+        **{str(p): p.read_bytes() for p in files_under(tmp_path)},
+    )
+
+
 # --- 2. credentials go only to the API's origin ---------------------------------------------
 
 
@@ -854,6 +985,48 @@ def test_allow_insecure_http_lets_settings_and_client_accept_a_remote_host() -> 
     assert client.base_url == url and not client.closed
     assert "unopened" in repr(client)
     assert settings.public()["allow_insecure_http"] is True
+
+
+# What plain web servers answer a POST to /images/generations: (status, content type, body).
+WEB_SERVERS = {
+    "html-404": (404, "text/html", "<!DOCTYPE html><html><body>Not Found</body></html>"),
+    "405": (405, "text/plain", "405: Method Not Allowed"),
+    "501": (501, "text/html", "<html><body>Unsupported method ('POST')</body></html>"),
+    "html-200": (200, "text/html", "<!DOCTYPE html><html><body>Welcome!</body></html>"),
+}
+
+
+@pytest.mark.parametrize("server", list(WEB_SERVERS))
+async def test_a_base_url_that_is_not_the_api_stops_the_cli_and_fails_no_job(
+    server: str, tmp_path: Path
+) -> None:
+    """A plain web server as --base-url: exit 2 at once with one message naming --base-url,
+    no traceback, no failed line; the same command with the right URL then sends every job."""
+    status, content_type, text = WEB_SERVERS[server]
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=status, content_type=content_type, text=text)
+
+    env = clean_env(COMETAPI_KEY=canary_key())
+    jobs = [{"id": f"j{i}", "prompt": f"picture {i}", "model": "qwen-image"} for i in range(6)]
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    out = tmp_path / "out"
+    args = ("run", str(manifest), "--out", str(out), "--max-attempts", "3", "--base-url")
+    async with serve({("*", "/{tail:.*}"): page}) as web_server:
+        wrong = await cometbatch_async(*args, f"{web_server}/v1", env=env, cwd=tmp_path)
+
+    assert wrong.returncode == 2, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    named = [line for line in wrong.stderr.splitlines() if "--base-url" in line]
+    assert len(named) == 1 and named[0].startswith("error: "), wrong.stderr
+    assert f"{web_server}/v1" in named[0] and "<" not in named[0]
+    assert [e for e in ledger_events(out) if e["event"] == "result"] == []
+
+    async with Simulator(SimConfig(latency=0)) as sim:
+        right = await cometbatch_async(*args, sim.base_url, "--json", env=env, cwd=tmp_path)
+    assert right.returncode == 0, right.stderr
+    assert json.loads(right.stdout)["ok_requests"] == len(jobs)
 
 
 # --- 5. one run per output folder ------------------------------------------------------------
