@@ -418,6 +418,27 @@ async def test_an_answer_over_the_size_cap_is_a_failure_that_may_be_billed(chunk
     assert "may have been billed" in exc.message
 
 
+async def test_a_content_length_over_the_size_cap_is_refused_before_reading() -> None:
+    """A Content-Length over the cap fails at once, without waiting for a body still coming."""
+    done = asyncio.Event()
+
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 500_000
+        await resp.prepare(request)
+        await resp.write(b'{"data": [')
+        await done.wait()
+        return resp
+
+    async with serve({("POST", ROUTE): stalling}) as base:
+        try:
+            with pytest.raises(APIResponseError, match="max_response_bytes"):
+                await generate(base, max_response_bytes=100_000, timeout=30)
+        finally:
+            done.set()
+
+
 async def test_an_error_answer_over_the_size_cap_is_classified_by_its_status() -> None:
     """A huge error page is cut short, not read whole, and still classified by its status."""
     page = "<html><body>" + "x" * 3_000_000 + "</body></html>"
