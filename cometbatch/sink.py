@@ -22,29 +22,17 @@ from typing import Any, TypeVar
 import pybase64
 
 from cometbatch.errors import ImageDataError, OutputError
+from cometbatch.imagecheck import check_image, detect_format
 from cometbatch.paths import fsync_folder, image_relpath
 
 __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _TEMP_SUFFIX = ".tmp"
 # Characters of base64 decoded at a time (a multiple of 4): about a millisecond of work.
 _B64_SLICE = 256 * 1024
 _T = TypeVar("_T")
 # Job folders a sink remembers having seen, so their images skip the mkdir.
 _KNOWN_FOLDERS = 1024
-
-
-def detect_format(data: bytes) -> str | None:
-    """Return "png", "jpeg" or "webp" from the image's magic bytes, or None."""
-    if data.startswith(_PNG_MAGIC):
-        return "png"
-    if data.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def _a2b_strict(body: str) -> bytes:
@@ -132,10 +120,8 @@ class ImageRecord:
 
 def _describe(job_id: str, index: int, data: bytes) -> tuple[str, str, str]:
     """The image's format, its path relative to OUT and its hex sha256; raises ImageDataError
-    for bytes that are not an image."""
-    fmt = detect_format(data)
-    if fmt is None:
-        raise ImageDataError("not a PNG, JPEG or WebP image", retryable=False)
+    for bytes that are not a whole image (checked, not sniffed: see imagecheck)."""
+    fmt = check_image(data)
     return fmt, image_relpath(job_id, index, fmt), hashlib.sha256(data).hexdigest()
 
 

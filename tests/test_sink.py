@@ -289,6 +289,48 @@ async def test_write_rejects_unknown_bytes_without_touching_disk(tmp_path: Path)
     assert files_under(tmp_path) == []
 
 
+def _cut(data: bytes) -> bytes:
+    return data[: int(len(data) * 0.6)]
+
+
+def _zero_filled(data: bytes) -> bytes:
+    return data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+
+
+# A WebP is checked as a container (its RIFF and chunk lengths), not as compressed data: one
+# whose lengths are right but whose data was zeroed is not caught, and is not tested here.
+BROKEN = {
+    "png 60%": _cut(PNG),
+    "png 40 bytes": PNG[:40],
+    "png zero-filled": _zero_filled(PNG),
+    "jpeg 60%": _cut(JPEG),
+    "jpeg 40 bytes": JPEG[:40],
+    "jpeg zero-filled": _zero_filled(JPEG),
+    "webp 60%": _cut(WEBP),
+    "webp 40 bytes": WEBP[:40],
+}
+
+
+@pytest.mark.parametrize("offload_bytes", [0, 10**9])
+@pytest.mark.parametrize("base64_answer", [False, True])
+@pytest.mark.parametrize("name", BROKEN)
+async def test_write_refuses_an_image_that_is_not_whole(
+    tmp_path: Path, name: str, base64_answer: bool, offload_bytes: int
+) -> None:
+    """A cut image is checked, not sniffed: on the loop and in the writer threads, as bytes and
+    as base64, it raises a retryable ImageDataError and writes nothing."""
+    sink = Sink(tmp_path, offload_bytes=offload_bytes)
+    broken = BROKEN[name]
+    with pytest.raises(ImageDataError, match="incomplete or corrupt") as info:
+        if base64_answer:
+            await sink.decode_and_write("a", 0, base64.b64encode(broken).decode())
+        else:
+            await sink.write("a", 0, broken)
+    assert (info.value.kind, info.value.retryable) == ("invalid_image", True)
+    assert files_under(tmp_path) == []
+    assert sink.written == 0
+
+
 async def test_write_replaces_an_existing_image(tmp_path: Path) -> None:
     """Regenerating a request overwrites the earlier file at the same name."""
     sink = Sink(tmp_path)
