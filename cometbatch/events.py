@@ -24,6 +24,48 @@ _SHARED: dict[str, str] = {s: s for s in ("ok", "failed", "download_failed", "pn
 
 _T = TypeVar("_T")
 
+_NONE = type(None)
+_ABSENT = object()
+# What the readers of a result line (resume, status, gallery, export, fetch) rely on: each
+# field's JSON types when it is present, and what to call them in an error. A hand-edited
+# line that differs is refused here, naming it, instead of failing inside one of them.
+_RESULT_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("key", (str,), "a string"),
+    ("job_id", (str,), "a string"),
+    ("chunk", (int,), "a whole number, 0 or more"),
+    ("status", (str,), "a string"),
+    ("n", (int,), "a whole number, 0 or more"),
+    ("model", (str, _NONE), "a string or null"),
+    ("fingerprint", (str, _NONE), "a string or null"),
+    ("images", (list,), "a list of objects"),
+    ("downloads", (list, _NONE), "a list of objects"),
+    ("attempts", (int, float), "a number, 0 or more"),
+    ("ambiguous_retries", (int, float), "a number, 0 or more"),
+    ("rate_limited", (int,), "a whole number, 0 or more"),
+    ("error", (dict, _NONE), "an object or null"),
+    ("finished_at", (str, _NONE), "a string or null"),
+)
+
+
+def result_problem(event: dict[str, Any]) -> str | None:
+    """What is wrong with the JSON types of a result event's fields, or None."""
+    if "key" not in event or "status" not in event:
+        return "a result needs its 'key' and 'status'"
+    for name, types, expected in _RESULT_TYPES:
+        value = event.get(name, _ABSENT)
+        if value is _ABSENT:
+            continue
+        kind = type(value)  # not isinstance: true and false are no numbers here
+        if (
+            kind not in types
+            or (kind is int and value < 0)
+            or (kind is list and any(type(item) is not dict for item in value))
+        ):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:59] + "\u2026"
+            return f"the result's {name!r} is {shown}, not {expected}"
+    return None
+
 
 def now_iso() -> str:
     """The ledger's timestamp format: UTC, milliseconds, a trailing Z."""
@@ -82,6 +124,17 @@ class _EventReader:
                 f"{self.path} line {lineno} is not a ledger event "
                 "(a JSON object with an 'event' field)"
             )
+        return self._checked(lineno, event)
+
+    def _checked(self, lineno: int, event: dict[str, Any]) -> dict[str, Any]:
+        """`event`, or a LedgerError naming its line if it is a result with a field of the
+        wrong type."""
+        if event["event"] == "result":
+            problem = result_problem(event)
+            if problem is not None:
+                raise LedgerError(
+                    f"{self.path} line {lineno} is not a valid 'result' event: {problem}"
+                )
         return event
 
     def _parse_strict(self, lineno: int, raw: bytes) -> Any:
@@ -98,7 +151,8 @@ class _EventReader:
         event = _whole_event(raw)
         if event is None:
             self.torn_tail = True
-        return event
+            return None
+        return self._checked(lineno, event)
 
 
 # --- reading result lines fast --------------------------------------------------------------
