@@ -24,7 +24,7 @@ CapReason = Literal["max_images", "max_cost"]
 BUDGET_REASONS: frozenset[str] = frozenset({"max_images", "max_cost"})
 # Float sums of prices (0.04 * 25 = 1.0000000000000002) must not cross a cap by rounding.
 _SLACK = 1e-9
-_PAID = frozenset({"ok", "download_failed"})
+_PAID = frozenset({"ok", "download_failed", "partial"})
 
 
 class Budget:
@@ -178,7 +178,12 @@ def earlier_totals(
 ) -> tuple[int, float]:
     """Images the folder's ledger records as generated (each key's latest result) and, with
     `with_cost`, dollars spent (each key and request counted once, as `status` counts)."""
-    images = sum(item.n for _, item in state.items() if item.status in _PAID)
+    images = sum(
+        # A partial key paid for the images it lists (read from its line; such keys are few).
+        item.image_count + len(item.downloads) if item.status == "partial" else item.n
+        for _, item in state.items()
+        if item.status in _PAID
+    )
     if not with_cost:
         return images, 0.0
     paid: dict[tuple[str, str], float] = {}

@@ -47,6 +47,7 @@ from .runner import RunOutcome, run_manifest
 from .settings import KEY_ENV, Settings, check_base_url
 from .simulator import SimConfig
 from .state import LedgerState
+from .streams import guard_std_streams
 from .textsafe import printable
 
 
@@ -102,6 +103,8 @@ def _dry_run(
 @click.version_option(__version__, prog_name="cometbatch")
 def main() -> None:
     """Batch image generation through CometAPI: resumable, rate-limit aware."""
+    # A reader that goes away (`| head`, a closed terminal) silences the output, never the run.
+    guard_std_streams()
 
 
 @main.command(context_settings={"max_content_width": 100})

@@ -65,6 +65,9 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
 @click.option("--rate-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
 @click.option("--rate-drop", type=float, default=0.0, help="Fraction of dropped connections.")
 @click.option("--rate-malformed", type=float, default=0.0, help="Fraction of truncated bodies.")
+@click.option(
+    "--rate-short", type=float, default=0.0, help="Fraction of n>1 requests answered half."
+)
 @click.option("--rpm-limit", type=int, help="Requests per minute the server allows.")
 @click.option("--ipm-limit", type=int, help="Images per minute the server allows.")
 @click.option(
@@ -92,6 +95,7 @@ def simulate(
     rate_5xx: float,
     rate_drop: float,
     rate_malformed: float,
+    rate_short: float,
     rpm_limit: int | None,
     ipm_limit: int | None,
     retry_after: float,
@@ -109,6 +113,7 @@ def simulate(
             rate_5xx=rate_5xx,
             rate_drop=rate_drop,
             rate_malformed=rate_malformed,
+            rate_short=rate_short,
             rpm_limit=rpm_limit,
             ipm_limit=ipm_limit,
             retry_after=retry_after,

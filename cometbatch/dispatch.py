@@ -24,7 +24,7 @@ from .errors import (
 from .fetch import Fetcher, output_error
 from .limits import Limiter, Outcome
 from .plan import Request
-from .results import DOWNLOAD_FAILED, FAILED, OK, PendingDownload, Summary
+from .results import DOWNLOAD_FAILED, FAILED, OK, PendingDownload, Summary, add_usage
 from .retry import RetryPolicy, possibly_billed, retrying
 from .sink import ImageRecord, Sink
 
@@ -107,12 +107,38 @@ class Sent:
             return DOWNLOAD_FAILED
         return FAILED if self.error is not None else OK
 
+    @property
+    def generated(self) -> int:
+        """Images generated: written, or waiting for their download."""
+        return len(self.images) + len(self.pending)
+
+    def add(self, part: Sent) -> None:
+        """Fold in a follow-up's outcome: the same key's images so far, and what it took."""
+        self.images.extend(part.images)
+        self.images.sort(key=lambda image: image.index)
+        self.pending.extend(part.pending)
+        if part.usage:
+            # Summed into a new object: the recorded usage it starts from is left as it was.
+            total: dict[str, Any] = {}
+            if isinstance(self.usage, dict):
+                add_usage(total, self.usage)
+            add_usage(total, part.usage)
+            self.usage = total
+        if part.error is not None:
+            self.error = part.error
+        self.attempts += part.attempts
+        self.ambiguous += part.ambiguous
+        self.rate_limited += part.rate_limited
+
 
 def _check_count(request: Request, response: ImagesResponse) -> None:
-    if len(response.data) < request.n:
+    # A short answer is not a failure: its images are paid for, so they are stored and the
+    # sender asks for the rest. Only an answer without a single image is malformed.
+    if not response.data:
         raise APIResponseError(
-            f"asked for {request.n} image(s), the API answered {len(response.data)}",
+            f"asked for {request.n} image(s), the API answered none",
             retryable=True,
+            maybe_billed=False,
         )
 
 
@@ -182,9 +208,7 @@ class Dispatcher:
         """Generate and store one request; API failures are returned, fatal ones raised."""
         sent = Sent()
         try:
-            response = await self._attempts(request, sent)
-            sent.usage = response.usage
-            await self._store(request, response, sent)
+            await self._attempts(request, sent)
         except APIError as exc:
             if is_fatal(exc):
                 raise
@@ -198,13 +222,13 @@ class Dispatcher:
                 sent.error = ambiguous_failure(exc)
         return sent
 
-    async def _attempts(self, request: Request, sent: Sent) -> ImagesResponse:
+    async def _attempts(self, request: Request, sent: Sent) -> None:
         # Most requests succeed at once: the first attempt is made without building the
         # retry machinery (a real cost at a thousand requests a second). If it fails in a way
         # worth retrying, tenacity takes over and is handed that failure as its own first
         # attempt, so waits, logging and the attempt limit are exactly as if it had made it.
         try:
-            return await self._attempt(request, sent, None)
+            return await self._answer(request, sent, None)
         except APIError as exc:
             if not self.policy.should_retry(exc):
                 raise
@@ -217,11 +241,18 @@ class Dispatcher:
                     failed, first = first, None
                     raise failed
                 try:
-                    return await self._attempt(request, sent, last)
+                    return await self._answer(request, sent, last)
                 except APIError as exc:
                     last = exc
                     raise
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _answer(self, request: Request, sent: Sent, last: APIError | None) -> None:
+        """One attempt and its images stored: an inline image that is not whole fails the
+        attempt (it was generated, so a retry counts as possibly billed)."""
+        response = await self._attempt(request, sent, last)
+        sent.usage = response.usage
+        await self._store(request, response, sent)
 
     async def _attempt(self, request: Request, sent: Sent, last: APIError | None) -> ImagesResponse:
         """One attempt under the shared limits; `last` is the previous attempt's failure."""

@@ -232,8 +232,9 @@ class IncompatibleAPIError(APIResponseError, ConfigError):
     kind = "incompatible_api"
 
 
-class ImageDataError(APIError):
-    """An image in the answer could not be decoded (bad base64, unknown bytes)."""
+class ImageDataError(APIResponseError):
+    """An image in the answer is unusable: bad base64, unknown bytes, or not whole (cut short,
+    a failed checksum). A broken one is retryable, and was generated: possibly billed."""
 
     kind = "invalid_image"
 

@@ -7,8 +7,8 @@ their last result was recorded. The ledger knows only the requests it has record
 later requests were never sent (an interrupted run) shows just the ones that were.
 
 Job statuses: `ok` (every recorded request ok), `download_failed` (generated, some images still
-to download: `cometbatch fetch`), `partial` (a request failed, some images were written),
-`failed` (no image written).
+to download: `cometbatch fetch`), `partial` (some images were written: a request failed, or
+answered short and its rest is still to be asked for), `failed` (no image written).
 
 `openai-batch`, one line per job in the shape of OpenAI's Batch API output file:
 
@@ -46,6 +46,7 @@ from typing import Any, TextIO
 
 from .errors import ConfigError, LedgerError
 from .events import LEDGER_NAME, iter_events
+from .results import add_usage
 from .textsafe import printable, safe_json
 
 __all__ = [
@@ -92,23 +93,6 @@ DOWNLOAD_FAILED = "download_failed"
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
-    """Add one answer's usage into `total`: numbers summed, objects merged."""
-    for key, value in usage.items():
-        have = total.get(key)
-        if isinstance(value, dict):
-            if not isinstance(have, dict):
-                have = total[key] = {}
-            _add_usage(have, value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(have, int | float) and not isinstance(have, bool):
-                total[key] = have + value
-            elif key not in total:
-                total[key] = value
-        else:
-            total.setdefault(key, value)
 
 
 @dataclass(slots=True)
@@ -174,7 +158,7 @@ class JobResults:
             event = self.requests[chunk]
             if event.get("status") != OK:
                 error = event.get("error")
-                found = dict(error) if isinstance(error, dict) else {"kind": "unknown"}
+                found = dict(error) if isinstance(error, dict) else _no_error(event)
                 return {**found, "chunk": chunk}
         return None
 
@@ -185,7 +169,7 @@ class JobResults:
         for event in self.events:
             usage = event.get("usage")
             if isinstance(usage, dict):
-                _add_usage(total, usage)
+                add_usage(total, usage)
         return total or None
 
     @property
@@ -216,6 +200,19 @@ class JobResults:
         values = (event.get("latency_s") for event in self.events)
         total = sum(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
         return round(total, 3)
+
+
+def _no_error(event: dict[str, Any]) -> dict[str, Any]:
+    """What a line that is not ok and records no error stands for."""
+    if event.get("status") != PARTIAL:
+        return {"kind": "unknown"}
+    # A short answer recorded before its rest was asked for (the run stopped in between).
+    written = len(event.get("images") or ())
+    return {
+        "kind": PARTIAL,
+        "message": f"{written} of {_count(event.get('n'))} image(s) so far; the next run asks "
+        "for the rest",
+    }
 
 
 def _where(event: dict[str, Any]) -> tuple[str, int] | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .manifest import Job
 from .models import ModelRegistry, ModelSpec
-from .plan import plan_job
+from .plan import plan_job, remainder
 from .prices import CostEstimate, PriceTable, builtin_prices
 from .resume import decide
 from .state import KeyState
@@ -124,6 +124,14 @@ def forecast(
             elif verdict == "changed" and not regenerate_changed:
                 item.changed_requests += 1
                 changed = True
+            elif verdict == "rest" and state is not None:
+                # A partial key: its recorded images are done, only the rest is sent (and paid).
+                have = min(state.image_count + len(state.downloads), request.n - 1)
+                rest = remainder(request, have)
+                item.done_images += have
+                item.send_requests += 1
+                item.send_images += rest.n
+                result.to_send.add(rest)
             else:
                 item.send_requests += 1
                 item.send_images += request.n

@@ -163,6 +163,8 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
     # Each key's latest outcome, kept as its tiles: the event dicts themselves are let go.
     latest: dict[str, tuple[list[Tile], Failure | None]] = {}
     per_second: dict[int, list[int]] = {}
+    # Images a key's partial line listed: its next line lists them again, with the rest.
+    listed: dict[str, int] = {}
     line_429s = summary_429s = 0
     for event in events:
         kind = event.get("event")
@@ -194,13 +196,17 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
                 gallery.per_result_429s = False
                 throttled = int(_mapping(event.get("error")).get("status") == 429)
             line_429s += throttled
+            images = len(event.get("images") or ())
+            new_images = images - listed.pop(key, 0)
+            if _pending(event):
+                listed[key] = images
             moment = parse_time(event.get("finished_at"))
             if moment is not None:
                 row = per_second.setdefault(math.floor(moment), [0, 0, 0, 0])
-                row[0] += len(event.get("images") or ())
+                row[0] += max(new_images, 0)
                 row[1] += retries
                 row[2] += throttled
-                row[3] += event.get("status") != "ok"
+                row[3] += event.get("status") != "ok" and not _pending(event)
     gallery.rate_limited = line_429s if gallery.per_result_429s else summary_429s
     gallery.bucket_s, gallery.buckets = bucket_series(per_second)
     gallery.tiles = [tile for tiles, _ in latest.values() for tile in tiles]
@@ -228,6 +234,11 @@ def _outcome(key: str, event: dict[str, Any]) -> tuple[list[Tile], Failure | Non
             tiles.append(Tile(job_id, model, "ok", index, path, revised and str(revised)))
     if status == "ok":
         return tiles, None
+    if _pending(event):
+        # A short answer recorded before its rest was asked for: the rest is pending, not failed.
+        missing = max(int(event.get("n") or 0) - len(tiles), 0)
+        tiles.append(Tile(job_id, model, status, n=missing, reason="pending"))
+        return tiles, None
     error = _mapping(event.get("error"))
     reason = str(error.get("kind") or "unknown")
     missing = max(int(event.get("n") or 0) - len(tiles), 0)
@@ -245,6 +256,11 @@ def _outcome(key: str, event: dict[str, Any]) -> tuple[list[Tile], Failure | Non
         finished_at=str(event.get("finished_at") or ""),
     )
     return tiles, failure
+
+
+def _pending(event: dict[str, Any]) -> bool:
+    """A partial line without an error: its missing images are still to be asked for."""
+    return event.get("status") == "partial" and not event.get("error")
 
 
 def read_gallery(

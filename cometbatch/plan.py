@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .manifest import Job
@@ -65,6 +65,21 @@ def chunk_sizes(n: int, max_n: int) -> list[int]:
     """Split n images into requests of at most max_n (the last one may be smaller)."""
     full, rest = divmod(n, max_n)
     return [max_n] * full + ([rest] if rest else [])
+
+
+def remainder(request: Request, done: int) -> Request:
+    """The follow-up to `request` once `done` of its images came: the missing count, asked
+    for under the same key and fingerprint, continuing the job's image indexes."""
+    if not 0 <= done < request.n:
+        raise ValueError(f"{done} of {request.n} images leaves no remainder to ask for")
+    if done == 0:
+        return request
+    missing = request.n - done
+    payload = {key: value for key, value in request.payload.items() if key != "n"}
+    # n=1 is left out as build_payload leaves it out; any other n is the missing count.
+    if missing > 1:
+        payload["n"] = missing
+    return replace(request, n=missing, first_index=request.first_index + done, payload=payload)
 
 
 def plan_job(job: Job, spec: ModelSpec) -> Iterator[Request]:

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from .prices import format_usd
+from .streams import stream_gone
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -252,21 +253,34 @@ class ProgressDisplay:
             detail=snap.detail(),
         )
 
+    def _stop_drawing(self) -> None:
+        """Stop the live display for good (its terminal or pipe has no reader any more)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         every = 0.25 if self.mode == "rich" else self.plain_every
         # A pipe gets its first line soon, so a log shows the run has started.
         first = min(every, 2.0)
-        while True:
+        # Once the reader went away (`| head`, a closed terminal) the display ends; the run
+        # goes on.
+        while not stream_gone(self.console.file):
             try:
                 snap = Snapshot.of(self.engine)
             except RuntimeError:
                 snap = None
             if snap is not None:
                 self._rate = self._meter.add(loop.time(), snap.processed)
-                if self.mode == "rich":
-                    self.refresh()
-                elif first == every:
-                    self.console.print(snap.line(self._rate), highlight=False, soft_wrap=True)
+                try:
+                    if self.mode == "rich":
+                        self.refresh()
+                    elif first == every:
+                        self.console.print(snap.line(self._rate), highlight=False, soft_wrap=True)
+                except OSError:
+                    # A stream the CLI did not guard (a library caller's console).
+                    break
             await self._sleep(first)
             first = every
+        self._stop_drawing()

@@ -18,6 +18,26 @@ if TYPE_CHECKING:
 OK = "ok"
 FAILED = "failed"
 DOWNLOAD_FAILED = "download_failed"
+# Fewer images came than were asked for: those are recorded (paid for), the rest is asked for
+# under the same key. The key's next line lists every image so far (ok, or partial again).
+PARTIAL = "partial"
+
+
+def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Add one answer's usage into `total`: numbers summed, objects merged."""
+    for key, value in usage.items():
+        have = total.get(key)
+        if isinstance(value, dict):
+            if not isinstance(have, dict):
+                have = total[key] = {}
+            add_usage(have, value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(have, int | float) and not isinstance(have, bool):
+                total[key] = have + value
+            elif key not in total:
+                total[key] = value
+        else:
+            total.setdefault(key, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +175,9 @@ class Summary:
         if result.ok:
             self.ok_requests += 1
             self.images_written += len(result.images)
+        elif result.status == PARTIAL and result.error is None:
+            # Stopped before the rest was asked for: its images are in, the request pending.
+            self.images_written += len(result.images)
         else:
             self.failed_requests += 1
             # A download_failed request wrote some of its images; the rest are the failures.
@@ -165,11 +188,14 @@ class Summary:
         self.retries += max(result.attempts - 1, 0)
         self.ambiguous_retries += result.ambiguous_retries
         if paid:
-            cost = result.cost_usd
-            if cost is None:
-                self.unpriced_images += len(result.images) + len(result.downloads)
-            else:
-                self.spent_usd += cost
+            self.pay(result.cost_usd, len(result.images) + len(result.downloads))
+
+    def pay(self, cost: float | None, images: int) -> None:
+        """Count what this run paid for `images` generated (cost None: not priced)."""
+        if cost is None:
+            self.unpriced_images += images
+        else:
+            self.spent_usd += cost
 
     @property
     def pending_requests(self) -> int:

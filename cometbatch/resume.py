@@ -6,23 +6,27 @@ from typing import Literal
 
 from .state import KeyState
 
-Verdict = Literal["send", "reuse", "keep", "fetch", "changed"]
+Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest"]
 
 
 def decide(fingerprint: str, recorded: KeyState | None, *, retry_failed: bool) -> Verdict:
     """What to do with one planned request.
 
     send it; reuse its ok images; keep a permanent failure; fetch the images it generated
-    but could not download; or flag that the job changed since its images were written.
+    but could not download; send the rest of a partial one (only its missing images); or
+    flag that the job changed since its images were written.
     """
     if recorded is None:
         return "send"
     same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
-    if recorded.status in ("ok", "download_failed") and not same:
+    if recorded.status in ("ok", "download_failed", "partial") and not same:
         # Old images that no longer match the request must not pass for its result.
         return "changed"
     if recorded.status == "ok":
         return "reuse"
+    if recorded.status == "partial":
+        # Its images are paid for and kept; only the missing count is ever asked for again.
+        return "keep" if recorded.retryable is False and not retry_failed else "rest"
     if recorded.status == "download_failed":
         # Paid for already: download again, never generate again, unless the links are gone
         # for good and the user asks for that (retry_failed pays for the images again).

@@ -20,6 +20,9 @@ class SimConfig(BaseModel):
     rate_5xx: float = Field(default=0.0, ge=0, le=1)
     rate_drop: float = Field(default=0.0, ge=0, le=1)
     rate_malformed: float = Field(default=0.0, ge=0, le=1)
+    # Fraction of n>1 requests answered with half the images (a short answer, billed as such);
+    # drawn apart from the faults above, which replace the answer instead of shaping it.
+    rate_short: float = Field(default=0.0, ge=0, le=1)
     rpm_limit: int | None = Field(default=None, ge=1)
     ipm_limit: int | None = Field(default=None, ge=1)
     api_key: str | None = Field(default=None, repr=False)

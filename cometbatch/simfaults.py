@@ -13,17 +13,22 @@ SERVER_ERROR_STATUSES: tuple[int, ...] = (500, 502, 503, 504, 524)
 SHAPING_FAULTS: tuple[str, ...] = (
     "empty-data",
     "fewer-images",
+    "short",
     "bad-base64",
+    "truncated-image",
     "slow",
     "drop-midway",
 )
 # Faults of the file route, applied to the next downloads rather than the next generations.
-# "download-expired" makes the file pass its TTL (gone for good); "download-404" is one 404.
+# "download-expired" makes the file pass its TTL (gone for good); "download-404" is one 404,
+# "download-503" one 503; "download-truncated" serves the first part of the file as if whole.
 DOWNLOAD_FAULTS: tuple[str, ...] = (
     "download-404",
+    "download-503",
     "download-expired",
     "download-huge",
     "download-not-image",
+    "download-truncated",
 )
 FAULTS: tuple[str, ...] = (
     *("429", "429-bare", "500", "502", "503", "504", "524", "500-invalid-request"),
@@ -58,12 +63,22 @@ def pick_fault(config: SimConfig, draw: float) -> str | None:
 
 def images_to_answer(fault: str | None, n: int) -> int:
     """How many of the `n` images asked for an answer shaped by `fault` carries."""
-    return {"fewer-images": n - 1, "empty-data": 0}.get(fault or "", n)
+    return {"fewer-images": n - 1, "short": n // 2, "empty-data": 0}.get(fault or "", n)
+
+
+def short_answer(config: SimConfig, n: int, draw: float) -> str | None:
+    """Whether ("short") a request for several images is answered with half of them."""
+    return "short" if n > 1 and draw < config.rate_short else None
 
 
 def counts_as_generated(fault: str | None) -> bool:
     """Whether an answer shaped by `fault` was generated in full (and billed) by the server."""
-    return fault in (None, "slow", "drop-midway")
+    return fault in (None, "slow", "drop-midway", "truncated-image")
+
+
+def cut_image(data: bytes) -> bytes:
+    """The first 60 % of an image: what a transfer cut short leaves, magic bytes and all."""
+    return data[: len(data) * 3 // 5]
 
 
 # -- canned answers ----------------------------------------------------------------------

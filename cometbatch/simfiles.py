@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from .imagegen import CONTENT_TYPES
-from .simfaults import NOT_AN_IMAGE_PAGE, NOT_FOUND_PAGE
+from .simfaults import NOT_AN_IMAGE_PAGE, NOT_FOUND_PAGE, cut_image
 from .simstats import SimStats
 from .simwire import html, send_huge
 
@@ -85,6 +85,8 @@ class FileStore:
             return html(404, NOT_FOUND_PAGE)
         if fault == "download-not-image":
             return html(200, NOT_AN_IMAGE_PAGE)
+        if fault == "download-503":
+            return html(503, "<h1>503 Service Temporarily Unavailable</h1>")
         if fault == "download-huge":
             return await send_huge(request, stored.data, stored.content_type, self._huge_bytes)
         stored.downloads += 1
@@ -92,4 +94,6 @@ class FileStore:
         if stored.downloads >= 2:
             del self._files[name]
         self._stats.downloads += 1
-        return web.Response(body=stored.data, content_type=stored.content_type)
+        # A host that lost the end of the file serves what it has as if it were all of it.
+        body = cut_image(stored.data) if fault == "download-truncated" else stored.data
+        return web.Response(body=body, content_type=stored.content_type)

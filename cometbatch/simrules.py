@@ -27,6 +27,7 @@ from .simfaults import (
     counts_as_generated,
     images_to_answer,
     pick_fault,
+    short_answer,
 )
 from .simlimits import SlidingWindow, admit, format_seconds, rate_limited, retry_headers
 
@@ -59,6 +60,7 @@ __all__ = [
     "pick_fault",
     "rate_limited",
     "retry_headers",
+    "short_answer",
     "usage_for",
 ]
 
@@ -209,13 +211,13 @@ def image_seed(prompt: str, index: int) -> int:
     return zlib.crc32(f"{index}\0{prompt}".encode())
 
 
-def usage_for(request: ImageRequest) -> dict[str, Any]:
-    """Plausible gpt-image token usage for a request."""
+def usage_for(request: ImageRequest, images: int | None = None) -> dict[str, Any]:
+    """Plausible gpt-image token usage for a request answered with `images` (default: n)."""
     per_image = _OUTPUT_TOKENS.get(request.quality or "auto", _OUTPUT_TOKENS["auto"])
     if request.size in _WIDE_SIZES:
         per_image = per_image * 3 // 2
     text_tokens = max(1, len(request.prompt) // 4)
-    output_tokens = per_image * request.n
+    output_tokens = per_image * (request.n if images is None else images)
     return {
         "input_tokens": text_tokens,
         "output_tokens": output_tokens,

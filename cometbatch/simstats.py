@@ -14,6 +14,9 @@ class SimStats:
     requests: int = 0
     generated: int = 0
     images: int = 0
+    # Images in every answer that carried any, short and unreadable ones included: what the
+    # server billed (`images` counts only answers generated in full).
+    billed_images: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
     statuses: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from aiohttp import hdrs, web
 
 from .models import ModelRegistry
+from .simfaults import cut_image
 from .simfiles import FileStore
 from .simpictures import PictureCache
 from .simrules import (
@@ -42,6 +44,7 @@ from .simrules import (
     parse_request,
     pick_fault,
     retry_headers,
+    short_answer,
     usage_for,
 )
 from .simstats import SimStats
@@ -237,6 +240,7 @@ class Simulator:
             refused = self._admit(parsed) or self._random_fault(request)
             if refused is not None:
                 return refused
+            forced = self._short_answer(parsed)
         elif forced == "slow":
             await asyncio.sleep(self.config.slow_seconds)
         await self._latency()
@@ -260,6 +264,15 @@ class Simulator:
             fault = str(self._rng.choice(SERVER_ERROR_STATUSES))
         self._stats.faults[fault] += 1
         return self._fault_response(fault, request)
+
+    def _short_answer(self, request: ImageRequest) -> str | None:
+        # No draw at all unless short answers are asked for: seeded runs keep their faults.
+        if self.config.rate_short <= 0:
+            return None
+        fault = short_answer(self.config, request.n, self._rng.random())
+        if fault is not None:
+            self._stats.faults[fault] += 1
+        return fault
 
     def _fault_response(self, fault: str, request: web.Request) -> web.StreamResponse:
         if fault in FAULT_ERRORS:
@@ -291,12 +304,13 @@ class Simulator:
         self, request: ImageRequest, forced: str | None, http: web.Request
     ) -> web.StreamResponse:
         count = images_to_answer(forced, request.n)
-        items = [self._item(request, index, forced == "bad-base64") for index in range(count)]
+        items = [self._item(request, index, forced) for index in range(count)]
         body: dict[str, Any] = {"created": int(time.time()), "data": items}
         if request.usage:
-            body["usage"] = usage_for(request)
+            body["usage"] = usage_for(request, count)
+        stats = self._stats
+        stats.billed_images += count
         if counts_as_generated(forced):
-            stats = self._stats
             stats.generated += 1
             stats.images += count
             stats.by_model[request.model] = stats.by_model.get(request.model, 0) + 1
@@ -304,21 +318,27 @@ class Simulator:
             return await drop_midway(http, json.dumps(body).encode())
         return self._reply(web.Response(text=json.dumps(body), content_type="application/json"))
 
-    def _item(self, request: ImageRequest, index: int, corrupt: bool) -> dict[str, str]:
+    def _item(self, request: ImageRequest, index: int, forced: str | None) -> dict[str, str]:
         seed = image_seed(request.prompt, index)
+        # "truncated-image": the image, in the answer or at its link, is cut short.
+        cut = forced == "truncated-image"
         item: dict[str, str]
-        if corrupt:
+        if forced == "bad-base64":
             item = {"b64_json": BAD_BASE64}
+        elif request.mode == "b64_json" and cut:
+            data = cut_image(self._pictures.image_bytes(request.fmt, seed))
+            item = {"b64_json": base64.b64encode(data).decode("ascii")}
         elif request.mode == "b64_json":
             item = {"b64_json": self._pictures.image_b64(request.fmt, seed)}
         else:
-            item = {"url": self._store(request.fmt, seed)}
+            item = {"url": self._store(request.fmt, seed, cut)}
         if request.revised_prompt:
             item["revised_prompt"] = f"{request.prompt}, rendered in rich, vivid detail"
         return item
 
-    def _store(self, fmt: str, seed: int) -> str:
-        name = self._files.put(self._pictures.image_bytes(fmt, seed), fmt, _MAX_FILES)
+    def _store(self, fmt: str, seed: int, cut: bool = False) -> str:
+        data = self._pictures.image_bytes(fmt, seed)
+        name = self._files.put(cut_image(data) if cut else data, fmt, _MAX_FILES)
         return f"{self.origin}/files/{name}"
 
     # other routes

@@ -32,7 +32,9 @@ def _unpack_hex(value: bytes | str) -> str:
     return value.hex() if isinstance(value, bytes) else value
 
 
-_WITH_IMAGES = frozenset({"ok", "download_failed"})
+_WITH_IMAGES = frozenset({"ok", "download_failed", "partial"})
+# Statuses whose line may list generated images still to download.
+_WITH_DOWNLOADS = frozenset({"download_failed", "partial"})
 
 # Each image is packed flat into KeyState._images as these five values, because results held
 # as dicts or small objects cost several times the memory.
@@ -50,8 +52,8 @@ class KeyState:
     """
 
     __slots__ = (
-        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "key", "n", "retryable",
-        "status",
+        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_usage", "key", "n",
+        "retryable", "status",
     )  # fmt: skip
 
     key: str
@@ -64,6 +66,8 @@ class KeyState:
     _images: tuple[Any, ...] | None
     _downloads: Downloads | None
     _line: tuple[Path, int] | None
+    # A partial key's usage so far (read with its images): the rest's answer adds to it.
+    _usage: Any
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class KeyState:
         n: int,
         images: Sequence[dict[str, Any]] = (),
         downloads: Sequence[dict[str, Any]] = (),
+        usage: Any = None,
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
@@ -85,6 +90,7 @@ class KeyState:
         self.n = n
         self._images = _pack_image_dicts(job_id, images) if images else ()
         self._downloads = _pack_downloads(downloads)
+        self._usage = usage
         self._line = None
 
     @classmethod
@@ -98,10 +104,11 @@ class KeyState:
                 retryable = error.get("retryable")
         # A download_failed result keeps the images it did write, and the URLs still to fetch.
         images = (event.get("images") or ()) if status in _WITH_IMAGES else ()
-        downloads = (event.get("downloads") or ()) if status == "download_failed" else ()
+        downloads = (event.get("downloads") or ()) if status in _WITH_DOWNLOADS else ()
+        usage = event.get("usage") if status == "partial" else None
         return cls(
             event["key"], status, event.get("fingerprint"), retryable, event["job_id"],
-            event["n"], images, downloads,
+            event["n"], images, downloads, usage,
         )  # fmt: skip
 
     @classmethod
@@ -125,6 +132,7 @@ class KeyState:
         self.n = n
         self._images = None
         self._downloads = None
+        self._usage = None
         self._line = line
         return self
 
@@ -146,6 +154,13 @@ class KeyState:
             self._read_line()
         assert self._downloads is not None
         return self._downloads
+
+    @property
+    def usage(self) -> Any:
+        """The usage a partial result recorded (None for other statuses)."""
+        if self._images is None:
+            self._read_line()
+        return self._usage
 
     def _packed_images(self) -> tuple[Any, ...]:
         if self._images is None:
@@ -172,10 +187,11 @@ class KeyState:
             ) from None
         self._images = recorded._images
         self._downloads = recorded._downloads
+        self._usage = recorded._usage
 
     @property
     def image_count(self) -> int:
-        """How many images the result recorded (0 unless ok or download_failed)."""
+        """How many images the result recorded (0 unless ok, download_failed or partial)."""
         return len(self._packed_images()) // _FIELDS_PER_IMAGE
 
     @property

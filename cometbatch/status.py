@@ -16,7 +16,7 @@ from .manifest import JobDefaults, Manifest
 from .prices import PriceTable, actual, builtin_prices
 from .state import KeyState
 
-PAID = frozenset({"ok", "download_failed"})
+PAID = frozenset({"ok", "download_failed", "partial"})
 
 
 @dataclass(slots=True)
@@ -189,9 +189,13 @@ def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> 
         if item["status"] == "ok":
             model.ok_requests += 1
             model.ok_images += int(item["n"])
+        elif item["status"] == "partial" and not item["error"]:
+            # Stopped before the rest was asked for: the rest is pending (the next run sends it).
+            model.ok_images += item["written"]
         else:
-            # A download_failed request wrote some of its images; the rest are waiting.
-            written = item["written"] if item["status"] == "download_failed" else 0
+            # A download_failed or partial request wrote some of its images; the rest are
+            # waiting for their download, or failed.
+            written = item["written"] if item["status"] in PAID else 0
             if item["status"] == "download_failed":
                 status.awaiting_download += int(item["n"]) - written
             model.failed_requests += 1
@@ -266,6 +270,13 @@ def _count_pending(
     for model in status.by_model.values():
         if model.pending_requests is None:
             model.pending_requests = model.pending_images = 0
+    for line in latest.values():
+        if line["status"] == "partial" and not line["error"] and line["job_id"] in sizes:
+            # The images a partial key still needs (its written ones count as done).
+            counted = status.by_model[str(line["model"])]
+            counted.pending_requests = (counted.pending_requests or 0) + 1
+            rest = int(line["n"]) - line["written"]
+            counted.pending_images = (counted.pending_images or 0) + rest
     status.pending_known = True
     if given is None and run.get("manifest_sha256") and manifest.sha256 != run["manifest_sha256"]:
         status.manifest_note = f"{path} changed since the last run: pending counts its new content"

@@ -17,12 +17,13 @@ from .sink import ImageRecord
 from .state import KeyState, LedgerState
 
 # Verdicts that put a request on the work queue (the rest are answered from the ledger).
-SENT = frozenset({"send", "fetch", "changed"})
+SENT = frozenset({"send", "fetch", "changed", "rest"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Work:
-    """A request for a worker: send it, fetch its pending downloads, or regenerate it."""
+    """A request for a worker: send it, fetch its pending downloads, send the rest of a
+    partial one, or regenerate it."""
 
     request: Request
     verdict: Verdict = "send"

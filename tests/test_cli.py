@@ -544,3 +544,49 @@ def test_verbose_shows_each_retry_with_its_reason(tmp_path: Path) -> None:
                for line in retries)  # fmt: skip
     assert "retry " not in quiet.stderr
     assert "sk-test-verbose" not in loud.stdout + loud.stderr
+
+
+def pipe_manifest(tmp_path: Path, count: int) -> Path:
+    jobs = ({"id": f"p{i}", "prompt": f"pipe {i}", "model": "qwen-image"} for i in range(count))
+    return write_manifest(tmp_path / "m.jsonl", jobs)
+
+
+def assert_finished(out: Path, requests: int) -> None:
+    """The ledger holds an ok line for every request, then the end line of a complete run."""
+    lines = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    oks = {e["key"] for e in lines if e["event"] == "result" and e["status"] == "ok"}
+    assert len(oks) == requests
+    assert lines[-1]["event"] == "end" and lines[-1]["summary"]["complete"] is True
+
+
+def test_a_reader_that_goes_away_stops_the_display_never_the_run(tmp_path: Path) -> None:
+    """`cometbatch run … 2>&1 | head -c 10`: the reader leaves after 10 bytes of the first
+    progress line; the run still completes: exit 0, every result line and the end line."""
+    manifest, out = pipe_manifest(tmp_path, 48), tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
+         "--out", str(out), "--concurrency", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert_finished(out, 48)
+
+
+def test_a_closed_stdout_leaves_the_exit_code_true(tmp_path: Path) -> None:
+    """`cometbatch run --json | true`: the JSON has no reader; the run completes, exit 0."""
+    manifest, out = pipe_manifest(tmp_path, 3), tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "run", str(manifest), "--simulate",
+         "--out", str(out), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert_finished(out, 3)

@@ -559,3 +559,136 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
 def test_sigkill_at_random_moments_then_resume_long(tmp_path: Path) -> None:
     """The crash test with sixty SIGKILLs."""
     run_crash_cycles(tmp_path, cycles=60, seed=7)
+
+
+# -- stop signals: a graceful stop, never a crash ---------------------------------------------
+
+SIGNAL_JOBS = 60
+
+
+def signal_manifest(tmp_path: Path) -> Path:
+    manifest = tmp_path / "signals.jsonl"
+    jobs = (
+        {"id": f"g{i}", "prompt": f"dune {i}", "model": "qwen-image"} for i in range(SIGNAL_JOBS)
+    )
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return manifest
+
+
+def result_lines(out: Path) -> list[dict[str, Any]]:
+    return [e for _, e in iter_events(out / LEDGER_NAME) if e["event"] == "result"]
+
+
+def last_event(out: Path) -> dict[str, Any]:
+    return list(iter_events(out / LEDGER_NAME))[-1][1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_mid_run_lands_every_sent_request(tmp_path: Path, sig: int) -> None:
+    """SIGTERM (a polite kill) and SIGHUP (the terminal closed) stop as Ctrl-C does: no new
+    request, those already sent land and are recorded, the end line is written, exit 130."""
+    manifest, out = signal_manifest(tmp_path), tmp_path / "out"
+    with simulator_on_thread(SimConfig(latency=0.3, record_requests=False)) as sim:
+        run = CliRun(manifest, out, sim.base_url, tmp_path, "run")
+        try:
+            assert wait_for(run, lambda: len(read_ledger(out).ok), 5), run.describe()
+            run.proc.send_signal(sig)
+            run.proc.wait(timeout=60)
+        finally:
+            run.close()
+        settle(sim)
+        sent = sim.stats.requests
+    assert run.proc.returncode == 130, run.describe()
+    recorded = result_lines(out)
+    # Every request the server saw has its line: nothing paid for is left unrecorded.
+    assert len(recorded) == sent < SIGNAL_JOBS, run.describe()
+    end = last_event(out)
+    assert end["event"] == "end", end
+    assert end["summary"]["interrupted"] is True
+    assert end["summary"]["cut_off_requests"] == 0
+    assert json.loads(run.output()[0])["ok_requests"] == sent
+
+
+def test_closing_the_terminal_is_a_graceful_stop(tmp_path: Path) -> None:
+    """The terminal goes away under a run drawing its live display: every write to it fails
+    from then on (EIO) and SIGHUP comes. The run stops as for Ctrl-C: every sent request is
+    recorded, the end line is written, exit 130."""
+    import pty
+
+    manifest, out = signal_manifest(tmp_path), tmp_path / "out"
+    with simulator_on_thread(SimConfig(latency=0.3, record_requests=False)) as sim:
+        master, slave = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COMETAPI_")}
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "cometbatch", "run", str(manifest), "--out", str(out),
+                "--base-url", sim.base_url, "--concurrency", "6",
+            ],
+            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+            env={**env, "COMETAPI_KEY": "sk-terminal", "TERM": "xterm-256color"},
+        )  # fmt: skip
+        os.close(slave)
+        # Keep reading what it draws (a full terminal would block it) until the terminal goes.
+        reader = threading.Thread(target=_drain, args=(master,), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + WAIT_LIMIT
+            while len(read_ledger(out).ok) < 5:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.002)
+            os.close(master)
+            proc.send_signal(signal.SIGHUP)
+            returncode = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        settle(sim)
+        sent = sim.stats.requests
+    assert returncode == 130
+    assert len(result_lines(out)) == sent < SIGNAL_JOBS
+    end = last_event(out)
+    assert end["event"] == "end" and end["summary"]["interrupted"] is True
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 65536):
+            pass
+
+
+def test_a_second_signal_counts_exactly_the_requests_it_cut_off(tmp_path: Path) -> None:
+    """Ctrl-C twice while the server holds every request in flight: the run quits at once and
+    `cut_off_requests` equals the requests the server saw that have no ledger line."""
+    manifest, out = signal_manifest(tmp_path), tmp_path / "out"
+    config = SimConfig(latency=0.02, slow_seconds=30, record_requests=False)
+    with simulator_on_thread(config) as sim:
+        run = CliRun(manifest, out, sim.base_url, tmp_path, "run")
+        try:
+            assert wait_for(run, lambda: len(read_ledger(out).ok), 10), run.describe()
+            # From now on the server holds each new request for 30 s; the fast ones land, so
+            # every slot fills with a held request.
+            sim.enqueue(*["slow"] * CONCURRENCY)
+            assert wait_for(run, lambda: sim.in_flight, CONCURRENCY), run.describe()
+            run.proc.send_signal(signal.SIGINT)
+            assert wait_for(run, lambda: "stopping:" in run.output()[1], 1), run.describe()
+            started = time.monotonic()
+            run.proc.send_signal(signal.SIGINT)
+            run.proc.wait(timeout=30)
+            quit_s = time.monotonic() - started
+        finally:
+            run.close()
+        seen = sim.stats.requests
+    assert run.proc.returncode == 130, run.describe()
+    recorded = len(result_lines(out))
+    end = last_event(out)
+    assert end["event"] == "end"
+    cut_off = end["summary"]["cut_off_requests"]
+    print(
+        f"\ndouble Ctrl-C against a server holding {CONCURRENCY} requests: the server saw "
+        f"{seen} requests, the ledger recorded {recorded}; cut_off_requests {cut_off}; "
+        f"quit {quit_s:.2f} s after the second signal"
+    )
+    assert cut_off == seen - recorded == CONCURRENCY
+    assert json.loads(run.output()[0])["cut_off_requests"] == cut_off
+    assert quit_s < 10

@@ -142,7 +142,7 @@ async def test_a_final_failure_stays_busy_until_recorded(tmp_path: Path) -> None
     assert calls == [True]
 
 
-@pytest.mark.parametrize("fault", ["504", "524", "drop", "malformed", "fewer-images"])
+@pytest.mark.parametrize("fault", ["504", "524", "drop", "malformed"])
 async def test_a_possibly_billed_failure_is_not_resent_when_ambiguous_retries_are_off(
     tmp_path: Path, fault: str
 ) -> None:
@@ -164,6 +164,28 @@ async def test_a_possibly_billed_failure_is_not_resent_when_ambiguous_retries_ar
     # Kept on the next run (not resent behind the user's back) until --retry-failed.
     assert record["retryable"] is False
     assert "may have been generated and billed" in record["message"]
+
+
+@pytest.mark.parametrize("fault", ["fewer-images", "short"])
+async def test_a_short_answer_is_kept_and_not_retried(tmp_path: Path, fault: str) -> None:
+    """An answer with fewer images than asked is one paid attempt: its images are written (at
+    the request's indexes) and returned, nothing is sent again, nothing counted as billed twice."""
+    job = Job(id="d", prompt="p", model="dall-e-2", n=4, response_format="b64_json")
+    (request,) = plan_job(job, ModelRegistry().get("dall-e-2"))
+    async with (
+        Simulator(SimConfig()) as sim,
+        Client(base_url=sim.base_url, api_key="sk-test") as client,
+        Limiter(concurrency=2) as limiter,
+    ):
+        sim.enqueue(fault)
+        sent = await dispatcher_for(client, limiter, tmp_path).send(request)
+        assert sim.stats.requests == 1
+    assert sent.error is None and (sent.attempts, sent.ambiguous) == (1, 0)
+    count = 3 if fault == "fewer-images" else 2
+    assert [image.index for image in sent.images] == list(range(count))
+    assert sorted(p.name for p in (tmp_path / "images" / "d").iterdir()) == [
+        f"{k}.png" for k in range(count)
+    ]
 
 
 async def test_a_possibly_billed_retry_is_counted(tmp_path: Path) -> None:

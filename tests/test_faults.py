@@ -103,6 +103,8 @@ MATRIX: dict[str, Outcome] = {
     # A readable answer with no images paid for nothing: retried, not counted as billed.
     "empty-data": Ok(2),
     "fewer-images": Ok(2, ambiguous=1),
+    # A cut-off image in the answer was generated (and billed): retried, counted as such.
+    "truncated-image": Ok(2, ambiguous=1),
     "bad-base64": Failed(
         "invalid_image", None, False, "invalid base64 image data", request_id=False
     ),
@@ -247,7 +249,7 @@ async def test_faults_every_request_would_get_stop_the_run_resumably(
 # -- possibly billed twice ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["drop-midway", "slow", "drop"])
+@pytest.mark.parametrize("fault", ["drop-midway", "slow", "drop", "truncated-image"])
 async def test_ambiguous_failures_are_not_retried_when_turned_off(
     sim: Simulator, tmp_path: Path, fault: str
 ) -> None:

@@ -192,3 +192,83 @@ def test_spend_so_far_is_shown_and_a_cap_with_the_folders_figures() -> None:
     assert "spent $0.500 (folder $1.25 of max $2.00)" in text
     assert "folder images 31 of max 40" in text
     assert "max" not in snap(spent=0.5).detail()
+
+
+class ReaderGone(io.StringIO):
+    """A stream whose reader went away after `keep` writes (EPIPE from then on)."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+        self.attempts = 0
+
+    def write(self, text: str) -> int:
+        self.attempts += 1
+        if self.attempts > self.keep:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_stream_whose_reader_left_is_silenced_for_good() -> None:
+    """A closed pipe: the failed write and every later one are dropped, nothing raises."""
+    import os
+
+    from cometbatch.streams import GuardedStream, stream_gone
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as raw:
+        guarded = GuardedStream(raw)
+        assert not stream_gone(guarded)
+        assert guarded.write("x" * 200_000) == 200_000
+        guarded.flush()
+        assert stream_gone(guarded) and not guarded.isatty()
+        guarded.write("more")
+        guarded.flush()
+    # The descriptor now points at /dev/null: flushing what was left (at exit) succeeds.
+    stream = ReaderGone(keep=1)
+    guarded = GuardedStream(stream)
+    guarded.write("kept\n")
+    guarded.write("lost\n")
+    guarded.write("never tried\n")
+    assert stream.getvalue() == "kept\n" and stream.attempts == 2
+
+
+def test_the_display_stops_when_its_reader_goes_away() -> None:
+    """After the first failed write the plain display stops for good; the run is untouched."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import TextIO, cast
+
+    from rich.console import Console
+
+    from cometbatch.engine import Engine
+    from cometbatch.limits import Limiter
+    from cometbatch.progress import ProgressDisplay
+    from cometbatch.results import Summary
+    from cometbatch.streams import GuardedStream
+
+    engine = SimpleNamespace(
+        summary=Summary(planned_images=10, images_written=4),
+        limiter=Limiter(concurrency=8),
+        waiting_to_retry=0,
+    )
+    stream = ReaderGone(keep=1)
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+
+    async def scenario() -> None:
+        console = Console(file=cast(TextIO, GuardedStream(stream)), width=200)
+        display = ProgressDisplay(
+            cast(Engine, engine), mode="plain", console=console, plain_every=10, sleep=sleep
+        )
+        async with display:
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    # Two lines tried (the second failed), then no more naps: the loop ended.
+    assert naps == [2.0, 10, 10] and stream.attempts == 2
+    assert stream.getvalue().startswith("images 4/10")
