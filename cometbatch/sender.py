@@ -14,8 +14,9 @@ from .dispatch import Dispatcher, Sent, Stopped, fatal_error
 from .errors import APIError, OutputError
 from .events import now_iso
 from .ledger import Ledger
+from .plan import Request, remainder
 from .prices import PriceTable, estimate
-from .results import FAILED, PendingDownload, Result, Summary
+from .results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, PendingDownload, Result, Summary
 from .resume import decide
 from .retry import possibly_billed
 from .sink import ImageRecord
@@ -88,55 +89,102 @@ class Sender:
             del self._inflight[request.key]
 
     async def _send_and_record(self, work: Work) -> Result:
-        """One request from send to ledger line; API failures become a failed Result."""
-        ledger = self._ledger()
-        request, recorded = work.request, work.recorded
-        loop = asyncio.get_running_loop()
+        """One request from send to ledger line; API failures become a failed Result.
+
+        A short answer is recorded (a partial line) before the missing images are asked for
+        under the same key; each line lists every image of the key so far."""
+        request = work.request
         if not self._writable:
             # Before the first request is paid for: its images must have somewhere to go.
             await asyncio.to_thread(self.dispatcher.sink.check_writable)
             self._writable = True
-        started = loop.time()
-        if work.verdict == "fetch" and recorded is not None:
-            # Generated (and paid for) in an earlier run: only its downloads are tried again.
-            sent = Sent(images=[ImageRecord(**image) for image in recorded.images])
-            pending = [PendingDownload(*item) for item in recorded.downloads]
-            await self.dispatcher.refetch(request.job.id, pending, sent)
-            reserved: float | None = None
+        started = asyncio.get_running_loop().time()
+        # Images an earlier run paid for (a fetch, or the rest of a partial key), and their cost.
+        sent = _recorded(work)
+        earlier = _Paid(sent.generated, self._cost(request, sent)[0])
+        if sent.pending:
+            # Generated (and paid for) already: only the downloads are tried again.
+            await self.dispatcher.refetch(request.job.id, list(sent.pending), sent)
+        if sent.generated >= request.n:
+            result = await self._record(work, sent, started)
         else:
-            sent, reserved = await self._send(work)
+            result = await self._generate(work, sent, started, earlier)
+        self.summary.add(result, paid=False)
+        # The line carries the key's whole cost; this run's spend is what it added.
+        made = _made(result) - earlier.images
+        cost = result.cost_usd
+        self.summary.pay(None if cost is None else cost - (earlier.cost or 0.0), made)
+        return result
+
+    async def _generate(self, work: Work, sent: Sent, started: float, earlier: _Paid) -> Result:
+        """Ask for the key's missing images until they all came, a request fails, or the run
+        stops; each short answer is recorded before the next request is sent."""
+        request = work.request
+        follow = remainder(request, sent.generated)
+        part, reserved = await self._send(work, follow)
+        # The reservation covers every follow-up: each asks for fewer images than the first.
+        reservation = (follow.n, reserved)
+        # The last line written for the key.
+        last: Result | None = None
+        try:
+            while True:
+                sent.add(part)
+                failed = part.error is not None and not part.pending
+                last = await self._record(work, sent, started)
+                if failed or sent.generated >= request.n:
+                    return last
+                follow = remainder(request, sent.generated)
+                try:
+                    part = await self._follow_up(follow)
+                except Stopped:
+                    # The partial line stands: the next run asks for the rest.
+                    return last
+        finally:
+            if self.budget is not None:
+                self._settle(self.budget, reservation, last, sent, earlier)
+
+    async def _follow_up(self, request: Request) -> Sent:
+        """Ask for the rest of a key whose answer was short (its reservation covers it)."""
+        try:
+            return await self.dispatcher.send(request)
+        except APIError as exc:
+            raise fatal_error(exc, self.base_url) from exc
+
+    def _cost(self, request: Request, sent: Sent) -> tuple[float | None, str]:
+        """What the images of `sent` cost (from its usage where the model is billed so)."""
         job = request.job
-        generated = 0 if sent.status == FAILED else len(sent.images) + len(sent.pending)
-        cost, basis = request_cost(
-            job.model, sent.usage, generated, job.size, job.quality, self.prices
+        return request_cost(
+            job.model, sent.usage, sent.generated, job.size, job.quality, self.prices
         )
+
+    async def _record(self, work: Work, sent: Sent, started: float) -> Result:
+        """Append the key's line for what it has so far; the Result it records."""
+        request = work.request
+        status = _status(sent, request.n)
+        cost, basis = self._cost(request, sent) if status != FAILED else (0.0, "none")
         result = Result.of(
             request,
             self.run_id,
-            sent.status,
+            status,
             images=tuple(sent.images),
             downloads=tuple(sent.pending),
             attempts=sent.attempts,
             ambiguous_retries=sent.ambiguous,
             error=sent.error.to_record() if sent.error else None,
-            latency_s=loop.time() - started,
+            latency_s=asyncio.get_running_loop().time() - started,
             finished_at=now_iso(),
             usage=sent.usage,
             rate_limited=sent.rate_limited,
             cost_usd=cost,
             cost_basis=basis,
         )
-        if self.budget is not None and work.verdict != "fetch":
-            self._settle(self.budget, result, sent, reserved)
-        await ledger.append(result.to_event())
-        # A fetch pays nothing now: its line carries the request's cost, this run's spend not.
-        self.summary.add(result, paid=work.verdict != "fetch")
+        await self._ledger().append(result.to_event())
         return result
 
-    async def _send(self, work: Work) -> tuple[Sent, float | None]:
-        """Generate a request within the budget (when caps are set); the sent outcome and
-        the dollars reserved for it (settled by `_settle` once its result is known)."""
-        request, recorded = work.request, work.recorded
+    async def _send(self, work: Work, request: Request) -> tuple[Sent, float | None]:
+        """Generate `request` (the key's missing images) within the budget (when caps are
+        set); the sent outcome and the dollars reserved for it (settled by `_settle`)."""
+        recorded = work.recorded
         budget = self.budget
         reserved: float | None = None
         if budget is not None:
@@ -159,17 +207,26 @@ class Sender:
                 budget.release(request.n, reserved)
             raise
 
-    def _settle(self, budget: Budget, result: Result, sent: Sent, reserved: float | None) -> None:
-        """Replace a request's reservation by what it made and cost; a failure that may have
-        been billed keeps its estimate."""
-        made = 0 if result.status == FAILED else len(result.images) + len(result.downloads)
+    def _settle(
+        self,
+        budget: Budget,
+        reservation: tuple[int, float | None],
+        last: Result | None,
+        sent: Sent,
+        earlier: _Paid,
+    ) -> None:
+        """Replace a key's reservation by what its recorded lines made and cost this run; a
+        failure that may have been billed keeps its estimate."""
+        images, reserved = reservation
+        made = 0 if last is None else _made(last) - earlier.images
+        cost = None if last is None else last.cost_usd
         if made:
-            spent = (reserved or 0.0) if result.cost_usd is None else result.cost_usd
+            spent = (reserved or 0.0) if cost is None else cost - (earlier.cost or 0.0)
         elif sent.ambiguous or (sent.error is not None and _maybe_billed(sent.error)):
             spent = reserved or 0.0
         else:
             spent = 0.0
-        budget.settle(result.n, reserved, made, spent)
+        budget.settle(images, reserved, made, spent)
 
     async def _set_aside(self, recorded: KeyState) -> None:
         """Move a changed job's recorded images out of the way before regenerating them."""
@@ -188,6 +245,39 @@ class Sender:
                 moved,
                 self.out_dir / REPLACED_DIR / self.run_id,
             )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Paid:
+    """What a key's earlier runs paid for: images generated, and their cost."""
+
+    images: int
+    cost: float | None
+
+
+def _recorded(work: Work) -> Sent:
+    """The images (and pending downloads) a fetch or a partial key starts from."""
+    recorded = work.recorded
+    if work.verdict not in ("fetch", "rest") or recorded is None:
+        return Sent()
+    return Sent(
+        images=[ImageRecord(**image) for image in recorded.images],
+        pending=[PendingDownload(*item) for item in recorded.downloads],
+        usage=recorded.usage if work.verdict == "rest" else None,
+    )
+
+
+def _status(sent: Sent, n: int) -> str:
+    """The line a key's images so far make: every image generated (ok, or download_failed
+    while some still wait for their download), none (failed), or some (partial)."""
+    if sent.generated >= n:
+        return DOWNLOAD_FAILED if sent.pending else OK
+    return PARTIAL if sent.generated else FAILED
+
+
+def _made(result: Result) -> int:
+    """Images a recorded line says were generated."""
+    return 0 if result.status == FAILED else len(result.images) + len(result.downloads)
 
 
 def _maybe_billed(error: APIError) -> bool:

@@ -35,6 +35,12 @@ def recorded(status: str, fingerprint: str | None = FP, retryable: bool | None =
         (recorded("download_failed", retryable=False), False, "keep"),
         (recorded("download_failed", retryable=False), True, "send"),
         (recorded("download_failed", fingerprint=OTHER, retryable=True), False, "changed"),
+        # Some images came (paid for, kept): only the rest is sent, unless it failed for good.
+        (recorded("partial"), False, "rest"),
+        (recorded("partial", retryable=True), False, "rest"),
+        (recorded("partial", retryable=False), False, "keep"),
+        (recorded("partial", retryable=False), True, "rest"),
+        (recorded("partial", fingerprint=OTHER), False, "changed"),
     ],
 )
 def test_decide(state: KeyState | None, retry_failed: bool, verdict: Verdict) -> None:
