@@ -1,12 +1,38 @@
-"""Images of a changed job are set aside (never silently overwritten) before it is regenerated."""
+"""A key's images taken out of "ok" (its job changed, or its files went missing or bad): the
+line that says so, the files set aside, and putting them back when they are asked for again.
+
+The order is what keeps the ledger true at every crash point: the withdrawing line is
+appended before a file moves, a file moves back before the ok line that names it again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 REPLACED_DIR = "replaced"
+# Error kinds of a failed line that withdraws a key's images (each lists them under
+# "withdrawn"): the job changed and is being regenerated, or a file is gone or damaged.
+WITHDRAWN_KINDS = frozenset({"replaced", "missing_image", "corrupt_image"})
+# What a withdrawn image keeps of its ok line (plus "aside", where its file was put).
+IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt")
+_BLOCK = 1 << 20
+
+
+def image_file(out_dir: Path, relpath: object) -> Path | None:
+    """The file a recorded path names: OUT/images/<job>/<file>, or None for any other path
+    (a hand-edited ledger must not make cometbatch read or move files outside OUT/images)."""
+    if not isinstance(relpath, str):
+        return None
+    parts = PurePosixPath(relpath).parts
+    if len(parts) != 3 or parts[0] != "images" or any(p in ("", ".", "..") for p in parts):
+        return None
+    if "\\" in relpath or "\x00" in relpath:
+        return None
+    return out_dir.joinpath(*parts)
 
 
 def aside_path(out_dir: Path, run_id: str, relpath: str) -> Path | None:
@@ -14,9 +40,9 @@ def aside_path(out_dir: Path, run_id: str, relpath: str) -> Path | None:
 
     None for a path that does not name a file under OUT/images/ (a hand-edited ledger).
     """
-    parts = PurePosixPath(relpath).parts
-    if len(parts) != 3 or parts[0] != "images" or any(p in ("", ".", "..") for p in parts):
+    if image_file(out_dir, relpath) is None:
         return None
+    parts = PurePosixPath(relpath).parts
     return out_dir / REPLACED_DIR / run_id / parts[1] / parts[2]
 
 
@@ -24,11 +50,158 @@ def set_aside(out_dir: Path, run_id: str, relpaths: Iterable[str]) -> int:
     """Move the existing files among `relpaths` aside; returns how many were moved."""
     moved = 0
     for relpath in relpaths:
-        source = out_dir / relpath
+        source = image_file(out_dir, relpath)
         target = aside_path(out_dir, run_id, relpath)
-        if target is None or not source.is_file():
+        if source is None or target is None or not source.is_file():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         moved += 1
     return moved
+
+
+def is_whole(path: Path, image: dict[str, Any]) -> bool:
+    """Whether `path` holds exactly the recorded image (its size, then its sha256)."""
+    try:
+        if not path.is_file() or path.stat().st_size != image.get("bytes"):
+            return False
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(_BLOCK):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == image.get("sha256")
+
+
+def withdrawn(event: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The images a line took out of ok, or None when it is not such a line."""
+    if not event or event.get("status") != "failed":
+        return None
+    error = event.get("error")
+    if not isinstance(error, dict) or error.get("kind") not in WITHDRAWN_KINDS:
+        return None
+    taken = event.get("withdrawn")
+    images = taken.get("images") if isinstance(taken, dict) else None
+    if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
+        return None
+    return images
+
+
+def plan_aside(
+    out_dir: Path, run_id: str, images: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each image with "aside": where its file will be kept once `set_aside` ran (its own
+    file is at its path now), else where an earlier run kept it, else None (gone or bad)."""
+    planned = []
+    for image in images:
+        entry = {name: image[name] for name in IMAGE_FIELDS if name in image}
+        source = image_file(out_dir, image.get("path"))
+        earlier = image.get("aside")
+        if source is not None and is_whole(source, image):
+            target = aside_path(out_dir, run_id, image["path"])
+            assert target is not None
+            entry["aside"] = target.relative_to(out_dir).as_posix()
+        elif isinstance(earlier, str) and _kept(out_dir, earlier) is not None:
+            entry["aside"] = earlier
+        else:
+            entry["aside"] = None
+        planned.append(entry)
+    return planned
+
+
+def _kept(out_dir: Path, relpath: str) -> Path | None:
+    """The file a recorded "aside" path names under OUT/replaced/, or None."""
+    parts = PurePosixPath(relpath).parts
+    if len(parts) != 4 or parts[0] != REPLACED_DIR or any(p in ("", ".", "..") for p in parts):
+        return None
+    return out_dir.joinpath(*parts)
+
+
+def find_whole(out_dir: Path, images: Sequence[dict[str, Any]]) -> list[Path] | None:
+    """Where each withdrawn image is whole now (at its path, or where it was set aside), or
+    None if any of them is whole nowhere."""
+    found = []
+    for image in images:
+        candidates = [image_file(out_dir, image.get("path"))]
+        if isinstance(image.get("aside"), str):
+            candidates.append(_kept(out_dir, image["aside"]))
+        place = next((p for p in candidates if p is not None and is_whole(p, image)), None)
+        if place is None:
+            return None
+        found.append(place)
+    return found
+
+
+def put_back(out_dir: Path, images: Sequence[dict[str, Any]], found: Sequence[Path]) -> int:
+    """Move each image found aside back to its path (see `find_whole`); how many moved."""
+    moved = 0
+    for image, place in zip(images, found, strict=True):
+        home = image_file(out_dir, image["path"])
+        assert home is not None  # find_whole checked the path
+        if place != home:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(place, home)
+            moved += 1
+    return moved
+
+
+def withdraw_event(
+    latest: dict[str, Any],
+    images: list[dict[str, Any]],
+    *,
+    run_id: str,
+    kind: str,
+    message: str,
+    finished_at: str,
+) -> dict[str, Any]:
+    """The failed line that takes a key out of ok (appended before any of its files move);
+    `latest` is its ok line or an earlier withdrawing line, whose usage and cost it keeps."""
+    taken = latest.get("withdrawn") if withdrawn(latest) is not None else None
+    origin = taken if isinstance(taken, dict) else latest
+    return {
+        "event": "result",
+        "run_id": run_id,
+        **{name: latest.get(name) for name in ("key", "job_id", "chunk")},
+        "status": "failed",
+        **{name: latest.get(name) for name in ("fingerprint", "model", "n")},
+        "images": [],
+        "downloads": [],
+        "attempts": 0,
+        "ambiguous_retries": 0,
+        "rate_limited": 0,
+        "error": {
+            "kind": kind,
+            "status": None,
+            "code": None,
+            "message": message,
+            "request_id": None,
+            "retryable": True,
+        },
+        "latency_s": 0.0,
+        "finished_at": finished_at,
+        "usage": None,
+        "cost": {"usd": 0.0, "basis": "none"},
+        "metadata": latest.get("metadata"),
+        # What the ok line held, so that the images can be recorded again as they were.
+        "withdrawn": {
+            "images": images,
+            "usage": origin.get("usage"),
+            "cost": origin.get("cost"),
+            "run_id": origin.get("run_id"),
+        },
+    }
+
+
+def reinstated_event(
+    withdrawing: dict[str, Any], *, run_id: str, finished_at: str
+) -> dict[str, Any]:
+    """The ok line that records withdrawn images again, found whole (nothing was sent)."""
+    taken = withdrawing["withdrawn"]
+    images = [
+        {name: image[name] for name in IMAGE_FIELDS if name in image} for image in taken["images"]
+    ]
+    event = {**withdrawing, "run_id": run_id, "status": "ok", "images": images, "error": None}
+    event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
+    del event["withdrawn"]
+    return event

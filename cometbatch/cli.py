@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from pydantic import ValidationError
 
 from . import __version__
-from .cli_inspect import export, gallery, models, status
+from .cli_inspect import export, gallery, models, status, verify
 from .cli_options import (
     AUTO_MAX_CONCURRENCY,
     DEFAULTS,
@@ -313,5 +313,5 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
     sys.exit(run_exit_code(summary))
 
 
-for _command in (status, gallery, export, fetch, models, simulate):
+for _command in (status, gallery, export, verify, fetch, models, simulate):
     main.add_command(_command)

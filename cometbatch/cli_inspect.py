@@ -1,14 +1,24 @@
-"""Commands that read an output folder or the registry: status, gallery, export, models."""
+"""Commands that read an output folder or the registry: status, gallery, export, verify, models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .cli_options import fail, internal_error, reported_errors, say, setup_logging
+from .cli_options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    fail,
+    internal_error,
+    reported_errors,
+    say,
+    setup_logging,
+)
 from .errors import CometBatchError
 from .export import EXPORT_FORMATS
 from .export import export as export_ledger
@@ -18,6 +28,7 @@ from .prices import load_prices
 from .report import model_lines, status_lines
 from .status import read_status
 from .textsafe import printable
+from .verify import report_lines, verify_folder
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -110,6 +121,38 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
             finally:
                 temporary.unlink(missing_ok=True)
             say(f"{count} job(s) written to {output}")
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def verify(out_dir: Path, json_output: bool) -> None:
+    """Check every image the ledger records as ok: there, its recorded size and sha256, a
+    whole image. Each bad file is named (exit 1) and its request marked in the ledger, so
+    that the next run of the manifest generates it again; exit 0 when all are good.
+
+    Takes the folder's lock: it refuses while a run is writing the folder.
+
+    \b
+    Example:
+      cometbatch verify out/demo || cometbatch run jobs/demo.jsonl --out out/demo
+    """
+    setup_logging(0, False)
+    try:
+        report = asyncio.run(verify_folder(out_dir))
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    except KeyboardInterrupt:
+        say("interrupted: nothing was marked")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        internal_error(exc, json_output=json_output)
+    if json_output:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        # Paths come from the ledger: shown escaped.
+        click.echo("\n".join(map(printable, report_lines(report))))
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
 @click.command()

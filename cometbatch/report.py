@@ -39,7 +39,8 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
     if nothing_sent and summary.skipped_requests and summary.stopped not in BUDGET_REASONS:
         return [
             f"everything was already done: {summary.skipped_requests} request(s), "
-            f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}"
+            f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}",
+            *_restored_lines(summary, out),
         ]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
@@ -69,6 +70,7 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
             f"  {summary.regenerated_requests} changed request(s) regenerated; their old images "
             f"are in {out / REPLACED_DIR}"
         )
+    lines += _restored_lines(summary, out)
     if summary.failures.get("download"):
         lines.append(
             f"  images generated but not downloaded are kept with their links: "
@@ -88,6 +90,22 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
         )
     if summary.interrupted:
         lines.append("interrupted: run the same command again to resume")
+    return lines
+
+
+def _restored_lines(summary: Summary, out: Path) -> list[str]:
+    """What the run found gone or damaged under ok lines, and how it restored it."""
+    lines = []
+    if summary.regenerated_missing:
+        lines.append(
+            f"  {summary.regenerated_missing} request(s) generated again: images their ok "
+            f"lines named were gone or damaged (what was left is in {out / REPLACED_DIR})"
+        )
+    if summary.restored_images:
+        lines.append(
+            f"  {summary.restored_images} image(s) recorded again from where they had been set "
+            "aside (nothing was sent for them)"
+        )
     return lines
 
 

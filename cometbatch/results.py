@@ -151,6 +151,10 @@ class Summary:
     kept_failures: int = 0
     # Requests whose job changed since the ledger recorded it, regenerated on request.
     regenerated_requests: int = 0
+    # Requests generated again because an image their ok line names was gone or damaged, and
+    # images recorded again without a request (found whole where they had been set aside).
+    regenerated_missing: int = 0
+    restored_images: int = 0
     retries: int = 0
     ambiguous_retries: int = 0
     rate_limited: int = 0
@@ -231,6 +235,8 @@ class Summary:
             "failed_images": self.failed_images,
             "kept_failures": self.kept_failures,
             "regenerated_requests": self.regenerated_requests,
+            "regenerated_missing": self.regenerated_missing,
+            "restored_images": self.restored_images,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
             "rate_limited": self.rate_limited,

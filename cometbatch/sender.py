@@ -7,8 +7,18 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .aside import REPLACED_DIR, set_aside
+from .aside import (
+    REPLACED_DIR,
+    find_whole,
+    plan_aside,
+    put_back,
+    reinstated_event,
+    set_aside,
+    withdraw_event,
+    withdrawn,
+)
 from .budget import Budget, CapReason, request_cost
 from .dispatch import Dispatcher, Sent, Stopped, fatal_error
 from .errors import APIError, OutputError
@@ -71,14 +81,21 @@ class Sender:
                 self.triage.count("reuse" if shared.ok else "keep", request, planned=False)
                 return dataclasses.replace(shared, reused=True)
         state = self._ledger().state.get(request.key)
-        if state is not None and decide(request.fingerprint, state, retry_failed=False) == "reuse":
+        # (A key to restore is ok in the ledger: its files are what triage found gone.)
+        if (
+            state is not None
+            and work.verdict != "restore"
+            and decide(request.fingerprint, state, retry_failed=False) == "reuse"
+        ):
             # Done since it was queued (the same job twice in a caller's list): reuse it.
             self.triage.count("reuse", request, planned=False)
             return self.triage.reused(request, state)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future
         try:
-            result = await self._send_and_record(work)
+            result = await self._reinstate(work) if work.verdict == "restore" else None
+            if result is None:
+                result = await self._send_and_record(work)
         except BaseException:
             future.cancel()
             raise
@@ -196,8 +213,8 @@ class Sender:
                     self._refused(cap)
                 raise Stopped
         try:
-            if work.verdict == "changed" and recorded is not None:
-                await self._set_aside(recorded)
+            if work.verdict in ("changed", "restore") and recorded is not None:
+                await self._set_aside(work, recorded)
             try:
                 return await self.dispatcher.send(request), reserved
             except APIError as exc:
@@ -228,10 +245,38 @@ class Sender:
             spent = 0.0
         budget.settle(images, reserved, made, spent)
 
-    async def _set_aside(self, recorded: KeyState) -> None:
-        """Move a changed job's recorded images out of the way before regenerating them."""
-        relpaths = [image["path"] for image in recorded.images]
+    async def _set_aside(self, work: Work, recorded: KeyState) -> None:
+        """Take a key's recorded images out of ok before it is generated again: first a line
+        that says so, then the files moved to OUT/replaced/<run>/ (never overwritten), so
+        that a kill at any point leaves a ledger that names only files that are there."""
+        latest = await asyncio.to_thread(_latest_line, recorded)
+        earlier = withdrawn(latest)
+        images = earlier if earlier is not None else list(latest.get("images") or ())
+        where = f"{REPLACED_DIR}/{self.run_id}/"
+        if work.verdict == "changed":
+            kind = "replaced"
+            message = f"the job changed: its images were set aside in {where} to generate it again"
+        else:
+            error = latest.get("error")
+            kind = error["kind"] if earlier is not None and isinstance(error, dict) else ""
+            kind = kind if kind in ("missing_image", "corrupt_image") else "missing_image"
+            message = (
+                f"images of this request were gone or damaged; the rest were set aside in "
+                f"{where} to generate it again"
+            )
+            self.summary.regenerated_missing += 1
         try:
+            planned = await asyncio.to_thread(plan_aside, self.out_dir, self.run_id, images)
+            line = withdraw_event(
+                latest,
+                planned,
+                run_id=self.run_id,
+                kind=kind,
+                message=message,
+                finished_at=now_iso(),
+            )
+            await self._ledger().append(line)
+            relpaths = [image["path"] for image in images]
             moved = await asyncio.to_thread(set_aside, self.out_dir, self.run_id, relpaths)
         except OSError as exc:
             raise OutputError(
@@ -240,11 +285,38 @@ class Sender:
             ) from exc
         if moved:
             log.info(
-                "job %r changed: %d old image(s) moved to %s",
+                "job %r: %d old image(s) moved to %s",
                 recorded.job_id,
                 moved,
                 self.out_dir / REPLACED_DIR / self.run_id,
             )
+
+    async def _reinstate(self, work: Work) -> Result | None:
+        """Record again the images a key's line withdrew when each is whole (at its path or
+        where it was set aside), moved back first: nothing is sent. None if one is not."""
+        recorded = work.recorded
+        if recorded is None:
+            return None
+        latest = await asyncio.to_thread(recorded.line_event)
+        images = withdrawn(latest)
+        if not images or latest is None:
+            return None
+        found = await asyncio.to_thread(find_whole, self.out_dir, images)
+        if found is None:
+            return None
+        try:
+            await asyncio.to_thread(put_back, self.out_dir, images, found)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot move the images of job {recorded.job_id!r} back in {self.out_dir}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        line = reinstated_event(latest, run_id=self.run_id, finished_at=now_iso())
+        await self._ledger().append(line)
+        self.summary.restored_images += len(images)
+        self.triage.count("reuse", work.request, planned=False)
+        records = tuple(ImageRecord(**image) for image in line["images"])
+        return Result.of(work.request, self.run_id, OK, images=records, reused=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,6 +325,20 @@ class _Paid:
 
     images: int
     cost: float | None
+
+
+def _latest_line(recorded: KeyState) -> dict[str, Any]:
+    """A key's latest ledger line (rebuilt from its state when that is held in memory)."""
+    event = recorded.line_event()
+    if event is not None:
+        return event
+    return {
+        "key": recorded.key,
+        "job_id": recorded.job_id,
+        "fingerprint": recorded.fingerprint,
+        "n": recorded.n,
+        "images": recorded.images,
+    }
 
 
 def _recorded(work: Work) -> Sent:

@@ -168,10 +168,11 @@ class KeyState:
         assert self._images is not None
         return self._images
 
-    def _read_line(self) -> None:
-        """Fill in images and downloads from the ledger line this state was read from."""
-        assert self._line is not None
-        path, offset = self._line
+    def line_event(self) -> dict[str, Any] | None:
+        """The whole ledger line this state was read from (None: it is held in memory only)."""
+        return None if self._line is None else self._event_at(*self._line)
+
+    def _event_at(self, path: Path, offset: int) -> dict[str, Any]:
         try:
             with open(path, "rb") as handle:
                 handle.seek(offset)
@@ -179,8 +180,21 @@ class KeyState:
             event = json.loads(raw)
             if type(event) is not dict or event.get("key") != self.key:
                 raise ValueError("not this key's result")
+        except (OSError, ValueError) as exc:
+            raise LedgerError(
+                f"{path} changed while it was in use: the result of {self.key!r} is no longer "
+                f"at byte {offset} ({exc})"
+            ) from None
+        return event
+
+    def _read_line(self) -> None:
+        """Fill in images and downloads from the ledger line this state was read from."""
+        assert self._line is not None
+        path, offset = self._line
+        event = self._event_at(path, offset)
+        try:
             recorded = KeyState.from_event(event)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
                 f"{path} changed while it was in use: the result of {self.key!r} is no longer "
                 f"at byte {offset} ({exc})"

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .aside import withdrawn as withdrawn_images
 from .errors import ChangedJobsError
 from .manifest import Job
 from .models import ModelRegistry
@@ -15,15 +16,16 @@ from .resume import Verdict, decide
 from .settings import Settings
 from .sink import ImageRecord
 from .state import KeyState, LedgerState
+from .verify import ImagePresence
 
 # Verdicts that put a request on the work queue (the rest are answered from the ledger).
-SENT = frozenset({"send", "fetch", "changed", "rest"})
+SENT = frozenset({"send", "fetch", "changed", "rest", "restore"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Work:
     """A request for a worker: send it, fetch its pending downloads, send the rest of a
-    partial one, or regenerate it."""
+    partial one, restore its images, or regenerate it."""
 
     request: Request
     verdict: Verdict = "send"
@@ -50,17 +52,36 @@ class Triage:
         self.summary = summary
         # The open ledger's state, looked up per job: a closed engine raises instead of guessing.
         self._recorded = recorded
+        self._presence = ImagePresence(out_dir)
 
-    def verdicts(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
+    def verdicts(
+        self, job: Job, *, look: bool = True
+    ) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
         """Each request of a job with its verdict (see resume.decide); "changed" is yielded
-        only when the settings allow regenerating changed jobs."""
+        only when the settings allow regenerating changed jobs. `look`: check that an ok
+        key's files are still there (a stat each; counting needs no look)."""
         recorded = self._recorded()
         spec = self.registry.get(job.model)
         spec.check(job.params(), job.prompt)
         changed = []
         for request in plan_job(job, spec):
             state = recorded.get(request.key)
-            verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
+            missing = withdrawn = False
+            if state is not None:
+                if state.status == "ok" and look:
+                    missing = self._presence.missing(
+                        job.id, request.indexes, state, job.output_format
+                    )
+                elif state.status == "failed" and state.retryable is True:
+                    # Rare enough to read its line: did it take the key's images out of ok?
+                    withdrawn = withdrawn_images(state.line_event()) is not None
+            verdict = decide(
+                request.fingerprint,
+                state,
+                retry_failed=self.settings.retry_failed,
+                missing=missing,
+                withdrawn=withdrawn,
+            )
             if verdict == "changed" and not self.settings.regenerate_changed:
                 changed.append(request.key)
             else:
@@ -114,7 +135,7 @@ class Triage:
         changed: list[str] = []
         for job in jobs:
             try:
-                for _, request, _ in self.verdicts(job):
+                for _, request, _ in self.verdicts(job, look=False):
                     self.summary.planned_requests += 1
                     self.summary.planned_images += request.n
             except ChangedJobsError:

@@ -47,3 +47,27 @@ def test_decide(state: KeyState | None, retry_failed: bool, verdict: Verdict) ->
     """ok keys are reused unless changed; permanent failures are kept unless asked or edited;
     images generated but not downloaded are fetched again."""
     assert decide(FP, state, retry_failed=retry_failed) == verdict
+
+
+@pytest.mark.parametrize(
+    ("state", "missing", "withdrawn", "verdict"),
+    [
+        # An ok line whose files are still there is reused; one whose files are gone is
+        # restored (generated again), unless the job changed anyway.
+        (recorded("ok"), False, False, "reuse"),
+        (recorded("ok"), True, False, "restore"),
+        (recorded("ok", fingerprint=OTHER), True, False, "changed"),
+        # A line that withdrew the key's images (set aside, or found missing or damaged): the
+        # same request restores them (put back if whole, else generated again); another
+        # request is a changed job, as it was before the images were withdrawn.
+        (recorded("failed", retryable=True), False, True, "restore"),
+        (recorded("failed", fingerprint=OTHER, retryable=True), False, True, "changed"),
+        # A plain retryable failure is sent as before.
+        (recorded("failed", retryable=True), False, False, "send"),
+    ],
+)
+def test_decide_restores_what_is_gone(
+    state: KeyState, missing: bool, withdrawn: bool, verdict: Verdict
+) -> None:
+    """Files gone from under an ok line, or withdrawn by an earlier line, are restored."""
+    assert decide(FP, state, retry_failed=False, missing=missing, withdrawn=withdrawn) == verdict
