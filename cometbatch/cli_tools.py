@@ -36,7 +36,8 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
     """Download again the images a run generated but could not download (no key needed).
 
     Nothing is generated, so nothing is paid again. Image links expire (often within an
-    hour); a link that no longer works stays failed, and `run --retry-failed` regenerates it.
+    hour): a link that no longer works (gone, its downloads failed in 3 runs, or it is over 24
+    hours old) counts as a failed generation, which `run --retry-failed` generates again.
     """
     setup_logging(verbose, quiet)
     try:

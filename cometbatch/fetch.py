@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from .errors import APIError, DownloadError, ImageDataError, OutputError
 from .events import iter_events, now_iso
 from .ledger import Ledger
 from .results import DOWNLOAD_FAILED, OK, PendingDownload, Summary
+from .resume import LINK_GONE, links_given_up
 from .retry import RetryPolicy, retrying
 from .settings import Settings
 from .sink import ImageRecord, Sink
@@ -49,10 +52,19 @@ def _log_retry(state: RetryCallState) -> None:
 class Fetcher:
     """Downloads image URLs (retrying each a few times) and writes them through the sink."""
 
-    def __init__(self, client: Client, sink: Sink, policy: RetryPolicy, sleep: Sleep) -> None:
+    def __init__(
+        self,
+        client: Client,
+        sink: Sink,
+        policy: RetryPolicy,
+        sleep: Sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.client = client
         self.sink = sink
         self.sleep = sleep
+        # Wall-clock time: a link's age is compared across runs, in the ledger's timestamps.
+        self.clock = clock
         # The generation policy's backoff, with fewer attempts: a link either works or expires.
         self.policy = RetryPolicy(
             max_attempts=DOWNLOAD_ATTEMPTS,
@@ -74,17 +86,15 @@ class Fetcher:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def fetch(self, job_id: str, pending: Iterable[PendingDownload]) -> Fetched:
-        """Download and write each pending image; failures stay pending, with their URL."""
+        """Download and write each pending image; failures stay pending, with their URL and
+        one more failed try; links given up make the error final (see resume.LINK_TRIES)."""
         fetched = Fetched()
         for item in pending:
             try:
-                data = await self.download(item.url)
-                record = await self.sink.write(
-                    job_id, item.index, data, revised_prompt=item.revised_prompt
-                )
-            except (DownloadError, ImageDataError) as exc:
+                record = await self._download_whole(job_id, item)
+            except DownloadError as exc:
                 log.warning("image %d of job %r was not downloaded: %s", item.index, job_id, exc)
-                fetched.pending.append(item)
+                fetched.pending.append(self._failed_again(item))
                 fetched.error = exc
                 continue
             except BaseException as exc:
@@ -94,7 +104,45 @@ class Fetcher:
                     raise output_error(self.sink, exc) from exc
                 raise
             fetched.images.append(record)
+        links = [(item.tries, item.first_failed_at) for item in fetched.pending]
+        if fetched.error is not None and links_given_up(links, self.clock()):
+            fetched.error = given_up_error(fetched.error)
         return fetched
+
+    async def _download_whole(self, job_id: str, item: PendingDownload) -> ImageRecord:
+        """Download one image and write it; a file that is not a whole image is downloaded
+        again, as a failed download is (never generated again)."""
+        retry = retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry)
+        async for attempt in retry:
+            with attempt:
+                data, _ = await self.client.download(item.url)
+                try:
+                    return await self.sink.write(
+                        job_id, item.index, data, revised_prompt=item.revised_prompt
+                    )
+                except ImageDataError as exc:
+                    raise DownloadError(
+                        f"the image host sent a bad file: {exc}", retryable=exc.retryable
+                    ) from exc
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _failed_again(self, item: PendingDownload) -> PendingDownload:
+        """`item` after one more run failed to download it."""
+        first = item.first_failed_at
+        if first is None:
+            first = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="milliseconds")
+            first = first.replace("+00:00", "Z")
+        return dataclasses.replace(item, tries=item.tries + 1, first_failed_at=first)
+
+
+def given_up_error(last: APIError) -> DownloadError:
+    """The final error of a request whose links are given up: a failed generation now."""
+    return DownloadError(
+        f"{last.message}; its image link no longer works ({LINK_GONE}), so it counts as a "
+        "failed generation: run again with --retry-failed to generate it again (paid again)",
+        status=last.status,
+        retryable=False,
+    )
 
 
 def output_error(sink: Sink, exc: OSError) -> OutputError:

@@ -14,6 +14,7 @@ from .forecast import forecast, quiet_registry
 from .holder import RunState, run_state
 from .manifest import JobDefaults, Manifest
 from .prices import PriceTable, actual, builtin_prices
+from .resume import links_given_up
 from .state import KeyState
 
 PAID = frozenset({"ok", "download_failed", "partial"})
@@ -43,6 +44,8 @@ class FolderStatus:
     failures: Counter[str] = field(default_factory=Counter)
     # Images generated but not downloaded yet (`cometbatch fetch` tries them again).
     awaiting_download: int = 0
+    # Images whose links are gone or given up: failed generations (`run --retry-failed`).
+    links_gone: int = 0
     failure_examples: dict[str, str] = field(default_factory=dict)
     retries: int = 0
     ambiguous_retries: int = 0
@@ -84,6 +87,7 @@ class FolderStatus:
             "manifest_note": self.manifest_note,
             "failures": dict(self.failures),
             "awaiting_download": self.awaiting_download,
+            "links_gone": self.links_gone,
             "failure_examples": self.failure_examples,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
@@ -167,6 +171,7 @@ def read_status(
                 "fingerprint": event.get("fingerprint"),
                 "written": len(event.get("images") or ()),
                 "generated": len(event.get("images") or ()) + len(event.get("downloads") or ()),
+                "links_gone": event.get("status") == "download_failed" and _links_gone(event),
             }
             latest[key] = item
             if item["status"] in PAID:
@@ -183,6 +188,19 @@ def read_status(
     return status
 
 
+def _links_gone(event: dict[str, Any]) -> bool:
+    """Whether a download_failed line's links are gone for good or given up (see resume)."""
+    error = event.get("error")
+    if isinstance(error, dict) and error.get("retryable") is False:
+        return True
+    links = [
+        (item["tries"], item.get("first_failed_at"))
+        for item in event.get("downloads") or ()
+        if isinstance(item, dict) and type(item.get("tries")) is int
+    ]
+    return links_given_up(links)
+
+
 def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> None:
     for item in latest.values():
         model = status.by_model.setdefault(str(item["model"]), ModelStatus())
@@ -196,7 +214,9 @@ def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> 
             # A download_failed or partial request wrote some of its images; the rest are
             # waiting for their download, or failed.
             written = item["written"] if item["status"] in PAID else 0
-            if item["status"] == "download_failed":
+            if item["links_gone"]:
+                status.links_gone += int(item["n"]) - written
+            elif item["status"] == "download_failed":
                 status.awaiting_download += int(item["n"]) - written
             model.failed_requests += 1
             model.ok_images += written

@@ -6,19 +6,26 @@ Also: changed jobs are named and refused, or regenerated with their old images s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from support import Handler, no_sleep, run_all, serve, settings_for
 from support import ledger_results as results
-from support import no_sleep, run_all, settings_for
 
 from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.fetch import fetch_pending
-from cometbatch.report import status_lines, summary_lines
+from cometbatch.imagecheck import check_image
+from cometbatch.report import fetch_lines, status_lines, summary_lines
+from cometbatch.resume import LINK_LIFETIME_S, LINK_TRIES, decide
+from cometbatch.state import KeyState
 from cometbatch.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +68,9 @@ async def test_a_failed_download_keeps_its_links_and_is_not_generated_again(
     assert sim.stats.requests == 1
     assert not list((tmp_path / "images").rglob("*.*"))
     status = read_status(tmp_path).to_dict()
-    assert (status["awaiting_download"], status["failed_images"]) == (3, 3)
-    assert any("cometbatch fetch" in line for line in status_lines(status))
+    # Refused for good (not a transient failure): the next run keeps it as a failed generation.
+    assert (status["awaiting_download"], status["links_gone"], status["failed_images"]) == (0, 3, 3)
+    assert any("--retry-failed" in line for line in status_lines(status))
 
 
 async def test_fetch_downloads_the_pending_images_without_generating(
@@ -256,3 +264,139 @@ async def test_each_download_fault_is_recorded_with_its_link_and_reason(
     assert summary.complete is fetched_later
     assert results(tmp_path)[-1]["status"] == ("ok" if fetched_later else "download_failed")
     assert sim.stats.requests == 1
+
+
+# -- broken files and links that keep failing -----------------------------------------------
+
+
+async def test_a_cut_off_download_is_downloaded_again_not_generated(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Half a file served as a whole one fails the image check: the download is retried (not
+    the generation), and the ok line names a whole image."""
+    sim.enqueue("download-truncated")
+    job = Job(id="k", prompt="a kite", model="dall-e-2", n=1, response_format="url")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [job])
+    assert result.ok
+    assert (sim.stats.requests, sim.stats.downloads) == (1, 2)
+    (line,) = results(tmp_path)
+    (image,) = line["images"]
+    data = (tmp_path / image["path"]).read_bytes()
+    assert check_image(data) == image["format"]
+    assert hashlib.sha256(data).hexdigest() == image["sha256"]
+
+
+async def test_a_link_to_a_broken_file_never_gives_an_ok_line(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """When the host only has a cut-off file, the request waits as download_failed and nothing
+    is written or generated again."""
+    sim.enqueue("truncated-image")
+    job = Job(id="k", prompt="a kite", model="dall-e-2", n=1, response_format="url")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, [job])
+    assert result.status == "download_failed"
+    assert [line["status"] for line in results(tmp_path)] == ["download_failed"]
+    assert sim.stats.requests == 1 and sim.stats.downloads >= 1
+    assert not list((tmp_path / "images").rglob("*.*"))
+
+
+@contextlib.asynccontextmanager
+async def dead_link_api(counts: Counter[str]) -> AsyncIterator[str]:
+    """An images API whose every image link answers 503; yields its base URL."""
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        counts["generations"] += 1
+        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        return web.json_response({"created": 1, "data": [{"url": f"{origin}/files/x.png"}]})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        counts["downloads"] += 1
+        return web.Response(status=503, text="Service Unavailable")
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("POST", "/v1/images/generations"): generate,
+        ("GET", "/files/x.png"): download,
+    }
+    async with serve(routes) as origin:
+        yield f"{origin}/v1"
+
+
+async def test_a_link_that_keeps_failing_becomes_a_failed_generation(tmp_path: Path) -> None:
+    """A link answering 503 is downloaded again by the next runs, but only LINK_TRIES runs in
+    all; then the request counts as a failed generation that --retry-failed generates again,
+    and every message says so."""
+    counts: Counter[str] = Counter()
+    job = Job(id="d", prompt="a dune", model="dall-e-2", n=1, response_format="url")
+    async with dead_link_api(counts) as base_url:
+        settings = Settings(base_url=base_url, api_key="sk-test")
+        for run in range(1, LINK_TRIES + 1):
+            async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+                (result,) = await run_all(engine, [job])
+            assert result.status == "download_failed"
+            (pending,) = results(tmp_path)[-1]["downloads"]
+            assert pending["tries"] == run
+            assert counts == {"generations": 1, "downloads": 4 * run}
+        error = results(tmp_path)[-1]["error"]
+        assert error["retryable"] is False
+        assert "--retry-failed" in error["message"]
+        # Given up: kept without a download or a generation, and said so everywhere.
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert await run_all(engine, [job]) == []
+            assert engine.summary.kept_failures == 1
+            (kept,) = await engine.generate(job)
+        assert counts == {"generations": 1, "downloads": 4 * LINK_TRIES}
+        assert kept.error is not None and "link no longer works" in kept.error["message"]
+        assert "retry_failed" in kept.error["message"]
+        assert any("--retry-failed" in line for line in summary_lines(engine.summary, tmp_path))
+        status = read_status(tmp_path).to_dict()
+        assert (status["awaiting_download"], status["links_gone"]) == (0, 1)
+        assert any("--retry-failed" in line for line in status_lines(status))
+        assert not any("cometbatch fetch" in line for line in status_lines(status))
+        fetched = await fetch_pending(tmp_path, Settings(), sleep=no_sleep)
+        assert (fetched.failed_requests, fetched.kept_failures) == (1, 0)
+        assert any("--retry-failed" in line for line in fetch_lines(fetched, tmp_path))
+        # --retry-failed generates it again (paid again).
+        again = Settings(base_url=base_url, api_key="sk-test", retry_failed=True)
+        async with Engine(again, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [job])
+        assert counts["generations"] == 2
+        (pending,) = results(tmp_path)[-1]["downloads"]
+        assert pending["tries"] == 1
+
+
+def pending_state(tries: int, first_failed_at: str | None, retryable: bool = True) -> KeyState:
+    error_free = {"index": 0, "url": "http://127.0.0.1:9/x.png", "revised_prompt": None}
+    link = {**error_free, "tries": tries, "first_failed_at": first_failed_at}
+    return KeyState("j#0", "download_failed", None, retryable, "j", 1, (), [link])
+
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC).timestamp()
+
+
+def ago(hours: float) -> str:
+    return datetime.fromtimestamp(NOW - hours * 3600, UTC).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    ("state", "verdict", "with_retry_failed"),
+    [
+        (pending_state(1, ago(0.1)), "fetch", "fetch"),
+        (pending_state(LINK_TRIES - 1, ago(23)), "fetch", "fetch"),
+        # Written before links were counted: tried again, then counted.
+        (pending_state(0, None), "fetch", "fetch"),
+        (pending_state(LINK_TRIES, ago(0.1)), "keep", "send"),
+        (pending_state(1, ago(LINK_LIFETIME_S / 3600)), "keep", "send"),
+        (pending_state(1, ago(24 * 30)), "keep", "send"),
+        (pending_state(1, ago(0.1), retryable=False), "keep", "send"),
+        (pending_state(1, "not a time"), "fetch", "fetch"),
+    ],
+)
+def test_links_are_given_up_after_a_bounded_number_of_runs_or_age(
+    state: KeyState, verdict: str, with_retry_failed: str
+) -> None:
+    """A pending link is fetched while it may work; after LINK_TRIES failed runs or
+    LINK_LIFETIME_S it is a failed generation, kept unless retry_failed generates it again."""
+    assert decide("0123456789abcdef", state, retry_failed=False, now=NOW) == verdict
+    assert decide("0123456789abcdef", state, retry_failed=True, now=NOW) == with_retry_failed

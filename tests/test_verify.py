@@ -1,0 +1,183 @@
+"""What the ledger says stays true: a run restores images gone from under an ok line, and
+`cometbatch verify` finds missing or damaged ones and marks them for the next run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from support import ledger_results, no_sleep, run_all, settings_for
+
+from cometbatch import Engine, Job, SimConfig, Simulator
+from cometbatch.lock import FolderLock
+from cometbatch.report import summary_lines
+from cometbatch.verify import verify_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = [
+    Job(id="a", prompt="a red fox", model="gpt-image-1", n=2),
+    Job(id="b", prompt="a paper boat", model="gpt-image-1", output_format="jpeg"),
+    Job(id="c", prompt="a koi pond", model="dall-e-2", size="256x256", response_format="url"),
+]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(seed=5)) as server:
+        yield server
+
+
+async def first_run(sim: Simulator, out: Path) -> None:
+    async with Engine(settings_for(sim), out_dir=out, sleep=no_sleep) as engine:
+        results = await run_all(engine, JOBS)
+    assert all(result.ok for result in results)
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in a subprocess, awaited so the in-process simulator keeps answering."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cometbatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def image_of(out: Path, key: str, index: int) -> Path:
+    (event,) = [e for e in ledger_results(out) if e["key"] == key and e["status"] == "ok"][-1:]
+    (image,) = [image for image in event["images"] if image["index"] == index]
+    return out / str(image["path"])
+
+
+# -- a run notices what is gone --------------------------------------------------------------
+
+
+async def test_a_deleted_image_is_generated_again_and_counted(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """An ok line whose file was deleted is not "already done": the run generates it again."""
+    await first_run(sim, tmp_path)
+    gone = image_of(tmp_path, "a#0", 1)
+    gone.unlink()
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "a#0"
+    assert gone.is_file()
+    assert sim.stats.requests == len(JOBS) + 1
+    summary = engine.summary.to_dict()
+    assert summary["regenerated_missing"] == 1
+    assert summary["skipped_requests"] == 2 and summary["complete"]
+    assert any(
+        "1 request(s) generated again" in line for line in summary_lines(engine.summary, tmp_path)
+    )
+    # The image that was still there was set aside, not silently overwritten.
+    assert len(list((tmp_path / "replaced").rglob("0.png"))) == 1
+
+
+async def test_an_untouched_folder_sends_nothing(sim: Simulator, tmp_path: Path) -> None:
+    """Every file in place (png, jpeg, url-mode): nothing is sent, nothing is restored."""
+    await first_run(sim, tmp_path)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        assert await run_all(engine, JOBS) == []
+    assert engine.summary.regenerated_missing == 0
+    assert sim.stats.requests == len(JOBS)
+
+
+# -- cometbatch verify -----------------------------------------------------------------------
+
+
+async def test_verify_passes_a_whole_folder(sim: Simulator, tmp_path: Path) -> None:
+    """Every image there, whole, with its recorded size and digest: exit 0, nothing appended."""
+    await first_run(sim, tmp_path)
+    before = (tmp_path / "ledger.jsonl").read_bytes()
+    code, stdout, stderr = await cli("verify", str(tmp_path))
+    assert code == 0, stderr
+    assert "4 image(s)" in stdout and "all good" in stdout
+    assert (tmp_path / "ledger.jsonl").read_bytes() == before
+
+
+async def test_verify_names_bad_files_and_the_next_run_restores_them(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Missing, cut short, or the same size with other bytes: each named, exit 1, marked;
+    the next run generates exactly those requests again and verify passes afterwards."""
+    await first_run(sim, tmp_path)
+    missing = image_of(tmp_path, "a#0", 0)
+    missing.unlink()
+    cut = image_of(tmp_path, "b#0", 0)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    flipped = image_of(tmp_path, "c#0", 0)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    code, stdout, stderr = await cli("verify", str(tmp_path), "--json")
+    assert code == 1, stderr
+    report = json.loads(stdout)
+    assert report["checked_images"] == 4 and report["bad_images"] == 3
+    assert {(bad["key"], bad["problem"]) for bad in report["bad"]} == {
+        ("a#0", "missing"),
+        ("b#0", "size"),
+        ("c#0", "sha256"),
+    }
+    marks = [e for e in ledger_results(tmp_path) if e["status"] == "failed"]
+    assert {(e["key"], e["error"]["kind"], e["error"]["retryable"]) for e in marks} == {
+        ("a#0", "missing_image", True),
+        ("b#0", "corrupt_image", True),
+        ("c#0", "corrupt_image", True),
+    }
+    code, stdout, _ = await cli("verify", str(tmp_path))
+    assert code == 1 and str(missing.relative_to(tmp_path)) in stdout
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        restored = await run_all(engine, JOBS)
+    assert sorted(result.key for result in restored) == ["a#0", "b#0", "c#0"]
+    assert sim.stats.requests == 2 * len(JOBS)
+    assert engine.summary.regenerated_missing == 3
+    code, stdout, stderr = await cli("verify", str(tmp_path))
+    assert code == 0, stdout + stderr
+
+
+async def test_verify_finds_an_image_that_does_not_decode(sim: Simulator, tmp_path: Path) -> None:
+    """An image whose size and digest were recorded from damaged bytes still fails verify."""
+    await first_run(sim, tmp_path)
+    report = await verify_folder(tmp_path)
+    assert report.bad == []
+    path = image_of(tmp_path, "a#0", 0)
+    data = path.read_bytes()[:100]
+    path.write_bytes(data)
+    # The ledger is edited to match the damaged file, as a bug of an older version would have.
+    ledger = tmp_path / "ledger.jsonl"
+    lines = []
+    for line in ledger.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("key") == "a#0":
+            for image in event["images"]:
+                if image["index"] == 0:
+                    image["bytes"] = len(data)
+                    image["sha256"] = __import__("hashlib").sha256(data).hexdigest()
+        lines.append(json.dumps(event))
+    ledger.write_text("\n".join(lines) + "\n")
+    report = await verify_folder(tmp_path)
+    assert [(bad.key, bad.problem) for bad in report.bad] == [("a#0", "undecodable")]
+
+
+async def test_verify_usage_errors_exit_2(sim: Simulator, tmp_path: Path) -> None:
+    """No ledger, or a run holding the folder: a clear message and exit 2, nothing changed."""
+    code, _, stderr = await cli("verify", str(tmp_path))
+    assert code == 2 and "ledger" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "ledger.jsonl").exists()
+    await first_run(sim, tmp_path)
+    with FolderLock(tmp_path):
+        code, _, stderr = await cli("verify", str(tmp_path))
+    assert code == 2 and "in use" in stderr and "Traceback" not in stderr
+    assert str(os.getpid()) in stderr
