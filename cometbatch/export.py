@@ -4,7 +4,9 @@ The ledger is read, never written (safe while a run appends to it). A job with m
 its model takes per request has several requests (keys `<job_id>#<chunk>`); the latest result
 of each request wins and a job's requests are merged into one line. Jobs come out in the order
 their last result was recorded. The ledger knows only the requests it has recorded: a job whose
-later requests were never sent (an interrupted run) shows just the ones that were.
+later requests were never sent (an interrupted run) shows just the ones that were. A job whose
+n was lowered in the manifest the latest run names shows only the images that manifest asks
+for (the requests and indexes past the new n are left out).
 
 Job statuses: `ok` (every recorded request ok), `download_failed` (generated, some images still
 to download: `cometbatch fetch`), `partial` (some images were written: a request failed, or
@@ -44,9 +46,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConfigError, LedgerError
+from .errors import CometBatchError, ConfigError, LedgerError
 from .events import LEDGER_NAME, iter_events
 from .results import add_usage
+from .scope import Scope
+from .status import recorded_manifest
 from .textsafe import printable, safe_json
 
 __all__ = [
@@ -243,12 +247,17 @@ def read_jobs(out_dir: str | os.PathLike[str]) -> Iterator[JobResults]:
 
 def _merged_jobs(path: Path) -> Iterator[JobResults]:
     last: dict[str, int] = {}
+    run: dict[str, Any] = {}
     end = 0
     for lineno, event in iter_events(path):
         end = lineno
-        where = _where(event) if event.get("event") == "result" else None
+        kind = event.get("event")
+        where = _where(event) if kind == "result" else None
         if where is not None:
             last[where[0]] = lineno
+        elif kind == "run" and event.get("manifest"):
+            run = event
+    scope = _manifest_scope(run, set(last))
     pending: dict[str, dict[int, dict[str, Any]]] = {}
     for lineno, event in iter_events(path):
         if lineno > end:
@@ -257,12 +266,45 @@ def _merged_jobs(path: Path) -> Iterator[JobResults]:
         if where is None:
             continue
         job_id, chunk = where
-        pending.setdefault(job_id, {})[chunk] = event
-        if last.get(job_id) == lineno:
+        kept = _within(event, job_id, chunk, scope)
+        if kept is not None:
+            pending.setdefault(job_id, {})[chunk] = kept
+        if last.get(job_id) == lineno and job_id in pending:
             yield JobResults(job_id, pending.pop(job_id))
     # Only when the ledger changed between the passes (it was repaired or replaced).
     for job_id, requests in pending.items():
         yield JobResults(job_id, requests)
+
+
+def _manifest_scope(run: dict[str, Any], recorded: set[str]) -> Scope:
+    """What the manifest the latest run names still asks of the recorded jobs; when it
+    cannot be read, everything recorded counts."""
+    if not isinstance(run.get("manifest"), str):
+        return Scope()
+    try:
+        manifest = recorded_manifest(run, run["manifest"])
+        return Scope.of(manifest, manifest.registry, recorded)
+    except (CometBatchError, OSError):
+        return Scope()
+
+
+def _within(event: dict[str, Any], job_id: str, chunk: int, scope: Scope) -> dict[str, Any] | None:
+    """A result line as far as the manifest still asks for it (None: not at all), after a
+    job's n was lowered: its n and its images cut to the new n."""
+    n = _count(event.get("n"))
+    counted = scope.images(job_id, chunk, n)
+    if counted is None or counted == n:
+        return None if counted is None else event
+
+    def kept(items: Any) -> list[Any]:
+        return [
+            item
+            for item in items or ()
+            if not isinstance(item, dict) or scope.keeps_index(job_id, _count(item.get("index")))
+        ]
+
+    return {**event, "n": counted, "images": kept(event.get("images")),
+            "downloads": kept(event.get("downloads"))}  # fmt: skip
 
 
 def _batch_id(job_id: str) -> str:

@@ -15,6 +15,7 @@ from .holder import RunState, run_state
 from .manifest import JobDefaults, Manifest
 from .prices import PriceTable, actual, builtin_prices
 from .resume import links_given_up
+from .scope import Scope
 from .state import KeyState
 
 PAID = frozenset({"ok", "download_failed", "partial"})
@@ -128,6 +129,15 @@ def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
     )
 
 
+def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
+    """The manifest at `path`, read as the run event `run` read it (its --model/--size/--n and
+    model overrides), without the run's warnings about unknown models."""
+    settings = run.get("settings")
+    overrides = settings.get("model_overrides") if isinstance(settings, dict) else None
+    registry = quiet_registry(overrides if isinstance(overrides, dict) else None)
+    return Manifest(path, defaults=recorded_defaults(run), registry=registry)
+
+
 def read_status(
     out_dir: str | Path,
     *,
@@ -180,10 +190,17 @@ def read_status(
             status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
             status.last_at = event.get("finished_at") or status.last_at
     status.keys = len(latest)
-    _count_outcomes(status, latest)
     interrupted = bool((status.last_summary or {}).get("interrupted"))
     status.state, status.state_detail = run_state(folder, status.last_run_ended, interrupted)
-    sizes = _count_pending(status, latest, run, manifest)
+    scope = Scope()
+    sizes = _count_pending(status, latest, run, manifest, scope)
+    # Outcomes after the manifest is read: a job whose n was lowered counts only what it asks.
+    _count_outcomes(status, _in_scope(latest, scope))
+    if status.pending_known:
+        for model in status.by_model.values():
+            if model.pending_requests is None:
+                model.pending_requests = model.pending_images = 0
+    # Spend counts every paid image, asked for now or not.
     _count_spend(status, paid, sizes, prices or builtin_prices())
     return status
 
@@ -199,6 +216,20 @@ def _links_gone(event: dict[str, Any]) -> bool:
         if isinstance(item, dict) and type(item.get("tries")) is int
     ]
     return links_given_up(links)
+
+
+def _in_scope(latest: dict[str, dict[str, Any]], scope: Scope) -> dict[str, dict[str, Any]]:
+    """The latest items the manifest still asks for, their images cut to what it asks."""
+    kept: dict[str, dict[str, Any]] = {}
+    for key, item in latest.items():
+        chunk = key.rpartition("#")[2]
+        n = int(item["n"])
+        counted = scope.images(str(item["job_id"]), int(chunk), n) if chunk.isdigit() else n
+        if counted == n:
+            kept[key] = item
+        elif counted is not None:
+            kept[key] = {**item, "n": counted, "written": min(item["written"], counted)}
+    return kept
 
 
 def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> None:
@@ -232,31 +263,28 @@ def _count_pending(
     latest: dict[str, dict[str, Any]],
     run: dict[str, Any],
     given: str | Path | None,
+    scope: Scope,
 ) -> dict[str, tuple[str | None, str | None]]:
     """Pending work per model from the manifest; returns each recorded job's size and quality
-    (for pricing). Leaves pending unknown, with a note, when the manifest cannot be used."""
+    (for pricing) and fills `scope` with the recorded jobs the manifest holds. Leaves pending
+    unknown, with a note, when the manifest cannot be used."""
     recorded_path = run.get("manifest")
     path = Path(given) if given is not None else Path(recorded_path) if recorded_path else None
     if path is None:
         status.manifest_note = "pending work is unknown: no manifest recorded (pass --manifest)"
         return {}
     status.manifest = str(path)
-    settings = run.get("settings") if isinstance(run.get("settings"), dict) else {}
-    assert isinstance(settings, dict)
     sizes: dict[str, tuple[str | None, str | None]] = {}
     recorded_jobs = {str(item["job_id"]) for item in latest.values()}
     try:
-        manifest = Manifest(
-            path,
-            defaults=recorded_defaults(run),
-            registry=quiet_registry(settings.get("model_overrides")),
-        )
+        manifest = recorded_manifest(run, path)
         manifest.validate()
 
         def jobs() -> Any:
             for job in manifest:
                 if job.id in recorded_jobs:
                     sizes[job.id] = (job.size, job.quality)
+                    scope.add(job, manifest.registry.get(job.model).max_n)
                 yield job
 
         def lookup(key: str) -> KeyState | None:
@@ -270,9 +298,11 @@ def _count_pending(
         first = exc.problems[0] if exc.problems else None
         reason = first.message if first is not None and first.line == 0 else str(exc)
         status.manifest_note = f"pending work is unknown: cannot read {path}: {reason}"
+        scope.clear()  # only a manifest read whole says what it asks for
         return {}
     except (CometBatchError, OSError) as exc:
         status.manifest_note = f"pending work is unknown: cannot read {path}: {exc}"
+        scope.clear()
         return {}
     matched = sum(p.requests - p.new_requests for p in plan.by_model.values())
     if latest and not matched:
@@ -287,13 +317,10 @@ def _count_pending(
         model = status.by_model.setdefault(name, ModelStatus())
         model.pending_requests = item.new_requests
         model.pending_images = item.new_images
-    for model in status.by_model.values():
-        if model.pending_requests is None:
-            model.pending_requests = model.pending_images = 0
     for line in latest.values():
         if line["status"] == "partial" and not line["error"] and line["job_id"] in sizes:
             # The images a partial key still needs (its written ones count as done).
-            counted = status.by_model[str(line["model"])]
+            counted = status.by_model.setdefault(str(line["model"]), ModelStatus())
             counted.pending_requests = (counted.pending_requests or 0) + 1
             rest = int(line["n"]) - line["written"]
             counted.pending_images = (counted.pending_images or 0) + rest

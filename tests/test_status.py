@@ -276,3 +276,43 @@ def test_spend_counts_each_paid_request_once(tmp_path: Path) -> None:
     spend = read_status(folder).to_dict()["spend"]
     assert spend["usd"] == pytest.approx(0.04)  # dall-e-3 1024x1024 standard, once
     assert spend["unpriced_images"] == 1
+
+
+async def test_after_lowering_n_status_and_export_count_only_the_manifests_images(
+    tmp_path: Path,
+) -> None:
+    """A job's n lowered in the manifest after its images were made: status and export count
+    the images the manifest now asks for, not the chunks and indexes beyond the new n."""
+    import io
+
+    from support import no_sleep, settings_for
+
+    from cometbatch import Engine, SimConfig, Simulator, load_manifest
+    from cometbatch.export import export
+
+    manifest = tmp_path / "m.jsonl"
+    out = tmp_path / "out"
+
+    def write_manifest(n: int) -> None:
+        # dall-e-3 takes one image a request (four keys), dall-e-2 takes all four in one.
+        jobs = [("a", "dall-e-3"), ("b", "dall-e-2")]
+        lines = (json.dumps({"id": i, "prompt": i, "model": m, "n": n}) for i, m in jobs)
+        manifest.write_text("".join(line + "\n" for line in lines))
+
+    write_manifest(4)
+    async with (
+        Simulator(SimConfig(seed=3)) as sim,
+        Engine(settings_for(sim), out_dir=out, sleep=no_sleep) as engine,
+    ):
+        async for _ in engine.run(load_manifest(manifest)):
+            pass
+    write_manifest(2)
+    data = read_status(out).to_dict()
+    assert data["by_model"]["dall-e-3"]["ok_requests"] == 2
+    assert (data["ok_images"], data["failed_images"], data["pending_images"]) == (4, 0, 0)
+    stream = io.StringIO()
+    assert export(out, "jsonl", stream) == 2
+    records = {r["job_id"]: r for r in map(json.loads, stream.getvalue().splitlines())}
+    for job_id in ("a", "b"):
+        assert records[job_id]["n"] == 2
+        assert [image["index"] for image in records[job_id]["images"]] == [0, 1]
