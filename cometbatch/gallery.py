@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -15,12 +16,15 @@ from .events import LEDGER_NAME, iter_events
 from .gallerypage import render_page
 from .gallerytext import JobText, attach_manifest
 from .manifest import JobDefaults
+from .paths import unlinked
 from .status import recorded_defaults
 
 GALLERY_NAME = "index.html"
 # A page past this many figures is too slow to be usable; the newest results are kept.
 MAX_TILES = 50_000
 MAX_EXAMPLES = 5
+# What a figure says in place of an image reached through a symbolic link.
+LINKED = "behind a symbolic link"
 # Chart buckets: the narrowest width (seconds) that covers the run in at most MAX_BUCKETS.
 MAX_BUCKETS = 120
 _WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
@@ -273,8 +277,17 @@ def read_gallery(
         raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
     events = (event for _, event in iter_events(ledger))
     gallery = build_gallery(events, title=folder.resolve().name)
+    gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
     attach_manifest(gallery, Path(manifest) if manifest else None)
     return gallery
+
+
+def _unfollowed(tile: Tile, folder: Path) -> Tile:
+    """`tile`, or a placeholder when its image is reached through a symbolic link: the page
+    must not show a file from out of the folder."""
+    if tile.path is None or unlinked(folder, tile.path):
+        return tile
+    return dataclasses.replace(tile, status="not shown", path=None, n=1, reason=LINKED)
 
 
 def write_gallery(

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import sys
+from pathlib import PurePosixPath
 
-__all__ = ["EXTENSIONS", "MAX_COMPONENT", "image_relpath", "safe_component"]
+__all__ = [
+    "EXTENSIONS",
+    "MAX_COMPONENT",
+    "image_relpath",
+    "link_error",
+    "refuse_link",
+    "safe_component",
+    "unlinked",
+]
 
 # Output format (as the API and `detect_format` name it) -> file extension.
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -71,3 +81,29 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+# Nothing below OUT is reached through a symbolic link: a job folder that is a link to another
+# place would have images written, moved or shown out there.
+_LINK = "a symbolic link, and cometbatch follows none below the output folder (make it a folder)"
+
+
+def link_error(path: str | os.PathLike[str]) -> OSError:
+    """The error for a symbolic link at `path` below OUT (ELOOP, naming it)."""
+    return OSError(errno.ELOOP, _LINK, os.fspath(path))
+
+
+def refuse_link(path: str | os.PathLike[str]) -> None:
+    """Raise `link_error(path)` if `path` is a symbolic link."""
+    if os.path.islink(path):
+        raise link_error(path)
+
+
+def unlinked(out_dir: str | os.PathLike[str], relpath: str) -> bool:
+    """Whether OUT/`relpath` is reached through no symbolic link (a missing part is none)."""
+    path = os.fspath(out_dir)
+    for part in PurePosixPath(relpath).parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            return False
+    return True

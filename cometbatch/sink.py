@@ -23,7 +23,7 @@ import pybase64
 
 from cometbatch.errors import ImageDataError, OutputError
 from cometbatch.imagecheck import check_image, detect_format
-from cometbatch.paths import fsync_folder, image_relpath
+from cometbatch.paths import fsync_folder, image_relpath, link_error, refuse_link
 
 __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 
@@ -455,6 +455,7 @@ class Sink:
         images = self.out_dir / "images"
         try:
             images.mkdir(parents=True, exist_ok=True)
+            refuse_link(images)
             handle, name = tempfile.mkstemp(prefix=".probe.", suffix=_TEMP_SUFFIX, dir=images)
             os.close(handle)
             os.unlink(name)
@@ -487,6 +488,13 @@ class Sink:
                 for folder in folders:
                     if folder.is_dir(follow_symlinks=False):
                         removed += _remove_temp_files(folder.path)
+                    elif folder.is_symlink():
+                        # Before anything is written or moved aside: no job folder is a link.
+                        linked = link_error(folder.path)
+                        raise OutputError(
+                            f"cannot write images in {self.out_dir}: {linked.strerror} "
+                            f"({folder.path})"
+                        )
         except OSError as exc:
             raise _cleanup_error(images, exc) from exc
         return removed
@@ -497,6 +505,8 @@ def _make_folder(folder: str) -> bool:
     try:
         os.mkdir(folder)
     except FileExistsError:
+        # Met once per job and sink: a link here would put the job's images out of OUT.
+        refuse_link(folder)
         return False
     except FileNotFoundError:
         os.makedirs(folder, exist_ok=True)
