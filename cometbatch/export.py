@@ -413,7 +413,8 @@ def csv_row(job: JobResults) -> list[str]:
         "input_tokens": usage.get("input_tokens"),
         "output_tokens": usage.get("output_tokens"),
         "finished_at": job.finished_at,
-        "metadata": json.dumps(job.metadata, ensure_ascii=False) if job.metadata else "",
+        # As \u escapes, so that the cell stays JSON when _cell shows the rest escaped.
+        "metadata": safe_json(json.dumps(job.metadata, ensure_ascii=False)) if job.metadata else "",
     }
     return [_cell(values[column]) for column in CSV_COLUMNS]
 

@@ -258,3 +258,21 @@ def test_text_that_cannot_be_utf8_is_still_exported(tmp_path: Path) -> None:
         exported(tmp_path, format).encode("utf-8")
     (line,) = records(tmp_path, "openai-batch")
     assert line["response"]["body"]["data"][0]["revised_prompt"] == "fox \ud800"
+
+
+def test_control_characters_are_escaped_and_the_metadata_cell_stays_json(tmp_path: Path) -> None:
+    """Controls, C1 codes and bidi overrides are \\u escapes in JSON lines (the same values)
+    and visible escapes in CSV cells, whose metadata still parses to what was recorded."""
+    ok = event("a", 0, "ok", images=1)
+    ok["images"][0]["revised_prompt"] = "fox \x1b[2J\u202e"
+    ok["metadata"] = {"tag": "\x9b31m \u202e \x07"}
+    write_ledger(tmp_path, ok)
+    for format in EXPORT_FORMATS:
+        text = exported(tmp_path, format)
+        assert not any(char in text for char in "\x1b\x9b\u202e\x07"), format
+    (line,) = records(tmp_path, "jsonl")
+    assert line["metadata"] == ok["metadata"]
+    assert line["images"][0]["revised_prompt"] == "fox \x1b[2J\u202e"
+    (row,) = list(csv.DictReader(io.StringIO(exported(tmp_path, "csv"))))
+    assert row["revised_prompts"] == "fox \\x1b[2J\\u202e"
+    assert json.loads(row["metadata"]) == ok["metadata"]
