@@ -490,6 +490,21 @@ async def test_lone_surrogates_round_trip(tmp_path: Path) -> None:
     assert event["metadata"] == {"odd": "\ud800"}
 
 
+async def test_server_text_is_written_as_escapes_and_read_back_the_same(tmp_path: Path) -> None:
+    """Controls, C1 codes, bidi overrides and lone surrogates are \\u escapes on disk: each line
+    is strict UTF-8 a terminal can show, and reads back as the same text."""
+    text = "t\x1b]0;pwned\x07 \x1b[2J \u202e \ud800 \x9b31m é🐱"
+    async with Ledger(tmp_path) as ledger:
+        await ledger.append(result("a", metadata={"odd": text}))
+    data = (tmp_path / LEDGER_NAME).read_bytes()
+    shown = data.decode("utf-8")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e\ud800-\udfff]", shown)
+    assert "é🐱" in shown  # other text stays as it is
+    [(_, event)] = list(iter_events(tmp_path / LEDGER_NAME))
+    assert event["metadata"] == {"odd": text}
+    assert LedgerState.load(tmp_path / LEDGER_NAME).get("a#0") is not None
+
+
 class FullDiskFile:
     """The ledger's file on a disk that has just filled up: every write fails."""
 
