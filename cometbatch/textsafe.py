@@ -51,7 +51,9 @@ def storable(text: str) -> str:
 def safe_json(text: str) -> str:
     """JSON text (as json.dumps writes it) with every character `printable` would escape
     written as a \\u escape: the same value when parsed, valid UTF-8, safe to `cat`."""
-    if _UNSAFE_LINE.search(text) is None:
+    # json.dumps escapes C0 controls itself: ASCII text can hold only DEL (the usual case,
+    # told at once: a str knows whether it is ASCII).
+    if (text.isascii() and "\x7f" not in text) or _UNSAFE_LINE.search(text) is None:
         return text
     # json.dumps writes such characters only inside strings, where \u escapes mean them.
     return _UNSAFE_LINE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)

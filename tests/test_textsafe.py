@@ -17,7 +17,7 @@ from aiohttp import web
 from support import Handler, serve
 
 from cometbatch.imagegen import make_png
-from cometbatch.textsafe import PrintableFormatter, printable, storable
+from cometbatch.textsafe import PrintableFormatter, printable, safe_json, storable
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/images/generations"
@@ -51,6 +51,14 @@ def test_printable_can_keep_line_breaks_and_storable_encodes() -> None:
     assert printable("a\nb\x1b", newlines=True) == "a\nb\\x1b"
     assert storable("a\ud800b\U0001f431\x1b") == "a\ufffdb\U0001f431\x1b"
     storable(HOSTILE).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", [HOSTILE, "del \x7f only", "plain", {"k\u2066": ["\x85"]}])
+def test_safe_json_keeps_the_value_and_writes_no_raw_control(value: object) -> None:
+    """JSON text gets \\u escapes instead of raw controls: valid UTF-8, the same value."""
+    text = safe_json(json.dumps(value, ensure_ascii=False))
+    assert RAW.findall(text) == [] and "\x7f" not in text
+    assert json.loads(text.encode("utf-8")) == value
 
 
 def test_log_lines_show_server_text_escaped_in_messages_and_tracebacks() -> None:
