@@ -76,15 +76,6 @@ class Fetcher:
     def __repr__(self) -> str:
         return f"<Fetcher attempts={self.policy.max_attempts} sink={self.sink!r}>"
 
-    async def download(self, url: str) -> bytes:
-        """One URL's bytes, retried on transient failures; raises DownloadError."""
-        retry = retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry)
-        async for attempt in retry:
-            with attempt:
-                data, _ = await self.client.download(url)
-                return data
-        raise AssertionError("unreachable: tenacity reraises the last error")
-
     async def fetch(self, job_id: str, pending: Iterable[PendingDownload]) -> Fetched:
         """Download and write each pending image; failures stay pending, with their URL and
         one more failed try; links given up make the error final (see resume.LINK_TRIES)."""
