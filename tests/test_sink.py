@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch import sink as sink_module
 from cometbatch.errors import ImageDataError
+from cometbatch.imagecheck import check_image
 from cometbatch.sink import ImageRecord, Sink, decode_b64, detect_format
 
 
@@ -514,3 +516,34 @@ def test_remove_stale_temp_files(tmp_path: Path) -> None:
 def test_remove_stale_temp_files_without_images_folder(tmp_path: Path) -> None:
     """A fresh output folder has nothing to clean."""
     assert Sink(tmp_path / "missing").remove_stale_temp_files() == 0
+
+
+# -- through the engine and real HTTP -------------------------------------------------------
+
+
+async def test_an_answer_whose_image_stays_cut_off_never_gives_an_ok_line(
+    tmp_path: Path,
+) -> None:
+    """Cut-off base64 images on every attempt: the request fails as a retryable invalid_image,
+    its retries counted as possibly billed, no file stays; the next run sends it again."""
+    job = Job(id="b", prompt="a bell", model="gpt-image-1", n=1)
+    async with Simulator(SimConfig(seed=5)) as sim:
+        sim.enqueue("truncated-image", "truncated-image")
+        settings = Settings(base_url=sim.base_url, api_key="sk-test", max_attempts=2)
+        async with Engine(settings, out_dir=tmp_path, sleep=_no_sleep) as engine:
+            (result,) = [r async for r in engine.run([job])]
+        assert (result.status, result.attempts, result.ambiguous_retries) == ("failed", 2, 1)
+        assert result.error is not None
+        assert (result.error["kind"], result.error["retryable"]) == ("invalid_image", True)
+        assert "cut short" in result.error["message"]
+        assert engine.summary.ambiguous_retries == 1
+        assert files_under(tmp_path / "images") == []
+        async with Engine(settings, out_dir=tmp_path, sleep=_no_sleep) as engine:
+            (again,) = [r async for r in engine.run([job])]
+        assert again.ok and sim.stats.requests == 3
+    (image,) = again.images
+    assert check_image((tmp_path / image.path).read_bytes()) == image.format == "png"
+
+
+async def _no_sleep(_: float) -> None:
+    """Retry waits take no real time."""
