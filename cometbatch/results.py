@@ -47,6 +47,10 @@ class PendingDownload:
     index: int
     url: str
     revised_prompt: str | None = None
+    # Runs whose downloads of the link failed, and when the first did (about when the image
+    # was generated): past a bound on either, the link is given up (see resume.LINK_TRIES).
+    tries: int = 0
+    first_failed_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ledger's `downloads` entry."""

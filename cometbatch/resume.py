@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Literal
 
 from .state import KeyState
@@ -9,11 +12,43 @@ from .state import KeyState
 Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore"]
 
 
+# A generated image's link is given up once downloads of it failed in this many runs, or this
+# long after its first failure: no provider keeps a link longer (OpenAI's last 60 minutes,
+# some providers' 24 hours). Its request then counts as a failed generation, which
+# retry_failed generates again (paid again).
+LINK_TRIES = 3
+LINK_LIFETIME_S = 24 * 3600.0
+# Why a link no longer works, as every message says it.
+LINK_GONE = (
+    f"gone, its downloads failed in {LINK_TRIES} runs, or it is over "
+    f"{LINK_LIFETIME_S / 3600:g} hours old"
+)
+
+
+def link_given_up(tries: int, first_failed_at: str | None, now: float) -> bool:
+    """Whether a link whose downloads failed in `tries` runs, the first at `first_failed_at`
+    (the ledger's ISO time), is not worth another download at `now` (a Unix time)."""
+    if tries >= LINK_TRIES:
+        return True
+    try:
+        since = datetime.fromisoformat(first_failed_at).timestamp() if first_failed_at else None
+    except ValueError:
+        return False
+    return since is not None and now - since >= LINK_LIFETIME_S
+
+
+def links_given_up(links: Iterable[tuple[int, str | None]], now: float | None = None) -> bool:
+    """Whether any of (tries, first_failed_at) pairs is given up (`now`: the time now)."""
+    at = time.time() if now is None else now
+    return any(link_given_up(tries, since, at) for tries, since in links)
+
+
 def decide(
     fingerprint: str,
     recorded: KeyState | None,
     *,
     retry_failed: bool,
+    now: float | None = None,
     missing: bool = False,
     withdrawn: bool = False,
 ) -> Verdict:
@@ -41,9 +76,11 @@ def decide(
         # Its images are paid for and kept; only the missing count is ever asked for again.
         return "keep" if recorded.retryable is False and not retry_failed else "rest"
     if recorded.status == "download_failed":
-        # Paid for already: download again, never generate again, unless the links are gone
-        # for good and the user asks for that (retry_failed pays for the images again).
-        if recorded.retryable is not False:
+        # Paid for already: download again, never generate again, while the links may work.
+        # Links gone for good or given up make it a failed generation: kept, unless the user
+        # asks for that (retry_failed pays for the images again).
+        links = ((tries, since) for _, _, _, tries, since in recorded.downloads)
+        if recorded.retryable is not False and not links_given_up(links, now):
             return "fetch"
         return "send" if retry_failed else "keep"
     if recorded.retryable is False and not retry_failed and same:

@@ -40,7 +40,8 @@ _WITH_DOWNLOADS = frozenset({"download_failed", "partial"})
 # as dicts or small objects cost several times the memory.
 _FIELDS_PER_IMAGE = 5
 
-Downloads = tuple[tuple[int, str, str | None], ...]
+# (index, url, revised_prompt, tries, first_failed_at) of each link still to download.
+Downloads = tuple[tuple[int, str, str | None, int, str | None], ...]
 
 
 class KeyState:
@@ -149,7 +150,8 @@ class KeyState:
 
     @property
     def downloads(self) -> Downloads:
-        """(index, url, revised_prompt) of images generated but not downloaded yet."""
+        """(index, url, revised_prompt, tries, first_failed_at) of images generated but not
+        downloaded yet."""
         if self._downloads is None:
             self._read_line()
         assert self._downloads is not None
@@ -293,7 +295,15 @@ def _pack_image_dicts(job_id: str, images: Sequence[dict[str, Any]]) -> tuple[An
 def _pack_downloads(downloads: Sequence[dict[str, Any]]) -> Downloads:
     """The `downloads` list of a result event as tuples."""
     return tuple(
-        (int(item["index"]), str(item["url"]), item.get("revised_prompt")) for item in downloads
+        (
+            int(item["index"]),
+            str(item["url"]),
+            item.get("revised_prompt"),
+            # Lines written before links were counted have neither: tried, then counted.
+            int(item.get("tries") or 0),
+            item.get("first_failed_at"),
+        )
+        for item in downloads
     )
 
 

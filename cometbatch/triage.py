@@ -12,7 +12,7 @@ from .manifest import Job
 from .models import ModelRegistry
 from .plan import Request, plan_job
 from .results import DOWNLOAD_FAILED, Result, Summary
-from .resume import Verdict, decide
+from .resume import LINK_GONE, Verdict, decide
 from .settings import Settings
 from .sink import ImageRecord
 from .state import KeyState, LedgerState
@@ -112,8 +112,9 @@ class Triage:
         """A permanent failure from an earlier run, reported again without a request."""
         if state is not None and state.status == DOWNLOAD_FAILED:
             message = (
-                "generated in an earlier run, but its image link no longer works (see the "
-                "ledger); set retry_failed to generate it again (paid again)"
+                f"generated in an earlier run, but its image link no longer works ({LINK_GONE}), "
+                "so it counts as a failed generation: --retry-failed (setting retry_failed) "
+                "generates it again (paid again)"
             )
         else:
             message = (
