@@ -185,8 +185,9 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
                 gallery.defaults = recorded_defaults(event)
         elif kind == "end":
             summary = event.get("summary")
-            if isinstance(summary, dict):
-                summary_429s += int(summary.get("rate_limited") or 0)
+            counted = _mapping(summary).get("rate_limited")
+            # A hand-edited end line may hold anything here: only a count counts.
+            summary_429s += counted if type(counted) is int and counted > 0 else 0
             gallery.last_at = event.get("finished_at") or gallery.last_at
         elif kind == "result":
             key = str(event.get("key"))

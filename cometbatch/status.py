@@ -166,8 +166,10 @@ def read_status(
             status.last_at = event.get("started_at") or status.last_at
         elif kind == "end":
             status.last_run_ended = True
-            status.last_summary = event.get("summary")
-            if isinstance(status.last_summary, dict) and status.last_summary.get("simulated"):
+            summary = event.get("summary")
+            # A summary is an object; anything else in a hand-edited line reads as none.
+            status.last_summary = summary if isinstance(summary, dict) else None
+            if status.last_summary is not None and status.last_summary.get("simulated"):
                 status.simulated_runs += 1
             status.last_at = event.get("finished_at") or status.last_at
         elif kind == "result":
@@ -269,6 +271,8 @@ def _count_pending(
     (for pricing) and fills `scope` with the recorded jobs the manifest holds. Leaves pending
     unknown, with a note, when the manifest cannot be used."""
     recorded_path = run.get("manifest")
+    if not isinstance(recorded_path, str):
+        recorded_path = None  # a hand-edited run line: read as no manifest recorded
     path = Path(given) if given is not None else Path(recorded_path) if recorded_path else None
     if path is None:
         status.manifest_note = "pending work is unknown: no manifest recorded (pass --manifest)"

@@ -446,3 +446,12 @@ async def test_ten_thousand_images_stay_usable_in_chromium(tmp_path: Path) -> No
             print(f"10,000 images: {loaded} loaded at first, a filter took {took:.0f} ms")
         finally:
             await browser.close()
+
+
+def test_odd_types_in_run_and_end_lines_do_not_break_the_page(tmp_path: Path) -> None:
+    """Hand-edited run and end lines with values of other types give a page, not an error."""
+    run = {"event": "run", "run_id": "r", "started_at": 5, "settings": [], "manifest": ["x"]}
+    end = {"event": "end", "finished_at": ["t"], "summary": {"rate_limited": "many"}}
+    write_ledger(tmp_path, [run, result("a", "ok"), end])
+    page = write_gallery(tmp_path).read_text(encoding="utf-8")
+    assert "images/a/0.png" in page

@@ -316,3 +316,16 @@ async def test_after_lowering_n_status_and_export_count_only_the_manifests_image
     for job_id in ("a", "b"):
         assert records[job_id]["n"] == 2
         assert [image["index"] for image in records[job_id]["images"]] == [0, 1]
+
+
+def test_odd_types_in_run_and_end_lines_are_read_as_unknown(tmp_path: Path) -> None:
+    """Hand-edited run and end lines with values of other types: status still reads the
+    folder, with pending unknown, instead of failing."""
+    from cometbatch.report import status_lines
+
+    run = {"event": "run", "started_at": 5, "settings": [], "manifest": ["x"], "defaults": 1}
+    end = {"event": "end", "finished_at": ["t"], "summary": ["interrupted"]}
+    folder = write(tmp_path, json.dumps(run), result("a#0", "ok"), json.dumps(end))
+    data = read_status(folder).to_dict()
+    assert data["ok_images"] == 1 and data["pending_images"] is None
+    assert status_lines(data)[0].startswith(str(folder))
