@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from aiohttp import web
 from cometbatch import Engine, Settings, Simulator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def no_sleep(_: float) -> None:
@@ -49,3 +52,29 @@ async def serve(routes: dict[tuple[str, str], Handler]) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def cli_bytes(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes]:
+    """The CLI in a subprocess, awaited so an in-process simulator keeps answering: its exit
+    code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cometbatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """`cli_bytes` run from the repository, its output decoded."""
+    code, stdout, stderr = await cli_bytes(*args)
+    return code, stdout.decode(), stderr.decode()

@@ -5,11 +5,9 @@ Also: changed jobs are named and refused, or regenerated with their old images s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from support import Handler, no_sleep, run_all, serve, settings_for
+from support import Handler, cli, no_sleep, run_all, serve, settings_for
 from support import ledger_results as results
 
 from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simulator
@@ -27,8 +25,6 @@ from cometbatch.report import fetch_lines, status_lines, summary_lines
 from cometbatch.resume import LINK_LIFETIME_S, LINK_TRIES, decide
 from cometbatch.state import KeyState
 from cometbatch.status import read_status
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def sha256(path: Path) -> str:
@@ -151,22 +147,6 @@ async def test_expired_links_stay_pending_with_a_clear_reason(tmp_path: Path) ->
         assert (summary.ok_requests, summary.failed_requests, summary.failed_images) == (0, 1, 3)
         assert results(tmp_path)[-1]["status"] == "download_failed"
         assert sim.stats.requests == 1
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    """The CLI in a subprocess, awaited so the in-process simulator keeps answering."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cometbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 async def test_fetch_command_reports_and_exits_by_outcome(sim: Simulator, tmp_path: Path) -> None:

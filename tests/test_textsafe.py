@@ -3,7 +3,6 @@ escaped on the terminal and in the gallery, and stored as valid UTF-8."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from support import Handler, serve
+from support import ROOT, Handler, cli_bytes, serve
 
 from cometbatch.imagegen import make_png
 from cometbatch.textsafe import PrintableFormatter, printable, safe_json, storable
 
-ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/images/generations"
 PNG = make_png(8, 8, 1)
 # Retitles the window, clears the screen, reverses what follows, cannot be encoded, and a
@@ -98,16 +96,10 @@ def hostile_api() -> Handler:
 
 
 async def cli(*args: str, cwd: Path) -> tuple[int, bytes, bytes]:
-    """Run the CLI in a subprocess; its exit code, stdout and stderr."""
+    """Run the CLI in a subprocess with a test key; its exit code, stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMETAPI_")}
     env |= {"COMETAPI_KEY": "sk-test", "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cometbatch", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd,
-    )  # fmt: skip
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out, err
+    return await cli_bytes(*args, cwd=cwd, env=env)
 
 
 def assert_safe(name: str, data: bytes) -> str:

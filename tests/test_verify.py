@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from support import ledger_results, no_sleep, run_all, settings_for
+from support import cli, ledger_results, no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.lock import FolderLock
 from cometbatch.report import summary_lines
 from cometbatch.verify import verify_folder
 
-ROOT = Path(__file__).resolve().parent.parent
 JOBS = [
     Job(id="a", prompt="a red fox", model="gpt-image-1", n=2),
     Job(id="b", prompt="a paper boat", model="gpt-image-1", output_format="jpeg"),
@@ -36,22 +33,6 @@ async def first_run(sim: Simulator, out: Path) -> None:
     async with Engine(settings_for(sim), out_dir=out, sleep=no_sleep) as engine:
         results = await run_all(engine, JOBS)
     assert all(result.ok for result in results)
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    """The CLI in a subprocess, awaited so the in-process simulator keeps answering."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cometbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 def image_of(out: Path, key: str, index: int) -> Path:
