@@ -127,9 +127,11 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
 @click.argument("out_dir", type=_FOLDER)
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
 def verify(out_dir: Path, json_output: bool) -> None:
-    """Check every image the ledger records as ok: there, its recorded size and sha256, a
-    whole image. Each bad file is named (exit 1) and its request marked in the ledger, so
-    that the next run of the manifest generates it again; exit 0 when all are good.
+    """Check every image the ledger records as ok: there, its recorded size and sha256, and
+    structurally whole (PNG chunks and CRCs to IEND, JPEG to EOI, WebP's RIFF): a check of
+    the file's structure, not a decode of its pixels. Each bad file is named (exit 1) and its
+    request marked in the ledger, so that the next run of the manifest generates it again;
+    exit 0 when all are good.
 
     Takes the folder's lock: it refuses while a run is writing the folder.
 

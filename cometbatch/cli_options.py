@@ -55,24 +55,27 @@ def reset_console() -> Console:
     return _console
 
 
-def say(text: str) -> None:
-    """One message on stderr, printed as is (no markup, no wrapping), controls escaped."""
-    # Messages quote server and ledger text: an escape code in it must not reach the terminal.
-    console().print(printable(text), markup=False, soft_wrap=True)
+def say(*lines: str) -> None:
+    """A message on stderr, one line per argument, printed as is (no markup, no wrapping),
+    with controls escaped: a newline inside a line is shown as \\n, never starts one."""
+    # Messages quote server and ledger text: an escape code in it must not reach the terminal,
+    # and a newline in it must not forge a line of its own.
+    console().print("\n".join(map(printable, lines)), markup=False, soft_wrap=True)
 
 
 def fail(
     exc: CometBatchError, *, json_output: bool = False, summary: dict[str, Any] | None = None
 ) -> NoReturn:
-    """Print one clear error line (and the JSON object scripts wait for); exit 2 or 1."""
-    message = str(exc)
+    """Print one clear error (a line for each thing it lists, such as bad manifest lines)
+    and the JSON object scripts wait for; exit 2 or 1."""
+    lines = exc.lines()
     if isinstance(exc, AuthenticationError):
-        message = f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"
+        lines = [f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"]
     if json_output:
         # Scripts read one JSON object from stdout, also when the run could not finish.
-        click.echo(json.dumps({**(summary or {}), "error": message}))
+        click.echo(json.dumps({**(summary or {}), "error": "\n".join(lines)}))
     console().print("[red]error:[/red] ", end="", soft_wrap=True)
-    say(message)
+    say(*lines)
     sys.exit(EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILED)
 
 

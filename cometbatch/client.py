@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
+import re
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 from urllib.parse import urlsplit
@@ -80,6 +82,36 @@ def redact(text: str, key: str | None) -> str:
     if key and key in text:
         return text.replace(key, MASK)
     return text
+
+
+# JSON's short escapes of the characters a key may hold that have one (a key holds no
+# whitespace or controls: the settings refuse them), as regular expressions.
+_SHORT_ESCAPES = {"/": r"\\/", '"': r"\\\"", "\\": r"\\\\"}
+
+
+@functools.lru_cache(maxsize=8)
+def _escapes_of(key: str) -> re.Pattern[str]:
+    """A search for each JSON escape that spells one of `key`'s characters (\\u0073 or
+    \\u0053 for "s", \\/ for "/", a high surrogate for a character past U+FFFF)."""
+    spellings = set()
+    for char in set(key):
+        if char in _SHORT_ESCAPES:
+            spellings.add(_SHORT_ESCAPES[char])
+        point = ord(char)
+        unit = point if point < 0x10000 else 0xD800 + ((point - 0x10000) >> 10)
+        # Hex digits in either case: \u006b and \u006B both spell "k".
+        digits = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{unit:04x}")
+        spellings.add(rf"\\u{digits}")
+    # Every spelling starts with a backslash: the search skips ahead from one to the next.
+    return re.compile("|".join(sorted(spellings)))
+
+
+def key_may_be_in(text: str, key: str) -> bool:
+    """Whether JSON `text` may spell `key` in one of its strings: as is, or with some of its
+    characters written as escapes. An escape of any other character (an API that writes
+    "café" as "caf\\u00e9") does not count: such an answer costs two quick searches."""
+    # Any spelling but the plain one holds an escape of one of the key's own characters.
+    return key in text or _escapes_of(key).search(text) is not None
 
 
 def _redact_json(data: Any, key: str) -> None:
@@ -403,8 +435,9 @@ class Client:
                 retryable=True,
             ) from None
         key = self._api_key
-        # Only JSON's \u escapes can hide the key from a plain search of the text.
-        if key and (key in text or "\\u" in text):
+        # The strings (base64 too: a key of base64 characters could hide in an image's data)
+        # are walked only when the text may spell the key.
+        if key and key_may_be_in(text, key):
             _redact_json(data, key)
         if isinstance(data, dict) and "error" in data and "data" not in data:
             raise self._error_in_ok(status, self._redact(text), resp)

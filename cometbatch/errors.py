@@ -9,6 +9,11 @@ from typing import Any
 class CometBatchError(Exception):
     """Base of every error cometbatch raises on purpose."""
 
+    def lines(self) -> list[str]:
+        """The message as the lines it is shown in: one, unless the error lists several
+        things. Each line is escaped on its own, so a newline in quoted text starts none."""
+        return [str(self)]
+
 
 class ConfigError(CometBatchError):
     """A setting or option that cannot work (bad base URL, missing key, bad override)."""
@@ -50,9 +55,14 @@ class ManifestError(CometBatchError):
         self.truncated = truncated
         head = f"{source}: " if source else ""
         count = f"{len(problems)}{'+' if truncated else ''}"
-        lines = "\n".join(f"  {p}" for p in problems)
-        more = "\n  ... (more problems not shown)" if truncated else ""
-        super().__init__(f"{head}{count} invalid manifest line(s):\n{lines}{more}")
+        self._lines = [f"{head}{count} invalid manifest line(s):"]
+        self._lines += [f"  {p}" for p in problems]
+        if truncated:
+            self._lines.append("  ... (more problems not shown)")
+        super().__init__("\n".join(self._lines))
+
+    def lines(self) -> list[str]:
+        return list(self._lines)
 
 
 class CapabilityError(CometBatchError):

@@ -135,13 +135,13 @@ _PROXY_PAGE_STATUSES = RETRYABLE_STATUSES | {401, 403, 413}
 def not_the_api(
     status: int, *, code: str | None, request_id: str | None, html: bool, json_body: bool
 ) -> bool:
-    """Whether an error answer comes from a plain web server rather than an images API: a 404
-    without CometAPI's request id, a 405 or 501 that is not a JSON error, an HTML error page."""
+    """Whether an error answer comes from a plain web server rather than an images API: a 404,
+    405 or 501 that is not a JSON error (an HTML page, plain text), an HTML error page."""
     if code is not None or request_id is not None:
         return False  # CometAPI's own error: its message carries a request id.
-    if status == 404:
-        return True
-    if status in (405, 501):
+    if status in (404, 405, 501):
+        # A JSON 404 is an API's answer about this job (a gateway that does not know its
+        # model): a failure of the job, not a wrong base URL.
         return not json_body
     return html and status not in _PROXY_PAGE_STATUSES
 

@@ -66,8 +66,13 @@ class RunOutcome:
     spend: Spend | None = None
 
 
-# A closed terminal (SIGHUP) and a polite kill (SIGTERM) stop the way Ctrl-C does.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A closed terminal (SIGHUP, which Windows does not have) and a polite kill (SIGTERM) stop
+# the way Ctrl-C does.
+STOP_SIGNALS = tuple(
+    sig
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+    if sig is not None
+)
 
 
 class _Interrupts:
@@ -87,7 +92,10 @@ class _Interrupts:
         self.engine = engine
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self)
+            try:
+                loop.add_signal_handler(sig, self)
+            except NotImplementedError:  # pragma: no cover - Windows: Ctrl-C interrupts
+                return
             self._installed.append(sig)
 
     def uninstall(self) -> None:

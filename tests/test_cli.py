@@ -131,6 +131,38 @@ def test_bad_manifest_exits_2_naming_every_line(tmp_path: Path) -> None:
     assert not (out / "ledger.jsonl").exists()
 
 
+def test_a_bad_manifest_is_named_one_line_each_with_its_text_escaped(tmp_path: Path) -> None:
+    """Each bad line gets a line of its own on stderr; a field name holding a newline and an
+    escape code (the manifest's own text) is shown escaped, never as a line or a colour."""
+    manifest = tmp_path / "bad.jsonl"
+    forged = "a\nerror: forged\u001b[31m"
+    manifest.write_text(
+        "\n".join(['{"model": "dall-e-3"}', json.dumps({"prompt": "x", forged: 1})]) + "\n"
+    )
+    result = cli("run", str(manifest), "--simulate", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and lines[0].endswith("2 invalid manifest line(s):")
+    assert lines[1] == "  line 1, field 'prompt': Field required"
+    assert lines[2].startswith("  line 2, field 'a\\nerror: forged\\x1b[31m': unknown field")
+    assert len(lines) == 3
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", result.stderr)
+
+
+def test_the_runner_loads_where_there_is_no_sighup() -> None:
+    """Where the signal module has no SIGHUP (Windows), the runner loads and stops on the
+    signals there are."""
+    code = (
+        "import signal; del signal.SIGHUP; import cometbatch.runner as r; "
+        "print(sorted(s.name for s in r.STOP_SIGNALS))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == ["['SIGINT',", "'SIGTERM']"]
+
+
 def test_missing_key_is_a_clear_usage_error(tmp_path: Path) -> None:
     """Without COMETAPI_KEY and without --simulate the run refuses with exit 2 and says why."""
     env = {k: v for k, v in os.environ.items() if k != "COMETAPI_KEY"}

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from support import Handler, serve
 
-from cometbatch.client import Client, ImagesResponse
+from cometbatch.client import Client, ImagesResponse, key_may_be_in
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
@@ -335,6 +335,7 @@ NOT_THE_API = [
     (405, "405: Method Not Allowed", "text/plain"),
     (501, "<html><body><h1>Unsupported method ('POST')</h1></body></html>", "text/html"),
     (404, "<!DOCTYPE html><html><body>Not Found</body></html>", "text/html"),
+    (404, "404 page not found", "text/plain"),
     (400, "<html><body>The plain HTTP request was sent to HTTPS port</body></html>", "text/html"),
     (200, "<!DOCTYPE html><html><body>Welcome to nginx!</body></html>", "text/html"),
 ]
@@ -344,8 +345,8 @@ NOT_THE_API = [
     ("status", "text", "content_type"), NOT_THE_API, ids=[str(row[0]) for row in NOT_THE_API]
 )
 async def test_a_plain_web_server_is_not_the_api(status: int, text: str, content_type: str) -> None:
-    """405, 501 and HTML pages a plain web server answers a POST with say "not this API": a
-    configuration error naming --base-url, never a job's failure."""
+    """A 404, 405 or 501 that is not JSON and the HTML pages a plain web server answers a POST
+    with say "not this API": a configuration error naming --base-url, never a job's failure."""
     handler = reply(status, text=text, content_type=content_type)
     async with serve({("POST", ROUTE): handler}) as base:
         with pytest.raises(IncompatibleAPIError) as info:
@@ -363,6 +364,8 @@ async def test_a_plain_web_server_is_not_the_api(status: int, text: str, content
         (405, comet_error("Method not allowed"), APIStatusError),
         (501, comet_error("Not implemented"), ServerError),
         (404, comet_error("No such model"), NotFoundError),
+        # A compatible gateway's JSON 404 for one job's unknown model: that job's failure.
+        (404, {"error": {"message": "unknown model", "code": None}}, NotFoundError),
         (502, "<html><body><h1>502 Bad Gateway</h1></body></html>", ServerError),
         (403, "<html><body>Blocked by the firewall</body></html>", PermissionDeniedError),
         (413, "<html><body>Request Entity Too Large</body></html>", BadRequestError),
@@ -691,6 +694,47 @@ async def test_key_never_appears_in_repr_or_errors() -> None:
         assert KEY not in repr(client)
     assert_no_key(info.value)
     assert "***" in str(info.value)
+
+
+def _json_escaped(text: str, which: str) -> str:
+    """`text` as a JSON string with the characters in `which` written as uppercase \\u escapes."""
+    return "".join(f"\\u{ord(c):04X}" if c in which else c for c in json.dumps(text)[1:-1])
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "found"),
+    [
+        (KEY, json.dumps({"p": f"for {KEY}"}), True),
+        (KEY, json.dumps({"p": f"for {KEY}"}).replace("S", "\\u0053"), True),
+        (KEY, '{"p": "' + _json_escaped(KEY, "k") + '"}', True),
+        (KEY, '{"p": "' + _json_escaped(KEY, KEY) + '"}', True),
+        ("sk-a/b", json.dumps({"p": "sk-a/b"}).replace("/", "\\/"), True),
+        ("sk-a\\b", json.dumps({"p": "sk-a\\b"}), True),
+        ("sk-\u00e9\U0001f600", json.dumps({"p": "sk-\u00e9\U0001f600"}), True),
+        ("sk-\U0001f600", json.dumps({"p": "sk-\U0001f600"}, ensure_ascii=False), True),
+        # What an API writing JSON as ASCII answers: escapes, but of none of the key's
+        # characters, so its strings (megabytes of base64) are not searched one by one.
+        (KEY, json.dumps({"p": "un caf\u00e9 \u65e5\u672c \U0001f600", "b64_json": "aGk="}), False),
+        (KEY, json.dumps({"p": 'tab\tquote"slash\\'}), False),
+    ],
+)
+def test_an_answer_is_searched_for_the_key_only_where_it_may_be_spelled(
+    key: str, text: str, found: bool
+) -> None:
+    """The key counts as possibly in an answer when it is there as is or with any of its own
+    characters written as a JSON escape; escapes of other characters do not count."""
+    assert key_may_be_in(text, key) is found
+
+
+async def test_a_key_with_one_character_escaped_is_blanked_from_an_answer() -> None:
+    """An answer spelling the key with one character as an uppercase \\u escape still has it
+    blanked wherever it stands, next to other escaped text."""
+    text = json.dumps(
+        {"data": [{"b64_json": "aGk=", "revised_prompt": f"caf\u00e9 for {KEY}"}]}
+    ).replace("sk-test", "sk\\u002Dtest")
+    async with serve({("POST", ROUTE): reply(text=text, content_type="application/json")}) as base:
+        answer = await generate(base)
+    assert answer.data[0].revised_prompt == "caf\u00e9 for ***"
 
 
 def test_repr_shows_base_url_and_state() -> None:

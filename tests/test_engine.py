@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import textwrap
@@ -413,14 +414,13 @@ async def test_breaking_out_of_run_leaves_nothing_running(tmp_path: Path) -> Non
     import asyncio
 
     jobs = [Job(id=f"b{i}", prompt=f"p{i}", model="qwen-image") for i in range(80)]
-    async with Simulator(SimConfig(latency=0.02)) as server:
+    async with Simulator(SimConfig(latency=0)) as server:
         before = asyncio.all_tasks()
         async with Engine(settings_for(server, concurrency=2), out_dir=tmp_path) as engine:
             async for _ in engine.run(jobs):
                 # A slow consumer: the run fills its results queue meanwhile.
-                await asyncio.sleep(0.5)
+                await until(lambda: server.stats.requests >= 8)
                 break
-        await asyncio.sleep(0.3)
         left = [
             task
             for task in asyncio.all_tasks() - before
@@ -440,23 +440,22 @@ async def test_a_failing_job_source_stops_cleanly_and_keeps_what_was_paid_for(
     """A job source that raises mid-run: in-flight requests are recorded, then its error raised."""
 
     async def jobs() -> AsyncIterator[Job]:
-        import asyncio
-
         for i in range(6):
             yield Job(id=f"s{i}", prompt=f"p{i}", model="qwen-image")
-        for _ in range(1000):  # until all six are at the server (each takes 0.5 s there)
-            if server.stats.requests == 6:
-                break
-            await asyncio.sleep(0.005)
+        await api.arrived(6)
+        # Let the six be answered: they are still out when the source breaks.
+        api.release.set()
         raise OSError("the job source broke")
 
-    async with Simulator(SimConfig(latency=0.5)) as server:
-        async with Engine(settings_for(server, concurrency=8), out_dir=tmp_path) as engine:
-            with pytest.raises(OSError, match="the job source broke"):
-                await run_all(engine, jobs())
-        sent = server.stats.generated
-    assert sent == 6
-    assert len(results(tmp_path)) == 6
+    async with (
+        HeldAPI().serving() as api,
+        Engine(api.settings(concurrency=8), out_dir=tmp_path) as engine,
+    ):
+        with pytest.raises(OSError, match="the job source broke"):
+            await run_all(engine, jobs())
+        assert engine.holding_sent_requests == 0
+    assert len(api.prompts) == 6
+    assert [line["status"] for line in results(tmp_path)] == ["ok"] * 6
 
 
 def test_a_key_from_a_crlf_env_file_is_cleaned_and_bad_keys_are_refused() -> None:
@@ -657,46 +656,87 @@ def ledger_events(out: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
 
 
+class HeldAPI:
+    """An images API on loopback that holds every request until `release` is set, so that
+    a test acts while requests are at the server however slow the machine is."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.release = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self.base_url = ""
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        self.prompts.append((await request.json())["prompt"])
+        self._arrived.set()
+        await self.release.wait()
+        image = {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}
+        return web.json_response({"created": 1, "data": [image]})
+
+    async def arrived(self, count: int) -> None:
+        """Wait until `count` requests reached the server."""
+        async with asyncio.timeout(60):
+            while len(self.prompts) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def settings(self, **overrides: Any) -> Settings:
+        return Settings(base_url=self.base_url, api_key="sk-test", **overrides)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[HeldAPI]:
+        async with serve({("POST", "/v1/images/generations"): self._answer}) as origin:
+            self.base_url = f"{origin}/v1"
+            try:
+                yield self
+            finally:
+                self.release.set()  # a handler still holding lets the server close at once
+
+
 async def test_cancelling_generate_after_sending_records_every_request(tmp_path: Path) -> None:
     """Eight generate() calls cancelled once their requests reached the server: the callers'
     waits end at once, the engine records all eight before it closes (then the end line), and
     a new engine over the folder sends nothing: none is paid twice."""
-    async with Simulator(SimConfig(latency=0.5)) as server:
-        async with Engine(settings_for(server, concurrency=8), out_dir=tmp_path) as engine:
+    async with HeldAPI().serving() as api:
+        async with Engine(api.settings(concurrency=8), out_dir=tmp_path) as engine:
             calls = [asyncio.create_task(engine.generate(job)) for job in EIGHT]
-            await until(lambda: server.stats.requests == 8)
+            await api.arrived(8)
             for call in calls:
                 call.cancel()
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(x, asyncio.CancelledError) for x in outcomes)
             # Only the waits ended: the eight requests are still at the server, held.
             assert engine.holding_sent_requests == 8
+            api.release.set()
         events = ledger_events(tmp_path)
         oks = [e["key"] for e in events if e["event"] == "result" and e["status"] == "ok"]
         assert sorted(oks) == sorted(f"x{i}#0" for i in range(8))
         assert events[-1]["event"] == "end"
         assert events[-1]["summary"]["cut_off_requests"] == 0
-        async with Engine(settings_for(server), out_dir=tmp_path, sleep=no_sleep) as engine:
+        async with Engine(api.settings(), out_dir=tmp_path, sleep=no_sleep) as engine:
             again = [result for job in EIGHT for result in await engine.generate(job)]
         assert all(result.ok and result.reused for result in again)
-        assert server.stats.requests == 8  # paid twice: 0
+        assert len(api.prompts) == 8  # paid twice: 0
 
 
 async def test_cancelling_generate_before_sending_sends_nothing(tmp_path: Path) -> None:
     """A generate() cancelled while its request waits for a slot is simply cancelled."""
-    async with Simulator(SimConfig(latency=0.5)) as server:
-        async with Engine(settings_for(server, concurrency=1), out_dir=tmp_path) as engine:
+    async with HeldAPI().serving() as api:
+        async with Engine(api.settings(concurrency=1), out_dir=tmp_path) as engine:
             first = asyncio.create_task(engine.generate(EIGHT[0]))
-            await until(lambda: server.stats.requests == 1)
+            await api.arrived(1)
             waiting = asyncio.create_task(engine.generate(EIGHT[1]))
-            await asyncio.sleep(0)
+            # Cancelled only once its request waits in the engine for the one slot.
+            await until(lambda: engine.limiter.waiting == 1)
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
+            api.release.set()
             (done,) = await first
         assert done.ok
-        assert server.stats.requests == 1
+        assert api.prompts == ["p0"]
         assert [e["key"] for e in results(tmp_path)] == ["x0#0"]
+        assert engine.summary.cut_off_requests == 0
 
 
 async def test_requests_still_out_after_the_grace_period_are_counted_as_cut_off(
@@ -704,14 +744,15 @@ async def test_requests_still_out_after_the_grace_period_are_counted_as_cut_off(
 ) -> None:
     """With no grace period, closing the engine cuts the eight sent requests off at once and
     counts them (they may be billed; nothing records them)."""
-    async with Simulator(SimConfig(latency=0.5)) as server:
-        settings = settings_for(server, concurrency=8, grace_period=0)
-        async with Engine(settings, out_dir=tmp_path) as engine:
-            calls = [asyncio.create_task(engine.generate(job)) for job in EIGHT]
-            await until(lambda: server.stats.requests == 8)
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
+    async with (
+        HeldAPI().serving() as api,
+        Engine(api.settings(concurrency=8, grace_period=0), out_dir=tmp_path) as engine,
+    ):
+        calls = [asyncio.create_task(engine.generate(job)) for job in EIGHT]
+        await api.arrived(8)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
     assert engine.summary.cut_off_requests == 8
     events = ledger_events(tmp_path)
     assert [e for e in events if e["event"] == "result"] == []

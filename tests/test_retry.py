@@ -423,7 +423,8 @@ def test_gateway_timeouts_are_not_retried_when_ambiguous_retries_are_off() -> No
     ("status", "code", "request_id", "html", "json_body", "foreign"),
     [
         (404, None, None, True, False, True),
-        (404, None, None, False, True, True),
+        (404, None, None, False, False, True),
+        (404, None, None, False, True, False),
         (404, None, "req-1", False, True, False),
         (404, "model_not_found", None, False, True, False),
         (405, None, None, False, False, True),
@@ -451,7 +452,8 @@ def test_not_the_api_table(
     json_body: bool,
     foreign: bool,
 ) -> None:
-    """A plain web server's 404, 405, 501 or HTML error page is "not the API"; CometAPI's own
-    errors and the pages a proxy sends for one request or a passing fault are not."""
+    """A plain web server's 404, 405 or 501 (HTML or plain text) or HTML error page is "not
+    the API"; JSON errors, CometAPI's own errors and the pages a proxy sends for one request
+    or a passing fault are not."""
     found = not_the_api(status, code=code, request_id=request_id, html=html, json_body=json_body)
     assert found is foreign
