@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from .errors import ImageDataError
+from .imagecheck import check_image
+from .paths import link_error, unlinked
 
 REPLACED_DIR = "replaced"
 # Error kinds of a failed line that withdraws a key's images (each lists them under
 # "withdrawn"): the job changed and is being regenerated, or a file is gone or damaged.
 WITHDRAWN_KINDS = frozenset({"replaced", "missing_image", "corrupt_image"})
+# The error field of a later failed line for the key (the new request failed) that carries
+# the withdrawn images on, with the request they belong to: they stay findable until an ok
+# line records the key again.
+CARRIED = "withdrawn"
+# The fields of the request withdrawn images belong to (a carried list records its own).
+REQUEST_FIELDS = ("fingerprint", "model", "n")
 # What a withdrawn image keeps of its ok line (plus "aside", where its file was put).
 IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt")
 _BLOCK = 1 << 20
+# What `check_file` finds wrong with a file (verify's problems, and its mark's error kind).
+MISSING, NOT_A_FILE = "missing", "not_a_file"
+SIZE, SHA256, UNDECODABLE, FORMAT = "size", "sha256", "undecodable", "format"
 
 
 def image_file(out_dir: Path, relpath: object) -> Path | None:
@@ -47,39 +61,87 @@ def aside_path(out_dir: Path, run_id: str, relpath: str) -> Path | None:
 
 
 def set_aside(out_dir: Path, run_id: str, relpaths: Iterable[str]) -> int:
-    """Move the existing files among `relpaths` aside; returns how many were moved."""
-    moved = 0
+    """Move the existing files among `relpaths` aside; returns how many were moved.
+
+    Raises OSError (ELOOP) for a file reached through a symbolic link below OUT, moving it
+    nowhere: a job folder that links elsewhere must not have files taken from out there."""
+    moves = []
     for relpath in relpaths:
         source = image_file(out_dir, relpath)
         target = aside_path(out_dir, run_id, relpath)
         if source is None or target is None or not source.is_file():
             continue
+        _refuse_linked(out_dir, source, target)
+        moves.append((source, target))
+    for source, target in moves:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
-        moved += 1
-    return moved
+    return len(moves)
+
+
+def _refuse_linked(out_dir: Path, *paths: Path) -> None:
+    """Raise paths.link_error for the first of `paths` (below OUT) reached through a link."""
+    for path in paths:
+        if not unlinked(out_dir, path.relative_to(out_dir).as_posix()):
+            raise link_error(path)
+
+
+def check_file(path: Path, image: dict[str, Any]) -> tuple[str, str] | None:
+    """(problem, detail) for a file against the image a ledger line records, or None when it
+    is exactly that image: its size, its sha256 (read a block at a time), a whole image of
+    the recorded format (imagecheck)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return MISSING, "missing"
+    except OSError as exc:
+        return MISSING, f"cannot be read: {exc.strerror or exc}"
+    if not stat.S_ISREG(status.st_mode):
+        return NOT_A_FILE, "not a file"
+    if status.st_size != image.get("bytes"):
+        return SIZE, f"{status.st_size} bytes, the ledger records {image.get('bytes')}"
+    digest = hashlib.sha256()
+    blocks = []
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(_BLOCK):
+                digest.update(block)
+                blocks.append(block)
+    except OSError as exc:
+        return MISSING, f"cannot be read: {exc.strerror or exc}"
+    if digest.hexdigest() != image.get("sha256"):
+        return SHA256, "its content differs from what was recorded (sha256)"
+    try:
+        fmt = check_image(b"".join(blocks))
+    except ImageDataError as exc:
+        return UNDECODABLE, f"not a whole image: {exc}"
+    if fmt != image.get("format"):
+        return FORMAT, f"a {fmt} image, the ledger records {image.get('format')}"
+    return None
 
 
 def is_whole(path: Path, image: dict[str, Any]) -> bool:
-    """Whether `path` holds exactly the recorded image (its size, then its sha256)."""
-    try:
-        if not path.is_file() or path.stat().st_size != image.get("bytes"):
-            return False
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while block := handle.read(_BLOCK):
-                digest.update(block)
-    except OSError:
+    """Whether `path` holds exactly the recorded image (see `check_file`)."""
+    return check_file(path, image) is None
+
+
+def recorded_image(image: dict[str, Any]) -> dict[str, Any]:
+    """What an image of an ok line records (IMAGE_FIELDS), without what other lines add."""
+    return {name: image[name] for name in IMAGE_FIELDS if name in image}
+
+
+def withdraws(error: object) -> bool:
+    """Whether a failed line's error says that the line lists withdrawn images: it took them
+    out of ok (WITHDRAWN_KINDS), or it carries them on from the line that did (CARRIED)."""
+    if not isinstance(error, dict):
         return False
-    return digest.hexdigest() == image.get("sha256")
+    kind = error.get("kind")
+    return (type(kind) is str and kind in WITHDRAWN_KINDS) or error.get(CARRIED) is True
 
 
 def withdrawn(event: dict[str, Any] | None) -> list[dict[str, Any]] | None:
     """The images a line took out of ok, or None when it is not such a line."""
-    if not event or event.get("status") != "failed":
-        return None
-    error = event.get("error")
-    if not isinstance(error, dict) or error.get("kind") not in WITHDRAWN_KINDS:
+    if not event or event.get("status") != "failed" or not withdraws(event.get("error")):
         return None
     taken = event.get("withdrawn")
     images = taken.get("images") if isinstance(taken, dict) else None
@@ -95,7 +157,7 @@ def plan_aside(
     file is at its path now), else where an earlier run kept it, else None (gone or bad)."""
     planned = []
     for image in images:
-        entry = {name: image[name] for name in IMAGE_FIELDS if name in image}
+        entry = recorded_image(image)
         source = image_file(out_dir, image.get("path"))
         earlier = image.get("aside")
         if source is not None and is_whole(source, image):
@@ -134,16 +196,21 @@ def find_whole(out_dir: Path, images: Sequence[dict[str, Any]]) -> list[Path] | 
 
 
 def put_back(out_dir: Path, images: Sequence[dict[str, Any]], found: Sequence[Path]) -> int:
-    """Move each image found aside back to its path (see `find_whole`); how many moved."""
-    moved = 0
+    """Move each image found aside back to its path (see `find_whole`); how many moved.
+
+    Raises OSError (ELOOP) for a place or a path reached through a symbolic link below OUT,
+    moving nothing."""
+    moves = []
     for image, place in zip(images, found, strict=True):
         home = image_file(out_dir, image["path"])
         assert home is not None  # find_whole checked the path
         if place != home:
-            home.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(place, home)
-            moved += 1
-    return moved
+            _refuse_linked(out_dir, place, home)
+            moves.append((place, home))
+    for place, home in moves:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(place, home)
+    return len(moves)
 
 
 def withdraw_event(
@@ -164,7 +231,7 @@ def withdraw_event(
         "run_id": run_id,
         **{name: latest.get(name) for name in ("key", "job_id", "chunk")},
         "status": "failed",
-        **{name: latest.get(name) for name in ("fingerprint", "model", "n")},
+        **{name: origin.get(name, latest.get(name)) for name in REQUEST_FIELDS},
         "images": [],
         "downloads": [],
         "attempts": 0,
@@ -198,10 +265,33 @@ def reinstated_event(
 ) -> dict[str, Any]:
     """The ok line that records withdrawn images again, found whole (nothing was sent)."""
     taken = withdrawing["withdrawn"]
-    images = [
-        {name: image[name] for name in IMAGE_FIELDS if name in image} for image in taken["images"]
-    ]
+    images = [recorded_image(image) for image in taken["images"]]
     event = {**withdrawing, "run_id": run_id, "status": "ok", "images": images, "error": None}
     event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
+    event.update({name: taken[name] for name in REQUEST_FIELDS if name in taken})
     del event["withdrawn"]
     return event
+
+
+def withdrawal(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a line withdrew (its "withdrawn" object), with the request the images belong to
+    and the kind of withdrawal (a carried list records them; a withdrawing line is itself
+    that request); None when it withdrew nothing."""
+    if event is None or withdrawn(event) is None:
+        return None
+    taken = event["withdrawn"]
+    error = event["error"]
+    return {
+        **taken,
+        **{name: taken.get(name, event.get(name)) for name in REQUEST_FIELDS},
+        "kind": taken.get("kind", error.get("kind")),
+    }
+
+
+def carry(failed: dict[str, Any], withdrawing: dict[str, Any]) -> dict[str, Any]:
+    """A failed line for a key whose latest line withdrew images, carrying them on (without
+    it, a rerun would no longer know that they were set aside, and would pay for them)."""
+    taken = withdrawal(withdrawing)
+    if taken is None:
+        return failed
+    return {**failed, "error": {**failed["error"], CARRIED: True}, "withdrawn": taken}

@@ -9,22 +9,19 @@ ledger's earlier figures is `earlier_totals`.
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from .events import iter_events
+from .paid import Payment, Payments, recorded_usd
 from .prices import PriceTable, format_usd, usage_cost
 from .settings import Settings
-from .state import LedgerState
 
 CapReason = Literal["max_images", "max_cost"]
 # The reasons a budget stops a run (Summary.stopped holds one of them).
 BUDGET_REASONS: frozenset[str] = frozenset({"max_images", "max_cost"})
 # Float sums of prices (0.04 * 25 = 1.0000000000000002) must not cross a cap by rounding.
 _SLACK = 1e-9
-_PAID = frozenset({"ok", "download_failed", "partial"})
 
 
 class Budget:
@@ -158,56 +155,40 @@ def request_cost(
     return (None, "unpriced") if per_image is None else (per_image * generated, "list")
 
 
-def _recorded_cost(event: Mapping[str, Any], prices: PriceTable) -> float:
-    """What a paid result line cost: its `cost` field, else priced from its usage."""
-    cost = event.get("cost")
-    if isinstance(cost, Mapping):
-        usd = cost.get("usd")
-        if isinstance(usd, int | float) and not isinstance(usd, bool) and math.isfinite(usd):
-            return float(usd)
-        return 0.0
-    generated = len(event.get("images") or ()) + len(event.get("downloads") or ())
-    usd, _ = request_cost(
-        str(event.get("model")), event.get("usage"), generated, None, None, prices
-    )
+def payment_cost(payment: Payment, prices: PriceTable) -> float:
+    """What a generation cost: its line's `cost`, else priced from its usage (lines written
+    before results recorded their cost)."""
+    usd = recorded_usd(payment)
+    if usd is None:
+        usd, _ = request_cost(payment.model, payment.usage, payment.images, None, None, prices)
     return usd or 0.0
 
 
-def earlier_totals(
-    state: LedgerState, ledger: Path, prices: PriceTable, *, with_cost: bool
-) -> tuple[int, float]:
-    """Images the folder's ledger records as generated (each key's latest result) and, with
-    `with_cost`, dollars spent (each key and request counted once, as `status` counts)."""
-    images = sum(
-        # A partial key paid for the images it lists (read from its line; such keys are few).
-        item.image_count + len(item.downloads) if item.status == "partial" else item.n
-        for _, item in state.items()
-        if item.status in _PAID
-    )
-    if not with_cost:
-        return images, 0.0
-    paid: dict[tuple[str, str], float] = {}
+def earlier_totals(ledger: Path, prices: PriceTable) -> tuple[int, float]:
+    """Images the folder's ledger records as generated and dollars spent: every generation
+    counted once (paid.Payments), images since set aside or found bad included, as `status`
+    counts its spend."""
+    payments = Payments()
     try:
         for _, event in iter_events(ledger):
-            if event.get("event") == "result" and event.get("status") in _PAID:
-                key = (str(event.get("key")), str(event.get("fingerprint")))
-                paid[key] = _recorded_cost(event, prices)
+            if event.get("event") == "result":
+                payments.add(event)
     except FileNotFoundError:
-        return images, 0.0
-    return images, sum(paid.values())
+        return 0, 0.0
+    images = 0
+    cost = 0.0
+    for payment in payments:
+        images += payment.images
+        cost += payment_cost(payment, prices)
+    return images, cost
 
 
-async def open_budget(
-    settings: Settings, state: LedgerState, ledger: Path, prices: PriceTable
-) -> Budget | None:
+async def open_budget(settings: Settings, ledger: Path, prices: PriceTable) -> Budget | None:
     """The caps' bookkeeping from what the folder's ledger records; None when no cap is set."""
     if settings.max_images is None and settings.max_cost is None:
         return None
-    with_cost = settings.max_cost is not None
     # A long ledger takes a while to read: keep the event loop free meanwhile.
-    images, cost = await asyncio.to_thread(
-        earlier_totals, state, ledger, prices, with_cost=with_cost
-    )
+    images, cost = await asyncio.to_thread(earlier_totals, ledger, prices)
     return Budget(
         max_images=settings.max_images,
         max_cost=settings.max_cost,

@@ -37,7 +37,7 @@ from .cli_tools import fetch, simulate
 from .config import FileConfig, load_config, merge_options, model_overrides, settings_fields
 from .errors import CometBatchError, ConfigError
 from .events import LEDGER_NAME
-from .forecast import forecast
+from .forecast import run_forecast
 from .manifest import Manifest, load_manifest
 from .models import ModelRegistry, parse_overrides
 from .prices import PriceTable, load_prices
@@ -87,14 +87,7 @@ def _dry_run(
 ) -> None:
     """Print the plan: per model, the work, what the ledger already holds, the cost."""
     state = LedgerState.load(out / LEDGER_NAME)
-    plan = forecast(
-        loaded,
-        loaded.registry,
-        state.get,
-        retry_failed=settings.retry_failed,
-        regenerate_changed=settings.regenerate_changed,
-        prices=prices,
-    )
+    plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
     data = plan_data(plan, out, loaded.path)
     click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
 

@@ -153,7 +153,7 @@ class Engine:
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
             budget = self.summary.budget = await open_budget(
-                self.settings, self._ledger.state, self.out_dir / LEDGER_NAME, self.prices
+                self.settings, self.out_dir / LEDGER_NAME, self.prices
             )
             self._dispatcher = Dispatcher(
                 client=self._client,

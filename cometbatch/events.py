@@ -47,23 +47,52 @@ _RESULT_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
 )
 
 
+# The same for each entry of `downloads` (a link still to download); index and url are
+# required, tries and first_failed_at are absent from lines written before links were counted.
+_DOWNLOAD_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("index", (int,), "a whole number, 0 or more"),
+    ("url", (str,), "a string"),
+    ("tries", (int,), "a whole number, 0 or more"),
+    ("first_failed_at", (str, _NONE), "a string or null"),
+)
+_DOWNLOAD_NEEDS = ("index", "url")
+
+
 def result_problem(event: dict[str, Any]) -> str | None:
     """What is wrong with the JSON types of a result event's fields, or None."""
     if "key" not in event or "status" not in event:
         return "a result needs its 'key' and 'status'"
-    for name, types, expected in _RESULT_TYPES:
-        value = event.get(name, _ABSENT)
+    problem = _type_problem(event, _RESULT_TYPES, "the result's ")
+    if problem is not None:
+        return problem
+    for at, item in enumerate(event.get("downloads") or ()):
+        where = f"the result's downloads[{at}] "
+        missing = [name for name in _DOWNLOAD_NEEDS if name not in item]
+        if missing:
+            return f"{where}has no {missing[0]!r}"
+        problem = _type_problem(item, _DOWNLOAD_TYPES, where)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _type_problem(
+    fields: dict[str, Any], types: tuple[tuple[str, tuple[type, ...], str], ...], where: str
+) -> str | None:
+    """The first of `fields` present with a JSON type that `types` does not allow, or None."""
+    for name, allowed, expected in types:
+        value = fields.get(name, _ABSENT)
         if value is _ABSENT:
             continue
         kind = type(value)  # not isinstance: true and false are no numbers here
         if (
-            kind not in types
+            kind not in allowed
             or (kind is int and value < 0)
             or (kind is list and any(type(item) is not dict for item in value))
         ):
             shown = repr(value)
             shown = shown if len(shown) <= 60 else shown[:59] + "\u2026"
-            return f"the result's {name!r} is {shown}, not {expected}"
+            return f"{where}{name!r} is {shown}, not {expected}"
     return None
 
 

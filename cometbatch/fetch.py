@@ -18,7 +18,7 @@ import aiohttp
 from tenacity import RetryCallState
 
 from . import __version__
-from .client import Client
+from .client import MASK, Client
 from .errors import APIError, DownloadError, ImageDataError, OutputError
 from .events import iter_events, now_iso
 from .ledger import Ledger
@@ -72,6 +72,8 @@ class Fetcher:
             backoff_max=policy.backoff_max,
             rand=policy.rand,
         )
+        # A link the key was blanked out of is tried once: it can hardly work again.
+        self.once = dataclasses.replace(self.policy, max_attempts=1)
 
     def __repr__(self) -> str:
         return f"<Fetcher attempts={self.policy.max_attempts} sink={self.sink!r}>"
@@ -84,9 +86,12 @@ class Fetcher:
             try:
                 record = await self._download_whole(job_id, item)
             except DownloadError as exc:
+                if MASK in item.url:
+                    exc = key_in_link_error(exc)
                 log.warning("image %d of job %r was not downloaded: %s", item.index, job_id, exc)
                 fetched.pending.append(self._failed_again(item))
-                fetched.error = exc
+                if fetched.error is None or fetched.error.retryable:
+                    fetched.error = exc  # a link gone for good makes the request's error final
                 continue
             except BaseException as exc:
                 # Nothing of this fetch will be recorded: its new files must not stay behind.
@@ -96,14 +101,16 @@ class Fetcher:
                 raise
             fetched.images.append(record)
         links = [(item.tries, item.first_failed_at) for item in fetched.pending]
-        if fetched.error is not None and links_given_up(links, self.clock()):
-            fetched.error = given_up_error(fetched.error)
+        error = fetched.error
+        if error is not None and error.retryable and links_given_up(links, self.clock()):
+            fetched.error = given_up_error(error)
         return fetched
 
     async def _download_whole(self, job_id: str, item: PendingDownload) -> ImageRecord:
         """Download one image and write it; a file that is not a whole image is downloaded
         again, as a failed download is (never generated again)."""
-        retry = retrying(self.policy, sleep=self.sleep, before_sleep=_log_retry)
+        policy = self.once if MASK in item.url else self.policy
+        retry = retrying(policy, sleep=self.sleep, before_sleep=_log_retry)
         async for attempt in retry:
             with attempt:
                 data, _ = await self.client.download(item.url)
@@ -131,6 +138,19 @@ def given_up_error(last: APIError) -> DownloadError:
     return DownloadError(
         f"{last.message}; its image link no longer works ({LINK_GONE}), so it counts as a "
         "failed generation: run again with --retry-failed to generate it again (paid again)",
+        status=last.status,
+        retryable=False,
+    )
+
+
+def key_in_link_error(last: DownloadError) -> DownloadError:
+    """The final error of a link the API put the key into: blanked to MASK before it was used
+    or stored, it cannot be downloaded, now or by a later run."""
+    return DownloadError(
+        f"the API put the API key into this image's link, which was blanked ({MASK}) before "
+        f"the link was used or stored, so the image cannot be downloaded ({last.message}); it "
+        "counts as a failed generation: run again with --retry-failed to generate it again "
+        "(paid again)",
         status=last.status,
         retryable=False,
     )

@@ -1,22 +1,31 @@
 """What a manifest still needs given a ledger, per model, with its list-price cost (sends nothing).
 
-`--dry-run` shows it as the plan; `status` uses it for the work not recorded yet.
+`--dry-run` shows it as the plan, decided as the run decides (`run_forecast`); `status` uses
+it for the work not recorded yet, from the ledger alone (`ledger_verdicts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .aside import find_whole, withdrawn
 from .manifest import Job
 from .models import ModelRegistry, ModelSpec
-from .plan import plan_job, remainder
+from .plan import Request, plan_job, remainder
 from .prices import CostEstimate, PriceTable, builtin_prices
-from .resume import decide
-from .state import KeyState
+from .results import Summary
+from .resume import Verdict, decide
+from .settings import Settings
+from .state import KeyState, LedgerState
+from .triage import Triage
 
 Lookup = Callable[[str], KeyState | None]
+# Each request of a job with its verdict and what the ledger recorded for it.
+Decided = Iterable[tuple[Verdict, Request, KeyState | None]]
+Verdicts = Callable[[Job], Decided]
 
 
 class QuietRegistry(ModelRegistry):
@@ -90,24 +99,72 @@ class Forecast:
         return total
 
 
-def forecast(
+def ledger_verdicts(
+    registry: ModelRegistry, recorded: Lookup, *, retry_failed: bool = False
+) -> Verdicts:
+    """Each job's verdicts from the ledger alone: no file looked at, no line read again
+    (what `status` counts; a run also checks files, see `run_forecast`)."""
+
+    def verdicts(job: Job) -> Decided:
+        for request in plan_job(job, registry.get(job.model)):
+            state = recorded(request.key)
+            yield decide(request.fingerprint, state, retry_failed=retry_failed), request, state
+
+    return verdicts
+
+
+def run_forecast(
     jobs: Iterable[Job],
     registry: ModelRegistry,
-    recorded: Lookup,
+    settings: Settings,
+    out_dir: Path,
+    state: LedgerState,
+    prices: PriceTable | None = None,
+) -> Forecast:
+    """What a run with `settings` would do in `out_dir`: its own triage (an ok key whose files
+    are gone is generated again, images set aside are put back where they are whole)."""
+    # Changed jobs are yielded, to be counted here; the run refuses them before sending.
+    allow = settings.model_copy(update={"regenerate_changed": True})
+    triage = Triage(
+        settings=allow,
+        registry=registry,
+        out_dir=out_dir,
+        run_id="",
+        summary=Summary(),
+        recorded=lambda: state,
+    )
+
+    def verdicts(job: Job) -> Decided:
+        for verdict, request, recorded in triage.verdicts(job):
+            if verdict == "restore" and _put_back(out_dir, recorded):
+                verdict = "reuse"  # put back without a request, as the run does
+            yield verdict, request, recorded
+
+    return forecast(jobs, verdicts, regenerate_changed=settings.regenerate_changed, prices=prices)
+
+
+def _put_back(out_dir: Path, recorded: KeyState | None) -> bool:
+    """Whether the images a key's line withdrew are each whole somewhere: a run records them
+    again without sending (the sender's reinstatement)."""
+    images = withdrawn(None if recorded is None else recorded.line_event())
+    return bool(images) and find_whole(out_dir, images or ()) is not None
+
+
+def forecast(
+    jobs: Iterable[Job],
+    verdicts: Verdicts,
     *,
-    retry_failed: bool = False,
     regenerate_changed: bool = False,
     prices: PriceTable | None = None,
 ) -> Forecast:
-    """Each job's requests with their resume verdicts (as a run would decide), counted."""
+    """Each job's requests with their verdicts (`verdicts`: as a run or the ledger decides),
+    counted."""
     result = Forecast(prices or builtin_prices())
     for job in jobs:
         item = result.by_model.setdefault(job.model, ModelForecast())
         item.jobs += 1
         changed = False
-        for request in plan_job(job, registry.get(job.model)):
-            state = recorded(request.key)
-            verdict = decide(request.fingerprint, state, retry_failed=retry_failed)
+        for verdict, request, state in verdicts(job):
             item.requests += 1
             item.images += request.n
             result.everything.add(request)

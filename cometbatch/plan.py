@@ -72,14 +72,21 @@ def remainder(request: Request, done: int) -> Request:
     for under the same key and fingerprint, continuing the job's image indexes."""
     if not 0 <= done < request.n:
         raise ValueError(f"{done} of {request.n} images leaves no remainder to ask for")
-    if done == 0:
+    return part(request, request.first_index + done, request.n - done)
+
+
+def part(request: Request, first_index: int, n: int) -> Request:
+    """Images first_index .. first_index + n - 1 of `request`, asked for under its key and
+    fingerprint (a follow-up for the images it still misses)."""
+    if n < 1 or first_index < request.first_index or first_index + n > request.indexes.stop:
+        raise ValueError(f"images {first_index}..{first_index + n - 1} are not of {request.key}")
+    if n == request.n:
         return request
-    missing = request.n - done
     payload = {key: value for key, value in request.payload.items() if key != "n"}
-    # n=1 is left out as build_payload leaves it out; any other n is the missing count.
-    if missing > 1:
-        payload["n"] = missing
-    return replace(request, n=missing, first_index=request.first_index + done, payload=payload)
+    # n=1 is left out as build_payload leaves it out; any other n is the count asked for.
+    if n > 1:
+        payload["n"] = n
+    return replace(request, n=n, first_index=first_index, payload=payload)
 
 
 def plan_job(job: Job, spec: ModelSpec) -> Iterator[Request]:

@@ -13,6 +13,9 @@ from .manifest import Job
 from .results import Result
 from .triage import SENT, Triage, Work
 
+# Jobs of a manifest triaged together, their files looked at in one thread call.
+_BATCH = 256
+
 
 class WorkerPool:
     """run()'s producer and workers; the engine's InFlight knows which hold a sent request."""
@@ -134,13 +137,15 @@ class WorkerPool:
         counting: bool,
     ) -> None:
         try:
-            async for job in _aiter(jobs):
-                if self._stopping():
-                    return
-                for verdict, request, state in self.triage.verdicts(job):
-                    self.triage.count(verdict, request, planned=counting)
-                    if verdict in SENT:
-                        await queue.put(Work(request, verdict, state))
+            async for batch in _batches(jobs):
+                # Their files are looked at in a thread, a batch at a time (Triage.looked).
+                async for verdicts in self.triage.looked(batch):
+                    if self._stopping():
+                        return
+                    for verdict, request, state in verdicts:
+                        self.triage.count(verdict, request, planned=counting)
+                        if verdict in SENT:
+                            await queue.put(Work(request, verdict, state))
         except Exception as exc:
             # A changed or impossible job, or a broken job source: stop cleanly; requests
             # already sent still land, then run() raises this error.
@@ -192,13 +197,28 @@ class WorkerPool:
                 await results.put(result)
 
 
-async def _aiter(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Job]:
+async def _batches(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[list[Job]]:
+    """The jobs a batch at a time: each job of a source that may wait between them (an
+    async one) as it comes, a plain iterable's in batches of _BATCH."""
     if isinstance(jobs, AsyncIterable):
         async for job in jobs:
-            yield job
-    else:
-        for count, job in enumerate(jobs):
-            yield job
-            if count % 256 == 255:
-                # Reading and validating a large manifest must not starve the workers.
-                await asyncio.sleep(0)
+            yield [job]
+        return
+    iterator = iter(jobs)
+    while True:
+        batch: list[Job] = []
+        try:
+            for job in iterator:
+                batch.append(job)
+                if len(batch) == _BATCH:
+                    break
+        except Exception:
+            # A bad manifest line: the jobs before it are triaged first, as one by one.
+            if batch:
+                yield batch
+            raise
+        if not batch:
+            return
+        yield batch
+        # Reading and validating a large manifest must not starve the workers.
+        await asyncio.sleep(0)

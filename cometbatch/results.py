@@ -178,18 +178,20 @@ class Summary:
     # The caps and how much of them is used, when Settings set any.
     budget: Budget | None = None
 
-    def add(self, result: Result, *, paid: bool = True) -> None:
-        """Count one finished request (`paid`: its cost was paid by this run)."""
+    def add(self, result: Result, *, paid: bool = True, written_before: int = 0) -> None:
+        """Count one finished request (`paid`: its cost was paid by this run;
+        `written_before`: how many of its images an earlier run wrote)."""
+        written = max(len(result.images) - written_before, 0)
         if result.ok:
             self.ok_requests += 1
-            self.images_written += len(result.images)
+            self.images_written += written
         elif result.status == PARTIAL and result.error is None:
             # Stopped before the rest was asked for: its images are in, the request pending.
-            self.images_written += len(result.images)
+            self.images_written += written
         else:
             self.failed_requests += 1
             # A download_failed request wrote some of its images; the rest are the failures.
-            self.images_written += len(result.images)
+            self.images_written += written
             self.failed_images += result.n - len(result.images)
             kind = (result.error or {}).get("kind", "unknown")
             self.failures[str(kind)] += 1

@@ -43,6 +43,20 @@ def links_given_up(links: Iterable[tuple[int, str | None]], now: float | None = 
     return any(link_given_up(tries, since, at) for tries, since in links)
 
 
+def links_gone(
+    status: str,
+    retryable: bool | None,
+    links: Iterable[tuple[int, str | None]],
+    now: float | None = None,
+) -> bool:
+    """Whether a line's pending links no longer work: one of them is given up, or (for a
+    download_failed line, whose error is a download's) its error is final (gone for good).
+    A partial line's final error may be its follow-up's: only given-up links count there."""
+    if status == "download_failed" and retryable is False:
+        return True
+    return status in ("download_failed", "partial") and links_given_up(links, now)
+
+
 def decide(
     fingerprint: str,
     recorded: KeyState | None,
@@ -50,37 +64,47 @@ def decide(
     retry_failed: bool,
     now: float | None = None,
     missing: bool = False,
-    withdrawn: bool = False,
+    withdrawn: str | None = None,
 ) -> Verdict:
     """What to do with one planned request.
 
     send it; reuse its ok images; keep a permanent failure; fetch the images it generated
     but could not download; send the rest of a partial one (only its missing images);
     restore the images of an ok line that are no longer on disk (`missing`) or of a line
-    that withdrew them (`withdrawn`: set aside, or found missing or damaged); or flag that
-    the job changed since its images were written.
+    that withdrew them (`withdrawn`: the fingerprint of the request they belong to, "" when
+    not recorded; set aside, or found missing or damaged); or flag that the job changed
+    since its images were written.
     """
     if recorded is None:
         return "send"
     same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
-    held = recorded.status in ("ok", "download_failed", "partial") or withdrawn
+    if withdrawn is not None:
+        if withdrawn in ("", fingerprint):
+            # Put back if they are whole where they were set aside, else generated again.
+            return "restore"
+        if withdrawn == recorded.fingerprint:
+            # The line that withdrew them: another request is a changed job, as it was
+            # before the images were withdrawn.
+            return "changed"
+        # A later request under the key failed (its line carries them): it decides below.
+    held = recorded.status in ("ok", "download_failed", "partial")
     if held and not same:
         # Old images that no longer match the request must not pass for its result.
         return "changed"
     if recorded.status == "ok":
         return "restore" if missing else "reuse"
-    if withdrawn:
-        # Put back if they are whole where they were set aside, else generated again.
-        return "restore"
-    if recorded.status == "partial":
-        # Its images are paid for and kept; only the missing count is ever asked for again.
-        return "keep" if recorded.retryable is False and not retry_failed else "rest"
-    if recorded.status == "download_failed":
+    if recorded.status in ("partial", "download_failed"):
         # Paid for already: download again, never generate again, while the links may work.
         # Links gone for good or given up make it a failed generation: kept, unless the user
-        # asks for that (retry_failed pays for the images again).
-        links = ((tries, since) for _, _, _, tries, since in recorded.downloads)
-        if recorded.retryable is not False and not links_given_up(links, now):
+        # asks for that (retry_failed pays for those images again: all of a download_failed
+        # key, only the missing ones of a partial key).
+        links = [(tries, since) for _, _, _, tries, since in recorded.downloads]
+        gone = links_gone(recorded.status, recorded.retryable, links, now)
+        if recorded.status == "partial":
+            # Its images are paid for and kept; only the missing ones are asked for again.
+            failed = gone or recorded.retryable is False
+            return "keep" if failed and not retry_failed else "rest"
+        if not gone:
             return "fetch"
         return "send" if retry_failed else "keep"
     if recorded.retryable is False and not retry_failed and same:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .manifest import Job
 from .models import ModelRegistry
+from .plan import chunk_sizes
 
 
 class Scope:
@@ -45,9 +46,10 @@ class Scope:
         held = self._jobs.get(job_id)
         if held is None:
             return recorded
-        n, max_n = held
-        planned = min(max_n, n - chunk * max_n)
-        return None if planned <= 0 else min(recorded, planned)
+        sizes = chunk_sizes(*held)
+        if not 0 <= chunk < len(sizes):
+            return None
+        return min(recorded, sizes[chunk])
 
     def keeps_index(self, job_id: str, index: int) -> bool:
         """Whether the manifest still asks for the job's image `index` (0-based, job-wide)."""

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .aside import (
     REPLACED_DIR,
+    WITHDRAWN_KINDS,
+    carry,
     find_whole,
     plan_aside,
     put_back,
     reinstated_event,
     set_aside,
     withdraw_event,
+    withdrawal,
     withdrawn,
 )
 from .budget import Budget, CapReason, request_cost
@@ -24,10 +28,10 @@ from .dispatch import Dispatcher, Sent, Stopped, fatal_error
 from .errors import APIError, OutputError
 from .events import now_iso
 from .ledger import Ledger
-from .plan import Request, remainder
+from .plan import Request, part, remainder
 from .prices import PriceTable, estimate
 from .results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, PendingDownload, Result, Summary
-from .resume import decide
+from .resume import decide, link_given_up
 from .retry import possibly_billed
 from .sink import ImageRecord
 from .state import KeyState
@@ -78,18 +82,23 @@ class Sender:
             await asyncio.wait({pending})
             if not pending.cancelled():
                 shared = pending.result()
-                self.triage.count("reuse" if shared.ok else "keep", request, planned=False)
+                # A partial or download_failed key is still pending work, not a kept failure.
+                if shared.ok:
+                    self.triage.count("reuse", request, planned=False)
+                elif shared.status == FAILED:
+                    self.triage.count("keep", request, planned=False)
                 return dataclasses.replace(shared, reused=True)
         state = self._ledger().state.get(request.key)
-        # (A key to restore is ok in the ledger: its files are what triage found gone.)
-        if (
-            state is not None
-            and work.verdict != "restore"
-            and decide(request.fingerprint, state, retry_failed=False) == "reuse"
-        ):
-            # Done since it was queued (the same job twice in a caller's list): reuse it.
-            self.triage.count("reuse", request, planned=False)
-            return self.triage.reused(request, state)
+        if state is not None and state is not work.recorded and work.verdict != "restore":
+            # Recorded since it was queued (the same job twice in a caller's list, or a first
+            # caller that went away after a line): go on from what the key has now.
+            # (A key to restore is ok in the ledger: its files are what triage found gone.)
+            verdict = decide(request.fingerprint, state, retry_failed=self._retry_failed)
+            if verdict == "reuse":
+                self.triage.count("reuse", request, planned=False)
+                return self.triage.reused(request, state)
+            if verdict in ("rest", "fetch"):
+                work = Work(request, verdict, state)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future
         try:
@@ -105,6 +114,10 @@ class Sender:
         finally:
             del self._inflight[request.key]
 
+    @property
+    def _retry_failed(self) -> bool:
+        return self.triage.settings.retry_failed
+
     async def _send_and_record(self, work: Work) -> Result:
         """One request from send to ledger line; API failures become a failed Result.
 
@@ -115,50 +128,62 @@ class Sender:
             # Before the first request is paid for: its images must have somewhere to go.
             await asyncio.to_thread(self.dispatcher.sink.check_writable)
             self._writable = True
-        started = asyncio.get_running_loop().time()
-        # Images an earlier run paid for (a fetch, or the rest of a partial key), and their cost.
+        # Images an earlier run paid for (a fetch, or the rest of a partial key), and their
+        # cost (nothing to price for a fresh request).
         sent = _recorded(work)
-        earlier = _Paid(sent.generated, self._cost(request, sent)[0])
-        if sent.pending:
-            # Generated (and paid for) already: only the downloads are tried again.
-            await self.dispatcher.refetch(request.job.id, list(sent.pending), sent)
-        if sent.generated >= request.n:
-            result = await self._record(work, sent, started)
-        else:
-            result = await self._generate(work, sent, started, earlier)
-        self.summary.add(result, paid=False)
-        # The line carries the key's whole cost; this run's spend is what it added.
-        made = _made(result) - earlier.images
-        cost = result.cost_usd
-        self.summary.pay(None if cost is None else cost - (earlier.cost or 0.0), made)
-        return result
+        cost = self._cost(request, sent)[0] if sent.generated else 0.0
+        key = _Key(
+            work, sent, asyncio.get_running_loop().time(), _Paid(sent.generated, cost),
+            written=len(sent.images),
+        )  # fmt: skip
+        try:
+            if sent.pending:
+                # Generated (and paid for) already: only the downloads are tried again.
+                await self.dispatcher.refetch(request.job.id, list(sent.pending), sent)
+            if sent.generated >= request.n:
+                return await self._record(key)
+            return await self._generate(key)
+        finally:
+            # Counted from the key's last line, also when a stop cancelled the wait for a
+            # follow-up (the line stands, and so do its images and its cost).
+            if key.last is not None:
+                self._count(key, key.last)
 
-    async def _generate(self, work: Work, sent: Sent, started: float, earlier: _Paid) -> Result:
+    def _count(self, key: _Key, result: Result) -> None:
+        """Count a key's last line in the summary: only what this run wrote and paid for."""
+        self.summary.add(result, paid=False, written_before=key.written)
+        # The line carries the key's whole cost; this run's spend is what it added.
+        made = _made(result) - key.earlier.images
+        cost = result.cost_usd
+        self.summary.pay(None if cost is None else cost - (key.earlier.cost or 0.0), made)
+        if key.aside_kind in ("missing_image", "corrupt_image") and made:
+            # Generated again because a file was gone or damaged (counted once answered).
+            self.summary.regenerated_missing += 1
+
+    async def _generate(self, key: _Key) -> Result:
         """Ask for the key's missing images until they all came, a request fails, or the run
         stops; each short answer is recorded before the next request is sent."""
+        work, sent = key.work, key.sent
         request = work.request
-        follow = remainder(request, sent.generated)
-        part, reserved = await self._send(work, follow)
-        # The reservation covers every follow-up: each asks for fewer images than the first.
-        reservation = (follow.n, reserved)
-        # The last line written for the key.
-        last: Result | None = None
+        # The reservation covers every follow-up: together they ask for the missing count.
+        missing = remainder(request, sent.generated)
+        part, reserved = await self._send(key, _next_part(request, sent), missing)
+        reservation = (missing.n, reserved)
         try:
             while True:
                 sent.add(part)
                 failed = part.error is not None and not part.pending
-                last = await self._record(work, sent, started)
+                last = await self._record(key)
                 if failed or sent.generated >= request.n:
                     return last
-                follow = remainder(request, sent.generated)
                 try:
-                    part = await self._follow_up(follow)
+                    part = await self._follow_up(_next_part(request, sent))
                 except Stopped:
                     # The partial line stands: the next run asks for the rest.
                     return last
         finally:
             if self.budget is not None:
-                self._settle(self.budget, reservation, last, sent, earlier)
+                self._settle(self.budget, reservation, key)
 
     async def _follow_up(self, request: Request) -> Sent:
         """Ask for the rest of a key whose answer was short (its reservation covers it)."""
@@ -174,9 +199,9 @@ class Sender:
             job.model, sent.usage, sent.generated, job.size, job.quality, self.prices
         )
 
-    async def _record(self, work: Work, sent: Sent, started: float) -> Result:
+    async def _record(self, key: _Key) -> Result:
         """Append the key's line for what it has so far; the Result it records."""
-        request = work.request
+        request, sent = key.work.request, key.sent
         status = _status(sent, request.n)
         cost, basis = self._cost(request, sent) if status != FAILED else (0.0, "none")
         result = Result.of(
@@ -188,25 +213,41 @@ class Sender:
             attempts=sent.attempts,
             ambiguous_retries=sent.ambiguous,
             error=sent.error.to_record() if sent.error else None,
-            latency_s=asyncio.get_running_loop().time() - started,
+            latency_s=asyncio.get_running_loop().time() - key.started,
             finished_at=now_iso(),
             usage=sent.usage,
             rate_limited=sent.rate_limited,
             cost_usd=cost,
             cost_basis=basis,
         )
-        await self._ledger().append(result.to_event())
+        line = result.to_event()
+        if status == FAILED:
+            # Images the key's latest line withdrew stay findable (see aside.carry).
+            withdrawing = key.withdrawing
+            if withdrawing is None and key.work.recorded is not None:
+                withdrawing = await asyncio.to_thread(_withdrawing_line, key.work.recorded)
+            if withdrawing is not None:
+                line = carry(line, withdrawing)
+        await self._ledger().append(line)
+        key.last = result
+        # Recorded: the task holds nothing paid for and unrecorded (a follow-up may wait for
+        # its slot a while; a stop need not wait for it, nor count it as cut off).
+        self.dispatcher.busy(False)
         return result
 
-    async def _send(self, work: Work, request: Request) -> tuple[Sent, float | None]:
-        """Generate `request` (the key's missing images) within the budget (when caps are
-        set); the sent outcome and the dollars reserved for it (settled by `_settle`)."""
+    async def _send(
+        self, key: _Key, request: Request, reserve: Request
+    ) -> tuple[Sent, float | None]:
+        """Generate `request` (the key's first missing images) within the budget (when caps
+        are set), reserving for `reserve` (all of them); the sent outcome and the dollars
+        reserved (settled by `_settle`)."""
+        work = key.work
         recorded = work.recorded
         budget = self.budget
         reserved: float | None = None
         if budget is not None:
-            reserved = estimate(request, self.prices)
-            cap = budget.reserve(request.n, reserved)
+            reserved = estimate(reserve, self.prices)
+            cap = budget.reserve(reserve.n, reserved)
             if cap is not None:
                 # Nothing was sent; the run takes no new work, requests under way still land.
                 if self._refused is not None:
@@ -214,27 +255,21 @@ class Sender:
                 raise Stopped
         try:
             if work.verdict in ("changed", "restore") and recorded is not None:
-                await self._set_aside(work, recorded)
+                await self._set_aside(key, recorded)
             try:
                 return await self.dispatcher.send(request), reserved
             except APIError as exc:
                 raise fatal_error(exc, self.base_url) from exc
         except BaseException:
             if budget is not None:
-                budget.release(request.n, reserved)
+                budget.release(reserve.n, reserved)
             raise
 
-    def _settle(
-        self,
-        budget: Budget,
-        reservation: tuple[int, float | None],
-        last: Result | None,
-        sent: Sent,
-        earlier: _Paid,
-    ) -> None:
+    def _settle(self, budget: Budget, reservation: tuple[int, float | None], key: _Key) -> None:
         """Replace a key's reservation by what its recorded lines made and cost this run; a
         failure that may have been billed keeps its estimate."""
         images, reserved = reservation
+        last, sent, earlier = key.last, key.sent, key.earlier
         made = 0 if last is None else _made(last) - earlier.images
         cost = None if last is None else last.cost_usd
         if made:
@@ -245,26 +280,31 @@ class Sender:
             spent = 0.0
         budget.settle(images, reserved, made, spent)
 
-    async def _set_aside(self, work: Work, recorded: KeyState) -> None:
+    async def _set_aside(self, key: _Key, recorded: KeyState) -> None:
         """Take a key's recorded images out of ok before it is generated again: first a line
         that says so, then the files moved to OUT/replaced/<run>/ (never overwritten), so
         that a kill at any point leaves a ledger that names only files that are there."""
-        latest = await asyncio.to_thread(_latest_line, recorded)
-        earlier = withdrawn(latest)
-        images = earlier if earlier is not None else list(latest.get("images") or ())
+        work = key.work
+        latest = await asyncio.to_thread(recorded.line_event_or_rebuilt)
+        earlier = withdrawal(latest)
+        images = earlier["images"] if earlier is not None else list(latest.get("images") or ())
         where = f"{REPLACED_DIR}/{self.run_id}/"
+        # Restoring: the kind of the withdrawal it continues, or files an ok line names gone.
+        kind = "replaced" if work.verdict == "changed" else "missing_image"
+        if work.verdict != "changed" and earlier is not None and earlier["kind"] in WITHDRAWN_KINDS:
+            kind = earlier["kind"]
         if work.verdict == "changed":
-            kind = "replaced"
             message = f"the job changed: its images were set aside in {where} to generate it again"
+        elif kind == "replaced":
+            message = (
+                f"the images set aside when its job changed are not all whole; the rest were set "
+                f"aside in {where} to generate it again"
+            )
         else:
-            error = latest.get("error")
-            kind = error["kind"] if earlier is not None and isinstance(error, dict) else ""
-            kind = kind if kind in ("missing_image", "corrupt_image") else "missing_image"
             message = (
                 f"images of this request were gone or damaged; the rest were set aside in "
                 f"{where} to generate it again"
             )
-            self.summary.regenerated_missing += 1
         try:
             planned = await asyncio.to_thread(plan_aside, self.out_dir, self.run_id, images)
             line = withdraw_event(
@@ -276,6 +316,7 @@ class Sender:
                 finished_at=now_iso(),
             )
             await self._ledger().append(line)
+            key.withdrawing, key.aside_kind = line, kind
             relpaths = [image["path"] for image in images]
             moved = await asyncio.to_thread(set_aside, self.out_dir, self.run_id, relpaths)
         except OSError as exc:
@@ -327,18 +368,37 @@ class _Paid:
     cost: float | None
 
 
-def _latest_line(recorded: KeyState) -> dict[str, Any]:
-    """A key's latest ledger line (rebuilt from its state when that is held in memory)."""
-    event = recorded.line_event()
-    if event is not None:
-        return event
-    return {
-        "key": recorded.key,
-        "job_id": recorded.job_id,
-        "fingerprint": recorded.fingerprint,
-        "n": recorded.n,
-        "images": recorded.images,
-    }
+@dataclasses.dataclass(slots=True)
+class _Key:
+    """One key being sent: what it started from and what this run recorded for it."""
+
+    work: Work
+    sent: Sent
+    started: float
+    earlier: _Paid
+    # Images on disk before this run (a fetch's or a partial key's).
+    written: int = 0
+    # The key's last line written by this run.
+    last: Result | None = None
+    # The line that withdrew its images this run, and its kind (see Sender._set_aside).
+    withdrawing: dict[str, Any] | None = None
+    aside_kind: str | None = None
+
+
+def _withdrawing_line(recorded: KeyState) -> dict[str, Any] | None:
+    """A failed key's latest line, when it lists withdrawn images (else None, unread)."""
+    if recorded.status != FAILED or not recorded.withdraws:
+        return None
+    return recorded.line_event()
+
+
+def _next_part(request: Request, sent: Sent) -> Request:
+    """The first run of indexes of `request` that `sent` has no image for: the tail after a
+    short answer, or a gap left by a given-up link (the answer fills it, in index order)."""
+    have = {image.index for image in sent.images} | {item.index for item in sent.pending}
+    first = next(index for index in request.indexes if index not in have)
+    stop = next((index for index in range(first, request.indexes.stop) if index in have), None)
+    return part(request, first, (request.indexes.stop if stop is None else stop) - first)
 
 
 def _recorded(work: Work) -> Sent:
@@ -346,9 +406,14 @@ def _recorded(work: Work) -> Sent:
     recorded = work.recorded
     if work.verdict not in ("fetch", "rest") or recorded is None:
         return Sent()
+    pending = [PendingDownload(*item) for item in recorded.downloads]
+    if work.verdict == "rest":
+        # A partial key's given-up links are not downloaded again: asked for with the rest.
+        now = time.time()
+        pending = [p for p in pending if not link_given_up(p.tries, p.first_failed_at, now)]
     return Sent(
         images=[ImageRecord(**image) for image in recorded.images],
-        pending=[PendingDownload(*item) for item in recorded.downloads],
+        pending=pending,
         usage=recorded.usage if work.verdict == "rest" else None,
     )
 

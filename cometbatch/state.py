@@ -10,6 +10,7 @@ from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
+from .aside import withdraws as _withdraws
 from .errors import LedgerError
 from .events import _RESULT_LINE, _SHARED, Row, _ResultScanner
 from .paths import EXTENSIONS
@@ -54,13 +55,16 @@ class KeyState:
 
     __slots__ = (
         "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_usage", "key", "n",
-        "retryable", "status",
+        "retryable", "status", "withdraws",
     )  # fmt: skip
 
     key: str
     status: str
     retryable: bool | None
     n: int
+    # Whether the line is failed with an error that lists withdrawn images (aside.withdraws):
+    # only such a line is read to learn which images it took out of ok (aside.withdrawn).
+    withdraws: bool
     _fingerprint: str | None
     _job_id: str | None
     # Packed images and pending downloads; None until read from the ledger line at _line.
@@ -81,11 +85,13 @@ class KeyState:
         images: Sequence[dict[str, Any]] = (),
         downloads: Sequence[dict[str, Any]] = (),
         usage: Any = None,
+        withdraws: bool = False,
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
         self._fingerprint = fingerprint
         self.retryable = retryable
+        self.withdraws = withdraws
         # Keys are "<job_id>#<chunk>": the job id is kept separately only if it differs.
         self._job_id = None if key.rpartition("#")[0] == job_id else job_id
         self.n = n
@@ -99,17 +105,19 @@ class KeyState:
         """Build from a result event; raises KeyError/TypeError/ValueError when malformed."""
         status = event["status"]
         retryable: bool | None = None
+        withdraws = False
         if status != "ok":
             error = event.get("error")
             if isinstance(error, dict):
                 retryable = error.get("retryable")
+                withdraws = status == "failed" and _withdraws(error)
         # A download_failed result keeps the images it did write, and the URLs still to fetch.
         images = (event.get("images") or ()) if status in _WITH_IMAGES else ()
         downloads = (event.get("downloads") or ()) if status in _WITH_DOWNLOADS else ()
         usage = event.get("usage") if status == "partial" else None
         return cls(
             event["key"], status, event.get("fingerprint"), retryable, event["job_id"],
-            event["n"], images, downloads, usage,
+            event["n"], images, downloads, usage, withdraws,
         )  # fmt: skip
 
     @classmethod
@@ -122,6 +130,7 @@ class KeyState:
         job_id: str | None,
         n: int,
         line: tuple[Path, int],
+        withdraws: bool,
     ) -> KeyState:
         """A state whose images stay in its ledger line (job_id None: the key's prefix)."""
         self = cls.__new__(cls)
@@ -129,6 +138,7 @@ class KeyState:
         self.status = status
         self._fingerprint = fingerprint
         self.retryable = retryable
+        self.withdraws = withdraws
         self._job_id = job_id
         self.n = n
         self._images = None
@@ -173,6 +183,20 @@ class KeyState:
     def line_event(self) -> dict[str, Any] | None:
         """The whole ledger line this state was read from (None: it is held in memory only)."""
         return None if self._line is None else self._event_at(*self._line)
+
+    def line_event_or_rebuilt(self) -> dict[str, Any]:
+        """The whole ledger line, or, for a state held in memory only, the fields of it that
+        the state keeps (key, job_id, fingerprint, n and images)."""
+        event = self.line_event()
+        if event is not None:
+            return event
+        return {
+            "key": self.key,
+            "job_id": self.job_id,
+            "fingerprint": self.fingerprint,
+            "n": self.n,
+            "images": self.images,
+        }
 
     def _event_at(self, path: Path, offset: int) -> dict[str, Any]:
         try:
@@ -247,6 +271,7 @@ class KeyState:
             self.retryable,
             self.job_id,
             self.n,
+            self.withdraws,
             self.images,
             self.downloads,
         )
@@ -317,6 +342,7 @@ def _pack_downloads(downloads: Sequence[dict[str, Any]]) -> Downloads:
 
 _RETRYABLE = (None, True, False)
 _NO_FINGERPRINT = 4  # flag bit; bits 0-1 index _RETRYABLE
+_WITHDRAWS = 8  # flag bit: KeyState.withdraws
 _MAX_N = 0xFFFFFFFF
 # Status codes: the fast path's three come first, in this order; a row loaded twice (a later
 # line for the same key) is folded into the first and left dead.
@@ -349,11 +375,16 @@ def _retry_flag(value: object) -> int:
     return 2 if value is False else -1
 
 
-def _error_flag(error: bytes) -> int:
-    """The retryable flag of a failed result's error (plain JSON text, as _RESULT matched it)."""
+def _error_flag(status: bytes, error: bytes) -> int:
+    """The flags of a result that is not ok, from its error (plain JSON text, as _RESULT
+    matched it): its retryable flag (-1: none of the three), and whether it withdraws."""
     if error[:1] != b"{":
         return 0  # only an object has a "retryable"
-    return _retry_flag(json.loads(error).get("retryable"))
+    parsed = json.loads(error)
+    flag = _retry_flag(parsed.get("retryable"))
+    if flag >= 0 and status == b"failed" and _withdraws(parsed):
+        flag |= _WITHDRAWS
+    return flag
 
 
 def _encode_key(key: str) -> bytes:
@@ -553,7 +584,7 @@ class LedgerState:
                 assert self._path is not None  # offsets are only known in a ledger file
                 state = KeyState._on_disk(
                     state.key, state.status, fingerprint, state.retryable, state._job_id,
-                    state.n, (self._path, offset),
+                    state.n, (self._path, offset), state.withdraws,
                 )  # fmt: skip
             self._statuses[row] = 0
             self._whole[row] = state
@@ -565,6 +596,8 @@ class LedgerState:
         else:
             at = row * _FINGERPRINT_BYTES
             self._fingerprints[at : at + _FINGERPRINT_BYTES] = bytes.fromhex(fingerprint)
+        if state.withdraws:
+            flags |= _WITHDRAWS
         self._flags[row] = flags
         self._ns[row] = state.n
         self._offsets[row] = offset
@@ -582,7 +615,8 @@ class LedgerState:
             flags = bytes(len(rows))
         else:
             flags = [
-                0 if s == b"ok" else _error_flag(e) for s, e in zip(statuses, errors, strict=True)
+                0 if s == b"ok" else _error_flag(s, e)
+                for s, e in zip(statuses, errors, strict=True)
             ]
             if -1 in flags:
                 stop = flags.index(-1)
@@ -653,7 +687,7 @@ class LedgerState:
         assert self._path is not None  # compact rows are only stored with a ledger file
         return KeyState._on_disk(
             key, self._status_names[self._statuses[row]], fingerprint, _RETRYABLE[flags & 3],
-            None, self._ns[row], (self._path, self._offsets[row]),
+            None, self._ns[row], (self._path, self._offsets[row]), bool(flags & _WITHDRAWS),
         )  # fmt: skip
 
     # -- following appends ------------------------------------------------------------------

@@ -10,15 +10,14 @@ from typing import Any
 
 from .errors import CometBatchError, LedgerError, ManifestError
 from .events import LEDGER_NAME, iter_events
-from .forecast import forecast, quiet_registry
+from .forecast import forecast, ledger_verdicts, quiet_registry
 from .holder import RunState, run_state
 from .manifest import JobDefaults, Manifest
+from .paid import PAID, Payments
 from .prices import PriceTable, actual, builtin_prices
-from .resume import links_given_up
+from .resume import links_gone
 from .scope import Scope
 from .state import KeyState
-
-PAID = frozenset({"ok", "download_failed", "partial"})
 
 
 @dataclass(slots=True)
@@ -61,6 +60,8 @@ class FolderStatus:
     manifest_note: str = ""
     pending_known: bool = False
     spend_usd: float = 0.0
+    # Images generated (paid for), those since set aside or found bad included.
+    paid_images: int = 0
     unpriced_images: int = 0
     prices: str = ""
     # Runs against the simulated API (their "spend" was never billed).
@@ -94,6 +95,7 @@ class FolderStatus:
             "ambiguous_retries": self.ambiguous_retries,
             "spend": {
                 "usd": round(self.spend_usd, 6),
+                "images": self.paid_images,
                 "unpriced_images": self.unpriced_images,
                 "prices": self.prices,
                 "simulated_runs": self.simulated_runs,
@@ -153,8 +155,8 @@ def read_status(
         raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
     status = FolderStatus(out_dir=str(out_dir))
     latest: dict[str, dict[str, Any]] = {}
-    # What was paid for: the latest result of each (key, request) that generated images.
-    paid: dict[tuple[str, str], dict[str, Any]] = {}
+    # What was paid for: every generation, counted once.
+    paid = Payments()
     run: dict[str, Any] = {}
     for _, event in iter_events(path):
         kind = event.get("event")
@@ -183,15 +185,17 @@ def read_status(
                 "fingerprint": event.get("fingerprint"),
                 "written": len(event.get("images") or ()),
                 "generated": len(event.get("images") or ()) + len(event.get("downloads") or ()),
-                "links_gone": event.get("status") == "download_failed" and _links_gone(event),
+                # Links still to download, judged once the key's latest line is known.
+                "downloads": event.get("downloads") or (),
             }
             latest[key] = item
-            if item["status"] in PAID:
-                paid[(key, str(item["fingerprint"]))] = {**item, "usage": event.get("usage")}
+            paid.add(event)
             status.retries += max(int(event.get("attempts") or 1) - 1, 0)
             status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
             status.last_at = event.get("finished_at") or status.last_at
     status.keys = len(latest)
+    for key, item in latest.items():
+        item["links_gone"] = _links_gone(key, item)
     interrupted = bool((status.last_summary or {}).get("interrupted"))
     status.state, status.state_detail = run_state(folder, status.last_run_ended, interrupted)
     scope = Scope()
@@ -207,17 +211,20 @@ def read_status(
     return status
 
 
-def _links_gone(event: dict[str, Any]) -> bool:
-    """Whether a download_failed line's links are gone for good or given up (see resume)."""
-    error = event.get("error")
-    if isinstance(error, dict) and error.get("retryable") is False:
-        return True
-    links = [
-        (item["tries"], item.get("first_failed_at"))
-        for item in event.get("downloads") or ()
-        if isinstance(item, dict) and type(item.get("tries")) is int
-    ]
-    return links_given_up(links)
+def _links_gone(key: str, item: dict[str, Any]) -> bool:
+    """Whether a download_failed or partial key's links are gone for good or given up, as
+    a run decides it (resume.links_gone), its links read as KeyState reads them."""
+    status = str(item["status"])
+    if status not in ("download_failed", "partial"):
+        return False
+    error = item["error"]
+    retryable = error.get("retryable") if isinstance(error, dict) else None
+    state = KeyState(
+        key, status, item["fingerprint"], retryable, str(item["job_id"]), int(item["n"]),
+        downloads=item["downloads"],
+    )  # fmt: skip
+    links = [(tries, since) for _, _, _, tries, since in state.downloads]
+    return links_gone(status, retryable, links)
 
 
 def _in_scope(latest: dict[str, dict[str, Any]], scope: Scope) -> dict[str, dict[str, Any]]:
@@ -240,7 +247,7 @@ def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> 
         if item["status"] == "ok":
             model.ok_requests += 1
             model.ok_images += int(item["n"])
-        elif item["status"] == "partial" and not item["error"]:
+        elif item["status"] == "partial" and not item["error"] and not item["links_gone"]:
             # Stopped before the rest was asked for: the rest is pending (the next run sends it).
             model.ok_images += item["written"]
         else:
@@ -248,7 +255,8 @@ def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> 
             # waiting for their download, or failed.
             written = item["written"] if item["status"] in PAID else 0
             if item["links_gone"]:
-                status.links_gone += int(item["n"]) - written
+                # Of a partial key, the images whose links are given up (the rest is failed).
+                status.links_gone += min(item["generated"], int(item["n"])) - written
             elif item["status"] == "download_failed":
                 status.awaiting_download += int(item["n"]) - written
             model.failed_requests += 1
@@ -297,7 +305,7 @@ def _count_pending(
                 return None
             return KeyState(key, item["status"], item["fingerprint"], None, "", item["n"])
 
-        plan = forecast(jobs(), manifest.registry, lookup)
+        plan = forecast(jobs(), ledger_verdicts(manifest.registry, lookup))
     except ManifestError as exc:
         first = exc.problems[0] if exc.problems else None
         reason = first.message if first is not None and first.line == 0 else str(exc)
@@ -322,7 +330,8 @@ def _count_pending(
         model.pending_requests = item.new_requests
         model.pending_images = item.new_images
     for line in latest.values():
-        if line["status"] == "partial" and not line["error"] and line["job_id"] in sizes:
+        pending = line["status"] == "partial" and not line["error"] and not line["links_gone"]
+        if pending and line["job_id"] in sizes:
             # The images a partial key still needs (its written ones count as done).
             counted = status.by_model.setdefault(str(line["model"]), ModelStatus())
             counted.pending_requests = (counted.pending_requests or 0) + 1
@@ -336,17 +345,17 @@ def _count_pending(
 
 def _count_spend(
     status: FolderStatus,
-    paid: dict[tuple[str, str], dict[str, Any]],
+    paid: Payments,
     sizes: dict[str, tuple[str | None, str | None]],
     prices: PriceTable,
 ) -> None:
     """What the recorded generations cost: usage tokens where recorded, else list prices."""
     status.prices = prices.describe()
-    for item in paid.values():
-        size, quality = sizes.get(str(item["job_id"]), (None, None))
-        model = str(item["model"])
-        cost = actual(model, item["usage"], item["generated"], size, quality, prices=prices)
+    for payment in paid:
+        size, quality = sizes.get(payment.job_id, (None, None))
+        status.paid_images += payment.images
+        cost = actual(payment.model, payment.usage, payment.images, size, quality, prices=prices)
         if cost is None:
-            status.unpriced_images += item["generated"]
+            status.unpriced_images += payment.images
         else:
             status.spend_usd += cost

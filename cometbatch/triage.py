@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .aside import withdrawn as withdrawn_images
+from .aside import withdrawal
 from .errors import ChangedJobsError
 from .manifest import Job
 from .models import ModelRegistry
 from .plan import Request, plan_job
-from .results import DOWNLOAD_FAILED, Result, Summary
-from .resume import LINK_GONE, Verdict, decide
+from .results import DOWNLOAD_FAILED, PARTIAL, Result, Summary
+from .resume import LINK_GONE, Verdict, decide, links_gone
 from .settings import Settings
 from .sink import ImageRecord
 from .state import KeyState, LedgerState
@@ -20,6 +21,9 @@ from .verify import ImagePresence
 
 # Verdicts that put a request on the work queue (the rest are answered from the ledger).
 SENT = frozenset({"send", "fetch", "changed", "rest", "restore"})
+
+# A job's requests, each with what the ledger recorded for it.
+_Planned = list[tuple[Request, KeyState | None]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -30,6 +34,15 @@ class Work:
     request: Request
     verdict: Verdict = "send"
     recorded: KeyState | None = None
+
+
+def _reads(state: KeyState | None) -> bool:
+    """Whether triage reads the disk or the ledger for a state: an ok key's files are looked
+    for, and the line of a failure is read if it lists withdrawn images (only then)."""
+    if state is None:
+        return False
+    status = state.status
+    return status == "ok" or (status == "failed" and state.withdraws)
 
 
 class Triage:
@@ -59,22 +72,65 @@ class Triage:
     ) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
         """Each request of a job with its verdict (see resume.decide); "changed" is yielded
         only when the settings allow regenerating changed jobs. `look`: check that an ok
-        key's files are still there (a stat each; counting needs no look)."""
+        key's files are still there (an access() each; counting needs no look). The files
+        are looked at here, on the caller's thread: a run uses `looked`."""
+        planned = self._planned(job)
+        return self._decided(job, planned, [self._look(job, *item, look) for item in planned])
+
+    async def looked(
+        self, jobs: Sequence[Job]
+    ) -> AsyncIterator[Iterator[tuple[Verdict, Request, KeyState | None]]]:
+        """`verdicts(job)` of each job in turn, the files and ledger lines of all of them
+        read in one thread first, off the event loop (a network filesystem may block)."""
+        planned: list[tuple[Job, _Planned]] = []
+        failure: Exception | None = None
+        for job in jobs:
+            try:
+                planned.append((job, self._planned(job)))
+            except Exception as exc:  # after the jobs before it, as verdicts() would
+                failure = exc
+                break
+        looks = [(job, *item) for job, items in planned for item in items]
+        if any(_reads(state) for _, _, state in looks):
+            found = await asyncio.to_thread(lambda: [self._look(*item, True) for item in looks])
+        else:
+            found = [(False, None)] * len(looks)
+        at = 0
+        for job, items in planned:
+            yield self._decided(job, items, found[at : at + len(items)])
+            at += len(items)
+        if failure is not None:
+            raise failure
+
+    def _planned(self, job: Job) -> _Planned:
         recorded = self._recorded()
         spec = self.registry.get(job.model)
         spec.check(job.params(), job.prompt)
+        return [(request, recorded.get(request.key)) for request in plan_job(job, spec)]
+
+    def _look(
+        self, job: Job, request: Request, state: KeyState | None, look: bool
+    ) -> tuple[bool, str | None]:
+        """(missing, withdrawn) for decide, from the disk and the ledger (see `_reads`):
+        withdrawn is the fingerprint of the request whose images the line lists ("" when not
+        recorded), None when it lists none."""
+        if state is None:
+            return False, None
+        if state.status == "ok":
+            return look and self._presence.missing(
+                job.id, request.indexes, state, job.output_format
+            ), None
+        if _reads(state):
+            # Which images did its line take out of ok? Only such lines are read.
+            taken = withdrawal(state.line_event())
+            return False, None if taken is None else str(taken["fingerprint"] or "")
+        return False, None
+
+    def _decided(
+        self, job: Job, planned: _Planned, found: Sequence[tuple[bool, str | None]]
+    ) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
         changed = []
-        for request in plan_job(job, spec):
-            state = recorded.get(request.key)
-            missing = withdrawn = False
-            if state is not None:
-                if state.status == "ok" and look:
-                    missing = self._presence.missing(
-                        job.id, request.indexes, state, job.output_format
-                    )
-                elif state.status == "failed" and state.retryable is True:
-                    # Rare enough to read its line: did it take the key's images out of ok?
-                    withdrawn = withdrawn_images(state.line_event()) is not None
+        for (request, state), (missing, withdrawn) in zip(planned, found, strict=True):
             verdict = decide(
                 request.fingerprint,
                 state,
@@ -109,12 +165,33 @@ class Triage:
         return Result.of(request, self.run_id, "ok", images=images, reused=True)
 
     def kept(self, request: Request, state: KeyState | None) -> Result:
-        """A permanent failure from an earlier run, reported again without a request."""
+        """A permanent failure from an earlier run, reported again without a request (a
+        partial key with the images it has)."""
+        status = "failed"
+        images: tuple[ImageRecord, ...] = ()
+        gone = state is not None and links_gone(
+            state.status,
+            state.retryable,
+            [(tries, since) for _, _, _, tries, since in state.downloads],
+        )
         if state is not None and state.status == DOWNLOAD_FAILED:
             message = (
                 f"generated in an earlier run, but its image link no longer works ({LINK_GONE}), "
                 "so it counts as a failed generation: --retry-failed (setting retry_failed) "
                 "generates it again (paid again)"
+            )
+        elif state is not None and state.status == PARTIAL:
+            status = PARTIAL
+            images = tuple(ImageRecord(**image) for image in state.images)
+            why = (
+                f"an image link no longer works ({LINK_GONE}), so those images count as failed "
+                "generations"
+                if gone
+                else "asking for the rest failed permanently (see the ledger)"
+            )
+            message = (
+                f"{len(images)} of {request.n} images were written in an earlier run; {why}: "
+                "--retry-failed (setting retry_failed) asks for the missing ones (paid again)"
             )
         else:
             message = (
@@ -129,7 +206,7 @@ class Triage:
             "request_id": None,
             "retryable": False,
         }
-        return Result.of(request, self.run_id, "failed", error=error, reused=True)
+        return Result.of(request, self.run_id, status, images=images, error=error, reused=True)
 
     def preflight(self, jobs: Iterable[Job]) -> None:
         """Count planned work and refuse changed jobs (all named) before anything is sent."""

@@ -4,7 +4,6 @@ full check (there, its recorded size and sha256, and a whole image), which marks
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,27 +13,26 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .aside import IMAGE_FIELDS, image_file, withdraw_event, withdrawn
-from .errors import ImageDataError, LedgerError
+from .aside import MISSING, check_file, image_file, recorded_image, withdraw_event, withdrawal
+from .errors import LedgerError
 from .events import LEDGER_NAME, now_iso
-from .imagecheck import check_image
 from .ledger import Ledger
-from .paths import EXTENSIONS, safe_component
+from .paths import EXTENSIONS, safe_component, unlinked
 from .state import KeyState, LedgerState
 
 # Files checked at once by `verify` (reading and hashing let go of the interpreter lock).
 _READERS = 4
 _BATCH = 256
-# verify's problems, and the error kind its mark gives a key with any of them.
-MISSING, NOT_A_FILE, OUTSIDE = "missing", "not_a_file", "outside"
-SIZE, SHA256, UNDECODABLE, FORMAT = "size", "sha256", "undecodable", "format"
+# verify's problems are aside.check_file's and this one.
+OUTSIDE = "outside"
 # A file of a key an earlier check (or a regeneration cut short) took out of ok.
 MARKED = "marked"
 _EXTENSIONS = tuple(dict.fromkeys(EXTENSIONS.values()))
 
 
 class ImagePresence:
-    """Whether an ok key's files are still there: one access() per image, by its usual name.
+    """Whether an ok key's files are still there: one access() per image, by its usual name,
+    and an lstat() of its job folder (one that is a symbolic link holds none, for a run).
 
     A compact ledger row does not hold its images' formats, so the extension comes from the
     job's output_format, else from the last image found; only when no name is there is the
@@ -53,8 +51,12 @@ class ImagePresence:
     def missing(
         self, job_id: str, indexes: range, state: KeyState, output_format: str | None = None
     ) -> bool:
-        """Whether a file the ok `state` names is gone (for the request of `indexes`)."""
+        """Whether a file the ok `state` names is gone (for the request of `indexes`); files
+        reached through a job folder that is a symbolic link are not there (paths.unlinked).
+        It does a system call an image or more: a run calls it in a thread (Triage.looked)."""
         folder = f"{self._images}{safe_component(job_id)}/"
+        if os.path.islink(folder[:-1]):
+            return True
         ext = EXTENSIONS.get(output_format or "") or self._ext
         access = os.access
         for index in indexes:
@@ -77,7 +79,7 @@ class ImagePresence:
         """The exact answer from the paths the key's line records (read from the ledger)."""
         for image in state.images:
             path = image_file(self.out_dir, image["path"])
-            if path is None or not path.is_file():
+            if path is None or not unlinked(self.out_dir, image["path"]) or not path.is_file():
                 return True
         return False
 
@@ -147,8 +149,9 @@ def report_lines(report: VerifyReport) -> list[str]:
     return lines
 
 
-def check_file(out_dir: Path, image: dict[str, Any]) -> tuple[str, str] | None:
-    """(problem, detail) for one recorded image, or None when it is exactly as recorded."""
+def check_recorded(out_dir: Path, image: dict[str, Any]) -> tuple[str, str] | None:
+    """(problem, detail) for one recorded image, or None when it is exactly as recorded
+    (aside.check_file, at its path under OUT/images, reached through no link outside it)."""
     path = image_file(out_dir, image.get("path"))
     if path is None:
         return OUTSIDE, "the ledger names a path outside the images folder"
@@ -156,28 +159,9 @@ def check_file(out_dir: Path, image: dict[str, Any]) -> tuple[str, str] | None:
         real = Path(os.path.realpath(path))
         if not real.is_relative_to(os.path.realpath(out_dir / "images")):
             return OUTSIDE, "a link that leads outside the images folder"
-        status = os.stat(path)
-    except FileNotFoundError:
-        return MISSING, "missing"
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror or exc}"
-    if not os.path.isfile(path):
-        return NOT_A_FILE, "not a file"
-    if status.st_size != image.get("bytes"):
-        return SIZE, f"{status.st_size} bytes, the ledger records {image.get('bytes')}"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return MISSING, f"cannot be read: {exc.strerror or exc}"
-    if hashlib.sha256(data).hexdigest() != image.get("sha256"):
-        return SHA256, "its content differs from what was recorded (sha256)"
-    try:
-        fmt = check_image(data)
-    except ImageDataError as exc:
-        return UNDECODABLE, f"not a whole image: {exc}"
-    if fmt != image.get("format"):
-        return FORMAT, f"a {fmt} image, the ledger records {image.get('format')}"
-    return None
+    return check_file(path, image)
 
 
 def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, Any], str | None]]:
@@ -186,16 +170,18 @@ def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, A
         if recorded.status == "ok":
             for image in recorded.images:
                 yield recorded, image, None
-        elif recorded.status == "failed" and recorded.retryable is True:
-            event = recorded.line_event()
-            for image in withdrawn(event) or ():
-                yield recorded, image, str((event or {}).get("error", {}).get("kind"))
+        elif recorded.status == "failed" and recorded.withdraws:
+            # Only a line flagged when the ledger was read is read again, for its images.
+            taken = withdrawal(recorded.line_event())
+            if taken is not None:
+                for image in taken["images"]:
+                    yield recorded, image, str(taken["kind"])
 
 
 def _check(out_dir: Path, image: dict[str, Any], marked: str | None) -> tuple[str, str] | None:
     if marked is None:
-        return check_file(out_dir, image)
-    if check_file(out_dir, image) is None:
+        return check_recorded(out_dir, image)
+    if check_recorded(out_dir, image) is None:
         return None
     return MARKED, f"marked earlier ({marked}): the next run restores it"
 
@@ -225,17 +211,11 @@ def check_folder(out_dir: Path, state: LedgerState, report: VerifyReport) -> dic
 
 def _mark(run_id: str, recorded: KeyState, problems: list[BadImage]) -> dict[str, Any]:
     """The line that takes a bad key out of ok, so that the next run restores it."""
-    latest = recorded.line_event() or {
-        "key": recorded.key, "job_id": recorded.job_id, "fingerprint": recorded.fingerprint,
-        "n": recorded.n, "images": recorded.images,
-    }  # fmt: skip
+    latest = recorded.line_event_or_rebuilt()
     kind = "missing_image" if all(p.problem == MISSING for p in problems) else "corrupt_image"
     named = ", ".join(f"{p.path} ({p.detail})" for p in problems)
     # verify moves nothing: no image is kept aside, the whole ones are still at their paths.
-    images = [
-        {**{name: image[name] for name in IMAGE_FIELDS if name in image}, "aside": None}
-        for image in latest.get("images") or []
-    ]
+    images = [{**recorded_image(image), "aside": None} for image in latest.get("images") or []]
     return withdraw_event(
         latest,
         images,

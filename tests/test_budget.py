@@ -20,7 +20,8 @@ from cometbatch.errors import BudgetExceededError
 from cometbatch.events import LEDGER_NAME
 from cometbatch.imagegen import make_png
 from cometbatch.prices import PriceTable, builtin_prices
-from cometbatch.state import LedgerState
+from cometbatch.status import read_status
+from cometbatch.verify import verify_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 # qwen-image at a round $0.25 an image (one image per request, no usage tokens).
@@ -98,8 +99,8 @@ def test_request_cost_names_its_basis() -> None:
 
 
 def test_earlier_totals_count_each_paid_request_once(tmp_path: Path) -> None:
-    """Images come from each key's latest result; dollars from each recorded `cost`, else
-    from the list price (lines written before results recorded their cost)."""
+    """Images come from each generation's latest line; dollars from each recorded `cost`,
+    else from the list price (lines written before results recorded their cost)."""
 
     def line(key: str, status: str, n: int, **extra: Any) -> dict[str, Any]:
         job_id = key.split("#")[0]
@@ -120,10 +121,8 @@ def test_earlier_totals_count_each_paid_request_once(tmp_path: Path) -> None:
         line("c#0", "failed", 1, cost={"usd": 0.0, "basis": "none"}),
     ]
     path.write_text("".join(json.dumps(e) + "\n" for e in events))
-    state = LedgerState.load(path)
-    images, cost = earlier_totals(state, path, builtin_prices(), with_cost=True)
+    images, cost = earlier_totals(path, builtin_prices())
     assert images == 3 and cost == pytest.approx(0.56)
-    assert earlier_totals(state, path, builtin_prices(), with_cost=False) == (3, 0.0)
 
 
 # --- runs against the simulator ----------------------------------------------------------------
@@ -318,3 +317,91 @@ def test_cli_max_cost_with_a_price_file_exits_3_then_continues(tmp_path: Path) -
 
     refused = cli(*base, "--max-cost", "0")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+async def test_images_verify_marked_stay_paid_for_status_the_budget_and_the_cap(
+    tmp_path: Path,
+) -> None:
+    """A key verify marked (its latest line failed, its image withdrawn) was paid for all the
+    same: status spend, the budget's earlier totals and --max-images count it; generating it
+    again is a second payment, counted by all three alike."""
+    prices = round_prices()
+    jobs = qwen_jobs(3)
+    ledger = tmp_path / LEDGER_NAME
+
+    def counted() -> tuple[tuple[int, float], tuple[int, float]]:
+        spend = read_status(tmp_path, prices=prices).to_dict()["spend"]
+        images, usd = earlier_totals(ledger, prices)
+        return (images, round(usd, 6)), (spend["images"], round(spend["usd"], 6))
+
+    async with Simulator(SimConfig(seed=3)) as sim:
+        settings = settings_for(sim, concurrency=2)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep, prices=prices) as engine:
+            await run_all(engine, jobs)
+        (image,) = (tmp_path / "images" / "q0").iterdir()
+        image.unlink()
+        assert (await verify_folder(tmp_path)).marked_keys == 1
+        assert counted() == ((3, 0.75), (3, 0.75))
+
+        # At a cap of the 3 images paid for, generating the marked key again would cross it.
+        capped = settings_for(sim, concurrency=2, max_images=3)
+        async with Engine(capped, out_dir=tmp_path, sleep=no_sleep, prices=prices) as engine:
+            await run_all(engine, jobs)
+        assert engine.summary.stopped == "max_images" and sim.stats.generated == 3
+
+        higher = settings_for(sim, concurrency=2, max_images=4)
+        async with Engine(higher, out_dir=tmp_path, sleep=no_sleep, prices=prices) as engine:
+            await run_all(engine, jobs)
+        assert engine.summary.complete and sim.stats.generated == 4
+        assert engine.summary.budget is not None and engine.summary.budget.images == 4
+    assert counted() == ((4, 1.0), (4, 1.0))
+
+
+def test_each_generation_is_paid_once_however_its_key_was_recorded_again(
+    tmp_path: Path,
+) -> None:
+    """A key generated again under the same fingerprint (after its image was withdrawn) is
+    paid twice; a download tried again, the rest of a partial key and images put back are the
+    same generation. Status and the budget count the same."""
+
+    def image(key: str, index: int) -> dict[str, Any]:
+        return {"index": index, "path": f"images/{key}/{index}.png", "format": "png",
+                "bytes": 1, "sha256": "0" * 64}  # fmt: skip
+
+    def line(key: str, status: str, run: str, attempts: int, images: int, **extra: Any) -> str:
+        event = {"event": "result", "run_id": run, "key": f"{key}#0", "job_id": key,
+                 "status": status, "fingerprint": "f" * 16, "model": "qwen-image", "n": 1,
+                 "images": [image(key, i) for i in range(images)], "downloads": [],
+                 "attempts": attempts, "error": None, "usage": None,
+                 "cost": {"usd": 0.25 * images, "basis": "list"}, **extra}  # fmt: skip
+        return json.dumps(event) + "\n"
+
+    def withdrawing(key: str, run: str) -> str:
+        taken = {"images": [image(key, 0)], "usage": None, "cost": {"usd": 0.25}}
+        error = {"kind": "missing_image", "retryable": True}
+        return line(key, "failed", run, 0, 0, error=error, withdrawn=taken)
+
+    link = {"index": 0, "url": "https://img.example/b.png", "tries": 1}
+    lines = [
+        # Generated, found missing (verify), set aside and generated again in run r2.
+        line("a", "ok", "r1", 1, 1),
+        withdrawing("a", "verify"),
+        withdrawing("a", "r2"),
+        line("a", "ok", "r2", 1, 1),
+        # Generated, its download failed, fetched in a later run (nothing sent).
+        line("b", "download_failed", "r1", 1, 0, downloads=[link], cost={"usd": 0.25}),
+        line("b", "ok", "r2", 0, 1),
+        # A short answer, then the rest (the line lists both images and their whole cost).
+        line("c", "partial", "r1", 1, 1, n=2),
+        line("c", "ok", "r2", 1, 2, n=2),
+        # Found missing, then put back whole from where it was kept (nothing sent).
+        line("d", "ok", "r1", 1, 1),
+        withdrawing("d", "verify"),
+        line("d", "ok", "r3", 0, 1),
+    ]
+    (tmp_path / LEDGER_NAME).write_text("".join(lines))
+    images, cost = earlier_totals(tmp_path / LEDGER_NAME, builtin_prices())
+    assert images == 6
+    assert cost == pytest.approx(1.5)
+    spend = read_status(tmp_path, prices=round_prices()).to_dict()["spend"]
+    assert (spend["images"], spend["usd"]) == (6, pytest.approx(1.5))

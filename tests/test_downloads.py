@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -346,6 +347,45 @@ async def test_a_link_that_keeps_failing_becomes_a_failed_generation(tmp_path: P
         assert pending["tries"] == 1
 
 
+async def test_a_link_holding_the_key_is_gone_at_once(tmp_path: Path) -> None:
+    """A link the API put the key into is blanked before use, so it can never be downloaded:
+    tried once, then a failed generation at once (not after LINK_TRIES runs), saying why."""
+    key = "sk-test-in-the-link"
+    counts: Counter[str] = Counter()
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        counts["generations"] += 1
+        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        return web.json_response({"data": [{"url": f"{origin}/files/{key}.png"}]})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        counts["downloads"] += 1
+        return web.Response(status=503, text="Service Unavailable")
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("POST", "/v1/images/generations"): generate,
+        ("GET", "/files/{name}"): download,
+    }
+    job = Job(id="k", prompt="a key", model="dall-e-2", n=1, response_format="url")
+    async with serve(routes) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key=key)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [job])
+        assert result.status == "download_failed"
+        line = results(tmp_path)[-1]
+        assert line["downloads"][0]["url"].endswith("/files/***.png")
+        assert line["error"]["retryable"] is False
+        assert "put the API key into" in line["error"]["message"]
+        assert "--retry-failed" in line["error"]["message"]
+        assert counts == {"generations": 1, "downloads": 1}
+        assert read_status(tmp_path).to_dict()["links_gone"] == 1
+        # The next run neither downloads it again nor generates it.
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert await run_all(engine, [job]) == []
+            assert engine.summary.kept_failures == 1
+        assert counts == {"generations": 1, "downloads": 1}
+
+
 def pending_state(tries: int, first_failed_at: str | None, retryable: bool = True) -> KeyState:
     error_free = {"index": 0, "url": "http://127.0.0.1:9/x.png", "revised_prompt": None}
     link = {**error_free, "tries": tries, "first_failed_at": first_failed_at}
@@ -380,3 +420,74 @@ def test_links_are_given_up_after_a_bounded_number_of_runs_or_age(
     LINK_LIFETIME_S it is a failed generation, kept unless retry_failed generates it again."""
     assert decide("0123456789abcdef", state, retry_failed=False, now=NOW) == verdict
     assert decide("0123456789abcdef", state, retry_failed=True, now=NOW) == with_retry_failed
+
+
+GAPPY = Job(id="g", prompt="four kites", model="dall-e-2", n=4, response_format="b64_json")
+
+
+async def partial_with_a_dead_link(sim: Simulator, out: Path, error: dict[str, Any] | None) -> None:
+    """A partial line of GAPPY: images 0 and 2 on disk, image 1's link given up (failed in
+    LINK_TRIES runs), image 3 never generated."""
+    async with Engine(settings_for(sim), out_dir=out, sleep=no_sleep) as engine:
+        await run_all(engine, [GAPPY])
+    ledger = out / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    line = json.loads(lines[-2])
+    assert line["status"] == "ok"
+    dead = {"index": 1, "url": "http://127.0.0.1:9/dead.png", "revised_prompt": None,
+            "tries": LINK_TRIES, "first_failed_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+    line.update(
+        status="partial",
+        images=[image for image in line["images"] if image["index"] in (0, 2)],
+        downloads=[dead],
+        error=error,
+    )
+    ledger.write_text("\n".join([*lines[:-2], json.dumps(line), lines[-1]]) + "\n")
+    for index in (1, 3):
+        (out / "images" / "g" / f"{index}.png").unlink()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [None, {"kind": "download", "status": 503, "code": None, "message": "unavailable",
+            "request_id": None, "retryable": True}],
+)  # fmt: skip
+async def test_a_dead_link_in_a_partial_key_is_given_up_and_asked_for_again(
+    tmp_path: Path, error: dict[str, Any] | None
+) -> None:
+    """A partial key's link that failed in LINK_TRIES runs is not downloaded again: the key is
+    a failed generation (kept, saying so, with its images); --retry-failed asks for the
+    missing images only, filling the gap and the tail, with no download."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        await partial_with_a_dead_link(sim, tmp_path, error)
+        before = sim.stats.requests
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (kept,) = await engine.generate(GAPPY)
+            assert engine.summary.kept_failures == 1
+        assert sim.stats.requests == before and sim.stats.downloads == 0
+        assert kept.status == "partial" and [image.index for image in kept.images] == [0, 2]
+        assert kept.error is not None and "link no longer works" in kept.error["message"]
+        status = read_status(tmp_path).to_dict()
+        assert (status["links_gone"], status["awaiting_download"]) == (1, 0)
+        again = settings_for(sim, retry_failed=True)
+        async with Engine(again, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [GAPPY])
+        assert result.ok and sim.stats.downloads == 0
+        asked = [entry["body"].get("n", 1) for entry in sim.stats.requests_log[before:]]
+        assert asked == [1, 1] and engine.summary.images_written == 2
+    line = results(tmp_path)[-1]
+    assert [image["index"] for image in line["images"]] == [0, 1, 2, 3]
+    for image in line["images"]:
+        assert sha256(tmp_path / image["path"]) == image["sha256"]
+
+
+async def test_a_partial_key_kept_for_good_reports_its_images(tmp_path: Path) -> None:
+    """A partial key whose follow-up failed for good is reported with the images it has."""
+    refused = {"kind": "content_policy", "status": 400, "code": None, "message": "refused",
+               "request_id": None, "retryable": False}  # fmt: skip
+    async with Simulator(SimConfig(seed=3)) as sim:
+        await partial_with_a_dead_link(sim, tmp_path, refused)
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (kept,) = await engine.generate(GAPPY)
+    assert kept.status == "partial" and [image.index for image in kept.images] == [0, 2]
+    assert kept.error is not None and "2 of 4" in kept.error["message"]

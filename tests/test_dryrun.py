@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cometbatch import Simulator, load_manifest
@@ -145,3 +146,56 @@ def test_a_bad_manifest_in_a_dry_run_exits_2_listing_every_problem(tmp_path: Pat
     assert json.loads(result.stdout)["error"].startswith(f"{manifest}: 3 invalid manifest line")
     for fragment in ("line 2", "line 3, field 'n'", "line 4, field 'prompt'"):
         assert fragment in result.stderr
+
+
+def _two_jobs(tmp_path: Path) -> Path:
+    manifest = tmp_path / "two.jsonl"
+    jobs = [{"id": name, "prompt": f"a {name}", "model": "dall-e-3"} for name in ("fox", "owl")]
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return manifest
+
+
+def test_a_deleted_image_is_planned_as_one_request_with_its_cost_and_the_run_sends_it(
+    tmp_path: Path,
+) -> None:
+    """An ok key whose file was deleted is not done: the dry run plans it as one request with
+    its price, and the run then sends exactly that and pays that much."""
+    manifest, out = _two_jobs(tmp_path), tmp_path / "out"
+    assert invoke("run", str(manifest), "--simulate", "--out", str(out), "--quiet")[0] == 0
+    (out / "images" / "fox" / "0.webp").unlink()
+
+    code, raw, _ = invoke("run", str(manifest), "--dry-run", "--out", str(out), "--json")
+    assert code == 0
+    plan = json.loads(raw)
+    totals = plan["totals"]
+    assert (totals["done_requests"], totals["send_requests"], totals["send_images"]) == (1, 1, 1)
+    assert plan["cost"]["estimated_usd"] == pytest.approx(0.04)  # dall-e-3 1024x1024
+
+    args = ["run", str(manifest), "--simulate", "--out", str(out), "--quiet", "--json"]
+    code, raw, _ = invoke(*args)
+    summary = json.loads(raw)
+    assert code == 0 and summary["regenerated_missing"] == 1
+    assert (summary["skipped_requests"], summary["ok_requests"]) == (1, 1)
+    assert summary["spent_usd"] == pytest.approx(plan["cost"]["estimated_usd"])
+
+
+def test_an_image_marked_by_verify_and_whole_again_is_planned_as_free(tmp_path: Path) -> None:
+    """A key verify marked whose file is whole again is put back without a request: the dry
+    run counts it done at no cost, and the run sends nothing."""
+    manifest, out = _two_jobs(tmp_path), tmp_path / "out"
+    assert invoke("run", str(manifest), "--simulate", "--out", str(out), "--quiet")[0] == 0
+    image = out / "images" / "fox" / "0.webp"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    assert invoke("verify", str(out))[0] == 1  # marked
+    image.write_bytes(data)  # restored from a copy
+
+    code, raw, _ = invoke("run", str(manifest), "--dry-run", "--out", str(out), "--json")
+    plan = json.loads(raw)
+    assert code == 0 and plan["totals"]["send_requests"] == 0
+    assert plan["totals"]["done_requests"] == 2 and plan["cost"]["estimated_usd"] == 0
+
+    args = ["run", str(manifest), "--simulate", "--out", str(out), "--quiet", "--json"]
+    code, raw, _ = invoke(*args)
+    summary = json.loads(raw)
+    assert code == 0 and summary["restored_images"] == 1 and summary["spent_usd"] == 0

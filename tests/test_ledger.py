@@ -81,6 +81,8 @@ def result(job_id: str, chunk: int = 0, status: str = "ok", **overrides: Any) ->
     return event
 
 
+# Left out of a hand-edited entry.
+_ABSENT_FIELD = object()
 # A fingerprint as the planner writes them (16 hex digits): such rows are kept compact.
 PLANNED = "0123456789abcdef"
 RUN = {"event": "run", "run_id": "r1", "started_at": "2026-01-01T00:00:00+00:00", "settings": {}}
@@ -207,6 +209,50 @@ def test_a_result_field_of_the_wrong_type_names_the_line_for_every_reader(
         with pytest.raises(
             LedgerError, match=f"line 3 is not a valid 'result' event: .*'{field}'"
         ) as info:
+            read()
+        assert str(path) in str(info.value), name
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"tries": "x"}, "tries"),
+        ({"tries": -1}, "tries"),
+        ({"tries": True}, "tries"),
+        ({"tries": 1.5}, "tries"),
+        ({"first_failed_at": 5}, "first_failed_at"),
+        ({"first_failed_at": ["2026-01-01"]}, "first_failed_at"),
+        ({"index": "0"}, "index"),
+        ({"url": None}, "url"),
+        ({"url": _ABSENT_FIELD}, "url"),
+    ],
+)
+def test_a_download_entry_of_the_wrong_type_names_the_line_and_field_for_every_reader(
+    tmp_path: Path, entry: dict[str, Any], field: str
+) -> None:
+    """A hand-edited link of a download_failed line (`downloads[].tries`, `first_failed_at`,
+    `index`, `url`) of the wrong type is a LedgerError naming the line and the field, for
+    resume, status, gallery and export alike, not a crash inside one of them."""
+    from cometbatch.export import read_jobs
+    from cometbatch.gallery import read_gallery
+    from cometbatch.status import read_status
+
+    link = {"index": 0, "url": "https://img.example/0.png", "tries": 1, "first_failed_at": None}
+    link.update(entry)
+    link = {name: value for name, value in link.items() if value is not _ABSENT_FIELD}
+    path = tmp_path / LEDGER_NAME
+    bad = result("b", status="download_failed", downloads=[link])
+    write_lines(path, RUN, result("a"), bad, END)
+    readers: list[tuple[str, Callable[[], object]]] = [
+        ("events", lambda: list(iter_events(path))),
+        ("resume", lambda: LedgerState.load(path)),
+        ("status", lambda: read_status(tmp_path)),
+        ("gallery", lambda: read_gallery(tmp_path)),
+        ("export", lambda: list(read_jobs(tmp_path))),
+    ]
+    expected = rf"line 3 is not a valid 'result' event: .*downloads\[0\].*'{field}'"
+    for name, read in readers:
+        with pytest.raises(LedgerError, match=expected) as info:
             read()
         assert str(path) in str(info.value), name
 
@@ -709,8 +755,10 @@ def result_lines(draw: st.DrawFn) -> str:
     )
     if status != "ok":
         retryable = draw(st.sampled_from([True, False, None, "yes", 1, 0]))
+        # "missing_image" withdraws images (KeyState.withdraws); a kind may be any JSON.
+        kind = draw(st.sampled_from(["x", "missing_image", "replaced", ["x"]]))
         event["error"] = draw(
-            st.sampled_from([None, {"kind": "x", "retryable": retryable}, {"kind": "y"}])
+            st.sampled_from([None, {"kind": kind, "retryable": retryable}, {"kind": "y"}])
         )
     event["metadata"] = draw(json_values(text, deep=not ours))
     event["usage"] = draw(st.none() | json_values(text, deep=not ours))
@@ -862,6 +910,32 @@ async def test_appended_results_are_found_in_the_file_not_kept(tmp_path: Path) -
         j9 = state.get("j9#0")
         assert j9 is not None and j9.images[0]["path"] == "images/j9/0.png"
     assert_loads_like_json(tmp_path / LEDGER_NAME)
+
+
+def test_the_state_says_which_failures_withdrew_images(tmp_path: Path) -> None:
+    """A failed line whose error kind withdraws images is flagged in the compact row, on the
+    fast path, the whole-line path and an append alike; any other result is not."""
+    withdrawing = {"kind": "missing_image", "retryable": True}
+    taken = {"images": [image("w")], "usage": None, "cost": None, "run_id": "r0"}
+    lines = [
+        RUN,
+        result("a", fingerprint=PLANNED),
+        result("f", status="failed", fingerprint=PLANNED),
+        result("m", status="failed", fingerprint=PLANNED, error=withdrawing),
+        result("w", status="failed", fingerprint=PLANNED, error=withdrawing, withdrawn=taken),
+        result("d", status="download_failed", fingerprint=PLANNED, error=withdrawing),
+    ]
+    # As the Ledger writes them: the result lines without "withdrawn" take the fast path.
+    compact = [json.dumps(line, separators=(",", ":")) for line in lines]
+    write_lines(tmp_path / LEDGER_NAME, *compact)
+    state = assert_loads_like_json(tmp_path / LEDGER_NAME)
+    assert not state._whole  # every row compact: the flag is one of its bits
+    flagged = {key for key, recorded in state.items() if recorded.withdraws}
+    assert flagged == {"m#0", "w#0"}
+    fresh = LedgerState()
+    for line in lines:
+        fresh.apply(line)
+    assert {key for key, recorded in fresh.items() if recorded.withdraws} == flagged
 
 
 async def test_results_are_kept_whole_when_the_file_is_not_as_expected(tmp_path: Path) -> None:

@@ -54,20 +54,26 @@ def test_decide(state: KeyState | None, retry_failed: bool, verdict: Verdict) ->
     [
         # An ok line whose files are still there is reused; one whose files are gone is
         # restored (generated again), unless the job changed anyway.
-        (recorded("ok"), False, False, "reuse"),
-        (recorded("ok"), True, False, "restore"),
-        (recorded("ok", fingerprint=OTHER), True, False, "changed"),
+        (recorded("ok"), False, None, "reuse"),
+        (recorded("ok"), True, None, "restore"),
+        (recorded("ok", fingerprint=OTHER), True, None, "changed"),
         # A line that withdrew the key's images (set aside, or found missing or damaged): the
         # same request restores them (put back if whole, else generated again); another
         # request is a changed job, as it was before the images were withdrawn.
-        (recorded("failed", retryable=True), False, True, "restore"),
-        (recorded("failed", fingerprint=OTHER, retryable=True), False, True, "changed"),
+        (recorded("failed", retryable=True), False, FP, "restore"),
+        (recorded("failed", fingerprint=OTHER, retryable=True), False, OTHER, "changed"),
+        # A later request under the key failed, its line carrying the withdrawn images on: the
+        # request they belong to restores them; that later request is its own failure.
+        (recorded("failed", fingerprint=OTHER, retryable=False), False, FP, "restore"),
+        (recorded("failed", fingerprint=OTHER, retryable=True), False, FP, "restore"),
+        (recorded("failed", retryable=False), False, OTHER, "keep"),
+        (recorded("failed", retryable=True), False, OTHER, "send"),
         # A plain retryable failure is sent as before.
-        (recorded("failed", retryable=True), False, False, "send"),
+        (recorded("failed", retryable=True), False, None, "send"),
     ],
 )
 def test_decide_restores_what_is_gone(
-    state: KeyState, missing: bool, withdrawn: bool, verdict: Verdict
+    state: KeyState, missing: bool, withdrawn: str | None, verdict: Verdict
 ) -> None:
     """Files gone from under an ok line, or withdrawn by an earlier line, are restored."""
     assert decide(FP, state, retry_failed=False, missing=missing, withdrawn=withdrawn) == verdict

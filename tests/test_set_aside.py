@@ -4,6 +4,7 @@ rerun of either manifest does the right thing without paying for what is on disk
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import signal
@@ -16,7 +17,10 @@ import pytest
 from support import no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
+from cometbatch.aside import REPLACED_DIR, put_back, set_aside
 from cometbatch.events import LEDGER_NAME, iter_events
+from cometbatch.state import LedgerState
+from cometbatch.verify import ImagePresence
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL = Job(id="c", prompt="one", model="gpt-image-1", n=2)
@@ -164,3 +168,101 @@ async def test_a_kill_before_anything_moved_changes_nothing(tmp_path: Path) -> N
     for index, digest in original.items():
         assert sha256(tmp_path / f"images/c/{index}.png") == digest
     assert json.loads((tmp_path / LEDGER_NAME).read_text().splitlines()[-1])["event"] == "end"
+
+
+async def test_a_failed_regeneration_keeps_the_record_of_the_images_set_aside(
+    tmp_path: Path,
+) -> None:
+    """--regenerate-changed moves the old images aside, then the new request fails for good:
+    its failed line still says where they are, so rerunning the original manifest puts them
+    back without paying for them again."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        original = await first_run(sim, tmp_path)
+        sim.enqueue("400")
+        settings = settings_for(sim, regenerate_changed=True)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await run_all(engine, [CHANGED])
+        assert failed.status == "failed"
+        (line,) = latest_results(tmp_path).values()
+        assert line["error"]["kind"] != "replaced" and "withdrawn" in line
+        billed = sim.stats.billed_images
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [ORIGINAL])
+        assert result.ok and sim.stats.billed_images == billed, "paid again for what was aside"
+        assert engine.summary.restored_images == 2 and engine.summary.regenerated_missing == 0
+        assert_claims_true(tmp_path)
+        (event,) = latest_results(tmp_path).values()
+        assert {image["index"]: image["sha256"] for image in event["images"]} == original
+        assert event["fingerprint"] == result.fingerprint
+        # The changed manifest is still the failure it was (a 400 is kept, not sent again).
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert await run_all(engine, [ORIGINAL]) == []
+        assert sim.stats.billed_images == billed
+
+
+async def test_a_failed_restore_still_puts_back_what_it_set_aside(tmp_path: Path) -> None:
+    """An image of an ok key is gone: the run sets the other aside and asks again, and that
+    request fails (retryable). Once the lost file is back, the next run puts both back
+    without a request, instead of paying for the whole request again."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        original = await first_run(sim, tmp_path)
+        lost = tmp_path / "images" / "c" / "1.png"
+        saved = lost.read_bytes()
+        lost.unlink()
+        sim.enqueue("500")
+        settings = settings_for(sim, max_attempts=1)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await run_all(engine, [ORIGINAL])
+        assert failed.status == "failed"
+        # Nothing was generated again: no request counts as regenerated.
+        assert engine.summary.regenerated_missing == 0
+        assert not (tmp_path / "images" / "c" / "0.png").exists()  # set aside
+        lost.write_bytes(saved)
+        billed = sim.stats.billed_images
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [ORIGINAL])
+        assert result.ok and sim.stats.billed_images == billed, "paid again for what was aside"
+        assert engine.summary.restored_images == 2
+        assert_claims_true(tmp_path)
+        (event,) = latest_results(tmp_path).values()
+        assert {image["index"]: image["sha256"] for image in event["images"]} == original
+
+
+async def test_a_regenerated_missing_image_is_counted_once_the_request_is_answered(
+    tmp_path: Path,
+) -> None:
+    """regenerated_missing counts requests generated again for a lost file, after they were."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        await first_run(sim, tmp_path)
+        (tmp_path / "images" / "c" / "1.png").unlink()
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [ORIGINAL])
+        assert result.ok and engine.summary.regenerated_missing == 1
+
+
+async def test_no_file_is_moved_or_counted_through_a_linked_job_folder(tmp_path: Path) -> None:
+    """A job folder replaced by a link to a folder outside OUT: its files are not there for a
+    run's look, and setting aside or putting back refuses (ELOOP) without moving anything."""
+    out = tmp_path / "out"
+    async with Simulator(SimConfig(seed=3)) as sim:
+        await first_run(sim, out)
+    elsewhere = tmp_path / "elsewhere"
+    (out / "images" / "c").rename(elsewhere)
+    (out / "images" / "c").symlink_to(elsewhere, target_is_directory=True)
+    recorded = LedgerState.load(out / LEDGER_NAME).get("c#0")
+    assert recorded is not None
+    assert ImagePresence(out).missing("c", range(2), recorded, "png")
+    with pytest.raises(OSError) as refused:
+        set_aside(out, "r1", ["images/c/0.png", "images/c/1.png"])
+    assert refused.value.errno == errno.ELOOP and "images/c" in str(refused.value.filename)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["0.png", "1.png"]
+    assert not (out / REPLACED_DIR).exists()
+    # One kept aside inside OUT is not moved back into the linked folder either.
+    kept = out / REPLACED_DIR / "r0" / "c" / "0.png"
+    kept.parent.mkdir(parents=True)
+    (elsewhere / "0.png").rename(kept)
+    image = {"index": 0, "path": "images/c/0.png", "aside": "replaced/r0/c/0.png"}
+    with pytest.raises(OSError) as refused:
+        put_back(out, [image], [kept])
+    assert refused.value.errno == errno.ELOOP
+    assert kept.is_file() and not (elsewhere / "0.png").exists()

@@ -3,7 +3,9 @@ for again (under the same key, continuing the job's indexes), and nothing is pai
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -17,8 +19,9 @@ from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.budget import earlier_totals
+from cometbatch.dispatch import Dispatcher
 from cometbatch.export import export
-from cometbatch.forecast import forecast, quiet_registry
+from cometbatch.forecast import forecast, ledger_verdicts, quiet_registry
 from cometbatch.gallery import read_gallery
 from cometbatch.imagegen import make_png
 from cometbatch.models import ModelRegistry
@@ -104,9 +107,8 @@ async def test_short_answers_are_kept_and_only_the_missing_images_are_asked_for(
     assert engine.summary.images_written == PLANNED
     assert read_status(tmp_path).to_dict()["ok_images"] == PLANNED
     assert sum(bucket.images for bucket in read_gallery(tmp_path).buckets) == PLANNED
-    state = LedgerState.load(tmp_path / "ledger.jsonl")
     ledger = tmp_path / "ledger.jsonl"
-    images, cost = earlier_totals(state, ledger, builtin_prices(), with_cost=True)
+    images, cost = earlier_totals(ledger, builtin_prices())
     assert images == PLANNED and cost == pytest.approx(engine.summary.spent_usd)
 
 
@@ -178,6 +180,8 @@ async def test_a_stop_after_a_short_answer_records_it_and_the_rerun_asks_for_the
     assert [body.get("n", 1) for body in bodies] == [1]
     assert billed == 1
     assert [result.status for result in got] == ["ok"] and engine.summary.complete
+    # Only the image this run wrote: the first was written (and counted) by the first run.
+    assert engine.summary.images_written == 1
     assert engine.summary.budget is not None
     assert (engine.summary.budget.earlier_images, engine.summary.budget.images) == (1, 2)
     assert_each_image_once(tmp_path, [JOB])
@@ -229,9 +233,54 @@ async def test_status_export_dry_run_and_budget_count_a_partial_key(tmp_path: Pa
 
     state = LedgerState.load(tmp_path / "ledger.jsonl")
     other = Job(id="other", prompt="a raft", model="dall-e-2", n=3)
-    plan = forecast([JOB, other], quiet_registry(), state.get).totals()
+    plan = forecast([JOB, other], ledger_verdicts(quiet_registry(), state.get)).totals()
     assert (plan.done_images, plan.send_requests, plan.send_images) == (1, 2, 4)
-    images, cost = earlier_totals(
-        state, tmp_path / "ledger.jsonl", builtin_prices(), with_cost=True
-    )
+    images, cost = earlier_totals(tmp_path / "ledger.jsonl", builtin_prices())
     assert images == 1 and cost > 0
+
+
+async def test_a_second_caller_sharing_a_partial_key_counts_no_kept_failure(
+    tmp_path: Path,
+) -> None:
+    """Two callers of one job: the second shares the first's partial result (stopped after a
+    short answer), which is pending work, not a permanent failure."""
+    holder: list[Engine] = []
+    handler, seen = short_then_stop(holder)
+    async with serve({("POST", "/v1/images/generations"): handler}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            holder.append(engine)
+            first, second = await asyncio.gather(engine.generate(JOB), engine.generate(JOB))
+    assert len(seen) == 1
+    assert [r.status for r in first + second] == ["partial", "partial"]
+    assert engine.summary.kept_failures == 0
+
+
+async def test_a_follow_up_waiting_for_its_turn_holds_nothing_unrecorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the partial line is written, the key's follow-up holds nothing paid for and not
+    recorded: a hard stop while it waits cuts off no sent request."""
+    send = Dispatcher.send
+    engines: list[Engine] = []
+    calls: list[int] = []
+
+    async def follow_up_stops(self: Dispatcher, request: Any) -> Any:
+        calls.append(request.n)
+        if len(calls) == 2:
+            engines[0].abort()  # a second Ctrl-C while the follow-up waits for a slot
+        return await send(self, request)
+
+    monkeypatch.setattr(Dispatcher, "send", follow_up_stops)
+    async with Simulator(SimConfig(seed=3)) as sim:
+        sim.enqueue("short")
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            engines.append(engine)
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_all(engine, [JOB])
+        assert sim.stats.requests == 1
+    assert calls == [2, 1]
+    assert engine.summary.cut_off_requests == 0
+    # The partial line stands, and the summary counts its image.
+    assert [line["status"] for line in ledger_results(tmp_path)] == ["partial"]
+    assert engine.summary.images_written == 1

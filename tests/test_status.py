@@ -262,13 +262,15 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_reads_as_crashed(tmp_pa
 
 
 def test_spend_counts_each_paid_request_once(tmp_path: Path) -> None:
-    """A request fetched again (same fingerprint) is paid once; failures cost nothing."""
+    """A request fetched again (same fingerprint, nothing sent) is paid once; failures cost
+    nothing."""
     paid: dict[str, Any] = {"fingerprint": "f1", "usage": None, "images": [{"index": 0}]}
+    link = {"index": 0, "url": "https://img.example/0.png", "tries": 1}
     folder = write(
         tmp_path,
         RUN,
-        result("a#0", "ok", model="dall-e-3", **paid),
-        result("a#0", "ok", model="dall-e-3", **paid),
+        result("a#0", "download_failed", fingerprint="f1", images=[], downloads=[link]),
+        result("a#0", "ok", model="dall-e-3", attempts=0, **paid),
         result("b#0", "failed", model="dall-e-3"),
         result("c#0", "ok", model="no-price-model", fingerprint="f2", images=[{"index": 0}]),
         END,
@@ -329,3 +331,22 @@ def test_odd_types_in_run_and_end_lines_are_read_as_unknown(tmp_path: Path) -> N
     data = read_status(folder).to_dict()
     assert data["ok_images"] == 1 and data["pending_images"] is None
     assert status_lines(data)[0].startswith(str(folder))
+
+
+def test_links_are_judged_from_each_keys_latest_line(tmp_path: Path) -> None:
+    """A key's links are given up or not by its latest line: a key whose link later worked is
+    not gone, one whose latest line has used up its tries is."""
+    link = {"index": 0, "url": "https://img.example/0.png", "first_failed_at": None}
+    waiting: dict[str, Any] = {"images": [], "fingerprint": "f1"}
+    folder = write(
+        tmp_path,
+        RUN,
+        result("a#0", "download_failed", downloads=[{**link, "tries": 1}], **waiting),
+        result("a#0", "download_failed", downloads=[{**link, "tries": 2}], **waiting),
+        result("a#0", "ok", fingerprint="f1", images=[{"index": 0}], attempts=0),
+        result("b#0", "download_failed", downloads=[{**link, "tries": 1}], **waiting),
+        result("b#0", "download_failed", downloads=[{**link, "tries": 3}], **waiting),
+        END,
+    )
+    data = read_status(folder).to_dict()
+    assert (data["links_gone"], data["awaiting_download"]) == (1, 0)

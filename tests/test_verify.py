@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import cli, ledger_results, no_sleep, run_all, settings_for
@@ -14,7 +16,8 @@ from support import cli, ledger_results, no_sleep, run_all, settings_for
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.lock import FolderLock
 from cometbatch.report import summary_lines
-from cometbatch.verify import verify_folder
+from cometbatch.state import KeyState
+from cometbatch.verify import ImagePresence, verify_folder
 
 JOBS = [
     Job(id="a", prompt="a red fox", model="gpt-image-1", n=2),
@@ -73,6 +76,52 @@ async def test_an_untouched_folder_sends_nothing(sim: Simulator, tmp_path: Path)
         assert await run_all(engine, JOBS) == []
     assert engine.summary.regenerated_missing == 0
     assert sim.stats.requests == len(JOBS)
+
+
+async def test_a_run_looks_for_files_off_the_event_loop(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that an ok key's files are there (a system call each, which may block on a
+    network filesystem) runs in a thread, never on the event loop."""
+    await first_run(sim, tmp_path)
+    threads: list[int] = []
+    look = ImagePresence.missing
+
+    def missing(self: ImagePresence, *args: Any, **kwargs: Any) -> bool:
+        threads.append(threading.get_ident())
+        return look(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImagePresence, "missing", missing)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        assert await run_all(engine, JOBS) == []
+    assert len(threads) == len(JOBS)
+    assert threading.get_ident() not in threads
+
+
+async def test_a_run_reads_no_line_of_a_failure_that_withdrew_nothing(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retryable failure is sent again without its ledger line being read: only a line
+    that withdrew images (flagged when the ledger is loaded) is read for them."""
+    await first_run(sim, tmp_path)
+    (ok,) = [event for event in ledger_results(tmp_path) if event["key"] == "b#0"]
+    error = {"kind": "server_error", "status": 500, "code": None, "message": "down",
+             "request_id": None, "retryable": True}  # fmt: skip
+    failed = {**ok, "status": "failed", "images": [], "error": error}
+    with (tmp_path / "ledger.jsonl").open("a") as ledger:
+        ledger.write(json.dumps(failed, separators=(",", ":")) + "\n")
+    read: list[str] = []
+    line_event = KeyState.line_event
+
+    def reading(self: KeyState) -> dict[str, Any] | None:
+        read.append(self.key)
+        return line_event(self)
+
+    monkeypatch.setattr(KeyState, "line_event", reading)
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "b#0"
+    assert read == []
 
 
 # -- cometbatch verify -----------------------------------------------------------------------
