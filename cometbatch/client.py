@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import json
 import logging
-import re
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 from urllib.parse import urlsplit
@@ -84,38 +82,13 @@ def redact(text: str, key: str | None) -> str:
     return text
 
 
-# JSON's short escapes of the characters a key may hold that have one (a key holds no
-# whitespace or controls: the settings refuse them), as regular expressions.
-_SHORT_ESCAPES = {"/": r"\\/", '"': r"\\\"", "\\": r"\\\\"}
-
-
-@functools.lru_cache(maxsize=8)
-def _escapes_of(key: str) -> re.Pattern[str]:
-    """A search for each JSON escape that spells one of `key`'s characters (\\u0073 or
-    \\u0053 for "s", \\/ for "/", a high surrogate for a character past U+FFFF)."""
-    spellings = set()
-    for char in set(key):
-        if char in _SHORT_ESCAPES:
-            spellings.add(_SHORT_ESCAPES[char])
-        point = ord(char)
-        unit = point if point < 0x10000 else 0xD800 + ((point - 0x10000) >> 10)
-        # Hex digits in either case: \u006b and \u006B both spell "k".
-        digits = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{unit:04x}")
-        spellings.add(rf"\\u{digits}")
-    # Every spelling starts with a backslash: the search skips ahead from one to the next.
-    return re.compile("|".join(sorted(spellings)))
-
-
-def key_may_be_in(text: str, key: str) -> bool:
-    """Whether JSON `text` may spell `key` in one of its strings: as is, or with some of its
-    characters written as escapes. An escape of any other character (an API that writes
-    "café" as "caf\\u00e9") does not count: such an answer costs two quick searches."""
-    # Any spelling but the plain one holds an escape of one of the key's own characters.
-    return key in text or _escapes_of(key).search(text) is not None
+# Image data: decoded to bytes, never stored or shown as text, and megabytes long.
+_IMAGE_DATA = "b64_json"
 
 
 def _redact_json(data: Any, key: str) -> None:
-    """Blank `key` out of every string of parsed JSON, object keys included, in place."""
+    """Blank `key` out of every string of parsed JSON but image data, object keys included,
+    in place. Parsed, so a key the server spelled with JSON escapes is found as it is."""
     # A loop, not recursion: an answer may be nested about as deep as json.loads goes.
     pending = [data]
     while pending:
@@ -130,9 +103,7 @@ def _redact_json(data: Any, key: str) -> None:
             continue
         for where, value in children:
             if isinstance(value, str):
-                # A substring search: a multi-megabyte base64 string is only copied if it
-                # really holds the key.
-                if key in value:
+                if where != _IMAGE_DATA and key in value:
                     node[where] = value.replace(key, MASK)
             elif isinstance(value, dict | list):
                 pending.append(value)
@@ -434,11 +405,8 @@ class Client:
                 status=status,
                 retryable=True,
             ) from None
-        key = self._api_key
-        # The strings (base64 too: a key of base64 characters could hide in an image's data)
-        # are walked only when the text may spell the key.
-        if key and key_may_be_in(text, key):
-            _redact_json(data, key)
+        if self._api_key:
+            _redact_json(data, self._api_key)
         if isinstance(data, dict) and "error" in data and "data" not in data:
             raise self._error_in_ok(status, self._redact(text), resp)
         try:
