@@ -28,8 +28,9 @@ WITHDRAWN_KINDS = frozenset({"replaced", "missing_image", "corrupt_image"})
 CARRIED = "withdrawn"
 # The fields of the request withdrawn images belong to (a carried list records its own).
 REQUEST_FIELDS = ("fingerprint", "model", "n")
-# What a withdrawn image keeps of its ok line (plus "aside", where its file was put).
-IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt")
+# What a withdrawn image keeps of its ok line (plus "aside", where its file was put); "url"
+# only for an image that came as a link.
+IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt", "url")
 _BLOCK = 1 << 20
 # What `check_file` finds wrong with a file (verify's problems, and its mark's error kind).
 MISSING, NOT_A_FILE = "missing", "not_a_file"
@@ -250,12 +251,14 @@ def withdraw_event(
         "usage": None,
         "cost": {"usd": 0.0, "basis": "none"},
         "metadata": latest.get("metadata"),
-        # What the ok line held, so that the images can be recorded again as they were.
+        # What the ok line held, so that the images can be recorded again as they were (and
+        # when it was written: links recorded there are downloaded again only while fresh).
         "withdrawn": {
             "images": images,
             "usage": origin.get("usage"),
             "cost": origin.get("cost"),
             "run_id": origin.get("run_id"),
+            "finished_at": origin.get("finished_at"),
         },
     }
 

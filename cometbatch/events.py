@@ -56,6 +56,9 @@ _DOWNLOAD_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("first_failed_at", (str, _NONE), "a string or null"),
 )
 _DOWNLOAD_NEEDS = ("index", "url")
+# The same for each entry of `images`: `url` (the link it was downloaded from) is absent from
+# images that came inline and from lines written before links were kept.
+_IMAGE_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (("url", (str,), "a string"),)
 
 
 def result_problem(event: dict[str, Any]) -> str | None:
@@ -65,6 +68,10 @@ def result_problem(event: dict[str, Any]) -> str | None:
     problem = _type_problem(event, _RESULT_TYPES, "the result's ")
     if problem is not None:
         return problem
+    for at, image in enumerate(event.get("images") or ()):
+        problem = _type_problem(image, _IMAGE_TYPES, f"the result's images[{at}] ")
+        if problem is not None:
+            return problem
     for at, item in enumerate(event.get("downloads") or ()):
         where = f"the result's downloads[{at}] "
         missing = [name for name in _DOWNLOAD_NEEDS if name not in item]
@@ -218,7 +225,8 @@ def _json_value(depth: int) -> bytes:
 _VALUE = _json_value(3)
 _IMAGE = (
     rb'\{"index":' + _INT + rb',"path":' + _STR + rb',"format":' + _STR + rb',"bytes":'
-    + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?\}"
+    + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?"
+    + rb'(?:,"url":' + _STR + rb")?\}"
 )  # fmt: skip
 # A result line as this package writes it (older versions wrote no `rate_limited` or `cost`),
 # for a request key `<job_id>#<chunk>` with a planner's fingerprint. Groups: the line, the

@@ -115,13 +115,16 @@ class Fetcher:
             with attempt:
                 data, _ = await self.client.download(item.url)
                 try:
-                    return await self.sink.write(
+                    record = await self.sink.write(
                         job_id, item.index, data, revised_prompt=item.revised_prompt
                     )
                 except ImageDataError as exc:
                     raise DownloadError(
                         f"the image host sent a bad file: {exc}", retryable=exc.retryable
                     ) from exc
+                # The link is recorded (redacted, as it was parsed): while it works, an image
+                # lost later is downloaded again instead of generated again.
+                return dataclasses.replace(record, url=item.url)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     def _failed_again(self, item: PendingDownload) -> PendingDownload:

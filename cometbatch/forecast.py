@@ -136,8 +136,12 @@ def run_forecast(
 
     def verdicts(job: Job) -> Decided:
         for verdict, request, recorded in triage.verdicts(job):
-            if verdict == "restore" and _put_back(out_dir, recorded):
+            if verdict in ("restore", "redownload") and _put_back(out_dir, recorded):
                 verdict = "reuse"  # put back without a request, as the run does
+            elif verdict == "redownload":
+                # The run downloads it again from its links first (free), and generates it if
+                # a link no longer works: planned at that price, the most it can cost.
+                verdict = "restore"
             yield verdict, request, recorded
 
     return forecast(jobs, verdicts, regenerate_changed=settings.regenerate_changed, prices=prices)

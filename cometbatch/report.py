@@ -106,8 +106,8 @@ def _restored_lines(summary: Summary, out: Path) -> list[str]:
         )
     if summary.restored_images:
         lines.append(
-            f"  {summary.restored_images} image(s) recorded again from where they had been set "
-            "aside (nothing was sent for them)"
+            f"  {summary.restored_images} image(s) recorded again, put back from where they had "
+            "been set aside or downloaded again from their links (nothing was generated for them)"
         )
     return lines
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from .state import KeyState
 
-Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore"]
+Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore", "redownload"]
 
 
 # A generated image's link is given up once downloads of it failed in this many runs, or this
@@ -43,6 +43,20 @@ def links_given_up(links: Iterable[tuple[int, str | None]], now: float | None = 
     return any(link_given_up(tries, since, at) for tries, since in links)
 
 
+def links_fresh(recorded_at: str | None, now: float | None = None) -> bool:
+    """Whether links a line finished at `recorded_at` (the ledger's ISO time; None: not every
+    image came as a link) are young enough to download again: within LINK_LIFETIME_S, the
+    bound the download-failure rule uses (the cost of a link dead sooner is a refused
+    download, after which the request is generated as it would have been)."""
+    if recorded_at is None:
+        return False
+    try:
+        at = datetime.fromisoformat(recorded_at).timestamp()
+    except ValueError:
+        return False
+    return (time.time() if now is None else now) - at < LINK_LIFETIME_S
+
+
 def links_gone(
     status: str,
     retryable: bool | None,
@@ -65,6 +79,7 @@ def decide(
     now: float | None = None,
     missing: bool = False,
     withdrawn: str | None = None,
+    links_at: str | None = None,
 ) -> Verdict:
     """What to do with one planned request.
 
@@ -72,16 +87,19 @@ def decide(
     but could not download; send the rest of a partial one (only its missing images);
     restore the images of an ok line that are no longer on disk (`missing`) or of a line
     that withdrew them (`withdrawn`: the fingerprint of the request they belong to, "" when
-    not recorded; set aside, or found missing or damaged); or flag that the job changed
-    since its images were written.
+    not recorded; set aside, or found missing or damaged), first downloading them again
+    ("redownload") when they came as links that a line finished at `links_at` recorded and
+    that are still fresh (links_fresh); or flag that the job changed since its images were
+    written.
     """
     if recorded is None:
         return "send"
     same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
     if withdrawn is not None:
         if withdrawn in ("", fingerprint):
-            # Put back if they are whole where they were set aside, else generated again.
-            return "restore"
+            # Put back if they are whole where they were set aside, else downloaded again from
+            # their links while fresh, else generated again.
+            return "redownload" if links_fresh(links_at, now) else "restore"
         if withdrawn == recorded.fingerprint:
             # The line that withdrew them: another request is a changed job, as it was
             # before the images were withdrawn.
@@ -92,7 +110,9 @@ def decide(
         # Old images that no longer match the request must not pass for its result.
         return "changed"
     if recorded.status == "ok":
-        return "restore" if missing else "reuse"
+        if not missing:
+            return "reuse"
+        return "redownload" if links_fresh(links_at, now) else "restore"
     if recorded.status in ("partial", "download_failed"):
         # Paid for already: download again, never generate again, while the links may work.
         # Links gone for good or given up make it a failed generation: kept, unless the user

@@ -89,7 +89,8 @@ class Sender:
                     self.triage.count("keep", request, planned=False)
                 return dataclasses.replace(shared, reused=True)
         state = self._ledger().state.get(request.key)
-        if state is not None and state is not work.recorded and work.verdict != "restore":
+        restoring = work.verdict in ("restore", "redownload")
+        if state is not None and state is not work.recorded and not restoring:
             # Recorded since it was queued (the same job twice in a caller's list, or a first
             # caller that went away after a line): go on from what the key has now.
             # (A key to restore is ok in the ledger: its files are what triage found gone.)
@@ -102,8 +103,11 @@ class Sender:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._inflight[request.key] = future
         try:
-            result = await self._reinstate(work) if work.verdict == "restore" else None
+            result = await self._reinstate(work) if restoring else None
             if result is None:
+                if restoring:
+                    # Not all whole again: generated again, its images set aside first.
+                    work = Work(request, "restore", work.recorded)
                 result = await self._send_and_record(work)
         except BaseException:
             future.cancel()
@@ -333,16 +337,24 @@ class Sender:
             )
 
     async def _reinstate(self, work: Work) -> Result | None:
-        """Record again the images a key's line withdrew when each is whole (at its path or
-        where it was set aside), moved back first: nothing is sent. None if one is not."""
+        """Record again the images of a key to restore when each is whole: at its path, where
+        it was set aside (moved back first), or, for a "redownload", downloaded again from
+        the link it came from (nothing is generated). None if one is not whole."""
         recorded = work.recorded
         if recorded is None:
             return None
         latest = await asyncio.to_thread(recorded.line_event)
+        if latest is None:
+            return None
         images = withdrawn(latest)
-        if not images or latest is None:
+        if images is None and latest.get("status") == OK and work.verdict == "redownload":
+            # Files gone from under an ok line: downloaded to their paths, the line repeated.
+            images = list(latest.get("images") or ())
+        if not images:
             return None
         found = await asyncio.to_thread(find_whole, self.out_dir, images)
+        if found is None and work.verdict == "redownload":
+            found = await self._download_again(recorded.job_id, images)
         if found is None:
             return None
         try:
@@ -352,12 +364,47 @@ class Sender:
                 f"cannot move the images of job {recorded.job_id!r} back in {self.out_dir}: "
                 f"{exc.strerror or exc}"
             ) from exc
-        line = reinstated_event(latest, run_id=self.run_id, finished_at=now_iso())
+        if withdrawal(latest) is not None:
+            line = reinstated_event(latest, run_id=self.run_id, finished_at=now_iso())
+        else:
+            line = repeated_event(latest, run_id=self.run_id, finished_at=now_iso())
         await self._ledger().append(line)
         self.summary.restored_images += len(images)
         self.triage.count("reuse", work.request, planned=False)
         records = tuple(ImageRecord(**image) for image in line["images"])
         return Result.of(work.request, self.run_id, OK, images=records, reused=True)
+
+    async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[Path] | None:
+        """Download the images whole nowhere from the links they came from, each to its path
+        (the Fetcher's retries; nothing is generated); where each image is whole now, or None
+        when one is not (a link that no longer works, or a file that is not the recorded
+        one: such files are removed, the key is generated again)."""
+        lost = await asyncio.to_thread(_whole_nowhere, self.out_dir, images)
+        if not all(type(image.get("url")) is str for image in lost):
+            return None
+        links = [
+            PendingDownload(image["index"], image["url"], image.get("revised_prompt"))
+            for image in lost
+        ]
+        fetched = await self.dispatcher.fetcher.fetch(job_id, links)
+        by_index = {image["index"]: image for image in lost}
+        other = [
+            record
+            for record in fetched.images
+            if (record.sha256, record.bytes) != _digest(by_index[record.index])
+        ]
+        if other:
+            # Not the image that was paid for: it must not stand under the recorded name.
+            self.dispatcher.sink.discard(other)
+        if fetched.pending or other:
+            log.info(
+                "job %r: %d image(s) could not be downloaded again; generating them again",
+                job_id,
+                len(fetched.pending) + len(other),
+            )
+            return None
+        log.info("job %r: %d image(s) downloaded again from their links", job_id, len(lost))
+        return await asyncio.to_thread(find_whole, self.out_dir, images)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -383,6 +430,29 @@ class _Key:
     # The line that withdrew its images this run, and its kind (see Sender._set_aside).
     withdrawing: dict[str, Any] | None = None
     aside_kind: str | None = None
+
+
+def repeated_event(latest: dict[str, Any], *, run_id: str, finished_at: str) -> dict[str, Any]:
+    """An ok line recorded again after its lost files were downloaded again: the same
+    images, usage and cost, nothing sent (attempts 0: paid.py counts no new payment)."""
+    return {
+        **latest,
+        "run_id": run_id,
+        "attempts": 0,
+        "ambiguous_retries": 0,
+        "rate_limited": 0,
+        "latency_s": 0.0,
+        "finished_at": finished_at,
+    }
+
+
+def _whole_nowhere(out_dir: Path, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The images whole neither at their path nor where they were set aside."""
+    return [image for image in images if find_whole(out_dir, [image]) is None]
+
+
+def _digest(image: dict[str, Any]) -> tuple[object, object]:
+    return image.get("sha256"), image.get("bytes")
 
 
 def _withdrawing_line(recorded: KeyState) -> dict[str, Any] | None:

@@ -104,11 +104,14 @@ class ImageRecord:
     bytes: int
     sha256: str
     revised_prompt: str | None = None
+    # The (redacted) link the image was downloaded from; None for an image that came inline.
+    # While the link works, a run downloads a lost image again instead of generating it.
+    url: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ledger's image object (the fields, in order)."""
+        """The ledger's image object (the fields, in order; `url` only when there is one)."""
         # Spelled out: dataclasses.asdict deep-copies generically, a cost paid per image.
-        return {
+        image = {
             "index": self.index,
             "path": self.path,
             "format": self.format,
@@ -116,6 +119,9 @@ class ImageRecord:
             "sha256": self.sha256,
             "revised_prompt": self.revised_prompt,
         }
+        if self.url is not None:
+            image["url"] = self.url
+        return image
 
 
 def _describe(job_id: str, index: int, data: bytes) -> tuple[str, str, str]:

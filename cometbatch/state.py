@@ -54,8 +54,8 @@ class KeyState:
     """
 
     __slots__ = (
-        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_usage", "key", "n",
-        "retryable", "status", "withdraws",
+        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_urls", "_usage", "key",
+        "n", "retryable", "status", "withdraws",
     )  # fmt: skip
 
     key: str
@@ -70,6 +70,8 @@ class KeyState:
     # Packed images and pending downloads; None until read from the ledger line at _line.
     _images: tuple[Any, ...] | None
     _downloads: Downloads | None
+    # Each image's link (None: came inline), or None when no image has one (read with them).
+    _urls: tuple[str | None, ...] | None
     _line: tuple[Path, int] | None
     # A partial key's usage so far (read with its images): the rest's answer adds to it.
     _usage: Any
@@ -96,6 +98,7 @@ class KeyState:
         self._job_id = None if key.rpartition("#")[0] == job_id else job_id
         self.n = n
         self._images = _pack_image_dicts(job_id, images) if images else ()
+        self._urls = _urls(images)
         self._downloads = _pack_downloads(downloads)
         self._usage = usage
         self._line = None
@@ -142,6 +145,7 @@ class KeyState:
         self._job_id = job_id
         self.n = n
         self._images = None
+        self._urls = None
         self._downloads = None
         self._usage = None
         self._line = line
@@ -226,6 +230,7 @@ class KeyState:
                 f"at byte {offset} ({exc})"
             ) from None
         self._images = recorded._images
+        self._urls = recorded._urls
         self._downloads = recorded._downloads
         self._usage = recorded._usage
 
@@ -241,12 +246,14 @@ class KeyState:
 
     @property
     def images(self) -> list[dict[str, Any]]:
-        """The recorded image objects, rebuilt; `revised_prompt` is not kept."""
+        """The recorded image objects, rebuilt (with `url` where recorded); `revised_prompt`
+        is not kept."""
         packed = self._packed_images()
         if not packed:
             return []
         job_id = self.job_id
-        images = []
+        urls = self._urls
+        images: list[dict[str, Any]] = []
         for at in range(0, len(packed), _FIELDS_PER_IMAGE):
             index, path, fmt, size, digest = packed[at : at + _FIELDS_PER_IMAGE]
             if path is None:
@@ -260,6 +267,8 @@ class KeyState:
                     "sha256": _unpack_hex(digest),
                 }
             )
+            if urls is not None and urls[at // _FIELDS_PER_IMAGE] is not None:
+                images[-1]["url"] = urls[at // _FIELDS_PER_IMAGE]
         return images
 
     def _fields(self) -> tuple[Any, ...]:
@@ -315,6 +324,13 @@ def _pack_image_dicts(job_id: str, images: Sequence[dict[str, Any]]) -> tuple[An
     for i in images:
         packed += _pack_one(job_id, i["index"], i["path"], i["format"], i["bytes"], i["sha256"])
     return tuple(packed)
+
+
+def _urls(images: Sequence[dict[str, Any]]) -> tuple[str | None, ...] | None:
+    """Each image's `url` (None where it has none), or None when none has one."""
+    if not any("url" in image for image in images):
+        return None
+    return tuple(image.get("url") for image in images)
 
 
 def _pack_downloads(downloads: Sequence[dict[str, Any]]) -> Downloads:

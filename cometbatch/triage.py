@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -20,16 +21,19 @@ from .state import KeyState, LedgerState
 from .verify import ImagePresence
 
 # Verdicts that put a request on the work queue (the rest are answered from the ledger).
-SENT = frozenset({"send", "fetch", "changed", "rest", "restore"})
+SENT = frozenset({"send", "fetch", "changed", "rest", "restore", "redownload"})
 
 # A job's requests, each with what the ledger recorded for it.
 _Planned = list[tuple[Request, KeyState | None]]
+# What triage found for decide: (missing, withdrawn, links_at) (see Triage._look).
+_Found = tuple[bool, str | None, str | None]
+_NOTHING: _Found = (False, None, None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Work:
     """A request for a worker: send it, fetch its pending downloads, send the rest of a
-    partial one, restore its images, or regenerate it."""
+    partial one, restore its images (downloading them again first), or regenerate it."""
 
     request: Request
     verdict: Verdict = "send"
@@ -43,6 +47,15 @@ def _reads(state: KeyState | None) -> bool:
         return False
     status = state.status
     return status == "ok" or (status == "failed" and state.withdraws)
+
+
+def _links_at(images: object, finished_at: object) -> str | None:
+    """`finished_at` when each of `images` (a line's list) came as a link, else None."""
+    if not isinstance(images, list) or not images or not isinstance(finished_at, str):
+        return None
+    if all(isinstance(image, dict) and type(image.get("url")) is str for image in images):
+        return finished_at
+    return None
 
 
 class Triage:
@@ -66,6 +79,8 @@ class Triage:
         # The open ledger's state, looked up per job: a closed engine raises instead of guessing.
         self._recorded = recorded
         self._presence = ImagePresence(out_dir)
+        # Wall-clock time, to tell whether recorded links are fresh (resume.links_fresh).
+        self.clock: Callable[[], float] = time.time
 
     def verdicts(
         self, job: Job, *, look: bool = True
@@ -94,7 +109,7 @@ class Triage:
         if any(_reads(state) for _, _, state in looks):
             found = await asyncio.to_thread(lambda: [self._look(*item, True) for item in looks])
         else:
-            found = [(False, None)] * len(looks)
+            found = [_NOTHING] * len(looks)
         at = 0
         for job, items in planned:
             yield self._decided(job, items, found[at : at + len(items)])
@@ -108,35 +123,46 @@ class Triage:
         spec.check(job.params(), job.prompt)
         return [(request, recorded.get(request.key)) for request in plan_job(job, spec)]
 
-    def _look(
-        self, job: Job, request: Request, state: KeyState | None, look: bool
-    ) -> tuple[bool, str | None]:
-        """(missing, withdrawn) for decide, from the disk and the ledger (see `_reads`):
-        withdrawn is the fingerprint of the request whose images the line lists ("" when not
-        recorded), None when it lists none."""
+    def _look(self, job: Job, request: Request, state: KeyState | None, look: bool) -> _Found:
+        """(missing, withdrawn, links_at) for decide, from the disk and the ledger (see
+        `_reads`): withdrawn is the fingerprint of the request whose images the line lists
+        ("" when not recorded), None when it lists none; links_at, for images to restore
+        that all came as links, when the line that recorded those links was written."""
         if state is None:
-            return False, None
+            return _NOTHING
         if state.status == "ok":
-            return look and self._presence.missing(
+            if not look or not self._presence.missing(
                 job.id, request.indexes, state, job.output_format
-            ), None
+            ):
+                return _NOTHING
+            # Gone: its line is read (only then) for the links its images came from.
+            event = state.line_event()
+            if event is None:
+                return True, None, None
+            return True, None, _links_at(event.get("images"), event.get("finished_at"))
         if _reads(state):
             # Which images did its line take out of ok? Only such lines are read.
             taken = withdrawal(state.line_event())
-            return False, None if taken is None else str(taken["fingerprint"] or "")
-        return False, None
+            if taken is None:
+                return _NOTHING
+            links_at = _links_at(taken["images"], taken.get("finished_at"))
+            return False, str(taken["fingerprint"] or ""), links_at
+        return _NOTHING
 
     def _decided(
-        self, job: Job, planned: _Planned, found: Sequence[tuple[bool, str | None]]
+        self, job: Job, planned: _Planned, found: Sequence[_Found]
     ) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
         changed = []
-        for (request, state), (missing, withdrawn) in zip(planned, found, strict=True):
+        now = self.clock()
+        for (request, state), (missing, withdrawn, links_at) in zip(planned, found, strict=True):
             verdict = decide(
                 request.fingerprint,
                 state,
                 retry_failed=self.settings.retry_failed,
+                now=now,
                 missing=missing,
                 withdrawn=withdrawn,
+                links_at=links_at,
             )
             if verdict == "changed" and not self.settings.regenerate_changed:
                 changed.append(request.key)

@@ -144,7 +144,8 @@ def report_lines(report: VerifyReport) -> list[str]:
     if report.marked_keys:
         lines.append(
             f"marked {report.marked_keys} request(s) in the ledger: the next `cometbatch run` "
-            "of the manifest generates them again"
+            "of the manifest restores them (downloaded again while their links work, else "
+            "generated again)"
         )
     return lines
 
@@ -221,7 +222,10 @@ def _mark(run_id: str, recorded: KeyState, problems: list[BadImage]) -> dict[str
         images,
         run_id=run_id,
         kind=kind,
-        message=f"cometbatch verify found {named}; the next run generates the request again",
+        message=(
+            f"cometbatch verify found {named}; the next run restores it (downloaded again "
+            "while its links work, else generated again)"
+        ),
         finished_at=now_iso(),
     )
 

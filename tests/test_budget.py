@@ -326,7 +326,8 @@ async def test_images_verify_marked_stay_paid_for_status_the_budget_and_the_cap(
     same: status spend, the budget's earlier totals and --max-images count it; generating it
     again is a second payment, counted by all three alike."""
     prices = round_prices()
-    jobs = qwen_jobs(3)
+    # Inline images: a lost one has no link to download again, so it is generated again.
+    jobs = [job.model_copy(update={"response_format": "b64_json"}) for job in qwen_jobs(3)]
     ledger = tmp_path / LEDGER_NAME
 
     def counted() -> tuple[tuple[int, float], tuple[int, float]]:

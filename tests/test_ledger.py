@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -27,6 +28,7 @@ from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger import Ledger
 from cometbatch.lock import LOCK_NAME, FolderLock
 from cometbatch.settings import FsyncPolicy
+from cometbatch.sink import ImageRecord
 from cometbatch.state import KeyState, LedgerState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -875,6 +877,30 @@ def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
         found = events._RESULT_LINE.fullmatch(line)
         assert found is not None and found.group(2) == b"fast#0"
         assert json.loads(line)["cost"] == {"usd": cost, "basis": basis}
+
+
+def test_an_image_that_came_as_a_link_keeps_its_url(tmp_path: Path) -> None:
+    """`url` is written only for an image downloaded from a link (an inline image's line is
+    as before); such lines still take the fast path, and their state keeps the links."""
+    record = ImageRecord(index=0, path="images/u/0.png", format="png", bytes=9, sha256=SHA)
+    assert "url" not in record.to_dict()
+    linked = dataclasses.replace(record, url="https://img.example/u/0.png?sig=x")
+    assert linked.to_dict()["url"] == "https://img.example/u/0.png?sig=x"
+    path = tmp_path / LEDGER_NAME
+    images = [image("u", 0, url="https://img.example/0.png"), image("u", 1, path="images/u/1.png")]
+    lines = [RUN, result("u", fingerprint=PLANNED, n=2, images=images), result("b")]
+    path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in lines))
+    assert events._RESULT_LINE.fullmatch(path.read_bytes().splitlines(keepends=True)[1])
+    state = assert_loads_like_json(path)
+    u = state.get("u#0")
+    assert u is not None and "images=?" in repr(u)
+    assert [i.get("url") for i in u.images] == ["https://img.example/0.png", None]
+    b = state.get("b#0")
+    assert b is not None and all("url" not in i for i in b.images)
+    bad = result("u", images=[image("u", 0, url=7)])
+    write_lines(path, RUN, bad)
+    with pytest.raises(LedgerError, match=r"line 2 .*images\[0\] 'url' is 7, not a string"):
+        LedgerState.load(path)
 
 
 def test_a_later_line_for_a_key_replaces_it_in_place(tmp_path: Path) -> None:

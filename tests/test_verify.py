@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ from support import cli, ledger_results, no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.lock import FolderLock
+from cometbatch.paid import Payments
 from cometbatch.report import summary_lines
+from cometbatch.resume import LINK_LIFETIME_S, decide
 from cometbatch.state import KeyState
 from cometbatch.verify import ImagePresence, verify_folder
 
@@ -67,6 +71,138 @@ async def test_a_deleted_image_is_generated_again_and_counted(
     )
     # The image that was still there was set aside, not silently overwritten.
     assert len(list((tmp_path / "replaced").rglob("0.png"))) == 1
+
+
+# -- images that came as links are downloaded again while the links work --------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def payments_of(out: Path, key: str) -> int:
+    """How many generations of `key` the ledger counts as paid (paid.Payments)."""
+    payments = Payments()
+    for event in ledger_results(out):
+        payments.add(event)
+    return sum(1 for payment in payments if payment.key == key)
+
+
+async def test_a_deleted_url_image_is_downloaded_again_not_generated(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """An image that came as a link records it; gone from disk, it is downloaded again while
+    the link works: no generation request, the same bytes, counted as restored, not paid."""
+    await first_run(sim, tmp_path)
+    (line,) = [e for e in ledger_results(tmp_path) if e["key"] == "c#0"]
+    (image,) = line["images"]
+    assert image["url"].startswith(sim.origin + "/")
+    # Images that came inline record no link: their lines are as before.
+    inline = [e for e in ledger_results(tmp_path) if e["key"] != "c#0"]
+    assert len(inline) == 2 and all("url" not in i for e in inline for i in e["images"])
+    gone = image_of(tmp_path, "c#0", 0)
+    digest = sha256_of(gone)
+    gone.unlink()
+    downloads = sim.stats.downloads
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "c#0"
+    assert sim.stats.requests == len(JOBS)
+    assert sim.stats.downloads == downloads + 1
+    assert sha256_of(gone) == digest
+    summary = engine.summary
+    assert (summary.restored_images, summary.regenerated_missing) == (1, 0)
+    assert summary.complete and summary.spent_usd == 0
+    again = ledger_results(tmp_path)[-1]
+    assert (again["key"], again["status"], again["attempts"]) == ("c#0", "ok", 0)
+    assert (again["images"], again["usage"], again["cost"]) == (
+        line["images"], line["usage"], line["cost"],
+    )  # fmt: skip
+    assert payments_of(tmp_path, "c#0") == 1
+    code, _, _ = await cli("verify", str(tmp_path))
+    assert code == 0
+
+
+async def test_a_url_image_verify_marked_is_downloaded_again(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A damaged file that `verify` marked is downloaded again, not generated again."""
+    await first_run(sim, tmp_path)
+    damaged = image_of(tmp_path, "c#0", 0)
+    digest = sha256_of(damaged)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    code, _, stderr = await cli("verify", str(tmp_path))
+    assert code == 1, stderr
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "c#0"
+    assert sim.stats.requests == len(JOBS)
+    assert sha256_of(damaged) == digest
+    assert (engine.summary.restored_images, engine.summary.regenerated_missing) == (1, 0)
+    assert ledger_results(tmp_path)[-1]["attempts"] == 0
+    assert payments_of(tmp_path, "c#0") == 1
+    code, _, _ = await cli("verify", str(tmp_path))
+    assert code == 0
+
+
+async def test_a_link_no_longer_served_is_generated_again(sim: Simulator, tmp_path: Path) -> None:
+    """The image host answers 404 for the link: the request is generated again, as before."""
+    await first_run(sim, tmp_path)
+    gone = image_of(tmp_path, "c#0", 0)
+    gone.unlink()
+    sim.enqueue("download-404")
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "c#0" and gone.is_file()
+    assert sim.stats.requests == len(JOBS) + 1
+    assert (engine.summary.restored_images, engine.summary.regenerated_missing) == (0, 1)
+    code, _, _ = await cli("verify", str(tmp_path))
+    assert code == 0
+
+
+async def test_an_old_link_is_not_tried(sim: Simulator, tmp_path: Path) -> None:
+    """A line older than the links live is generated again without a download."""
+    await first_run(sim, tmp_path)
+    gone = image_of(tmp_path, "c#0", 0)
+    gone.unlink()
+    # The ledger as a run of a few days ago wrote it: its links are past their lifetime.
+    ledger = tmp_path / "ledger.jsonl"
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for event in lines:
+        if "finished_at" in event:
+            event["finished_at"] = "2020-01-01T00:00:00.000Z"
+    ledger.write_text("".join(json.dumps(event) + "\n" for event in lines))
+    downloads = sim.stats.downloads
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "c#0" and gone.is_file()
+    assert sim.stats.requests == len(JOBS) + 1
+    assert sim.stats.downloads == downloads + 1  # the new image's own link only
+    assert engine.summary.regenerated_missing == 1
+
+
+def test_decide_downloads_again_only_fresh_links() -> None:
+    """decide: an ok key with files gone (or a line that withdrew them) whose links were
+    recorded within LINK_LIFETIME_S is downloaded again; older or no links: generated."""
+    ok = KeyState("k#0", "ok", "f" * 16, None, "k", 1)
+    at = "2024-05-01T12:00:00.000Z"
+    then = datetime.fromisoformat(at).timestamp()
+    fresh = then + LINK_LIFETIME_S - 1
+    old = then + LINK_LIFETIME_S + 1
+    assert decide("f" * 16, ok, retry_failed=False, now=fresh, missing=True, links_at=at) == (
+        "redownload"
+    )
+    assert decide("f" * 16, ok, retry_failed=False, now=old, missing=True, links_at=at) == (
+        "restore"
+    )
+    assert decide("f" * 16, ok, retry_failed=False, now=fresh, missing=True) == "restore"
+    assert decide("f" * 16, ok, retry_failed=False, now=fresh, links_at=at) == "reuse"
+    marked = KeyState("k#0", "failed", "f" * 16, True, "k", 1, withdraws=True)
+    kwargs = {"retry_failed": False, "withdrawn": "f" * 16, "links_at": at}
+    assert decide("f" * 16, marked, now=fresh, **kwargs) == "redownload"  # type: ignore[arg-type]
+    assert decide("f" * 16, marked, now=old, **kwargs) == "restore"  # type: ignore[arg-type]
 
 
 async def test_an_untouched_folder_sends_nothing(sim: Simulator, tmp_path: Path) -> None:
@@ -141,7 +277,7 @@ async def test_verify_names_bad_files_and_the_next_run_restores_them(
     sim: Simulator, tmp_path: Path
 ) -> None:
     """Missing, cut short, or the same size with other bytes: each named, exit 1, marked;
-    the next run generates exactly those requests again and verify passes afterwards."""
+    the next run restores exactly those requests and verify passes afterwards."""
     await first_run(sim, tmp_path)
     missing = image_of(tmp_path, "a#0", 0)
     missing.unlink()
@@ -171,8 +307,10 @@ async def test_verify_names_bad_files_and_the_next_run_restores_them(
     async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
         restored = await run_all(engine, JOBS)
     assert sorted(result.key for result in restored) == ["a#0", "b#0", "c#0"]
-    assert sim.stats.requests == 2 * len(JOBS)
-    assert engine.summary.regenerated_missing == 3
+    # The url-mode image is downloaded again from its link; the others are generated again.
+    assert sim.stats.requests == 2 * len(JOBS) - 1
+    assert engine.summary.regenerated_missing == 2
+    assert engine.summary.restored_images == 1
     code, stdout, stderr = await cli("verify", str(tmp_path))
     assert code == 0, stdout + stderr
 
