@@ -74,10 +74,7 @@ def set_aside(out_dir: Path, run_id: str, relpaths: Iterable[str]) -> int:
             continue
         _refuse_linked(out_dir, source, target)
         moves.append((source, target))
-    for source, target in moves:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-    return len(moves)
+    return _move(moves)
 
 
 def _refuse_linked(out_dir: Path, *paths: Path) -> None:
@@ -85,6 +82,14 @@ def _refuse_linked(out_dir: Path, *paths: Path) -> None:
     for path in paths:
         if not unlinked(out_dir, path.relative_to(out_dir).as_posix()):
             raise link_error(path)
+
+
+def _move(moves: list[tuple[Path, Path]]) -> int:
+    """Move each (source, target), making the target's folder; returns how many."""
+    for source, target in moves:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    return len(moves)
 
 
 def check_file(path: Path, image: dict[str, Any]) -> tuple[str, str] | None:
@@ -208,10 +213,7 @@ def put_back(out_dir: Path, images: Sequence[dict[str, Any]], found: Sequence[Pa
         if place != home:
             _refuse_linked(out_dir, place, home)
             moves.append((place, home))
-    for place, home in moves:
-        home.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(place, home)
-    return len(moves)
+    return _move(moves)
 
 
 def withdraw_event(

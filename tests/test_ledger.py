@@ -168,6 +168,22 @@ def test_result_missing_fields_names_the_line(tmp_path: Path) -> None:
         LedgerState.load(path)
 
 
+def every_reader(out: Path) -> list[tuple[str, Callable[[], object]]]:
+    """Each reader of OUT's ledger, by name: what a damaged line must fail alike."""
+    from cometbatch.export import read_jobs
+    from cometbatch.gallery import read_gallery
+    from cometbatch.status import read_status
+
+    path = out / LEDGER_NAME
+    return [
+        ("events", lambda: list(iter_events(path))),
+        ("resume", lambda: LedgerState.load(path)),
+        ("status", lambda: read_status(out)),
+        ("gallery", lambda: read_gallery(out)),
+        ("export", lambda: list(read_jobs(out))),
+    ]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -192,22 +208,11 @@ def test_a_result_field_of_the_wrong_type_names_the_line_for_every_reader(
 ) -> None:
     """A hand-edited result line with a field of the wrong JSON type is a LedgerError naming
     the line and the field, for resume, status, gallery and export alike."""
-    from cometbatch.export import read_jobs
-    from cometbatch.gallery import read_gallery
-    from cometbatch.status import read_status
-
     path = tmp_path / LEDGER_NAME
     bad = result("b", status="failed")
     bad[field] = value
     write_lines(path, RUN, result("a"), bad, END)
-    readers: list[tuple[str, Callable[[], object]]] = [
-        ("events", lambda: list(iter_events(path))),
-        ("resume", lambda: LedgerState.load(path)),
-        ("status", lambda: read_status(tmp_path)),
-        ("gallery", lambda: read_gallery(tmp_path)),
-        ("export", lambda: list(read_jobs(tmp_path))),
-    ]
-    for name, read in readers:
+    for name, read in every_reader(tmp_path):
         with pytest.raises(
             LedgerError, match=f"line 3 is not a valid 'result' event: .*'{field}'"
         ) as info:
@@ -235,23 +240,13 @@ def test_a_download_entry_of_the_wrong_type_names_the_line_and_field_for_every_r
     """A hand-edited link of a download_failed line (`downloads[].tries`, `first_failed_at`,
     `index`, `url`) of the wrong type is a LedgerError naming the line and the field, for
     resume, status, gallery and export alike, not a crash inside one of them."""
-    from cometbatch.export import read_jobs
-    from cometbatch.gallery import read_gallery
-    from cometbatch.status import read_status
-
     link = {"index": 0, "url": "https://img.example/0.png", "tries": 1, "first_failed_at": None}
     link.update(entry)
     link = {name: value for name, value in link.items() if value is not _ABSENT_FIELD}
     path = tmp_path / LEDGER_NAME
     bad = result("b", status="download_failed", downloads=[link])
     write_lines(path, RUN, result("a"), bad, END)
-    readers: list[tuple[str, Callable[[], object]]] = [
-        ("events", lambda: list(iter_events(path))),
-        ("resume", lambda: LedgerState.load(path)),
-        ("status", lambda: read_status(tmp_path)),
-        ("gallery", lambda: read_gallery(tmp_path)),
-        ("export", lambda: list(read_jobs(tmp_path))),
-    ]
+    readers = every_reader(tmp_path)
     expected = rf"line 3 is not a valid 'result' event: .*downloads\[0\].*'{field}'"
     for name, read in readers:
         with pytest.raises(LedgerError, match=expected) as info:
