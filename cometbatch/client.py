@@ -128,6 +128,12 @@ async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return body[:limit] if size > limit else body
 
 
+def _refusal(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection could not be made, in the system's words: aiohttp's own text names its
+    connector internals ("ssl:default [Connect call failed ...]")."""
+    return exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+
+
 class Client:
     """An async context manager that sends one images request or one download per call."""
 
@@ -318,7 +324,9 @@ class Client:
                 f"TLS certificate check failed for {where}: {detail}", sent=False, retryable=False
             ) from exc
         if isinstance(exc, aiohttp.ClientConnectorError):
-            raise APIConnectionError(f"cannot connect to {where}: {detail}", sent=False) from exc
+            raise APIConnectionError(
+                f"cannot connect to {where}: {_refusal(exc)}", sent=False
+            ) from exc
         if isinstance(exc, TimeoutError):
             raise APITimeoutError(
                 f"no complete answer from {where} in time (the image may have been generated)",
@@ -503,6 +511,11 @@ class Client:
             raise DownloadError("too many redirects downloading the image") from exc
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             raise DownloadError(f"the image URL is not usable: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise DownloadError(
+                f"cannot connect to the image host {exc.host}:{exc.port}: {_refusal(exc)}",
+                retryable=True,
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise DownloadError(
                 f"downloading the image failed: {exc or type(exc).__name__}", retryable=True

@@ -78,9 +78,12 @@ class Fetcher:
     def __repr__(self) -> str:
         return f"<Fetcher attempts={self.policy.max_attempts} sink={self.sink!r}>"
 
-    async def fetch(self, job_id: str, pending: Iterable[PendingDownload]) -> Fetched:
+    async def fetch(
+        self, job_id: str, pending: Iterable[PendingDownload], *, failures: int = logging.WARNING
+    ) -> Fetched:
         """Download and write each pending image; failures stay pending, with their URL and
-        one more failed try; links given up make the error final (see resume.LINK_TRIES)."""
+        one more failed try, logged at `failures`; links given up make the error final (see
+        resume.LINK_TRIES)."""
         fetched = Fetched()
         for item in pending:
             try:
@@ -88,7 +91,9 @@ class Fetcher:
             except DownloadError as exc:
                 if MASK in item.url:
                     exc = key_in_link_error(exc)
-                log.warning("image %d of job %r was not downloaded: %s", item.index, job_id, exc)
+                log.log(
+                    failures, "image %d of job %r was not downloaded: %s", item.index, job_id, exc
+                )
                 fetched.pending.append(self._failed_again(item))
                 if fetched.error is None or fetched.error.retryable:
                     fetched.error = exc  # a link gone for good makes the request's error final

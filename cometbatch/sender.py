@@ -386,7 +386,8 @@ class Sender:
             PendingDownload(image["index"], image["url"], image.get("revised_prompt"))
             for image in lost
         ]
-        fetched = await self.dispatcher.fetcher.fetch(job_id, links)
+        # A link that no longer works is expected here: the request is generated instead.
+        fetched = await self.dispatcher.fetcher.fetch(job_id, links, failures=logging.INFO)
         by_index = {image["index"]: image for image in lost}
         other = [
             record

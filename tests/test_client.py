@@ -622,6 +622,17 @@ async def test_download_size_cap_while_streaming() -> None:
     assert str(info.value) == "image larger than 250 bytes"
 
 
+async def test_an_image_host_that_refuses_the_connection_is_named_plainly() -> None:
+    """A download from a host nothing listens on says which host and why, retryable, without
+    aiohttp's own wording of its connector."""
+    port = free_port()
+    async with Client(base_url="http://127.0.0.1:9/v1", api_key=KEY) as client:
+        with pytest.raises(DownloadError) as info:
+            await client.download(f"http://127.0.0.1:{port}/0.png")
+    assert str(info.value).startswith(f"cannot connect to the image host 127.0.0.1:{port}: ")
+    assert "ssl" not in str(info.value) and info.value.retryable
+
+
 @pytest.mark.parametrize(
     ("status", "retryable", "message"),
     [
