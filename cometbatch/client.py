@@ -89,6 +89,12 @@ _IMAGE_DATA = "b64_json"
 def _redact_json(data: Any, key: str) -> None:
     """Blank `key` out of every string of parsed JSON but image data, object keys included,
     in place. Parsed, so a key the server spelled with JSON escapes is found as it is."""
+    # Only an image's own `b64_json` is image data: the same name elsewhere (in `usage`, in
+    # an extra field) is text that may be stored.
+    items = data.get("data") if isinstance(data, dict) else None
+    images = (
+        {id(item) for item in items if isinstance(item, dict)} if isinstance(items, list) else set()
+    )
     # A loop, not recursion: an answer may be nested about as deep as json.loads goes.
     pending = [data]
     while pending:
@@ -103,7 +109,7 @@ def _redact_json(data: Any, key: str) -> None:
             continue
         for where, value in children:
             if isinstance(value, str):
-                if where != _IMAGE_DATA and key in value:
+                if (where != _IMAGE_DATA or id(node) not in images) and key in value:
                     node[where] = value.replace(key, MASK)
             elif isinstance(value, dict | list):
                 pending.append(value)

@@ -707,6 +707,21 @@ async def test_key_never_appears_in_repr_or_errors() -> None:
     assert "***" in str(info.value)
 
 
+async def test_a_key_under_the_name_of_image_data_elsewhere_is_blanked() -> None:
+    """Only an image's own b64_json is skipped as image data: the same name in `usage` or in
+    an image's extra fields is text that reaches the ledger, so the key is blanked there."""
+    text = json.dumps(
+        {
+            "data": [{"b64_json": "aGk=", "meta": {"b64_json": KEY}}],
+            "usage": {"b64_json": KEY, "input_tokens": 3},
+        }
+    )
+    async with serve({("POST", ROUTE): reply(text=text, content_type="application/json")}) as base:
+        answer = await generate(base)
+    assert KEY not in json.dumps(answer.model_dump())
+    assert answer.usage == {"b64_json": "***", "input_tokens": 3}
+
+
 async def test_a_key_with_one_character_escaped_is_blanked_from_an_answer() -> None:
     """An answer spelling the key with one character as an uppercase \\u escape still has it
     blanked wherever it stands, next to other escaped text."""
