@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from pathlib import Path
 
 from .aside import withdrawal
+from .client import MASK
 from .errors import ChangedJobsError
 from .manifest import Job
 from .models import ModelRegistry
@@ -50,12 +51,15 @@ def _reads(state: KeyState | None) -> bool:
 
 
 def _links_at(images: object, finished_at: object) -> str | None:
-    """`finished_at` when each of `images` (a line's list) came as a link, else None."""
+    """`finished_at` when each of `images` (a line's list) came as a link that can work, else
+    None (a link the key was blanked out of cannot)."""
     if not isinstance(images, list) or not images or not isinstance(finished_at, str):
         return None
-    if all(isinstance(image, dict) and type(image.get("url")) is str for image in images):
-        return finished_at
-    return None
+    for image in images:
+        url = image.get("url") if isinstance(image, dict) else None
+        if type(url) is not str or MASK in url:
+            return None
+    return finished_at
 
 
 class Triage:

@@ -183,6 +183,29 @@ async def test_an_old_link_is_not_tried(sim: Simulator, tmp_path: Path) -> None:
     assert engine.summary.regenerated_missing == 1
 
 
+async def test_a_link_the_key_was_blanked_out_of_is_not_tried(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A recorded link holding the blanked key (`***`) cannot work: a lost image behind it is
+    generated again without a download."""
+    await first_run(sim, tmp_path)
+    gone = image_of(tmp_path, "c#0", 0)
+    gone.unlink()
+    ledger = tmp_path / "ledger.jsonl"
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for event in lines:
+        for image in event.get("images") or []:
+            if "url" in image:
+                image["url"] += "?key=***"
+    ledger.write_text("".join(json.dumps(event) + "\n" for event in lines))
+    downloads = sim.stats.downloads
+    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    assert result.ok and result.key == "c#0" and gone.is_file()
+    assert sim.stats.requests == len(JOBS) + 1
+    assert sim.stats.downloads == downloads + 1  # the new image's own link only
+
+
 def test_decide_downloads_again_only_fresh_links() -> None:
     """decide: an ok key with files gone (or a line that withdrew them) whose links were
     recorded within LINK_LIFETIME_S is downloaded again; older or no links: generated."""
