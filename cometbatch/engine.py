@@ -328,7 +328,8 @@ class Engine:
     async def generate(self, job: Job) -> list[Result]:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
-        triaged = list(self._triage.verdicts(job))
+        # The job's recorded files are looked at off the event loop, as run() does.
+        triaged = [item async for verdicts in self._triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
         sending = []
         for verdict, request, state in triaged:
