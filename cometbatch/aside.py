@@ -28,6 +28,12 @@ WITHDRAWN_KINDS = frozenset({"replaced", "missing_image", "corrupt_image"})
 CARRIED = "withdrawn"
 # The fields of the request withdrawn images belong to (a carried list records its own).
 REQUEST_FIELDS = ("fingerprint", "model", "n")
+# What else the line withdrawn from recorded (not an ok line: a partial or download_failed
+# one): its status, the links still to download and its error, written back with the images
+# so that the rest is asked for or downloaded, never passed off as ok.
+ORIGIN_FIELDS = ("status", "downloads", "error")
+# Statuses of a line withdrawn from that are written back as they were.
+_PENDING = frozenset({"partial", "download_failed"})
 # What a withdrawn image keeps of its ok line (plus "aside", where its file was put); "url"
 # only for an image that came as a link.
 IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt", "url")
@@ -261,19 +267,49 @@ def withdraw_event(
             "cost": origin.get("cost"),
             "run_id": origin.get("run_id"),
             "finished_at": origin.get("finished_at"),
+            **_origin_state(origin),
         },
+    }
+
+
+def _origin_state(origin: dict[str, Any]) -> dict[str, Any]:
+    """ORIGIN_FIELDS of the line a withdrawal took images from (or of the withdrawal it
+    continues): nothing for an ok line, or a withdrawal recorded before they were kept."""
+    if origin.get("status") not in _PENDING:
+        return {}
+    downloads = origin.get("downloads")
+    return {
+        "status": origin["status"],
+        "downloads": downloads if isinstance(downloads, list) else [],
+        "error": origin.get("error"),
     }
 
 
 def reinstated_event(
     withdrawing: dict[str, Any], *, run_id: str, finished_at: str
 ) -> dict[str, Any]:
-    """The ok line that records withdrawn images again, found whole (nothing was sent)."""
+    """The line that records withdrawn images again, found whole (nothing was sent: no
+    attempt, as `withdrawing` may be a failed request's): ok, or the partial or
+    download_failed line they were withdrawn from, with its links still to download. Never
+    ok with fewer images than the request's n: partial then, its rest asked for."""
     taken = withdrawing["withdrawn"]
     images = [recorded_image(image) for image in taken["images"]]
-    event = {**withdrawing, "run_id": run_id, "status": "ok", "images": images, "error": None}
-    event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
+    event = {**withdrawing, "run_id": run_id}
     event.update({name: taken[name] for name in REQUEST_FIELDS if name in taken})
+    status, error = taken.get("status"), taken.get("error")
+    downloads = taken.get("downloads") if status in _PENDING else None
+    downloads = downloads if isinstance(downloads, list) else []
+    n = event.get("n")
+    if type(n) is int and len(images) + len(downloads) < n:
+        # Short of the request (a partial line, or a withdrawal that did not record one).
+        status, error = "partial", error if status == "partial" else None
+    elif downloads:
+        status = "download_failed"
+    else:
+        status, error = "ok", None
+    event.update(status=status, images=images, downloads=downloads, error=error)
+    event.update(attempts=0, ambiguous_retries=0, rate_limited=0, latency_s=0.0)
+    event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
     del event["withdrawn"]
     return event
 

@@ -347,10 +347,12 @@ class Sender:
         if latest is None:
             return None
         images = withdrawn(latest)
+        taken = withdrawal(latest)
         if images is None and latest.get("status") == OK and work.verdict == "redownload":
             # Files gone from under an ok line: downloaded to their paths, the line repeated.
             images = list(latest.get("images") or ())
-        if not images:
+        # (A download_failed line may have withdrawn no image, only links to download.)
+        if images is None or not (images or (taken is not None and taken.get("downloads"))):
             return None
         found = await asyncio.to_thread(find_whole, self.out_dir, images)
         if found is None and work.verdict == "redownload":
@@ -364,15 +366,29 @@ class Sender:
                 f"cannot move the images of job {recorded.job_id!r} back in {self.out_dir}: "
                 f"{exc.strerror or exc}"
             ) from exc
-        if withdrawal(latest) is not None:
+        if taken is not None:
             line = reinstated_event(latest, run_id=self.run_id, finished_at=now_iso())
         else:
             line = repeated_event(latest, run_id=self.run_id, finished_at=now_iso())
         await self._ledger().append(line)
         self.summary.restored_images += len(images)
+        if line["status"] != OK:
+            # Put back as the partial or download_failed line it was: go on from there.
+            return await self._go_on(work.request)
         self.triage.count("reuse", work.request, planned=False)
         records = tuple(ImageRecord(**image) for image in line["images"])
         return Result.of(work.request, self.run_id, OK, images=records, reused=True)
+
+    async def _go_on(self, request: Request) -> Result:
+        """A key whose line was just put back short of its request: the rest asked for, its
+        links downloaded (or generated again under retry_failed), or kept as it is."""
+        state = self._ledger().state.get(request.key)
+        assert state is not None  # its line was just appended
+        verdict = decide(request.fingerprint, state, retry_failed=self._retry_failed)
+        if verdict in ("rest", "fetch", "send"):
+            return await self._send_and_record(Work(request, verdict, state))
+        self.triage.count("keep", request, planned=False)
+        return self.triage.kept(request, state)
 
     async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[Path] | None:
         """Download the images whole nowhere from the links they came from, each to its path

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import no_sleep, run_all, settings_for
+from support import ledger_results, no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.aside import REPLACED_DIR, put_back, set_aside
 from cometbatch.events import LEDGER_NAME, iter_events
 from cometbatch.state import LedgerState
+from cometbatch.status import read_status
 from cometbatch.verify import ImagePresence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,3 +267,92 @@ async def test_no_file_is_moved_or_counted_through_a_linked_job_folder(tmp_path:
         put_back(out, [image], [kept])
     assert refused.value.errno == errno.ELOOP
     assert kept.is_file() and not (elsewhere / "0.png").exists()
+
+
+FOUR = Job(id="q", prompt="one", model="gpt-image-1", n=4)
+FOUR_CHANGED = FOUR.model_copy(update={"prompt": "two"})
+
+
+async def test_images_put_back_from_a_partial_line_are_partial_again(tmp_path: Path) -> None:
+    """A partial key (2 of 4 images) is set aside when its job changed, the new request fails,
+    the job is reverted: its 2 images come back as the partial line they were (never ok with
+    images missing), and only the 2 missing ones are asked for."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        sim.enqueue("short", "500")
+        settings = settings_for(sim, max_attempts=1)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (first,) = await run_all(engine, [FOUR])
+        assert first.status == "partial" and len(first.images) == 2
+        sim.enqueue("400")
+        changed = settings_for(sim, regenerate_changed=True)
+        async with Engine(changed, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await run_all(engine, [FOUR_CHANGED])
+        assert failed.status == "failed"
+        sent, before = len(sim.stats.requests_log), len(ledger_results(tmp_path))
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [FOUR])
+        put, *_ = lines = ledger_results(tmp_path)[before:]
+        for line in lines:
+            assert line["status"] != "ok" or len(line["images"]) == 4, "ok with images missing"
+        assert (put["status"], len(put["images"]), put["n"]) == ("partial", 2, 4)
+        assert put["attempts"] == 0
+        assert result.ok and engine.summary.complete
+        assert [e["body"].get("n", 1) for e in sim.stats.requests_log[sent:]] == [2]
+        assert sim.stats.billed_images == 4
+        (event,) = latest_results(tmp_path).values()
+        assert sorted(image["index"] for image in event["images"]) == [0, 1, 2, 3]
+        assert_claims_true(tmp_path)
+        assert read_status(tmp_path).to_dict()["spend"]["images"] == 4
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            assert await run_all(engine, [FOUR]) == []
+        assert len(sim.stats.requests_log) == sent + 1
+
+
+async def test_images_put_back_from_a_download_failed_line_are_downloaded_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    """The same from a download_failed key (its links not downloaded, nothing to move): put
+    back as download_failed with its links, which are downloaded (nothing generated)."""
+    job = FOUR.model_copy(update={"model": "dall-e-2", "n": 2})
+    async with Simulator(SimConfig(seed=3)) as sim:
+        sim.enqueue(*["download-503"] * 8)
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (first,) = await run_all(engine, [job])
+        assert first.status == "download_failed" and first.error
+        assert first.error["retryable"] is True
+        sim.enqueue("400")
+        changed = settings_for(sim, regenerate_changed=True)
+        async with Engine(changed, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await run_all(engine, [job.model_copy(update={"prompt": "two"})])
+        assert failed.status == "failed"
+        billed = sim.stats.billed_images
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            (result,) = await run_all(engine, [job])
+        assert result.ok and sim.stats.billed_images == billed, "paid again for its links"
+        put = ledger_results(tmp_path)[-2]
+        assert (put["status"], len(put["downloads"]), put["attempts"]) == ("download_failed", 2, 0)
+        assert_claims_true(tmp_path)
+
+
+async def test_images_put_back_after_a_failed_regeneration_claim_no_attempts(
+    tmp_path: Path,
+) -> None:
+    """A regeneration fails after 3 attempts, then the original job is asked for in the same
+    engine: the images put back record no attempt (nothing was sent), so status counts no
+    retry for them and their payment once."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        await first_run(sim, tmp_path)
+        sim.enqueue("500", "500", "500")
+        settings = settings_for(sim, regenerate_changed=True, max_attempts=3)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            (failed,) = await engine.generate(CHANGED)
+            assert failed.status == "failed" and failed.attempts == 3
+            (result,) = await engine.generate(ORIGINAL)
+        assert result.ok and sim.stats.billed_images == 2
+    (event,) = latest_results(tmp_path).values()
+    assert event["status"] == "ok"
+    assert (event["attempts"], event["ambiguous_retries"], event["rate_limited"]) == (0, 0, 0)
+    assert event["latency_s"] == 0.0
+    status = read_status(tmp_path).to_dict()
+    assert status["retries"] == 2  # the failed request's, none for the put back
+    assert status["spend"]["images"] == 2
