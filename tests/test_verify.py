@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from support import cli, ledger_results, no_sleep, run_all, settings_for
 
-from cometbatch import Engine, Job, SimConfig, Simulator
+from cometbatch import Engine, Job, Result, SimConfig, Simulator, Summary
 from cometbatch.lock import FolderLock
 from cometbatch.paid import Payments
 from cometbatch.report import summary_lines
@@ -42,6 +42,23 @@ async def first_run(sim: Simulator, out: Path) -> None:
     assert all(result.ok for result in results)
 
 
+async def rerun_one(sim: Simulator, out: Path) -> tuple[Result, Summary]:
+    """Run JOBS again over OUT, where exactly one request is left to do: its result and the
+    run's summary."""
+    async with Engine(settings_for(sim), out_dir=out, sleep=no_sleep) as engine:
+        (result,) = await run_all(engine, JOBS)
+    return result, engine.summary
+
+
+def rewrite_ledger(out: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Rewrite every line of OUT's ledger through `change` (a hand edit)."""
+    ledger = out / "ledger.jsonl"
+    events = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for event in events:
+        change(event)
+    ledger.write_text("".join(json.dumps(event) + "\n" for event in events))
+
+
 def image_of(out: Path, key: str, index: int) -> Path:
     (event,) = [e for e in ledger_results(out) if e["key"] == key and e["status"] == "ok"][-1:]
     (image,) = [image for image in event["images"] if image["index"] == index]
@@ -58,17 +75,14 @@ async def test_a_deleted_image_is_generated_again_and_counted(
     await first_run(sim, tmp_path)
     gone = image_of(tmp_path, "a#0", 1)
     gone.unlink()
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "a#0"
     assert gone.is_file()
     assert sim.stats.requests == len(JOBS) + 1
-    summary = engine.summary.to_dict()
-    assert summary["regenerated_missing"] == 1
-    assert summary["skipped_requests"] == 2 and summary["complete"]
-    assert any(
-        "1 request(s) generated again" in line for line in summary_lines(engine.summary, tmp_path)
-    )
+    data = summary.to_dict()
+    assert data["regenerated_missing"] == 1
+    assert data["skipped_requests"] == 2 and data["complete"]
+    assert any("1 request(s) generated again" in line for line in summary_lines(summary, tmp_path))
     # The image that was still there was set aside, not silently overwritten.
     assert len(list((tmp_path / "replaced").rglob("0.png"))) == 1
 
@@ -104,13 +118,11 @@ async def test_a_deleted_url_image_is_downloaded_again_not_generated(
     digest = sha256_of(gone)
     gone.unlink()
     downloads = sim.stats.downloads
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "c#0"
     assert sim.stats.requests == len(JOBS)
     assert sim.stats.downloads == downloads + 1
     assert sha256_of(gone) == digest
-    summary = engine.summary
     assert (summary.restored_images, summary.regenerated_missing) == (1, 0)
     assert summary.complete and summary.spent_usd == 0
     again = ledger_results(tmp_path)[-1]
@@ -135,12 +147,11 @@ async def test_a_url_image_verify_marked_is_downloaded_again(
     damaged.write_bytes(bytes(data))
     code, _, stderr = await cli("verify", str(tmp_path))
     assert code == 1, stderr
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "c#0"
     assert sim.stats.requests == len(JOBS)
     assert sha256_of(damaged) == digest
-    assert (engine.summary.restored_images, engine.summary.regenerated_missing) == (1, 0)
+    assert (summary.restored_images, summary.regenerated_missing) == (1, 0)
     assert ledger_results(tmp_path)[-1]["attempts"] == 0
     assert payments_of(tmp_path, "c#0") == 1
     code, _, _ = await cli("verify", str(tmp_path))
@@ -153,11 +164,10 @@ async def test_a_link_no_longer_served_is_generated_again(sim: Simulator, tmp_pa
     gone = image_of(tmp_path, "c#0", 0)
     gone.unlink()
     sim.enqueue("download-404")
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "c#0" and gone.is_file()
     assert sim.stats.requests == len(JOBS) + 1
-    assert (engine.summary.restored_images, engine.summary.regenerated_missing) == (0, 1)
+    assert (summary.restored_images, summary.regenerated_missing) == (0, 1)
     code, _, _ = await cli("verify", str(tmp_path))
     assert code == 0
 
@@ -168,19 +178,18 @@ async def test_an_old_link_is_not_tried(sim: Simulator, tmp_path: Path) -> None:
     gone = image_of(tmp_path, "c#0", 0)
     gone.unlink()
     # The ledger as a run of a few days ago wrote it: its links are past their lifetime.
-    ledger = tmp_path / "ledger.jsonl"
-    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
-    for event in lines:
+
+    def days_ago(event: dict[str, Any]) -> None:
         if "finished_at" in event:
             event["finished_at"] = "2020-01-01T00:00:00.000Z"
-    ledger.write_text("".join(json.dumps(event) + "\n" for event in lines))
+
+    rewrite_ledger(tmp_path, days_ago)
     downloads = sim.stats.downloads
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "c#0" and gone.is_file()
     assert sim.stats.requests == len(JOBS) + 1
     assert sim.stats.downloads == downloads + 1  # the new image's own link only
-    assert engine.summary.regenerated_missing == 1
+    assert summary.regenerated_missing == 1
 
 
 async def test_a_link_the_key_was_blanked_out_of_is_not_tried(
@@ -191,16 +200,15 @@ async def test_a_link_the_key_was_blanked_out_of_is_not_tried(
     await first_run(sim, tmp_path)
     gone = image_of(tmp_path, "c#0", 0)
     gone.unlink()
-    ledger = tmp_path / "ledger.jsonl"
-    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
-    for event in lines:
+
+    def blank_key(event: dict[str, Any]) -> None:
         for image in event.get("images") or []:
             if "url" in image:
                 image["url"] += "?key=***"
-    ledger.write_text("".join(json.dumps(event) + "\n" for event in lines))
+
+    rewrite_ledger(tmp_path, blank_key)
     downloads = sim.stats.downloads
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, _summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "c#0" and gone.is_file()
     assert sim.stats.requests == len(JOBS) + 1
     assert sim.stats.downloads == downloads + 1  # the new image's own link only
@@ -279,8 +287,7 @@ async def test_a_run_reads_no_line_of_a_failure_that_withdrew_nothing(
         return line_event(self)
 
     monkeypatch.setattr(KeyState, "line_event", reading)
-    async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-        (result,) = await run_all(engine, JOBS)
+    result, _summary = await rerun_one(sim, tmp_path)
     assert result.ok and result.key == "b#0"
     assert read == []
 
