@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ImageDataError
 from .imagecheck import check_image
 from .paths import link_error, unlinked
+from .results import WITH_DOWNLOADS
 
 REPLACED_DIR = "replaced"
 # Error kinds of a failed line that withdraws a key's images (each lists them under
@@ -28,12 +29,6 @@ WITHDRAWN_KINDS = frozenset({"replaced", "missing_image", "corrupt_image"})
 CARRIED = "withdrawn"
 # The fields of the request withdrawn images belong to (a carried list records its own).
 REQUEST_FIELDS = ("fingerprint", "model", "n")
-# What else the line withdrawn from recorded (not an ok line: a partial or download_failed
-# one): its status, the links still to download and its error, written back with the images
-# so that the rest is asked for or downloaded, never passed off as ok.
-ORIGIN_FIELDS = ("status", "downloads", "error")
-# Statuses of a line withdrawn from that are written back as they were.
-_PENDING = frozenset({"partial", "download_failed"})
 # What a withdrawn image keeps of its ok line (plus "aside", where its file was put); "url"
 # only for an image that came as a link.
 IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt", "url")
@@ -273,9 +268,11 @@ def withdraw_event(
 
 
 def _origin_state(origin: dict[str, Any]) -> dict[str, Any]:
-    """ORIGIN_FIELDS of the line a withdrawal took images from (or of the withdrawal it
-    continues): nothing for an ok line, or a withdrawal recorded before they were kept."""
-    if origin.get("status") not in _PENDING:
+    """The status, links still to download and error of the partial or download_failed line
+    a withdrawal took images from (or of the withdrawal it continues), written back with the
+    images so that the rest is asked for or downloaded, never passed off as ok; nothing for
+    an ok line, or a withdrawal recorded before they were kept."""
+    if origin.get("status") not in WITH_DOWNLOADS:
         return {}
     downloads = origin.get("downloads")
     return {
@@ -297,7 +294,7 @@ def reinstated_event(
     event = {**withdrawing, "run_id": run_id}
     event.update({name: taken[name] for name in REQUEST_FIELDS if name in taken})
     status, error = taken.get("status"), taken.get("error")
-    downloads = taken.get("downloads") if status in _PENDING else None
+    downloads = taken.get("downloads") if status in WITH_DOWNLOADS else None
     downloads = downloads if isinstance(downloads, list) else []
     n = event.get("n")
     if type(n) is int and len(images) + len(downloads) < n:

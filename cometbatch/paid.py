@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .aside import withdrawal
+from .results import PAID
 
-# Statuses of a line whose images were generated (paid for), on disk or not.
-PAID = frozenset({"ok", "download_failed", "partial"})
 # A line's place in a key's history when it took the key's images out of ok.
 WITHDRAWN = "withdrawn"
 

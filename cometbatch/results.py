@@ -21,6 +21,10 @@ DOWNLOAD_FAILED = "download_failed"
 # Fewer images came than were asked for: those are recorded (paid for), the rest is asked for
 # under the same key. The key's next line lists every image so far (ok, or partial again).
 PARTIAL = "partial"
+# Statuses of a line whose images were generated (paid for), on disk or still to download.
+PAID = frozenset({OK, DOWNLOAD_FAILED, PARTIAL})
+# Statuses of a line that may list generated images still to download.
+WITH_DOWNLOADS = frozenset({DOWNLOAD_FAILED, PARTIAL})
 
 
 def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:

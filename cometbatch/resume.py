@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
+from .results import PAID, WITH_DOWNLOADS
 from .state import KeyState
 
 Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore", "redownload"]
@@ -68,7 +69,7 @@ def links_gone(
     A partial line's final error may be its follow-up's: only given-up links count there."""
     if status == "download_failed" and retryable is False:
         return True
-    return status in ("download_failed", "partial") and links_given_up(links, now)
+    return status in WITH_DOWNLOADS and links_given_up(links, now)
 
 
 def decide(
@@ -105,7 +106,7 @@ def decide(
             # before the images were withdrawn.
             return "changed"
         # A later request under the key failed (its line carries them): it decides below.
-    held = recorded.status in ("ok", "download_failed", "partial")
+    held = recorded.status in PAID
     if held and not same:
         # Old images that no longer match the request must not pass for its result.
         return "changed"
@@ -113,7 +114,7 @@ def decide(
         if not missing:
             return "reuse"
         return "redownload" if links_fresh(links_at, now) else "restore"
-    if recorded.status in ("partial", "download_failed"):
+    if recorded.status in WITH_DOWNLOADS:
         # Paid for already: download again, never generate again, while the links may work.
         # Links gone for good or given up make it a failed generation: kept, unless the user
         # asks for that (retry_failed pays for those images again: all of a download_failed

@@ -14,6 +14,7 @@ from .aside import withdraws as _withdraws
 from .errors import LedgerError
 from .events import _RESULT_LINE, _SHARED, Row, _ResultScanner
 from .paths import EXTENSIONS
+from .results import PAID, WITH_DOWNLOADS
 
 
 def _pack_hex(text: str) -> bytes | str:
@@ -32,10 +33,6 @@ def _unpack_hex(value: bytes | str) -> str:
     """Undo `_pack_hex`: JSON never yields bytes, so bytes always mean packed hex."""
     return value.hex() if isinstance(value, bytes) else value
 
-
-_WITH_IMAGES = frozenset({"ok", "download_failed", "partial"})
-# Statuses whose line may list generated images still to download.
-_WITH_DOWNLOADS = frozenset({"download_failed", "partial"})
 
 # Each image is packed flat into KeyState._images as these five values, because results held
 # as dicts or small objects cost several times the memory.
@@ -115,8 +112,8 @@ class KeyState:
                 retryable = error.get("retryable")
                 withdraws = status == "failed" and _withdraws(error)
         # A download_failed result keeps the images it did write, and the URLs still to fetch.
-        images = (event.get("images") or ()) if status in _WITH_IMAGES else ()
-        downloads = (event.get("downloads") or ()) if status in _WITH_DOWNLOADS else ()
+        images = (event.get("images") or ()) if status in PAID else ()
+        downloads = (event.get("downloads") or ()) if status in WITH_DOWNLOADS else ()
         usage = event.get("usage") if status == "partial" else None
         return cls(
             event["key"], status, event.get("fingerprint"), retryable, event["job_id"],

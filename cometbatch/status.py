@@ -13,8 +13,9 @@ from .events import LEDGER_NAME, iter_events
 from .forecast import forecast, ledger_verdicts, quiet_registry
 from .holder import RunState, run_state
 from .manifest import JobDefaults, Manifest
-from .paid import PAID, Payments
+from .paid import Payments
 from .prices import PriceTable, actual, builtin_prices
+from .results import PAID, WITH_DOWNLOADS
 from .resume import links_gone
 from .scope import Scope
 from .state import KeyState
@@ -215,7 +216,7 @@ def _links_gone(key: str, item: dict[str, Any]) -> bool:
     """Whether a download_failed or partial key's links are gone for good or given up, as
     a run decides it (resume.links_gone), its links read as KeyState reads them."""
     status = str(item["status"])
-    if status not in ("download_failed", "partial"):
+    if status not in WITH_DOWNLOADS:
         return False
     error = item["error"]
     retryable = error.get("retryable") if isinstance(error, dict) else None
