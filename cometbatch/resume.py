@@ -31,11 +31,8 @@ def link_given_up(tries: int, first_failed_at: str | None, now: float) -> bool:
     (the ledger's ISO time), is not worth another download at `now` (a Unix time)."""
     if tries >= LINK_TRIES:
         return True
-    try:
-        since = datetime.fromisoformat(first_failed_at).timestamp() if first_failed_at else None
-    except ValueError:
-        return False
-    return since is not None and now - since >= LINK_LIFETIME_S
+    age = _age_s(first_failed_at, now)
+    return age is not None and age >= LINK_LIFETIME_S
 
 
 def links_given_up(links: Iterable[tuple[int, str | None]], now: float | None = None) -> bool:
@@ -49,13 +46,18 @@ def links_fresh(recorded_at: str | None, now: float | None = None) -> bool:
     image came as a link) are young enough to download again: within LINK_LIFETIME_S, the
     bound the download-failure rule uses (the cost of a link dead sooner is a refused
     download, after which the request is generated as it would have been)."""
-    if recorded_at is None:
-        return False
+    age = _age_s(recorded_at, time.time() if now is None else now)
+    return age is not None and age < LINK_LIFETIME_S
+
+
+def _age_s(iso: str | None, now: float) -> float | None:
+    """Seconds from the ledger's ISO time `iso` to `now`; None for no time or an unreadable one."""
+    if not iso:
+        return None
     try:
-        at = datetime.fromisoformat(recorded_at).timestamp()
+        return now - datetime.fromisoformat(iso).timestamp()
     except ValueError:
-        return False
-    return (time.time() if now is None else now) - at < LINK_LIFETIME_S
+        return None
 
 
 def links_gone(
