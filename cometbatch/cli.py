@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from . import __version__
 from .cli_inspect import export, gallery, models, status, verify
 from .cli_options import (
-    AUTO_MAX_CONCURRENCY,
     DEFAULTS,
     EXIT_INTERRUPTED,
     budget_options,
@@ -44,7 +43,13 @@ from .prices import PriceTable, load_prices
 from .progress import choose_mode
 from .report import plan_data, plan_lines, summary_data, summary_lines
 from .runner import RunOutcome, run_manifest
-from .settings import KEY_ENV, Settings, check_base_url
+from .settings import (
+    AUTO_MAX_CONCURRENCY,
+    KEY_ENV,
+    RATE_MAX_CONCURRENCY,
+    Settings,
+    check_base_url,
+)
 from .simulator import SimConfig
 from .state import LedgerState
 from .streams import guard_std_streams
@@ -55,7 +60,12 @@ def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfi
     """Settings from the merged options (flags over the file over the defaults)."""
     fields: dict[str, Any] = {
         **settings_fields(config),
-        **concurrency_fields(opts["concurrency"], opts["min_concurrency"], opts["max_concurrency"]),
+        **concurrency_fields(
+            opts["concurrency"],
+            opts["min_concurrency"],
+            opts["max_concurrency"],
+            rate=opts["rpm"] is not None or opts["ipm"] is not None,
+        ),
         "rpm": opts["rpm"],
         "ipm": opts["ipm"],
         "max_attempts": opts["max_attempts"],
@@ -115,17 +125,17 @@ def main() -> None:
 @click.option(
     "--concurrency",
     metavar="N|auto",
-    default=str(DEFAULTS["concurrency"]),
     callback=parse_concurrency,
-    show_default=True,
     help="Requests in flight at most (backed off on 429s), or 'auto': start at 16 (or "
-    "--min-concurrency) and grow while latency and errors hold, up to --max-concurrency.",
+    "--min-concurrency) and grow while latency and errors hold, up to --max-concurrency. "
+    "Default: with --rpm/--ipm, rate x measured latency (up to --max-concurrency); else 16.",
 )
 @click.option(
     "--max-concurrency",
     type=click.IntRange(1, 10_000),
     metavar="N",
-    help=f"Upper bound of --concurrency auto (default {AUTO_MAX_CONCURRENCY}).",
+    help=f"Upper bound of --concurrency auto (default {AUTO_MAX_CONCURRENCY}) and of the level "
+    f"that follows --rpm/--ipm (default {RATE_MAX_CONCURRENCY}).",
 )
 @click.option(
     "--min-concurrency",
@@ -264,7 +274,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
             _dry_run(loaded, settings, out, prices, json_output)
             return
         simulate = bool(opts["simulate"])
-        raise_open_file_limit(settings.concurrency, simulate)
+        raise_open_file_limit(settings.max_in_flight, simulate)
         if not simulate and not settings.resolved_key():
             raise ConfigError(
                 f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .progress import make_console
 from .results import Summary
-from .settings import KEY_ENV, Settings
+from .settings import DEFAULT_CONCURRENCY, KEY_ENV, ConcurrencyMode, Settings, most_in_flight
 from .textsafe import PrintableFormatter, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -181,14 +181,10 @@ def concurrency_option(text: str) -> Callable[[F], F]:
     return click.option(
         "--concurrency",
         type=click.IntRange(1, 10_000),
-        default=DEFAULTS["concurrency"],
+        default=DEFAULT_CONCURRENCY,
         show_default=True,
         help=text,
     )
-
-
-# The upper bound of --concurrency auto unless --max-concurrency says otherwise.
-AUTO_MAX_CONCURRENCY = 256
 
 
 def raise_open_file_limit(concurrency: int, simulate: bool) -> None:
@@ -214,8 +210,12 @@ def raise_open_file_limit(concurrency: int, simulate: bool) -> None:
         )
 
 
-def parse_concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
-    """--concurrency: a number of requests in flight, or "auto"."""
+def parse_concurrency(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | str | None:
+    """--concurrency: a number of requests in flight, or "auto" (None: not given)."""
+    if value is None:
+        return None
     if str(value).strip().lower() == "auto":
         return "auto"
     try:
@@ -228,25 +228,37 @@ def parse_concurrency(ctx: click.Context, param: click.Parameter, value: str) ->
 
 
 def concurrency_fields(
-    concurrency: int | str, min_concurrency: int | None, max_concurrency: int | None
+    concurrency: int | str | None,
+    min_concurrency: int | None,
+    max_concurrency: int | None,
+    *,
+    rate: bool = False,
 ) -> dict[str, Any]:
-    """The Settings fields for --concurrency N|auto, --min-concurrency and --max-concurrency."""
+    """The Settings fields for --concurrency N|auto (None: not given), --min-concurrency and
+    --max-concurrency; `rate`: --rpm or --ipm was given."""
     fields: dict[str, Any] = {}
+    mode: ConcurrencyMode = "auto" if concurrency == "auto" else "rate" if rate else "fixed"
     if concurrency == "auto":
         fields["auto_concurrency"] = True
-        fields["concurrency"] = max_concurrency or AUTO_MAX_CONCURRENCY
-    else:
-        if max_concurrency is not None:
-            raise ConfigError(
-                "--max-concurrency bounds --concurrency auto; with a fixed --concurrency N, "
-                "N is the maximum"
-            )
+    elif concurrency is not None:
+        mode = "fixed"
         fields["concurrency"] = concurrency
+    if max_concurrency is not None:
+        if mode == "fixed":
+            raise ConfigError(
+                "--max-concurrency bounds --concurrency auto and the level that follows "
+                "--rpm/--ipm; with a fixed --concurrency N, N is the maximum"
+                if concurrency is not None
+                else "--max-concurrency bounds --concurrency auto and the level that follows "
+                "--rpm/--ipm; give one of those, or a fixed --concurrency N"
+            )
+        fields["max_concurrency"] = max_concurrency
     if min_concurrency is not None:
-        if min_concurrency > fields["concurrency"]:
+        ceiling = most_in_flight(fields.get("concurrency"), mode, max_concurrency)
+        if min_concurrency > ceiling:
             raise ConfigError(
                 f"--min-concurrency ({min_concurrency}) is above the maximum concurrency "
-                f"({fields['concurrency']})"
+                f"({ceiling})"
             )
         fields["min_concurrency"] = min_concurrency
     return fields

@@ -193,7 +193,7 @@ class Client:
             max_download_bytes=settings.max_download_bytes,
             max_response_bytes=settings.max_response_bytes,
             # Generations and downloads share the pool, so leave room for both.
-            pool_size=pool_size if pool_size is not None else max(100, 2 * settings.concurrency),
+            pool_size=pool_size if pool_size is not None else max(100, 2 * settings.max_in_flight),
             session=session,
             allow_insecure_http=settings.allow_insecure_http,
         )

@@ -203,8 +203,13 @@ def merge_options(
         if name == "base_url" and environ.get("COMETAPI_BASE_URL"):
             continue
         merged[name] = value
-    if "concurrency" in given and merged.get("concurrency") != "auto":
-        # A fixed --concurrency N is its own maximum: the file's bound for "auto" is moot.
+    concurrency = merged.get("concurrency")
+    bounded = concurrency == "auto" or (
+        concurrency is None and (merged.get("rpm") is not None or merged.get("ipm") is not None)
+    )
+    if not bounded and "max_concurrency" in merged:
+        # A fixed concurrency is its own maximum, and without a rate there is no level to
+        # bound: the file's bound is moot (a --max-concurrency flag still says so).
         merged["max_concurrency"] = flags.get("max_concurrency")
     if "retry_ambiguous" in config.values and "no_retry_ambiguous" not in given:
         merged["no_retry_ambiguous"] = not config.values["retry_ambiguous"]

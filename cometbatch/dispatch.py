@@ -258,7 +258,7 @@ class Dispatcher:
         """One attempt under the shared limits; `last` is the previous attempt's failure."""
         if self.stopping():
             raise Stopped
-        async with self.limiter.slot(images=request.n):
+        async with self.limiter.slot(images=request.n, retry=sent.attempts > 0):
             # A stop may have come while this task waited for its slot.
             if self.stopping():
                 raise Stopped

@@ -202,6 +202,8 @@ class Engine:
                 # the end line is still written, then the cancellation goes on.
                 cancelled = exc
                 await self._cut_off()
+            if self._limiter is not None:
+                self.summary.pace = self._limiter.pace(whole=True)
             if self._run_started and self._ledger is not None:
                 self.summary.elapsed_s = asyncio.get_running_loop().time() - self._started_at
                 with contextlib.suppress(Exception):
@@ -378,7 +380,7 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
-        width = self.settings.concurrency
+        width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
             self._pool.run(jobs, results, width, counting=not counted)

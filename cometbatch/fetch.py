@@ -255,7 +255,7 @@ async def fetch_pending(
                 RetryPolicy.from_settings(settings),
                 sleep,
             )
-            gate = asyncio.Semaphore(settings.concurrency)
+            gate = asyncio.Semaphore(settings.max_in_flight)
             try:
                 async for event, fetched in _fetch_each(fetcher, pending, gate, run_id):
                     await ledger.append(event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,8 @@ from typing import Literal
 from aiolimiter import AsyncLimiter
 
 from .errors import ConfigError, UpstreamDownError
-from .settings import Settings
+from .pace import Measured, Pace, PaceMeter, cause_of
+from .settings import ConcurrencyMode, Settings
 from .throttle import (
     MIN_ROUND,
     PACING_BURST,
@@ -22,10 +24,12 @@ from .throttle import (
     WINDOW,
     AimdLimit,
     AutoLimit,
+    RateLimit,
     RetryBudget,
     auto_start,
     pacing_bucket,
     pacing_capacity,
+    request_rate,
 )
 
 log = logging.getLogger(__name__)
@@ -47,13 +51,14 @@ class _Gate:
         self.holders = 0
         self.closed = False
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> bool:
+        """Take a place; True when it had to be waited for."""
         if self.closed:
             raise RuntimeError(_CLOSED)
         # Queue behind earlier waiters even when there is room, so arrival order is kept.
         if not self._waiters and self.holders < self._capacity():
             self.holders += 1
-            return
+            return False
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -66,6 +71,7 @@ class _Gate:
                 with suppress(ValueError):
                     self._waiters.remove(fut)
             raise
+        return True
 
     @property
     def waiting(self) -> int:
@@ -112,6 +118,7 @@ class Limiter:
         clock: Callable[[], float] | None = None,
         adaptive: bool = True,
         auto: bool = False,
+        follow_rate: bool = False,
         start: int | None = None,
         min_round: int = MIN_ROUND,
         pacing_margin: float = PACING_MARGIN,
@@ -141,8 +148,20 @@ class Limiter:
         self.auto = auto
         self._clock = clock
         self._auto: AutoLimit | None = None
+        self._rate: RateLimit | None = None
         self._aimd: AimdLimit
-        if auto:
+        if follow_rate and (auto or (rpm is None and ipm is None)):
+            raise ConfigError("following the rate needs rpm or ipm, and not auto concurrency")
+        self.mode: ConcurrencyMode = "auto" if auto else "rate" if follow_rate else "fixed"
+        if follow_rate:
+            self._aimd = self._rate = RateLimit(
+                floor=min_concurrency,
+                ceiling=concurrency,
+                threshold=throttle_threshold,
+                min_round=min_round,
+                rate=_rate_of(rpm, ipm, 1.0),
+            )
+        elif auto:
             begin = auto_start(min_concurrency, concurrency) if start is None else start
             if not min_concurrency <= begin <= concurrency:
                 raise ConfigError(
@@ -196,6 +215,10 @@ class Limiter:
         self._last_ok: float | None = None
         self._last_error: str | None = None
         self._warned_clamp = False
+        self._meter = PaceMeter()
+        # Slots whose request has left (past the pacer), as opposed to slots still waiting
+        # for their rate tokens.
+        self.sending = 0
         self.ok_total = self.throttled_total = self.failed_total = 0
         self.decreases = self.increases = 0
 
@@ -204,9 +227,10 @@ class Limiter:
         """A limiter with the engine settings' concurrency (fixed or auto), rpm, ipm and outage
         limit."""
         return cls(
-            concurrency=settings.concurrency,
-            min_concurrency=min(settings.min_concurrency, settings.concurrency),
+            concurrency=settings.max_in_flight,
+            min_concurrency=settings.min_concurrency,
             auto=settings.auto_concurrency,
+            follow_rate=settings.concurrency_mode == "rate",
             rpm=settings.rpm,
             ipm=settings.ipm,
             max_images_per_request=max_images_per_request,
@@ -239,6 +263,47 @@ class Limiter:
         return 1 if self._budget.probing else self._aimd.limit
 
     @property
+    def level(self) -> int:
+        """The current level: how many requests may be in flight now (`effective_limit`)."""
+        return self.effective_limit
+
+    @property
+    def backed_off(self) -> bool:
+        """True while 429s, 5xx or timeouts keep the limit below where it was."""
+        return self._aimd.backed_off
+
+    def pace(self, *, whole: bool = False) -> Pace:
+        """The rate achieved against rpm/ipm, and what holds it back: over the last 30 s,
+        or over the whole run (`whole`)."""
+        meter = self._meter
+        if whole:
+            seen: Measured = meter.whole()
+        else:
+            try:
+                now = self._time()
+            except RuntimeError:  # read off the event loop (a finished engine's display)
+                now = meter.last or 0.0
+            seen = meter.latest(now)
+            if seen.cause not in (None, "retries") and (self.probing or self.backed_off):
+                # What holds the run back now, not over the last half minute.
+                seen = dataclasses.replace(seen, cause="server")
+        return Pace(
+            requests_per_min=seen.requests_per_min,
+            images_per_min=seen.images_per_min,
+            rpm=self.rpm,
+            ipm=self.ipm,
+            latency=seen.latency,
+            images_per_request=seen.images_per_request,
+            mode=self.mode,
+            level=self.effective_limit,
+            ceiling=self.concurrency,
+            cause=seen.cause,
+            retry_share=seen.retry_share,
+            probing=self.probing,
+            backed_off=self.backed_off,
+        )
+
+    @property
     def in_flight(self) -> int:
         """Slots held, counting a holder that still waits for its rate tokens."""
         return self._gate.holders
@@ -263,8 +328,12 @@ class Limiter:
         """True once closed: no new slots."""
         return self._closed
 
+    def _time(self) -> float:
+        """The limiter's clock (the event loop's unless one was given)."""
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
     def _now(self) -> float:
-        now = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        now = self._time()
         if self._last_ok is None:
             # The outage clock starts at first use, not at construction.
             self._last_ok = now
@@ -328,7 +397,9 @@ class Limiter:
                 latency = None if sent is None else now - sent
             if latency is not None:
                 auto.observe(latency)
-        change = self._aimd.record(outcome == "throttled", busy=success and self._busy())
+        change = self._aimd.record(
+            outcome == "throttled", busy=success and self._busy(), flight=self.sending
+        )
         if change < 0:
             self.decreases += 1
             log.info("backing off: concurrency limit %d -> %d", self.limit - change, self.limit)
@@ -351,17 +422,51 @@ class Limiter:
         return self._gate.holders >= self.effective_limit
 
     @asynccontextmanager
-    async def slot(self, images: int = 1) -> AsyncIterator[None]:
-        """Wait for a concurrency slot, then 1 rpm token and `images` ipm tokens; hold the slot."""
-        await self._enter(images)
-        sent = _SENT_AT.set(self._now())
+    async def slot(self, images: int = 1, *, retry: bool = False) -> AsyncIterator[None]:
+        """Wait for a concurrency slot, then 1 rpm token and `images` ipm tokens; hold the slot.
+
+        `retry`: the request was sent before (what holds a run back counts it apart).
+        """
+        waited_slot, waited_rate = await self._enter(images)
+        now = self._now()
+        # Taking the last free slot counts as waiting for one: with as many workers as slots
+        # (the engine's fixed concurrency) nobody queues, yet the limit is what binds.
+        full = waited_slot or self._gate.holders >= self.effective_limit
+        self._sent(now, images, retry=retry, waited_slot=full, waited_rate=waited_rate)
+        sent = _SENT_AT.set(now)
+        self.sending += 1
         try:
             yield
         finally:
+            self.sending -= 1
             _SENT_AT.reset(sent)
             self._gate.release()
+            self._held(self._now() - now)
 
-    async def _enter(self, images: int) -> None:
+    def _sent(
+        self, now: float, images: int, *, retry: bool, waited_slot: bool, waited_rate: bool
+    ) -> None:
+        cause = cause_of(
+            retry=retry,
+            probing=self.probing,
+            waited_rate=waited_rate,
+            waited_slot=waited_slot,
+            backed_off=self._aimd.backed_off,
+        )
+        meter = self._meter
+        meter.sent(now, images, cause)
+        if self._rate is not None:
+            self._rate.rate = _rate_of(self.rpm, self.ipm, meter.images / meter.requests)
+
+    def _held(self, seconds: float) -> None:
+        self._meter.held(self._now(), seconds)
+        if self._rate is not None:
+            self._rate.observe(seconds)
+            # A longer latency raises the level: make room for waiters.
+            self._gate.wake()
+
+    async def _enter(self, images: int) -> tuple[bool, bool]:
+        """Wait for a slot, then for rate tokens; whether each had to be waited for."""
         if images < 0:
             raise ValueError(f"images must be >= 0, got {images}")
         if self._closed:
@@ -376,21 +481,23 @@ class Limiter:
             # task cancelled in the queue throws its token away). A slot held while waiting
             # for a token is not wasted: while anyone waits for a token, the rate, not the
             # concurrency, is what bounds throughput.
-            await self._gate.acquire()
+            waited_slot = await self._gate.acquire()
             try:
                 # Queued waiters may have been let in after the upstream went down.
                 self.check_outage()
-                await self._pace(images)
+                waited_rate = await self._pace(images)
             except BaseException:
                 self._gate.release()
                 raise
         finally:
             self._waiting -= 1
+        return waited_slot, waited_rate
 
-    async def _pace(self, images: int) -> None:
+    async def _pace(self, images: int) -> bool:
+        """Take the rate tokens; True when they had to be waited for."""
         if self._rpm is None and self._ipm is None:
-            return
-        await self._pacer.acquire()
+            return False
+        waited = await self._pacer.acquire()
         task = asyncio.current_task()
         self._pacing_task = task
         try:
@@ -398,9 +505,11 @@ class Limiter:
             # only once the capacity is there. One between the two acquisitions forfeits the
             # rpm token, since a bucket cannot give capacity back; sending less is the safe side.
             if self._rpm is not None:
+                waited = waited or not self._rpm.has_capacity()
                 await self._rpm.acquire()
             if self._ipm is not None:
                 amount = min(images, self.max_images_per_request)
+                waited = waited or not self._ipm.has_capacity(amount)
                 if amount < images and not self._warned_clamp:
                     self._warned_clamp = True
                     log.warning(
@@ -419,6 +528,7 @@ class Limiter:
         finally:
             self._pacing_task = None
             self._pacer.release()
+        return waited
 
     def close(self) -> None:
         """Refuse new slots and wake every waiter with RuntimeError; slots held stay valid."""
@@ -449,6 +559,8 @@ class Limiter:
         args = f"concurrency={self.concurrency!r}, rpm={self.rpm!r}, ipm={self.ipm!r}"
         if self.auto:
             args += ", auto=True"
+        if self._rate is not None:
+            args += ", follow_rate=True"
         state = (
             f"limit: {self.effective_limit}/{self.limit}, in flight: {self.in_flight}, "
             f"waiting: {self.waiting}, tokens: {self.tokens:.1f}"
@@ -458,3 +570,9 @@ class Limiter:
         if self._closed:
             state += ", closed"
         return f"<Limiter({args}) at {id(self):#x} [{state}]>"
+
+
+def _rate_of(rpm: float | None, ipm: float | None, images_per_request: float) -> float:
+    rate = request_rate(rpm, ipm, images_per_request)
+    assert rate is not None, "following the rate needs rpm or ipm"
+    return rate

@@ -22,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from .pace import Pace
 from .prices import format_usd
 from .streams import stream_gone
 
@@ -48,9 +49,13 @@ class Snapshot:
     waiting: int = 0
     # Images finished by this run (written or failed): what the rate counts.
     processed: int = 0
-    # Auto concurrency: `limit` is the level it chose, `ceiling` the most it may grow to.
+    # Auto concurrency, or a level that follows the rate: `limit` is the level it chose,
+    # `ceiling` the most it may grow to.
     auto: bool = False
+    follows_rate: bool = False
     ceiling: int = 0
+    # The rate sent against rpm/ipm and what holds it back (the last 30 s).
+    pace: Pace | None = None
     # This run's spend so far; with a cap, the folder's figures against it.
     spent: float = 0.0
     images_cap: int | None = None
@@ -68,7 +73,7 @@ class Snapshot:
             done=s.images_written + s.skipped_images,
             failed=s.failed_images,
             total=s.planned_images,
-            in_flight=limiter.in_flight,
+            in_flight=limiter.sending,
             limit=limiter.limit,
             retries=s.retries,
             rate_limited=s.rate_limited,
@@ -76,7 +81,9 @@ class Snapshot:
             waiting=engine.waiting_to_retry,
             processed=s.images_written + s.failed_images,
             auto=limiter.auto,
+            follows_rate=limiter.mode == "rate",
             ceiling=limiter.concurrency,
+            pace=limiter.pace(),
             spent=s.spent_usd,
             images_cap=budget.max_images if budget is not None else None,
             images_counted=budget.images + budget.reserved_images if budget is not None else 0,
@@ -89,6 +96,11 @@ class Snapshot:
         parts = [f"in flight {self.in_flight}/{self.limit}"]
         if self.auto:
             parts[0] += f" (auto, max {self.ceiling})"
+        elif self.follows_rate:
+            parts[0] += f" (follows the rate, max {self.ceiling})"
+        pace = self.pace.text() if self.pace is not None else ""
+        if pace:
+            parts.append(pace)
         if self.waiting:
             parts.append(f"waiting to retry {self.waiting}")
         parts += [

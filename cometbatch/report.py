@@ -52,6 +52,9 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
         f"retries {summary.retries} (429s {summary.rate_limited}), "
         f"possibly billed twice: {summary.ambiguous_retries}",
     ]
+    pace = summary.pace.text() if summary.pace is not None else ""
+    if pace:
+        lines.append(f"rate: {pace}")
     if spend is not None and (summary.ok_requests or summary.failed_requests):
         unknown = (
             f"; {spend.unpriced_images} image(s) of unknown price" if spend.unpriced_images else ""

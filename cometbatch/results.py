@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .manifest import Job
+from .pace import Pace
 from .plan import Request, request_key
 from .sink import ImageRecord
 
@@ -181,6 +182,8 @@ class Summary:
     unpriced_images: int = 0
     # The caps and how much of them is used, when Settings set any.
     budget: Budget | None = None
+    # The rate sent over the run against rpm/ipm, and what held it back (set at the end).
+    pace: Pace | None = None
 
     def add(self, result: Result, *, paid: bool = True, written_before: int = 0) -> None:
         """Count one finished request (`paid`: its cost was paid by this run;
@@ -259,4 +262,5 @@ class Summary:
             "spent_usd": round(self.spent_usd, 6),
             "unpriced_images": self.unpriced_images,
             "budget": self.budget.to_dict() if self.budget is not None else None,
+            "pace": self.pace.to_dict() if self.pace is not None else None,
         }

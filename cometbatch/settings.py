@@ -7,7 +7,7 @@ import os
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -19,6 +19,13 @@ FsyncPolicy = Literal["end", "batch", "always"]
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
 KEY_ENV = "COMETAPI_KEY"
 BASE_URL_ENV = "COMETAPI_BASE_URL"
+# Requests in flight with no concurrency, rpm or ipm given.
+DEFAULT_CONCURRENCY = 16
+# The most requests in flight unless max_concurrency says otherwise: auto concurrency, and the
+# level that follows rpm/ipm (at 60 s a generation, 1,000/min needs 1,000 in flight).
+AUTO_MAX_CONCURRENCY = 256
+RATE_MAX_CONCURRENCY = 1000
+ConcurrencyMode = Literal["fixed", "auto", "rate"]
 
 
 def _default_base_url() -> str:
@@ -50,6 +57,16 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> None:
         )
 
 
+def most_in_flight(concurrency: int | None, mode: ConcurrencyMode, bound: int | None) -> int:
+    """The hard cap on requests in flight: a fixed concurrency, else the mode's bound (auto's
+    or the rate's, by default 256 and 1,000), else 16."""
+    if concurrency is not None:
+        return concurrency
+    if mode == "fixed":
+        return DEFAULT_CONCURRENCY
+    return bound or (AUTO_MAX_CONCURRENCY if mode == "auto" else RATE_MAX_CONCURRENCY)
+
+
 class Settings(BaseModel):
     """How the engine sends: limits, retries, timeouts, where, and with which key."""
 
@@ -59,11 +76,17 @@ class Settings(BaseModel):
     base_url: str = Field(default_factory=_default_base_url)
     # A plain str is accepted for convenience and stored as a SecretStr (hidden in reprs).
     api_key: SecretStr | str | None = Field(default=None, repr=False)
-    concurrency: int = Field(default=16, ge=1, le=10_000)
+    # Most requests in flight, a hard cap. None: with rpm or ipm, rate x measured latency (with
+    # headroom, up to max_concurrency), so the limit is used at any latency; without, 16.
+    concurrency: int | None = Field(default=None, ge=1, le=10_000)
     min_concurrency: int = Field(default=1, ge=1)
     # Concurrency finds its own level: it starts at 16 (or min_concurrency, if higher) and grows
-    # while latency and errors hold, up to `concurrency`; 429s and timeouts back it off.
+    # while latency and errors hold, up to `concurrency` (else max_concurrency, else 256);
+    # 429s and timeouts back it off.
     auto_concurrency: bool = False
+    # The bound of auto concurrency and of the level that follows the rate (None: 256 for
+    # auto, 1,000 for the rate); a fixed `concurrency` is its own bound.
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
     rpm: float | None = Field(default=None, gt=0)
     ipm: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=8, ge=1, le=100)
@@ -105,6 +128,34 @@ class Settings(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base URL must be http(s)://host[/path], got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_concurrency(self) -> Settings:
+        if self.max_concurrency is not None and self.concurrency_mode == "fixed":
+            raise ValueError(
+                "max_concurrency bounds auto concurrency and the level that follows rpm/ipm; "
+                "a fixed concurrency is its own maximum"
+            )
+        if self.min_concurrency > self.max_in_flight:
+            raise ValueError(
+                f"min_concurrency ({self.min_concurrency}) is above the maximum concurrency "
+                f"({self.max_in_flight})"
+            )
+        return self
+
+    @property
+    def concurrency_mode(self) -> ConcurrencyMode:
+        """ "auto" (auto_concurrency), "rate" (rpm or ipm and no concurrency), else "fixed"."""
+        if self.auto_concurrency:
+            return "auto"
+        if self.concurrency is None and (self.rpm is not None or self.ipm is not None):
+            return "rate"
+        return "fixed"
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests ever in flight: the hard cap of this concurrency mode."""
+        return most_in_flight(self.concurrency, self.concurrency_mode, self.max_concurrency)
 
     @field_validator("api_key")
     @classmethod

@@ -1,8 +1,11 @@
-"""Pure decisions for the shared limiter: pacing buckets, AIMD, auto concurrency, retry budget."""
+"""Pure decisions for the shared limiter: pacing buckets, AIMD, auto concurrency, concurrency
+that follows a rate, retry budget."""
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections import deque
 
 WINDOW = 60.0
 # Adaptive concurrency starts here (the default fixed concurrency) unless the floor is higher.
@@ -23,6 +26,13 @@ PACING_MARGIN = 0.5
 # good (6,000 rpm reached only 87 % of the limit). With room for half a second, late wake-ups
 # are made up at once, still within the limit; it costs 0.8 % of it.
 PACING_BURST = 0.5
+# Concurrency that follows a rate keeps this many times rate x latency slots: Little's law
+# gives the mean number in flight, answers vary around their mean, and a slot more than needed
+# costs nothing (its task waits for a rate token before anything is sent).
+HEADROOM = 1.5
+# Slot hold times averaged for that latency: enough to smooth one slow answer out, few enough
+# to follow a change within a few dozen answers.
+HOLD_SAMPLES = 32
 
 
 def pacing_bucket(limit: float, capacity: float, *, window: float = WINDOW) -> tuple[float, float]:
@@ -63,18 +73,26 @@ class AimdLimit:
         self.limit = ceiling
         self._seen = 0
         self._throttled = 0
+        # The limit before the back-off now in force, if one is.
+        self._before: int | None = None
 
-    def record(self, throttled: bool, *, busy: bool = True) -> int:
+    @property
+    def backed_off(self) -> bool:
+        """True while a back-off (429s, 5xx) keeps the limit below where it was before it."""
+        return self._before is not None
+
+    def record(self, throttled: bool, *, busy: bool = True, flight: int = 0) -> int:
         """Count one outcome; return the change made to the limit (0 while a round runs).
 
         `busy` (whether the limit was in full use) matters only to AutoLimit: a fixed
-        maximum is recovered to whether or not it is needed.
+        maximum is recovered to whether or not it is needed. `flight` (requests in flight
+        now) only to RateLimit, whose back-off starts from what was in use.
         """
         self._count(throttled)
         if self._storm():
             return self._set(self._decreased())
         if self._round_over():
-            return self._set(min(self.ceiling, self.limit + 1))
+            return self._set(self._increased())
         return 0
 
     def _count(self, throttled: bool) -> None:
@@ -92,9 +110,17 @@ class AimdLimit:
     def _decreased(self) -> int:
         return max(self.floor, self.limit * 7 // 10)
 
+    def _increased(self) -> int:
+        return min(self.ceiling, self.limit + 1)
+
     def _set(self, new: int) -> int:
         """Set the limit and start a new round; return the change."""
-        change, self.limit = new - self.limit, new
+        old = self.limit
+        change, self.limit = new - old, new
+        if change < 0 and self._before is None:
+            self._before = old
+        elif self._before is not None and self.limit >= self._before:
+            self._before = None
         self._new_round()
         return change
 
@@ -160,7 +186,7 @@ class AutoLimit(AimdLimit):
                 self.latency if self.baseline is None else min(self.baseline, self.latency)
             )
 
-    def record(self, throttled: bool, *, busy: bool = True) -> int:
+    def record(self, throttled: bool, *, busy: bool = True, flight: int = 0) -> int:
         """Count one outcome (`busy`: the limit was in full use); return the change made."""
         self._count(throttled)
         self._busy += busy
@@ -186,6 +212,114 @@ class AutoLimit(AimdLimit):
     def _new_round(self) -> None:
         super()._new_round()
         self._busy = 0
+
+
+class RateLimit(AimdLimit):
+    """Concurrency that follows a rate: rate x latency requests in flight (Little's law).
+
+    A paced request rate R and a slot hold time W (from the request leaving to its answer)
+    need R x W slots on average; the limit is that times `headroom`, plus one, within
+    [floor, ceiling]. Until `samples` holds have been timed the limit is the ceiling: the
+    pacer alone decides what leaves, so the rate is used from the first second instead of
+    being grown to. The latency is the mean of the last `samples` holds, so the limit follows
+    a slower or faster server within as many answers.
+
+    Under that, a back-off as in fixed mode: a throttled round (429s, 5xx, timeouts) cuts the
+    limit to 0.7 x what was in use (the most in flight this round, when below the limit:
+    cutting an unused limit would slow nothing). Each calm round then raises it by a quarter
+    (at least one) until the rate's own level is reached again: that level is known, so a
+    passing storm costs minutes, not the hour that one slot a 200-answer round would take to
+    win back a 1,200/min rate at 6 s a request. A server whose real limit is lower throttles
+    again on the way up and is converged on.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor: int,
+        ceiling: int,
+        threshold: float,
+        min_round: int,
+        rate: float,
+        headroom: float = HEADROOM,
+        samples: int = HOLD_SAMPLES,
+    ) -> None:
+        if rate <= 0 or headroom < 1 or samples < 1:
+            raise ValueError("rate must be > 0, headroom >= 1 and samples >= 1")
+        self.rate = rate
+        self.headroom = headroom
+        self._holds: deque[float] = deque(maxlen=samples)
+        # The backed-off limit while a back-off is in force; None: the rate's own level.
+        self._backoff: int | None = None
+        self._peak = 0
+        super().__init__(floor=floor, ceiling=ceiling, threshold=threshold, min_round=min_round)
+
+    @property
+    def latency(self) -> float | None:
+        """The mean of the last holds, once there are enough of them; None before."""
+        holds = self._holds
+        if len(holds) < (holds.maxlen or 1):
+            return None
+        return sum(holds) / len(holds)
+
+    @property
+    def target(self) -> int:
+        """The rate's own level: headroom x rate x latency + 1, within [floor, ceiling]."""
+        latency = self.latency
+        if latency is None:
+            return self.ceiling
+        wanted = math.ceil(self.headroom * needed(self.rate, latency)) + 1
+        return max(self.floor, min(self.ceiling, wanted))
+
+    @property
+    def limit(self) -> int:
+        """The rate's level, or the back-off's when that is lower."""
+        target = self.target
+        return target if self._backoff is None else min(self._backoff, target)
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self._backoff = None if value >= self.target else value
+
+    @property
+    def backed_off(self) -> bool:
+        return self._backoff is not None and self._backoff < self.target
+
+    def observe(self, hold: float) -> None:
+        """Time one slot hold (seconds from the request leaving to its slot being let go)."""
+        self._holds.append(hold)
+
+    def record(self, throttled: bool, *, busy: bool = True, flight: int = 0) -> int:
+        self._peak = max(self._peak, flight)
+        return super().record(throttled, busy=busy, flight=flight)
+
+    def _decreased(self) -> int:
+        used = min(self.limit, self._peak) if self._peak else self.limit
+        return max(self.floor, used * 7 // 10)
+
+    def _increased(self) -> int:
+        return min(self.ceiling, max(self.limit + 1, self.limit * 5 // 4))
+
+    def _new_round(self) -> None:
+        super()._new_round()
+        self._peak = 0
+
+
+def needed(rate: float, latency: float) -> float:
+    """Requests in flight that send `rate` a second when each takes `latency` s (Little's law),
+    rounded to a millionth so that timers a nanosecond late never round a level up."""
+    return round(rate * latency, 6)
+
+
+def request_rate(
+    rpm: float | None, ipm: float | None, images_per_request: float | None
+) -> float | None:
+    """Requests a second that rpm and ipm allow (the tighter one) at this many images a
+    request; None when neither is set."""
+    rates = [rpm / WINDOW] if rpm is not None else []
+    if ipm is not None:
+        rates.append(ipm / WINDOW / max(1.0, images_per_request or 1.0))
+    return min(rates) if rates else None
 
 
 def auto_start(floor: int, ceiling: int) -> int:

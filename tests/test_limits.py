@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
+import re
 import selectors
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -734,3 +735,136 @@ def test_auto_settings_and_impossible_auto_limits() -> None:
     with pytest.raises(ConfigError, match="needs adaptive=True"):
         Limiter(concurrency=10, auto=True, adaptive=False)
     assert "auto=True" in repr(Limiter(concurrency=10, auto=True))
+
+
+def test_the_concurrency_mode_follows_from_the_settings() -> None:
+    """A rate without a concurrency follows it (up to 1,000 by default); a number is a hard
+    cap with or without a rate; auto is bounded by 256 unless told otherwise; else 16."""
+    assert (Settings().concurrency_mode, Settings().max_in_flight) == ("fixed", 16)
+    rate = Settings(rpm=600)
+    assert (rate.concurrency_mode, rate.max_in_flight) == ("rate", 1000)
+    assert Settings(ipm=600, max_concurrency=50).max_in_flight == 50
+    fixed = Settings(rpm=600, concurrency=16)
+    assert (fixed.concurrency_mode, fixed.max_in_flight) == ("fixed", 16)
+    auto = Settings(auto_concurrency=True, rpm=600)
+    assert (auto.concurrency_mode, auto.max_in_flight) == ("auto", 256)
+    with pytest.raises(ValueError, match="a fixed concurrency is its own maximum"):
+        Settings(concurrency=8, max_concurrency=40)
+    with pytest.raises(ValueError, match="above the maximum concurrency"):
+        Settings(min_concurrency=20)
+
+
+# -- concurrency that follows the rate ----------------------------------------------------
+
+
+async def follow(
+    limiter: Limiter, phases: list[tuple[float, float, float]], *, workers: int = 400
+) -> list[tuple[float, int, int]]:
+    """Keep `workers` tasks sending through the limiter, each request answered after the
+    latency of the phase it was sent in (`(seconds, latency, share answered 429)`, one after
+    another); every second, sample (time, level, requests in flight)."""
+    start = now()
+    ends = []
+    total = 0.0
+    for seconds, latency, throttled in phases:
+        total += seconds
+        ends.append((start + total, latency, throttled))
+    rng = random.Random(7)
+    samples: list[tuple[float, int, int]] = []
+
+    def phase() -> tuple[float, float] | None:
+        for end, latency, throttled in ends:
+            if now() < end:
+                return latency, throttled
+        return None
+
+    async def worker() -> None:
+        retry = False
+        while phase() is not None:
+            async with limiter.slot(retry=retry):
+                # The server's latency and its 429s are those of the moment the request left.
+                current = phase()
+                latency, throttled = current if current is not None else (0.0, 0.0)
+                # A throttled request is sent again, as the engine does.
+                retry = rng.random() < throttled
+                if retry:
+                    await asyncio.sleep(0.2)
+                    limiter.record("throttled", "429")
+                else:
+                    await asyncio.sleep(latency)
+                    limiter.record("ok")
+
+    async def sample() -> None:
+        while phase() is not None:
+            samples.append((now() - start, limiter.level, limiter.sending))
+            await asyncio.sleep(1.0)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(workers):
+            tg.create_task(worker())
+        tg.create_task(sample())
+    return samples
+
+
+def between(samples: list[tuple[float, int, int]], start: float, end: float) -> list[int]:
+    return [level for t, level, _ in samples if start <= t < end]
+
+
+def test_the_level_follows_rate_times_latency_and_backs_off_on_429s() -> None:
+    """With only an rpm, the level settles at 1.5 x rate x latency + 1 (20/s x 2 s: 61), the
+    requests in flight at rate x latency (40), the rate at the limit from the first seconds;
+    when latency triples the level follows (181) and the rate holds; a storm of 429s backs it
+    off below that; calm rounds bring it back up by a quarter each."""
+
+    async def main() -> tuple[list[tuple[float, int, int]], list[str], Limiter]:
+        limiter = Limiter(concurrency=1000, rpm=1200, follow_rate=True, budget_tokens=1e9)
+        async with limiter:
+            texts: list[str] = []
+
+            async def watch() -> None:
+                for at in (50.0, 110.0, 139.0):
+                    await asyncio.sleep(at - now())
+                    texts.append(limiter.pace().text())
+
+            watcher = asyncio.create_task(watch())
+            samples = await follow(
+                limiter, [(60.0, 2.0, 0.0), (60.0, 6.0, 0.0), (20.0, 6.0, 0.3), (60.0, 6.0, 0.0)]
+            )
+            await watcher
+            return samples, texts, limiter
+
+    samples, texts, limiter = run(main)
+    # Settled at 2 s a request: the level, what is in flight, and the rate achieved.
+    assert set(between(samples, 20, 60)) == {61}
+    in_flight = [sending for t, _, sending in samples if 20 <= t < 60]
+    assert 36 <= min(in_flight) and max(in_flight) <= 44
+    assert re.match(r"1,1[89]\d requests/min of 1,200 \(9[89]%\)", texts[0]), texts[0]
+    assert "held back by the rate limit" in texts[0]
+    # Three times the latency: three times the level, the rate still at the limit.
+    assert set(between(samples, 80, 120)) == {181}
+    assert "held back by the rate limit" in texts[1]
+    assert re.match(r"1,1[89]\d requests/min", texts[1]), texts[1]
+    # 30 % of answers 429s for 20 s: backed off to 0.7 x what was in use, then lower.
+    assert max(between(samples, 125, 140)) < 90
+    assert "held back by the server: its 429s or errors backed concurrency off to " in texts[2]
+    # Calm again: each round raises it by a quarter, never past the rate's level.
+    after = between(samples, 150, 200)
+    assert after == sorted(after) and after[-1] >= 1.5 * after[0] and max(after) <= 181
+    assert limiter.decreases >= 2
+
+
+def test_a_fixed_concurrency_says_when_it_holds_the_rate_back() -> None:
+    """--concurrency 16 with --rpm 600 at 3 s a request: 16 in flight give 320/min, and the
+    pace says concurrency is the limit and how much the rate needs."""
+
+    async def main() -> str:
+        async with Limiter(concurrency=16, rpm=600, budget_tokens=1e9) as limiter:
+            sending = asyncio.create_task(follow(limiter, [(60.0, 3.0, 0.0)], workers=16))
+            await asyncio.sleep(44.0)
+            text = limiter.pace().text()
+            await sending
+            return text
+
+    text = run(main)
+    assert text.startswith("320 requests/min of 600 (53%)"), text
+    assert "limited by concurrency 16: at 3.0 s per request, 600/min needs about 30" in text
