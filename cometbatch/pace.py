@@ -166,8 +166,9 @@ class Pace:
         return "not held back: every request left as soon as it was ready"
 
     def text(self) -> str:
-        """Rates and what holds them back, one line ('' when nothing has been sent)."""
-        return "; ".join(part for part in (self.rates_text(), self.holdback_text()) if part)
+        """Rates and what holds them back, one line ('' until the rates are known)."""
+        rates = self.rates_text()
+        return "; ".join(part for part in (rates, self.holdback_text()) if part) if rates else ""
 
     def to_dict(self) -> dict[str, Any]:
         """The summary's `pace` object (rates per minute, latency in seconds)."""
@@ -246,10 +247,11 @@ class PaceMeter:
             self._recent_holds.popleft()
 
     def whole(self) -> Measured:
-        """The whole run: rates from the first request sent to the last."""
+        """The whole run: rates from the first request sent to the last, once that spans
+        `settle` seconds (a shorter run may have gone out in the pacer's first burst)."""
         span = (self.last - self.first) if self.first is not None and self.last else 0.0
         requests = images = None
-        if self.requests > 1 and span > 0:
+        if self.requests > 1 and span >= self.settle:
             # N requests paced from the first take N - 1 intervals.
             requests = (self.requests - 1) / span * WINDOW
             images = (self.images - self.images / self.requests) / span * WINDOW

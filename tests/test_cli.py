@@ -544,6 +544,25 @@ def test_off_a_terminal_nothing_but_plain_text_is_written(tmp_path: Path) -> Non
     assert "\x1b" not in result.stdout + result.stderr + status.stdout + status.stderr
 
 
+def test_a_rate_alone_is_followed_and_the_summary_gives_the_rate_against_it(
+    tmp_path: Path,
+) -> None:
+    """`run --rpm N` without --concurrency follows the rate; the summary gives the rate sent
+    against the limit and what held it back, and the run event records no fixed concurrency."""
+    out = tmp_path / "o"
+    # 80 requests at 600/min: a burst of half a second's worth, then 7.5 s paced.
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", ({"id": f"r{i}", "prompt": f"p {i}"} for i in range(80))
+    )
+    result = cli("run", str(manifest), "--simulate", "--out", str(out), "--rpm", "600", "--quiet")
+    assert result.returncode == 0, result.stderr
+    rate = [line for line in result.stderr.splitlines() if line.startswith("rate: ")]
+    assert len(rate) == 1 and " requests/min of 600 (" in rate[0], result.stderr
+    assert "held back by the rate limit" in rate[0]
+    run_event = json.loads((out / "ledger.jsonl").read_text().splitlines()[0])
+    assert (run_event["settings"]["concurrency"], run_event["settings"]["rpm"]) == (None, 600)
+
+
 def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     """--quiet: no progress and no warnings, only the summary lines (errors would show too)."""
     manifest = write_manifest(

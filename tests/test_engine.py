@@ -786,3 +786,29 @@ async def test_breaking_out_of_run_records_every_sent_request(tmp_path: Path) ->
         async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
             assert await run_all(engine, jobs) == []
         assert len(seen) == 9  # paid twice: 0
+
+
+async def test_a_rate_alone_sizes_concurrency_and_the_summary_says_what_held_it_back(
+    tmp_path: Path,
+) -> None:
+    """Settings(rpm=...) and no concurrency: the engine follows the rate (1,000 workers at
+    most), the level settles at 1.5 x rate x latency + 1 once 32 answers are timed, and the
+    summary (and the ledger's end line) give the rate against the limit and its cause."""
+    async with Simulator(SimConfig(seed=1, latency=0.05)) as sim:
+        # 120 requests at 1,200/min: half a second's burst, then 5.5 s paced.
+        settings = settings_for(sim, rpm=1200)
+        jobs = [Job(id=f"j{i}", prompt=f"p {i}", model="gpt-image-1") for i in range(120)]
+        async with Engine(settings, out_dir=tmp_path) as engine:
+            assert engine.limiter.mode == "rate" and engine.limiter.level == 1000
+            results = await run_all(engine, jobs)
+            # 20/s x ~0.05 s x 1.5 + 1: a handful, far below the 1,000 it started from.
+            assert 2 <= engine.limiter.level <= 10
+    assert len(results) == 120 and all(r.ok for r in results)
+    pace = engine.summary.pace
+    assert pace is not None and pace.cause == "rate" and pace.mode == "rate"
+    end = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[-1])
+    recorded = end["summary"]["pace"]
+    assert recorded["held_back_by"] == "rate" and recorded["rpm"] == 1200
+    assert 0.95 <= recorded["share_of_limit"] <= 1.15
+    assert recorded["concurrency_mode"] == "rate" and recorded["max_concurrency"] == 1000
+    assert recorded["requests_per_min"] > 0 and recorded["latency_s"] >= 0.05

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from cometbatch.engine import Engine
 from cometbatch.limits import Limiter
+from cometbatch.pace import Pace
 from cometbatch.progress import (
     ProgressDisplay,
     RateMeter,
@@ -26,8 +27,8 @@ from cometbatch.results import Summary
 from cometbatch.streams import GuardedStream, stream_gone
 
 
-def snap(**fields: float | bool | None) -> Snapshot:
-    values: dict[str, float | bool | None] = {
+def snap(**fields: object) -> Snapshot:
+    values: dict[str, object] = {
         "done": 40,
         "failed": 2,
         "total": 100,
@@ -108,6 +109,27 @@ def test_auto_concurrency_shows_the_level_it_chose_and_its_maximum() -> None:
     line = snap(in_flight=60, limit=64, auto=True, ceiling=500).detail()
     assert line.startswith("in flight 60/64 (auto, max 500)")
     assert "auto" not in snap().detail()
+
+
+def test_a_level_that_follows_the_rate_and_what_holds_it_back_are_shown() -> None:
+    """With a level sized from the rate, the line says so, then the rate against the limit."""
+    pace = Pace(
+        requests_per_min=590.0,
+        images_per_min=590.0,
+        rpm=600.0,
+        ipm=None,
+        latency=3.1,
+        images_per_request=1.0,
+        mode="fixed",
+        level=16,
+        ceiling=16,
+        cause="concurrency",
+    )
+    line = snap(in_flight=40, limit=61, follows_rate=True, ceiling=1000).detail()
+    assert line.startswith("in flight 40/61 (follows the rate, max 1000)")
+    shown = snap(pace=pace).detail()
+    assert "590 requests/min of 600 (98%), 590 images/min; limited by concurrency 16: at " in shown
+    assert "3.1 s per request, 600/min needs about 31" in shown
 
 
 def test_the_snapshot_reads_auto_concurrency_from_the_engine() -> None:
