@@ -184,6 +184,8 @@ class Limiter:
             )
         self._budget = RetryBudget(budget_tokens, budget_ratio)
         self._rpm = self._ipm = None
+        # Seconds of sending the buckets let go at once at the start (their room).
+        lead = 0.0
         window = WINDOW + pacing_margin
         if rpm is not None:
             # With both limits the rpm token is taken first and may be held while the ipm bucket
@@ -195,6 +197,7 @@ class Limiter:
                 raise ConfigError(f"rpm must be more than {1 + slack}, got {rpm:g}")
             size = pacing_capacity(rpm - slack, 1, pacing_burst)
             self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, size, window=window))
+            lead = size / (rpm - slack) * WINDOW
         if ipm is not None:
             if ipm <= max_images_per_request:
                 raise ConfigError(
@@ -204,6 +207,7 @@ class Limiter:
                 )
             size = pacing_capacity(ipm, max_images_per_request, pacing_burst)
             self._ipm = AsyncLimiter(*pacing_bucket(ipm, size, window=window))
+            lead = max(lead, size / ipm * WINDOW)
         self._gate = _Gate(lambda: self.effective_limit)
         # Pacing is single file, in arrival order: aiolimiter alone serves small amounts first,
         # which could starve 10-image requests behind 1-image ones.
@@ -215,7 +219,7 @@ class Limiter:
         self._last_ok: float | None = None
         self._last_error: str | None = None
         self._warned_clamp = False
-        self._meter = PaceMeter()
+        self._meter = PaceMeter(lead=lead)
         # Slots whose request has left (past the pacer), as opposed to slots still waiting
         # for their rate tokens.
         self.sending = 0

@@ -208,9 +208,13 @@ class PaceMeter:
     """Counts what the limiter lets go, over the whole run and its last `recent` seconds:
     each request sent (its images and what held it back) and each slot's hold time."""
 
-    def __init__(self, recent: float = RECENT, settle: float = SETTLE) -> None:
+    def __init__(self, recent: float = RECENT, settle: float = SETTLE, lead: float = 0.0) -> None:
         self.recent_span = recent
         self.settle = settle
+        # The seconds of sending a pacer lets go at once at the start (its bucket's room):
+        # spans that hold the first request count them, so that a short paced run does not
+        # read as sending above its limit.
+        self.lead = lead
         self.requests = 0
         self.images = 0
         self.first: float | None = None
@@ -253,6 +257,7 @@ class PaceMeter:
         requests = images = None
         if self.requests > 1 and span >= self.settle:
             # N requests paced from the first take N - 1 intervals.
+            span += self.lead
             requests = (self.requests - 1) / span * WINDOW
             images = (self.images - self.images / self.requests) / span * WINDOW
         return Measured(
@@ -272,6 +277,8 @@ class PaceMeter:
         span = min(self.recent_span, since)
         requests = images = None
         if span >= self.settle:
+            if since <= self.recent_span:
+                span += self.lead
             requests = len(sends) / span * WINDOW
             images = sum(n for _, n, _ in sends) / span * WINDOW
         counts: Counter[Cause] = Counter(cause for _, _, cause in sends)
