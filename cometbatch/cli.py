@@ -60,12 +60,7 @@ def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfi
     """Settings from the merged options (flags over the file over the defaults)."""
     fields: dict[str, Any] = {
         **settings_fields(config),
-        **concurrency_fields(
-            opts["concurrency"],
-            opts["min_concurrency"],
-            opts["max_concurrency"],
-            rate=opts["rpm"] is not None or opts["ipm"] is not None,
-        ),
+        **concurrency_fields(opts["concurrency"], opts["min_concurrency"], opts["max_concurrency"]),
         "rpm": opts["rpm"],
         "ipm": opts["ipm"],
         "max_attempts": opts["max_attempts"],
@@ -86,7 +81,8 @@ def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfi
     except ValidationError as exc:
         problem = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in problem["loc"])
-        raise ConfigError(f"{where}: {problem['msg']}" if where else problem["msg"]) from None
+        message = problem["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {message}" if where else message) from None
     # Checked here too so that a dry run refuses what the real run would refuse.
     check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
     return settings

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .progress import make_console
 from .results import Summary
-from .settings import DEFAULT_CONCURRENCY, KEY_ENV, ConcurrencyMode, Settings, most_in_flight
+from .settings import DEFAULT_CONCURRENCY, KEY_ENV, Settings
 from .textsafe import PrintableFormatter, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -202,8 +202,9 @@ def raise_open_file_limit(concurrency: int, simulate: bool) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if target < wanted:
         logging.getLogger("cometbatch").warning(
-            "this process may open only %d files, fewer than --concurrency %d needs (%d); "
-            "lower --concurrency or raise the limit (ulimit -n)",
+            "this process may open only %d files, fewer than %d requests in flight need (%d); "
+            "lower --concurrency (--max-concurrency with --rpm/--ipm) or raise the limit "
+            "(ulimit -n)",
             target,
             concurrency,
             wanted,
@@ -228,37 +229,17 @@ def parse_concurrency(
 
 
 def concurrency_fields(
-    concurrency: int | str | None,
-    min_concurrency: int | None,
-    max_concurrency: int | None,
-    *,
-    rate: bool = False,
+    concurrency: int | str | None, min_concurrency: int | None, max_concurrency: int | None
 ) -> dict[str, Any]:
     """The Settings fields for --concurrency N|auto (None: not given), --min-concurrency and
-    --max-concurrency; `rate`: --rpm or --ipm was given."""
+    --max-concurrency (Settings checks that they fit together)."""
     fields: dict[str, Any] = {}
-    mode: ConcurrencyMode = "auto" if concurrency == "auto" else "rate" if rate else "fixed"
     if concurrency == "auto":
         fields["auto_concurrency"] = True
     elif concurrency is not None:
-        mode = "fixed"
         fields["concurrency"] = concurrency
     if max_concurrency is not None:
-        if mode == "fixed":
-            raise ConfigError(
-                "--max-concurrency bounds --concurrency auto and the level that follows "
-                "--rpm/--ipm; with a fixed --concurrency N, N is the maximum"
-                if concurrency is not None
-                else "--max-concurrency bounds --concurrency auto and the level that follows "
-                "--rpm/--ipm; give one of those, or a fixed --concurrency N"
-            )
         fields["max_concurrency"] = max_concurrency
     if min_concurrency is not None:
-        ceiling = most_in_flight(fields.get("concurrency"), mode, max_concurrency)
-        if min_concurrency > ceiling:
-            raise ConfigError(
-                f"--min-concurrency ({min_concurrency}) is above the maximum concurrency "
-                f"({ceiling})"
-            )
         fields["min_concurrency"] = min_concurrency
     return fields

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 from .prices import PriceTable, builtin_prices, load_prices
-from .settings import KEY_ENV
+from .settings import KEY_ENV, concurrency_mode
 
 CONFIG_NAME = "cometbatch.toml"
 PYPROJECT_NAME = "pyproject.toml"
@@ -204,10 +204,10 @@ def merge_options(
             continue
         merged[name] = value
     concurrency = merged.get("concurrency")
-    bounded = concurrency == "auto" or (
-        concurrency is None and (merged.get("rpm") is not None or merged.get("ipm") is not None)
-    )
-    if not bounded and "max_concurrency" in merged:
+    auto = concurrency == "auto"
+    rate = merged.get("rpm") is not None or merged.get("ipm") is not None
+    fixed = concurrency_mode(None if auto else concurrency, auto, rate) == "fixed"
+    if fixed and "max_concurrency" in merged:
         # A fixed concurrency is its own maximum, and without a rate there is no level to
         # bound: the file's bound is moot (a --max-concurrency flag still says so).
         merged["max_concurrency"] = flags.get("max_concurrency")

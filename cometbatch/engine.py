@@ -380,7 +380,7 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
-        width = self.settings.max_in_flight
+        width = workers_for(self.settings)
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
             self._pool.run(jobs, results, width, counting=not counted)
@@ -398,6 +398,15 @@ class Engine:
             self._let_go()
         if self._fatal is not None:
             raise self._fatal
+
+
+def workers_for(settings: Settings) -> int:
+    """run()'s workers: one a slot and a quarter more (at least 2), since a worker stores its
+    images (decoding, writing, downloading) after its slot is let go, and with one worker a
+    slot the slot would idle meanwhile. A level that follows the rate stays far below its
+    bound, so the bound is worker enough."""
+    most = settings.max_in_flight
+    return most if settings.concurrency_mode == "rate" else most + max(2, most // 4)
 
 
 def _budget_stop(summary: Summary) -> str | None:

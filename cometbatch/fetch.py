@@ -25,7 +25,7 @@ from .ledger import Ledger
 from .results import DOWNLOAD_FAILED, OK, PendingDownload, Summary
 from .resume import LINK_GONE, links_given_up
 from .retry import RetryPolicy, retrying
-from .settings import Settings
+from .settings import DEFAULT_CONCURRENCY, Settings
 from .sink import ImageRecord, Sink
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,9 @@ async def fetch_pending(
                 RetryPolicy.from_settings(settings),
                 sleep,
             )
-            gate = asyncio.Semaphore(settings.max_in_flight)
+            # Downloads at a time: the concurrency given, else 16 (rpm and ipm pace
+            # generations, not downloads).
+            gate = asyncio.Semaphore(settings.concurrency or DEFAULT_CONCURRENCY)
             try:
                 async for event, fetched in _fetch_each(fetcher, pending, gate, run_id):
                     await ledger.append(event)

@@ -288,8 +288,11 @@ class Limiter:
             except RuntimeError:  # read off the event loop (a finished engine's display)
                 now = meter.last or 0.0
             seen = meter.latest(now)
-            if seen.cause not in (None, "retries") and (self.probing or self.backed_off):
-                # What holds the run back now, not over the last half minute.
+            # A failing API holds everything back; so do 429s or errors that backed the limit
+            # off, when the limit binds or their retries are what is sent.
+            backed = seen.cause in ("concurrency", "retries") and self.backed_off
+            server = self.probing or backed
+            if seen.cause is not None and server:
                 seen = dataclasses.replace(seen, cause="server")
         return Pace(
             requests_per_min=seen.requests_per_min,
@@ -433,13 +436,13 @@ class Limiter:
         """
         waited_slot, waited_rate = await self._enter(images)
         now = self._now()
-        # Taking the last free slot counts as waiting for one: with as many workers as slots
-        # (the engine's fixed concurrency) nobody queues, yet the limit is what binds.
-        full = waited_slot or self._gate.holders >= self.effective_limit
-        self._sent(now, images, retry=retry, waited_slot=full, waited_rate=waited_rate)
         sent = _SENT_AT.set(now)
         self.sending += 1
         try:
+            # Taking the last free slot counts as waiting for one: a worker that finds the
+            # gate full as it comes back would have waited, had it come a moment sooner.
+            full = waited_slot or self._gate.holders >= self.effective_limit
+            self._sent(now, images, retry=retry, waited_slot=full, waited_rate=waited_rate)
             yield
         finally:
             self.sending -= 1

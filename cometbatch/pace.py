@@ -7,12 +7,12 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .throttle import WINDOW, needed, request_rate
+from .throttle import WINDOW, binding, needed, request_rate
 
 # What held one request back before it left, and so, over many, what holds a run back:
+# - "server": the failing API was being probed one request at a time, or the request waited
+#   for a slot while 429s, 5xx or timeouts kept concurrency backed off;
 # - "rate": it waited for an rpm/ipm token (the limit is in full use);
-# - "server": it waited for a slot while 429s, 5xx or timeouts kept concurrency backed off,
-#   or while the failing API was probed one request at a time;
 # - "concurrency": it waited for a slot (the concurrency limit is in full use);
 # - "retries": it was a retry (a token or slot spent on a request sent before);
 # - "jobs": nothing: it left at once (fewer requests were ready than there was room for).
@@ -24,16 +24,18 @@ RETRY_SHARE = 0.2
 # The display's rates are over this many recent seconds, and shown once this many have passed.
 RECENT = 30.0
 SETTLE = 5.0
+# What holds the run back is told from the last this many seconds: a change shows soon.
+CAUSE_SPAN = 10.0
 
 
 def cause_of(
     *, retry: bool, probing: bool, waited_rate: bool, waited_slot: bool, backed_off: bool
 ) -> Cause:
     """What held one request back (see Cause)."""
-    if retry:
-        return "retries"
     if probing:
         return "server"
+    if retry:
+        return "retries"
     if waited_rate:
         return "rate"
     if waited_slot:
@@ -95,11 +97,15 @@ class Pace:
         """The achieved rate over the binding limit (rpm or ipm), once both are known."""
         if self.requests_per_min is None or self.images_per_min is None:
             return None
-        if self.rpm is not None and (self.ipm is None or self._rpm_binds()):
+        if self._binding == "rpm" and self.rpm is not None:
             return self.requests_per_min / self.rpm
-        if self.ipm is not None:
+        if self._binding == "ipm" and self.ipm is not None:
             return self.images_per_min / self.ipm
         return None
+
+    @property
+    def _binding(self) -> Literal["rpm", "ipm"] | None:
+        return binding(self.rpm, self.ipm, self.images_per_request)
 
     def rates_text(self) -> str:
         """'1,180 requests/min of 1,200 (98 %), 1,180 images/min', or '' before any figure."""
@@ -111,23 +117,17 @@ class Pace:
         images = f"{self.images_per_min:,.0f} images/min"
         if self.ipm is not None:
             images += f" of {self.ipm:,.0f}"
-        share = self.share
-        if share is not None and self.rpm is not None and (self.ipm is None or self._rpm_binds()):
-            requests += f" ({share:.0%})"
-        elif share is not None:
-            images += f" ({share:.0%})"
+        share = "" if self.share is None else f" ({self.share:.0%})"
+        if self._binding == "rpm":
+            requests += share
+        else:
+            images += share
         return f"{requests}, {images}"
-
-    def _rpm_binds(self) -> bool:
-        assert self.rpm is not None and self.ipm is not None
-        per_request = max(1.0, self.images_per_request or 1.0)
-        return self.rpm <= self.ipm / per_request
 
     def _limit_text(self) -> str:
         """The binding limit as 'needs' text: '600/min' or '1,200 images/min'."""
-        if self.rpm is not None and (self.ipm is None or self._rpm_binds()):
+        if self._binding == "rpm":
             return f"{self.rpm:,.0f}/min"
-        assert self.ipm is not None
         return f"{self.ipm:,.0f} images/min"
 
     def _concurrency_text(self) -> str:
@@ -270,7 +270,8 @@ class PaceMeter:
         )
 
     def latest(self, now: float) -> Measured:
-        """The last `recent` seconds (rates once `settle` seconds have been sent over)."""
+        """The last `recent` seconds (rates once `settle` seconds have been sent over); what
+        held requests back, over the last CAUSE_SPAN seconds."""
         self._forget(now)
         sends = self._sends
         since = now - self.first if self.first is not None else 0.0
@@ -281,7 +282,8 @@ class PaceMeter:
                 span += self.lead
             requests = len(sends) / span * WINDOW
             images = sum(n for _, n, _ in sends) / span * WINDOW
-        counts: Counter[Cause] = Counter(cause for _, _, cause in sends)
+        since_cause = now - CAUSE_SPAN
+        counts: Counter[Cause] = Counter(cause for t, _, cause in sends if t >= since_cause)
         holds = self._recent_holds
         count = len(sends)
         return Measured(
@@ -290,5 +292,5 @@ class PaceMeter:
             latency=sum(s for _, s in holds) / len(holds) if holds else None,
             images_per_request=sum(n for _, n, _ in sends) / count if count else None,
             cause=main_cause(counts),
-            retry_share=counts["retries"] / count if count else 0.0,
+            retry_share=counts["retries"] / counts.total() if counts.total() else 0.0,
         )

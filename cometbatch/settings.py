@@ -57,6 +57,14 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> None:
         )
 
 
+def concurrency_mode(concurrency: int | None, auto: bool, rate: bool) -> ConcurrencyMode:
+    """ "auto" when asked; "rate" (the level follows rpm/ipm) with a rate and no concurrency;
+    else "fixed" (the concurrency given, or 16)."""
+    if auto:
+        return "auto"
+    return "rate" if concurrency is None and rate else "fixed"
+
+
 def most_in_flight(concurrency: int | None, mode: ConcurrencyMode, bound: int | None) -> int:
     """The hard cap on requests in flight: a fixed concurrency, else the mode's bound (auto's
     or the rate's, by default 256 and 1,000), else 16."""
@@ -133,24 +141,22 @@ class Settings(BaseModel):
     def _check_concurrency(self) -> Settings:
         if self.max_concurrency is not None and self.concurrency_mode == "fixed":
             raise ValueError(
-                "max_concurrency bounds auto concurrency and the level that follows rpm/ipm; "
-                "a fixed concurrency is its own maximum"
+                "max_concurrency (--max-concurrency) bounds auto concurrency and the level "
+                "that follows rpm/ipm; a fixed concurrency (16 without rpm/ipm) is its own "
+                "maximum"
             )
         if self.min_concurrency > self.max_in_flight:
             raise ValueError(
-                f"min_concurrency ({self.min_concurrency}) is above the maximum concurrency "
-                f"({self.max_in_flight})"
+                f"min_concurrency (--min-concurrency) {self.min_concurrency} is above the "
+                f"maximum concurrency ({self.max_in_flight})"
             )
         return self
 
     @property
     def concurrency_mode(self) -> ConcurrencyMode:
         """ "auto" (auto_concurrency), "rate" (rpm or ipm and no concurrency), else "fixed"."""
-        if self.auto_concurrency:
-            return "auto"
-        if self.concurrency is None and (self.rpm is not None or self.ipm is not None):
-            return "rate"
-        return "fixed"
+        rate = self.rpm is not None or self.ipm is not None
+        return concurrency_mode(self.concurrency, self.auto_concurrency, rate)
 
     @property
     def max_in_flight(self) -> int:

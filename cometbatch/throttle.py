@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from typing import Literal
 
 WINDOW = 60.0
 # Adaptive concurrency starts here (the default fixed concurrency) unless the floor is higher.
@@ -116,7 +117,9 @@ class AimdLimit:
     def _set(self, new: int) -> int:
         """Set the limit and start a new round; return the change."""
         old = self.limit
-        change, self.limit = new - old, new
+        self.limit = new
+        # Read back: a limit that follows a target may not be what was asked.
+        change = self.limit - old
         if change < 0 and self._before is None:
             self._before = old
         elif self._before is not None and self.limit >= self._before:
@@ -205,7 +208,11 @@ class AutoLimit(AimdLimit):
                 self._new_round()
             return change
         if self._round_over():
-            grow = holds and 2 * self._busy >= self._seen
+            busy_round = 2 * self._busy >= self._seen
+            if not busy_round:
+                # The limit was not what held requests back: no back-off is in force.
+                self._before = None
+            grow = holds and busy_round
             return self._set(min(self.ceiling, self.limit + 1) if grow else self.limit)
         return 0
 
@@ -246,13 +253,29 @@ class RateLimit(AimdLimit):
     ) -> None:
         if rate <= 0 or headroom < 1 or samples < 1:
             raise ValueError("rate must be > 0, headroom >= 1 and samples >= 1")
-        self.rate = rate
+        self._rate = rate
         self.headroom = headroom
         self._holds: deque[float] = deque(maxlen=samples)
+        self._held = 0.0
+        self._observed = 0
+        # The rate's own level, kept up to date as holds and the rate change (it is read on
+        # every admission).
+        self._target = ceiling
         # The backed-off limit while a back-off is in force; None: the rate's own level.
         self._backoff: int | None = None
         self._peak = 0
         super().__init__(floor=floor, ceiling=ceiling, threshold=threshold, min_round=min_round)
+
+    @property
+    def rate(self) -> float:
+        """Requests a second the limits allow."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        if value != self._rate:
+            self._rate = value
+            self._retarget()
 
     @property
     def latency(self) -> float | None:
@@ -260,34 +283,52 @@ class RateLimit(AimdLimit):
         holds = self._holds
         if len(holds) < (holds.maxlen or 1):
             return None
-        return sum(holds) / len(holds)
+        return self._held / len(holds)
 
     @property
     def target(self) -> int:
         """The rate's own level: headroom x rate x latency + 1, within [floor, ceiling]."""
+        return self._target
+
+    def _retarget(self) -> None:
         latency = self.latency
         if latency is None:
-            return self.ceiling
-        wanted = math.ceil(self.headroom * needed(self.rate, latency)) + 1
-        return max(self.floor, min(self.ceiling, wanted))
+            self._target = self.ceiling
+        else:
+            wanted = math.ceil(self.headroom * needed(self._rate, latency)) + 1
+            self._target = max(self.floor, min(self.ceiling, wanted))
+        if self._backoff is not None and self._backoff >= self._target:
+            # The level fell to the back-off: it is over (it must not come back when the
+            # latency rises again).
+            self._backoff = None
 
     @property
     def limit(self) -> int:
         """The rate's level, or the back-off's when that is lower."""
-        target = self.target
+        target = self._target
         return target if self._backoff is None else min(self._backoff, target)
 
     @limit.setter
     def limit(self, value: int) -> None:
-        self._backoff = None if value >= self.target else value
+        self._backoff = None if value >= self._target else value
 
     @property
     def backed_off(self) -> bool:
-        return self._backoff is not None and self._backoff < self.target
+        return self._backoff is not None
 
     def observe(self, hold: float) -> None:
         """Time one slot hold (seconds from the request leaving to its slot being let go)."""
-        self._holds.append(hold)
+        holds = self._holds
+        if len(holds) == holds.maxlen:
+            self._held -= holds[0]
+        holds.append(hold)
+        self._observed += 1
+        # Summed afresh once a window, so that rounding never builds up.
+        if self._observed % (holds.maxlen or 1) == 0:
+            self._held = sum(holds)
+        else:
+            self._held += hold
+        self._retarget()
 
     def record(self, throttled: bool, *, busy: bool = True, flight: int = 0) -> int:
         self._peak = max(self._peak, flight)
@@ -311,15 +352,28 @@ def needed(rate: float, latency: float) -> float:
     return round(rate * latency, 6)
 
 
+def binding(
+    rpm: float | None, ipm: float | None, images_per_request: float | None
+) -> Literal["rpm", "ipm"] | None:
+    """Which limit allows fewer requests at this many images a request (None: no limit)."""
+    if ipm is None:
+        return None if rpm is None else "rpm"
+    if rpm is None:
+        return "ipm"
+    return "rpm" if rpm <= ipm / max(1.0, images_per_request or 1.0) else "ipm"
+
+
 def request_rate(
     rpm: float | None, ipm: float | None, images_per_request: float | None
 ) -> float | None:
     """Requests a second that rpm and ipm allow (the tighter one) at this many images a
     request; None when neither is set."""
-    rates = [rpm / WINDOW] if rpm is not None else []
-    if ipm is not None:
-        rates.append(ipm / WINDOW / max(1.0, images_per_request or 1.0))
-    return min(rates) if rates else None
+    which = binding(rpm, ipm, images_per_request)
+    if which == "rpm" and rpm is not None:
+        return rpm / WINDOW
+    if which == "ipm" and ipm is not None:
+        return ipm / WINDOW / max(1.0, images_per_request or 1.0)
+    return None
 
 
 def auto_start(floor: int, ceiling: int) -> int:

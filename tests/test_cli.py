@@ -456,8 +456,8 @@ def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors
     assert (settings["auto_concurrency"], settings["concurrency"]) == (True, None)
     assert (settings["max_concurrency"], settings["min_concurrency"]) == (40, 2)
     for args, words in [
-        (["--concurrency", "8", "--max-concurrency", "40"], "--max-concurrency bounds"),
-        (["--max-concurrency", "40"], "give one of those"),
+        (["--concurrency", "8", "--max-concurrency", "40"], "(--max-concurrency) bounds"),
+        (["--max-concurrency", "40"], "(16 without rpm/ipm) is its own maximum"),
         (["--rpm", "600", "--min-concurrency", "2000"], "above the maximum concurrency (1000)"),
         (["--concurrency", "lots"], "neither a whole number nor 'auto'"),
         (["--concurrency", "0"], "not in the range"),
@@ -469,8 +469,8 @@ def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors
 
 
 def test_concurrency_fields_map_the_options_to_settings() -> None:
-    """auto and a rate take --max-concurrency as their bound; a number is the bound itself;
-    nothing given leaves concurrency to the settings (16, or following --rpm/--ipm)."""
+    """auto and --max-concurrency map to their fields; a number is the concurrency; nothing
+    given leaves it to the settings (16, or following --rpm/--ipm)."""
     from cometbatch.cli_options import concurrency_fields as _concurrency_fields
 
     assert _concurrency_fields("auto", None, None) == {"auto_concurrency": True}
@@ -481,8 +481,7 @@ def test_concurrency_fields_map_the_options_to_settings() -> None:
     }
     assert _concurrency_fields(32, None, None) == {"concurrency": 32}
     assert _concurrency_fields(None, None, None) == {}
-    assert _concurrency_fields(None, None, 2000, rate=True) == {"max_concurrency": 2000}
-    assert _concurrency_fields(32, None, None, rate=True) == {"concurrency": 32}
+    assert _concurrency_fields(None, None, 2000) == {"max_concurrency": 2000}
 
 
 def run_in_terminal(*args: str, env: dict[str, str]) -> str:

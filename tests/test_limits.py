@@ -748,7 +748,7 @@ def test_the_concurrency_mode_follows_from_the_settings() -> None:
     assert (fixed.concurrency_mode, fixed.max_in_flight) == ("fixed", 16)
     auto = Settings(auto_concurrency=True, rpm=600)
     assert (auto.concurrency_mode, auto.max_in_flight) == ("auto", 256)
-    with pytest.raises(ValueError, match="a fixed concurrency is its own maximum"):
+    with pytest.raises(ValueError, match="is its own maximum"):
         Settings(concurrency=8, max_concurrency=40)
     with pytest.raises(ValueError, match="above the maximum concurrency"):
         Settings(min_concurrency=20)
@@ -868,3 +868,18 @@ def test_a_fixed_concurrency_says_when_it_holds_the_rate_back() -> None:
     text = run(main)
     assert text.startswith("320 requests/min of 600 (53%)"), text
     assert "limited by concurrency 16: at 3.0 s per request, 600/min needs about 30" in text
+
+
+def test_after_a_back_off_the_rate_limit_is_named_when_it_binds_again() -> None:
+    """429s backed a fixed 16 off; with the rate what binds again (2 a second need 2 slots),
+    the pace names the rate limit, not the back-off that is still in force."""
+
+    async def main() -> tuple[str, bool]:
+        async with Limiter(concurrency=16, rpm=120, min_round=20, budget_tokens=1e9) as limiter:
+            await follow(limiter, [(30.0, 1.0, 0.0), (40.0, 1.0, 0.6), (60.0, 1.0, 0.0)],
+                         workers=20)  # fmt: skip
+            return limiter.pace().text(), limiter.backed_off
+
+    text, backed_off = run(main)
+    assert backed_off
+    assert text.endswith("held back by the rate limit"), text

@@ -32,6 +32,8 @@ def test_each_request_is_held_back_by_the_first_thing_it_met() -> None:
     base = {"retry": False, "probing": False, "waited_rate": False, "waited_slot": False}
     assert cause_of(**{**base, "retry": True, "waited_rate": True}, backed_off=False) == "retries"
     assert cause_of(**{**base, "probing": True}, backed_off=False) == "server"
+    # During an outage nearly everything sent is a retry: the server is what holds it back.
+    assert cause_of(**{**base, "probing": True, "retry": True}, backed_off=False) == "server"
     assert cause_of(**{**base, "waited_rate": True, "waited_slot": True}, backed_off=True) == "rate"
     assert cause_of(**{**base, "waited_slot": True}, backed_off=True) == "server"
     assert cause_of(**{**base, "waited_slot": True}, backed_off=False) == "concurrency"

@@ -10,6 +10,7 @@ import pytest
 from cometbatch.throttle import (
     AimdLimit,
     AutoLimit,
+    RateLimit,
     RetryBudget,
     auto_start,
     pacing_bucket,
@@ -249,3 +250,47 @@ def test_impossible_auto_settings_are_refused(overrides: dict[str, Any], words: 
 def test_auto_start_is_sixteen_within_the_bounds(floor: int, ceiling: int, start: int) -> None:
     """Auto concurrency starts at 16, raised to the floor and capped at the ceiling."""
     assert auto_start(floor, ceiling) == start
+
+
+def rate_limit(**kwargs: float) -> RateLimit:
+    """A level that follows 20 requests a second, timed over 4 holds."""
+    fields = {"floor": 1, "ceiling": 1000, "threshold": 0.1, "min_round": 10, "rate": 20.0}
+    return RateLimit(**{**fields, **kwargs}, samples=4)  # type: ignore[arg-type]
+
+
+def test_a_rate_level_is_the_ceiling_until_timed_then_rate_times_latency() -> None:
+    limit = rate_limit()
+    assert limit.limit == 1000 and limit.latency is None
+    for _ in range(4):
+        limit.observe(2.0)
+    assert (limit.latency, limit.limit) == (2.0, 61)
+    limit.rate = 10.0
+    assert limit.limit == 31
+
+
+def test_a_calm_round_at_the_rate_level_reports_no_change() -> None:
+    """Rounds that end with the level where the rate puts it change nothing, and say so."""
+    limit = rate_limit()
+    for _ in range(4):
+        limit.observe(2.0)
+    # Two rounds of 61 outcomes.
+    changes = [limit.record(False, flight=40) for _ in range(130)]
+    assert set(changes) == {0} and limit.limit == 61 and not limit.backed_off
+
+
+def test_a_back_off_ends_when_the_level_falls_to_it_and_does_not_come_back() -> None:
+    """Backed off to 28, then the latency drops the rate's level below 28: the back-off is
+    over, and a later rise in latency is followed all the way."""
+    limit = rate_limit()
+    for _ in range(4):
+        limit.observe(2.0)
+    # More than 10 % of a 61-outcome round: the 7th throttle cuts 0.7 x the 40 in flight.
+    changes = [limit.record(True, flight=40) for _ in range(7)]
+    assert changes == [0] * 6 + [28 - 61]
+    assert limit.backed_off and limit.limit == 28
+    for _ in range(4):
+        limit.observe(0.5)
+    assert limit.limit == 16 and not limit.backed_off
+    for _ in range(4):
+        limit.observe(6.0)
+    assert limit.limit == 181 and not limit.backed_off
