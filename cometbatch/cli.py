@@ -38,7 +38,7 @@ from .errors import CometBatchError, ConfigError
 from .events import LEDGER_NAME
 from .forecast import run_forecast
 from .manifest import Manifest, load_manifest
-from .models import ModelRegistry, parse_overrides
+from .models import load_registry, parse_overrides
 from .prices import PriceTable, load_prices
 from .progress import choose_mode
 from .report import plan_data, plan_lines, summary_data, summary_lines
@@ -56,7 +56,9 @@ from .streams import guard_std_streams
 from .textsafe import printable
 
 
-def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfig) -> Settings:
+def _settings(
+    opts: dict[str, Any], overrides: dict[str, Any], config: FileConfig, models: Path | None
+) -> Settings:
     """Settings from the merged options (flags over the file over the defaults)."""
     fields: dict[str, Any] = {
         **settings_fields(config),
@@ -70,6 +72,7 @@ def _settings(opts: dict[str, Any], overrides: dict[str, Any], config: FileConfi
         "retry_ambiguous": not opts["no_retry_ambiguous"],
         "fsync": opts["fsync"],
         "allow_insecure_http": opts["allow_insecure_http"],
+        "models_file": None if models is None else str(models),
         "model_overrides": overrides,
         "max_images": opts["max_images"],
         "max_cost": opts["max_cost"],
@@ -193,6 +196,13 @@ def main() -> None:
     "(repeatable; a new model name adds that model).",
 )
 @click.option(
+    "--models",
+    "models_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Models file (TOML, the shape of the built-in models.toml) merged over the built-in "
+    "models: change what a model takes or add models and families without code.",
+)
+@click.option(
     "--allow-insecure-http",
     is_flag=True,
     help="Allow an http:// base URL to a non-loopback host (sends the key unencrypted).",
@@ -237,6 +247,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
       cometbatch run prompts.txt --model gpt-image-1 --size 1024x1024 --n 4
       cometbatch run prompts.jsonl --concurrency auto --max-concurrency 500
       cometbatch run prompts.jsonl --config team.toml --prices our-prices.toml
+      cometbatch run prompts.jsonl --models our-models.toml  # add or change models
       cometbatch run prompts.jsonl --max-images 500 --max-cost 20   # exit 3 at a cap
     """
     json_output, quiet = bool(options["json_output"]), bool(options["quiet"])
@@ -253,7 +264,8 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
         opts = merge_options(options, given, config, os.environ)
         prices = load_prices(opts["prices_path"]) if opts["prices_path"] else config.prices()
         overrides = model_overrides(config, parse_overrides(opts["model_override"]))
-        registry = ModelRegistry().with_overrides(overrides)
+        models_file = opts["models_path"] or config.models_file()
+        registry = load_registry(models_file, overrides)
         # A million-line manifest takes seconds to check: show that something is happening.
         err = console()
         checking = (
@@ -265,7 +277,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
             loaded = load_manifest(
                 manifest, model=opts["model"], size=opts["size"], n=opts["n"], registry=registry
             )
-        settings = _settings(opts, overrides, config)
+        settings = _settings(opts, overrides, config, models_file)
         if opts["dry_run"]:
             _dry_run(loaded, settings, out, prices, json_output)
             return

@@ -19,13 +19,14 @@ from .cli_options import (
     say,
     setup_logging,
 )
+from .config import load_config, model_overrides
 from .errors import CometBatchError
 from .export import EXPORT_FORMATS
 from .export import export as export_ledger
 from .gallery import write_gallery
-from .models import ModelRegistry
+from .models import load_registry
 from .prices import load_prices
-from .report import model_lines, status_lines
+from .report import model_data, model_lines, status_lines
 from .status import read_status
 from .textsafe import printable
 from .verify import report_lines, verify_folder
@@ -159,10 +160,37 @@ def verify(out_dir: Path, json_output: bool) -> None:
 
 @click.command()
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
-def models(json_output: bool) -> None:
-    """List the models cometbatch knows and what each accepts."""
-    specs = list(ModelRegistry())
+@click.option(
+    "--models",
+    "models_path",
+    type=_FILE,
+    help="Models file merged over the built-in models (as `run --models`).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=_FILE,
+    help="Settings file (default: ./cometbatch.toml, else [tool.cometbatch] in "
+    "./pyproject.toml): its models_file and [models.NAME] tables apply.",
+)
+def models(json_output: bool, models_path: Path | None, config_path: Path | None) -> None:
+    """List the models and model families cometbatch knows, what each accepts, and where
+    those rules come from (source and date), as a run here would see them.
+
+    \b
+    Examples:
+      cometbatch models
+      cometbatch models --models our-models.toml --json
+    """
+    setup_logging(0, False)
+    try:
+        config = load_config(config_path)
+        registry = load_registry(models_path or config.models_file(), model_overrides(config, {}))
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    specs, families = list(registry), registry.families
     if json_output:
-        click.echo(json.dumps([spec.model_dump(mode="json") for spec in specs]))
+        click.echo(json.dumps(model_data(specs, families)))
     else:
-        click.echo("\n".join(model_lines(specs)))
+        # Sources may come from a user's file: shown escaped.
+        click.echo("\n".join(map(printable, model_lines(specs, families))))

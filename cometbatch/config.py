@@ -1,7 +1,8 @@
 """Defaults from a file: `cometbatch.toml`, or `[tool.cometbatch]` in `pyproject.toml`.
 
 The file holds what would otherwise be typed on every command line (base URL, limits, job
-defaults, per-model overrides, prices). Flags override it; the key never comes from it.
+defaults, a models file, per-model overrides, prices). Flags override it; the key never comes
+from it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class FileSettings(BaseModel):
     grace_period: float | None = Field(default=None, ge=0)
     # A price file (relative to this file) or a table of the price file's shape.
     prices: str | dict[str, Any] | None = None
+    # A models file (relative to this file), as --models: merged over the built-in models.
+    models_file: str | None = None
     # [models.NAME]: per-model capability overrides, as --model-override NAME.FIELD=VALUE.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -97,6 +100,14 @@ class FileConfig:
         if isinstance(given, str):
             return load_prices(Path(self.source).parent / given)
         return builtin_prices().merged(given, source=f"{self.source} [prices]")
+
+    def models_file(self) -> Path | None:
+        """The file's models file, relative to the file itself; None when it names none."""
+        given = self.values.get("models_file")
+        if given is None:
+            return None
+        assert self.source is not None
+        return Path(self.source).parent / str(given)
 
 
 def _refuse_keys(data: Mapping[str, Any], source: str, where: str = "") -> None:
@@ -196,7 +207,7 @@ def merge_options(
     environment (COMETAPI_BASE_URL for the base URL), then the file, then the default."""
     merged = dict(flags)
     for name, value in config.values.items():
-        if name in ("models", "prices", *SETTINGS_ONLY) or name not in merged:
+        if name in ("models", "models_file", "prices", *SETTINGS_ONLY) or name not in merged:
             continue
         if name in given:
             continue

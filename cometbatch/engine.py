@@ -23,7 +23,7 @@ from .inflight import InFlight
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
-from .models import ModelRegistry
+from .models import ModelRegistry, load_registry
 from .pool import WorkerPool
 from .prices import PriceTable, builtin_prices
 from .results import Result, Summary
@@ -53,8 +53,11 @@ class Engine:
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
-        # A caller's registry is used as given; the default one takes settings.model_overrides.
-        self.registry = registry or ModelRegistry().with_overrides(self.settings.model_overrides)
+        # A caller's registry is used as given; the default one is built from the settings
+        # (models_file merged over the built-in models, then model_overrides).
+        self.registry = registry or load_registry(
+            self.settings.models_file, self.settings.model_overrides
+        )
         self.simulated = simulated
         # Prices each result's cost and, with Settings.max_cost, each request's estimate.
         self.prices = prices or builtin_prices()

@@ -19,6 +19,16 @@ class ConfigError(CometBatchError):
     """A setting or option that cannot work (bad base URL, missing key, bad override)."""
 
 
+class ModelsError(ConfigError):
+    """A models file that cannot be used; names the file and the entry."""
+
+    def __init__(self, message: str, *, source: str, entry: str | None = None) -> None:
+        self.source = source
+        self.entry = entry
+        where = f"{source}: {entry}" if entry else source
+        super().__init__(f"models file {where}: {message}")
+
+
 class PricesError(ConfigError):
     """A price override that cannot be used; names the file and the entry."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .aside import find_whole, withdrawn
 from .manifest import Job
-from .models import ModelRegistry, ModelSpec
+from .models import ModelRegistry
 from .plan import Request, plan_job, remainder
 from .prices import CostEstimate, PriceTable, builtin_prices
 from .results import Summary
@@ -28,17 +28,9 @@ Decided = Iterable[tuple[Verdict, Request, KeyState | None]]
 Verdicts = Callable[[Job], Decided]
 
 
-class QuietRegistry(ModelRegistry):
-    """A registry that does not warn about unknown models (a report is not a run)."""
-
-    def get(self, name: str) -> ModelSpec:
-        """The model's spec; an unknown model gets the default one silently."""
-        return self._specs.get(name) or ModelSpec(name=name, max_n=1, known=False)
-
-
-def quiet_registry(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> QuietRegistry:
+def quiet_registry(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> ModelRegistry:
     """The built-in registry with `overrides` applied, without unknown-model warnings."""
-    return QuietRegistry(ModelRegistry().with_overrides(overrides or {}))
+    return ModelRegistry().with_overrides(overrides or {}).quiet()
 
 
 @dataclass(slots=True)

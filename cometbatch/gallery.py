@@ -92,7 +92,8 @@ class Gallery:
     # The manifest of the latest run that names one, as that run recorded it.
     manifest: str | None = None
     manifest_sha256: str | None = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # That run's recorded settings: its models file and model overrides read the manifest.
+    run_settings: dict[str, Any] = field(default_factory=dict)
     # The --model/--size/--n of the run that recorded the manifest.
     defaults: JobDefaults = field(default_factory=JobDefaults)
     manifest_note: str = ""
@@ -180,8 +181,7 @@ def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
             if event.get("manifest"):
                 gallery.manifest = str(event["manifest"])
                 gallery.manifest_sha256 = event.get("manifest_sha256")
-                overrides = _mapping(settings).get("model_overrides")
-                gallery.model_overrides = _mapping(overrides)
+                gallery.run_settings = _mapping(settings)
                 gallery.defaults = recorded_defaults(event)
         elif kind == "end":
             summary = event.get("summary")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CometBatchError, ManifestError, ManifestProblem
 from .manifest import Job, Manifest
-from .models import ModelRegistry, ModelSpec
+from .models import recorded_registry
 
 if TYPE_CHECKING:
     from .gallery import Gallery
@@ -22,13 +22,6 @@ class JobText:
     prompt: str
     size: str | None = None
     position: int = 0  # the job's place in the manifest
-
-
-class _QuietRegistry(ModelRegistry):
-    """A registry that takes unknown models without the run's warning (the run gave it)."""
-
-    def get(self, name: str) -> ModelSpec:
-        return super().get(name) if name in self else ModelSpec(name=name, max_n=1, known=False)
 
 
 def read_job_texts(manifest: Iterable[Job], wanted: set[str]) -> dict[str, JobText]:
@@ -50,7 +43,8 @@ def attach_manifest(gallery: Gallery, given: Path | None) -> None:
         return
     gallery.manifest = str(path)
     try:
-        registry = _QuietRegistry(ModelRegistry().with_overrides(gallery.model_overrides))
+        # Quiet: the run already gave its warnings about unknown models.
+        registry = recorded_registry(gallery.run_settings)
         manifest = Manifest(path, defaults=gallery.defaults, registry=registry)
         if given is None and gallery.manifest_sha256:
             # The digest the run recorded, computed the same way: did the file change since?

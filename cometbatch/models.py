@@ -1,15 +1,35 @@
-"""Per-model capabilities as data: what each model accepts, and how many images per request."""
+"""The model registry: each model's capabilities by name, from data, with families and overrides.
+
+The rules themselves are data (`models.toml`, read by `modeldata` on first use); a name that
+is not listed takes the rules of a family whose pattern it matches (`gpt-image-*`), with one
+notice, and a name that matches nothing is passed through with one warning.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from fnmatch import fnmatchcase
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from .errors import CapabilityError, ConfigError
+from .errors import ConfigError
+from .modeldata import builtin_catalog, is_pattern, load_catalog
+from .modelspec import ModelSpec, Requirement
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PARAMS",
+    "ModelRegistry",
+    "ModelSpec",
+    "Requirement",
+    "load_registry",
+    "parse_overrides",
+    "recorded_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,231 +47,150 @@ PARAMS: tuple[str, ...] = (
 )
 
 
-class Requirement(BaseModel):
-    """When `param` is set (to one of `values`, or at all if None), `needs` must be in `allowed`.
-
-    `default` is the value `needs` takes on the API side when it is not sent.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    param: str
-    values: tuple[str, ...] | None = None
-    needs: str
-    allowed: tuple[str, ...]
-    default: str | None = None
-
-
-class ModelSpec(BaseModel):
-    """What one model accepts. `params` maps a parameter to its allowed values (None: any)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    max_n: int = Field(ge=1)
-    sizes: tuple[str, ...] | None = None
-    response_formats: tuple[str, ...] = ("url", "b64_json")
-    # gpt-image models always answer b64_json and reject the parameter itself.
-    send_response_format: bool = True
-    max_prompt_chars: int | None = None
-    params: Mapping[str, tuple[str, ...] | None] = Field(default_factory=dict)
-    int_ranges: Mapping[str, tuple[int, int]] = Field(default_factory=dict)
-    requirements: tuple[Requirement, ...] = ()
-    returns_revised_prompt: bool = False
-    # Unknown models pass every parameter through untouched.
-    known: bool = True
-
-    def accepts(self, param: str) -> bool:
-        """Whether the model takes `param` at all."""
-        if not self.known:
-            return True
-        if param == "size":
-            return True
-        if param == "response_format":
-            return self.send_response_format
-        return param in self.params or param in self.int_ranges
-
-    def check(self, params: Mapping[str, Any], prompt: str) -> None:
-        """Raise CapabilityError naming the field if the model cannot take these values."""
-        if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
-            raise CapabilityError(
-                f"prompt is {len(prompt)} characters; {self.name} takes at most "
-                f"{self.max_prompt_chars}",
-                field="prompt",
-            )
-        if not self.known:
-            # Pass-through models check only what they declare: sizes, when given.
-            if self.sizes is not None and params.get("size") is not None:
-                self._check_one("size", params["size"])
-            return
-        for name, value in params.items():
-            if value is None:
-                continue
-            self._check_one(name, value)
-        for req in self.requirements:
-            value = params.get(req.param)
-            if value is None or (req.values is not None and value not in req.values):
-                continue
-            have = params.get(req.needs, req.default)
-            if have not in req.allowed:
-                raise CapabilityError(
-                    f"{req.param}={value!r} needs {req.needs} in {list(req.allowed)} "
-                    f"(got {have!r})",
-                    field=req.needs if req.needs in params else req.param,
-                )
-
-    def _check_one(self, name: str, value: Any) -> None:
-        if name == "size":
-            if self.sizes is not None and value not in self.sizes:
-                raise CapabilityError(
-                    f"{self.name} does not take size {value!r}; sizes: {', '.join(self.sizes)}",
-                    field="size",
-                )
-            return
-        if name == "response_format":
-            if value not in self.response_formats:
-                raise CapabilityError(
-                    f"{self.name} does not take response_format {value!r}; it answers "
-                    f"{' or '.join(self.response_formats)}",
-                    field="response_format",
-                )
-            return
-        if name in self.int_ranges:
-            low, high = self.int_ranges[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise CapabilityError(
-                    f"{name} must be a whole number from {low} to {high}", field=name
-                )
-            return
-        if name not in self.params:
-            raise CapabilityError(f"{self.name} does not take {name}", field=name)
-        allowed = self.params[name]
-        if allowed is not None and value not in allowed:
-            raise CapabilityError(
-                f"{self.name} does not take {name}={value!r}; allowed: {', '.join(allowed)}",
-                field=name,
-            )
-
-
-_DALLE_URL = ("url", "b64_json")
-_GPT_IMAGE = {
-    "max_n": 10,
-    "sizes": ("1024x1024", "1536x1024", "1024x1536", "auto"),
-    "response_formats": ("b64_json",),
-    "send_response_format": False,
-    "max_prompt_chars": 32000,
-    "params": {
-        "quality": ("low", "medium", "high", "auto"),
-        "output_format": ("png", "jpeg", "webp"),
-        "background": ("transparent", "opaque", "auto"),
-        "moderation": ("low", "auto"),
-        "user": None,
-    },
-    "int_ranges": {"output_compression": (0, 100)},
-    "requirements": (
-        Requirement(
-            param="background",
-            values=("transparent",),
-            needs="output_format",
-            allowed=("png", "webp"),
-            default="png",
-        ),
-        Requirement(
-            param="output_compression",
-            needs="output_format",
-            allowed=("jpeg", "webp"),
-            default="png",
-        ),
-    ),
-}
-
-BUILTIN_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec(
-        name="dall-e-2",
-        max_n=10,
-        sizes=("256x256", "512x512", "1024x1024"),
-        response_formats=_DALLE_URL,
-        max_prompt_chars=1000,
-        params={"quality": ("standard",), "user": None},
-    ),
-    ModelSpec(
-        name="dall-e-3",
-        max_n=1,
-        sizes=("1024x1024", "1792x1024", "1024x1792"),
-        response_formats=_DALLE_URL,
-        max_prompt_chars=4000,
-        params={"quality": ("standard", "hd"), "style": ("vivid", "natural"), "user": None},
-        returns_revised_prompt=True,
-    ),
-    *(
-        ModelSpec.model_validate({"name": name, **_GPT_IMAGE})
-        for name in ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
-    ),
-    ModelSpec(
-        name="qwen-image",
-        max_n=1,
-        sizes=None,
-        response_formats=_DALLE_URL,
-        params={},
-    ),
-)
-
 DEFAULT_MODEL = "dall-e-3"
 
 
 class ModelRegistry:
-    """Looks up model specs; unknown models get max n 1, pass-through params and one warning."""
+    """Model specs by name: a listed model's own, else its family's (one notice), else a
+    pass-through spec with max n 1 (one warning). `quiet=True` says nothing (reports)."""
 
-    def __init__(self, specs: Iterable[ModelSpec] = BUILTIN_MODELS) -> None:
+    def __init__(
+        self,
+        specs: Iterable[ModelSpec] | None = None,
+        families: Iterable[ModelSpec] | None = None,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        if specs is None:
+            catalog = builtin_catalog()
+            specs = catalog.models.values()
+            families = catalog.families.values() if families is None else families
         self._specs: dict[str, ModelSpec] = {spec.name: spec for spec in specs}
-        self._warned: set[str] = set()
+        # Longest pattern first: the most specific family wins.
+        ordered = sorted(families or (), key=lambda spec: -len(spec.name))
+        self._families: dict[str, ModelSpec] = {spec.name: spec for spec in ordered}
+        self._quiet = quiet
+        self._told: set[str] = set()
+        self._resolved: dict[str, ModelSpec] = {}
+
+    @classmethod
+    def from_file(cls, *paths: str | os.PathLike[str]) -> ModelRegistry:
+        """The built-in models with each models file (TOML, as models.toml) merged over them."""
+        catalog = load_catalog(*paths)
+        return cls(catalog.models.values(), catalog.families.values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        """Listed, or matching a family (such a name is not an unknown model)."""
+        return isinstance(name, str) and (name in self._specs or self.family_of(name) is not None)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())
 
     def __repr__(self) -> str:
-        return f"ModelRegistry({sorted(self._specs)!r})"
+        return f"ModelRegistry({sorted(self._specs)!r}, families={list(self._families)!r})"
 
-    def get(self, name: str) -> ModelSpec:
-        """The spec for `name`; an unknown model warns once and gets a pass-through spec."""
-        spec = self._specs.get(name)
+    @property
+    def families(self) -> tuple[ModelSpec, ...]:
+        """The family specs (each named by its pattern), most specific first."""
+        return tuple(self._families.values())
+
+    def family_of(self, name: str) -> ModelSpec | None:
+        """The family whose pattern `name` matches (the longest such pattern), or None."""
+        for pattern, spec in self._families.items():
+            if fnmatchcase(name, pattern):
+                return spec
+        return None
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec for `name`, saying nothing: its own, its family's, or a pass-through one."""
+        spec = self._specs.get(name) or self._resolved.get(name)
         if spec is not None:
             return spec
-        if name not in self._warned:
-            self._warned.add(name)
+        family = self.family_of(name)
+        if family is not None:
+            spec = family.model_copy(update={"name": name, "family": family.name})
+        else:
+            spec = ModelSpec(name=name, max_n=1, known=False)
+        self._resolved[name] = spec
+        return spec
+
+    def get(self, name: str) -> ModelSpec:
+        """The spec for `name`; a family member says so once, an unknown model warns once."""
+        spec = self.resolve(name)
+        if self._quiet or name in self._specs or name in self._told:
+            return spec
+        self._told.add(name)
+        if spec.family is not None:
+            log.info(
+                "model %r is not listed: using the rules of its family %r (up to %d images "
+                "per request)",
+                name,
+                spec.family,
+                spec.max_n,
+            )
+        else:
             log.warning(
                 "model %r is not in cometbatch's registry: sending 1 image per request and "
                 "passing parameters through unchecked",
                 name,
             )
-        spec = ModelSpec(name=name, max_n=1, known=False)
-        self._specs[name] = spec
         return spec
 
+    def quiet(self) -> ModelRegistry:
+        """This registry without notices or warnings (a report is not a run)."""
+        return ModelRegistry(self._specs.values(), self._families.values(), quiet=True)
+
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> ModelRegistry:
-        """A new registry where each named model's fields are replaced (or a model is added).
+        """A new registry where each named model's fields are replaced (or a model is added);
+        a name with * or ? changes (or adds) a family.
 
         `{"dall-e-2": {"max_n": 4}, "my-model": {"max_n": 4, "sizes": ["512x512"]}}`
         """
-        specs = dict(self._specs)
+        specs, families = dict(self._specs), dict(self._families)
         for name, fields in overrides.items():
-            base = specs.get(name)
+            table = families if is_pattern(name) else specs
+            known = table.get(name) or (None if is_pattern(name) else self._member(name))
             # A model added by override passes parameters through unless it declares them.
             data: dict[str, Any] = (
-                base.model_dump()
-                if base is not None
+                known.model_dump()
+                if known is not None
                 else {"name": name, "max_n": 1, "known": "params" in fields}
             )
+            # Changed rules are no longer the data file's: say where they come from instead.
+            data.update(source="model override", as_of=None, family=None)
             data.update(fields)
             data["name"] = name
             try:
-                specs[name] = ModelSpec.model_validate(data)
+                table[name] = ModelSpec.model_validate(data)
             except ValidationError as exc:
                 raise ConfigError(f"bad override for model {name!r}: {exc}") from None
-        return ModelRegistry(specs.values())
+        return ModelRegistry(specs.values(), families.values(), quiet=self._quiet)
+
+    def _member(self, name: str) -> ModelSpec | None:
+        family = self.family_of(name)
+        return None if family is None else self.resolve(name)
+
+
+def load_registry(
+    models_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ModelRegistry:
+    """The built-in models, with a models file merged over them and then per-model overrides."""
+    registry = ModelRegistry.from_file(models_file) if models_file else ModelRegistry()
+    return registry.with_overrides(overrides or {})
+
+
+def recorded_registry(settings: Any) -> ModelRegistry:
+    """The quiet registry a run's recorded settings describe (its models file and overrides);
+    the built-in rules when that file cannot be read any more (a report goes on)."""
+    given = settings if isinstance(settings, Mapping) else {}
+    models_file, overrides = given.get("models_file"), given.get("model_overrides")
+    try:
+        registry = load_registry(models_file if isinstance(models_file, str) else None)
+    except ConfigError as exc:
+        log.warning("%s; counting with the built-in model rules", exc)
+        registry = ModelRegistry()
+    return registry.with_overrides(overrides if isinstance(overrides, Mapping) else {}).quiet()
 
 
 def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -268,3 +207,10 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             value = raw
         overrides.setdefault(model, {})[name] = value
     return overrides
+
+
+def __getattr__(name: str) -> tuple[ModelSpec, ...]:
+    # BUILTIN_MODELS is read from the data file on first use, never at import.
+    if name == "BUILTIN_MODELS":
+        return tuple(builtin_catalog().models.values())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -257,15 +257,34 @@ def status_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def model_lines(specs: Iterable[ModelSpec]) -> list[str]:
-    """`models` for a person: one line per model."""
-    lines = []
-    for spec in specs:
-        sizes = ", ".join(spec.sizes) if spec.sizes else "any"
-        params = ", ".join(sorted([*spec.params, *spec.int_ranges])) or "-"
-        answers = "/".join(spec.response_formats)
+def model_lines(specs: Iterable[ModelSpec], families: Iterable[ModelSpec] = ()) -> list[str]:
+    """`models` for a person: two lines per model (what it takes; where that comes from),
+    then the families."""
+    lines = [line for spec in specs for line in _spec_lines(spec)]
+    family_lines = [line for spec in families for line in _spec_lines(spec)]
+    if family_lines:
         lines.append(
-            f"{spec.name:<18} max n {spec.max_n:<3} answers {answers:<13} "
-            f"sizes {sizes}; params {params}"
+            "families (a name not listed above takes the rules of the pattern it matches):"
         )
+        lines += family_lines
     return lines
+
+
+def _spec_lines(spec: ModelSpec) -> list[str]:
+    params = ", ".join(sorted([*spec.params, *spec.int_ranges])) or "-"
+    answers = "/".join(spec.response_formats)
+    source = spec.source or "-"
+    dated = f" (as of {spec.as_of})" if spec.as_of else ""
+    return [
+        f"{spec.name:<22} max n {spec.max_n:<3} answers {answers:<13} "
+        f"sizes {spec.describe_sizes()}; params {params}",
+        f"{'':<22} source: {source}{dated}",
+    ]
+
+
+def model_data(specs: Iterable[ModelSpec], families: Iterable[ModelSpec] = ()) -> list[Any]:
+    """`models --json`: every model, then every family (named by its pattern), as data."""
+    return [
+        *({"kind": "model", **spec.model_dump(mode="json")} for spec in specs),
+        *({"kind": "family", **spec.model_dump(mode="json")} for spec in families),
+    ]

@@ -153,7 +153,9 @@ async def run_manifest(
     prices = prices or builtin_prices()
     async with contextlib.AsyncExitStack() as stack:
         if simulate is not None:
-            sim = await stack.enter_async_context(Simulator(simulate))
+            # The simulated API takes what the run's registry says the models take (its
+            # models file and overrides), so a simulated run tries exactly those rules.
+            sim = await stack.enter_async_context(Simulator(simulate, registry=manifest.registry))
             settings = settings.model_copy(
                 update={"base_url": sim.base_url, "api_key": SecretStr(SIMULATED_KEY)}
             )

@@ -118,6 +118,8 @@ class Settings(BaseModel):
     # Regenerate jobs whose request changed since the ledger recorded them; their old images
     # are moved to OUT/replaced/<run_id>/ first. Off: such a run is refused, naming the jobs.
     regenerate_changed: bool = False
+    # A models file (models.toml's shape) merged over the built-in models; then model_overrides.
+    models_file: str | None = None
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Plain http to a non-loopback host sends the key in clear text; refuse unless allowed.
     allow_insecure_http: bool = False

@@ -163,8 +163,8 @@ def parse_request(body: Any, registry: ModelRegistry) -> ImageRequest | ApiFailu
         return _bad("Missing required parameter: 'prompt'.")
     if not isinstance(prompt, str) or not prompt.strip():
         return _bad("Invalid 'prompt': expected a non-empty string.")
-    # Looking an unknown model up in the registry would log a warning and remember it.
-    spec = registry.get(model) if model in registry else ModelSpec(name=model, max_n=1, known=False)
+    # The server's lookup says nothing: warnings about a manifest's models are the client's.
+    spec = registry.resolve(model)
     n = _check_n(body.get("n"), spec)
     if isinstance(n, ApiFailure):
         return n

@@ -10,9 +10,10 @@ from typing import Any
 
 from .errors import CometBatchError, LedgerError, ManifestError
 from .events import LEDGER_NAME, iter_events
-from .forecast import forecast, ledger_verdicts, quiet_registry
+from .forecast import forecast, ledger_verdicts
 from .holder import RunState, run_state
 from .manifest import JobDefaults, Manifest
+from .models import recorded_registry
 from .paid import Payments
 from .prices import PriceTable, actual, builtin_prices
 from .results import PAID, WITH_DOWNLOADS
@@ -133,11 +134,9 @@ def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
 
 
 def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
-    """The manifest at `path`, read as the run event `run` read it (its --model/--size/--n and
-    model overrides), without the run's warnings about unknown models."""
-    settings = run.get("settings")
-    overrides = settings.get("model_overrides") if isinstance(settings, dict) else None
-    registry = quiet_registry(overrides if isinstance(overrides, dict) else None)
+    """The manifest at `path`, read as the run event `run` read it (its --model/--size/--n,
+    models file and model overrides), without the run's warnings about unknown models."""
+    registry = recorded_registry(run.get("settings"))
     return Manifest(path, defaults=recorded_defaults(run), registry=registry)
 
 

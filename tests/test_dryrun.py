@@ -38,7 +38,7 @@ async def test_dry_run_of_the_demo_plans_and_prices_and_sends_nothing(tmp_path: 
     manifest = load_manifest(DEMO)
     assert plan["totals"]["jobs"] == manifest.stats.jobs
     assert plan["totals"]["requests"] == manifest.stats.requests
-    assert plan["totals"]["images"] == manifest.stats.images == 47
+    assert plan["totals"]["images"] == manifest.stats.images == 60
     assert plan["totals"]["done_requests"] == 0
     for name, model in manifest.stats.by_model.items():
         got = plan["models"][name]
