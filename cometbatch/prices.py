@@ -1,23 +1,27 @@
 """List prices as data: what a plan should cost, and what a finished request did cost.
 
-The built-in table (`prices.toml` in this package) holds estimates from OpenAI's published list
-prices on `PRICES_AS_OF`; a user file of the same shape (TOML or JSON) is merged over it.
-Everything here is a pure function of its arguments except `builtin_prices` and `load_prices`.
+The built-in table (`prices.toml` in this package) holds estimates from published list prices,
+each model's entry with its `source` and `as_of` date; a user file of the same shape (TOML or
+JSON) is merged over it. Everything here is a pure function of its arguments except
+`builtin_prices` and `load_prices`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import PricesError
 from .manifest import Job
@@ -39,14 +43,31 @@ __all__ = [
     "usage_cost",
 ]
 
-# The date the built-in prices were taken (shown next to every estimate).
+# The newest `as_of` date in the built-in table (each entry has its own).
 PRICES_AS_OF = "2026-11-21"
 # A quality or size of "*" in the table matches any; a job's "auto" is priced as the default.
 ANY = "*"
 AUTO = "auto"
 _TOP_LEVEL = frozenset({"as_of", "currency", "models"})
+_SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
 
 Price = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
+def _date_text(value: Any) -> Any:
+    """A date as "YYYY-MM-DD" (TOML may give a date object); anything else is left to fail."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value).isoformat()
+        except ValueError:
+            raise ValueError("must be a date, YYYY-MM-DD") from None
+    return value
+
+
+DateText = Annotated[str, BeforeValidator(_date_text)]
+Text = Annotated[str, Field(min_length=1)]
 
 
 class TokenRates(BaseModel):
@@ -61,11 +82,39 @@ class TokenRates(BaseModel):
     text_output: Price | None = None
 
 
+def _pixels(size: str) -> tuple[int, int] | None:
+    """(width, height) of a "WxH" size; None for anything else ("*", "auto", a typo)."""
+    match = _SIZE.fullmatch(size)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
+def _scaled(by_size: Mapping[str, float], size: str) -> float | None:
+    """An estimate for a size the table does not list: the listed size of closest aspect ratio
+    (then closest area), its price scaled by pixel area. None without a "WxH" size or list."""
+    wanted = _pixels(size)
+    listed = [(dims, price) for name, price in by_size.items() if (dims := _pixels(name))]
+    if wanted is None or not listed:
+        return None
+    width, height = wanted
+    ratio, area = math.log(width / height), width * height
+
+    def distance(item: tuple[tuple[int, int], float]) -> tuple[float, int]:
+        (w, h), _ = item
+        return abs(math.log(w / h) - ratio), abs(w * h - area)
+
+    (w, h), price = min(listed, key=distance)
+    return price * area / (w * h)
+
+
 class ModelPrices(BaseModel):
     """One model's prices: per image by quality and size, and per token where it has them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Where the figures came from (an address, or "estimate: <basis>") and when.
+    source: Text | None = None
+    as_of: DateText | None = None
+    note: Text | None = None
     # What a job that sets no size or quality (or "auto") is priced as.
     default_size: str | None = None
     default_quality: str | None = None
@@ -74,7 +123,10 @@ class ModelPrices(BaseModel):
     tokens: TokenRates | None = None
 
     def image_price(self, size: str | None, quality: str | None) -> float | None:
-        """Dollars per image at this size and quality; None when the table has no price."""
+        """Dollars per image at this size and quality; None when the table has no price.
+
+        A size the table does not list costs its quality's "*" price; failing that, a
+        token-priced model (billed by tokens, so by size) gets an estimate scaled by area."""
         if size in (None, AUTO):
             size = self.default_size
         if quality in (None, AUTO):
@@ -85,7 +137,11 @@ class ModelPrices(BaseModel):
         if by_size is None:
             return None
         price = by_size.get(size) if size is not None else None
-        return by_size.get(ANY) if price is None else price
+        if price is None:
+            price = by_size.get(ANY)
+        if price is None and size is not None and self.tokens is not None:
+            price = _scaled(by_size, size)
+        return price
 
 
 class PriceTable(BaseModel):
@@ -93,15 +149,31 @@ class PriceTable(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    as_of: str
     currency: Literal["USD"] = "USD"
     models: dict[str, ModelPrices] = Field(default_factory=dict)
     # Override files merged over the built-in table, in order.
     sources: tuple[str, ...] = ()
 
-    def describe(self) -> str:
-        """Where these prices come from, for output next to a figure."""
-        text = f"list-price estimates as of {self.as_of}"
+    def dates(self, models: Iterable[str] | None = None) -> list[str]:
+        """The `as_of` dates of these models' entries (all entries by default), oldest first."""
+        names = self.models if models is None else models
+        found = {spec.as_of for name in names if (spec := self.models.get(name)) and spec.as_of}
+        return sorted(found)
+
+    @property
+    def as_of(self) -> str | None:
+        """The newest date of any entry; None when no entry is dated."""
+        dates = self.dates()
+        return dates[-1] if dates else None
+
+    def describe(self, models: Iterable[str] | None = None) -> str:
+        """Where these prices come from (for `models`, else the whole table), next to a figure."""
+        dates = self.dates(models)
+        text = "list-price estimates"
+        if dates:
+            text += f" as of {dates[-1]}"
+        if len(dates) > 1:
+            text += f", some from {dates[0]}"
         if self.sources:
             text += f", with overrides from {', '.join(self.sources)}"
         return text
@@ -112,7 +184,10 @@ class PriceTable(BaseModel):
         return None if spec is None else spec.image_price(size, quality)
 
     def merged(self, data: Any, *, source: str) -> PriceTable:
-        """This table with `data` (the same shape, partial) merged over it; PricesError if bad."""
+        """This table with `data` (the same shape, partial) merged over it; PricesError if bad.
+
+        The entries `data` sets are credited to `source` and dated by its top-level `as_of`,
+        unless they name their own `source` and `as_of`."""
         if not isinstance(data, Mapping):
             raise PricesError("must be a table (a TOML document or a JSON object)", source=source)
         for key in data:
@@ -120,8 +195,15 @@ class PriceTable(BaseModel):
                 raise PricesError(
                     "unknown entry (expected as_of, currency or models)", source=source, entry=key
                 )
+        over = {key: value for key, value in data.items() if key != "as_of"}
+        if isinstance(over.get("models"), Mapping):
+            stamp = {"source": source, "as_of": _file_date(data.get("as_of"), source)}
+            over["models"] = {
+                name: {**stamp, **entry} if isinstance(entry, Mapping) else entry
+                for name, entry in over["models"].items()
+            }
         base = self.model_dump(exclude={"sources"}, exclude_none=True)
-        merged = _merge(base, data)
+        merged = _merge(base, over)
         merged["sources"] = (*self.sources, source)
         try:
             return PriceTable.model_validate(merged)
@@ -129,6 +211,19 @@ class PriceTable(BaseModel):
             err = exc.errors(include_url=False)[0]
             entry = ".".join(str(part) for part in err["loc"])
             raise PricesError(err["msg"], source=source, entry=entry or None) from None
+
+
+def _file_date(value: Any, source: str) -> str | None:
+    """An override file's top-level `as_of` as "YYYY-MM-DD"; PricesError if it is not a date."""
+    if value is None:
+        return None
+    try:
+        text = _date_text(value)
+    except ValueError:
+        text = None
+    if not isinstance(text, str):
+        raise PricesError("must be a date, YYYY-MM-DD", source=source, entry="as_of")
+    return text
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,12 +274,18 @@ def _count(value: Any) -> int | None:
 
 
 def _split(total: int, details: Any, first: str, second: str) -> tuple[int, int]:
-    """`total` split by a usage `*_tokens_details` object (all of it `first` without one)."""
+    """`total` split by a usage `*_tokens_details` object: all of it `first` without one, and
+    a part the object leaves out is the rest of `total`."""
+    one = two = None
     if isinstance(details, Mapping):
         one, two = _count(details.get(first)), _count(details.get(second))
-        if one is not None or two is not None:
-            return one or 0, two or 0
-    return total, 0
+    if one is None and two is None:
+        return total, 0
+    if one is None:
+        one = max(total - (two or 0), 0)
+    if two is None:
+        two = max(total - one, 0)
+    return one, two
 
 
 def usage_cost(usage: Any, rates: TokenRates) -> float | None:
@@ -296,7 +397,7 @@ class CostEstimate:
         return None if self.priced_images == 0 and self.unpriced_images else self.usd
 
     def __str__(self) -> str:
-        text = f"{format_usd(self.total)} ({self.prices.describe()}"
+        text = f"{format_usd(self.total)} ({self.prices.describe(self.by_model or None)}"
         if self.unpriced_images:
             names = ", ".join(sorted(self.unpriced))
             text += f"; {self.unpriced_images} image(s) of unknown price: {names}"
@@ -304,9 +405,16 @@ class CostEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `--json` output."""
+        # The date of each price this estimate used; the newest of them, else the table's.
+        dates = {
+            name: spec.as_of
+            for name in sorted(self.by_model)
+            if (spec := self.prices.models.get(name)) and spec.as_of
+        }
         return {
             "estimated_usd": None if self.total is None else round(self.usd, 6),
-            "prices_as_of": self.prices.as_of,
+            "prices_as_of": max(dates.values(), default=self.prices.as_of),
+            "price_dates": dates,
             "price_sources": list(self.prices.sources),
             "priced_images": self.priced_images,
             "unpriced_images": self.unpriced_images,

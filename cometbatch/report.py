@@ -146,7 +146,8 @@ def plan_data(forecast: Forecast, out: Path, manifest: Path) -> dict[str, Any]:
         "changed_job_count": len(forecast.changed_jobs),
         "cost": forecast.to_send.to_dict(),
         "cost_all": forecast.everything.to_dict(),
-        "prices": forecast.prices.describe(),
+        # The dates of the prices the cost to send used (the whole table's when it used none).
+        "prices": forecast.prices.describe(forecast.to_send.by_model or None),
     }
 
 
