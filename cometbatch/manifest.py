@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import CapabilityError, ManifestError, ManifestProblem
 from .inputs import input_format, reader_for
+from .lineshapes import batch_fields, is_batch_line, sdk_fields, streaming_problem
 from .models import DEFAULT_MODEL, PARAMS, ModelRegistry
 from .paths import safe_component
 
@@ -29,7 +30,6 @@ MAX_N = 100_000
 _ID_FIELDS = ("prompt", "model", *PARAMS, "extra")
 _CORE = frozenset(("prompt", "model", "n", *PARAMS))
 _TEXT_PARAMS = tuple(name for name in PARAMS if name != "output_compression")
-BATCH_URL = "/v1/images/generations"
 # Deeper lines are refused: json's encoder and decoder recurse, so data nested near the
 # interpreter's recursion limit would parse here and then fail to serialise further on.
 MAX_NESTING = 100
@@ -121,7 +121,10 @@ class Job(BaseModel):
     def _extra_does_not_shadow(cls, value: dict[str, Any]) -> dict[str, Any]:
         clash = sorted(_CORE & value.keys())
         if clash:
-            raise ValueError(f"extra must not set {', '.join(clash)}: set it as a top-level field")
+            raise ValueError(f"must not set {', '.join(clash)}: set it as a top-level field")
+        for name in ("stream", "partial_images"):
+            if name in value and (why := streaming_problem(name, value[name])):
+                raise ValueError(f"must not set {name}: {why}")
         return value
 
     # prompt, model and id need no check: their length constraints already refuse surrogates.
@@ -196,7 +199,7 @@ class ManifestStats:
 
 
 def _unknown_field_message(name: str) -> str:
-    known = sorted(Job.model_fields)
+    known = sorted((*Job.model_fields, "extra_body"))
     guess = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{guess[0]}'?)" if guess else ""
     return f"unknown field{hint}"
@@ -272,36 +275,6 @@ def _strict_json(text: str) -> Any:
     return data
 
 
-def _unwrap_batch_line(data: dict[str, Any], line: int) -> dict[str, Any]:
-    """An OpenAI Batch API line becomes a plain job; body keys we do not know go to extra."""
-    problems = []
-    if data.get("method", "POST") != "POST":
-        problems.append(ManifestProblem(line, "method", "only POST is supported"))
-    if data.get("url", BATCH_URL) != BATCH_URL:
-        problems.append(ManifestProblem(line, "url", f"only {BATCH_URL} is supported"))
-    body = data.get("body")
-    if not isinstance(body, dict):
-        problems.append(ManifestProblem(line, "body", "must be a JSON object"))
-    unknown = sorted(data.keys() - {"custom_id", "method", "url", "body", "metadata"})
-    problems += [
-        ManifestProblem(line, name, "unknown field in a Batch API line") for name in unknown
-    ]
-    if problems:
-        raise ManifestError(problems)
-    assert isinstance(body, dict)
-    job = {k: v for k, v in body.items() if k in _CORE}
-    # The body is a literal API request: fields we do not model are provider pass-through.
-    extra = {k: v for k, v in body.items() if k not in _CORE and k != "extra"}
-    if isinstance(body.get("extra"), dict):
-        extra.update(body["extra"])
-    if extra:
-        job["extra"] = extra
-    job["id"] = data.get("custom_id")
-    if "metadata" in data:
-        job["metadata"] = data["metadata"]
-    return job
-
-
 def parse_line(
     text: str, line: int, *, defaults: JobDefaults | None = None, registry: ModelRegistry
 ) -> Job | None:
@@ -315,9 +288,15 @@ def parse_line(
         raise ManifestError([ManifestProblem(line, None, f"invalid JSON: {exc}")]) from None
     if not isinstance(data, dict):
         raise ManifestError([ManifestProblem(line, None, "a line must be a JSON object")])
-    if "custom_id" in data or "body" in data:
-        data = _unwrap_batch_line(data, line)
-    return job_from_data(data, line, defaults=defaults, registry=registry)
+    # A Batch API line or openai-python keyword arguments: the same fields, named as written.
+    shaped = batch_fields(data, line) if is_batch_line(data) else sdk_fields(data, line)
+    try:
+        job = job_from_data(shaped.data, line, defaults=defaults, registry=registry)
+    except ManifestError as exc:
+        raise ManifestError([*shaped.problems, *shaped.located(exc.problems)]) from None
+    if shaped.problems:
+        raise ManifestError(list(shaped.problems))
+    return job
 
 
 def job_from_data(

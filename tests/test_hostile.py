@@ -35,6 +35,7 @@ from cometbatch.errors import (
     ServerError,
 )
 from cometbatch.imagegen import make_png
+from cometbatch.lineshapes import SDK_FIELDS
 from cometbatch.manifest import MAX_N, MAX_NESTING, Job, folder_key, load_manifest, parse_line
 from cometbatch.models import ModelRegistry
 from cometbatch.paths import image_relpath, safe_component
@@ -277,9 +278,14 @@ WRONG_TYPES: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
+# Job fields a Batch API line holds outside its body, by their names there.
+BATCH_NAMES = {"id": "custom_id", "metadata": "metadata"}
+
+
 def is_unknown_field(name: str) -> bool:
-    """Whether a top-level key is neither a job field nor a Batch API key."""
-    return name not in FIELDS and name not in ("custom_id", "method", "url", "body")
+    """Whether a top-level key is neither a job field, nor a Batch API key, nor one of
+    openai-python's images.generate keywords."""
+    return name not in (*FIELDS, *SDK_FIELDS, "custom_id", "method", "url", "body")
 
 
 @dataclass
@@ -308,13 +314,11 @@ def mutated_lines(draw: st.DrawFn, job: dict[str, Any]) -> Mutation:
     elif op == "retype":
         name = draw(st.sampled_from(sorted(WRONG_TYPES)))
         job[name] = draw(WRONG_TYPES[name])
-        # A Batch API body passes a non-object "extra" through untouched.
-        expected = None if batch and name == "extra" else name
+        expected = name
     elif op == "unknown":
         name = draw(st.text(CLEAN_CHARS, min_size=1, max_size=12).filter(is_unknown_field))
         job[name] = draw(FINITE_JSON)
-        # In a Batch API body, unknown keys are provider pass-through.
-        expected = None if batch else name
+        expected = name
     elif op == "id":
         job["id"] = draw(st.one_of(st.sampled_from(EVIL_IDS), HOSTILE_TEXT, st.integers()))
     elif op == "long":
@@ -330,6 +334,8 @@ def mutated_lines(draw: st.DrawFn, job: dict[str, Any]) -> Mutation:
     value: Any = job
     if batch and isinstance(job, dict):
         value = as_batch_line(job)
+        # A Batch API line names its fields as it holds them.
+        expected = BATCH_NAMES.get(expected, f"body.{expected}") if expected else None
         if op == "batch":
             value = draw(mutated_json(value))
     text = dump(value, ensure_ascii=draw(st.booleans()))
@@ -477,7 +483,8 @@ def test_one_mutated_line_is_the_one_named(tmp_path: Path) -> None:
                     for name in named
                 ), (mutation, exc.problems)
         else:
-            assert mutation.field is None or mutation.field == "prompt", mutation
+            # Only a long prompt may still be valid (a model without a prompt limit).
+            assert mutation.field in (None, "prompt", "body.prompt"), mutation
 
     check()
 
@@ -999,7 +1006,7 @@ def test_non_finite_numbers_are_a_manifest_error(
         ('{"prompt": "x\\ud800"}', "prompt"),
         ('{"prompt": "x", "extra": {"seed": "\\udfff"}}', "extra"),
         ('{"prompt": "x", "id": "a", "extra": {"\\ud800": 1}}', "extra"),
-        ('{"custom_id": "a", "body": {"prompt": "x", "seed\\ud800": 1}}', "extra"),
+        ('{"custom_id": "a", "body": {"prompt": "x", "extra": {"seed\\ud800": 1}}}', "body.extra"),
         ('{"prompt": "x", "id": "a", "user": "\\udc00"}', "user"),
         ('{"prompt": "x", "id": "a", "model": "flux", "size": "1x\\ud800"}', "size"),
     ],

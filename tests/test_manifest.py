@@ -92,13 +92,13 @@ def test_numeric_id_becomes_a_string() -> None:
 
 
 def test_batch_api_line_becomes_a_job() -> None:
-    """custom_id becomes id; body fields become job fields; unknown body fields go to extra."""
+    """custom_id becomes id; body fields become job fields; body.extra is passed through."""
     text = json.dumps(
         {
             "custom_id": "req-1",
             "method": "POST",
             "url": "/v1/images/generations",
-            "body": {"model": "dall-e-2", "prompt": "p", "n": 2, "seed": 5},
+            "body": {"model": "dall-e-2", "prompt": "p", "n": 2, "extra": {"seed": 5}},
         }
     )
     job = parse_line(text, 1, registry=REGISTRY)
