@@ -121,9 +121,10 @@ class ModelRegistry:
             return spec
         self._told.add(name)
         if spec.family is not None:
-            log.info(
+            # Shown by default: the user should know that cometbatch applies rules it infers.
+            log.warning(
                 "model %r is not listed: using the rules of its family %r (up to %d images "
-                "per request)",
+                "per request); a models file (--models) can list it with its own",
                 name,
                 spec.family,
                 spec.max_n,
