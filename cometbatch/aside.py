@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .answered import Answered, placed
 from .errors import ImageDataError
 from .imagecheck import check_image
 from .paths import link_error, unlinked
@@ -262,6 +263,8 @@ def withdraw_event(
             "cost": origin.get("cost"),
             "run_id": origin.get("run_id"),
             "finished_at": origin.get("finished_at"),
+            # The answer they came in (its request id, size, ...), when the line kept it.
+            **Answered.of_line(origin).line_fields(),
             **_origin_state(origin),
         },
     }
@@ -308,7 +311,7 @@ def reinstated_event(
     event.update(attempts=0, ambiguous_retries=0, rate_limited=0, latency_s=0.0)
     event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
     del event["withdrawn"]
-    return event
+    return placed(event, Answered.of_line(taken))
 
 
 def withdrawal(event: dict[str, Any] | None) -> dict[str, Any] | None:

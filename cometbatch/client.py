@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, Self
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from .answered import Answered, answered
 from .errors import (
     APIConnectionError,
     APIError,
@@ -23,7 +24,13 @@ from .errors import (
     DownloadError,
     IncompatibleAPIError,
 )
-from .retry import is_content_policy, make_status_error, not_the_api, parse_error_body
+from .retry import (
+    is_content_policy,
+    make_status_error,
+    not_the_api,
+    parse_error_body,
+    request_id_header,
+)
 from .settings import check_base_url
 
 if TYPE_CHECKING:
@@ -59,9 +66,23 @@ class ImagesResponse(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    created: int | None = None
     data: list[ImageItem]
     usage: dict[str, Any] | None = None
+    # Its request id, created, size, ...: read leniently by the client (see answered.py), not
+    # validated here, so that an odd one never fails an answer whose images were paid for.
+    _answered: Answered = PrivateAttr(default_factory=Answered)
+
+    @property
+    def answered(self) -> Answered:
+        """What the answer said about itself (its request id, created, size, ...)."""
+        return self._answered
+
+    @classmethod
+    def read(cls, data: Any, answer: Answered) -> ImagesResponse:
+        """The validated body `data`, with what `answer` says about it."""
+        response = cls.model_validate(data)
+        response._answered = answer
+        return response
 
 
 class _State(enum.Enum):
@@ -424,7 +445,7 @@ class Client:
         if isinstance(data, dict) and "error" in data and "data" not in data:
             raise self._error_in_ok(status, self._redact(text), resp)
         try:
-            answer = ImagesResponse.model_validate(data)
+            answer = ImagesResponse.read(data, self._answered(data, resp))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
@@ -448,10 +469,17 @@ class Client:
                 )
         return answer
 
+    def _answered(self, data: Any, resp: aiohttp.ClientResponse) -> Answered:
+        """What a success says about itself, the key blanked out (`data` is redacted already,
+        the header is not)."""
+        header = request_id_header(resp.headers)
+        header = self._redact(header) if header is not None else None
+        return answered(data if isinstance(data, dict) else {}, header)
+
     def _error_in_ok(self, status: int, text: str, resp: aiohttp.ClientResponse) -> APIError:
         """An error object sent with a success status (some relays do this)."""
         message, code, request_id = parse_error_body(text)
-        request_id = request_id or resp.headers.get("X-Request-Id")
+        request_id = request_id or request_id_header(resp.headers)
         if is_content_policy(code, message):
             # The code alone can say so: {"error": {"code": "content_policy_violation"}}.
             message = message or f"the API answered {status} with error code {code}"

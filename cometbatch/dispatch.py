@@ -11,6 +11,7 @@ from typing import Any
 
 from tenacity import RetryCallState
 
+from .answered import Answered
 from .client import Client, ImagesResponse
 from .errors import (
     APIConnectionError,
@@ -92,6 +93,8 @@ class Sent:
 
     images: list[ImageRecord] = field(default_factory=list)
     usage: dict[str, Any] | None = None
+    # What the latest answer with images said about itself (its request id, size, ...).
+    answered: Answered | None = None
     error: APIError | None = None
     attempts: int = 0
     ambiguous: int = 0
@@ -124,6 +127,8 @@ class Sent:
                 add_usage(total, self.usage)
             add_usage(total, part.usage)
             self.usage = total
+        if part.answered:
+            self.answered = part.answered
         if part.error is not None:
             self.error = part.error
         self.attempts += part.attempts
@@ -252,7 +257,13 @@ class Dispatcher:
         attempt (it was generated, so a retry counts as possibly billed)."""
         response = await self._attempt(request, sent, last)
         sent.usage = response.usage
-        await self._store(request, response, sent)
+        try:
+            await self._store(request, response, sent)
+        except APIError as exc:
+            # An image that is not whole: the answer's request id is the one to ask about.
+            exc.request_id = exc.request_id or response.answered.request_id
+            raise
+        sent.answered = response.answered
 
     async def _attempt(self, request: Request, sent: Sent, last: APIError | None) -> ImagesResponse:
         """One attempt under the shared limits; `last` is the previous attempt's failure."""

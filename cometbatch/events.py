@@ -228,7 +228,8 @@ _IMAGE = (
     + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?"
     + rb'(?:,"url":' + _STR + rb")?\}"
 )  # fmt: skip
-# A result line as this package writes it (older versions wrote no `rate_limited` or `cost`),
+# A result line as this package writes it (older versions wrote no `rate_limited` or `cost`;
+# `response` and `request_id` only when the answer gave them),
 # for a request key `<job_id>#<chunk>` with a planner's fingerprint. Groups: the line, the
 # key, the key's job id, status, fingerprint, n, and the error's JSON text.
 _RESULT = (
@@ -241,6 +242,7 @@ _RESULT = (
     + rb'(?:,"rate_limited":' + _INT + rb")?"
     + rb',"error":(' + _VALUE + rb'),"latency_s":' + _NUM
     + rb',"finished_at":(?:null|' + _STR + rb'),"usage":' + _VALUE
+    + rb'(?:,"response":' + _VALUE + rb')?(?:,"request_id":' + _STR + rb")?"
     + rb'(?:,"cost":' + _VALUE + rb")?"
     + rb',"metadata":' + _VALUE + rb"\}\n)"
 )  # fmt: skip

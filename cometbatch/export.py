@@ -15,13 +15,18 @@ answered short and its rest is still to be asked for), `failed` (no image writte
 `openai-batch`, one line per job in the shape of OpenAI's Batch API output file:
 
     {"id": "batch_req_<24 hex>", "custom_id": "<job id>",
-     "response": {"status_code": 200, "request_id": null,
+     "response": {"status_code": 200, "request_id": "<the API's request id>",
                   "body": {"created": <unix time>, "data": [{"url": "images/<job>/0.png",
-                           "revised_prompt": "..."}], "usage": {...}}},
+                           "revised_prompt": "..."}], "size": "1024x1024", ...,
+                           "usage": {...}}},
      "error": null}
 
 `url` is the image file's path relative to the output folder (a relative URL reference), not a
-link; `revised_prompt` and `usage` appear when the API gave them. A job that failed on an API
+link; `revised_prompt` and `usage` appear when the API gave them. `request_id`, `created` and
+the answer's `size`, `quality`, `output_format` and `background` are those the ledger recorded
+for the job's first request that has them (a job of several requests had several answers);
+`request_id` is null and `created` the time its result was recorded when the ledger has none
+(written before answers were kept, or an API that sent none). A job that failed on an API
 error answer carries that answer as OpenAI does, `"response": {"status_code": 400,
 "request_id": "...", "body": {"error": {"message", "type", "param", "code"}}}, "error": null`;
 a failure with no API answer (connection, timeout, download, bad image) has `"response": null,
@@ -31,7 +36,9 @@ a failure with no API answer (connection, timeout, download, bad image) has `"re
 are separated by spaces, `revised_prompts` by newlines, `metadata` is a JSON object.
 
 `jsonl`: one object per job with every image record, pending downloads, the first error (with
-its `chunk`), summed usage, attempts, and metadata.
+its `chunk`), the request ids of its answers (in request order), summed usage, attempts, and
+metadata. `csv`'s `request_id` is the first error's, or for a job without an error, its first
+answer's.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from .answered import Answered
 from .errors import CometBatchError, ConfigError, LedgerError
 from .events import LEDGER_NAME, iter_events
 from .results import add_usage
@@ -175,6 +183,17 @@ class JobResults:
             if isinstance(usage, dict):
                 add_usage(total, usage)
         return total or None
+
+    @property
+    def answers(self) -> list[Answered]:
+        """What each request's answer said about itself (request id, created, size, ...), in
+        chunk order; empty where its line recorded none."""
+        return [Answered.of_line(event) for event in self.events]
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The request ids of the answers the ledger recorded, in chunk order."""
+        return [answer.request_id for answer in self.answers if answer.request_id is not None]
 
     @property
     def finished_at(self) -> str | None:
@@ -323,10 +342,15 @@ def openai_batch_record(job: JobResults) -> dict[str, Any]:
             if image.get("revised_prompt") is not None:
                 item["revised_prompt"] = image["revised_prompt"]
             data.append(item)
-        body: dict[str, Any] = {"created": job.created, "data": data}
+        answers = job.answers
+        response = next((answer.response for answer in answers if answer.response), {})
+        body: dict[str, Any] = {"created": response.get("created", job.created), "data": data}
+        body.update((name, value) for name, value in response.items() if name != "created")
         if job.usage is not None:
             body["usage"] = job.usage
-        record["response"] = {"status_code": 200, "request_id": None, "body": body}
+        request_ids = job.request_ids
+        request_id = request_ids[0] if request_ids else None
+        record["response"] = {"status_code": 200, "request_id": request_id, "body": body}
         record["error"] = None
         return record
     status = error.get("status")
@@ -370,6 +394,7 @@ def jsonl_record(job: JobResults) -> dict[str, Any]:
         "images": job.images,
         "downloads": job.downloads,
         "error": job.error,
+        "request_ids": job.request_ids,
         "attempts": job.total("attempts"),
         "ambiguous_retries": job.total("ambiguous_retries"),
         "latency_s": job.latency_s,
@@ -406,7 +431,8 @@ def csv_row(job: JobResults) -> list[str]:
         "error_status": error.get("status"),
         "error_code": error.get("code"),
         "error_message": error.get("message"),
-        "request_id": error.get("request_id"),
+        # The failure's own request id; for a job without one, its first answer's.
+        "request_id": error.get("request_id") if error else next(iter(job.request_ids), None),
         "pending_downloads": len(job.downloads),
         "attempts": job.total("attempts"),
         "ambiguous_retries": job.total("ambiguous_retries"),

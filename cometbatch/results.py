@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .answered import Answered
 from .manifest import Job
 from .pace import Pace
 from .plan import Request, request_key
@@ -89,6 +90,8 @@ class Result:
     # price per image, "none" (nothing generated), "unpriced".
     cost_usd: float | None = 0.0
     cost_basis: str = "none"
+    # What the answer that brought the images said about itself (request id, size, ...).
+    answered: Answered | None = None
 
     @classmethod
     def of(cls, request: Request, run_id: str, status: str, **fields: Any) -> Result:
@@ -134,6 +137,8 @@ class Result:
             "latency_s": round(self.latency_s, 3),
             "finished_at": self.finished_at,
             "usage": self.usage,
+            # Only what the answer gave: a line without them reads as before.
+            **(self.answered.line_fields() if self.answered else {}),
             "cost": {
                 "usd": None if self.cost_usd is None else round(self.cost_usd, 6),
                 "basis": self.cost_basis,

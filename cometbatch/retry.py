@@ -59,6 +59,8 @@ _REQUEST_ID = re.compile(r"request id: ([^)\s]+)", re.IGNORECASE)
 _REQUEST_ID_SUFFIX = re.compile(r"\s*\(request id: [^)]*\)", re.IGNORECASE)
 _HTML_START = re.compile(r"^\s*<(!doctype\s+html|html|head|body|\?xml|!--)", re.IGNORECASE)
 _PLAIN_LIMIT = 200
+# Validation errors named in a message, at most (a body can list one per field).
+_DETAILS_SHOWN = 10
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -168,8 +170,44 @@ def _split_request_id(message: str) -> tuple[str, str | None]:
     return _REQUEST_ID_SUFFIX.sub("", message).strip(), found.group(1)
 
 
+def _location(loc: Any) -> str:
+    """A validation error's `loc` (["body", "size"], [..., 0]) as one dotted name."""
+    if isinstance(loc, list):
+        return ".".join(str(part) for part in loc if isinstance(part, str | int))
+    return loc if isinstance(loc, str) else ""
+
+
+def _validation_details(details: list[Any]) -> str:
+    """FastAPI's (pydantic's) `detail` list as "body.size: msg; body.n: msg", each
+    location named with its message; an entry of another shape as its JSON text."""
+    parts = []
+    for item in details[:_DETAILS_SHOWN]:
+        if not isinstance(item, dict):
+            parts.append(item if isinstance(item, str) else json.dumps(item))
+            continue
+        msg = item.get("msg", item.get("message"))
+        text = msg if isinstance(msg, str) else json.dumps(msg if msg is not None else item)
+        where = _location(item.get("loc"))
+        parts.append(f"{where}: {text}" if where else text)
+    more = len(details) - _DETAILS_SHOWN
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def _with_param(message: str, param: Any) -> str:
+    """`message` naming the parameter an OpenAI-style error blames, unless it does already."""
+    if not isinstance(param, str) or not param.strip() or len(param) > _PLAIN_LIMIT:
+        return message
+    # As a word: the message "Invalid value" does not name the parameter "n".
+    if re.search(rf"(?<!\w){re.escape(param)}(?!\w)", message):
+        return message
+    return f"{message} (param: {param})" if message else f"param: {param}"
+
+
 def parse_error_body(text: str) -> tuple[str, str | None, str | None]:
-    """(message, code, request_id) from an error body in CometAPI's shape, or a plain excerpt."""
+    """(message, code, request_id) from an error body in CometAPI's or OpenAI's shape (with
+    the `param` it names), FastAPI's validation `detail` list, or a plain excerpt."""
     try:
         data: Any = json.loads(text)
     except (ValueError, RecursionError):  # also too many digits, or nested too deeply
@@ -183,12 +221,21 @@ def parse_error_body(text: str) -> tuple[str, str | None, str | None]:
     if not isinstance(error, dict):
         return _plain(text), None, None
     raw_message = error.get("message") or error.get("detail") or ""
-    if not isinstance(raw_message, str):
+    if isinstance(raw_message, list):
+        raw_message = _validation_details(raw_message)
+    elif not isinstance(raw_message, str):
         raw_message = json.dumps(raw_message)
     message, request_id = _split_request_id(raw_message)
+    message = _with_param(message, error.get("param"))
     raw_code = error.get("code")
     code = str(raw_code) if raw_code not in (None, "") else None
     return message, code, request_id
+
+
+def request_id_header(headers: Mapping[str, str]) -> str | None:
+    """The request id an answer's headers carry (OpenAI's X-Request-Id, one-api's
+    X-Oneapi-Request-Id), or None."""
+    return _header(headers, "x-request-id") or _header(headers, "x-oneapi-request-id")
 
 
 def make_status_error(
@@ -203,7 +250,7 @@ def make_status_error(
     cls, retryable = classify_status(status, code=code, message=message)
     hdrs: Mapping[str, str] = headers if headers is not None else {}
     if request_id is None:
-        request_id = _header(hdrs, "x-request-id") or _header(hdrs, "x-oneapi-request-id")
+        request_id = request_id_header(hdrs)
     return cls(
         message or f"the server answered HTTP {status} with no error message",
         status=status,

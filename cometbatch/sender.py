@@ -220,6 +220,7 @@ class Sender:
             latency_s=asyncio.get_running_loop().time() - key.started,
             finished_at=now_iso(),
             usage=sent.usage,
+            answered=sent.answered,
             rate_limited=sent.rate_limited,
             cost_usd=cost,
             cost_basis=basis,
@@ -502,6 +503,8 @@ def _recorded(work: Work) -> Sent:
         images=[ImageRecord(**image) for image in recorded.images],
         pending=pending,
         usage=recorded.usage if work.verdict == "rest" else None,
+        # The answer these images came in, until a later answer brings more.
+        answered=recorded.answered,
     )
 
 

@@ -19,6 +19,7 @@ from .models import ModelRegistry
 from .simfaults import cut_image
 from .simfiles import FileStore
 from .simpictures import PictureCache
+from .simresponse import REQUEST_ID_HEADER, success_body
 from .simrules import (
     BAD_BASE64,
     DOWNLOAD_FAULTS,
@@ -195,13 +196,15 @@ class Simulator:
         return response
 
     def _error(self, failure: ApiFailure, headers: Mapping[str, str] | None = None) -> web.Response:
-        body = json.dumps(error_body(failure, self._request_id()))
+        # The id inside the message (CometAPI's way) and in the header (every answer's).
+        request_id = self._request_id()
+        body = json.dumps(error_body(failure, request_id))
         return self._reply(
             web.Response(
                 status=failure.status,
                 text=body,
                 content_type="application/json",
-                headers=headers,
+                headers={**(headers or {}), REQUEST_ID_HEADER: request_id},
             )
         )
 
@@ -244,7 +247,7 @@ class Simulator:
         elif forced == "slow":
             await asyncio.sleep(self.config.slow_seconds)
         await self._latency()
-        return await self._success(parsed, forced, request)
+        return await self._success(parsed, body, forced, request)
 
     def _admit(self, request: ImageRequest) -> web.StreamResponse | None:
         windows = ((self._rpm, 1, "requests"), (self._ipm, request.n, "images"))
@@ -287,7 +290,11 @@ class Simulator:
         if fault == "malformed":
             text = json.dumps({"created": int(time.time()), "data": [{"b64_json": "iVBORw0K"}]})
             return self._reply(
-                web.Response(text=text[: len(text) // 2], content_type="application/json")
+                web.Response(
+                    text=text[: len(text) // 2],
+                    content_type="application/json",
+                    headers={REQUEST_ID_HEADER: self._request_id()},
+                )
             )
         if fault == "drop":
             return drop(request)
@@ -301,13 +308,13 @@ class Simulator:
             await asyncio.sleep(delay)
 
     async def _success(
-        self, request: ImageRequest, forced: str | None, http: web.Request
+        self, request: ImageRequest, asked: Mapping[str, Any], forced: str | None, http: web.Request
     ) -> web.StreamResponse:
         count = images_to_answer(forced, request.n)
         items = [self._item(request, index, forced) for index in range(count)]
-        body: dict[str, Any] = {"created": int(time.time()), "data": items}
-        if request.usage:
-            body["usage"] = usage_for(request, count)
+        usage = usage_for(request, count) if request.usage else None
+        body = success_body(request, asked, int(time.time()), items, usage)
+        headers = {REQUEST_ID_HEADER: self._request_id()}
         stats = self._stats
         stats.billed_images += count
         if counts_as_generated(forced):
@@ -315,8 +322,10 @@ class Simulator:
             stats.images += count
             stats.by_model[request.model] = stats.by_model.get(request.model, 0) + 1
         if forced == "drop-midway":
-            return await drop_midway(http, json.dumps(body).encode())
-        return self._reply(web.Response(text=json.dumps(body), content_type="application/json"))
+            return await drop_midway(http, json.dumps(body).encode(), headers)
+        return self._reply(
+            web.Response(text=json.dumps(body), content_type="application/json", headers=headers)
+        )
 
     def _item(self, request: ImageRequest, index: int, forced: str | None) -> dict[str, str]:
         seed = image_seed(request.prompt, index)

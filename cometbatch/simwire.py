@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from aiohttp import hdrs, web
 
@@ -22,9 +23,13 @@ def drop(request: web.Request) -> web.StreamResponse:
     return web.Response(status=499)
 
 
-async def drop_midway(request: web.Request, body: bytes) -> web.StreamResponse:
+async def drop_midway(
+    request: web.Request, body: bytes, headers: Mapping[str, str] | None = None
+) -> web.StreamResponse:
     """Send the headers and half the body, then close: the answer is lost after it was paid."""
-    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
+    response = web.StreamResponse(
+        headers={**(headers or {}), hdrs.CONTENT_TYPE: "application/json"}
+    )
     response.content_length = len(body)
     await response.prepare(request)
     await response.write(body[: len(body) // 2])

@@ -10,6 +10,7 @@ from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
+from .answered import Answered
 from .aside import withdraws as _withdraws
 from .errors import LedgerError
 from .events import _RESULT_LINE, _SHARED, Row, _ResultScanner
@@ -51,8 +52,8 @@ class KeyState:
     """
 
     __slots__ = (
-        "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_urls", "_usage", "key",
-        "n", "retryable", "status", "withdraws",
+        "_answered", "_downloads", "_fingerprint", "_images", "_job_id", "_line", "_urls",
+        "_usage", "key", "n", "retryable", "status", "withdraws",
     )  # fmt: skip
 
     key: str
@@ -72,6 +73,9 @@ class KeyState:
     _line: tuple[Path, int] | None
     # A partial key's usage so far (read with its images): the rest's answer adds to it.
     _usage: Any
+    # What the answer of a partial or download_failed key said (read with its images): its
+    # next line keeps it until a later answer brings more.
+    _answered: Answered | None
 
     def __init__(
         self,
@@ -85,6 +89,7 @@ class KeyState:
         downloads: Sequence[dict[str, Any]] = (),
         usage: Any = None,
         withdraws: bool = False,
+        answered: Answered | None = None,
     ) -> None:
         self.key = key
         self.status = _SHARED.get(status, status)
@@ -98,6 +103,7 @@ class KeyState:
         self._urls = _urls(images)
         self._downloads = _pack_downloads(downloads)
         self._usage = usage
+        self._answered = answered
         self._line = None
 
     @classmethod
@@ -115,9 +121,10 @@ class KeyState:
         images = (event.get("images") or ()) if status in PAID else ()
         downloads = (event.get("downloads") or ()) if status in WITH_DOWNLOADS else ()
         usage = event.get("usage") if status == "partial" else None
+        answered = (Answered.of_line(event) or None) if status in WITH_DOWNLOADS else None
         return cls(
             event["key"], status, event.get("fingerprint"), retryable, event["job_id"],
-            event["n"], images, downloads, usage, withdraws,
+            event["n"], images, downloads, usage, withdraws, answered,
         )  # fmt: skip
 
     @classmethod
@@ -145,6 +152,7 @@ class KeyState:
         self._urls = None
         self._downloads = None
         self._usage = None
+        self._answered = None
         self._line = line
         return self
 
@@ -174,6 +182,14 @@ class KeyState:
         if self._images is None:
             self._read_line()
         return self._usage
+
+    @property
+    def answered(self) -> Answered | None:
+        """What the answer of a partial or download_failed result said (None for other
+        statuses, and for a line that recorded nothing of it)."""
+        if self._images is None:
+            self._read_line()
+        return self._answered
 
     def _packed_images(self) -> tuple[Any, ...]:
         if self._images is None:
@@ -230,6 +246,7 @@ class KeyState:
         self._urls = recorded._urls
         self._downloads = recorded._downloads
         self._usage = recorded._usage
+        self._answered = recorded._answered
 
     @property
     def image_count(self) -> int:

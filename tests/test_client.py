@@ -108,7 +108,7 @@ async def test_generate_parses_success_and_sends_key_per_request() -> None:
     async with serve({("POST", ROUTE): handler}) as base:
         answer = await generate(base, {"model": "gpt-image-1", "prompt": "a fox", "n": 1})
     assert isinstance(answer, ImagesResponse)
-    assert answer.created == 1700000000
+    assert answer.answered.created == 1700000000
     assert answer.data[0].b64_json == "aGk="
     assert answer.data[0].revised_prompt == "a red fox"
     assert answer.usage == {"total_tokens": 10}

@@ -108,9 +108,8 @@ MATRIX: dict[str, Outcome] = {
     "short": Ok(2, short=True),
     # A cut-off image in the answer was generated (and billed): retried, counted as such.
     "truncated-image": Ok(2, ambiguous=1),
-    "bad-base64": Failed(
-        "invalid_image", None, False, "invalid base64 image data", request_id=False
-    ),
+    # The answer came: its request id (X-Request-Id) is the one to ask about.
+    "bad-base64": Failed("invalid_image", None, False, "invalid base64 image data"),
     "html": Stops(IncompatibleAPIError, "does not look like an OpenAI-compatible API"),
     "redirect": Stops(IncompatibleAPIError, "answered 301 redirect"),
 }

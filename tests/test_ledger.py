@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import re
@@ -760,15 +761,27 @@ def result_lines(draw: st.DrawFn) -> str:
     event["metadata"] = draw(json_values(text, deep=not ours))
     event["usage"] = draw(st.none() | json_values(text, deep=not ours))
     if draw(st.booleans()):
-        # Lines since results count their 429s and cost: each after its neighbour.
+        # Lines since results count their 429s and cost: each after its neighbour; and since
+        # answers are kept, what the answer said, when it said anything, after the usage.
         costs = st.fixed_dictionaries({"usd": st.none() | st.floats(0, 100), "basis": text})
-        added = {"ambiguous_retries": ("rate_limited", draw(st.integers(0, 99))),
-                 "usage": ("cost", draw(st.none() | costs))}  # fmt: skip
+        answers = st.fixed_dictionaries(
+            {}, optional={"created": st.integers(0, 2**40), "size": text, "quality": text}
+        )
+        added: dict[str, list[tuple[str, Any]]] = {
+            "ambiguous_retries": [("rate_limited", draw(st.integers(0, 99)))],
+            "usage": [
+                ("response", draw(answers)),
+                ("request_id", draw(text)),
+                ("cost", draw(st.none() | costs)),
+            ],
+        }
+        left_out = draw(st.sets(st.sampled_from(["response", "request_id"])))
         grown: dict[str, Any] = {}
         for name, value in event.items():
             grown[name] = value
-            if name in added:
-                grown[added[name][0]] = added[name][1]
+            for new, new_value in added.get(name, ()):
+                if new not in left_out:
+                    grown[new] = new_value
         event = grown
     # The Ledger's field order (Result.to_event): downloads follow images.
     order = [*list(event)[: list(event).index("images") + 1], "downloads"]
@@ -852,7 +865,8 @@ def test_a_ledger_in_this_packages_shape_loads_compactly(
 
 
 def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
-    """A Result's ledger line, with its 429 count and cost, matches the fast pattern."""
+    """A Result's ledger line, with its 429 count, cost and answer, matches the fast pattern."""
+    from cometbatch.answered import Answered
     from cometbatch.ledger import _encode
     from cometbatch.manifest import Job
     from cometbatch.models import ModelRegistry
@@ -863,15 +877,17 @@ def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
     job = Job(id="fast", prompt="p", model="dall-e-3", metadata={"sku": "A-1"})
     (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))
     record = ImageRecord(index=0, path="images/fast/0.png", format="png", bytes=9, sha256=SHA)
-    for cost, basis in ((0.04, "list"), (None, "unpriced")):
+    answers = (Answered(), Answered("req_1", 17, "1024x1024", "high", "png", "opaque"))
+    for (cost, basis), answer in itertools.product(((0.04, "list"), (None, "unpriced")), answers):
         result = Result.of(
             request, "r1", "ok", images=(record,), attempts=3, rate_limited=2,
-            usage={"input_tokens": 1}, cost_usd=cost, cost_basis=basis,
+            usage={"input_tokens": 1}, cost_usd=cost, cost_basis=basis, answered=answer,
         )  # fmt: skip
         line = _encode(result.to_event())
         found = events._RESULT_LINE.fullmatch(line)
         assert found is not None and found.group(2) == b"fast#0"
         assert json.loads(line)["cost"] == {"usd": cost, "basis": basis}
+        assert Answered.of_line(json.loads(line)) == answer
 
 
 def test_an_image_that_came_as_a_link_keeps_its_url(tmp_path: Path) -> None:

@@ -182,10 +182,11 @@ async def test_gpt_image_answers_b64_in_output_format_with_usage(
 async def test_dall_e_3_n2_is_400_in_comet_shape(
     sim: Simulator, session: aiohttp.ClientSession
 ) -> None:
-    """dall-e-3 with n=2 is a 400 in CometAPI's shape, the request id inside the message."""
+    """dall-e-3 with n=2 is a 400 in CometAPI's shape, the request id inside the message (and
+    the same id in the X-Request-Id header, as on every answer)."""
     status, answer, resp = await post(session, sim, {"model": "dall-e-3", "prompt": "x", "n": 2})
     assert status == 400
-    assert "X-Request-Id" not in resp.headers
+    assert f"(request id: {resp.headers['X-Request-Id']})" in answer["error"]["message"]
     assert assert_comet_error(answer) == "You must provide n=1 for this model."
     assert answer["error"]["type"] == "invalid_request_error"
 
