@@ -145,6 +145,9 @@ class Engine:
             self._limiter = await self._stack.enter_async_context(
                 Limiter.from_settings(self.settings, max_images_per_request=max_n)
             )
+            # Work the pool has no free worker for: with one worker a slot, the slots are
+            # what holds it back even while a worker stores images outside its slot.
+            self._limiter.backlog = self._pool.backlog
             self._client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
             )
@@ -383,7 +386,7 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
-        width = workers_for(self.settings)
+        width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
             self._pool.run(jobs, results, width, counting=not counted)
@@ -401,15 +404,6 @@ class Engine:
             self._let_go()
         if self._fatal is not None:
             raise self._fatal
-
-
-def workers_for(settings: Settings) -> int:
-    """run()'s workers: one a slot and a quarter more (at least 2), since a worker stores its
-    images (decoding, writing, downloading) after its slot is let go, and with one worker a
-    slot the slot would idle meanwhile. A level that follows the rate stays far below its
-    bound, so the bound is worker enough."""
-    most = settings.max_in_flight
-    return most if settings.concurrency_mode == "rate" else most + max(2, most // 4)
 
 
 def _budget_stop(summary: Summary) -> str | None:

@@ -223,6 +223,8 @@ class Limiter:
         # Slots whose request has left (past the pacer), as opposed to slots still waiting
         # for their rate tokens.
         self.sending = 0
+        # Told by the engine's worker pool: whether work waits for a worker.
+        self.backlog: Callable[[], bool] | None = None
         self.ok_total = self.throttled_total = self.failed_total = 0
         self.decreases = self.increases = 0
 
@@ -439,9 +441,14 @@ class Limiter:
         sent = _SENT_AT.set(now)
         self.sending += 1
         try:
-            # Taking the last free slot counts as waiting for one: a worker that finds the
-            # gate full as it comes back would have waited, had it come a moment sooner.
-            full = waited_slot or self._gate.holders >= self.effective_limit
+            # Taking the last free slot counts as waiting for one (a worker that came a moment
+            # sooner would have waited), and so does work waiting for a worker: with one
+            # worker a slot, a worker storing images keeps its slot's next request waiting.
+            full = (
+                waited_slot
+                or self._gate.holders >= self.effective_limit
+                or (self.backlog is not None and self.backlog())
+            )
             self._sent(now, images, retry=retry, waited_slot=full, waited_rate=waited_rate)
             yield
         finally:

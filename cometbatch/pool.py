@@ -52,6 +52,11 @@ class WorkerPool:
         self._width = 0
         self._waiting = 0
         self._spawn: Callable[[], None] | None = None
+        self._queue: asyncio.Queue[Work | None] | None = None
+
+    def backlog(self) -> bool:
+        """Whether triaged work waits for a worker (so every worker is busy)."""
+        return self._queue is not None and not self._queue.empty()
 
     def cancel_idle(self) -> None:
         """Cancel the producer and the workers that hold no sent request."""
@@ -100,6 +105,7 @@ class WorkerPool:
     ) -> None:
         """Triage `jobs`, send their requests with `width` workers; put each Result, then None."""
         queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=width * 2)
+        self._queue = queue
         self._width = width
         self._results = results
         try:

@@ -883,3 +883,29 @@ def test_after_a_back_off_the_rate_limit_is_named_when_it_binds_again() -> None:
     text, backed_off = run(main)
     assert backed_off
     assert text.endswith("held back by the rate limit"), text
+
+
+def test_work_waiting_for_a_worker_names_concurrency_while_workers_store_images() -> None:
+    """One worker a slot, each spending 1 s outside its slot after a 3 s answer (storing its
+    images): the gate never looks full, but the pool's waiting work shows that the slots are
+    what holds the run back."""
+
+    async def main(backlog: bool) -> str:
+        async with Limiter(concurrency=16, rpm=600, budget_tokens=1e9) as limiter:
+            limiter.backlog = (lambda: True) if backlog else None
+
+            async def worker() -> None:
+                for _ in range(12):
+                    async with limiter.slot():
+                        await asyncio.sleep(3.0)
+                        limiter.record("ok")
+                    await asyncio.sleep(1.0)
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(16):
+                    tg.create_task(worker())
+            return limiter.pace(whole=True).text()
+
+    assert "not held back" in run(lambda: main(False))
+    text = run(lambda: main(True))
+    assert "limited by concurrency 16: at 3.0 s per request, 600/min needs about 30" in text
