@@ -7,11 +7,11 @@ import enum
 import json
 import logging
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Self
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Self
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
 
 from .answered import Answered, answered
 from .errors import (
@@ -51,6 +51,17 @@ _RETRYABLE_DOWNLOAD_STATUSES = frozenset({408, 425, 429})
 _NOT_IMAGE_TYPES = ("text/html", "application/json")
 
 
+def _text_or_none(value: Any) -> str | None:
+    """An optional text the answer describes its images with: kept when it is text, else left
+    out (an odd one must never fail an answer whose images were paid for)."""
+    return value if isinstance(value, str) else None
+
+
+def _object_or_none(value: Any) -> dict[str, Any] | None:
+    """`usage` when it is an object, else left out (the answer is priced from its list)."""
+    return value if isinstance(value, dict) else None
+
+
 class ImageItem(BaseModel):
     """One generated image: inline base64 or a temporary URL."""
 
@@ -58,7 +69,7 @@ class ImageItem(BaseModel):
 
     b64_json: str | None = None
     url: str | None = None
-    revised_prompt: str | None = None
+    revised_prompt: Annotated[str | None, BeforeValidator(_text_or_none)] = None
 
 
 class ImagesResponse(BaseModel):
@@ -67,7 +78,7 @@ class ImagesResponse(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     data: list[ImageItem]
-    usage: dict[str, Any] | None = None
+    usage: Annotated[dict[str, Any] | None, BeforeValidator(_object_or_none)] = None
     # Its request id, created, size, ...: read leniently by the client (see answered.py), not
     # validated here, so that an odd one never fails an answer whose images were paid for.
     _answered: Answered = PrivateAttr(default_factory=Answered)

@@ -256,6 +256,29 @@ async def test_an_odd_field_never_fails_paid_images(tmp_path: Path) -> None:
     assert line["response"] == {"quality": "high"}
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [{"usage": "x"}, {"usage": [1]}, {"usage": 7}, {"revised_prompt": 5}, {"revised_prompt": {}}],
+    ids=["usage-text", "usage-list", "usage-number", "revised-number", "revised-object"],
+)
+async def test_an_odd_usage_or_revised_prompt_never_fails_paid_images(
+    tmp_path: Path, odd: dict[str, Any]
+) -> None:
+    """`usage` that is not an object, or a revised prompt that is not text, is left out: the
+    answer's images were paid for, so it is a success at the first attempt (not retried as
+    malformed, which would pay for them again)."""
+    item: dict[str, Any] = {"b64_json": PNG}
+    body: dict[str, Any] = {"created": 5, "data": [item]}
+    if "usage" in odd:
+        body["usage"] = odd["usage"]
+    else:
+        item["revised_prompt"] = odd["revised_prompt"]
+    (result,) = await run_against(answering(body), tmp_path, Job(id="a", prompt="p"))
+    assert (result.status, result.attempts) == ("ok", 1)
+    (line,) = ledger_results(tmp_path)
+    assert line["usage"] is None and line["ambiguous_retries"] == 0
+
+
 async def test_the_key_and_control_characters_an_answer_echoes_are_not_stored(
     tmp_path: Path,
 ) -> None:
