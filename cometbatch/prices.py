@@ -274,8 +274,8 @@ def _count(value: Any) -> int | None:
 
 
 def _split(total: int, details: Any, first: str, second: str) -> tuple[int, int]:
-    """`total` split by a usage `*_tokens_details` object: all of it `first` without one, and
-    a part the object leaves out is the rest of `total`."""
+    """`total` split by a usage `*_tokens_details` object: all of it `first` without one, a
+    part the object leaves out is the rest of `total`, and the parts never exceed it."""
     one = two = None
     if isinstance(details, Mapping):
         one, two = _count(details.get(first)), _count(details.get(second))
@@ -285,7 +285,10 @@ def _split(total: int, details: Any, first: str, second: str) -> tuple[int, int]
         one = max(total - (two or 0), 0)
     if two is None:
         two = max(total - one, 0)
-    return one, two
+    # Details that add up to more than the total are not believed past it: the total is
+    # what the answer says was used.
+    one = min(one, total)
+    return one, min(two, total - one)
 
 
 def usage_cost(usage: Any, rates: TokenRates) -> float | None:

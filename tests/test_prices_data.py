@@ -272,6 +272,19 @@ def test_partial_output_details_use_the_text_rate_for_the_text_part() -> None:
     assert usage_cost(usage, rates) == pytest.approx((10 * 5 + 1000 * 32 + 100 * 10) / 1e6)
 
 
+def test_details_never_price_more_tokens_than_the_total() -> None:
+    """Details that claim more than the answer's total are believed only up to it: 2,000
+    image tokens of a 1,000-token output are priced as 1,000."""
+    usage = {
+        "input_tokens": 0,
+        "output_tokens": 1000,
+        "output_tokens_details": {"image_tokens": 2000},
+    }
+    assert usage_cost(usage, RATES_2) == pytest.approx(1000 * 30 / 1e6)
+    both = {**usage, "output_tokens_details": {"image_tokens": 900, "text_tokens": 300}}
+    assert usage_cost(both, RATES_2) == pytest.approx((900 * 30 + 100 * 30) / 1e6)
+
+
 def test_the_list_price_agrees_with_a_recorded_answer() -> None:
     """A recorded 1024x1024 high answer (7,024 output tokens) costs the listed $0.211."""
     usage = {"input_tokens": 40, "output_tokens": 7024}
