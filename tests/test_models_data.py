@@ -485,3 +485,15 @@ def test_size_rule_describes_itself() -> None:
         "WIDTHxHEIGHT with sides divisible by 16, ratio 1:3 to 3:1, longer side at most 3840, "
         "at most 8,294,400 pixels"
     )
+
+
+@pytest.mark.parametrize("name", ["gpt-image-1-all", "gpt-image-1.5-2025-12-16"])
+def test_first_generation_names_keep_the_first_generation_rules(name: str) -> None:
+    """A gpt-image-1 name without an entry takes gpt-image-1's fixed sizes, not the free sizes
+    of gpt-image-2's family: 1536x864 is refused, 1536x1024 taken."""
+    spec = ModelRegistry().quiet().get(name)
+    assert spec.family == "gpt-image-1*" and spec.max_n == 10
+    spec.check({"size": "1536x1024"}, "p")
+    with pytest.raises(CapabilityError):
+        spec.check({"size": "1536x864"}, "p")
+    assert ModelRegistry().quiet().get("gpt-image-2.5-sunburst").family == "gpt-image-*"
