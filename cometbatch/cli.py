@@ -72,7 +72,8 @@ def _settings(
         "retry_ambiguous": not opts["no_retry_ambiguous"],
         "fsync": opts["fsync"],
         "allow_insecure_http": opts["allow_insecure_http"],
-        "models_file": None if models is None else str(models),
+        # Recorded absolute, so that status, export and gallery find it from any folder.
+        "models_file": None if models is None else str(Path(models).resolve()),
         "model_overrides": overrides,
         "max_images": opts["max_images"],
         "max_cost": opts["max_cost"],

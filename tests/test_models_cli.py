@@ -133,6 +133,28 @@ def test_a_models_file_changes_the_plan_and_is_recorded(tmp_path: Path) -> None:
     assert json.loads(status.stdout)["ok_images"] == 13
 
 
+def test_a_relative_models_file_is_recorded_so_status_counts_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--models ours.toml` given from the manifest's folder is recorded as a full path:
+    status run from elsewhere still plans dall-e-2 at 4 a request (3 requests for 10)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "ours.toml").write_text("[models.dall-e-2]\nmax_n = 4\n")
+    manifest = write(work / "m.jsonl", {"id": "a", "prompt": "p", "model": "dall-e-2", "n": 10})
+    out = tmp_path / "out"
+    monkeypatch.chdir(work)
+    ran = invoke(
+        "run", "m.jsonl", "--simulate", "--quiet", "--out", str(out), "--models", "ours.toml"
+    )
+    assert ran.exit_code == 0, ran.output
+    monkeypatch.chdir(tmp_path)
+    status = invoke("status", str(out), "--manifest", str(manifest), "--json")
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.stdout)
+    assert (data["ok_requests"], data["ok_images"]) == (3, 10), data
+
+
 def test_a_bad_models_file_exits_2_naming_file_and_entry(tmp_path: Path) -> None:
     """A bad field in the file is a usage error naming the file, the entry and the field."""
     models = tmp_path / "ours.toml"
