@@ -342,14 +342,15 @@ def openai_batch_record(job: JobResults) -> dict[str, Any]:
             if image.get("revised_prompt") is not None:
                 item["revised_prompt"] = image["revised_prompt"]
             data.append(item)
-        answers = job.answers
-        response = next((answer.response for answer in answers if answer.response), {})
+        # One answer describes the job: the first (by chunk) that recorded anything, so that
+        # its request id and its fields never come from two different answers.
+        first = next((a for a in job.answers if a.response or a.request_id is not None), None)
+        response = first.response if first is not None else {}
         body: dict[str, Any] = {"created": response.get("created", job.created), "data": data}
         body.update((name, value) for name, value in response.items() if name != "created")
         if job.usage is not None:
             body["usage"] = job.usage
-        request_ids = job.request_ids
-        request_id = request_ids[0] if request_ids else None
+        request_id = first.request_id if first is not None else None
         record["response"] = {"status_code": 200, "request_id": request_id, "body": body}
         record["error"] = None
         return record

@@ -89,7 +89,9 @@ def sdk_fields(data: dict[str, Any], line: int, prefix: str = "") -> LineFields:
     """A line (or Batch API body) of openai-python keyword arguments as job fields.
 
     `extra_body` becomes `extra`; client options and streaming are refused (naming the
-    setting to use instead), unless their value asks for nothing (null, false, 0, {})."""
+    setting to use instead), unless their value asks for nothing (`stream: false`,
+    `partial_images: 0`, null or {} headers and query; `timeout` always is refused: null means
+    "no timeout" to openai-python)."""
     if _SDK_KEYS.isdisjoint(data):
         return LineFields(data, prefix=prefix)  # the usual line: nothing to reshape
     data = dict(data)

@@ -65,7 +65,8 @@ SIZES = [
 
 
 def covering_jobs(registry: ModelRegistry) -> list[Job]:
-    """For every model: every size it takes, every value of every parameter it takes (each
+    """For every model and a member of every family: each size of a spread it takes (the
+    standard ones, free sizes at the limits), every value of every parameter it takes (each
     alone, with what it needs), and n from 1 to past its per-request limit."""
     jobs: list[Job] = []
     counter = itertools.count()
@@ -79,9 +80,11 @@ def covering_jobs(registry: ModelRegistry) -> list[Job]:
             return
         jobs.append(job)
 
-    for spec in registry:
-        if not spec.known:
-            continue
+    # Every listed model, and a member of each family (a name only its pattern knows).
+    names = [spec.name for spec in registry if spec.known]
+    names += [family.name.replace("*", "9.9-test") for family in registry.families]
+    for name in names:
+        spec = registry.get(name)
         for size in SIZES:
             add(spec.name, size=size)
         for name, values in VALUES.items():
@@ -113,6 +116,8 @@ def test_every_model_and_parameter_builds_valid_requests() -> None:
     for spec in registry:
         if spec.known:
             assert (spec.name, "prompt") in covered, spec.name
+    for family in registry.families:
+        assert (family.name.replace("*", "9.9-test"), "prompt") in covered, family.name
     assert {key for _, key in covered} >= {"size", "quality", "n", "user"}
     assert invalid(payloads) == []
     print(f"{len(payloads)} request bodies checked against CreateImageRequest")
