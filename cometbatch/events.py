@@ -228,6 +228,10 @@ _IMAGE = (
     + _INT + rb',"sha256":' + _STR + rb'(?:,"revised_prompt":(?:null|' + _STR + rb"))?"
     + rb'(?:,"url":' + _STR + rb")?\}"
 )  # fmt: skip
+# The `response` object of an answer: flat, names and scalar values (far smaller to compile than
+# a general JSON value; anything else takes the slow path).
+_SCALAR = rb"(?:" + _STR + rb"|" + _NUM + rb"|null)"
+_FLAT = rb'\{(?:"[a-z_]{1,32}":' + _SCALAR + rb'(?:,"[a-z_]{1,32}":' + _SCALAR + rb")*+)?\}"
 # A result line as this package writes it (older versions wrote no `rate_limited` or `cost`;
 # `response` and `request_id` only when the answer gave them),
 # for a request key `<job_id>#<chunk>` with a planner's fingerprint. Groups: the line, the
@@ -242,7 +246,7 @@ _RESULT = (
     + rb'(?:,"rate_limited":' + _INT + rb")?"
     + rb',"error":(' + _VALUE + rb'),"latency_s":' + _NUM
     + rb',"finished_at":(?:null|' + _STR + rb'),"usage":' + _VALUE
-    + rb'(?:,"response":' + _VALUE + rb')?(?:,"request_id":' + _STR + rb")?"
+    + rb'(?:,"response":' + _FLAT + rb')?(?:,"request_id":' + _STR + rb")?"
     + rb'(?:,"cost":' + _VALUE + rb")?"
     + rb',"metadata":' + _VALUE + rb"\}\n)"
 )  # fmt: skip

@@ -515,9 +515,11 @@ async def test_the_batch_export_takes_its_request_id_and_fields_from_one_answer(
     """A job of two requests where the first recorded only its request id: the exported
     response is that answer's, request id and fields alike, never a mix of two answers."""
     job = Job(id="tiles", prompt="tiles", model="gpt-image-1", n=12, size="1536x1024")
-    async with Simulator(SimConfig(seed=1)) as sim:
-        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
-            await run_all(engine, [job])
+    async with (
+        Simulator(SimConfig(seed=1)) as sim,
+        Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine,
+    ):
+        await run_all(engine, [job])
     ledger = tmp_path / "ledger.jsonl"
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]
     first = next(line for line in lines if line.get("chunk") == 0)
