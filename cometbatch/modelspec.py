@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CapabilityError
+from .provenance import DateText
 from .sizes import SizeRule
 
 # In a data file, "*" stands for "any value" (TOML has no null).
 ANY = "*"
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class Requirement(BaseModel):
@@ -59,7 +57,7 @@ class ModelSpec(BaseModel):
     known: bool = True
     # Where these rules come from (a URL or a document) and the date they were taken.
     source: str | None = None
-    as_of: str | None = None
+    as_of: DateText | None = None
     # The family pattern a name matched, when its rules are the family's.
     family: str | None = None
 
@@ -73,16 +71,6 @@ class ModelSpec(BaseModel):
     def _any_value(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
             return {name: None if allowed == ANY else allowed for name, allowed in value.items()}
-        return value
-
-    @field_validator("as_of", mode="before")
-    @classmethod
-    def _date(cls, value: Any) -> Any:
-        # TOML has dates of its own (as_of = 2026-08-21); kept as ISO text either way.
-        if isinstance(value, datetime.date):
-            return value.isoformat()
-        if isinstance(value, str) and not _DATE.fullmatch(value):
-            raise ValueError("should be a date, YYYY-MM-DD")
         return value
 
     def accepts(self, param: str) -> bool:

@@ -11,22 +11,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PricesError
 from .manifest import Job
 from .plan import Request
+from .provenance import DateText, date_text
 from .results import FAILED, Result
+from .sizes import parse_size
 
 __all__ = [
     "PRICES_AS_OF",
@@ -49,24 +49,10 @@ PRICES_AS_OF = "2026-11-21"
 ANY = "*"
 AUTO = "auto"
 _TOP_LEVEL = frozenset({"as_of", "currency", "models"})
-_SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
 
 Price = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 
 
-def _date_text(value: Any) -> Any:
-    """A date as "YYYY-MM-DD" (TOML may give a date object); anything else is left to fail."""
-    if isinstance(value, date) and not isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, str):
-        try:
-            return date.fromisoformat(value).isoformat()
-        except ValueError:
-            raise ValueError("must be a date, YYYY-MM-DD") from None
-    return value
-
-
-DateText = Annotated[str, BeforeValidator(_date_text)]
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -82,17 +68,11 @@ class TokenRates(BaseModel):
     text_output: Price | None = None
 
 
-def _pixels(size: str) -> tuple[int, int] | None:
-    """(width, height) of a "WxH" size; None for anything else ("*", "auto", a typo)."""
-    match = _SIZE.fullmatch(size)
-    return None if match is None else (int(match[1]), int(match[2]))
-
-
 def _scaled(by_size: Mapping[str, float], size: str) -> float | None:
     """An estimate for a size the table does not list: the listed size of closest aspect ratio
     (then closest area), its price scaled by pixel area. None without a "WxH" size or list."""
-    wanted = _pixels(size)
-    listed = [(dims, price) for name, price in by_size.items() if (dims := _pixels(name))]
+    wanted = parse_size(size)
+    listed = [(dims, price) for name, price in by_size.items() if (dims := parse_size(name))]
     if wanted is None or not listed:
         return None
     width, height = wanted
@@ -218,7 +198,7 @@ def _file_date(value: Any, source: str) -> str | None:
     if value is None:
         return None
     try:
-        text = _date_text(value)
+        text = date_text(value)
     except ValueError:
         text = None
     if not isinstance(text, str):
