@@ -1,5 +1,4 @@
-"""What the live display shows at one moment, as ranked parts (pure: no terminal, no engine
-state kept)."""
+"""What the progress display shows at one moment, as parts ranked by what it keeps longest."""
 
 from __future__ import annotations
 
@@ -134,8 +133,9 @@ class Snapshot:
         return join((*self.parts(rate, elapsed), *self.pace_parts()))
 
 
-# The counters by what the live display keeps longest as the terminal narrows; the first
-# five (ESSENTIAL) fit at 80 columns with the bar, the bar then gives no more room.
+# The counters by what the live display keeps longest as the terminal narrows. The first
+# ESSENTIAL may take room from the bar (they fit beside it at 80 columns); the rest get only
+# what is left.
 KEEP: tuple[str, ...] = (
     "done", "failed", "eta", "rate", "in_flight",
     "probing", "waiting", "spent", "retries", "429s", "elapsed", "level", "cost_cap",

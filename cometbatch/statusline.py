@@ -13,12 +13,10 @@ SEP = " · "
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One field of a status line, in the place it is shown.
+    """One field of a status line: `rank` 0 is kept longest, `sep` goes before it after another."""
 
-    `rank` orders what is kept as the line narrows (0 is kept longest); `sep` goes before the
-    part when another precedes it, so a detail can hang on its field: `in flight 8/16 (auto)`.
-    A detail must rank below the field it hangs on, so it never outlives it."""
-
+    # A detail hangs on its field with sep=" " (`in flight 8/16 (auto)`) and ranks below it, so
+    # it never outlives the field.
     text: str
     rank: int
     sep: str = SEP
