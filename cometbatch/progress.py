@@ -12,18 +12,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
 
-from .pace import Pace
-from .prices import format_usd
+from .snapshot import ESSENTIAL, Snapshot
+from .statusline import fit, rich_text, width_of
 from .streams import stream_gone
 
 if TYPE_CHECKING:
@@ -32,107 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Mode = Literal["rich", "plain", "off"]
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What the display shows at one moment (pure data, easy to test)."""
-
-    done: int
-    failed: int
-    total: int
-    in_flight: int
-    limit: int
-    retries: int
-    rate_limited: int
-    probing: bool
-    waiting: int = 0
-    # Images finished by this run (written or failed): what the rate counts.
-    processed: int = 0
-    # Auto concurrency, or a level that follows the rate: `limit` is the level it chose,
-    # `ceiling` the most it may grow to.
-    auto: bool = False
-    follows_rate: bool = False
-    ceiling: int = 0
-    # The rate sent against rpm/ipm and what holds it back (the last 30 s).
-    pace: Pace | None = None
-    # This run's spend so far; with a cap, the folder's figures against it.
-    spent: float = 0.0
-    images_cap: int | None = None
-    images_counted: int = 0
-    cost_cap: float | None = None
-    cost_counted: float = 0.0
-
-    @classmethod
-    def of(cls, engine: Engine) -> Snapshot:
-        """Read the engine's live counters."""
-        s = engine.summary
-        limiter = engine.limiter
-        budget = s.budget
-        return cls(
-            done=s.images_written + s.skipped_images,
-            failed=s.failed_images,
-            total=s.planned_images,
-            in_flight=limiter.sending,
-            limit=limiter.limit,
-            retries=s.retries,
-            rate_limited=s.rate_limited,
-            probing=limiter.probing,
-            waiting=engine.waiting_to_retry,
-            processed=s.images_written + s.failed_images,
-            auto=limiter.auto,
-            follows_rate=limiter.mode == "rate",
-            ceiling=limiter.concurrency,
-            pace=limiter.pace(),
-            spent=s.spent_usd,
-            images_cap=budget.max_images if budget is not None else None,
-            images_counted=budget.images + budget.reserved_images if budget is not None else 0,
-            cost_cap=budget.max_cost if budget is not None else None,
-            cost_counted=budget.cost + budget.reserved_cost if budget is not None else 0.0,
-        )
-
-    def detail(self) -> str:
-        """The counters after the bar, one short line."""
-        parts = [f"in flight {self.in_flight}/{self.limit}"]
-        if self.auto:
-            parts[0] += f" (auto, max {self.ceiling})"
-        elif self.follows_rate:
-            parts[0] += f" (follows the rate, max {self.ceiling})"
-        pace = self.pace.text() if self.pace is not None else ""
-        if pace:
-            parts.append(pace)
-        if self.waiting:
-            parts.append(f"waiting to retry {self.waiting}")
-        parts += [
-            f"retries {self.retries}",
-            f"429s {self.rate_limited}",
-            f"failed {self.failed}",
-        ]
-        if self.cost_cap is not None:
-            parts.append(
-                f"spent {format_usd(self.spent)} (folder {format_usd(self.cost_counted)} "
-                f"of max {format_usd(self.cost_cap)})"
-            )
-        else:
-            parts.append(f"spent {format_usd(self.spent)}")
-        if self.images_cap is not None:
-            parts.append(f"folder images {self.images_counted} of max {self.images_cap}")
-        if self.probing:
-            parts.append("probing: the API is failing")
-        return " · ".join(parts)
-
-    def eta(self, rate: float) -> float | None:
-        """Seconds left at `rate` (0 when all is done), or None while nothing is moving."""
-        left = self.total - self.done - self.failed
-        if self.total and left <= 0:
-            return 0.0
-        return left / rate if rate > 0 else None
-
-    def line(self, rate: float) -> str:
-        """A plain progress line for logs and pipes."""
-        eta = self.eta(rate)
-        after = f", eta {eta_text(eta)}" if eta is not None else ""
-        return f"images {self.done}/{self.total} ({rate:.1f}/s{after}) · {self.detail()}"
 
 
 def wants_no_color(environ: Mapping[str, str] | None = None) -> bool:
@@ -180,16 +74,41 @@ class RateMeter:
         return (processed - before) / (now - then) if now > then else 0.0
 
 
-def eta_text(seconds: float | None) -> str:
-    """A short time left: '42 s', '3:05', '2:03:05', or '?' when unknown."""
-    if seconds is None:
-        return "?"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+# The bar's cells: it gives room to the essential counters down to BAR_MIN, never to the rest.
+BAR_MIN = 10
+BAR_MAX = 30
+
+
+def bar_width(width: int, essential: int) -> int:
+    """The bar's cells beside `essential` cells of counters (a narrower pane is all bar)."""
+    return min(width, max(BAR_MIN, min(BAR_MAX, width - 1 - essential)))
+
+
+@dataclass(frozen=True, slots=True)
+class LiveView:
+    """One frame of the live display, laid out for the width it is drawn in: a bar and the
+    counters that fit beside it, then the pace on a line of its own."""
+
+    snap: Snapshot
+    rate: float
+    elapsed: float | None = None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        parts = self.snap.parts(self.rate, self.elapsed)
+        bar = bar_width(width, width_of(part for part in parts if part.rank < ESSENTIAL))
+        counters = fit(parts, width - bar - 1)
+        done = self.snap.done + self.snap.failed
+        row = Table.grid(padding=(0, 1))
+        row.add_column(width=bar, no_wrap=True)
+        row.add_row(
+            ProgressBar(total=self.snap.total or None, completed=done, width=bar),
+            *([rich_text(counters)] if counters else []),
+        )
+        yield row
+        pace = fit(self.snap.pace_parts(), width)
+        if pace:
+            yield rich_text(pace)
 
 
 class ProgressDisplay:
@@ -210,29 +129,19 @@ class ProgressDisplay:
         self.plain_every = plain_every
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
-        self._progress: Progress | None = None
-        self._bar: TaskID | None = None
+        self._live: Live | None = None
         self._meter = RateMeter()
         self._rate = 0.0
+        self._elapsed: float | None = None
 
     def __repr__(self) -> str:
         return f"<ProgressDisplay mode={self.mode} running={self._task is not None}>"
 
     async def __aenter__(self) -> ProgressDisplay:
         if self.mode == "rich":
-            self._progress = Progress(
-                TextColumn("[bold]images"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("[cyan]{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta {task.fields[eta]}"),
-                TextColumn("{task.fields[detail]}"),
-                console=self.console,
-                transient=False,
-            )
-            self._progress.start()
-            self._bar = self._progress.add_task("images", total=None, rate="", eta="?", detail="")
+            # Redrawn by the loop below (no thread of its own), at the console's width then.
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
         if self.mode != "off":
             self._task = asyncio.create_task(self._loop())
         return self
@@ -244,35 +153,27 @@ class ProgressDisplay:
                 await self._task
             self._task = None
         self.refresh()
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self._stop_drawing()
 
     def refresh(self) -> None:
         """Draw the current state once (rich mode), with the last measured rate."""
-        if self._progress is None or self._bar is None:
+        if self._live is None:
             return
         try:
             snap = Snapshot.of(self.engine)
         except RuntimeError:
             return
-        self._progress.update(
-            self._bar,
-            total=snap.total or None,
-            completed=snap.done + snap.failed,
-            rate=f"{self._rate:.1f}/s",
-            eta=eta_text(snap.eta(self._rate)),
-            detail=snap.detail(),
-        )
+        self._live.update(LiveView(snap, self._rate, self._elapsed), refresh=True)
 
     def _stop_drawing(self) -> None:
         """Stop the live display for good (its terminal or pipe has no reader any more)."""
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         every = 0.25 if self.mode == "rich" else self.plain_every
         # A pipe gets its first line soon, so a log shows the run has started.
         first = min(every, 2.0)
@@ -284,12 +185,15 @@ class ProgressDisplay:
             except RuntimeError:
                 snap = None
             if snap is not None:
-                self._rate = self._meter.add(loop.time(), snap.processed)
+                now = loop.time()
+                self._rate = self._meter.add(now, snap.processed)
+                self._elapsed = now - started
                 try:
                     if self.mode == "rich":
                         self.refresh()
                     elif first == every:
-                        self.console.print(snap.line(self._rate), highlight=False, soft_wrap=True)
+                        line = snap.line(self._rate, self._elapsed)
+                        self.console.print(line, highlight=False, soft_wrap=True)
                 except OSError:
                     # A stream the CLI did not guard (a library caller's console).
                     break

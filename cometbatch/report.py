@@ -12,9 +12,9 @@ from .events import LEDGER_NAME
 from .forecast import Forecast
 from .models import ModelSpec
 from .prices import format_usd
-from .progress import eta_text
 from .results import Summary
 from .resume import LINK_GONE
+from .snapshot import eta_text
 
 if TYPE_CHECKING:
     from .runner import Spend

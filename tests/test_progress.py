@@ -17,13 +17,12 @@ from cometbatch.pace import Pace
 from cometbatch.progress import (
     ProgressDisplay,
     RateMeter,
-    Snapshot,
     choose_mode,
-    eta_text,
     make_console,
     wants_no_color,
 )
 from cometbatch.results import Summary
+from cometbatch.snapshot import Snapshot, eta_text
 from cometbatch.streams import GuardedStream, stream_gone
 
 
@@ -45,14 +44,15 @@ def snap(**fields: object) -> Snapshot:
 def test_plain_line_shows_counts_rate_and_eta() -> None:
     """A plain line has done/total, the rate, an ETA from what is left, and the counters."""
     line = snap().line(rate=2.0)
-    assert line.startswith("images 40/100 (2.0/s, eta 29 s)")
+    assert line.startswith("images 40/100 · 2.0/s · eta 29 s · in flight 8/16 · failed 2")
     assert "in flight 8/16" in line and "retries 3" in line and "429s 1" in line
     assert "failed 2" in line
 
 
 def test_probing_is_called_out() -> None:
     """When the limiter probes a failing API, the line says so."""
-    assert "probing" in snap(probing=True).detail()
+    assert "probing" in snap(probing=True).line(rate=1.0)
+    assert "probing" not in snap().line(rate=1.0)
 
 
 def test_no_eta_without_a_rate() -> None:
@@ -75,8 +75,8 @@ def test_mode_follows_the_stream_and_flags() -> None:
 
 def test_requests_waiting_to_retry_are_shown_only_when_there_are_some() -> None:
     """During a long Retry-After the line says how many requests are waiting, else stays short."""
-    assert "waiting to retry 12" in snap(waiting=12).detail()
-    assert "waiting" not in snap(waiting=0).detail()
+    assert "waiting to retry 12" in snap(waiting=12).line(rate=1.0)
+    assert "waiting" not in snap(waiting=0).line(rate=1.0)
 
 
 def test_rate_counts_only_this_runs_images_over_a_sliding_window() -> None:
@@ -106,9 +106,9 @@ def test_eta_is_zero_when_everything_is_done() -> None:
 
 def test_auto_concurrency_shows_the_level_it_chose_and_its_maximum() -> None:
     """With auto concurrency the line shows the chosen limit and the most it may grow to."""
-    line = snap(in_flight=60, limit=64, auto=True, ceiling=500).detail()
-    assert line.startswith("in flight 60/64 (auto, max 500)")
-    assert "auto" not in snap().detail()
+    line = snap(in_flight=60, limit=64, auto=True, ceiling=500).line(rate=1.0)
+    assert "in flight 60/64 (auto, max 500) · failed" in line
+    assert "auto" not in snap().line(rate=1.0)
 
 
 def test_a_level_that_follows_the_rate_and_what_holds_it_back_are_shown() -> None:
@@ -125,9 +125,9 @@ def test_a_level_that_follows_the_rate_and_what_holds_it_back_are_shown() -> Non
         ceiling=16,
         cause="concurrency",
     )
-    line = snap(in_flight=40, limit=61, follows_rate=True, ceiling=1000).detail()
-    assert line.startswith("in flight 40/61 (follows the rate, max 1000)")
-    shown = snap(pace=pace).detail()
+    line = snap(in_flight=40, limit=61, follows_rate=True, ceiling=1000).line(rate=1.0)
+    assert "in flight 40/61 (follows the rate, max 1000) · failed" in line
+    shown = snap(pace=pace).line(rate=1.0)
     assert "590 requests/min of 600 (98%), 590 images/min; limited by concurrency 16: at " in shown
     assert "3.1 s per request, 600/min needs about 31" in shown
 
@@ -202,12 +202,12 @@ def test_a_dumb_terminal_gets_plain_lines() -> None:
 def test_spend_so_far_is_shown_and_a_cap_with_the_folders_figures() -> None:
     """The run's spend is always shown; with caps, the folder's count (in flight included)
     against each cap."""
-    assert "spent $0.420" in snap(spent=0.42).detail()
+    assert "spent $0.420" in snap(spent=0.42).line(rate=1.0)
     line = snap(spent=0.5, cost_cap=2.0, cost_counted=1.25, images_cap=40, images_counted=31)
-    text = line.detail()
+    text = line.line(rate=1.0)
     assert "spent $0.500 (folder $1.25 of max $2.00)" in text
     assert "folder images 31 of max 40" in text
-    assert "max" not in snap(spent=0.5).detail()
+    assert "max" not in snap(spent=0.5).line(rate=1.0)
 
 
 class ReaderGone(io.StringIO):
