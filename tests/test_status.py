@@ -356,10 +356,11 @@ async def test_status_from_another_folder_finds_the_manifest_and_its_pending_wor
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run given a relative manifest path records it absolute (and as typed), so status run
-    from another folder still reads it and counts the pending work."""
+    from another folder still reads it and counts the pending work (and export its prompts)."""
     from support import no_sleep, run_all, settings_for
 
     from cometbatch import Engine, SimConfig, Simulator, load_manifest
+    from cometbatch.export import read_jobs
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "jobs").mkdir(parents=True)
@@ -380,6 +381,7 @@ async def test_status_from_another_folder_finds_the_manifest_and_its_pending_wor
     data = read_status(project / "out").to_dict()
     assert data["manifest_note"] == ""
     assert (data["ok_images"], data["pending_requests"], data["pending_images"]) == (2, 3, 3)
+    assert {job.prompt for job in read_jobs(project / "out")} == {"fox 0", "fox 1"}
 
 
 def test_an_old_ledger_with_a_relative_manifest_reads_it_from_the_current_folder(
