@@ -317,7 +317,10 @@ class Engine:
                 "event": "run",
                 "run_id": self._run_id,
                 "started_at": now_iso(),
-                "manifest": str(manifest.path) if manifest is not None else None,
+                # Absolute, so that status, export and gallery find it from any folder; and
+                # as it was given (typed on the command line, or passed to load_manifest).
+                "manifest": str(manifest.path.resolve()) if manifest is not None else None,
+                "manifest_given": str(manifest.path) if manifest is not None else None,
                 "manifest_sha256": manifest.sha256 if manifest is not None else None,
                 "version": __version__,
                 "settings": settings,

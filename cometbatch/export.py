@@ -35,10 +35,13 @@ a failure with no API answer (connection, timeout, download, bad image) has `"re
 `csv`: a header row, then one row per job with the columns in `CSV_COLUMNS`; `image_paths`
 are separated by spaces, `revised_prompts` by newlines, `metadata` is a JSON object.
 
-`jsonl`: one object per job with every image record, pending downloads, the first error (with
-its `chunk`), the request ids of its answers (in request order), summed usage, attempts, and
-metadata. `csv`'s `request_id` is the first error's, or for a job without an error, its first
-answer's.
+`jsonl`: one object per job with its prompt, every image record, pending downloads, the first
+error (with its `chunk`), the request ids of its answers (in request order), summed usage,
+attempts, and metadata. `csv`'s `request_id` is the first error's, or for a job without an
+error, its first answer's.
+
+`prompt` (csv and jsonl) is the job's prompt in the manifest the latest run recorded, as that
+file reads now: empty (null) when it is gone or unreadable, or does not hold the job.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ from typing import Any, TextIO
 from .answered import Answered
 from .errors import CometBatchError, ConfigError, LedgerError
 from .events import LEDGER_NAME, iter_events
+from .prompts import PromptFile
 from .results import add_usage
 from .scope import Scope
 from .status import recorded_manifest
+from .streams import stream_gone
 from .textsafe import printable, safe_json
 
 __all__ = [
@@ -82,6 +87,7 @@ CSV_COLUMNS = (
     "images",
     "requests",
     "image_paths",
+    "prompt",
     "revised_prompts",
     "error_kind",
     "error_status",
@@ -113,6 +119,8 @@ class JobResults:
 
     job_id: str
     requests: dict[int, dict[str, Any]]
+    # From the manifest the latest run recorded: None when it is gone or does not hold the job.
+    prompt: str | None = None
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -276,35 +284,43 @@ def _merged_jobs(path: Path) -> Iterator[JobResults]:
             last[where[0]] = lineno
         elif kind == "run" and event.get("manifest"):
             run = event
-    scope = _manifest_scope(run, set(last))
-    pending: dict[str, dict[int, dict[str, Any]]] = {}
-    for lineno, event in iter_events(path):
-        if lineno > end:
-            break
-        where = _where(event) if event.get("event") == "result" else None
-        if where is None:
-            continue
-        job_id, chunk = where
-        kept = _within(event, job_id, chunk, scope)
-        if kept is not None:
-            pending.setdefault(job_id, {})[chunk] = kept
-        if last.get(job_id) == lineno and job_id in pending:
-            yield JobResults(job_id, pending.pop(job_id))
-    # Only when the ledger changed between the passes (it was repaired or replaced).
-    for job_id, requests in pending.items():
-        yield JobResults(job_id, requests)
+    with PromptFile() as prompts:
+        scope = _read_manifest(run, set(last), prompts)
+        pending: dict[str, dict[int, dict[str, Any]]] = {}
+        for lineno, event in iter_events(path):
+            if lineno > end:
+                break
+            where = _where(event) if event.get("event") == "result" else None
+            if where is None:
+                continue
+            job_id, chunk = where
+            kept = _within(event, job_id, chunk, scope)
+            if kept is not None:
+                pending.setdefault(job_id, {})[chunk] = kept
+            if last.get(job_id) == lineno and job_id in pending:
+                yield JobResults(job_id, pending.pop(job_id), prompts.get(job_id))
+        # Only when the ledger changed between the passes (it was repaired or replaced).
+        for job_id, requests in pending.items():
+            yield JobResults(job_id, requests, prompts.get(job_id))
 
 
-def _manifest_scope(run: dict[str, Any], recorded: set[str]) -> Scope:
-    """What the manifest the latest run names still asks of the recorded jobs; when it
-    cannot be read, everything recorded counts."""
+def _read_manifest(run: dict[str, Any], recorded: set[str], prompts: PromptFile) -> Scope:
+    """In one pass over the manifest the latest run names: what it still asks of the recorded
+    jobs, and their prompts (into `prompts`). When it cannot be read, everything recorded
+    counts and no prompt is known."""
+    scope = Scope()
     if not isinstance(run.get("manifest"), str):
-        return Scope()
+        return scope
     try:
         manifest = recorded_manifest(run, run["manifest"])
-        return Scope.of(manifest, manifest.registry, recorded)
+        for job in manifest:
+            if job.id in recorded:
+                scope.add(job, manifest.registry.get(job.model).max_n)
+                prompts.add(job.id, job.prompt)
     except (CometBatchError, OSError):
+        prompts.clear()
         return Scope()
+    return scope
 
 
 def _within(event: dict[str, Any], job_id: str, chunk: int, scope: Scope) -> dict[str, Any] | None:
@@ -389,6 +405,7 @@ def jsonl_record(job: JobResults) -> dict[str, Any]:
         "job_id": job.job_id,
         "status": job.status,
         "model": job.model,
+        "prompt": job.prompt,
         "n": job.n,
         "requests": len(job.requests),
         "failed_requests": job.failed_requests,
@@ -427,6 +444,7 @@ def csv_row(job: JobResults) -> list[str]:
         "images": len(images),
         "requests": len(job.requests),
         "image_paths": " ".join(str(image.get("path")) for image in images),
+        "prompt": job.prompt,
         "revised_prompts": "\n".join(revised),
         "error_kind": error.get("kind"),
         "error_status": error.get("status"),
@@ -453,7 +471,8 @@ def _json_line(record: dict[str, Any]) -> str:
 
 def export(out_dir: str | os.PathLike[str], format: str, stream: TextIO) -> int:
     """Write one line per job of OUT's ledger to `stream` in `format` (EXPORT_FORMATS);
-    returns the number of jobs written. Opens no file for writing; reads the ledger only."""
+    returns the number of jobs written. Opens no file for writing; reads the ledger only.
+    Stops early when `stream` is a guarded stream whose reader went away (`| head`)."""
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(EXPORT_FORMATS)}")
     jobs = read_jobs(out_dir)
@@ -462,11 +481,15 @@ def export(out_dir: str | os.PathLike[str], format: str, stream: TextIO) -> int:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for job in jobs:
+            if stream_gone(stream):
+                break
             writer.writerow(csv_row(job))
             count += 1
         return count
     make = openai_batch_record if format == "openai-batch" else jsonl_record
     for job in jobs:
+        if stream_gone(stream):
+            break
         stream.write(_json_line(make(job)))
         count += 1
     return count

@@ -7,10 +7,7 @@ count only what the manifest asks for; jobs the manifest does not hold count as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from .manifest import Job
-from .models import ModelRegistry
 from .plan import chunk_sizes
 
 
@@ -22,15 +19,6 @@ class Scope:
 
     def __repr__(self) -> str:
         return f"<Scope jobs={len(self._jobs)}>"
-
-    @classmethod
-    def of(cls, jobs: Iterable[Job], registry: ModelRegistry, recorded: set[str]) -> Scope:
-        """The scope of the manifest's jobs whose ids are in `recorded`."""
-        scope = cls()
-        for job in jobs:
-            if job.id in recorded:
-                scope.add(job, registry.get(job.model).max_n)
-        return scope
 
     def clear(self) -> None:
         """Forget every job: everything recorded counts."""

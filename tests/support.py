@@ -1,15 +1,18 @@
-"""Helpers shared by the test modules: no-wait sleeps, engine settings, ledger reading, servers."""
+"""Helpers shared by the test modules: no-wait sleeps, engine settings, ledger reading, servers,
+and the rule for services a plain machine may lack."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from cometbatch import Engine, Settings, Simulator
@@ -78,3 +81,28 @@ async def cli(*args: str) -> tuple[int, str, str]:
     """`cli_bytes` run from the repository, its output decoded."""
     code, stdout, stderr = await cli_bytes(*args)
     return code, stdout.decode(), stderr.decode()
+
+
+def need(service: str, problem: str | None) -> None:
+    """Skip a test whose SERVICE (e.g. BROWSER) is missing, with PROBLEM saying how to install it;
+    a failure instead when COMETBATCH_REQUIRE_<SERVICE>=1, so CI cannot skip it unnoticed."""
+    if problem is None:
+        return
+    switch = f"COMETBATCH_REQUIRE_{service}"
+    if os.environ.get(switch) == "1":
+        pytest.fail(f"{problem} (and {switch}=1 makes this a failure)")
+    pytest.skip(f"{problem}; set {switch}=1 to make this a failure")
+
+
+def chromium_problem(path: str) -> str | None:
+    """Why the headless-Chromium tests cannot run with the browser at PATH, or None."""
+    if not Path(path).is_file():
+        return (
+            f"no Chromium found at {path}: install it (apt-get install chromium) "
+            "or set COMETBATCH_CHROMIUM"
+        )
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing: install it (pip install -e '.[test]')"
+    return None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import pytest
 from support import no_sleep, run_all, settings_for
@@ -21,6 +24,8 @@ from cometbatch.export import (
     openai_batch_record,
     read_jobs,
 )
+from cometbatch.prompts import PromptFile
+from cometbatch.streams import GuardedStream
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = ROOT / "jobs" / "openai-batch.jsonl"
@@ -276,3 +281,85 @@ def test_control_characters_are_escaped_and_the_metadata_cell_stays_json(tmp_pat
     (row,) = list(csv.DictReader(io.StringIO(exported(tmp_path, "csv"))))
     assert row["revised_prompts"] == "fox \\x1b[2J\\u202e"
     assert json.loads(row["metadata"]) == ok["metadata"]
+
+
+def write_manifest(path: Path, *jobs: dict[str, Any]) -> Path:
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
+
+
+def test_csv_and_jsonl_carry_each_jobs_prompt_from_the_recorded_manifest(tmp_path: Path) -> None:
+    """The prompt comes from the manifest the latest run recorded; a job it does not hold has
+    none (an empty cell, null), and so does every job once the manifest is gone."""
+    manifest = write_manifest(
+        tmp_path / "jobs.jsonl",
+        {"id": "a", "prompt": 'a fox\nin snow, "quoted"', "model": "dall-e-3"},
+        {"id": "b", "prompt": "an owl", "model": "dall-e-3"},
+    )
+    run = {"event": "run", "run_id": "1", "manifest": str(manifest)}
+    write_ledger(tmp_path, run, *(event(j, 0, "ok", images=1) for j in ("a", "b", "gone")))
+    prompts = {"a": 'a fox\nin snow, "quoted"', "b": "an owl", "gone": None}
+    assert {r["job_id"]: r["prompt"] for r in records(tmp_path, "jsonl")} == prompts
+    rows = list(csv.DictReader(io.StringIO(exported(tmp_path, "csv"))))
+    assert {row["job_id"]: row["prompt"] for row in rows} == {**prompts, "gone": ""}
+
+    manifest.unlink()
+    assert [r["prompt"] for r in records(tmp_path, "jsonl")] == [None, None, None]
+    rows = list(csv.DictReader(io.StringIO(exported(tmp_path, "csv"))))
+    assert [row["prompt"] for row in rows] == ["", "", ""]
+
+
+def test_prompts_round_trip_through_the_prompt_file() -> None:
+    """Prompts come back by id, a later one for the same id wins, lone surrogates survive."""
+    with PromptFile() as prompts:
+        prompts.add("a", "a fox")
+        prompts.add("b", "an owl \udcff")
+        assert prompts.get("a") == "a fox"
+        prompts.add("a", "a red fox")
+        assert (prompts.get("a"), prompts.get("b"), prompts.get("c")) == (
+            "a red fox",
+            "an owl \udcff",
+            None,
+        )
+        prompts.clear()
+        assert prompts.get("a") is None
+
+
+class _ClosedPipe(io.StringIO):
+    """A stdout whose reader went away: every write fails as a pipe does."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("format", EXPORT_FORMATS)
+def test_export_stops_once_its_reader_is_gone(tmp_path: Path, format: str) -> None:
+    """Writing into a guarded stream whose reader left ends the export instead of reading the
+    rest of the ledger for nobody."""
+    write_ledger(tmp_path, *(event(f"j{i}", 0, "ok", images=1) for i in range(50)))
+    stream = GuardedStream(_ClosedPipe())
+    assert export(tmp_path, format, cast(TextIO, stream)) <= 1
+    assert stream.gone
+
+
+@pytest.mark.parametrize("format", ["csv", "jsonl"])
+def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, format: str) -> None:
+    """`cometbatch export … | head -1`: the reader leaves after one line, and the export ends
+    with exit 0 (or SIGPIPE's code) and nothing on stderr, no "Broken pipe", no traceback."""
+    # Far more than a pipe's buffer holds: the export is still writing when the reader leaves.
+    write_ledger(tmp_path, *(event(f"j{i}", 0, "ok", images=1) for i in range(5_000)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", "export", str(tmp_path), "--format", format],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.stderr.close()
+    code = process.wait(timeout=60)
+    assert first.startswith(b"job_id," if format == "csv" else b'{"job_id": "j0"')
+    assert code in (0, -signal.SIGPIPE)
+    assert stderr == b""

@@ -22,7 +22,6 @@ from cometbatch.gallery import (
     write_gallery,
 )
 
-CHROMIUM = os.environ.get("COMETBATCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -254,23 +253,6 @@ def test_ten_thousand_images_make_a_bounded_page(tmp_path: Path) -> None:
 # -- a real browser -------------------------------------------------------------------------
 
 
-def _need_browser() -> None:
-    """Fail, with how to fix it, when the browser is missing (skip only when asked to)."""
-    problem = None
-    if not Path(CHROMIUM).exists():
-        problem = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            problem = "the playwright package is missing (pip install -e '.[test]')"
-    if problem is None:
-        return
-    if os.environ.get("COMETBATCH_SKIP_BROWSER") == "1":
-        pytest.skip(problem)
-    pytest.fail(f"{problem}; set COMETBATCH_SKIP_BROWSER=1 to skip the browser test")
-
-
 @dataclass
 class Folder:
     out: Path
@@ -318,9 +300,10 @@ _DECODE_ALL = """async () => Promise.all([...document.querySelectorAll("#sheet i
 }))"""
 
 
-async def test_gallery_in_headless_chromium(run_folder: Folder, tmp_path: Path) -> None:
+async def test_gallery_in_headless_chromium(
+    chromium: str, run_folder: Folder, tmp_path: Path
+) -> None:
     """Thumbnails decode, filters hide what they should, nothing leaves the folder."""
-    _need_browser()
     from playwright.async_api import async_playwright
 
     ok_images = sum(len(e["images"]) for e in run_folder.ledger if e["status"] == "ok")
@@ -329,7 +312,7 @@ async def test_gallery_in_headless_chromium(run_folder: Folder, tmp_path: Path) 
     requested: list[str] = []
     async with async_playwright() as p:
         browser = await p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
         )
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
@@ -390,9 +373,8 @@ _LAST_IMAGE_DECODED = """() => {
 }"""
 
 
-async def test_ten_thousand_images_stay_usable_in_chromium(tmp_path: Path) -> None:
+async def test_ten_thousand_images_stay_usable_in_chromium(chromium: str, tmp_path: Path) -> None:
     """With 10,000 images only those in view load, a filter applies, scrolling loads the rest."""
-    _need_browser()
     from playwright.async_api import async_playwright
 
     from cometbatch.imagegen import make_png
@@ -412,7 +394,7 @@ async def test_ten_thousand_images_stay_usable_in_chromium(tmp_path: Path) -> No
     page_path = write_gallery(out)
     async with async_playwright() as p:
         browser = await p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
         )
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})

@@ -350,3 +350,51 @@ def test_links_are_judged_from_each_keys_latest_line(tmp_path: Path) -> None:
     )
     data = read_status(folder).to_dict()
     assert (data["links_gone"], data["awaiting_download"]) == (1, 0)
+
+
+async def test_status_from_another_folder_finds_the_manifest_and_its_pending_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run given a relative manifest path records it absolute (and as typed), so status run
+    from another folder still reads it and counts the pending work (and export its prompts)."""
+    from support import no_sleep, run_all, settings_for
+
+    from cometbatch import Engine, SimConfig, Simulator, load_manifest
+    from cometbatch.export import read_jobs
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "jobs").mkdir(parents=True)
+    elsewhere.mkdir()
+    jobs = [{"id": f"j{i}", "prompt": f"fox {i}", "model": "dall-e-3"} for i in range(5)]
+    (project / "jobs" / "foxes.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    monkeypatch.chdir(project)
+    async with Simulator(SimConfig(seed=4)) as sim:
+        settings = settings_for(sim, max_images=2, concurrency=1)
+        async with Engine(settings, out_dir="out", sleep=no_sleep) as engine:
+            await run_all(engine, load_manifest("jobs/foxes.jsonl"))
+    lines = (project / "out" / "ledger.jsonl").read_text().splitlines()
+    (run,) = [e for e in map(json.loads, lines) if e["event"] == "run"]
+    assert run["manifest"] == str((project / "jobs" / "foxes.jsonl").resolve())
+    assert run["manifest_given"] == "jobs/foxes.jsonl"
+
+    monkeypatch.chdir(elsewhere)
+    data = read_status(project / "out").to_dict()
+    assert data["manifest_note"] == ""
+    assert (data["ok_images"], data["pending_requests"], data["pending_images"]) == (2, 3, 3)
+    assert {job.prompt for job in read_jobs(project / "out")} == {"fox 0", "fox 1"}
+
+
+def test_an_old_ledger_with_a_relative_manifest_reads_it_from_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run line from before absolute paths were recorded names the manifest as typed: read
+    from the folder status runs in, as before."""
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"id": "a", "prompt": "a fox", "model": "dall-e-3"}\n'
+        '{"id": "b", "prompt": "an owl", "model": "dall-e-3"}\n'
+    )
+    run = json.dumps({"event": "run", "run_id": "r1", "manifest": "jobs.jsonl"})
+    folder = write(tmp_path / "out", run, result("a#0", "ok", job_id="a", chunk=0), END)
+    monkeypatch.chdir(tmp_path)
+    data = read_status(folder).to_dict()
+    assert (data["manifest"], data["pending_requests"]) == ("jobs.jsonl", 1)
