@@ -207,6 +207,18 @@ def test_an_unknown_field_points_to_extra_with_its_value(tmp_path: Path) -> None
     assert typo.message == "unknown field (did you mean 'quality'?)"
 
 
+def test_an_unknown_csv_column_points_to_extra_and_metadata(tmp_path: Path) -> None:
+    """A CSV column no job has is shown both ways it can go: to the API, or into the ledger."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt,seed\na fox,7\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(manifest)
+    (problem,) = info.value.problems
+    assert problem.field == "seed"
+    assert "'extra.seed' to send it to the API" in problem.message
+    assert "'metadata.seed'" in problem.message
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -227,7 +239,13 @@ def test_simulate_and_base_url_together_are_refused(tmp_path: Path) -> None:
     manifest = write_jobs(tmp_path / "m.jsonl", {"prompt": "x"})
     out = tmp_path / "out"
     code, _, stderr = invoke(
-        "run", str(manifest), "--simulate", "--base-url", "https://example.com/v1", "--out", str(out)
+        "run",
+        str(manifest),
+        "--simulate",
+        "--base-url",
+        "https://example.com/v1",
+        "--out",
+        str(out),
     )
     assert code == 2
     assert "--simulate and --base-url cannot be used together" in stderr
@@ -355,9 +373,13 @@ def test_a_dry_run_with_caps_says_whether_the_plan_fits(tmp_path: Path) -> None:
     budget = json.loads(stdout)["budget"]
     assert budget["fits"] is False and budget["cost_over_usd"] > 0
     _, stdout, _ = invoke("run", str(manifest), "--dry-run", "--out", out)
-    assert "fits under" not in stdout and json.loads(
-        invoke("run", str(manifest), "--dry-run", "--out", out, "--json")[1]
-    )["budget"] is None
+    assert (
+        "fits under" not in stdout
+        and json.loads(invoke("run", str(manifest), "--dry-run", "--out", out, "--json")[1])[
+            "budget"
+        ]
+        is None
+    )
 
 
 # -- the library without a key ---------------------------------------------------------------------
@@ -369,7 +391,7 @@ async def test_an_engine_without_a_key_refuses_at_async_with(
     """No api_key and no COMETAPI_KEY: AuthenticationError on entry, before the folder is made."""
     monkeypatch.delenv("COMETAPI_KEY", raising=False)
     engine = Engine(Settings(base_url="https://api.cometapi.com/v1"), out_dir=tmp_path / "out")
-    with pytest.raises(AuthenticationError, match="no API key.*COMETAPI_KEY"):
+    with pytest.raises(AuthenticationError, match=r"no API key.*COMETAPI_KEY"):
         async with engine:
             pass
     assert not (tmp_path / "out").exists()
