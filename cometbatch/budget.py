@@ -9,12 +9,13 @@ ledger's earlier figures is `earlier_totals`.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .events import iter_events
 from .paid import Payment, Payments, recorded_usd
-from .prices import PriceTable, format_usd, usage_cost
+from .prices import CostEstimate, PriceTable, format_usd, usage_cost
 from .settings import Settings
 
 CapReason = Literal["max_images", "max_cost"]
@@ -130,6 +131,76 @@ def cap_text(budget: Budget) -> str:
             f"{format_usd(budget.reserved_cost)} in flight)"
         )
     return "no budget cap was reached"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanFit:
+    """Whether a dry run's plan fits under the caps: the folder's earlier figures plus what the
+    plan would send, against each cap set (the run's own rule: `Budget.reserve`)."""
+
+    max_images: int | None
+    max_cost: float | None
+    earlier_images: int
+    earlier_cost: float
+    send_images: int
+    send_cost: float
+    # Images to send without a price: a cost cap cannot bound them (the run stops at one).
+    unpriced_images: int = 0
+
+    @property
+    def images_over(self) -> int:
+        """Images beyond max_images (0: they fit, or no cap)."""
+        if self.max_images is None:
+            return 0
+        return max(self.earlier_images + self.send_images - self.max_images, 0)
+
+    @property
+    def cost_over(self) -> float:
+        """Dollars beyond max_cost (0: they fit, or no cap)."""
+        if self.max_cost is None:
+            return 0.0
+        over = self.earlier_cost + self.send_cost - self.max_cost
+        return over if over > _SLACK else 0.0
+
+    @property
+    def fits(self) -> bool:
+        """Whether the run would send all of the plan without stopping at a cap."""
+        unbounded = self.max_cost is not None and self.unpriced_images > 0
+        return not (self.images_over or self.cost_over or unbounded)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `run --dry-run --json`."""
+        return {
+            "fits": self.fits,
+            "max_images": self.max_images,
+            "max_cost": self.max_cost,
+            "earlier_images": self.earlier_images,
+            "earlier_cost_usd": round(self.earlier_cost, 6),
+            "send_images": self.send_images,
+            "send_cost_usd": round(self.send_cost, 6),
+            "unpriced_images": self.unpriced_images,
+            "images_over": self.images_over,
+            "cost_over_usd": round(self.cost_over, 6),
+        }
+
+
+def plan_fit(
+    settings: Settings, ledger: Path, prices: PriceTable, send_images: int, send: CostEstimate
+) -> PlanFit | None:
+    """The plan (`send_images`, costing `send`) against the caps and what `ledger` already
+    records; None when no cap is set."""
+    if settings.max_images is None and settings.max_cost is None:
+        return None
+    images, cost = earlier_totals(ledger, prices)
+    return PlanFit(
+        max_images=settings.max_images,
+        max_cost=settings.max_cost,
+        earlier_images=images,
+        earlier_cost=cost,
+        send_images=send_images,
+        send_cost=send.usd,
+        unpriced_images=send.unpriced_images,
+    )
 
 
 def request_cost(

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from pydantic import ValidationError
 
 from . import __version__
+from .budget import plan_fit
 from .cli_inspect import export, gallery, models, status, verify
 from .cli_options import (
     DEFAULTS,
@@ -25,6 +26,7 @@ from .cli_options import (
     console,
     fail,
     internal_error,
+    output_folder,
     parse_concurrency,
     raise_open_file_limit,
     reporting_options,
@@ -39,6 +41,7 @@ from .events import LEDGER_NAME
 from .forecast import run_forecast
 from .manifest import Manifest, load_manifest
 from .models import load_registry, parse_overrides
+from .origin import other_manifest
 from .prices import PriceTable, load_prices
 from .progress import choose_mode
 from .report import plan_data, plan_lines, summary_data, summary_lines
@@ -54,6 +57,7 @@ from .simulator import SimConfig
 from .state import LedgerState
 from .streams import guard_std_streams
 from .textsafe import printable
+from .validation import first_problem
 
 
 def _settings(
@@ -83,10 +87,7 @@ def _settings(
     try:
         settings = Settings(**fields)
     except ValidationError as exc:
-        problem = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {message}" if where else message) from None
+        raise ConfigError(str(first_problem(exc))) from None
     # Checked here too so that a dry run refuses what the real run would refuse.
     check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
     return settings
@@ -95,10 +96,14 @@ def _settings(
 def _dry_run(
     loaded: Manifest, settings: Settings, out: Path, prices: PriceTable, json_output: bool
 ) -> None:
-    """Print the plan: per model, the work, what the ledger already holds, the cost."""
+    """Print the plan: per model, the work, what the ledger already holds, the cost; whether
+    it fits under the caps; and whether the folder was filled from another manifest."""
     state = LedgerState.load(out / LEDGER_NAME)
     plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
-    data = plan_data(plan, out, loaded.path)
+    send = plan.totals().send_images
+    fit = plan_fit(settings, out / LEDGER_NAME, prices, send, plan.to_send)
+    other = other_manifest(state.last_run, loaded.path, loaded.sha256)
+    data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other)
     click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
 
 
@@ -115,7 +120,8 @@ def main() -> None:
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
+    callback=output_folder,
     help="Output folder (default: out/<manifest name>).",
 )
 @click.option(
@@ -262,6 +268,12 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
             for name in options
             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
         }
+        if {"simulate", "base_url"} <= given:
+            # The simulated API has its own address: one of the two flags is a mistake.
+            raise ConfigError(
+                "--simulate and --base-url cannot be used together: --simulate sends to the "
+                "built-in simulated API; drop one of them"
+            )
         opts = merge_options(options, given, config, os.environ)
         prices = load_prices(opts["prices_path"]) if opts["prices_path"] else config.prices()
         overrides = model_overrides(config, parse_overrides(opts["model_override"]))

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -69,7 +70,7 @@ def fail(
     """Print one clear error (a line for each thing it lists, such as bad manifest lines)
     and the JSON object scripts wait for; exit 2 or 1."""
     lines = exc.lines()
-    if isinstance(exc, AuthenticationError):
+    if isinstance(exc, AuthenticationError) and exc.status is not None:
         lines = [f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"]
     if json_output:
         # Scripts read one JSON object from stdout, also when the run could not finish.
@@ -226,6 +227,17 @@ def parse_concurrency(
     if not 1 <= number <= 10_000:
         raise click.BadParameter(f"{number} is not in the range 1<=x<=10000")
     return number
+
+
+def output_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """--out as a Path; an empty value is refused (it would name the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter(
+            "is empty: name an output folder (without --out, the folder is out/<manifest name>)"
+        )
+    return Path(value)
 
 
 def concurrency_fields(

@@ -26,6 +26,12 @@ from .fetch import fetch_pending
 from .report import fetch_lines, summary_data
 from .settings import KEY_ENV, Settings
 from .simulator import SimConfig, serve
+from .validation import first_problem
+
+# A share of requests, 0 to 1: click names the option when a value is out of range.
+FRACTION = click.FloatRange(0, 1)
+# SimConfig's fields as `simulate` spells them.
+_SIM_OPTIONS = {name: "--" + name.replace("_", "-") for name in SimConfig.model_fields}
 
 
 @click.command()
@@ -59,21 +65,33 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
-    "--latency", type=float, default=0.0, show_default=True, help="Seconds per generation."
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds per generation.",
 )
-@click.option("--rate-429", type=float, default=0.0, help="Fraction answered 429 with Retry-After.")
-@click.option("--rate-429-bare", type=float, default=0.0, help="Fraction answered 429 without it.")
-@click.option("--rate-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
-@click.option("--rate-drop", type=float, default=0.0, help="Fraction of dropped connections.")
-@click.option("--rate-malformed", type=float, default=0.0, help="Fraction of truncated bodies.")
 @click.option(
-    "--rate-short", type=float, default=0.0, help="Fraction of n>1 requests answered half."
+    "--rate-429", type=FRACTION, default=0.0, help="Fraction answered 429 with Retry-After."
 )
-@click.option("--rpm-limit", type=int, help="Requests per minute the server allows.")
-@click.option("--ipm-limit", type=int, help="Images per minute the server allows.")
+@click.option(
+    "--rate-429-bare", type=FRACTION, default=0.0, help="Fraction answered 429 without it."
+)
+@click.option("--rate-5xx", type=FRACTION, default=0.0, help="Fraction answered 5xx.")
+@click.option("--rate-drop", type=FRACTION, default=0.0, help="Fraction of dropped connections.")
+@click.option("--rate-malformed", type=FRACTION, default=0.0, help="Fraction of truncated bodies.")
+@click.option(
+    "--rate-short", type=FRACTION, default=0.0, help="Fraction of n>1 requests answered half."
+)
+@click.option(
+    "--rpm-limit", type=click.IntRange(min=1), help="Requests per minute the server allows."
+)
+@click.option(
+    "--ipm-limit", type=click.IntRange(min=1), help="Images per minute the server allows."
+)
 @click.option(
     "--retry-after",
-    type=float,
+    type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Seconds in the Retry-After header of injected 429s.",
@@ -124,7 +142,9 @@ def simulate(
             record_requests=False,
         )
     except ValidationError as exc:
-        fail(ConfigError(str(exc.errors(include_url=False)[0]["msg"])))
+        # The options' own ranges catch most values; what is left (the fault rates adding up
+        # to more than 1) is named by its options, never by pydantic's field names.
+        fail(ConfigError(str(first_problem(exc, _SIM_OPTIONS))))
     try:
         asyncio.run(serve(config, host, port))
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ from .retry import (
     request_id_header,
 )
 from .settings import check_base_url
+from .validation import first_problem
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -458,10 +459,9 @@ class Client:
         try:
             answer = ImagesResponse.read(data, self._answered(data, resp))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
+            first = first_problem(exc)
             raise APIResponseError(
-                f"malformed response: {where}: {first['msg']}",
+                f"malformed response: {first.where or 'body'}: {first.message}",
                 status=status,
                 retryable=True,
                 maybe_billed=_may_carry_images(data),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .prices import PriceTable, builtin_prices, load_prices
 from .settings import KEY_ENV, concurrency_mode
+from .validation import first_problem
 
 CONFIG_NAME = "cometbatch.toml"
 PYPROJECT_NAME = "pyproject.toml"
@@ -131,16 +132,16 @@ def _refuse_keys(data: Mapping[str, Any], source: str, where: str = "") -> None:
 
 def _problem(exc: ValidationError, source: str) -> ConfigError:
     """The first validation problem as one line naming the file and the key."""
-    first = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in first["loc"]]
+    first = first_problem(exc)
+    loc = first.where.split(".") if first.where else []
     # A value that may be one of several types reports each branch (concurrency.int): name
     # the key itself, or the model of a [models.NAME] table.
     key = ".".join(loc[:2]) if loc[:1] == ["models"] else (loc[0] if loc else "")
-    if first["type"] == "extra_forbidden":
+    if first.kind == "extra_forbidden":
         close = difflib.get_close_matches(key, FileSettings.model_fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return ConfigError(f"{source}: unknown setting {key!r}{hint}")
-    message = first["msg"]
+    message = first.message
     if key == "concurrency":
         message = "should be a whole number or 'auto'"
     return ConfigError(f"{source}: {key!r}: {message}")

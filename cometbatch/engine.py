@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -17,19 +18,20 @@ from . import __version__
 from .budget import BUDGET_REASONS, CapReason, cap_text, open_budget
 from .client import Client
 from .dispatch import Dispatcher, Stopped, interruptible_sleep
-from .errors import BudgetExceededError, CometBatchError
+from .errors import AuthenticationError, BudgetExceededError, CometBatchError
 from .events import LEDGER_NAME, now_iso
 from .inflight import InFlight
 from .ledger import Ledger
 from .limits import Limiter
 from .manifest import Job, Manifest
 from .models import ModelRegistry, load_registry
+from .origin import NewWork, other_manifest, other_manifest_text
 from .pool import WorkerPool
-from .prices import PriceTable, builtin_prices
+from .prices import CostEstimate, PriceTable, builtin_prices
 from .results import Result, Summary
 from .retry import RetryPolicy
 from .sender import Sender
-from .settings import Settings
+from .settings import KEY_ENV, Settings
 from .sink import Sink
 from .triage import SENT, Triage, Work
 
@@ -141,6 +143,7 @@ class Engine:
         self._started_at = asyncio.get_running_loop().time()
         try:
             # Settings that cannot work fail here, before the output folder is created or locked.
+            _require_key(self.settings)
             max_n = self._max_images or max((spec.max_n for spec in self.registry), default=10)
             self._limiter = await self._stack.enter_async_context(
                 Limiter.from_settings(self.settings, max_images_per_request=max_n)
@@ -329,6 +332,25 @@ class Engine:
             },
         )
 
+    def _preflight(
+        self, jobs: Iterable[Job], manifest: Manifest | None, last_run: dict[str, Any] | None
+    ) -> None:
+        """Count the jobs before sending; when the folder's last run recorded another manifest,
+        warn with what this one adds (also when changed jobs then refuse the run)."""
+        if (
+            manifest is None
+            or (other := other_manifest(last_run, manifest.path, manifest.sha256)) is None
+        ):
+            self._triage.preflight(jobs)
+            return
+        new = NewWork(CostEstimate(self.prices))
+        try:
+            self._triage.preflight(jobs, new)
+        finally:
+            counts = (new.jobs, new.requests, new.images)
+            text = other_manifest_text(self.out_dir, other, manifest.path, counts, new.cost.total)
+            log.warning("%s", text)
+
     async def _execute(self, work: Work) -> Result:
         """Hand one request to the sender (made when the engine opens)."""
         assert self._sender is not None
@@ -385,7 +407,7 @@ class Engine:
         elif isinstance(jobs, Manifest | list | tuple):
             # Re-iterable inputs are counted (and checked for changed jobs) before anything is
             # sent; one-shot iterators are counted as they stream.
-            self._triage.preflight(jobs)
+            self._preflight(jobs, manifest, ledger.state.last_run)
         else:
             counted = False
         await self._start_run(manifest)
@@ -407,6 +429,15 @@ class Engine:
             self._let_go()
         if self._fatal is not None:
             raise self._fatal
+
+
+def _require_key(settings: Settings) -> None:
+    """Refuse to open without a key: every request would come back 401 (the simulated API
+    too takes a key, any key, so `run --simulate` and tests pass one)."""
+    if settings.resolved_key() is None:
+        raise AuthenticationError(
+            f"no API key: pass Settings(api_key=...) or set {KEY_ENV}; nothing was sent"
+        )
 
 
 def _budget_stop(summary: Summary) -> str | None:

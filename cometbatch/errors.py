@@ -75,6 +75,17 @@ class ManifestError(CometBatchError):
         return list(self._lines)
 
 
+class ManifestFileError(ManifestError):
+    """A manifest that cannot be read at all (missing, a folder, not readable): one line
+    naming the file, not a list of bad lines. `problems` holds the reason as a line-0 problem."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__([ManifestProblem(0, None, reason)], source=path)
+        self.reason = reason
+        self._lines = [f"{reason}: {path}"]
+        self.args = (self._lines[0],)
+
+
 class CapabilityError(CometBatchError):
     """The model cannot do what the job asks (size, parameter, prompt length)."""
 

@@ -46,7 +46,8 @@ class ModelForecast:
     # What a run would send (new, retryable failures, and changed ones it may regenerate).
     send_requests: int = 0
     send_images: int = 0
-    # Not in the ledger at all.
+    # Not in the ledger at all (jobs: with at least one such request).
+    new_jobs: int = 0
     new_requests: int = 0
     new_images: int = 0
     # Generated but not downloaded: fetched, not paid again.
@@ -159,12 +160,13 @@ def forecast(
     for job in jobs:
         item = result.by_model.setdefault(job.model, ModelForecast())
         item.jobs += 1
-        changed = False
+        changed = new = False
         for verdict, request, state in verdicts(job):
             item.requests += 1
             item.images += request.n
             result.everything.add(request)
             if state is None:
+                new = True
                 item.new_requests += 1
                 item.new_images += request.n
             if verdict == "reuse":
@@ -191,6 +193,7 @@ def forecast(
                 result.to_send.add(request)
         if changed:
             result.changed_jobs.append(job.id)
+        item.new_jobs += new
     for name, item in result.by_model.items():
         item.estimated_usd = result.to_send.by_model.get(name, 0.0)
         if item.send_images and name not in result.to_send.by_model:

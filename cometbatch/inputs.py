@@ -145,7 +145,10 @@ def _scalar(value: str) -> Any:
 def _unknown_column(label: str) -> str:
     guess = difflib.get_close_matches(label.lower(), _FIELDS, n=1)
     hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-    return f"unknown column{hint}; name it 'metadata.{label}' to carry it into the ledger"
+    return (
+        f"unknown column{hint}; name it 'extra.{label}' to send it to the API as is, or "
+        f"'metadata.{label}' to carry it into the ledger"
+    )
 
 
 # A column: its header label, where its value goes ("" for an ignored column) and, for

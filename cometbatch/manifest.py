@@ -17,11 +17,12 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import CapabilityError, ManifestError, ManifestProblem
+from .errors import CapabilityError, ManifestError, ManifestFileError, ManifestProblem
 from .inputs import input_format, reader_for
 from .lineshapes import batch_fields, is_batch_line, sdk_fields, streaming_problem
 from .models import DEFAULT_MODEL, PARAMS, ModelRegistry
 from .paths import safe_component
+from .validation import problems as validation_problems
 
 MAX_ID_CHARS = 256
 MAX_N = 100_000
@@ -38,6 +39,8 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Characters a manifest line may hold: far above the longest prompt a model takes (32,000)
 # with its metadata, far below what would exhaust memory (a binary or a log given by mistake).
 MAX_LINE_CHARS = 1 << 20
+# Characters of a value that a hint repeats.
+_SHOWN_CHARS = 40
 
 
 class _LineTooLong(ManifestError):
@@ -198,23 +201,34 @@ class ManifestStats:
             target.images += job.n
 
 
-def _unknown_field_message(name: str) -> str:
+def _unknown_field_message(name: str, value: Any) -> str:
+    """What to do about a field no job has: a near miss is a typo; anything else is most likely
+    a provider's own field (seed, negative_prompt, ...), which goes through `extra`."""
     known = sorted((*Job.model_fields, "extra_body"))
     guess = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-    return f"unknown field{hint}"
+    if guess:
+        return f"unknown field (did you mean '{guess[0]}'?)"
+    return (
+        "unknown field: not a request field cometbatch knows; to send it to the API as is, "
+        f'put it in extra: {{"extra": {{{_json_shown(name)}: {_json_shown(value)}}}}}'
+    )
+
+
+def _json_shown(value: Any) -> str:
+    """A value as JSON for a hint, cut short when long (the hint shows the shape, not data)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= _SHOWN_CHARS else "..."
 
 
 def _problems_from(exc: ValidationError, line: int) -> list[ManifestProblem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(part) for part in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            message = _unknown_field_message(loc or "")
+    found = []
+    for problem in validation_problems(exc):
+        if problem.kind == "extra_forbidden":
+            message = _unknown_field_message(problem.where, problem.given)
         else:
-            message = err["msg"].removeprefix("Value error, ")
-        problems.append(ManifestProblem(line, loc, message))
-    return problems
+            message = problem.message
+        found.append(ManifestProblem(line, problem.where or None, message))
+    return found
 
 
 class _NotJSONError(ValueError):
@@ -419,14 +433,10 @@ class Manifest:
                 lines = numbered_lines(f)
                 yield from lines if self._reader is None else self._reader.records(lines)
         except FileNotFoundError:
-            raise ManifestError(
-                [ManifestProblem(0, None, "file not found")], source=str(self.path)
-            ) from None
+            raise ManifestFileError(str(self.path), "file not found") from None
         except OSError as exc:
-            raise ManifestError(
-                [ManifestProblem(0, None, f"cannot read the file: {exc.strerror or exc}")],
-                source=str(self.path),
-            ) from None
+            reason = f"cannot read the file ({exc.strerror or exc})"
+            raise ManifestFileError(str(self.path), reason) from None
 
     def _parse(self, text: str, number: int) -> Job | None:
         # An ASCII line cannot hold the stand-ins for undecodable bytes: skip the search.
@@ -459,12 +469,12 @@ class Manifest:
 
     def _check(
         self, seen: _DigestSet, max_problems: int
-    ) -> tuple[ManifestStats, list[ManifestProblem], dict[str, tuple[int, str]], bool, str]:
-        """One pass over the lines: stats, problems, repeated ids, whether it stopped early,
-        and the file's sha256."""
+    ) -> tuple[ManifestStats, list[ManifestProblem], list[tuple[str, int, str]], bool, str]:
+        """One pass over the lines: stats, problems, each repeat of an id (its folder key,
+        line and id), whether it stopped early, and the file's sha256."""
         problems: list[ManifestProblem] = []
         truncated = False
-        duplicates: dict[str, tuple[int, str]] = {}
+        duplicates: list[tuple[str, int, str]] = []
         stats = ManifestStats()
         digest = hashlib.sha256()
         try:
@@ -480,7 +490,7 @@ class Manifest:
                     if seen.add(_id_digest(folder)):
                         stats.add(job, self.registry.get(job.model).max_n)
                     else:
-                        duplicates.setdefault(folder, (number, job.id))
+                        duplicates.append((folder, number, job.id))
                 if len(problems) + len(duplicates) > max_problems:
                     truncated = True
                     break
@@ -489,22 +499,24 @@ class Manifest:
             problems.extend(exc.problems)
         return stats, problems, duplicates, truncated, digest.hexdigest()
 
-    def _duplicate_problems(self, duplicates: dict[str, tuple[int, str]]) -> list[ManifestProblem]:
-        """Name the earlier line of each repeated id (a second pass, only when there are any)."""
+    def _duplicate_problems(self, duplicates: list[tuple[str, int, str]]) -> list[ManifestProblem]:
+        """Name the first line of each repeated id at every repeat (a second pass, only when
+        there are any)."""
         if not duplicates:
             return []
+        repeated = {folder for folder, _, _ in duplicates}
         first: dict[str, tuple[int, str]] = {}
         for number, text in self._lines():
-            if len(first) == len(duplicates):
+            if len(first) == len(repeated):
                 break
             try:
                 job = self._parse(text, number)
             except ManifestError:
                 continue
-            if job is not None and folder_key(job.id) in duplicates:
+            if job is not None and folder_key(job.id) in repeated:
                 first.setdefault(folder_key(job.id), (number, job.id))
         problems = []
-        for folder, (line, job_id) in duplicates.items():
+        for folder, line, job_id in duplicates:
             first_line, first_id = first.get(folder, (0, job_id))
             if first_id == job_id:
                 message = (

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from .errors import ModelsError
 from .modelspec import ModelSpec
+from .validation import first_problem
 
 __all__ = ["BUILTIN_SOURCE", "Catalog", "builtin_catalog", "is_pattern", "load_catalog"]
 
@@ -149,10 +150,9 @@ def _resolve(
             try:
                 specs[kind][name] = ModelSpec.model_validate({**fields, "name": name})
             except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                path = ".".join(str(part) for part in first["loc"])
-                message = first["msg"].removeprefix("Value error, ")
-                raise ModelsError(message, source=where, entry=f"{kind}.{name}.{path}") from None
+                first = first_problem(exc)
+                entry = f"{kind}.{name}.{first.where}".rstrip(".")
+                raise ModelsError(first.message, source=where, entry=entry) from None
     return Catalog(specs["models"], specs["families"], sources)
 
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from .errors import ConfigError
 from .modeldata import builtin_catalog, is_pattern, load_catalog
 from .modelspec import ModelSpec, Requirement
+from .validation import first_problem
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -164,7 +165,8 @@ class ModelRegistry:
             try:
                 table[name] = ModelSpec.model_validate(data)
             except ValidationError as exc:
-                raise ConfigError(f"bad override for model {name!r}: {exc}") from None
+                problem = first_problem(exc)
+                raise ConfigError(f"bad override for model {name!r}: {problem}") from None
         return ModelRegistry(specs.values(), families.values(), quiet=self._quiet)
 
     def _member(self, name: str) -> ModelSpec | None:

@@ -27,6 +27,7 @@ from .plan import Request
 from .provenance import DateText, date_text
 from .results import FAILED, Result
 from .sizes import parse_size
+from .validation import first_problem
 
 __all__ = [
     "PRICES_AS_OF",
@@ -188,9 +189,8 @@ class PriceTable(BaseModel):
         try:
             return PriceTable.model_validate(merged)
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            entry = ".".join(str(part) for part in err["loc"])
-            raise PricesError(err["msg"], source=source, entry=entry or None) from None
+            first = first_problem(exc)
+            raise PricesError(first.message, source=source, entry=first.where or None) from None
 
 
 def _file_date(value: Any, source: str) -> str | None:

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .aside import REPLACED_DIR
-from .budget import BUDGET_REASONS, cap_text
+from .budget import BUDGET_REASONS, PlanFit, cap_text
 from .events import LEDGER_NAME
 from .forecast import Forecast
 from .models import ModelSpec
+from .origin import other_manifest_text
 from .prices import format_usd
 from .results import Summary
 from .resume import LINK_GONE
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 # Changed jobs named in a plan; the rest are counted.
 MAX_NAMED = 10
+_STOPS = "the run would stop at the cap (exit 3) and leave the rest for a rerun with a higher one"
 
 
 def summary_data(summary: Summary, out: Path, spend: Spend | None = None) -> dict[str, Any]:
@@ -37,12 +39,9 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
     if summary.planned_requests == 0:
         return [f"nothing to do: the manifest has no jobs{sim}"]
     nothing_sent = summary.ok_requests == summary.failed_requests == 0
-    if nothing_sent and summary.skipped_requests and summary.stopped not in BUDGET_REASONS:
-        return [
-            f"everything was already done: {summary.skipped_requests} request(s), "
-            f"{summary.skipped_images} image(s) in {out}; nothing was sent{sim}",
-            *_restored_lines(summary, out),
-        ]
+    earlier = summary.skipped_requests or summary.kept_failures
+    if nothing_sent and earlier and summary.stopped not in BUDGET_REASONS:
+        return [*_nothing_sent_lines(summary, out, sim), *_restored_lines(summary, out)]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
         f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
@@ -99,6 +98,18 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
     return lines
 
 
+def _nothing_sent_lines(summary: Summary, out: Path, sim: str) -> list[str]:
+    """A run that sent nothing: all done, or done but for failures kept from earlier runs."""
+    done = f"{summary.skipped_requests} request(s), {summary.skipped_images} image(s) in {out}"
+    if not summary.kept_failures:
+        return [f"everything was already done: {done}; nothing was sent{sim}"]
+    return [
+        f"nothing was sent{sim}: already done {done}",
+        f"  {summary.kept_failures} request(s) failed permanently in earlier runs and were "
+        "kept; rerun with --retry-failed to try them again (paid again)",
+    ]
+
+
 def _restored_lines(summary: Summary, out: Path) -> list[str]:
     """What the run found gone or damaged under ok lines, and how it restored it."""
     lines = []
@@ -132,8 +143,16 @@ def fetch_lines(summary: Summary, out: Path) -> list[str]:
     return lines
 
 
-def plan_data(forecast: Forecast, out: Path, manifest: Path) -> dict[str, Any]:
-    """The `run --dry-run --json` object."""
+def plan_data(
+    forecast: Forecast,
+    out: Path,
+    manifest: Path,
+    *,
+    fit: PlanFit | None = None,
+    other_manifest: str | None = None,
+) -> dict[str, Any]:
+    """The `run --dry-run --json` object (`fit`: the plan against the caps; `other_manifest`:
+    the manifest the folder's last run recorded, when it was another one)."""
     totals = forecast.totals()
     return {
         "dry_run": True,
@@ -148,6 +167,8 @@ def plan_data(forecast: Forecast, out: Path, manifest: Path) -> dict[str, Any]:
         "cost_all": forecast.everything.to_dict(),
         # The dates of the prices the cost to send used (the whole table's when it used none).
         "prices": forecast.prices.describe(forecast.to_send.by_model or None),
+        "budget": None if fit is None else fit.to_dict(),
+        "other_manifest": other_manifest,
     }
 
 
@@ -198,7 +219,51 @@ def plan_lines(data: dict[str, Any]) -> list[str]:
             f"{f', and {more} more' if more else ''}): the run refuses them without "
             "--regenerate-changed"
         )
+    if data.get("other_manifest"):
+        new = (totals["new_jobs"], totals["new_requests"], totals["new_images"])
+        text = other_manifest_text(data["out_dir"], data["other_manifest"], data["manifest"], new)
+        lines.append(f"warning: {text}")
+    if data.get("budget"):
+        lines += fit_lines(data["budget"])
     lines.append("dry run: nothing was sent")
+    return lines
+
+
+def fit_lines(fit: dict[str, Any]) -> list[str]:
+    """Whether a plan fits under each cap set, from `PlanFit.to_dict()`, and by how much not."""
+    lines = []
+    if fit["max_images"] is not None:
+        total = fit["earlier_images"] + fit["send_images"]
+        sums = (
+            f"{fit['earlier_images']} made in the folder + {fit['send_images']} to send = {total}"
+        )
+        if fit["images_over"]:
+            lines.append(
+                f"does not fit under --max-images {fit['max_images']}: {sums}, "
+                f"{fit['images_over']} over; {_STOPS}"
+            )
+        else:
+            lines.append(f"fits under --max-images {fit['max_images']}: {sums}")
+    if fit["max_cost"] is not None:
+        cap = format_usd(fit["max_cost"])
+        earlier, send = fit["earlier_cost_usd"], fit["send_cost_usd"]
+        sums = (
+            f"about {format_usd(earlier)} spent in the folder + {format_usd(send)} to send = "
+            f"{format_usd(earlier + send)}"
+        )
+        if fit["unpriced_images"]:
+            lines.append(
+                f"cannot tell whether it fits under --max-cost {cap}: {fit['unpriced_images']} "
+                "image(s) to send have no price, and the run stops before the first of them "
+                "(give them one with --prices)"
+            )
+        elif fit["cost_over_usd"]:
+            lines.append(
+                f"does not fit under --max-cost {cap}: {sums}, "
+                f"{format_usd(fit['cost_over_usd'])} over; {_STOPS}"
+            )
+        else:
+            lines.append(f"fits under --max-cost {cap}: {sums}")
     return lines
 
 

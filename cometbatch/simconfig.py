@@ -37,8 +37,12 @@ class SimConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rates_fit(self) -> SimConfig:
-        if self.fault_rates_total() > 1.0 + 1e-9:
-            raise ValueError("the fault rates add up to more than 1")
+        total = self.fault_rates_total()
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"the fault rates add up to {total:g}, more than 1 (rate_429, rate_429_bare, "
+                "rate_5xx, rate_drop and rate_malformed each take a share of the requests)"
+            )
         return self
 
     def fault_rates(self) -> tuple[tuple[str, float], ...]:

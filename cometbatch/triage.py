@@ -13,6 +13,7 @@ from .client import MASK
 from .errors import ChangedJobsError
 from .manifest import Job
 from .models import ModelRegistry
+from .origin import NewWork
 from .plan import Request, plan_job
 from .results import DOWNLOAD_FAILED, PARTIAL, Result, Summary
 from .resume import LINK_GONE, Verdict, decide, links_gone
@@ -238,15 +239,21 @@ class Triage:
         }
         return Result.of(request, self.run_id, status, images=images, error=error, reused=True)
 
-    def preflight(self, jobs: Iterable[Job]) -> None:
-        """Count planned work and refuse changed jobs (all named) before anything is sent."""
+    def preflight(self, jobs: Iterable[Job], new: NewWork | None = None) -> None:
+        """Count planned work (and in `new`, the requests the ledger has no record of) and
+        refuse changed jobs (all named) before anything is sent."""
         changed: list[str] = []
         for job in jobs:
+            unseen: list[Request] = []
             try:
-                for _, request, _ in self.verdicts(job, look=False):
+                for _, request, state in self.verdicts(job, look=False):
                     self.summary.planned_requests += 1
                     self.summary.planned_images += request.n
+                    if state is None:
+                        unseen.append(request)
             except ChangedJobsError:
                 changed.append(job.id)
+            if new is not None:
+                new.add(unseen)
         if changed:
             raise ChangedJobsError(self.out_dir, changed)
