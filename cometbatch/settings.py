@@ -78,7 +78,9 @@ def most_in_flight(concurrency: int | None, mode: ConcurrencyMode, bound: int | 
 class Settings(BaseModel):
     """How the engine sends: limits, retries, timeouts, where, and with which key."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # protected_namespaces=(): pydantic before 2.10 warns at import about any field named
+    # model_* (model_overrides), as if it could shadow a BaseModel method; none does.
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     # COMETAPI_BASE_URL, when set, replaces the default (a proxy, a gateway, the simulator).
     base_url: str = Field(default_factory=_default_base_url)

@@ -240,7 +240,10 @@ class Simulator:
             self._stats.faults["content-policy"] += 1
             return self._fault_response("content-policy", request)
         if forced is None:
-            refused = self._admit(parsed) or self._random_fault(request)
+            # `is None`, never `or`: aiohttp 3.10's responses are empty mappings, so false.
+            refused = self._admit(parsed)
+            if refused is None:
+                refused = self._random_fault(request)
             if refused is not None:
                 return refused
             forced = self._short_answer(parsed)

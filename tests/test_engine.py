@@ -170,30 +170,30 @@ async def test_url_downloads_never_carry_authorization(sim: Simulator, tmp_path:
     assert sim.stats.download_auth_rejections == 0
 
 
-def readme_library_example() -> str:
-    """The first python block under the README's library heading."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## As a library") :]
+def library_page_example() -> str:
+    """The first python block under the library page's own-event-loop heading."""
+    text = (ROOT / "docs" / "library.md").read_text()
+    section = text[text.index("## Inside your own event loop") :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("```", start)]
 
 
-async def test_readme_library_example_runs_as_written(
+async def test_library_page_example_runs_as_written(
     sim: Simulator,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The README's library example, verbatim, runs inside a running loop with its own session."""
+    """The library page's example, verbatim, runs inside a running loop with its own session."""
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "demo.jsonl").write_text(DEMO.read_text())
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COMETAPI_BASE_URL", sim.base_url)
     monkeypatch.setenv("COMETAPI_KEY", "sk-readme")
-    code = "async def example():\n" + textwrap.indent(readme_library_example(), "    ")
+    code = "async def example():\n" + textwrap.indent(library_page_example(), "    ")
     code += "    return summary\n"
     namespace: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/library.md", "exec"), namespace)
     summary = await namespace["example"]()
     assert summary.complete
     assert summary.ok_requests == load_manifest(DEMO).stats.requests

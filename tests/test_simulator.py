@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from cometbatch import simulator
@@ -587,6 +588,19 @@ async def test_ipm_limit_counts_images(session: aiohttp.ClientSession) -> None:
         assert (await post(session, sim, {**DALLE2, "n": 1}))[0] == 200
     assert sim.stats.limit_429s == 1
     assert sim.stats.images == 3
+
+
+async def test_limits_refuse_on_an_aiohttp_whose_responses_are_falsy(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp 3.10 gives a response no __bool__: as a mapping with no items it is false, so a
+    refusal taken by its truth value slipped through and the limit answered 200."""
+    monkeypatch.setattr(web.StreamResponse, "__bool__", lambda self: len(self) > 0)
+    clock = FakeClock()
+    async with Simulator(SimConfig(rpm_limit=1), clock=clock) as sim:
+        assert (await post(session, sim, DALLE2))[0] == 200
+        assert (await post(session, sim, DALLE2))[0] == 429
+    assert sim.stats.limit_429s == 1
 
 
 async def test_random_5xx_rate_uses_server_error_statuses(
