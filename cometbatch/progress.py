@@ -163,7 +163,11 @@ class ProgressDisplay:
             snap = Snapshot.of(self.engine)
         except RuntimeError:
             return
-        self._live.update(LiveView(snap, self._rate, self._elapsed), refresh=True)
+        self._draw(snap)
+
+    def _draw(self, snap: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(LiveView(snap, self._rate, self._elapsed), refresh=True)
 
     def _stop_drawing(self) -> None:
         """Stop the live display for good (its terminal or pipe has no reader any more)."""
@@ -190,7 +194,8 @@ class ProgressDisplay:
                 self._elapsed = now - started
                 try:
                     if self.mode == "rich":
-                        self.refresh()
+                        # The snapshot just read (its pace sums the last 30 s), not a second one.
+                        self._draw(snap)
                     elif first == every:
                         line = snap.line(self._rate, self._elapsed)
                         self.console.print(line, highlight=False, soft_wrap=True)
