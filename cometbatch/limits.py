@@ -455,7 +455,7 @@ class Limiter:
             self.sending -= 1
             _SENT_AT.reset(sent)
             self._gate.release()
-            self._held(self._now() - now)
+            self._held(now, self._now())
 
     def _sent(
         self, now: float, images: int, *, retry: bool, waited_slot: bool, waited_rate: bool
@@ -472,8 +472,9 @@ class Limiter:
         if self._rate is not None:
             self._rate.rate = _rate_of(self.rpm, self.ipm, meter.images / meter.requests)
 
-    def _held(self, seconds: float) -> None:
-        self._meter.held(self._now(), seconds)
+    def _held(self, sent: float, now: float) -> None:
+        seconds = now - sent
+        self._meter.held(now, seconds)
         if self._rate is not None:
             self._rate.observe(seconds)
             # A longer latency raises the level: make room for waiters.
