@@ -276,21 +276,22 @@ class PaceMeter:
         sends = self._sends
         since = now - self.first if self.first is not None else 0.0
         span = min(self.recent_span, since)
+        count = len(sends)
+        sent_images = sum(n for _, n, _ in sends)
         requests = images = None
         if span >= self.settle:
             if since <= self.recent_span:
                 span += self.lead
-            requests = len(sends) / span * WINDOW
-            images = sum(n for _, n, _ in sends) / span * WINDOW
+            requests = count / span * WINDOW
+            images = sent_images / span * WINDOW
         since_cause = now - CAUSE_SPAN
         counts: Counter[Cause] = Counter(cause for t, _, cause in sends if t >= since_cause)
         holds = self._recent_holds
-        count = len(sends)
         return Measured(
             requests_per_min=requests,
             images_per_min=images,
             latency=sum(s for _, s in holds) / len(holds) if holds else None,
-            images_per_request=sum(n for _, n, _ in sends) / count if count else None,
+            images_per_request=sent_images / count if count else None,
             cause=main_cause(counts),
             retry_share=counts["retries"] / counts.total() if counts.total() else 0.0,
         )
