@@ -10,12 +10,14 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
+from rich.console import Console
 
 from cometbatch import Engine, Settings, Simulator
+from cometbatch.progress import Mode, ProgressDisplay
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +25,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def no_sleep(_: float) -> None:
     """Retry waits take no real time in tests."""
+
+
+def show_progress(
+    engine: object, console: Console, *, mode: Mode, naps: int = 3, **options: Any
+) -> list[float]:
+    """Run a ProgressDisplay over `engine` (a stand-in will do) until it parks in its `naps`-th
+    sleep; the sleeps it asked for."""
+    taken: list[float] = []
+
+    async def scenario() -> None:
+        parked = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            taken.append(seconds)
+            if len(taken) == naps:
+                parked.set()
+                await asyncio.Event().wait()
+
+        display = ProgressDisplay(
+            cast(Engine, engine), mode=mode, console=console, sleep=sleep, **options
+        )
+        async with display:
+            await parked.wait()
+
+    asyncio.run(scenario())
+    return taken
 
 
 def settings_for(sim: Simulator, **overrides: Any) -> Settings:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 from types import SimpleNamespace
-from typing import cast
 
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from support import show_progress
 
-from cometbatch.engine import Engine
 from cometbatch.limits import Limiter
 from cometbatch.pace import Pace
-from cometbatch.progress import LiveView, ProgressDisplay
+from cometbatch.progress import LiveView
 from cometbatch.results import Summary
 from cometbatch.snapshot import Snapshot
 
@@ -141,23 +139,7 @@ def test_the_live_display_draws_every_frame_within_the_terminal() -> None:
         waiting_to_retry=0,
     )
     screen = io.StringIO()
-    naps: list[float] = []
-
-    async def scenario() -> None:
-        parked = asyncio.Event()
-
-        async def sleep(seconds: float) -> None:
-            naps.append(seconds)
-            if len(naps) == 3:
-                parked.set()
-                await asyncio.Event().wait()
-
-        console = Console(file=screen, force_terminal=True, width=80)
-        display = ProgressDisplay(cast(Engine, engine), mode="rich", console=console, sleep=sleep)
-        async with display:
-            await parked.wait()
-
-    asyncio.run(scenario())
+    show_progress(engine, Console(file=screen, force_terminal=True, width=80), mode="rich")
     frames = [ESCAPE.sub("", frame) for frame in REDRAW.split(screen.getvalue())]
     drawn_frames = [frame for frame in frames if frame.strip()]
     assert len(drawn_frames) >= 3

@@ -10,6 +10,7 @@ from typing import TextIO, cast
 
 import pytest
 from rich.console import Console
+from support import show_progress
 
 from cometbatch.engine import Engine
 from cometbatch.limits import Limiter
@@ -151,25 +152,7 @@ def test_plain_mode_prints_one_line_per_period_without_escapes() -> None:
         waiting_to_retry=0,
     )
     printed = io.StringIO()
-    naps: list[float] = []
-
-    async def scenario() -> None:
-        parked = asyncio.Event()
-
-        async def sleep(seconds: float) -> None:
-            naps.append(seconds)
-            if len(naps) == 3:
-                parked.set()
-                await asyncio.Event().wait()
-
-        console = Console(file=printed, width=200)
-        display = ProgressDisplay(
-            cast(Engine, engine), mode="plain", console=console, plain_every=10, sleep=sleep
-        )
-        async with display:
-            await parked.wait()
-
-    asyncio.run(scenario())
+    naps = show_progress(engine, Console(file=printed, width=200), mode="plain", plain_every=10)
     # The first line comes sooner than a period; then one every period.
     assert naps[0] < 10 and naps[1:] == [10, 10]
     lines = printed.getvalue().splitlines()
