@@ -7,6 +7,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .statusline import Part, join
 from .throttle import WINDOW, binding, needed, request_rate
 
 # What held one request back before it left, and so, over many, what holds a run back:
@@ -165,10 +166,19 @@ class Pace:
             return f"held back by retries: {self.retry_share:.0%} of requests sent were retries"
         return "not held back: every request left as soon as it was ready"
 
+    def parts(self) -> tuple[Part, ...]:
+        """The rates, then what holds them back, as status-line parts (none until the rates
+        are known); what holds the run back is the half a person acts on: it outlasts the
+        figures when the line narrows."""
+        rates = self.rates_text()
+        if not rates:
+            return ()
+        holdback = self.holdback_text()
+        return (Part(rates, rank=1), *([Part(holdback, rank=0, sep="; ")] if holdback else []))
+
     def text(self) -> str:
         """Rates and what holds them back, one line ('' until the rates are known)."""
-        rates = self.rates_text()
-        return "; ".join(part for part in (rates, self.holdback_text()) if part) if rates else ""
+        return join(self.parts())
 
     def to_dict(self) -> dict[str, Any]:
         """The summary's `pace` object (rates per minute, latency in seconds)."""

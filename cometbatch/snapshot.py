@@ -111,15 +111,7 @@ class Snapshot:
 
     def pace_parts(self) -> tuple[Part, ...]:
         """The rate against --rpm/--ipm, then what holds it back (none until the rate is known)."""
-        rates = self.pace.rates_text() if self.pace is not None else ""
-        if self.pace is None or not rates:
-            return ()
-        parts = [Part(rates, rank=1)]
-        # What holds the run back is the half a person acts on: it outlasts the figures.
-        holdback = self.pace.holdback_text()
-        if holdback:
-            parts.append(Part(holdback, rank=0, sep="; "))
-        return tuple(parts)
+        return self.pace.parts() if self.pace is not None else ()
 
     def eta(self, rate: float) -> float | None:
         """Seconds left at `rate` (0 when all is done), or None while nothing is moving."""
