@@ -23,7 +23,14 @@ from .errors import ModelsError
 from .modelspec import ModelSpec
 from .validation import first_problem
 
-__all__ = ["BUILTIN_SOURCE", "Catalog", "builtin_catalog", "is_pattern", "load_catalog"]
+__all__ = [
+    "BUILTIN_SOURCE",
+    "Catalog",
+    "builtin_catalog",
+    "is_pattern",
+    "load_catalog",
+    "new_model_fields",
+]
 
 BUILTIN_SOURCE = "cometbatch/models.toml"
 _KINDS = ("models", "families")
@@ -37,6 +44,12 @@ _ALLOWED = frozenset(ModelSpec.model_fields) - _RESERVED
 def is_pattern(name: str) -> bool:
     """Whether `name` is a shell-style family pattern (`gpt-image-*`) rather than a model name."""
     return any(char in name for char in "*?[")
+
+
+def new_model_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model nothing describes starts from, before its own `fields`: one image per
+    request, and parameters passed through unchecked unless it declares them (`params`)."""
+    return {"max_n": 1, "known": "params" in fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +176,7 @@ def _fields(
     entry = raw[kind][name]
     like = entry.get("like")
     if like is None:
-        # A new model that declares no parameters passes them through, as an override does.
-        base: dict[str, Any] = {"max_n": 1, "known": "params" in entry}
+        base = new_model_fields(entry)
     else:
         target = _like_target(raw, like, where, f"{kind}.{name}.like")
         if target in (*seen, (kind, name)):
