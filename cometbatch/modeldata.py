@@ -12,13 +12,13 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .datafile import read_data_file
 from .errors import ModelsError
 from .modelspec import ModelSpec
 from .validation import first_problem
@@ -84,22 +84,10 @@ def load_catalog(*paths: str | os.PathLike[str]) -> Catalog:
     raw: Raw = {kind: dict(entries) for kind, entries in _builtin_raw().items()}
     origins: dict[tuple[str, str], str] = {}
     for path in paths:
-        raw = _merge(raw, origins, _read(path), str(path))
+        source = str(path)
+        data = read_data_file(path, partial(ModelsError, source=source))
+        raw = _merge(raw, origins, data, source)
     return _resolve(raw, origins, tuple(str(path) for path in paths))
-
-
-def _read(path: str | os.PathLike[str]) -> Any:
-    source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ModelsError(f"cannot read the file: {exc.strerror or exc}", source=source) from None
-    except UnicodeDecodeError:
-        raise ModelsError("not UTF-8 text", source=source) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelsError(f"not valid TOML: {exc}", source=source) from None
 
 
 def _merge(raw: Raw, origins: dict[tuple[str, str], str], data: Any, source: str | None) -> Raw:
