@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class CometBatchError(Exception):
@@ -19,24 +19,28 @@ class ConfigError(CometBatchError):
     """A setting or option that cannot work (bad base URL, missing key, bad override)."""
 
 
-class ModelsError(ConfigError):
+class _DataFileError(ConfigError):
+    """A data file that cannot be used; names what kind of file, the file and the entry."""
+
+    _what: ClassVar[str]
+
+    def __init__(self, message: str, *, source: str, entry: str | None = None) -> None:
+        self.source = source
+        self.entry = entry
+        where = f"{source}: {entry}" if entry else source
+        super().__init__(f"{self._what} {where}: {message}")
+
+
+class ModelsError(_DataFileError):
     """A models file that cannot be used; names the file and the entry."""
 
-    def __init__(self, message: str, *, source: str, entry: str | None = None) -> None:
-        self.source = source
-        self.entry = entry
-        where = f"{source}: {entry}" if entry else source
-        super().__init__(f"models file {where}: {message}")
+    _what = "models file"
 
 
-class PricesError(ConfigError):
+class PricesError(_DataFileError):
     """A price override that cannot be used; names the file and the entry."""
 
-    def __init__(self, message: str, *, source: str, entry: str | None = None) -> None:
-        self.source = source
-        self.entry = entry
-        where = f"{source}: {entry}" if entry else source
-        super().__init__(f"price override {where}: {message}")
+    _what = "price override"
 
 
 @dataclass(frozen=True, slots=True)

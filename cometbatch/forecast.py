@@ -6,7 +6,7 @@ it for the work not recorded yet, from the ledger alone (`ledger_verdicts`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,6 @@ Lookup = Callable[[str], KeyState | None]
 # Each request of a job with its verdict and what the ledger recorded for it.
 Decided = Iterable[tuple[Verdict, Request, KeyState | None]]
 Verdicts = Callable[[Job], Decided]
-
-
-def quiet_registry(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> ModelRegistry:
-    """The built-in registry with `overrides` applied, without unknown-model warnings."""
-    return ModelRegistry().with_overrides(overrides or {}).quiet()
 
 
 @dataclass(slots=True)

@@ -173,7 +173,7 @@ def batch_fields(data: dict[str, Any], line: int) -> LineFields:
     job["id"] = data.get("custom_id")
     if "metadata" in data:
         job["metadata"] = data["metadata"]
-    names = {**shaped.names, **_OUTSIDE_BODY} if shaped.names else _OUTSIDE_BODY
+    names = {**(shaped.names or {}), **_OUTSIDE_BODY}
     return LineFields(job, (*problems, *shaped.problems), "body.", names)
 
 
@@ -184,9 +184,8 @@ def _envelope_problems(data: dict[str, Any], line: int) -> list[ManifestProblem]
         problems.append(ManifestProblem(line, "method", "only POST is supported"))
     if data.get("url", BATCH_URL) != BATCH_URL:
         problems.append(ManifestProblem(line, "url", f"only {BATCH_URL} is supported"))
-    if not data.keys() <= _BATCH_KEYS:
-        problems += [
-            ManifestProblem(line, name, "unknown field in a Batch API line")
-            for name in sorted(data.keys() - _BATCH_KEYS)
-        ]
+    problems += [
+        ManifestProblem(line, name, "unknown field in a Batch API line")
+        for name in sorted(data.keys() - _BATCH_KEYS)
+    ]
     return problems

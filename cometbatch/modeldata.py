@@ -12,18 +12,25 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .datafile import read_data_file
 from .errors import ModelsError
 from .modelspec import ModelSpec
 from .validation import first_problem
 
-__all__ = ["BUILTIN_SOURCE", "Catalog", "builtin_catalog", "is_pattern", "load_catalog"]
+__all__ = [
+    "BUILTIN_SOURCE",
+    "Catalog",
+    "builtin_catalog",
+    "is_pattern",
+    "load_catalog",
+    "new_model_fields",
+]
 
 BUILTIN_SOURCE = "cometbatch/models.toml"
 _KINDS = ("models", "families")
@@ -37,6 +44,12 @@ _ALLOWED = frozenset(ModelSpec.model_fields) - _RESERVED
 def is_pattern(name: str) -> bool:
     """Whether `name` is a shell-style family pattern (`gpt-image-*`) rather than a model name."""
     return any(char in name for char in "*?[")
+
+
+def new_model_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model nothing describes starts from, before its own `fields`: one image per
+    request, and parameters passed through unchecked unless it declares them (`params`)."""
+    return {"max_n": 1, "known": "params" in fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,22 +84,10 @@ def load_catalog(*paths: str | os.PathLike[str]) -> Catalog:
     raw: Raw = {kind: dict(entries) for kind, entries in _builtin_raw().items()}
     origins: dict[tuple[str, str], str] = {}
     for path in paths:
-        raw = _merge(raw, origins, _read(path), str(path))
+        source = str(path)
+        data = read_data_file(path, partial(ModelsError, source=source))
+        raw = _merge(raw, origins, data, source)
     return _resolve(raw, origins, tuple(str(path) for path in paths))
-
-
-def _read(path: str | os.PathLike[str]) -> Any:
-    source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ModelsError(f"cannot read the file: {exc.strerror or exc}", source=source) from None
-    except UnicodeDecodeError:
-        raise ModelsError("not UTF-8 text", source=source) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelsError(f"not valid TOML: {exc}", source=source) from None
 
 
 def _merge(raw: Raw, origins: dict[tuple[str, str], str], data: Any, source: str | None) -> Raw:
@@ -163,8 +164,7 @@ def _fields(
     entry = raw[kind][name]
     like = entry.get("like")
     if like is None:
-        # A new model that declares no parameters passes them through, as an override does.
-        base: dict[str, Any] = {"max_n": 1, "known": "params" in entry}
+        base = new_model_fields(entry)
     else:
         target = _like_target(raw, like, where, f"{kind}.{name}.like")
         if target in (*seen, (kind, name)):

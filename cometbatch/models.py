@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ConfigError
-from .modeldata import builtin_catalog, is_pattern, load_catalog
+from .modeldata import builtin_catalog, is_pattern, load_catalog, new_model_fields
 from .modelspec import ModelSpec, Requirement
 from .validation import first_problem
 
@@ -111,7 +111,7 @@ class ModelRegistry:
         if family is not None:
             spec = family.model_copy(update={"name": name, "family": family.name})
         else:
-            spec = ModelSpec(name=name, max_n=1, known=False)
+            spec = ModelSpec(name=name, **new_model_fields({}))
         self._resolved[name] = spec
         return spec
 
@@ -152,12 +152,7 @@ class ModelRegistry:
         for name, fields in overrides.items():
             table = families if is_pattern(name) else specs
             known = table.get(name) or (None if is_pattern(name) else self._member(name))
-            # A model added by override passes parameters through unless it declares them.
-            data: dict[str, Any] = (
-                known.model_dump()
-                if known is not None
-                else {"name": name, "max_n": 1, "known": "params" in fields}
-            )
+            data = known.model_dump() if known is not None else new_model_fields(fields)
             # Changed rules are no longer the data file's: say where they come from instead.
             data.update(source="model override", as_of=None, family=None)
             data.update(fields)

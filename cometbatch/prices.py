@@ -8,19 +8,18 @@ JSON) is merged over it. Everything here is a pure function of its arguments exc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .datafile import read_data_file
 from .errors import PricesError
 from .manifest import Job
 from .plan import Request
@@ -230,19 +229,7 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
     if path is None:
         return table
     source = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise PricesError(f"cannot read the file: {exc.strerror or exc}", source=source) from None
-    try:
-        text = raw.decode("utf-8-sig")
-        data = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise PricesError("not UTF-8 text", source=source) from None
-    except (ValueError, RecursionError) as exc:
-        # tomllib.TOMLDecodeError and json.JSONDecodeError both say where (line, column).
-        kind = "JSON" if Path(path).suffix.lower() == ".json" else "TOML"
-        raise PricesError(f"not valid {kind}: {exc}", source=source) from None
+    data = read_data_file(path, partial(PricesError, source=source), json_suffix=True)
     return table.merged(data, source=source)
 
 

@@ -21,7 +21,7 @@ from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.budget import earlier_totals
 from cometbatch.dispatch import Dispatcher
 from cometbatch.export import export
-from cometbatch.forecast import forecast, ledger_verdicts, quiet_registry
+from cometbatch.forecast import forecast, ledger_verdicts
 from cometbatch.gallery import read_gallery
 from cometbatch.imagegen import make_png
 from cometbatch.models import ModelRegistry
@@ -233,7 +233,7 @@ async def test_status_export_dry_run_and_budget_count_a_partial_key(tmp_path: Pa
 
     state = LedgerState.load(tmp_path / "ledger.jsonl")
     other = Job(id="other", prompt="a raft", model="dall-e-2", n=3)
-    plan = forecast([JOB, other], ledger_verdicts(quiet_registry(), state.get)).totals()
+    plan = forecast([JOB, other], ledger_verdicts(ModelRegistry().quiet(), state.get)).totals()
     assert (plan.done_images, plan.send_requests, plan.send_images) == (1, 2, 4)
     images, cost = earlier_totals(tmp_path / "ledger.jsonl", builtin_prices())
     assert images == 1 and cost > 0
