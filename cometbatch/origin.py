@@ -42,17 +42,19 @@ class NewWork:
     cost: CostEstimate = field(default_factory=CostEstimate)
     jobs: int = 0
     requests: int = 0
-    images: int = 0
+
+    @property
+    def images(self) -> int:
+        """Images of those requests: the estimate counts each, priced or not."""
+        return self.cost.priced_images + self.cost.unpriced_images
 
     def add(self, requests: list[Request]) -> None:
         """Count one job's requests that the ledger has never recorded (none: nothing)."""
         if not requests:
             return
         self.jobs += 1
-        for request in requests:
-            self.requests += 1
-            self.images += request.n
-            self.cost.add(request)
+        self.requests += len(requests)
+        self.cost.add_all(requests)
 
 
 def other_manifest_text(

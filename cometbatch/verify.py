@@ -4,6 +4,7 @@ full check (there, its recorded size and sha256, and a whole image), which marks
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
@@ -95,13 +96,7 @@ class BadImage:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "index": self.index,
-            "path": self.path,
-            "problem": self.problem,
-            "detail": self.detail,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(slots=True)

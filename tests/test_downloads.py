@@ -284,13 +284,14 @@ async def test_a_link_to_a_broken_file_never_gives_an_ok_line(
 
 
 @contextlib.asynccontextmanager
-async def dead_link_api(counts: Counter[str]) -> AsyncIterator[str]:
-    """An images API whose every image link answers 503; yields its base URL."""
+async def dead_link_api(counts: Counter[str], name: str = "x") -> AsyncIterator[str]:
+    """An images API whose every image link (/files/<name>.png) answers 503; yields its base
+    URL."""
 
     async def generate(request: web.Request) -> web.StreamResponse:
         counts["generations"] += 1
         origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
-        return web.json_response({"created": 1, "data": [{"url": f"{origin}/files/x.png"}]})
+        return web.json_response({"created": 1, "data": [{"url": f"{origin}/files/{name}.png"}]})
 
     async def download(request: web.Request) -> web.StreamResponse:
         counts["downloads"] += 1
@@ -298,7 +299,7 @@ async def dead_link_api(counts: Counter[str]) -> AsyncIterator[str]:
 
     routes: dict[tuple[str, str], Handler] = {
         ("POST", "/v1/images/generations"): generate,
-        ("GET", "/files/x.png"): download,
+        ("GET", "/files/{name}"): download,
     }
     async with serve(routes) as origin:
         yield f"{origin}/v1"
@@ -352,23 +353,9 @@ async def test_a_link_holding_the_key_is_gone_at_once(tmp_path: Path) -> None:
     tried once, then a failed generation at once (not after LINK_TRIES runs), saying why."""
     key = "sk-test-in-the-link"
     counts: Counter[str] = Counter()
-
-    async def generate(request: web.Request) -> web.StreamResponse:
-        counts["generations"] += 1
-        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
-        return web.json_response({"data": [{"url": f"{origin}/files/{key}.png"}]})
-
-    async def download(request: web.Request) -> web.StreamResponse:
-        counts["downloads"] += 1
-        return web.Response(status=503, text="Service Unavailable")
-
-    routes: dict[tuple[str, str], Handler] = {
-        ("POST", "/v1/images/generations"): generate,
-        ("GET", "/files/{name}"): download,
-    }
     job = Job(id="k", prompt="a key", model="dall-e-2", n=1, response_format="url")
-    async with serve(routes) as origin:
-        settings = Settings(base_url=f"{origin}/v1", api_key=key)
+    async with dead_link_api(counts, key) as base_url:
+        settings = Settings(base_url=base_url, api_key=key)
         async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
             (result,) = await run_all(engine, [job])
         assert result.status == "download_failed"

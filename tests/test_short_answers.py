@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -125,19 +126,25 @@ async def test_short_answers_with_image_links_download_each_image_once(tmp_path:
     assert billed == downloads == 17
 
 
-def short_then_stop(engine: list[Engine]) -> Any:
-    """A server whose first answer carries 1 of the 2 images asked for, after which the run is
-    stopped: the follow-up is never sent."""
+@contextlib.asynccontextmanager
+async def short_then_stop(out: Path) -> AsyncIterator[tuple[Engine, list[dict[str, Any]]]]:
+    """An engine on a server whose first answer carries 1 of the 2 images asked for, after
+    which the run is stopped: the follow-up is never sent. Yields it and the requests seen."""
     seen: list[dict[str, Any]] = []
+    holder: list[Engine] = []
 
     async def handler(request: web.Request) -> web.Response:
         body = await request.json()
         seen.append(body)
-        engine[0].stop()
+        holder[0].stop()
         png = base64.b64encode(make_png(8, 8, seed=1)).decode()
         return web.json_response({"created": 1, "data": [{"b64_json": png}]})
 
-    return handler, seen
+    async with serve({("POST", "/v1/images/generations"): handler}) as origin:
+        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
+        async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
+            holder.append(engine)
+            yield engine, seen
 
 
 JOB = Job(id="pair", prompt="two boats", model="dall-e-2", n=2, response_format="b64_json")
@@ -145,13 +152,8 @@ JOB = Job(id="pair", prompt="two boats", model="dall-e-2", n=2, response_format=
 
 async def stopped_after_a_short_answer(out: Path) -> list[dict[str, Any]]:
     """Run JOB against a server that answers short and stops the run; the requests it saw."""
-    holder: list[Engine] = []
-    handler, seen = short_then_stop(holder)
-    async with serve({("POST", "/v1/images/generations"): handler}) as origin:
-        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
-        async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
-            holder.append(engine)
-            got = await run_all(engine, [JOB])
+    async with short_then_stop(out) as (engine, seen):
+        got = await run_all(engine, [JOB])
     assert len(seen) == 1
     assert [result.status for result in got] == ["partial"]
     assert not engine.summary.complete
@@ -244,13 +246,8 @@ async def test_a_second_caller_sharing_a_partial_key_counts_no_kept_failure(
 ) -> None:
     """Two callers of one job: the second shares the first's partial result (stopped after a
     short answer), which is pending work, not a permanent failure."""
-    holder: list[Engine] = []
-    handler, seen = short_then_stop(holder)
-    async with serve({("POST", "/v1/images/generations"): handler}) as origin:
-        settings = Settings(base_url=f"{origin}/v1", api_key="sk-test")
-        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
-            holder.append(engine)
-            first, second = await asyncio.gather(engine.generate(JOB), engine.generate(JOB))
+    async with short_then_stop(tmp_path) as (engine, seen):
+        first, second = await asyncio.gather(engine.generate(JOB), engine.generate(JOB))
     assert len(seen) == 1
     assert [r.status for r in first + second] == ["partial", "partial"]
     assert engine.summary.kept_failures == 0
