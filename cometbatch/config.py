@@ -8,7 +8,6 @@ from it.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .datafile import read_data_file
 from .errors import ConfigError
 from .prices import PriceTable, builtin_prices, load_prices
 from .settings import KEY_ENV, concurrency_mode
@@ -158,16 +158,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> FileConfig:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_data_file(path, lambda reason: ConfigError(f"{path}: {reason}"))
+    return data
 
 
 def _tool_table(data: dict[str, Any]) -> Any:
