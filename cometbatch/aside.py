@@ -285,6 +285,16 @@ def _origin_state(origin: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A line that records images again without sending anything: no attempt (paid.py counts no
+# new payment), no wait.
+UNSENT: dict[str, Any] = {
+    "attempts": 0,
+    "ambiguous_retries": 0,
+    "rate_limited": 0,
+    "latency_s": 0.0,
+}
+
+
 def reinstated_event(
     withdrawing: dict[str, Any], *, run_id: str, finished_at: str
 ) -> dict[str, Any]:
@@ -308,7 +318,7 @@ def reinstated_event(
     else:
         status, error = "ok", None
     event.update(status=status, images=images, downloads=downloads, error=error)
-    event.update(attempts=0, ambiguous_retries=0, rate_limited=0, latency_s=0.0)
+    event.update(UNSENT)
     event.update(finished_at=finished_at, usage=taken.get("usage"), cost=taken.get("cost"))
     del event["withdrawn"]
     return placed(event, Answered.of_line(taken))

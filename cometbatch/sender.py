@@ -12,6 +12,7 @@ from typing import Any
 
 from .aside import (
     REPLACED_DIR,
+    UNSENT,
     WITHDRAWN_KINDS,
     carry,
     find_whole,
@@ -453,15 +454,7 @@ class _Key:
 def repeated_event(latest: dict[str, Any], *, run_id: str, finished_at: str) -> dict[str, Any]:
     """An ok line recorded again after its lost files were downloaded again: the same
     images, usage and cost, nothing sent (attempts 0: paid.py counts no new payment)."""
-    return {
-        **latest,
-        "run_id": run_id,
-        "attempts": 0,
-        "ambiguous_retries": 0,
-        "rate_limited": 0,
-        "latency_s": 0.0,
-        "finished_at": finished_at,
-    }
+    return {**latest, "run_id": run_id, **UNSENT, "finished_at": finished_at}
 
 
 def _whole_nowhere(out_dir: Path, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
