@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cometbatch import SimConfig, Simulator
-from cometbatch.simstats import SimStats
+from cometbatch.simulator.stats import SimStats
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from _common import finish, median, options, settle, verdict
 
-from cometbatch.ledger import Ledger
-from cometbatch.sink import ImageRecord
+from cometbatch.ledger.writer import Ledger
+from cometbatch.store.sink import ImageRecord
 
 RESULTS = 20_000
 SMOKE_RESULTS = 500

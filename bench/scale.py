@@ -57,8 +57,8 @@ from typing import IO, Any
 from _common import Options, finish, median, options, simulator_process, verdict
 
 from cometbatch import SimConfig
-from cometbatch.manifest import parse_line
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.jobs import parse_line
+from cometbatch.models.registry import ModelRegistry
 from cometbatch.paths import image_relpath
 from cometbatch.plan import plan_job
 
@@ -78,8 +78,8 @@ RUN_ID = "bench0000001"
 STARTUP = """
 import asyncio, json, resource, sys, time
 from pathlib import Path
-from cometbatch.ledger import Ledger
-from cometbatch.verify import ImagePresence
+from cometbatch.ledger.writer import Ledger
+from cometbatch.ledger.verify import ImagePresence
 
 async def main(out):
     cpu = time.process_time()

@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from .engine import Engine
+from .engine.engine import Engine
 from .errors import (
     APIConnectionError,
     APIError,
@@ -37,11 +37,11 @@ from .errors import (
     ServerError,
     UpstreamDownError,
 )
-from .manifest import Job, Manifest, load_manifest
-from .models import ModelRegistry, ModelSpec
+from .manifest.jobs import Job, Manifest, load_manifest
+from .models.registry import ModelRegistry, ModelSpec
 from .results import Result, Summary
 from .settings import Settings
-from .simulator import SimConfig, Simulator
+from .simulator.server import SimConfig, Simulator
 
 __all__ = [
     "APIConnectionError",

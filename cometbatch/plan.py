@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .manifest import Job
-from .models import ModelSpec
+from .manifest.jobs import Job
+from .models.registry import ModelSpec
 
 
 def request_key(job_id: str, chunk: int) -> str:

@@ -6,14 +6,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .answered import Answered
-from .manifest import Job
-from .pace import Pace
+from .manifest.jobs import Job
+from .net.answered import Answered
+from .net.pace import Pace
 from .plan import Request, request_key
-from .sink import ImageRecord
+from .store.sink import ImageRecord
 
 if TYPE_CHECKING:
-    from .budget import Budget
+    from .costs.budget import Budget
 
 # Result statuses. A download that failed after its image was generated (and paid for) is
 # not a failed generation: its URL is kept so the download alone can be tried again.

@@ -17,7 +17,7 @@ from aiohttp import web
 from rich.console import Console
 
 from cometbatch import Engine, Settings, Simulator
-from cometbatch.progress import Mode, ProgressDisplay
+from cometbatch.cli.progress import Mode, ProgressDisplay
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROOT = Path(__file__).resolve().parent.parent

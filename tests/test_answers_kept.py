@@ -18,18 +18,18 @@ from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-from cometbatch.answered import RESPONSE_FIELDS, Answered, answered
-from cometbatch.events import _RESULT_LINE
-from cometbatch.export import export
-from cometbatch.gallery import read_gallery
-from cometbatch.imagegen import make_png
-from cometbatch.models import ModelRegistry
-from cometbatch.retry import make_status_error, parse_error_body
-from cometbatch.simresponse import described
-from cometbatch.simrules import ImageRequest, parse_request
-from cometbatch.state import LedgerState
-from cometbatch.status import read_status
-from cometbatch.verify import verify_folder
+from cometbatch.ledger.events import _RESULT_LINE
+from cometbatch.ledger.index import LedgerState
+from cometbatch.ledger.verify import verify_folder
+from cometbatch.models.registry import ModelRegistry
+from cometbatch.net.answered import RESPONSE_FIELDS, Answered, answered
+from cometbatch.net.retry import make_status_error, parse_error_body
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.simulator.response import described
+from cometbatch.simulator.rules import ImageRequest, parse_request
+from cometbatch.views.export import export
+from cometbatch.views.gallery.content import read_gallery
+from cometbatch.views.status import read_status
 
 KEY = "sk-answers-SECRET-0123456789"
 ROUTE = "/v1/images/generations"

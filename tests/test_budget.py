@@ -15,13 +15,13 @@ from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.budget import Budget, cap_text, earlier_totals, request_cost
+from cometbatch.costs.budget import Budget, cap_text, earlier_totals, request_cost
+from cometbatch.costs.prices import PriceTable, builtin_prices
 from cometbatch.errors import BudgetExceededError
-from cometbatch.events import LEDGER_NAME
-from cometbatch.imagegen import make_png
-from cometbatch.prices import PriceTable, builtin_prices
-from cometbatch.status import read_status
-from cometbatch.verify import verify_folder
+from cometbatch.ledger.events import LEDGER_NAME
+from cometbatch.ledger.verify import verify_folder
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.views.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 # qwen-image at a round $0.25 an image (one image per request, no usage tokens).

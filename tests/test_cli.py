@@ -153,7 +153,7 @@ def test_the_runner_loads_where_there_is_no_sighup() -> None:
     """Where the signal module has no SIGHUP (Windows), the runner loads and stops on the
     signals there are."""
     code = (
-        "import signal; del signal.SIGHUP; import cometbatch.runner as r; "
+        "import signal; del signal.SIGHUP; import cometbatch.cli.runner as r; "
         "print(sorted(s.name for s in r.STOP_SIGNALS))"
     )
     found = subprocess.run(
@@ -330,7 +330,7 @@ def test_an_internal_error_is_one_plain_line(monkeypatch: Any) -> None:
     """An unexpected exception (a bug) is reported in one line with exit 1, not a traceback."""
     from click.testing import CliRunner
 
-    from cometbatch import cli as cli_module
+    from cometbatch.cli import main as cli_module
 
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
@@ -417,7 +417,7 @@ def test_model_override_changes_the_fan_out_and_bad_ones_are_usage_errors(tmp_pa
 
 def test_parse_overrides_reads_json_values_and_plain_strings() -> None:
     """Values that parse as JSON become numbers or lists; anything else stays a string."""
-    from cometbatch.models import parse_overrides
+    from cometbatch.models.registry import parse_overrides
 
     assert parse_overrides(("gpt-image-1.max_n=4", 'my.model.sizes=["512x512"]', "m.name=x")) == {
         "gpt-image-1": {"max_n": 4},
@@ -471,7 +471,7 @@ def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors
 def test_concurrency_fields_map_the_options_to_settings() -> None:
     """auto and --max-concurrency map to their fields; a number is the concurrency; nothing
     given leaves it to the settings (16, or following --rpm/--ipm)."""
-    from cometbatch.cli_options import concurrency_fields as _concurrency_fields
+    from cometbatch.cli.options import concurrency_fields as _concurrency_fields
 
     assert _concurrency_fields("auto", None, None) == {"auto_concurrency": True}
     assert _concurrency_fields("auto", 4, 500) == {

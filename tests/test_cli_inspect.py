@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cometbatch.cli import main
+from cometbatch.cli.main import main
 
 
 @pytest.fixture(scope="module")

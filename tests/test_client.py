@@ -14,7 +14,6 @@ from aiohttp import web
 from pydantic import SecretStr
 from support import Handler, serve
 
-from cometbatch.client import Client, ImagesResponse
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
@@ -32,7 +31,8 @@ from cometbatch.errors import (
     RateLimitError,
     ServerError,
 )
-from cometbatch.retry import possibly_billed
+from cometbatch.net.client import Client, ImagesResponse
+from cometbatch.net.retry import possibly_billed
 from cometbatch.settings import Settings
 
 KEY = "sk-test-SECRET-0123456789"

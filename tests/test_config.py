@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cometbatch.cli import main
-from cometbatch.config import load_config, merge_options, parse_config
+from cometbatch.cli.config import load_config, merge_options, parse_config
+from cometbatch.cli.main import main
 from cometbatch.errors import ConfigError
 
 

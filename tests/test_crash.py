@@ -32,8 +32,8 @@ from aiohttp import web
 from PIL import Image
 
 from cometbatch import SimConfig, Simulator, load_manifest
-from cometbatch.events import LEDGER_NAME, iter_events
-from cometbatch.lock import LOCK_NAME
+from cometbatch.ledger.events import LEDGER_NAME, iter_events
+from cometbatch.ledger.lock import LOCK_NAME
 from cometbatch.paths import EXTENSIONS
 from cometbatch.plan import plan_job
 

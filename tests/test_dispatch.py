@@ -10,8 +10,7 @@ import pytest
 from support import no_sleep
 
 from cometbatch import Job, SimConfig, Simulator
-from cometbatch.client import Client
-from cometbatch.dispatch import Dispatcher, fatal_error, is_fatal
+from cometbatch.engine.dispatch import Dispatcher, fatal_error, is_fatal
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
@@ -23,12 +22,13 @@ from cometbatch.errors import (
     NotFoundError,
     ServerError,
 )
-from cometbatch.limits import Limiter
-from cometbatch.models import ModelRegistry
+from cometbatch.models.registry import ModelRegistry
+from cometbatch.net.client import Client
+from cometbatch.net.limits import Limiter
+from cometbatch.net.retry import RetryPolicy
 from cometbatch.plan import Request, plan_job
 from cometbatch.results import Summary
-from cometbatch.retry import RetryPolicy
-from cometbatch.sink import Sink
+from cometbatch.store.sink import Sink
 
 
 def dispatcher_for(
@@ -213,7 +213,7 @@ async def test_each_retry_is_logged_with_its_job_status_kind_and_wait(
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue("429", "500")
-        with caplog.at_level(logging.INFO, logger="cometbatch.dispatch"):
+        with caplog.at_level(logging.INFO, logger="cometbatch.engine.dispatch"):
             sent = await dispatcher_for(client, limiter, tmp_path).send(one_request())
     assert sent.error is None and sent.rate_limited == 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]

@@ -15,8 +15,8 @@ import click
 import pytest
 
 from cometbatch import Settings, SimConfig, Simulator, load_manifest
-from cometbatch.cli import main
-from cometbatch.config import FileSettings
+from cometbatch.cli.config import FileSettings
+from cometbatch.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -20,12 +20,12 @@ from support import Handler, cli, no_sleep, run_all, serve, settings_for
 from support import ledger_results as results
 
 from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simulator
-from cometbatch.fetch import fetch_pending
-from cometbatch.imagecheck import check_image
-from cometbatch.report import fetch_lines, status_lines, summary_lines
-from cometbatch.resume import LINK_LIFETIME_S, LINK_TRIES, decide
-from cometbatch.state import KeyState
-from cometbatch.status import read_status
+from cometbatch.cli.report import fetch_lines, status_lines, summary_lines
+from cometbatch.engine.fetch import fetch_pending
+from cometbatch.engine.resume import LINK_LIFETIME_S, LINK_TRIES, decide
+from cometbatch.ledger.index import KeyState
+from cometbatch.store.imagecheck import check_image
+from cometbatch.views.status import read_status
 
 
 def sha256(path: Path) -> str:

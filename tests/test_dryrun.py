@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cometbatch import Simulator, load_manifest
-from cometbatch.cli import main
-from cometbatch.prices import PRICES_AS_OF
+from cometbatch.cli.main import main
+from cometbatch.costs.prices import PRICES_AS_OF
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "jobs" / "demo.jsonl"

@@ -21,8 +21,8 @@ from support import ledger_results as results
 from support import no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.imagegen import make_png
-from cometbatch.manifest import Manifest
+from cometbatch.manifest.jobs import Manifest
+from cometbatch.simulator.imagegen import make_png
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "jobs" / "demo.jsonl"

@@ -16,7 +16,8 @@ import pytest
 from support import no_sleep, run_all, settings_for
 
 from cometbatch import ConfigError, Engine, Job, LedgerError, SimConfig, Simulator, load_manifest
-from cometbatch.export import (
+from cometbatch.cli.streams import GuardedStream
+from cometbatch.views.export import (
     CSV_COLUMNS,
     EXPORT_FORMATS,
     JobResults,
@@ -24,8 +25,7 @@ from cometbatch.export import (
     openai_batch_record,
     read_jobs,
 )
-from cometbatch.prompts import PromptFile
-from cometbatch.streams import GuardedStream
+from cometbatch.views.prompts import PromptFile
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = ROOT / "jobs" / "openai-batch.jsonl"

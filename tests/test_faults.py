@@ -28,8 +28,8 @@ from cometbatch import (
     Simulator,
     UpstreamDownError,
 )
-from cometbatch.client import Client
-from cometbatch.simrules import DOWNLOAD_FAULTS, FAULTS
+from cometbatch.net.client import Client
+from cometbatch.simulator.rules import DOWNLOAD_FAULTS, FAULTS
 
 RETRY_AFTER = 2.5
 BACKOFF_BASE = Settings().backoff_base

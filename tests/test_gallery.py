@@ -14,7 +14,7 @@ import pytest
 from support import no_sleep, run_all, settings_for
 
 from cometbatch import Engine, LedgerError, SimConfig, Simulator, load_manifest
-from cometbatch.gallery import (
+from cometbatch.views.gallery.content import (
     bucket_series,
     build_gallery,
     read_gallery,
@@ -377,7 +377,7 @@ async def test_ten_thousand_images_stay_usable_in_chromium(chromium: str, tmp_pa
     """With 10,000 images only those in view load, a filter applies, scrolling loads the rest."""
     from playwright.async_api import async_playwright
 
-    from cometbatch.imagegen import make_png
+    from cometbatch.simulator.imagegen import make_png
 
     out = tmp_path / "out"
     pictures = [make_png(64, 48, seed) for seed in range(8)]

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from support import ledger_results, no_sleep, run_all
 
 from cometbatch import Engine, Settings
-from cometbatch.client import Client, ImagesResponse
 from cometbatch.errors import (
     APIError,
     APIResponseError,
@@ -34,14 +33,15 @@ from cometbatch.errors import (
     ManifestError,
     ServerError,
 )
-from cometbatch.imagegen import make_png
-from cometbatch.lineshapes import SDK_FIELDS
-from cometbatch.manifest import MAX_N, MAX_NESTING, Job, folder_key, load_manifest, parse_line
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.jobs import MAX_N, MAX_NESTING, Job, folder_key, load_manifest, parse_line
+from cometbatch.manifest.lineshapes import SDK_FIELDS
+from cometbatch.models.registry import ModelRegistry
+from cometbatch.net.client import Client, ImagesResponse
+from cometbatch.net.retry import make_status_error, parse_error_body, parse_retry_after
 from cometbatch.paths import image_relpath, safe_component
 from cometbatch.plan import plan_job
-from cometbatch.retry import make_status_error, parse_error_body, parse_retry_after
-from cometbatch.sink import decode_b64, detect_format
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.store.sink import decode_b64, detect_format
 
 REGISTRY = ModelRegistry()
 KEY = "sk-hostile-SECRET-0123456789"

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from cometbatch.errors import ImageDataError
-from cometbatch.imagecheck import check_image, detect_format
-from cometbatch.imagegen import make_image, make_png, png_of_size
+from cometbatch.simulator.imagegen import make_image, make_png, png_of_size
+from cometbatch.store.imagecheck import check_image, detect_format
 
 
 def pillow(fmt: str, mode: str = "RGB", size: tuple[int, int] = (40, 30), **options: Any) -> bytes:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from cometbatch import ConfigError, Job, ManifestError, load_manifest
-from cometbatch.inputs import CsvJobs, TextPrompts, input_format
-from cometbatch.manifest import JobDefaults, Manifest, job_from_data, parse_line
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.inputs import CsvJobs, TextPrompts, input_format
+from cometbatch.manifest.jobs import JobDefaults, Manifest, job_from_data, parse_line
+from cometbatch.models.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ModelRegistry()

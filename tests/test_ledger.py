@@ -23,14 +23,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cometbatch import events
 from cometbatch.errors import LedgerError, OutputError
-from cometbatch.events import LEDGER_NAME, iter_events, repair_tail
-from cometbatch.ledger import Ledger
-from cometbatch.lock import LOCK_NAME, FolderLock
+from cometbatch.ledger import events
+from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
+from cometbatch.ledger.index import KeyState, LedgerState
+from cometbatch.ledger.lock import LOCK_NAME, FolderLock
+from cometbatch.ledger.writer import Ledger
 from cometbatch.settings import FsyncPolicy
-from cometbatch.sink import ImageRecord
-from cometbatch.state import KeyState, LedgerState
+from cometbatch.store.sink import ImageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef" * 4
@@ -171,9 +171,9 @@ def test_result_missing_fields_names_the_line(tmp_path: Path) -> None:
 
 def every_reader(out: Path) -> list[tuple[str, Callable[[], object]]]:
     """Each reader of OUT's ledger, by name: what a damaged line must fail alike."""
-    from cometbatch.export import read_jobs
-    from cometbatch.gallery import read_gallery
-    from cometbatch.status import read_status
+    from cometbatch.views.export import read_jobs
+    from cometbatch.views.gallery.content import read_gallery
+    from cometbatch.views.status import read_status
 
     path = out / LEDGER_NAME
     return [
@@ -639,7 +639,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import sys, time
-        from cometbatch.lock import FolderLock
+        from cometbatch.ledger.lock import FolderLock
         FolderLock(sys.argv[1]).acquire()
         print("locked", flush=True)
         time.sleep(600)
@@ -866,13 +866,13 @@ def test_a_ledger_in_this_packages_shape_loads_compactly(
 
 def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
     """A Result's ledger line, with its 429 count, cost and answer, matches the fast pattern."""
-    from cometbatch.answered import Answered
-    from cometbatch.ledger import _encode
-    from cometbatch.manifest import Job
-    from cometbatch.models import ModelRegistry
+    from cometbatch.ledger.writer import _encode
+    from cometbatch.manifest.jobs import Job
+    from cometbatch.models.registry import ModelRegistry
+    from cometbatch.net.answered import Answered
     from cometbatch.plan import plan_job
     from cometbatch.results import Result
-    from cometbatch.sink import ImageRecord
+    from cometbatch.store.sink import ImageRecord
 
     job = Job(id="fast", prompt="p", model="dall-e-3", metadata={"sku": "A-1"})
     (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))

@@ -14,7 +14,7 @@ import pytest
 from aiolimiter import AsyncLimiter
 
 from cometbatch.errors import ConfigError, UpstreamDownError
-from cometbatch.limits import Limiter
+from cometbatch.net.limits import Limiter
 from cometbatch.settings import Settings
 
 T = TypeVar("T")

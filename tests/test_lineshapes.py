@@ -12,8 +12,8 @@ import pytest
 from support import ROOT, cli_bytes
 
 from cometbatch import ManifestError, SimConfig, Simulator, load_manifest
-from cometbatch.manifest import parse_line
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.jobs import parse_line
+from cometbatch.models.registry import ModelRegistry
 
 REGISTRY = ModelRegistry()
 

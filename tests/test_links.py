@@ -9,9 +9,9 @@ from support import no_sleep, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.errors import OutputError
-from cometbatch.gallery import write_gallery
-from cometbatch.imagegen import make_png
 from cometbatch.paths import unlinked
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.views.gallery.content import write_gallery
 
 JOBS = [Job(id="a", prompt="a fox", model="dall-e-3"), Job(id="b", prompt="a bird")]
 
@@ -44,7 +44,7 @@ async def test_a_run_refuses_a_linked_folder_under_out_and_writes_nothing_throug
 
 async def test_a_link_made_while_a_sink_writes_is_not_followed(tmp_path: Path) -> None:
     """The check is where the folder is made too: a link planted after the start is refused."""
-    from cometbatch.sink import Sink
+    from cometbatch.store.sink import Sink
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

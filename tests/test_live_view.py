@@ -11,11 +11,11 @@ from rich.cells import cell_len
 from rich.console import Console
 from support import show_progress
 
-from cometbatch.limits import Limiter
-from cometbatch.pace import Pace
-from cometbatch.progress import LiveView
+from cometbatch.cli.progress import LiveView
+from cometbatch.cli.snapshot import Snapshot
+from cometbatch.net.limits import Limiter
+from cometbatch.net.pace import Pace
 from cometbatch.results import Summary
-from cometbatch.snapshot import Snapshot
 
 PACE = Pace(
     requests_per_min=590.0,

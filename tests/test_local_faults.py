@@ -24,8 +24,8 @@ from PIL import Image
 from support import no_sleep, serve, settings_for
 
 from cometbatch import Engine, Job, OutputError, Settings, SimConfig, Simulator
-from cometbatch.imagegen import make_png
-from cometbatch.ledger import Ledger
+from cometbatch.ledger.writer import Ledger
+from cometbatch.simulator.imagegen import make_png
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -517,7 +517,9 @@ async def test_a_read_only_ledger_refuses_the_run_before_anything_is_sent(
             await run_jobs(sim, out, JOBS)
     if how == "read-only-folder-mount":
         # The folder lock is the first thing written, so the message names the folder.
-        expected = f"cannot use {out} as the output folder: {EROFS} ({out / '.cometbatch.lock'})"
+        expected = (
+            f"cannot use {out} as the output folder: {EROFS} ({out / '.cometbatch.ledger.lock'})"
+        )
     else:
         reason = EROFS if how.startswith("read-only") else EACCES
         expected = f"cannot open the ledger {ledger}: {reason}"
@@ -559,7 +561,7 @@ async def test_an_unreadable_images_folder_is_a_clear_error_at_the_start(
 CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); import test_local_faults as faults; "
     "faults.install(sys.argv.pop(1), sys.argv.pop(1), setattr); "
-    "from cometbatch.cli import main; main(prog_name='cometbatch')"
+    "from cometbatch.cli.main import main; main(prog_name='cometbatch')"
 )
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from cometbatch import Job, ManifestError, load_manifest
-from cometbatch.manifest import JobDefaults, _DigestSet, parse_line
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.jobs import JobDefaults, _DigestSet, parse_line
+from cometbatch.models.registry import ModelRegistry
 
 REGISTRY = ModelRegistry()
 
@@ -269,7 +269,7 @@ def test_digest_set_holds_every_digest_once() -> None:
 def test_the_id_table_grows_finds_repeats_and_gives_its_memory_back() -> None:
     """The duplicate-id table keeps every digest across growth, refuses a repeat, and unmaps
     its memory when closed (its own map, not the heap: see _zeroed_table)."""
-    from cometbatch.manifest import _DigestSet
+    from cometbatch.manifest.jobs import _DigestSet
 
     rng = random.Random(3)
     digests = [rng.getrandbits(64) for _ in range(5_000)]

@@ -25,10 +25,10 @@ from cometbatch import (
     Simulator,
     load_manifest,
 )
-from cometbatch.budget import PlanFit
-from cometbatch.cli import main
-from cometbatch.origin import other_manifest
-from cometbatch.report import fit_lines, summary_lines
+from cometbatch.cli.main import main
+from cometbatch.cli.report import fit_lines, summary_lines
+from cometbatch.costs.budget import PlanFit
+from cometbatch.engine.origin import other_manifest
 from cometbatch.results import Summary
 from cometbatch.validation import first_problem, plain_message, problems
 

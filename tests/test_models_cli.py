@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cometbatch import Engine, Settings
-from cometbatch.cli import main
-from cometbatch.models import ModelRegistry
-from cometbatch.simrules import ApiFailure, ImageRequest, parse_request
+from cometbatch.cli.main import main
+from cometbatch.models.registry import ModelRegistry
+from cometbatch.simulator.rules import ApiFailure, ImageRequest, parse_request
 
 UNKNOWN_WARNING = "not in cometbatch's registry"
 

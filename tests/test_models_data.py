@@ -13,8 +13,8 @@ import pytest
 
 from cometbatch import Job
 from cometbatch.errors import CapabilityError, ConfigError, ModelsError
-from cometbatch.modeldata import builtin_catalog, load_catalog
-from cometbatch.models import (
+from cometbatch.models.data import builtin_catalog, load_catalog
+from cometbatch.models.registry import (
     BUILTIN_MODELS,
     ModelRegistry,
     ModelSpec,
@@ -22,8 +22,8 @@ from cometbatch.models import (
     load_registry,
     recorded_registry,
 )
+from cometbatch.models.sizes import SizeRule, parse_size
 from cometbatch.plan import plan_job
-from cometbatch.sizes import SizeRule, parse_size
 
 REGISTRY = ModelRegistry()
 GPT_IMAGE_2 = ("gpt-image-2", "gpt-image-2-2026-04-21", "gpt-image-2.6-flare")
@@ -113,7 +113,8 @@ def test_every_entry_says_where_its_rules_come_from_and_when() -> None:
 def test_importing_cometbatch_reads_no_model_data() -> None:
     """The data file is read on first use, not when the package is imported."""
     code = (
-        "import cometbatch, cometbatch.cli, cometbatch.models, cometbatch.modeldata as d\n"
+        "import cometbatch, cometbatch.cli.main, cometbatch.models.registry\n"
+        "import cometbatch.models.data as d\n"
         "print(d.builtin_catalog.cache_info().currsize, d._builtin_raw.cache_info().currsize)\n"
     )
     shown = subprocess.run(

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from cometbatch.pace import Cause, Pace, PaceMeter, cause_of, main_cause
+from cometbatch.net.pace import Cause, Pace, PaceMeter, cause_of, main_cause
 
 
 def pace(**fields: object) -> Pace:

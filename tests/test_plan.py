@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cometbatch import Job
-from cometbatch.models import ModelRegistry
+from cometbatch.models.registry import ModelRegistry
 from cometbatch.plan import Request, chunk_sizes, fingerprint, plan_job
 
 REGISTRY = ModelRegistry()

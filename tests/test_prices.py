@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 
 from cometbatch import ConfigError, Job, PricesError
-from cometbatch.models import BUILTIN_MODELS, ModelRegistry
-from cometbatch.plan import plan_job
-from cometbatch.prices import (
+from cometbatch.costs.prices import (
     PRICES_AS_OF,
     CostEstimate,
     actual,
@@ -23,9 +21,11 @@ from cometbatch.prices import (
     spent,
     usage_cost,
 )
+from cometbatch.models.registry import BUILTIN_MODELS, ModelRegistry
+from cometbatch.plan import plan_job
 from cometbatch.results import PendingDownload, Result
-from cometbatch.simrules import ImageRequest, usage_for
-from cometbatch.sink import ImageRecord
+from cometbatch.simulator.rules import ImageRequest, usage_for
+from cometbatch.store.sink import ImageRecord
 
 PRICES = builtin_prices()
 
@@ -93,7 +93,7 @@ def test_every_builtin_model_size_and_quality_has_a_price() -> None:
 
 def test_the_date_is_the_files_newest_and_is_shown() -> None:
     """PRICES_AS_OF is the newest entry date in prices.toml, and the description names it."""
-    text = (Path(__file__).parent.parent / "cometbatch" / "prices.toml").read_text()
+    text = (Path(__file__).parent.parent / "cometbatch" / "costs" / "prices.toml").read_text()
     dates = [entry["as_of"] for entry in tomllib.loads(text)["models"].values()]
     assert max(dates) == PRICES_AS_OF
     assert PRICES.as_of == PRICES_AS_OF

@@ -13,9 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cometbatch import Job, PricesError
-from cometbatch.cli import main
-from cometbatch.plan import Request
-from cometbatch.prices import (
+from cometbatch.cli.main import main
+from cometbatch.costs.prices import (
     PRICES_AS_OF,
     CostEstimate,
     TokenRates,
@@ -25,9 +24,10 @@ from cometbatch.prices import (
     load_prices,
     usage_cost,
 )
+from cometbatch.plan import Request
 
 PRICES = builtin_prices()
-PRICE_FILE = Path(__file__).parent.parent / "cometbatch" / "prices.toml"
+PRICE_FILE = Path(__file__).parent.parent / "cometbatch" / "costs" / "prices.toml"
 GPT_IMAGE_2 = ("gpt-image-2", "gpt-image-2-2026-04-21")
 # 1536x864 (16:9) is not listed: priced from 1536x1024, the listed size closest in shape.
 WIDE = 1536 * 864 / (1536 * 1024)

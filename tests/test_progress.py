@@ -12,19 +12,19 @@ import pytest
 from rich.console import Console
 from support import show_progress
 
-from cometbatch.engine import Engine
-from cometbatch.limits import Limiter
-from cometbatch.pace import Pace
-from cometbatch.progress import (
+from cometbatch.cli.progress import (
     ProgressDisplay,
     RateMeter,
     choose_mode,
     make_console,
     wants_no_color,
 )
+from cometbatch.cli.snapshot import Snapshot, eta_text
+from cometbatch.cli.streams import GuardedStream, stream_gone
+from cometbatch.engine.engine import Engine
+from cometbatch.net.limits import Limiter
+from cometbatch.net.pace import Pace
 from cometbatch.results import Summary
-from cometbatch.snapshot import Snapshot, eta_text
-from cometbatch.streams import GuardedStream, stream_gone
 
 
 def snap(**fields: object) -> Snapshot:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cometbatch.resume import Verdict, decide
-from cometbatch.state import KeyState
+from cometbatch.engine.resume import Verdict, decide
+from cometbatch.ledger.index import KeyState
 
 FP, OTHER = "a" * 16, "b" * 16
 

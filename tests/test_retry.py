@@ -24,7 +24,7 @@ from cometbatch.errors import (
     RateLimitError,
     ServerError,
 )
-from cometbatch.retry import (
+from cometbatch.net.retry import (
     RetryPolicy,
     backoff,
     classify_status,

@@ -34,7 +34,6 @@ from pydantic import SecretStr
 from support import Handler, no_sleep, serve
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.client import Client
 from cometbatch.errors import (
     APIError,
     AuthenticationError,
@@ -43,11 +42,12 @@ from cometbatch.errors import (
     IncompatibleAPIError,
     ManifestError,
 )
-from cometbatch.imagegen import make_png
-from cometbatch.ledger import Ledger
-from cometbatch.limits import Limiter
-from cometbatch.lock import LOCK_NAME
-from cometbatch.sink import Sink
+from cometbatch.ledger.lock import LOCK_NAME
+from cometbatch.ledger.writer import Ledger
+from cometbatch.net.client import Client
+from cometbatch.net.limits import Limiter
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.store.sink import Sink
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/images/generations"
@@ -905,7 +905,7 @@ socket.create_connection = tripwire
 aiohttp.ClientSession = tripwire
 aiohttp.TCPConnector = tripwire
 
-from cometbatch.cli import main
+from cometbatch.cli.main import main
 
 main()
 """

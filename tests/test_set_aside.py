@@ -17,11 +17,11 @@ import pytest
 from support import ledger_results, no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, SimConfig, Simulator
-from cometbatch.aside import REPLACED_DIR, put_back, set_aside
-from cometbatch.events import LEDGER_NAME, iter_events
-from cometbatch.state import LedgerState
-from cometbatch.status import read_status
-from cometbatch.verify import ImagePresence
+from cometbatch.ledger.events import LEDGER_NAME, iter_events
+from cometbatch.ledger.index import LedgerState
+from cometbatch.ledger.verify import ImagePresence
+from cometbatch.store.setaside import REPLACED_DIR, put_back, set_aside
+from cometbatch.views.status import read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL = Job(id="c", prompt="one", model="gpt-image-1", n=2)
@@ -33,9 +33,9 @@ CHANGED = ORIGINAL.model_copy(update={"prompt": "two"})
 CHILD = textwrap.dedent(
     """
     import asyncio, os, signal, sys
-    import cometbatch.sender as sender
+    import cometbatch.engine.sender as sender
     from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-    from cometbatch.dispatch import Dispatcher
+    from cometbatch.engine.dispatch import Dispatcher
 
     out, point = sys.argv[1], sys.argv[2]
 

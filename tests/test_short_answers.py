@@ -19,17 +19,17 @@ from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-from cometbatch.budget import earlier_totals
-from cometbatch.dispatch import Dispatcher
-from cometbatch.export import export
-from cometbatch.forecast import forecast, ledger_verdicts
-from cometbatch.gallery import read_gallery
-from cometbatch.imagegen import make_png
-from cometbatch.models import ModelRegistry
+from cometbatch.costs.budget import earlier_totals
+from cometbatch.costs.prices import builtin_prices
+from cometbatch.engine.dispatch import Dispatcher
+from cometbatch.engine.forecast import forecast, ledger_verdicts
+from cometbatch.ledger.index import LedgerState
+from cometbatch.models.registry import ModelRegistry
 from cometbatch.plan import plan_job, remainder
-from cometbatch.prices import builtin_prices
-from cometbatch.state import LedgerState
-from cometbatch.status import read_status
+from cometbatch.simulator.imagegen import make_png
+from cometbatch.views.export import export
+from cometbatch.views.gallery.content import read_gallery
+from cometbatch.views.status import read_status
 
 # 420 images in requests of 2 to 10 (dall-e-2 takes up to 10 per request).
 SIZES = [2, 3, 4, 5, 6, 7, 8, 9, 10] * 7 + [10, 10, 10, 10, 2]

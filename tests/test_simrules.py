@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from cometbatch.models import ModelRegistry
-from cometbatch.simrules import (
+from cometbatch.models.registry import ModelRegistry
+from cometbatch.simulator.rules import (
     DOWNLOAD_FAULTS,
     FAULTS,
     SHAPING_FAULTS,
@@ -217,6 +217,6 @@ def test_fault_names_are_unique_and_grouped() -> None:
 
 def test_huge_downloads_exceed_the_default_download_cap() -> None:
     """By default a "download-huge" answer is just over the client's 64 MiB cap."""
-    from cometbatch.client import DEFAULT_MAX_DOWNLOAD_BYTES
+    from cometbatch.net.client import DEFAULT_MAX_DOWNLOAD_BYTES
 
     assert SimConfig().huge_download_bytes == DEFAULT_MAX_DOWNLOAD_BYTES + 1

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-from cometbatch import sink as sink_module
 from cometbatch.errors import ImageDataError
-from cometbatch.imagecheck import check_image
-from cometbatch.sink import ImageRecord, Sink, decode_b64, detect_format
+from cometbatch.store import sink as sink_module
+from cometbatch.store.imagecheck import check_image
+from cometbatch.store.sink import ImageRecord, Sink, decode_b64, detect_format
 
 
 def make_image(fmt: str, size: tuple[int, int] = (4, 4)) -> bytes:

@@ -13,8 +13,8 @@ import yaml
 
 from cometbatch import load_manifest
 from cometbatch.errors import CapabilityError
-from cometbatch.manifest import Job
-from cometbatch.models import ModelRegistry
+from cometbatch.manifest.jobs import Job
+from cometbatch.models.registry import ModelRegistry
 from cometbatch.plan import plan_job
 
 ROOT = Path(__file__).resolve().parent.parent

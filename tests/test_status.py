@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cometbatch import LedgerError
-from cometbatch.status import read_status
+from cometbatch.views.status import read_status
 
 
 def result(key: str, status: str, model: str = "dall-e-3", n: int = 1, **extra: Any) -> str:
@@ -106,7 +106,7 @@ def test_status_json_of_a_finished_folder(tmp_path: Path) -> None:
     """After a complete run: every job done, nothing pending, state finished, spend counted."""
     from click.testing import CliRunner
 
-    from cometbatch.cli import main
+    from cometbatch.cli.main import main
 
     manifest = manifest_of(tmp_path / "m.jsonl", 6, model="gpt-image-1")
     out = tmp_path / "out"
@@ -158,7 +158,7 @@ async def test_status_json_of_a_running_folder(tmp_path: Path) -> None:
     from support import settings_for
 
     from cometbatch import Engine, Simulator, load_manifest
-    from cometbatch.simulator import SimConfig
+    from cometbatch.simulator.server import SimConfig
 
     manifest = load_manifest(manifest_of(tmp_path / "m.jsonl", 6))
     out = tmp_path / "out"
@@ -195,7 +195,7 @@ async def test_a_txt_run_with_job_defaults_has_known_pending_work(tmp_path: Path
     from support import no_sleep, settings_for
 
     from cometbatch import Engine, SimConfig, Simulator, load_manifest
-    from cometbatch.gallery import read_gallery
+    from cometbatch.views.gallery.content import read_gallery
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue bird\na green frog\n")
@@ -220,20 +220,20 @@ def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
     import os
     import socket
 
-    from cometbatch.holder import run_state
+    from cometbatch.ledger.liverun import run_state
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     info = {"pid": int(gone.stdout), "host": socket.gethostname(), "started_at": "t"}
-    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=False, interrupted=False)[0] == "crashed"
     info["pid"] = os.getpid()
-    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=True, interrupted=False)[0] == "running"
     info["host"] = "elsewhere.invalid"
-    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=False, interrupted=False)[0] == "unknown"
-    (tmp_path / ".cometbatch.lock").write_text("")
+    (tmp_path / ".cometbatch.ledger.lock").write_text("")
     assert run_state(tmp_path, ended=True, interrupted=True)[0] == "interrupted"
 
 
@@ -243,10 +243,10 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_reads_as_crashed(tmp_pa
     not running; a lock held now reads as running."""
     import os
 
-    from cometbatch.holder import run_state
-    from cometbatch.lock import LOCK_NAME, FolderLock
+    from cometbatch.ledger.liverun import run_state
+    from cometbatch.ledger.lock import LOCK_NAME, FolderLock
 
-    killed = "import os, sys; from cometbatch.lock import FolderLock; "
+    killed = "import os, sys; from cometbatch.ledger.lock import FolderLock; "
     killed += "FolderLock(sys.argv[1]).acquire(); os._exit(9)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     died = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], env=env)
@@ -290,7 +290,7 @@ async def test_after_lowering_n_status_and_export_count_only_the_manifests_image
     from support import no_sleep, settings_for
 
     from cometbatch import Engine, SimConfig, Simulator, load_manifest
-    from cometbatch.export import export
+    from cometbatch.views.export import export
 
     manifest = tmp_path / "m.jsonl"
     out = tmp_path / "out"
@@ -323,7 +323,7 @@ async def test_after_lowering_n_status_and_export_count_only_the_manifests_image
 def test_odd_types_in_run_and_end_lines_are_read_as_unknown(tmp_path: Path) -> None:
     """Hand-edited run and end lines with values of other types: status still reads the
     folder, with pending unknown, instead of failing."""
-    from cometbatch.report import status_lines
+    from cometbatch.cli.report import status_lines
 
     run = {"event": "run", "started_at": 5, "settings": [], "manifest": ["x"], "defaults": 1}
     end = {"event": "end", "finished_at": ["t"], "summary": ["interrupted"]}
@@ -360,7 +360,7 @@ async def test_status_from_another_folder_finds_the_manifest_and_its_pending_wor
     from support import no_sleep, run_all, settings_for
 
     from cometbatch import Engine, SimConfig, Simulator, load_manifest
-    from cometbatch.export import read_jobs
+    from cometbatch.views.export import read_jobs
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "jobs").mkdir(parents=True)

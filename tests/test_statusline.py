@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cometbatch.statusline import Part, fit, join
+from cometbatch.cli.statusline import Part, fit, join
 
 PARTS = (
     Part("images 35/60", rank=0),

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from support import ROOT, Handler, cli_bytes, serve
 
-from cometbatch.imagegen import make_png
+from cometbatch.simulator.imagegen import make_png
 from cometbatch.textsafe import PrintableFormatter, printable, safe_json, storable
 
 ROUTE = "/v1/images/generations"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cometbatch.throttle import (
+from cometbatch.net.throttle import (
     AimdLimit,
     AutoLimit,
     RateLimit,

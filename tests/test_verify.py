@@ -16,12 +16,12 @@ import pytest
 from support import cli, ledger_results, no_sleep, run_all, settings_for
 
 from cometbatch import Engine, Job, Result, SimConfig, Simulator, Summary
-from cometbatch.lock import FolderLock
-from cometbatch.paid import Payments
-from cometbatch.report import summary_lines
-from cometbatch.resume import LINK_LIFETIME_S, decide
-from cometbatch.state import KeyState
-from cometbatch.verify import ImagePresence, verify_folder
+from cometbatch.cli.report import summary_lines
+from cometbatch.costs.paid import Payments
+from cometbatch.engine.resume import LINK_LIFETIME_S, decide
+from cometbatch.ledger.index import KeyState
+from cometbatch.ledger.lock import FolderLock
+from cometbatch.ledger.verify import ImagePresence, verify_folder
 
 JOBS = [
     Job(id="a", prompt="a red fox", model="gpt-image-1", n=2),

@@ -1,0 +1,1 @@
+"""The command line: commands, options, the live display and the settings file."""

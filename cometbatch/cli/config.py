@@ -1,0 +1,237 @@
+"""Defaults from a file: `cometbatch.toml`, or `[tool.cometbatch]` in `pyproject.toml`.
+
+The file holds what would otherwise be typed on every command line (base URL, limits, job
+defaults, a models file, per-model overrides, prices). Flags override it; the key never comes
+from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..costs.prices import PriceTable, builtin_prices, load_prices
+from ..errors import ConfigError
+from ..models.datafile import read_data_file
+from ..settings import KEY_ENV, concurrency_mode
+from ..validation import first_problem
+
+CONFIG_NAME = "cometbatch.toml"
+PYPROJECT_NAME = "pyproject.toml"
+
+# Names that would hold a secret: refused outright, whatever their value.
+_KEY_NAMES = frozenset({"api_key", "apikey", "key", "cometapi_key", "token", "secret", "password"})
+
+
+class FileSettings(BaseModel):
+    """What the file may set; the names are the `run` options' (and Settings fields')."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    base_url: str | None = None
+    concurrency: int | Literal["auto"] | None = Field(default=None)
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    min_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    rpm: float | None = Field(default=None, ge=1)
+    ipm: float | None = Field(default=None, ge=1)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    timeout: float | None = Field(default=None, ge=1)
+    retry_ambiguous: bool | None = None
+    fsync: Literal["end", "batch", "always"] | None = None
+    max_images: int | None = Field(default=None, ge=1)
+    max_cost: float | None = Field(default=None, gt=0)
+    # Job defaults, as --model, --size and --n.
+    model: str | None = None
+    size: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    # Settings without a flag of their own.
+    connect_timeout: float | None = Field(default=None, gt=0)
+    download_timeout: float | None = Field(default=None, gt=0)
+    max_download_bytes: int | None = Field(default=None, gt=0)
+    max_response_bytes: int | None = Field(default=None, gt=0)
+    max_retry_after: float | None = Field(default=None, ge=0)
+    backoff_base: float | None = Field(default=None, gt=0)
+    backoff_max: float | None = Field(default=None, gt=0)
+    outage_limit: float | None = Field(default=None, gt=0)
+    grace_period: float | None = Field(default=None, ge=0)
+    # A price file (relative to this file) or a table of the price file's shape.
+    prices: str | dict[str, Any] | None = None
+    # A models file (relative to this file), as --models: merged over the built-in models.
+    models_file: str | None = None
+    # [models.NAME]: per-model capability overrides, as --model-override NAME.FIELD=VALUE.
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+# Settings fields the file sets directly (the rest go through the run options).
+SETTINGS_ONLY = (
+    "connect_timeout",
+    "download_timeout",
+    "max_download_bytes",
+    "max_response_bytes",
+    "max_retry_after",
+    "backoff_base",
+    "backoff_max",
+    "outage_limit",
+    "grace_period",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """The settings a file gave (only those it set), and where they came from."""
+
+    source: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> Any:
+        """A value the file set, or None."""
+        return self.values.get(name)
+
+    def prices(self) -> PriceTable:
+        """The built-in prices with the file's own merged over them."""
+        given = self.values.get("prices")
+        if given is None:
+            return builtin_prices()
+        assert self.source is not None
+        if isinstance(given, str):
+            return load_prices(Path(self.source).parent / given)
+        return builtin_prices().merged(given, source=f"{self.source} [prices]")
+
+    def models_file(self) -> Path | None:
+        """The file's models file, relative to the file itself; None when it names none."""
+        given = self.values.get("models_file")
+        if given is None:
+            return None
+        assert self.source is not None
+        return Path(self.source).parent / str(given)
+
+
+def _refuse_keys(data: Mapping[str, Any], source: str, where: str = "") -> None:
+    """Refuse anything that names or looks like an API key, without repeating its value."""
+    for name, value in data.items():
+        path = f"{where}{name}"
+        lowered = str(name).lower().replace("-", "_")
+        if lowered in _KEY_NAMES or lowered.endswith("_key"):
+            raise ConfigError(
+                f"{source}: {path!r}: the API key is never read from a file; set {KEY_ENV} in "
+                "the environment instead (and remove it from the file)"
+            )
+        if isinstance(value, str) and value.strip().startswith("sk-"):
+            raise ConfigError(
+                f"{source}: {path!r} looks like an API key; keys are never read from a file: "
+                f"set {KEY_ENV} in the environment instead (and remove it from the file)"
+            )
+        if isinstance(value, Mapping) and path != "prices":
+            _refuse_keys(value, source, f"{path}.")
+
+
+def _problem(exc: ValidationError, source: str) -> ConfigError:
+    """The first validation problem as one line naming the file and the key."""
+    first = first_problem(exc)
+    loc = first.where.split(".") if first.where else []
+    # A value that may be one of several types reports each branch (concurrency.int): name
+    # the key itself, or the model of a [models.NAME] table.
+    key = ".".join(loc[:2]) if loc[:1] == ["models"] else (loc[0] if loc else "")
+    if first.kind == "extra_forbidden":
+        close = difflib.get_close_matches(key, FileSettings.model_fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"{source}: unknown setting {key!r}{hint}")
+    message = first.message
+    if key == "concurrency":
+        message = "should be a whole number or 'auto'"
+    return ConfigError(f"{source}: {key!r}: {message}")
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> FileConfig:
+    """Validate a config table (a TOML document or `[tool.cometbatch]`); ConfigError if bad."""
+    _refuse_keys(data, source)
+    try:
+        parsed = FileSettings.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _problem(exc, source) from None
+    return FileConfig(source, parsed.model_dump(exclude_unset=True))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = read_data_file(path, lambda reason: ConfigError(f"{path}: {reason}"))
+    return data
+
+
+def _tool_table(data: dict[str, Any]) -> Any:
+    tool = data.get("tool")
+    return tool.get("cometbatch") if isinstance(tool, dict) else None
+
+
+def load_config(path: str | Path | None = None, *, cwd: str | Path = ".") -> FileConfig:
+    """The config from `path`, else from `cometbatch.toml` or `pyproject.toml`'s
+    `[tool.cometbatch]` in `cwd`; an empty FileConfig when there is none."""
+    if path is not None:
+        given = Path(path)
+        data = _read_toml(given)
+        if given.name == PYPROJECT_NAME:
+            table = _tool_table(data)
+            if not isinstance(table, dict):
+                raise ConfigError(f"{given}: has no [tool.cometbatch] table")
+            return parse_config(table, f"{given} [tool.cometbatch]")
+        return parse_config(data, str(given))
+    folder = Path(cwd)
+    own = folder / CONFIG_NAME
+    if own.is_file():
+        return parse_config(_read_toml(own), str(own))
+    pyproject = folder / PYPROJECT_NAME
+    if pyproject.is_file():
+        table = _tool_table(_read_toml(pyproject))
+        if table is not None:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{pyproject}: [tool.cometbatch] must be a table")
+            return parse_config(table, f"{pyproject} [tool.cometbatch]")
+    return FileConfig()
+
+
+def merge_options(
+    flags: Mapping[str, Any], given: set[str], config: FileConfig, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """The run options after the file: a flag given on the command line wins, then the
+    environment (COMETAPI_BASE_URL for the base URL), then the file, then the default."""
+    merged = dict(flags)
+    for name, value in config.values.items():
+        if name in ("models", "models_file", "prices", *SETTINGS_ONLY) or name not in merged:
+            continue
+        if name in given:
+            continue
+        if name == "base_url" and environ.get("COMETAPI_BASE_URL"):
+            continue
+        merged[name] = value
+    concurrency = merged.get("concurrency")
+    auto = concurrency == "auto"
+    rate = merged.get("rpm") is not None or merged.get("ipm") is not None
+    fixed = concurrency_mode(None if auto else concurrency, auto, rate) == "fixed"
+    if fixed and "max_concurrency" in merged:
+        # A fixed concurrency is its own maximum, and without a rate there is no level to
+        # bound: the file's bound is moot (a --max-concurrency flag still says so).
+        merged["max_concurrency"] = flags.get("max_concurrency")
+    if "retry_ambiguous" in config.values and "no_retry_ambiguous" not in given:
+        merged["no_retry_ambiguous"] = not config.values["retry_ambiguous"]
+    return merged
+
+
+def model_overrides(
+    config: FileConfig, flags: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per-model overrides: the file's `[models.NAME]` tables, each field replaced by a flag's."""
+    merged: dict[str, dict[str, Any]] = {
+        name: dict(fields) for name, fields in config.values.get("models", {}).items()
+    }
+    for name, fields in flags.items():
+        merged.setdefault(name, {}).update(fields)
+    return merged
+
+
+def settings_fields(config: FileConfig) -> dict[str, Any]:
+    """The Settings fields the file sets that have no run option of their own."""
+    return {name: config.values[name] for name in SETTINGS_ONLY if name in config.values}

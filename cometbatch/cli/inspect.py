@@ -1,0 +1,196 @@
+"""Commands that read an output folder or the registry: status, gallery, export, verify, models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..costs.prices import load_prices
+from ..errors import CometBatchError
+from ..ledger.verify import report_lines, verify_folder
+from ..models.registry import load_registry
+from ..textsafe import printable
+from ..views.export import EXPORT_FORMATS
+from ..views.export import export as export_ledger
+from ..views.gallery.content import write_gallery
+from ..views.status import read_status
+from .config import load_config, model_overrides
+from .options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    fail,
+    internal_error,
+    reported_errors,
+    say,
+    setup_logging,
+)
+from .report import model_data, model_lines, status_lines
+
+_FOLDER = click.Path(file_okay=False, path_type=Path)
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--manifest",
+    type=_FILE,
+    help="The manifest, for pending work (default: the one the latest run recorded).",
+)
+@click.option("--prices", "prices_path", type=_FILE, help="Price file for the spend estimate.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def status(
+    out_dir: Path, manifest: Path | None, prices_path: Path | None, json_output: bool
+) -> None:
+    """Show done / failed / pending per model, failures, spend and retries of an output folder.
+
+    Read-only and without the folder's lock: safe while a run is writing it, and on a folder
+    whose run crashed.
+
+    \b
+    Examples:
+      cometbatch status out/demo
+      cometbatch status out/demo --json | jq .pending_images
+    """
+    setup_logging(0, False)
+    try:
+        prices = load_prices(prices_path) if prices_path else None
+        data = read_status(out_dir, manifest=manifest, prices=prices).to_dict()
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    except Exception as exc:
+        internal_error(exc, json_output=json_output)
+    # Failure examples and holder info come from the server and the ledger: shown escaped.
+    text = json.dumps(data) if json_output else "\n".join(map(printable, status_lines(data)))
+    click.echo(text)
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--manifest",
+    type=_FILE,
+    help="The manifest, for prompts and sizes (default: the one the latest run recorded).",
+)
+def gallery(out_dir: Path, manifest: Path | None) -> None:
+    """Write OUT/index.html, a self-contained page of the folder's images; print its path.
+
+    \b
+    Example:
+      cometbatch gallery out/demo && xdg-open out/demo/index.html
+    """
+    setup_logging(0, False)
+    with reported_errors(f"the gallery in {out_dir}"):
+        page = write_gallery(out_dir, manifest)
+    click.echo(printable(str(page)))
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option(
+    "--format",
+    "format_name",
+    type=click.Choice(EXPORT_FORMATS),
+    required=True,
+    help="openai-batch: Batch API output lines; csv: a table; jsonl: flat JSON records.",
+)
+@click.option("--output", "-o", "output", type=_FILE, help="Write to this file (default: stdout).")
+def export(out_dir: Path, format_name: str, output: Path | None) -> None:
+    """Export the ledger, one line per job (reads the ledger only; safe during a run).
+
+    \b
+    Examples:
+      cometbatch export out/demo --format csv -o results.csv
+      cometbatch export out/demo --format openai-batch > batch_output.jsonl
+    """
+    setup_logging(0, False)
+    with reported_errors(str(output)):
+        if output is None:
+            count = export_ledger(out_dir, format_name, sys.stdout)
+        else:
+            temporary = output.with_name(f".{output.name}.tmp")
+            try:
+                # newline="": the CSV writer ends its own lines.
+                with temporary.open("w", encoding="utf-8", newline="") as stream:
+                    count = export_ledger(out_dir, format_name, stream)
+                temporary.replace(output)
+            finally:
+                temporary.unlink(missing_ok=True)
+            say(f"{count} job(s) written to {output}")
+
+
+@click.command()
+@click.argument("out_dir", type=_FOLDER)
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def verify(out_dir: Path, json_output: bool) -> None:
+    """Check every image the ledger records as ok: there, its recorded size and sha256, and
+    structurally whole (PNG chunks and CRCs to IEND, JPEG to EOI, WebP's RIFF): a check of
+    the file's structure, not a decode of its pixels. Each bad file is named (exit 1) and its
+    request marked in the ledger, so that the next run of the manifest generates it again;
+    exit 0 when all are good.
+
+    Takes the folder's lock: it refuses while a run is writing the folder.
+
+    \b
+    Example:
+      cometbatch verify out/demo || cometbatch run jobs/demo.jsonl --out out/demo
+    """
+    setup_logging(0, False)
+    try:
+        report = asyncio.run(verify_folder(out_dir))
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    except KeyboardInterrupt:
+        say("interrupted: nothing was marked")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        internal_error(exc, json_output=json_output)
+    if json_output:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        # Paths come from the ledger: shown escaped.
+        click.echo("\n".join(map(printable, report_lines(report))))
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+@click.command()
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@click.option(
+    "--models",
+    "models_path",
+    type=_FILE,
+    help="Models file merged over the built-in models (as `run --models`).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=_FILE,
+    help="Settings file (default: ./cometbatch.toml, else [tool.cometbatch] in "
+    "./pyproject.toml): its models_file and [models.NAME] tables apply.",
+)
+def models(json_output: bool, models_path: Path | None, config_path: Path | None) -> None:
+    """List the models and model families cometbatch knows, what each accepts, and where
+    those rules come from (source and date), as a run here would see them.
+
+    \b
+    Examples:
+      cometbatch models
+      cometbatch models --models our-models.toml --json
+    """
+    setup_logging(0, False)
+    try:
+        config = load_config(config_path)
+        registry = load_registry(models_path or config.models_file(), model_overrides(config, {}))
+    except CometBatchError as exc:
+        fail(exc, json_output=json_output)
+    specs, families = list(registry), registry.families
+    if json_output:
+        click.echo(json.dumps(model_data(specs, families)))
+    else:
+        # Sources may come from a user's file: shown escaped.
+        click.echo("\n".join(map(printable, model_lines(specs, families))))

@@ -1,0 +1,341 @@
+"""The command line: the `cometbatch` group and `run`; other commands live in cli_inspect and
+cli_tools, shared pieces in cli_options."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from pydantic import ValidationError
+
+from .. import __version__
+from ..costs.budget import plan_fit
+from ..costs.prices import PriceTable, load_prices
+from ..engine.forecast import run_forecast
+from ..engine.origin import other_manifest
+from ..errors import CometBatchError, ConfigError
+from ..ledger.events import LEDGER_NAME
+from ..ledger.index import LedgerState
+from ..manifest.jobs import Manifest, load_manifest
+from ..models.registry import load_registry, parse_overrides
+from ..settings import (
+    AUTO_MAX_CONCURRENCY,
+    KEY_ENV,
+    RATE_MAX_CONCURRENCY,
+    Settings,
+    check_base_url,
+)
+from ..simulator.server import SimConfig
+from ..textsafe import printable
+from ..validation import first_problem
+from .config import FileConfig, load_config, merge_options, model_overrides, settings_fields
+from .inspect import export, gallery, models, status, verify
+from .options import (
+    DEFAULTS,
+    EXIT_INTERRUPTED,
+    budget_options,
+    concurrency_fields,
+    console,
+    fail,
+    internal_error,
+    output_folder,
+    parse_concurrency,
+    raise_open_file_limit,
+    reporting_options,
+    run_exit_code,
+    say,
+    setup_logging,
+)
+from .progress import choose_mode
+from .report import plan_data, plan_lines, summary_data, summary_lines
+from .runner import RunOutcome, run_manifest
+from .streams import guard_std_streams
+from .tools import fetch, simulate
+
+
+def _settings(
+    opts: dict[str, Any], overrides: dict[str, Any], config: FileConfig, models: Path | None
+) -> Settings:
+    """Settings from the merged options (flags over the file over the defaults)."""
+    fields: dict[str, Any] = {
+        **settings_fields(config),
+        **concurrency_fields(opts["concurrency"], opts["min_concurrency"], opts["max_concurrency"]),
+        "rpm": opts["rpm"],
+        "ipm": opts["ipm"],
+        "max_attempts": opts["max_attempts"],
+        "timeout": opts["timeout"],
+        "retry_failed": opts["retry_failed"],
+        "regenerate_changed": opts["regenerate_changed"],
+        "retry_ambiguous": not opts["no_retry_ambiguous"],
+        "fsync": opts["fsync"],
+        "allow_insecure_http": opts["allow_insecure_http"],
+        # Recorded absolute, so that status, export and gallery find it from any folder.
+        "models_file": None if models is None else str(Path(models).resolve()),
+        "model_overrides": overrides,
+        "max_images": opts["max_images"],
+        "max_cost": opts["max_cost"],
+    }
+    if opts["base_url"]:
+        fields["base_url"] = opts["base_url"]
+    try:
+        settings = Settings(**fields)
+    except ValidationError as exc:
+        raise ConfigError(str(first_problem(exc))) from None
+    # Checked here too so that a dry run refuses what the real run would refuse.
+    check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
+    return settings
+
+
+def _dry_run(
+    loaded: Manifest, settings: Settings, out: Path, prices: PriceTable, json_output: bool
+) -> None:
+    """Print the plan: per model, the work, what the ledger already holds, the cost; whether
+    it fits under the caps; and whether the folder was filled from another manifest."""
+    state = LedgerState.load(out / LEDGER_NAME)
+    plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
+    send = plan.totals().send_images
+    fit = plan_fit(settings, out / LEDGER_NAME, prices, send, plan.to_send)
+    other = other_manifest(state.last_run, loaded.path, loaded.sha256)
+    data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other)
+    click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cometbatch")
+def main() -> None:
+    """Batch image generation through CometAPI: resumable, rate-limit aware."""
+    # A reader that goes away (`| head`, a closed terminal) silences the output, never the run.
+    guard_std_streams()
+
+
+@main.command(context_settings={"max_content_width": 100})
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    callback=output_folder,
+    help="Output folder (default: out/<manifest name>).",
+)
+@click.option(
+    "--base-url",
+    help="API base URL (default: $COMETAPI_BASE_URL, else https://api.cometapi.com/v1).",
+)
+@click.option(
+    "--concurrency",
+    metavar="N|auto",
+    callback=parse_concurrency,
+    help="Requests in flight at most (backed off on 429s), or 'auto': start at 16 (or "
+    "--min-concurrency) and grow while latency and errors hold, up to --max-concurrency. "
+    "Default: with --rpm/--ipm, rate x measured latency (up to --max-concurrency); else 16.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(1, 10_000),
+    metavar="N",
+    help=f"Upper bound of --concurrency auto (default {AUTO_MAX_CONCURRENCY}) and of the level "
+    f"that follows --rpm/--ipm (default {RATE_MAX_CONCURRENCY}).",
+)
+@click.option(
+    "--min-concurrency",
+    type=click.IntRange(1, 10_000),
+    metavar="N",
+    help="Lower bound when concurrency backs off or adapts (default 1).",
+)
+@click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
+@click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=DEFAULTS["max_attempts"],
+    show_default=True,
+    help="Attempts per request, the first included.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=DEFAULTS["timeout"],
+    show_default=True,
+    help="Seconds to wait for one generation.",
+)
+@click.option("--model", help="Model for lines that name none (default dall-e-3).")
+@click.option("--size", help="Size for lines that set none.")
+@click.option(
+    "--n", "n", type=click.IntRange(min=1), help="Images per job for lines that set none."
+)
+@click.option(
+    "--retry-failed", is_flag=True, help="Also retry permanent failures from earlier runs."
+)
+@click.option(
+    "--regenerate-changed",
+    is_flag=True,
+    help="Regenerate jobs changed since the ledger recorded them (old images are moved to "
+    "OUT/replaced/; paid again).",
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["end", "batch", "always"]),
+    default="end",
+    show_default=True,
+    help="When results reach the disk itself: 'end' flushes each ledger write to the OS "
+    "and fsyncs at the end (a crash loses nothing); 'batch' also fsyncs each write (a power "
+    "loss loses nothing); 'always' also fsyncs every image before its line.",
+)
+@click.option(
+    "--no-retry-ambiguous",
+    is_flag=True,
+    help="Do not retry a request that timed out or lost its connection after it was sent "
+    "(it may have been billed); it fails as 'ambiguous' instead.",
+)
+@click.option(
+    "--model-override",
+    "model_override",
+    multiple=True,
+    metavar="MODEL.FIELD=VALUE",
+    help="Change what a model takes, e.g. dall-e-2.max_n=4 or my-model.sizes='[\"512x512\"]' "
+    "(repeatable; a new model name adds that model).",
+)
+@click.option(
+    "--models",
+    "models_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Models file (TOML, the shape of the built-in models.toml) merged over the built-in "
+    "models: change what a model takes or add models and families without code.",
+)
+@click.option(
+    "--allow-insecure-http",
+    is_flag=True,
+    help="Allow an http:// base URL to a non-loopback host (sends the key unencrypted).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate, read the ledger and show the plan per model with its estimated cost; "
+    "send nothing.",
+)
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Price file (TOML, or JSON for .json) merged over the built-in list prices.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Settings file (default: ./cometbatch.toml, else [tool.cometbatch] in "
+    "./pyproject.toml). Flags override it.",
+)
+@click.option(
+    "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
+)
+@budget_options
+@reporting_options
+@click.pass_context
+def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
+    """Generate every image a manifest (JSONL, .txt or .csv) asks for; run it again to resume.
+
+    Settings come from flags, then COMETAPI_BASE_URL, then a cometbatch.toml (or
+    [tool.cometbatch] in pyproject.toml) in the current folder; the key only ever from
+    COMETAPI_KEY.
+
+    \b
+    Examples:
+      cometbatch run jobs/demo.jsonl --simulate
+      COMETAPI_KEY=sk-... cometbatch run prompts.jsonl --out out/cats --rpm 300
+      cometbatch run prompts.jsonl --dry-run               # plan, done so far, cost
+      cometbatch run prompts.txt --model gpt-image-1 --size 1024x1024 --n 4
+      cometbatch run prompts.jsonl --concurrency auto --max-concurrency 500
+      cometbatch run prompts.jsonl --config team.toml --prices our-prices.toml
+      cometbatch run prompts.jsonl --models our-models.toml  # add or change models
+      cometbatch run prompts.jsonl --max-images 500 --max-cost 20   # exit 3 at a cap
+    """
+    json_output, quiet = bool(options["json_output"]), bool(options["quiet"])
+    setup_logging(int(options["verbose"]), quiet)
+    out = options["out_dir"] or Path("out") / manifest.stem
+    outcome: RunOutcome | None = None
+    try:
+        config = load_config(options["config_path"])
+        given = {
+            name
+            for name in options
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+        }
+        if {"simulate", "base_url"} <= given:
+            # The simulated API has its own address: one of the two flags is a mistake.
+            raise ConfigError(
+                "--simulate and --base-url cannot be used together: --simulate sends to the "
+                "built-in simulated API; drop one of them"
+            )
+        opts = merge_options(options, given, config, os.environ)
+        prices = load_prices(opts["prices_path"]) if opts["prices_path"] else config.prices()
+        overrides = model_overrides(config, parse_overrides(opts["model_override"]))
+        models_file = opts["models_path"] or config.models_file()
+        registry = load_registry(models_file, overrides)
+        # A million-line manifest takes seconds to check: show that something is happening.
+        err = console()
+        checking = (
+            err.status(f"checking {manifest} …")
+            if err.is_terminal and not (quiet or json_output)
+            else contextlib.nullcontext()
+        )
+        with checking:
+            loaded = load_manifest(
+                manifest, model=opts["model"], size=opts["size"], n=opts["n"], registry=registry
+            )
+        settings = _settings(opts, overrides, config, models_file)
+        if opts["dry_run"]:
+            _dry_run(loaded, settings, out, prices, json_output)
+            return
+        simulate = bool(opts["simulate"])
+        raise_open_file_limit(settings.max_in_flight, simulate)
+        if not simulate and not settings.resolved_key():
+            raise ConfigError(
+                f"no API key: set {KEY_ENV} (or use --simulate to try the built-in simulated API)"
+            )
+        outcome = asyncio.run(
+            run_manifest(
+                loaded,
+                settings=settings,
+                out_dir=out,
+                # Requests are not kept in memory: a simulated run may be millions long.
+                simulate=(
+                    SimConfig(latency=0.2, latency_jitter=0.6, record_requests=False)
+                    if simulate
+                    else None
+                ),
+                progress=choose_mode(quiet=quiet, json_output=json_output),
+                console=err,
+                say=say,
+                handle_signals=True,
+                prices=prices,
+            )
+        )
+        if outcome.error is not None:
+            raise outcome.error
+    except CometBatchError as exc:
+        so_far = summary_data(outcome.summary, out, outcome.spend) if outcome else None
+        fail(exc, json_output=json_output, summary=so_far)
+    except KeyboardInterrupt:
+        say("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug of ours: say so plainly, keep the details for -vv
+        internal_error(exc, json_output=json_output)
+    summary = outcome.summary
+    if json_output:
+        click.echo(json.dumps(summary_data(summary, out, outcome.spend)))
+    else:
+        for line in summary_lines(summary, out, outcome.spend):
+            say(line)
+    sys.exit(run_exit_code(summary))
+
+
+for _command in (status, gallery, export, verify, fetch, models, simulate):
+    main.add_command(_command)

@@ -1,0 +1,257 @@
+"""What every command shares: the stderr console, one-line errors, logging, common options."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ..costs.budget import BUDGET_REASONS
+from ..errors import (
+    AuthenticationError,
+    CometBatchError,
+    ConfigError,
+    LedgerError,
+    ManifestError,
+    OutputError,
+)
+from ..results import Summary
+from ..settings import DEFAULT_CONCURRENCY, KEY_ENV, Settings
+from ..textsafe import PrintableFormatter, printable
+from .progress import make_console
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Errors about the input or the folder (the user must change something) exit 2.
+USAGE_ERRORS = (ManifestError, ConfigError, LedgerError, AuthenticationError, OutputError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Settings owns the defaults; the options only show them.
+DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
+
+_console: Console | None = None
+# Characters of an internal error's repr that its one line shows.
+MAX_SHOWN = 300
+
+
+def console() -> Console:
+    """The stderr console, made on first use (so NO_COLOR is read when a command runs)."""
+    global _console
+    if _console is None:
+        _console = make_console()
+    return _console
+
+
+def reset_console() -> Console:
+    """A fresh stderr console for this command (NO_COLOR and the stream read again)."""
+    global _console
+    _console = make_console()
+    return _console
+
+
+def say(*lines: str) -> None:
+    """A message on stderr, one line per argument, printed as is (no markup, no wrapping),
+    with controls escaped: a newline inside a line is shown as \\n, never starts one."""
+    # Messages quote server and ledger text: an escape code in it must not reach the terminal,
+    # and a newline in it must not forge a line of its own.
+    console().print("\n".join(map(printable, lines)), markup=False, soft_wrap=True)
+
+
+def fail(
+    exc: CometBatchError, *, json_output: bool = False, summary: dict[str, Any] | None = None
+) -> NoReturn:
+    """Print one clear error (a line for each thing it lists, such as bad manifest lines)
+    and the JSON object scripts wait for; exit 2 or 1."""
+    lines = exc.lines()
+    if isinstance(exc, AuthenticationError) and exc.status is not None:
+        lines = [f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"]
+    if json_output:
+        # Scripts read one JSON object from stdout, also when the run could not finish.
+        click.echo(json.dumps({**(summary or {}), "error": "\n".join(lines)}))
+    console().print("[red]error:[/red] ", end="", soft_wrap=True)
+    say(*lines)
+    sys.exit(EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILED)
+
+
+def internal_error(exc: Exception, *, json_output: bool = False) -> NoReturn:
+    """A bug of ours: one plain line (the traceback only with -vv), exit 1."""
+    logging.getLogger("cometbatch").debug("internal error", exc_info=True)
+    shown = repr(exc)
+    if len(shown) > MAX_SHOWN:  # an error may carry a whole file: the traceback has it
+        shown = shown[: MAX_SHOWN - 1] + "\u2026"
+    message = (
+        f"internal error (a bug in cometbatch, please report it): {shown}; every recorded "
+        "result is safe in the ledger, so rerunning resumes; -vv shows the traceback"
+    )
+    if json_output:
+        click.echo(json.dumps({"error": message}))
+    say(message)
+    sys.exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def reported_errors(writing: str) -> Iterator[None]:
+    """For a command that writes a file: any error becomes one line and an exit code (a
+    cometbatch error as usual, an OS error as "cannot write <writing>", anything else as an
+    internal error)."""
+    try:
+        yield
+    except CometBatchError as exc:
+        fail(exc)
+    except OSError as exc:
+        say(f"error: cannot write {writing}: {exc.strerror or exc}")
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        internal_error(exc)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """-v: info (each retry with its reason), -vv: debug, --quiet: errors only."""
+    err = reset_console()
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, show_time=False)
+        handler.setFormatter(PrintableFormatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PrintableFormatter("cometbatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger("cometbatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def reporting_options(command: F) -> F:
+    """--json, --quiet and --verbose, shared by the commands that do work."""
+    command = click.option(
+        "--verbose", "-v", count=True, help="-v: each retry with its reason; -vv: debug."
+    )(command)
+    command = click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary.")(
+        command
+    )
+    return click.option(
+        "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout."
+    )(command)
+
+
+def budget_options(command: F) -> F:
+    """--max-images and --max-cost: caps over the whole output folder."""
+    command = click.option(
+        "--max-cost",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="USD",
+        help="Stop before the folder's spend (list-price estimates, usage tokens where "
+        f"answered; requests in flight counted) would pass USD; exit {EXIT_BUDGET}. Counts "
+        "earlier runs too: rerun with a higher cap to continue.",
+    )(command)
+    return click.option(
+        "--max-images",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Stop before the folder would hold more than N generated images (earlier runs "
+        f"and requests in flight counted); exit {EXIT_BUDGET}. Rerun with a higher cap to "
+        "continue.",
+    )(command)
+
+
+def run_exit_code(summary: Summary) -> int:
+    """`run`'s exit code for a run that ended without an error."""
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if summary.stopped in BUDGET_REASONS:
+        return EXIT_BUDGET
+    return EXIT_OK if summary.complete else EXIT_FAILED
+
+
+def concurrency_option(text: str) -> Callable[[F], F]:
+    """--concurrency N for commands without an adaptive level."""
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(1, 10_000),
+        default=DEFAULT_CONCURRENCY,
+        show_default=True,
+        help=text,
+    )
+
+
+def raise_open_file_limit(concurrency: int, simulate: bool) -> None:
+    """Let the process hold the sockets its concurrency needs (a CLI's job, never a library's)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    # Up to two sockets a request (generation and download), twice that when the simulated
+    # API's own end of each connection lives in this process, plus files and headroom.
+    wanted = concurrency * (4 if simulate else 2) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("cometbatch").warning(
+            "this process may open only %d files, fewer than %d requests in flight need (%d); "
+            "lower --concurrency (--max-concurrency with --rpm/--ipm) or raise the limit "
+            "(ulimit -n)",
+            target,
+            concurrency,
+            wanted,
+        )
+
+
+def parse_concurrency(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | str | None:
+    """--concurrency: a number of requests in flight, or "auto" (None: not given)."""
+    if value is None:
+        return None
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor 'auto'") from None
+    if not 1 <= number <= 10_000:
+        raise click.BadParameter(f"{number} is not in the range 1<=x<=10000")
+    return number
+
+
+def output_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """--out as a Path; an empty value is refused (it would name the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter(
+            "is empty: name an output folder (without --out, the folder is out/<manifest name>)"
+        )
+    return Path(value)
+
+
+def concurrency_fields(
+    concurrency: int | str | None, min_concurrency: int | None, max_concurrency: int | None
+) -> dict[str, Any]:
+    """The Settings fields for --concurrency N|auto (None: not given), --min-concurrency and
+    --max-concurrency (Settings checks that they fit together)."""
+    fields: dict[str, Any] = {}
+    if concurrency == "auto":
+        fields["auto_concurrency"] = True
+    elif concurrency is not None:
+        fields["concurrency"] = concurrency
+    if max_concurrency is not None:
+        fields["max_concurrency"] = max_concurrency
+    if min_concurrency is not None:
+        fields["min_concurrency"] = min_concurrency
+    return fields

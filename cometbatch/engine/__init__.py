@@ -1,0 +1,1 @@
+"""The engine: the pool, one request's life, resume triage, downloads."""

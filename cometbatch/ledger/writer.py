@@ -1,0 +1,308 @@
+"""The append-only results ledger OUT/ledger.jsonl: one writer per folder, whole lines only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Self, get_args
+
+from ..errors import CometBatchError, LedgerError, OutputError
+from ..paths import fsync_folder
+from ..settings import FsyncPolicy
+from ..textsafe import safe_json
+from .events import LEDGER_NAME, repair_tail
+from .index import KeyState, LedgerState
+from .lock import FolderLock
+
+FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
+
+# A line waiting for the write that carries it: its bytes, its event, its key's new state,
+# and the future its append waits on.
+_Queued = tuple[bytes, dict[str, Any], KeyState | None, "asyncio.Future[None]"]
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    """One ledger line, UTF-8 with its newline; controls, bidi overrides and lone surrogates
+    (legal in JSON input, not in UTF-8) as \\u escapes, so that every line is valid UTF-8 and
+    `cat` or `tail -f` of the ledger shows server text without acting on it."""
+    line = safe_json(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    return line.encode("utf-8") + b"\n"
+
+
+def _reason(exc: OSError, subject: Path) -> str:
+    """The OS's reason for `exc`, naming the file it is about when that is not `subject`."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and Path(str(exc.filename)) != subject:
+        reason += f" ({exc.filename})"
+    return reason
+
+
+class Ledger:
+    """The open ledger of one output folder: holds the folder lock and appends events.
+
+    Appends are group-committed: lines queued while a write is under way go out together in
+    the next one (one write, and maybe one fsync, in a worker thread), and each append returns
+    only once the write carrying its line is done. An image is written before its result is
+    appended, so an ok line still always names complete files.
+
+    `fsync` says when lines reach the disk itself, not just the OS (the Settings field of the
+    same name chooses it for a run):
+
+    - "end" (default): every write is flushed to the OS before its appends return, so a crash
+      or kill of the process loses no recorded line; the file is fsynced once, when the ledger
+      closes. A power loss may lose the last lines: a rerun sends (and pays for) them again.
+    - "batch": every write is also fsynced before its appends return, so a power loss loses
+      no recorded line; one fsync covers the whole batch. Each fsync commits the filesystem's
+      journal, images' metadata included: about a quarter fewer results per second at a
+      thousand a second, nothing noticeable at real API speeds.
+    - "always": "batch", and the engine also fsyncs every image (and its folder) before its
+      line is written (the Sink's `fsync`), so after a power loss an ok line still names
+      complete files on any filesystem. An fsync per image: for slow, precious runs.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, fsync: FsyncPolicy = "end") -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LEDGER_NAME
+        self.fsync: FsyncPolicy = fsync
+        self.state = LedgerState()
+        self.repaired = False
+        self.writes = 0
+        self._lock = FolderLock(self.out_dir)
+        self._file: BinaryIO | None = None
+        self._phase = "new"
+        # Lines waiting for the next write.
+        self._queue: list[_Queued] = []
+        # The write under way in a worker thread, if any.
+        self._writing: asyncio.Future[int | None] | None = None
+        self._broken: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Ledger path={str(self.path)!r} {self._phase} fsync={self.fsync} "
+            f"results={self.state.results} keys={len(self.state)} writes={self.writes} "
+            f"pending={len(self._queue)}>"
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._phase != "new":
+            raise RuntimeError(f"{self!r} cannot be opened again")
+        self._phase = "opening"
+        try:
+            try:
+                self._lock.acquire()
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot use {self.out_dir} as the output folder: {_reason(exc, self.out_dir)}"
+                ) from exc
+            try:
+                self.repaired = await asyncio.to_thread(repair_tail, self.path)
+                # Loading a large ledger takes seconds: keep the event loop free meanwhile.
+                self.state = await asyncio.to_thread(LedgerState.load, self.path)
+                # Opened for appending before anything is sent: a ledger that cannot take
+                # results must stop the run before a single image is paid for.
+                self._file = await asyncio.to_thread(self._open)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot open the ledger {self.path}: {_reason(exc, self.path)}"
+                ) from exc
+        except BaseException:
+            self._phase = "closed"
+            self._lock.release()
+            raise
+        self._phase = "open"
+        return self
+
+    def _open(self) -> BinaryIO:
+        """Open the file for appending; with fsync on, make a new file's name durable too."""
+        # Unbuffered: a write that fails leaves no bytes in a buffer for close() to add later.
+        handle = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in aclose()
+        if self.fsync != "end":
+            try:
+                fsync_folder(self.out_dir)
+            except BaseException:
+                handle.close()
+                raise
+        return handle
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Finish pending appends, flush and fsync the file, close it and release the lock."""
+        if self._phase == "closed":
+            return
+        self._phase = "closed"
+        handle = self._file
+        try:
+            try:
+                # Each finished write starts the next one first, so this ends when all are done.
+                while self._writing is not None:
+                    await asyncio.wait({self._writing})
+                self._file = None
+                if handle is not None:
+                    with contextlib.suppress(*self._quiet()):
+                        await asyncio.to_thread(_flush, handle, True)
+            finally:
+                if handle is not None:
+                    with contextlib.suppress(*self._quiet()):
+                        await asyncio.to_thread(handle.close)
+        except OSError as exc:
+            # Every line was flushed when appended; this is the last fsync or close failing.
+            raise OutputError(
+                f"cannot finish writing the ledger {self.path}: {_reason(exc, self.path)}"
+            ) from exc
+        finally:
+            self._lock.release()
+
+    def _quiet(self) -> tuple[type[BaseException], ...]:
+        """Errors closing may swallow: after a failed write they were reported already."""
+        return () if self._broken is None else (OSError,)
+
+    async def append(self, event: dict[str, Any]) -> None:
+        """Write one event as a line; return once it is flushed (and fsynced, per `fsync`).
+
+        A write the OS refuses raises OutputError naming the ledger, for every append it
+        carried and every append after it, so its partial line stays the last one (the next
+        open drops it).
+        """
+        if self._phase != "open":
+            raise RuntimeError(f"cannot append to {self!r}")
+        self._check_writable()
+        # Validate before writing: a line that loads would then refuse must never be written.
+        kind = event.get("event") if isinstance(event, dict) else None
+        if not isinstance(kind, str):
+            raise ValueError("a ledger event is a dict with a string 'event' field")
+        update = KeyState.from_event(event) if kind == "result" else None
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((_encode(event), event, update, written))
+        if self._writing is None:
+            self._write_queued()
+        # Writes are driven by callbacks, not by this task: if the caller is cancelled while
+        # its line waits or is being written, only its own future is cancelled, and the line
+        # is still written whole, and in order.
+        await written
+
+    def _check_writable(self) -> None:
+        """Refuse to write after a failed write: its partial line must stay the last one."""
+        if self._broken is not None:
+            raise self._write_error() from self._broken
+
+    def _write_error(self) -> CometBatchError:
+        """The error of a failed write, the same for it and for every append refused after it.
+
+        Concurrent appends race to report first: they all say the same thing.
+        """
+        broken = self._broken
+        if isinstance(broken, OSError):
+            return OutputError(
+                f"cannot write the ledger {self.path}: {_reason(broken, self.path)}; "
+                "fix the cause and run again to resume"
+            )
+        return LedgerError(
+            f"{self.path} could not be written ({broken!r}); fix the cause and run again to resume"
+        )
+
+    def _write_queued(self) -> None:
+        """Start one write of every line queued so far (on the loop, no write under way).
+
+        Its completion records the lines and starts the next write if more were queued
+        meanwhile: a burst of appends costs a few writes, each one trip to a worker thread.
+        """
+        queued, self._queue = self._queue, []
+        handle = self._file
+        if self._broken is not None or handle is None:
+            if self._broken is not None:
+                _fail(queued, self._write_error, self._broken)
+            else:
+                _fail(queued, self._closed_error, None)
+            return
+        data = b"".join(line for line, _, _, _ in queued)
+        writing = asyncio.get_running_loop().run_in_executor(
+            None, _write_lines, handle, data, self.fsync != "end"
+        )
+        self._writing = writing
+        writing.add_done_callback(functools.partial(self._written, queued))
+
+    def _written(self, queued: list[_Queued], done: asyncio.Future[int | None]) -> None:
+        """Record a finished write's lines and settle its appends; start the next write."""
+        self._writing = None
+        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            # Lines may be half on disk; appending more would bury them mid-file.
+            self._broken = exc
+            _fail(queued, self._write_error, exc)
+        else:
+            self.writes += 1
+            self.state._appended(sum(len(line) for line, _, _, _ in queued), done.result())
+            for line, event, update, written in queued:
+                try:
+                    if update is not None:
+                        self.state._record(update, line)
+                    else:
+                        self.state.apply(event, line)
+                except Exception as error:
+                    # Validated before it was queued: a bug, but no append may hang on it.
+                    if not written.done():
+                        written.set_exception(error)
+                    continue
+                if not written.done():
+                    written.set_result(None)
+        if self._queue:
+            self._write_queued()
+
+    def _closed_error(self) -> CometBatchError:
+        """The error of appends left queued when the file is already closed (a bug)."""
+        return LedgerError(f"cannot append to {self!r}")
+
+
+def _fail(
+    queued: list[_Queued], error: Callable[[], CometBatchError], cause: BaseException | None
+) -> None:
+    """Fail the appends of `queued` still waiting, each with a fresh `error()`."""
+    for _, _, _, written in queued:
+        if written.done():
+            continue
+        exc = error()
+        if cause is not None:
+            # As `raise exc from cause` would: the OS's error is kept as the cause.
+            exc.__cause__ = cause
+            exc.__suppress_context__ = True
+        written.set_exception(exc)
+
+
+def _write_lines(handle: BinaryIO, data: bytes, fsync: bool) -> int | None:
+    """Append `data` (whole lines) to the unbuffered file; fsync it if asked (in a thread).
+    Returns where the file now ends (None if the file cannot tell)."""
+    view = memoryview(data)
+    while view:
+        # A raw write may take less than it is given (a signal, a nearly full disk).
+        written = handle.write(view)
+        if not written:
+            raise OSError(errno.EIO, "the ledger file took no bytes", str(handle.name))
+        view = view[written:]
+    _flush(handle, fsync)
+    try:
+        return handle.tell()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _flush(handle: BinaryIO, fsync: bool) -> None:
+    """Flush what a (wrapped) file may buffer, and fsync it if asked (in a thread)."""
+    handle.flush()
+    if fsync:
+        os.fsync(handle.fileno())

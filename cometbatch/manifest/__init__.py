@@ -1,0 +1,1 @@
+"""Manifests: jobs, line shapes, validation, and the JSONL / text / CSV readers."""

@@ -1,0 +1,1 @@
+"""Model capabilities and prices as data, and the registry that reads them."""

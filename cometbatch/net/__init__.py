@@ -1,0 +1,1 @@
+"""The API over the network: the client, retry rules, the shared limiter and pacing."""

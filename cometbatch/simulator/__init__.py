@@ -1,0 +1,1 @@
+"""The built-in simulated CometAPI: a real aiohttp server on loopback."""

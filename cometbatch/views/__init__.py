@@ -1,0 +1,1 @@
+"""What an output folder holds, shown: status, export and the gallery."""

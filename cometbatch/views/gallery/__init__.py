@@ -1,0 +1,1 @@
+"""The gallery: an output folder as one self-contained HTML page."""

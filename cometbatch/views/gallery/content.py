@@ -1,0 +1,303 @@
+"""The gallery's content: an output folder's ledger (and the manifest it ran) as plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ...errors import LedgerError
+from ...ledger.events import LEDGER_NAME, iter_events
+from ...manifest.jobs import JobDefaults
+from ...paths import unlinked
+from ..status import recorded_defaults
+from .page import render_page
+from .prompts import JobText, attach_manifest
+
+GALLERY_NAME = "index.html"
+# A page past this many figures is too slow to be usable; the newest results are kept.
+MAX_TILES = 50_000
+MAX_EXAMPLES = 5
+# What a figure says in place of an image reached through a symbolic link.
+LINKED = "behind a symbolic link"
+# Chart buckets: the narrowest width (seconds) that covers the run in at most MAX_BUCKETS.
+MAX_BUCKETS = 120
+_WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One figure of the contact sheet: an image on disk, or a request that has none."""
+
+    job_id: str
+    model: str
+    status: str  # "ok" for an image on disk; else the request's status (a placeholder)
+    index: int | None = None
+    path: str | None = None
+    revised_prompt: str | None = None
+    n: int = 0  # images a placeholder stands for
+    reason: str = ""  # a placeholder's failure kind
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The latest outcome of a request key that is not ok, with its error."""
+
+    key: str
+    job_id: str
+    model: str
+    kind: str
+    message: str
+    status: int | None = None
+    code: str = ""
+    request_id: str = ""
+    finished_at: str = ""
+
+
+@dataclass(slots=True)
+class Bucket:
+    """What happened in one slice of time, counted from the result lines that finished in it."""
+
+    start: float  # seconds since the epoch
+    images: int = 0
+    retries: int = 0
+    throttled: int = 0  # 429 answers of the requests that finished in it
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class Gallery:
+    """Everything the page shows."""
+
+    title: str
+    tiles: list[Tile] = field(default_factory=list)
+    jobs: dict[str, JobText] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    buckets: list[Bucket] = field(default_factory=list)
+    bucket_s: int = 60
+    runs: int = 0
+    simulated: bool = False
+    # 429 answers: counted per result line (older ledgers: the ended runs' summaries).
+    rate_limited: int = 0
+    # Whether every result line counts its 429s (else the chart shows final 429s only).
+    per_result_429s: bool = True
+    retries: int = 0
+    first_at: str | None = None
+    last_at: str | None = None
+    # The manifest of the latest run that names one, as that run recorded it.
+    manifest: str | None = None
+    manifest_sha256: str | None = None
+    # That run's recorded settings: its models file and model overrides read the manifest.
+    run_settings: dict[str, Any] = field(default_factory=dict)
+    # The --model/--size/--n of the run that recorded the manifest.
+    defaults: JobDefaults = field(default_factory=JobDefaults)
+    manifest_note: str = ""
+    dropped_tiles: int = 0
+
+    @property
+    def models(self) -> list[str]:
+        """The models present, sorted."""
+        return sorted({tile.model for tile in self.tiles})
+
+    @property
+    def image_count(self) -> int:
+        """Images on disk that the page shows."""
+        return sum(tile.status == "ok" for tile in self.tiles)
+
+    def failure_groups(self) -> list[tuple[str, int, list[Failure]]]:
+        """(kind, count, first examples) per failure kind, the most frequent first."""
+        groups: dict[str, list[Failure]] = {}
+        for failure in self.failures:
+            groups.setdefault(failure.kind, []).append(failure)
+        ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+        return [(kind, len(items), items[:MAX_EXAMPLES]) for kind, items in ordered]
+
+
+def parse_time(stamp: Any) -> float | None:
+    """A ledger timestamp as seconds since the epoch (None when absent or unreadable)."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def safe_relpath(path: Any) -> str | None:
+    """A ledger image path if it stays inside the folder (relative, no '..'), else None."""
+    if not isinstance(path, str) or not path or "\\" in path:
+        return None
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
+        return None
+    return path
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (a hand-edited ledger may differ)."""
+    return value if isinstance(value, dict) else {}
+
+
+def bucket_series(per_second: Mapping[int, list[int]]) -> tuple[int, list[Bucket]]:
+    """Per-second counts (images, retries, 429s, failed) as at most MAX_BUCKETS buckets."""
+    if not per_second:
+        return 60, []
+    first, last = min(per_second), max(per_second)
+    fits = (w for w in _WIDTHS if last // w - first // w < MAX_BUCKETS)
+    width = next(fits, math.ceil((last - first + 1) / (MAX_BUCKETS - 1)))
+    origin = first - first % width
+    buckets = [Bucket(float(origin + i * width)) for i in range((last - origin) // width + 1)]
+    for second, (images, retries, throttled, failed) in per_second.items():
+        bucket = buckets[(second - origin) // width]
+        bucket.images += images
+        bucket.retries += retries
+        bucket.throttled += throttled
+        bucket.failed += failed
+    return width, buckets
+
+
+def build_gallery(events: Iterable[dict[str, Any]], title: str = "") -> Gallery:
+    """The page's content from ledger events, in ledger order (prompts come separately)."""
+    gallery = Gallery(title=title)
+    # Each key's latest outcome, kept as its tiles: the event dicts themselves are let go.
+    latest: dict[str, tuple[list[Tile], Failure | None]] = {}
+    per_second: dict[int, list[int]] = {}
+    # Images a key's partial line listed: its next line lists them again, with the rest.
+    listed: dict[str, int] = {}
+    line_429s = summary_429s = 0
+    for event in events:
+        kind = event.get("event")
+        if kind == "run":
+            gallery.runs += 1
+            settings = event.get("settings")
+            gallery.simulated = gallery.simulated or bool(_mapping(settings).get("simulated"))
+            gallery.first_at = gallery.first_at or event.get("started_at")
+            if event.get("manifest"):
+                gallery.manifest = str(event["manifest"])
+                gallery.manifest_sha256 = event.get("manifest_sha256")
+                gallery.run_settings = _mapping(settings)
+                gallery.defaults = recorded_defaults(event)
+        elif kind == "end":
+            summary = event.get("summary")
+            counted = _mapping(summary).get("rate_limited")
+            # A hand-edited end line may hold anything here: only a count counts.
+            summary_429s += counted if type(counted) is int and counted > 0 else 0
+            gallery.last_at = event.get("finished_at") or gallery.last_at
+        elif kind == "result":
+            key = str(event.get("key"))
+            latest[key] = _outcome(key, event)
+            retries = max(int(event.get("attempts") or 1) - 1, 0)
+            gallery.retries += retries
+            gallery.last_at = event.get("finished_at") or gallery.last_at
+            throttled = event.get("rate_limited")
+            if not isinstance(throttled, int) or isinstance(throttled, bool) or throttled < 0:
+                # Written before results counted their 429s: only a final 429 is known.
+                gallery.per_result_429s = False
+                throttled = int(_mapping(event.get("error")).get("status") == 429)
+            line_429s += throttled
+            images = len(event.get("images") or ())
+            new_images = images - listed.pop(key, 0)
+            if _pending(event):
+                listed[key] = images
+            moment = parse_time(event.get("finished_at"))
+            if moment is not None:
+                row = per_second.setdefault(math.floor(moment), [0, 0, 0, 0])
+                row[0] += max(new_images, 0)
+                row[1] += retries
+                row[2] += throttled
+                row[3] += event.get("status") != "ok" and not _pending(event)
+    gallery.rate_limited = line_429s if gallery.per_result_429s else summary_429s
+    gallery.bucket_s, gallery.buckets = bucket_series(per_second)
+    gallery.tiles = [tile for tiles, _ in latest.values() for tile in tiles]
+    gallery.failures = [failure for _, failure in latest.values() if failure is not None]
+    # A job's images side by side, jobs in the order the ledger first saw them.
+    order = {job_id: i for i, job_id in enumerate(dict.fromkeys(t.job_id for t in gallery.tiles))}
+    gallery.tiles.sort(key=lambda t: (order[t.job_id], t.index if t.index is not None else -1))
+    if len(gallery.tiles) > MAX_TILES:
+        gallery.dropped_tiles = len(gallery.tiles) - MAX_TILES
+        gallery.tiles = gallery.tiles[-MAX_TILES:]
+    return gallery
+
+
+def _outcome(key: str, event: dict[str, Any]) -> tuple[list[Tile], Failure | None]:
+    """The tiles of one result line, and its failure when it is not ok."""
+    job_id, model = str(event.get("job_id")), str(event.get("model"))
+    status = str(event.get("status"))
+    tiles = []
+    for image in event.get("images") or ():
+        image = _mapping(image)
+        path = safe_relpath(image.get("path"))
+        if path is not None:
+            index, revised = image.get("index"), image.get("revised_prompt")
+            index = index if isinstance(index, int) else None
+            tiles.append(Tile(job_id, model, "ok", index, path, revised and str(revised)))
+    if status == "ok":
+        return tiles, None
+    if _pending(event):
+        # A short answer recorded before its rest was asked for: the rest is pending, not failed.
+        missing = max(int(event.get("n") or 0) - len(tiles), 0)
+        tiles.append(Tile(job_id, model, status, n=missing, reason="pending"))
+        return tiles, None
+    error = _mapping(event.get("error"))
+    reason = str(error.get("kind") or "unknown")
+    missing = max(int(event.get("n") or 0) - len(tiles), 0)
+    tiles.append(Tile(job_id, model, status, n=missing, reason=reason))
+    code = error.get("status")
+    failure = Failure(
+        key=key,
+        job_id=job_id,
+        model=model,
+        kind=reason,
+        message=str(error.get("message") or ""),
+        status=code if isinstance(code, int) else None,
+        code=str(error.get("code") or ""),
+        request_id=str(error.get("request_id") or ""),
+        finished_at=str(event.get("finished_at") or ""),
+    )
+    return tiles, failure
+
+
+def _pending(event: dict[str, Any]) -> bool:
+    """A partial line without an error: its missing images are still to be asked for."""
+    return event.get("status") == "partial" and not event.get("error")
+
+
+def read_gallery(
+    out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+) -> Gallery:
+    """The gallery of an output folder, read without its lock (a run may be writing it)."""
+    folder = Path(out_dir)
+    ledger = folder / LEDGER_NAME
+    if not ledger.exists():
+        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
+    events = (event for _, event in iter_events(ledger))
+    gallery = build_gallery(events, title=folder.resolve().name)
+    gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
+    attach_manifest(gallery, Path(manifest) if manifest else None)
+    return gallery
+
+
+def _unfollowed(tile: Tile, folder: Path) -> Tile:
+    """`tile`, or a placeholder when its image is reached through a symbolic link: the page
+    must not show a file from out of the folder."""
+    if tile.path is None or unlinked(folder, tile.path):
+        return tile
+    return dataclasses.replace(tile, status="not shown", path=None, n=1, reason=LINKED)
+
+
+def write_gallery(
+    out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write OUT/index.html, a self-contained page of the folder's images; return its path."""
+    gallery = read_gallery(out_dir, manifest)
+    target = Path(out_dir) / GALLERY_NAME
+    temporary = target.with_name(f".{GALLERY_NAME}.tmp")
+    temporary.write_text(render_page(gallery), encoding="utf-8")
+    os.replace(temporary, target)
+    return target

@@ -1,0 +1,361 @@
+"""What an output folder holds, read from its ledger without taking the lock."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..costs.paid import Payments
+from ..costs.prices import PriceTable, actual, builtin_prices
+from ..engine.forecast import forecast, ledger_verdicts
+from ..engine.resume import links_gone
+from ..errors import CometBatchError, LedgerError, ManifestError
+from ..ledger.events import LEDGER_NAME, iter_events
+from ..ledger.index import KeyState
+from ..ledger.liverun import RunState, run_state
+from ..manifest.jobs import JobDefaults, Manifest
+from ..models.registry import recorded_registry
+from ..results import PAID, WITH_DOWNLOADS
+from .scope import Scope
+
+
+@dataclass(slots=True)
+class ModelStatus:
+    """Requests and images per outcome for one model."""
+
+    ok_requests: int = 0
+    failed_requests: int = 0
+    ok_images: int = 0
+    failed_images: int = 0
+    # Planned in the manifest and not recorded yet (None while unknown).
+    pending_requests: int | None = None
+    pending_images: int | None = None
+
+
+@dataclass(slots=True)
+class FolderStatus:
+    """The latest outcome of every key in a ledger, grouped by model."""
+
+    out_dir: str
+    runs: int = 0
+    keys: int = 0
+    by_model: dict[str, ModelStatus] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
+    # Images generated but not downloaded yet (`cometbatch fetch` tries them again).
+    awaiting_download: int = 0
+    # Images whose links are gone or given up: failed generations (`run --retry-failed`).
+    links_gone: int = 0
+    failure_examples: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    ambiguous_retries: int = 0
+    first_at: str | None = None
+    last_at: str | None = None
+    last_run_ended: bool = False
+    last_summary: dict[str, Any] | None = None
+    state: RunState = "unknown"
+    state_detail: str = ""
+    manifest: str | None = None
+    # Why pending is unknown, or a caveat about it; pending_known says whether it is counted.
+    manifest_note: str = ""
+    pending_known: bool = False
+    spend_usd: float = 0.0
+    # Images generated (paid for), those since set aside or found bad included.
+    paid_images: int = 0
+    unpriced_images: int = 0
+    prices: str = ""
+    # Runs against the simulated API (their "spend" was never billed).
+    simulated_runs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `status --json`."""
+        by_model = {name: asdict(item) for name, item in sorted(self.by_model.items())}
+        names = ("ok_requests", "failed_requests", "ok_images", "failed_images")
+        totals: dict[str, int | None] = {
+            name: sum(item[name] for item in by_model.values()) for name in names
+        }
+        for name in ("pending_requests", "pending_images"):
+            known = self.pending_known
+            totals[name] = sum(item[name] or 0 for item in by_model.values()) if known else None
+        return {
+            "out_dir": self.out_dir,
+            "state": self.state,
+            "state_detail": self.state_detail,
+            "runs": self.runs,
+            "keys": self.keys,
+            **totals,
+            "by_model": by_model,
+            "manifest": self.manifest,
+            "manifest_note": self.manifest_note,
+            "failures": dict(self.failures),
+            "awaiting_download": self.awaiting_download,
+            "links_gone": self.links_gone,
+            "failure_examples": self.failure_examples,
+            "retries": self.retries,
+            "ambiguous_retries": self.ambiguous_retries,
+            "spend": {
+                "usd": round(self.spend_usd, 6),
+                "images": self.paid_images,
+                "unpriced_images": self.unpriced_images,
+                "prices": self.prices,
+                "simulated_runs": self.simulated_runs,
+            },
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+            "span_s": span_seconds(self.first_at, self.last_at),
+            "last_run_ended": self.last_run_ended,
+            "last_summary": self.last_summary,
+        }
+
+
+def span_seconds(first: str | None, last: str | None) -> float | None:
+    """Seconds between two ledger timestamps; None if either is missing or unreadable."""
+    if not first or not last:
+        return None
+    try:
+        return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
+    """The --model/--size/--n a run event recorded (none for older ledgers or odd values)."""
+    given = run.get("defaults")
+    if not isinstance(given, dict):
+        return JobDefaults()
+    model, size, n = given.get("model"), given.get("size"), given.get("n")
+    return JobDefaults(
+        model=model if isinstance(model, str) else None,
+        size=size if isinstance(size, str) else None,
+        n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None,
+    )
+
+
+def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
+    """The manifest at `path`, read as the run event `run` read it (its --model/--size/--n,
+    models file and model overrides), without the run's warnings about unknown models."""
+    registry = recorded_registry(run.get("settings"))
+    return Manifest(path, defaults=recorded_defaults(run), registry=registry)
+
+
+def read_status(
+    out_dir: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    prices: PriceTable | None = None,
+) -> FolderStatus:
+    """Summarise a folder's ledger; works while a run is writing it (a torn tail is skipped).
+
+    Pending work needs the manifest: `manifest`, else the one the latest run recorded."""
+    folder = Path(out_dir)
+    path = folder / LEDGER_NAME
+    if not path.exists():
+        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
+    status = FolderStatus(out_dir=str(out_dir))
+    latest: dict[str, dict[str, Any]] = {}
+    # What was paid for: every generation, counted once.
+    paid = Payments()
+    run: dict[str, Any] = {}
+    for _, event in iter_events(path):
+        kind = event.get("event")
+        if kind == "run":
+            run = event
+            status.runs += 1
+            status.last_run_ended = False
+            status.first_at = status.first_at or event.get("started_at")
+            status.last_at = event.get("started_at") or status.last_at
+        elif kind == "end":
+            status.last_run_ended = True
+            summary = event.get("summary")
+            # A summary is an object; anything else in a hand-edited line reads as none.
+            status.last_summary = summary if isinstance(summary, dict) else None
+            if status.last_summary is not None and status.last_summary.get("simulated"):
+                status.simulated_runs += 1
+            status.last_at = event.get("finished_at") or status.last_at
+        elif kind == "result":
+            key = str(event.get("key"))
+            item = {
+                "status": event.get("status"),
+                "model": event.get("model"),
+                "job_id": event.get("job_id"),
+                "n": event.get("n", 0),
+                "error": event.get("error"),
+                "fingerprint": event.get("fingerprint"),
+                "written": len(event.get("images") or ()),
+                "generated": len(event.get("images") or ()) + len(event.get("downloads") or ()),
+                # Links still to download, judged once the key's latest line is known.
+                "downloads": event.get("downloads") or (),
+            }
+            latest[key] = item
+            paid.add(event)
+            status.retries += max(int(event.get("attempts") or 1) - 1, 0)
+            status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
+            status.last_at = event.get("finished_at") or status.last_at
+    status.keys = len(latest)
+    for key, item in latest.items():
+        item["links_gone"] = _links_gone(key, item)
+    interrupted = bool((status.last_summary or {}).get("interrupted"))
+    status.state, status.state_detail = run_state(folder, status.last_run_ended, interrupted)
+    scope = Scope()
+    sizes = _count_pending(status, latest, run, manifest, scope)
+    # Outcomes after the manifest is read: a job whose n was lowered counts only what it asks.
+    _count_outcomes(status, _in_scope(latest, scope))
+    if status.pending_known:
+        for model in status.by_model.values():
+            if model.pending_requests is None:
+                model.pending_requests = model.pending_images = 0
+    # Spend counts every paid image, asked for now or not.
+    _count_spend(status, paid, sizes, prices or builtin_prices())
+    return status
+
+
+def _links_gone(key: str, item: dict[str, Any]) -> bool:
+    """Whether a download_failed or partial key's links are gone for good or given up, as
+    a run decides it (resume.links_gone), its links read as KeyState reads them."""
+    status = str(item["status"])
+    if status not in WITH_DOWNLOADS:
+        return False
+    error = item["error"]
+    retryable = error.get("retryable") if isinstance(error, dict) else None
+    state = KeyState(
+        key, status, item["fingerprint"], retryable, str(item["job_id"]), int(item["n"]),
+        downloads=item["downloads"],
+    )  # fmt: skip
+    links = [(tries, since) for _, _, _, tries, since in state.downloads]
+    return links_gone(status, retryable, links)
+
+
+def _in_scope(latest: dict[str, dict[str, Any]], scope: Scope) -> dict[str, dict[str, Any]]:
+    """The latest items the manifest still asks for, their images cut to what it asks."""
+    kept: dict[str, dict[str, Any]] = {}
+    for key, item in latest.items():
+        chunk = key.rpartition("#")[2]
+        n = int(item["n"])
+        counted = scope.images(str(item["job_id"]), int(chunk), n) if chunk.isdigit() else n
+        if counted == n:
+            kept[key] = item
+        elif counted is not None:
+            kept[key] = {**item, "n": counted, "written": min(item["written"], counted)}
+    return kept
+
+
+def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> None:
+    for item in latest.values():
+        model = status.by_model.setdefault(str(item["model"]), ModelStatus())
+        if item["status"] == "ok":
+            model.ok_requests += 1
+            model.ok_images += int(item["n"])
+        elif item["status"] == "partial" and not item["error"] and not item["links_gone"]:
+            # Stopped before the rest was asked for: the rest is pending (the next run sends it).
+            model.ok_images += item["written"]
+        else:
+            # A download_failed or partial request wrote some of its images; the rest are
+            # waiting for their download, or failed.
+            written = item["written"] if item["status"] in PAID else 0
+            if item["links_gone"]:
+                # Of a partial key, the images whose links are given up (the rest is failed).
+                status.links_gone += min(item["generated"], int(item["n"])) - written
+            elif item["status"] == "download_failed":
+                status.awaiting_download += int(item["n"]) - written
+            model.failed_requests += 1
+            model.ok_images += written
+            model.failed_images += int(item["n"]) - written
+            error = item["error"] or {}
+            kind = str(error.get("kind", "unknown"))
+            status.failures[kind] += 1
+            status.failure_examples.setdefault(kind, str(error.get("message", "")))
+
+
+def _count_pending(
+    status: FolderStatus,
+    latest: dict[str, dict[str, Any]],
+    run: dict[str, Any],
+    given: str | Path | None,
+    scope: Scope,
+) -> dict[str, tuple[str | None, str | None]]:
+    """Pending work per model from the manifest; returns each recorded job's size and quality
+    (for pricing) and fills `scope` with the recorded jobs the manifest holds. Leaves pending
+    unknown, with a note, when the manifest cannot be used."""
+    recorded_path = run.get("manifest")
+    if not isinstance(recorded_path, str):
+        recorded_path = None  # a hand-edited run line: read as no manifest recorded
+    path = Path(given) if given is not None else Path(recorded_path) if recorded_path else None
+    if path is None:
+        status.manifest_note = "pending work is unknown: no manifest recorded (pass --manifest)"
+        return {}
+    status.manifest = str(path)
+    sizes: dict[str, tuple[str | None, str | None]] = {}
+    recorded_jobs = {str(item["job_id"]) for item in latest.values()}
+    try:
+        manifest = recorded_manifest(run, path)
+        manifest.validate()
+
+        def jobs() -> Any:
+            for job in manifest:
+                if job.id in recorded_jobs:
+                    sizes[job.id] = (job.size, job.quality)
+                    scope.add(job, manifest.registry.get(job.model).max_n)
+                yield job
+
+        def lookup(key: str) -> KeyState | None:
+            item = latest.get(key)
+            if item is None:
+                return None
+            return KeyState(key, item["status"], item["fingerprint"], None, "", item["n"])
+
+        plan = forecast(jobs(), ledger_verdicts(manifest.registry, lookup))
+    except ManifestError as exc:
+        first = exc.problems[0] if exc.problems else None
+        reason = first.message if first is not None and first.line == 0 else str(exc)
+        status.manifest_note = f"pending work is unknown: cannot read {path}: {reason}"
+        scope.clear()  # only a manifest read whole says what it asks for
+        return {}
+    except (CometBatchError, OSError) as exc:
+        status.manifest_note = f"pending work is unknown: cannot read {path}: {exc}"
+        scope.clear()
+        return {}
+    matched = sum(p.requests - p.new_requests for p in plan.by_model.values())
+    if latest and not matched:
+        # A .txt or .csv run with --model/--size/--n from before run events recorded them, or
+        # another manifest than the one that ran.
+        status.manifest_note = (
+            f"pending work is unknown: none of the jobs in {path} is in the ledger (pass the "
+            "manifest the run used with --manifest)"
+        )
+        return sizes
+    for name, item in plan.by_model.items():
+        model = status.by_model.setdefault(name, ModelStatus())
+        model.pending_requests = item.new_requests
+        model.pending_images = item.new_images
+    for line in latest.values():
+        pending = line["status"] == "partial" and not line["error"] and not line["links_gone"]
+        if pending and line["job_id"] in sizes:
+            # The images a partial key still needs (its written ones count as done).
+            counted = status.by_model.setdefault(str(line["model"]), ModelStatus())
+            counted.pending_requests = (counted.pending_requests or 0) + 1
+            rest = int(line["n"]) - line["written"]
+            counted.pending_images = (counted.pending_images or 0) + rest
+    status.pending_known = True
+    if given is None and run.get("manifest_sha256") and manifest.sha256 != run["manifest_sha256"]:
+        status.manifest_note = f"{path} changed since the last run: pending counts its new content"
+    return sizes
+
+
+def _count_spend(
+    status: FolderStatus,
+    paid: Payments,
+    sizes: dict[str, tuple[str | None, str | None]],
+    prices: PriceTable,
+) -> None:
+    """What the recorded generations cost: usage tokens where recorded, else list prices."""
+    status.prices = prices.describe()
+    for payment in paid:
+        size, quality = sizes.get(payment.job_id, (None, None))
+        status.paid_images += payment.images
+        cost = actual(payment.model, payment.usage, payment.images, size, quality, prices=prices)
+        if cost is None:
+            status.unpriced_images += payment.images
+        else:
+            status.spend_usd += cost
