@@ -1,47 +1,92 @@
 """cometbatch: resumable, rate-limit-aware batch image generation through CometAPI."""
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-try:
-    __version__ = version("cometbatch")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .engine.engine import Engine
-from .errors import (
-    APIConnectionError,
-    APIError,
-    APIResponseError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    BudgetExceededError,
-    CapabilityError,
-    ChangedJobsError,
-    CometBatchError,
-    ConfigError,
-    ContentPolicyError,
-    DownloadError,
-    ImageDataError,
-    IncompatibleAPIError,
-    LedgerError,
-    ManifestError,
-    ManifestFileError,
-    ManifestProblem,
-    NotFoundError,
-    OutputError,
-    PermissionDeniedError,
-    PricesError,
-    RateLimitError,
-    ServerError,
-    UpstreamDownError,
-)
-from .manifest.jobs import Job, Manifest, load_manifest
-from .models.registry import ModelRegistry, ModelSpec
-from .results import Result, Summary
-from .settings import Settings
-from .simulator.server import SimConfig, Simulator
+if TYPE_CHECKING:
+    from ._version import __version__
+    from .engine.engine import Engine
+    from .errors import (
+        APIConnectionError,
+        APIError,
+        APIResponseError,
+        APIStatusError,
+        APITimeoutError,
+        AuthenticationError,
+        BadRequestError,
+        BudgetExceededError,
+        CapabilityError,
+        ChangedJobsError,
+        CometBatchError,
+        ConfigError,
+        ContentPolicyError,
+        DownloadError,
+        ImageDataError,
+        IncompatibleAPIError,
+        LedgerError,
+        ManifestError,
+        ManifestFileError,
+        ManifestProblem,
+        NotFoundError,
+        OutputError,
+        PermissionDeniedError,
+        PricesError,
+        RateLimitError,
+        ServerError,
+        UpstreamDownError,
+    )
+    from .manifest.jobs import Job, Manifest, load_manifest
+    from .models.registry import ModelRegistry, ModelSpec
+    from .results import Result, Summary
+    from .settings import Settings
+    from .simulator.server import SimConfig, Simulator
+
+# Each public name and the module that defines it. A name is imported on first use, so that
+# `import cometbatch` (and `cometbatch --help`) does not pay for aiohttp, pydantic or the
+# simulator's web server before they are needed.
+_HOME = {
+    "APIConnectionError": ".errors",
+    "APIError": ".errors",
+    "APIResponseError": ".errors",
+    "APIStatusError": ".errors",
+    "APITimeoutError": ".errors",
+    "AuthenticationError": ".errors",
+    "BadRequestError": ".errors",
+    "BudgetExceededError": ".errors",
+    "CapabilityError": ".errors",
+    "ChangedJobsError": ".errors",
+    "CometBatchError": ".errors",
+    "ConfigError": ".errors",
+    "ContentPolicyError": ".errors",
+    "DownloadError": ".errors",
+    "Engine": ".engine.engine",
+    "ImageDataError": ".errors",
+    "IncompatibleAPIError": ".errors",
+    "Job": ".manifest.jobs",
+    "LedgerError": ".errors",
+    "Manifest": ".manifest.jobs",
+    "ManifestError": ".errors",
+    "ManifestFileError": ".errors",
+    "ManifestProblem": ".errors",
+    "ModelRegistry": ".models.registry",
+    "ModelSpec": ".models.registry",
+    "NotFoundError": ".errors",
+    "OutputError": ".errors",
+    "PermissionDeniedError": ".errors",
+    "PricesError": ".errors",
+    "RateLimitError": ".errors",
+    "Result": ".results",
+    "ServerError": ".errors",
+    "Settings": ".settings",
+    "SimConfig": ".simulator.server",
+    "Simulator": ".simulator.server",
+    "Summary": ".results",
+    "UpstreamDownError": ".errors",
+    "__version__": "._version",
+    "load_manifest": ".manifest.jobs",
+}
 
 __all__ = [
     "APIConnectionError",
@@ -84,3 +129,18 @@ __all__ = [
     "__version__",
     "load_manifest",
 ]
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        home = _HOME.get(name)
+        if home is None:
+            raise AttributeError(f"module 'cometbatch' has no attribute {name!r}")
+        value = getattr(importlib.import_module(home, __name__), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,7 +16,7 @@ import pytest
 from support import no_sleep, run_all, settings_for
 
 from cometbatch import ConfigError, Engine, Job, LedgerError, SimConfig, Simulator, load_manifest
-from cometbatch.cli.streams import GuardedStream
+from cometbatch.streams import GuardedStream
 from cometbatch.views.export import (
     CSV_COLUMNS,
     EXPORT_FORMATS,

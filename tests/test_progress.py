@@ -20,11 +20,11 @@ from cometbatch.cli.progress import (
     wants_no_color,
 )
 from cometbatch.cli.snapshot import Snapshot, eta_text
-from cometbatch.cli.streams import GuardedStream, stream_gone
 from cometbatch.engine.engine import Engine
 from cometbatch.net.limits import Limiter
 from cometbatch.net.pace import Pace
 from cometbatch.results import Summary
+from cometbatch.streams import GuardedStream, stream_gone
 
 
 def snap(**fields: object) -> Snapshot:

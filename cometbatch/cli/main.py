@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 from pydantic import ValidationError
 
-from .. import __version__
+from .._version import __version__
 from ..costs.budget import plan_fit
 from ..costs.prices import PriceTable, load_prices
 from ..engine.forecast import run_forecast
@@ -33,6 +33,7 @@ from ..settings import (
     check_base_url,
 )
 from ..simulator.server import SimConfig
+from ..streams import guard_std_streams
 from ..textsafe import printable
 from ..validation import first_problem
 from .config import FileConfig, load_config, merge_options, model_overrides, settings_fields
@@ -56,7 +57,6 @@ from .options import (
 from .progress import choose_mode
 from .report import plan_data, plan_lines, summary_data, summary_lines
 from .runner import RunOutcome, run_manifest
-from .streams import guard_std_streams
 from .tools import fetch, simulate
 
 

@@ -17,9 +17,9 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from ..streams import stream_gone
 from .snapshot import ESSENTIAL, Snapshot
 from .statusline import fit, rich_text, width_of
-from .streams import stream_gone
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from .. import __version__
+from .._version import __version__
 from ..costs.budget import BUDGET_REASONS, CapReason, cap_text, open_budget
 from ..costs.prices import CostEstimate, PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from tenacity import RetryCallState
 
-from .. import __version__
+from .._version import __version__
 from ..errors import APIError, DownloadError, ImageDataError, OutputError
 from ..ledger.events import iter_events, now_iso
 from ..ledger.writer import Ledger

@@ -56,11 +56,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..cli.streams import stream_gone
 from ..errors import CometBatchError, ConfigError, LedgerError
 from ..ledger.events import LEDGER_NAME, iter_events
 from ..net.answered import Answered
 from ..results import add_usage
+from ..streams import stream_gone
 from ..textsafe import printable, safe_json
 from .prompts import PromptFile
 from .scope import Scope
