@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -45,8 +54,8 @@ def is_loopback_host(host: str | None) -> bool:
 
 
 def check_base_url(base_url: str, *, allow_insecure_http: bool) -> None:
-    """Refuse a base URL that is not http(s), or plain http to a host off this machine
-    (it would carry the key in clear text) unless that is explicitly allowed."""
+    """Refuse a base URL that is not http(s), or plain http off this machine unless allowed."""
+    # Plain http to another host would carry the key in clear text.
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"base URL must be http(s)://host[/path], got {base_url!r}")
@@ -58,16 +67,14 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool) -> None:
 
 
 def concurrency_mode(concurrency: int | None, auto: bool, rate: bool) -> ConcurrencyMode:
-    """ "auto" when asked; "rate" (the level follows rpm/ipm) with a rate and no concurrency;
-    else "fixed" (the concurrency given, or 16)."""
+    """ "auto" when asked; "rate" with a rate and no concurrency; else "fixed"."""
     if auto:
         return "auto"
     return "rate" if concurrency is None and rate else "fixed"
 
 
 def most_in_flight(concurrency: int | None, mode: ConcurrencyMode, bound: int | None) -> int:
-    """The hard cap on requests in flight: a fixed concurrency, else the mode's bound (auto's
-    or the rate's, by default 256 and 1,000), else 16."""
+    """The hard cap on requests in flight: a fixed concurrency, else the mode's bound, else 16."""
     if concurrency is not None:
         return concurrency
     if mode == "fixed":
@@ -78,9 +85,14 @@ def most_in_flight(concurrency: int | None, mode: ConcurrencyMode, bound: int | 
 class Settings(BaseModel):
     """How the engine sends: limits, retries, timeouts, where, and with which key."""
 
-    # protected_namespaces=(): pydantic before 2.10 warns at import about any field named
-    # model_* (model_overrides), as if it could shadow a BaseModel method; none does.
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # The one place each setting's bounds live: the CLI and the settings file are checked by
+    # this model. protected_namespaces=(): pydantic before 2.10 warns at import about any
+    # field named model_* (model_overrides), as if it could shadow a BaseModel method.
+    # allow_inf_nan=False: no setting works at infinity (aiohttp cannot time out at inf, a
+    # pacing bucket cannot hold inf requests).
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False
+    )
 
     # COMETAPI_BASE_URL, when set, replaces the default (a proxy, a gateway, the simulator).
     base_url: str = Field(default_factory=_default_base_url)
@@ -89,7 +101,7 @@ class Settings(BaseModel):
     # Most requests in flight, a hard cap. None: with rpm or ipm, rate x measured latency (with
     # headroom, up to max_concurrency), so the limit is used at any latency; without, 16.
     concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    min_concurrency: int = Field(default=1, ge=1)
+    min_concurrency: int = Field(default=1, ge=1, le=10_000)
     # Concurrency finds its own level: it starts at 16 (or min_concurrency, if higher) and grows
     # while latency and errors hold, up to `concurrency` (else max_concurrency, else 256);
     # 429s and timeouts back it off.
@@ -97,8 +109,9 @@ class Settings(BaseModel):
     # The bound of auto concurrency and of the level that follows the rate (None: 256 for
     # auto, 1,000 for the rate); a fixed `concurrency` is its own bound.
     max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    rpm: float | None = Field(default=None, gt=0)
-    ipm: float | None = Field(default=None, gt=0)
+    # The pacer lets whole requests through: at one a minute or less it has nothing to pace.
+    rpm: float | None = Field(default=None, gt=1)
+    ipm: float | None = Field(default=None, gt=1)
     max_attempts: int = Field(default=8, ge=1, le=100)
     # Retry timeouts and dropped connections that happen after the request was sent
     # (the image may have been generated and billed).
@@ -131,7 +144,7 @@ class Settings(BaseModel):
     # included): no request starts that could cross one; the run stops as "max_images" or
     # "max_cost" instead. None: no cap.
     max_images: int | None = Field(default=None, gt=0)
-    max_cost: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_cost: float | None = Field(default=None, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -142,7 +155,12 @@ class Settings(BaseModel):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _check_concurrency(self) -> Settings:
+    def _check_together(self) -> Settings:
+        if self.rpm is not None and self.ipm is not None and self.rpm <= 2:
+            # Pacing both holds one request a minute back from the rpm bucket (see Limiter).
+            raise ValueError(
+                f"rpm (--rpm) must be more than 2 when ipm (--ipm) is set too, got {self.rpm:g}"
+            )
         if self.max_concurrency is not None and self.concurrency_mode == "fixed":
             raise ValueError(
                 "max_concurrency (--max-concurrency) bounds auto concurrency and the level "
@@ -190,3 +208,13 @@ class Settings(BaseModel):
     def public(self) -> dict[str, Any]:
         """Settings as they go into the ledger's run event: never the key."""
         return self.model_dump(mode="json", exclude={"api_key"})
+
+
+def check_fields(values: Mapping[str, Any]) -> None:
+    """Check some Settings fields on their own, strictly (no "60" for 60): ValidationError."""
+    try:
+        Settings.model_validate(values, strict=True)
+    except ValidationError as exc:
+        # A check across fields waits for the whole settings: other sources may complete them.
+        if exc.errors()[0]["loc"]:
+            raise

@@ -460,7 +460,7 @@ def test_concurrency_auto_runs_within_its_bounds_and_bad_bounds_are_usage_errors
         (["--max-concurrency", "40"], "(16 without rpm/ipm) is its own maximum"),
         (["--rpm", "600", "--min-concurrency", "2000"], "above the maximum concurrency (1000)"),
         (["--concurrency", "lots"], "neither a whole number nor 'auto'"),
-        (["--concurrency", "0"], "not in the range"),
+        (["--concurrency", "0"], "--concurrency: Input should be greater than or equal to 1"),
         (["--concurrency", "auto", "--min-concurrency", "300"], "above the maximum"),
     ]:
         refused = cli("run", str(DEMO), "--simulate", "--out", str(tmp_path / "x"), *args)

@@ -1,9 +1,4 @@
-"""Defaults from a file: `cometbatch.toml`, or `[tool.cometbatch]` in `pyproject.toml`.
-
-The file holds what would otherwise be typed on every command line (base URL, limits, job
-defaults, a models file, per-model overrides, prices). Flags override it; the key never comes
-from it.
-"""
+"""The settings file (`cometbatch.toml` or `[tool.cometbatch]`): below the flags, never the key."""
 
 from __future__ import annotations
 
@@ -18,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..costs.prices import PriceTable, builtin_prices, load_prices
 from ..errors import ConfigError
 from ..models.datafile import read_data_file
-from ..settings import KEY_ENV, concurrency_mode
+from ..settings import KEY_ENV, check_fields, concurrency_mode
 from ..validation import first_problem
 
 CONFIG_NAME = "cometbatch.toml"
@@ -29,36 +24,16 @@ _KEY_NAMES = frozenset({"api_key", "apikey", "key", "cometapi_key", "token", "se
 
 
 class FileSettings(BaseModel):
-    """What the file may set; the names are the `run` options' (and Settings fields')."""
+    """What the file may set beside Settings fields: job defaults, models, prices."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    base_url: str | None = None
+    # A number (checked by Settings) or "auto", as --concurrency.
     concurrency: int | Literal["auto"] | None = Field(default=None)
-    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    min_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    rpm: float | None = Field(default=None, ge=1)
-    ipm: float | None = Field(default=None, ge=1)
-    max_attempts: int | None = Field(default=None, ge=1, le=100)
-    timeout: float | None = Field(default=None, ge=1)
-    retry_ambiguous: bool | None = None
-    fsync: Literal["end", "batch", "always"] | None = None
-    max_images: int | None = Field(default=None, ge=1)
-    max_cost: float | None = Field(default=None, gt=0)
     # Job defaults, as --model, --size and --n.
     model: str | None = None
     size: str | None = None
     n: int | None = Field(default=None, ge=1)
-    # Settings without a flag of their own.
-    connect_timeout: float | None = Field(default=None, gt=0)
-    download_timeout: float | None = Field(default=None, gt=0)
-    max_download_bytes: int | None = Field(default=None, gt=0)
-    max_response_bytes: int | None = Field(default=None, gt=0)
-    max_retry_after: float | None = Field(default=None, ge=0)
-    backoff_base: float | None = Field(default=None, gt=0)
-    backoff_max: float | None = Field(default=None, gt=0)
-    outage_limit: float | None = Field(default=None, gt=0)
-    grace_period: float | None = Field(default=None, ge=0)
     # A price file (relative to this file) or a table of the price file's shape.
     prices: str | dict[str, Any] | None = None
     # A models file (relative to this file), as --models: merged over the built-in models.
@@ -78,6 +53,21 @@ SETTINGS_ONLY = (
     "backoff_max",
     "outage_limit",
     "grace_period",
+)
+# Settings fields the file may set, named as in Settings and checked by it.
+SETTINGS_KEYS = (
+    "base_url",
+    "max_concurrency",
+    "min_concurrency",
+    "rpm",
+    "ipm",
+    "max_attempts",
+    "timeout",
+    "retry_ambiguous",
+    "fsync",
+    "max_images",
+    "max_cost",
+    *SETTINGS_ONLY,
 )
 
 
@@ -138,11 +128,12 @@ def _problem(exc: ValidationError, source: str) -> ConfigError:
     # the key itself, or the model of a [models.NAME] table.
     key = ".".join(loc[:2]) if loc[:1] == ["models"] else (loc[0] if loc else "")
     if first.kind == "extra_forbidden":
-        close = difflib.get_close_matches(key, FileSettings.model_fields, n=1)
+        known = [*FileSettings.model_fields, *SETTINGS_KEYS]
+        close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return ConfigError(f"{source}: unknown setting {key!r}{hint}")
     message = first.message
-    if key == "concurrency":
+    if key == "concurrency" and len(loc) > 1:
         message = "should be a whole number or 'auto'"
     return ConfigError(f"{source}: {key!r}: {message}")
 
@@ -150,11 +141,15 @@ def _problem(exc: ValidationError, source: str) -> ConfigError:
 def parse_config(data: Mapping[str, Any], source: str) -> FileConfig:
     """Validate a config table (a TOML document or `[tool.cometbatch]`); ConfigError if bad."""
     _refuse_keys(data, source)
+    shared = {name: value for name, value in data.items() if name in SETTINGS_KEYS}
     try:
-        parsed = FileSettings.model_validate(dict(data))
+        parsed = FileSettings.model_validate({k: v for k, v in data.items() if k not in shared})
+        number = {} if parsed.concurrency in (None, "auto") else {"concurrency": parsed.concurrency}
+        # The bounds are Settings' own, so a value reads the same here as from a flag.
+        check_fields({**shared, **number})
     except ValidationError as exc:
         raise _problem(exc, source) from None
-    return FileConfig(source, parsed.model_dump(exclude_unset=True))
+    return FileConfig(source, {**shared, **parsed.model_dump(exclude_unset=True)})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -168,8 +163,7 @@ def _tool_table(data: dict[str, Any]) -> Any:
 
 
 def load_config(path: str | Path | None = None, *, cwd: str | Path = ".") -> FileConfig:
-    """The config from `path`, else from `cometbatch.toml` or `pyproject.toml`'s
-    `[tool.cometbatch]` in `cwd`; an empty FileConfig when there is none."""
+    """The config from `path`, else found in `cwd`; an empty FileConfig when there is none."""
     if path is not None:
         given = Path(path)
         data = _read_toml(given)
@@ -196,8 +190,7 @@ def load_config(path: str | Path | None = None, *, cwd: str | Path = ".") -> Fil
 def merge_options(
     flags: Mapping[str, Any], given: set[str], config: FileConfig, environ: Mapping[str, str]
 ) -> dict[str, Any]:
-    """The run options after the file: a flag given on the command line wins, then the
-    environment (COMETAPI_BASE_URL for the base URL), then the file, then the default."""
+    """The run options: a given flag, else the environment (base URL), else the file."""
     merged = dict(flags)
     for name, value in config.values.items():
         if name in ("models", "models_file", "prices", *SETTINGS_ONLY) or name not in merged:

@@ -1,5 +1,4 @@
-"""The command line: the `cometbatch` group and `run`; other commands live in cli_inspect and
-cli_tools, shared pieces in cli_options."""
+"""The command line: the `cometbatch` group and `run` (other commands: cli_inspect, cli_tools)."""
 
 from __future__ import annotations
 
@@ -9,40 +8,28 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 from click.core import ParameterSource
-from pydantic import ValidationError
 
 from .._version import __version__
 from ..costs.budget import plan_fit
-from ..costs.prices import PriceTable, load_prices
 from ..engine.forecast import run_forecast
 from ..engine.origin import other_manifest
 from ..errors import CometBatchError, ConfigError
 from ..ledger.events import LEDGER_NAME
 from ..ledger.index import LedgerState
 from ..manifest.jobs import Manifest, load_manifest
-from ..models.registry import load_registry, parse_overrides
-from ..settings import (
-    AUTO_MAX_CONCURRENCY,
-    KEY_ENV,
-    RATE_MAX_CONCURRENCY,
-    Settings,
-    check_base_url,
-)
+from ..settings import AUTO_MAX_CONCURRENCY, KEY_ENV, RATE_MAX_CONCURRENCY, FsyncPolicy
 from ..simulator.server import SimConfig
 from ..streams import guard_std_streams
 from ..textsafe import printable
-from ..validation import first_problem
-from .config import FileConfig, load_config, merge_options, model_overrides, settings_fields
 from .inspect import export, gallery, models, status, verify
 from .options import (
     DEFAULTS,
     EXIT_INTERRUPTED,
     budget_options,
-    concurrency_fields,
     console,
     fail,
     internal_error,
@@ -53,51 +40,33 @@ from .options import (
     run_exit_code,
     say,
     setup_logging,
+    shown_bounds,
 )
 from .progress import choose_mode
 from .report import plan_data, plan_lines, summary_data, summary_lines
 from .runner import RunOutcome, run_manifest
+from .setup import RunSetup, run_setup
 from .tools import fetch, simulate
 
 
-def _settings(
-    opts: dict[str, Any], overrides: dict[str, Any], config: FileConfig, models: Path | None
-) -> Settings:
-    """Settings from the merged options (flags over the file over the defaults)."""
-    fields: dict[str, Any] = {
-        **settings_fields(config),
-        **concurrency_fields(opts["concurrency"], opts["min_concurrency"], opts["max_concurrency"]),
-        "rpm": opts["rpm"],
-        "ipm": opts["ipm"],
-        "max_attempts": opts["max_attempts"],
-        "timeout": opts["timeout"],
-        "retry_failed": opts["retry_failed"],
-        "regenerate_changed": opts["regenerate_changed"],
-        "retry_ambiguous": not opts["no_retry_ambiguous"],
-        "fsync": opts["fsync"],
-        "allow_insecure_http": opts["allow_insecure_http"],
-        # Recorded absolute, so that status, export and gallery find it from any folder.
-        "models_file": None if models is None else str(Path(models).resolve()),
-        "model_overrides": overrides,
-        "max_images": opts["max_images"],
-        "max_cost": opts["max_cost"],
-    }
-    if opts["base_url"]:
-        fields["base_url"] = opts["base_url"]
-    try:
-        settings = Settings(**fields)
-    except ValidationError as exc:
-        raise ConfigError(str(first_problem(exc))) from None
-    # Checked here too so that a dry run refuses what the real run would refuse.
-    check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
-    return settings
+def _checked_manifest(manifest: Path, setup: RunSetup, *, spinner: bool) -> Manifest:
+    """The manifest read and checked with the run's job defaults and models."""
+    err = console()
+    # A million-line manifest takes seconds to check: show that something is happening.
+    checking = (
+        err.status(f"checking {manifest} …")
+        if spinner and err.is_terminal
+        else contextlib.nullcontext()
+    )
+    with checking:
+        return load_manifest(
+            manifest, model=setup.model, size=setup.size, n=setup.n, registry=setup.registry
+        )
 
 
-def _dry_run(
-    loaded: Manifest, settings: Settings, out: Path, prices: PriceTable, json_output: bool
-) -> None:
-    """Print the plan: per model, the work, what the ledger already holds, the cost; whether
-    it fits under the caps; and whether the folder was filled from another manifest."""
+def _dry_run(loaded: Manifest, setup: RunSetup, out: Path, json_output: bool) -> None:
+    """Print the plan: per model the work, what the ledger holds, the cost, the caps' verdict."""
+    settings, prices = setup.settings, setup.prices
     state = LedgerState.load(out / LEDGER_NAME)
     plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
     send = plan.totals().send_images
@@ -134,36 +103,39 @@ def main() -> None:
     callback=parse_concurrency,
     help="Requests in flight at most (backed off on 429s), or 'auto': start at 16 (or "
     "--min-concurrency) and grow while latency and errors hold, up to --max-concurrency. "
-    "Default: with --rpm/--ipm, rate x measured latency (up to --max-concurrency); else 16.",
+    "Default: with --rpm/--ipm, rate x measured latency (up to --max-concurrency); else 16."
+    + shown_bounds("concurrency"),
 )
+# Bounds are Settings' own, checked there (and shown here); click only parses numbers.
 @click.option(
     "--max-concurrency",
-    type=click.IntRange(1, 10_000),
+    type=int,
     metavar="N",
     help=f"Upper bound of --concurrency auto (default {AUTO_MAX_CONCURRENCY}) and of the level "
-    f"that follows --rpm/--ipm (default {RATE_MAX_CONCURRENCY}).",
+    f"that follows --rpm/--ipm (default {RATE_MAX_CONCURRENCY})." + shown_bounds("max_concurrency"),
 )
 @click.option(
     "--min-concurrency",
-    type=click.IntRange(1, 10_000),
+    type=int,
     metavar="N",
-    help="Lower bound when concurrency backs off or adapts (default 1).",
+    help="Lower bound when concurrency backs off or adapts (default 1)."
+    + shown_bounds("min_concurrency"),
 )
-@click.option("--rpm", type=click.FloatRange(min=1, min_open=False), help="Requests per minute.")
-@click.option("--ipm", type=click.FloatRange(min=1, min_open=False), help="Images per minute.")
+@click.option("--rpm", type=float, help="Requests per minute." + shown_bounds("rpm"))
+@click.option("--ipm", type=float, help="Images per minute." + shown_bounds("ipm"))
 @click.option(
     "--max-attempts",
-    type=click.IntRange(1, 100),
+    type=int,
     default=DEFAULTS["max_attempts"],
-    show_default=True,
-    help="Attempts per request, the first included.",
+    help="Attempts per request, the first included."
+    + shown_bounds("max_attempts", default=DEFAULTS["max_attempts"]),
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=1),
+    type=float,
     default=DEFAULTS["timeout"],
-    show_default=True,
-    help="Seconds to wait for one generation.",
+    help="Seconds to wait for one generation."
+    + shown_bounds("timeout", default=DEFAULTS["timeout"]),
 )
 @click.option("--model", help="Model for lines that name none (default dall-e-3).")
 @click.option("--size", help="Size for lines that set none.")
@@ -181,8 +153,8 @@ def main() -> None:
 )
 @click.option(
     "--fsync",
-    type=click.Choice(["end", "batch", "always"]),
-    default="end",
+    type=click.Choice(get_args(FsyncPolicy)),
+    default=DEFAULTS["fsync"],
     show_default=True,
     help="When results reach the disk itself: 'end' flushes each ledger write to the OS "
     "and fsyncs at the end (a crash loses nothing); 'batch' also fsyncs each write (a power "
@@ -260,41 +232,20 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
     json_output, quiet = bool(options["json_output"]), bool(options["quiet"])
     setup_logging(int(options["verbose"]), quiet)
     out = options["out_dir"] or Path("out") / manifest.stem
+    given = {
+        name
+        for name in options
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+    }
     outcome: RunOutcome | None = None
     try:
-        config = load_config(options["config_path"])
-        given = {
-            name
-            for name in options
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
-        }
-        if {"simulate", "base_url"} <= given:
-            # The simulated API has its own address: one of the two flags is a mistake.
-            raise ConfigError(
-                "--simulate and --base-url cannot be used together: --simulate sends to the "
-                "built-in simulated API; drop one of them"
-            )
-        opts = merge_options(options, given, config, os.environ)
-        prices = load_prices(opts["prices_path"]) if opts["prices_path"] else config.prices()
-        overrides = model_overrides(config, parse_overrides(opts["model_override"]))
-        models_file = opts["models_path"] or config.models_file()
-        registry = load_registry(models_file, overrides)
-        # A million-line manifest takes seconds to check: show that something is happening.
-        err = console()
-        checking = (
-            err.status(f"checking {manifest} …")
-            if err.is_terminal and not (quiet or json_output)
-            else contextlib.nullcontext()
-        )
-        with checking:
-            loaded = load_manifest(
-                manifest, model=opts["model"], size=opts["size"], n=opts["n"], registry=registry
-            )
-        settings = _settings(opts, overrides, config, models_file)
-        if opts["dry_run"]:
-            _dry_run(loaded, settings, out, prices, json_output)
+        setup = run_setup(options, given, os.environ)
+        settings, prices = setup.settings, setup.prices
+        loaded = _checked_manifest(manifest, setup, spinner=not (quiet or json_output))
+        if options["dry_run"]:
+            _dry_run(loaded, setup, out, json_output)
             return
-        simulate = bool(opts["simulate"])
+        simulate = bool(options["simulate"])
         raise_open_file_limit(settings.max_in_flight, simulate)
         if not simulate and not settings.resolved_key():
             raise ConfigError(
@@ -312,7 +263,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
                     else None
                 ),
                 progress=choose_mode(quiet=quiet, json_output=json_output),
-                console=err,
+                console=console(),
                 say=say,
                 handle_signals=True,
                 prices=prices,

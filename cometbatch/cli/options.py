@@ -6,11 +6,13 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import annotated_types
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -26,6 +28,7 @@ from ..errors import (
 from ..results import Summary
 from ..settings import DEFAULT_CONCURRENCY, KEY_ENV, Settings
 from ..textsafe import PrintableFormatter, printable
+from ..validation import first_problem
 from .progress import make_console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -57,8 +60,7 @@ def reset_console() -> Console:
 
 
 def say(*lines: str) -> None:
-    """A message on stderr, one line per argument, printed as is (no markup, no wrapping),
-    with controls escaped: a newline inside a line is shown as \\n, never starts one."""
+    """A message on stderr, one line per argument, as is, with controls escaped (\\n stays)."""
     # Messages quote server and ledger text: an escape code in it must not reach the terminal,
     # and a newline in it must not forge a line of its own.
     console().print("\n".join(map(printable, lines)), markup=False, soft_wrap=True)
@@ -67,8 +69,7 @@ def say(*lines: str) -> None:
 def fail(
     exc: CometBatchError, *, json_output: bool = False, summary: dict[str, Any] | None = None
 ) -> NoReturn:
-    """Print one clear error (a line for each thing it lists, such as bad manifest lines)
-    and the JSON object scripts wait for; exit 2 or 1."""
+    """Print one clear error (a line per thing it lists) and the JSON scripts wait for; exit."""
     lines = exc.lines()
     if isinstance(exc, AuthenticationError) and exc.status is not None:
         lines = [f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV}"]
@@ -98,9 +99,7 @@ def internal_error(exc: Exception, *, json_output: bool = False) -> NoReturn:
 
 @contextlib.contextmanager
 def reported_errors(writing: str) -> Iterator[None]:
-    """For a command that writes a file: any error becomes one line and an exit code (a
-    cometbatch error as usual, an OS error as "cannot write <writing>", anything else as an
-    internal error)."""
+    """For a command that writes a file: any error becomes one line and an exit code."""
     try:
         yield
     except CometBatchError as exc:
@@ -152,19 +151,19 @@ def budget_options(command: F) -> F:
     """--max-images and --max-cost: caps over the whole output folder."""
     command = click.option(
         "--max-cost",
-        type=click.FloatRange(min=0, min_open=True),
+        type=float,
         metavar="USD",
         help="Stop before the folder's spend (list-price estimates, usage tokens where "
         f"answered; requests in flight counted) would pass USD; exit {EXIT_BUDGET}. Counts "
-        "earlier runs too: rerun with a higher cap to continue.",
+        "earlier runs too: rerun with a higher cap to continue." + shown_bounds("max_cost"),
     )(command)
     return click.option(
         "--max-images",
-        type=click.IntRange(min=1),
+        type=int,
         metavar="N",
         help="Stop before the folder would hold more than N generated images (earlier runs "
         f"and requests in flight counted); exit {EXIT_BUDGET}. Rerun with a higher cap to "
-        "continue.",
+        "continue." + shown_bounds("max_images"),
     )(command)
 
 
@@ -181,10 +180,9 @@ def concurrency_option(text: str) -> Callable[[F], F]:
     """--concurrency N for commands without an adaptive level."""
     return click.option(
         "--concurrency",
-        type=click.IntRange(1, 10_000),
+        type=int,
         default=DEFAULT_CONCURRENCY,
-        show_default=True,
-        help=text,
+        help=text + shown_bounds("concurrency", default=DEFAULT_CONCURRENCY),
     )
 
 
@@ -221,12 +219,9 @@ def parse_concurrency(
     if str(value).strip().lower() == "auto":
         return "auto"
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither a whole number nor 'auto'") from None
-    if not 1 <= number <= 10_000:
-        raise click.BadParameter(f"{number} is not in the range 1<=x<=10000")
-    return number
 
 
 def output_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
@@ -243,8 +238,7 @@ def output_folder(ctx: click.Context, param: click.Parameter, value: str | None)
 def concurrency_fields(
     concurrency: int | str | None, min_concurrency: int | None, max_concurrency: int | None
 ) -> dict[str, Any]:
-    """The Settings fields for --concurrency N|auto (None: not given), --min-concurrency and
-    --max-concurrency (Settings checks that they fit together)."""
+    """The Settings fields for --concurrency N|auto, --min-concurrency and --max-concurrency."""
     fields: dict[str, Any] = {}
     if concurrency == "auto":
         fields["auto_concurrency"] = True
@@ -255,3 +249,37 @@ def concurrency_fields(
     if min_concurrency is not None:
         fields["min_concurrency"] = min_concurrency
     return fields
+
+
+def shown_bounds(name: str, *, default: object = None) -> str:
+    """A Settings field's bounds (and a default) as click shows a range: "  [default: 8; 1<=x]"."""
+    low: tuple[str, object] | None = None
+    high: tuple[str, object] | None = None
+    for bound in Settings.model_fields[name].metadata:
+        if isinstance(bound, annotated_types.Ge):
+            low = ("<=", bound.ge)
+        elif isinstance(bound, annotated_types.Gt):
+            low = ("<", bound.gt)
+        elif isinstance(bound, annotated_types.Le):
+            high = ("<=", bound.le)
+        elif isinstance(bound, annotated_types.Lt):
+            high = ("<", bound.lt)
+    # Click's own wording: "1<=x<=100" with both bounds, "x>=1" or "x>0" with one.
+    if low and high:
+        shown = f"{low[1]}{low[0]}x{high[0]}{high[1]}"
+    elif low:
+        shown = f"x{low[0].replace('<', '>')}{low[1]}"
+    else:
+        shown = f"x{high[0]}{high[1]}" if high else ""
+    extra = [f"default: {default}"] if default is not None else []
+    extra += [shown] if shown else []
+    return f"  [{'; '.join(extra)}]" if extra else ""
+
+
+def make_settings(fields: Mapping[str, Any], flags: Collection[str] = ()) -> Settings:
+    """Settings from these fields; one ConfigError naming the first bad one (as --flag if given)."""
+    try:
+        return Settings(**fields)
+    except ValidationError as exc:
+        names = {name: "--" + name.replace("_", "-") for name in flags}
+        raise ConfigError(str(first_problem(exc, names))) from None

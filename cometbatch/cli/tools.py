@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from ..engine.fetch import fetch_pending
 from ..errors import CometBatchError, ConfigError
-from ..settings import KEY_ENV, Settings
+from ..settings import KEY_ENV
 from ..simulator.server import SimConfig, serve
 from ..validation import first_problem
 from .options import (
@@ -22,6 +22,7 @@ from .options import (
     EXIT_OK,
     concurrency_option,
     fail,
+    make_settings,
     reporting_options,
     say,
     setup_logging,
@@ -47,7 +48,8 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
     """
     setup_logging(verbose, quiet)
     try:
-        summary = asyncio.run(fetch_pending(out_dir, Settings(concurrency=concurrency)))
+        settings = make_settings({"concurrency": concurrency}, flags={"concurrency"})
+        summary = asyncio.run(fetch_pending(out_dir, settings))
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except KeyboardInterrupt:

@@ -192,9 +192,8 @@ class Limiter:
             # drains, so a window can see the request it paid for plus a full rpm of later
             # ones. Pacing is single file, so at most one token is held at a time: one request
             # of slack keeps what is actually sent within rpm.
+            # Settings refuses an rpm this slack leaves nothing to pace with.
             slack = 1 if ipm is not None else 0
-            if rpm <= 1 + slack:
-                raise ConfigError(f"rpm must be more than {1 + slack}, got {rpm:g}")
             size = pacing_capacity(rpm - slack, 1, pacing_burst)
             self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, size, window=window))
             lead = size / (rpm - slack) * WINDOW
