@@ -40,7 +40,7 @@ async def run_cometbatch(base_url: str, jobs: list[Job], out: Path, concurrency:
     settings = Settings(base_url=base_url, api_key=KEY, concurrency=concurrency)
     started = time.perf_counter()
     ok = 0
-    async with Engine(settings, out_dir=out, simulated=True) as engine:
+    async with Engine(settings, out_dir=out) as engine:
         async for result in engine.run(jobs):
             ok += result.ok
     took = time.perf_counter() - started

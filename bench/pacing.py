@@ -35,6 +35,7 @@ import aiohttp
 from _common import finish, median, simulator_process, verdict
 
 from cometbatch import Engine, Job, Settings, SimConfig
+from cometbatch.net.limits import Limiter
 
 LIMIT = 6_000  # per minute: requests in rpm mode, images in ipm mode
 IMAGES_PER_REQUEST = 4  # ipm mode: gpt-image-1 with n=4
@@ -135,7 +136,8 @@ async def one_run(mode: str, base_url: str, seconds: float, out: Path) -> tuple[
     ok = 0
     session = tracing_session(sends, images, CONCURRENCY)
     # max_images_per_request as the CLI passes it: the largest request of the manifest.
-    engine = Engine(settings, out_dir=out, session=session, max_images_per_request=images)
+    limiter = Limiter.from_settings(settings, max_images_per_request=images)
+    engine = Engine(settings, out_dir=out, session=session, limiter=limiter)
     async with session, engine:
         started = asyncio.get_running_loop().time()
         clock = time.perf_counter()

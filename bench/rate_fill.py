@@ -31,6 +31,7 @@ from _common import finish, simulator_process, verdict
 from pacing import Sends, max_in_window, rate_between, tracing_session
 
 from cometbatch import Engine, Job, Settings, SimConfig
+from cometbatch.net.limits import Limiter
 
 LIMIT = 1200  # requests per minute, at the simulator and in cometbatch
 TARGET = 0.9
@@ -64,7 +65,8 @@ async def one_run(base_url: str, latency: float, requests: int, concurrency: int
     settings = Settings(base_url=base_url, api_key="sk-bench", rpm=LIMIT, concurrency=concurrency)
     sends = Sends()
     session = tracing_session(sends, 1, settings.max_in_flight)
-    engine = Engine(settings, out_dir=out, session=session, max_images_per_request=1)
+    limiter = Limiter.from_settings(settings, max_images_per_request=1)
+    engine = Engine(settings, out_dir=out, session=session, limiter=limiter)
     ok = peak_in_flight = 0
     levels: list[int] = []
     async with session, engine:

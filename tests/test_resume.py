@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import pytest
+from support import ledger_results, no_sleep, run_all, settings_for
+
+from cometbatch import Engine, Job, SimConfig, Simulator
+from cometbatch.engine import resume as resume_module
 from cometbatch.engine.resume import Verdict, decide
 from cometbatch.ledger.index import KeyState
 
@@ -77,3 +85,38 @@ def test_decide_restores_what_is_gone(
 ) -> None:
     """Files gone from under an ok line, or withdrawn by an earlier line, are restored."""
     assert decide(FP, state, retry_failed=False, missing=missing, withdrawn=withdrawn) == verdict
+
+
+async def test_each_request_of_a_resumed_run_is_decided_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun decides each request once, whatever it was (ok, kept, retried, partly answered,
+    new): triage decides, and the request's life acts on that verdict without deciding again."""
+    kept, retried = Job(id="b", prompt="kept"), Job(id="c", prompt="retried")
+    partial = Job(id="d", prompt="partial", model="dall-e-2", n=4, response_format="b64_json")
+    done, new = Job(id="a", prompt="done"), Job(id="e", prompt="new")
+    async with Simulator(SimConfig(seed=5)) as sim:
+        # One at a time, one attempt: b is refused (kept), c fails retryably, d's answer is
+        # short and asking for the rest fails retryably, a is answered.
+        sim.enqueue("400", "500", "short", "500")
+        first = settings_for(sim, concurrency=1, max_attempts=1)
+        async with Engine(first, out_dir=tmp_path, sleep=no_sleep) as engine:
+            await run_all(engine, [kept, retried, partial, done])
+        statuses = {line["key"]: line["status"] for line in ledger_results(tmp_path)}
+        assert statuses == {"b#0": "failed", "c#0": "failed", "d#0": "partial", "a#0": "ok"}
+        decided: Counter[str] = Counter()
+
+        def counting(fingerprint: str, *args: Any, **kwargs: Any) -> Verdict:
+            decided[fingerprint] += 1
+            return real(fingerprint, *args, **kwargs)
+
+        # Wherever the package holds decide, so a second caller anywhere is counted too.
+        real = resume_module.decide
+        for name, module in list(sys.modules.items()):
+            if name.startswith("cometbatch") and getattr(module, "decide", None) is real:
+                monkeypatch.setattr(module, "decide", counting)
+        async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:
+            got = await run_all(engine, [kept, retried, partial, done, new])
+    assert sorted(r.key for r in got if r.ok) == ["c#0", "d#0", "e#0"]
+    assert engine.summary.kept_failures == 1 and engine.summary.skipped_requests == 1
+    assert len(decided) == 5 and set(decided.values()) == {1}

@@ -33,16 +33,16 @@ CHANGED = ORIGINAL.model_copy(update={"prompt": "two"})
 CHILD = textwrap.dedent(
     """
     import asyncio, os, signal, sys
-    import cometbatch.engine.sender as sender
+    import cometbatch.engine.restore as restore
     from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-    from cometbatch.engine.dispatch import Dispatcher
+    from cometbatch.engine.attempts import Attempts
 
     out, point = sys.argv[1], sys.argv[2]
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    move = sender.set_aside
+    move = restore.set_aside
 
     def before_move(*args, **kwargs):
         die()
@@ -52,18 +52,18 @@ CHILD = textwrap.dedent(
         die()
         return moved
 
-    send = Dispatcher.send
+    send = Attempts.send
 
     async def after_request(self, request):
         await send(self, request)
         die()
 
     if point == "before-move":
-        sender.set_aside = before_move
+        restore.set_aside = before_move
     elif point == "after-move":
-        sender.set_aside = after_move
+        restore.set_aside = after_move
     else:
-        Dispatcher.send = after_request
+        Attempts.send = after_request
 
     async def main():
         job = Job(id="c", prompt="two", model="gpt-image-1", n=2)

@@ -21,7 +21,7 @@ from support import ledger_results, no_sleep, run_all, serve, settings_for
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.costs.budget import earlier_totals
 from cometbatch.costs.prices import builtin_prices
-from cometbatch.engine.dispatch import Dispatcher
+from cometbatch.engine.attempts import Attempts
 from cometbatch.engine.forecast import forecast, ledger_verdicts
 from cometbatch.ledger.index import LedgerState
 from cometbatch.models.registry import ModelRegistry
@@ -258,17 +258,17 @@ async def test_a_follow_up_waiting_for_its_turn_holds_nothing_unrecorded(
 ) -> None:
     """Once the partial line is written, the key's follow-up holds nothing paid for and not
     recorded: a hard stop while it waits cuts off no sent request."""
-    send = Dispatcher.send
+    send = Attempts.send
     engines: list[Engine] = []
     calls: list[int] = []
 
-    async def follow_up_stops(self: Dispatcher, request: Any) -> Any:
+    async def follow_up_stops(self: Attempts, request: Any) -> Any:
         calls.append(request.n)
         if len(calls) == 2:
             engines[0].abort()  # a second Ctrl-C while the follow-up waits for a slot
         return await send(self, request)
 
-    monkeypatch.setattr(Dispatcher, "send", follow_up_stops)
+    monkeypatch.setattr(Attempts, "send", follow_up_stops)
     async with Simulator(SimConfig(seed=3)) as sim:
         sim.enqueue("short")
         async with Engine(settings_for(sim), out_dir=tmp_path, sleep=no_sleep) as engine:

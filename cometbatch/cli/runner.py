@@ -17,6 +17,7 @@ from rich.console import Console
 from ..costs.prices import PriceTable, builtin_prices, spent
 from ..engine.engine import Engine
 from ..manifest.jobs import Manifest
+from ..net.limits import Limiter
 from ..results import Result, Summary
 from ..settings import Settings
 from ..simulator.server import SimConfig, Simulator
@@ -76,8 +77,10 @@ STOP_SIGNALS = tuple(
 
 
 class _Interrupts:
-    """First Ctrl-C, SIGTERM or SIGHUP: stop taking work, let sent requests land; a second
-    signal (or the grace period running out): stop at once, counting what was cut off."""
+    """First Ctrl-C, SIGTERM or SIGHUP: stop taking work; a second one: stop at once."""
+
+    # The first lets sent requests land; the second (or the grace period running out)
+    # stops at once, counting what was cut off.
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self.say = say
@@ -124,8 +127,8 @@ class _Interrupts:
         )
 
     def abort(self) -> None:
-        """Stop at once: the engine cancels every request and counts the sent ones; the run
-        then ends as usual (its end line written), with no request left running."""
+        """Stop at once: the engine cancels every request and counts the sent ones."""
+        # The run then ends as usual (its end line written), with no request left running.
         if self.aborted or self.engine is None:
             return
         self.aborted = True
@@ -164,14 +167,19 @@ async def run_manifest(
             interrupts = _Interrupts(say)
             # Registered before the engine: the handlers stay until its end line is written.
             stack.callback(interrupts.uninstall)
+        # --ipm pacing is sized by the manifest's largest request (else the registry's).
+        largest = manifest.stats.max_request_images
+        limiter = None
+        if largest:
+            limiter = Limiter.from_settings(settings, max_images_per_request=largest)
         engine = await stack.enter_async_context(
             Engine(
                 settings,
                 out_dir=out_dir,
                 registry=manifest.registry,
-                simulated=simulate is not None,
-                max_images_per_request=manifest.stats.max_request_images or None,
                 prices=prices,
+                limiter=limiter,
+                simulator=sim,
             )
         )
         if interrupts is not None:
@@ -184,6 +192,4 @@ async def run_manifest(
         except Exception as exc:
             # Reported together with the summary of what the run did before it stopped.
             error = exc
-        if sim is not None:
-            engine.summary.simulator_requests = sim.stats.requests
         return RunOutcome(engine.summary, error, Spend.of(engine.summary, prices))

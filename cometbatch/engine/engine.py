@@ -1,4 +1,4 @@
-"""The engine: one folder's shared parts and run; jobs go through triage, the pool, the sender."""
+"""The engine: a folder's parts wired once; jobs go through triage, the pool, a request's life."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import aiohttp
 
 from .._version import __version__
-from ..costs.budget import BUDGET_REASONS, CapReason, cap_text, open_budget
-from ..costs.prices import CostEstimate, PriceTable, builtin_prices
+from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
+from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
 from ..ledger.events import LEDGER_NAME, now_iso
 from ..ledger.writer import Ledger
@@ -28,14 +28,24 @@ from ..net.retry import RetryPolicy
 from ..results import Result, Summary
 from ..settings import KEY_ENV, Settings
 from ..store.sink import Sink
-from .dispatch import Dispatcher, Stopped, interruptible_sleep
-from .inflight import InFlight
-from .origin import NewWork, other_manifest, other_manifest_text
+from .attempts import Attempts, CapReached, Stopped
+from .inflight import Halt, InFlight
 from .pool import WorkerPool
-from .sender import Sender
+from .request import RequestLife
 from .triage import SENT, Triage, Work
 
 log = logging.getLogger(__name__)
+
+
+class _Counted(Protocol):
+    requests: int
+
+
+class SimulatedAPI(Protocol):
+    """A simulated API the engine sends to (a cometbatch.Simulator): nothing is billed."""
+
+    @property
+    def stats(self) -> _Counted: ...
 
 
 class Engine:
@@ -49,9 +59,9 @@ class Engine:
         session: aiohttp.ClientSession | None = None,
         registry: ModelRegistry | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
-        simulated: bool = False,
-        max_images_per_request: int | None = None,
         prices: PriceTable | None = None,
+        limiter: Limiter | None = None,
+        simulator: SimulatedAPI | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
@@ -60,45 +70,31 @@ class Engine:
         self.registry = registry or load_registry(
             self.settings.models_file, self.settings.model_overrides
         )
-        self.simulated = simulated
+        # A simulated API's runs say so, and its request count is in the end line's summary.
+        self._simulator = simulator
+        self.simulated = simulator is not None
         # Prices each result's cost and, with Settings.max_cost, each request's estimate.
         self.prices = prices or builtin_prices()
-        # Sizes --ipm pacing; default: the most any model in the registry takes per request.
-        self._max_images = max_images_per_request
-        self.summary = Summary(simulated=simulated)
+        self.summary = Summary(simulated=self.simulated)
         self.policy = RetryPolicy.from_settings(self.settings)
         self._session = session
         self._sleep = sleep
         self._state = "new"
         self._run_id = uuid.uuid4().hex[:12]
         self._run_started = False
-        self._stop_event = asyncio.Event()
+        self._halt = Halt(self.summary)
         # Every task carrying a request (run()'s workers, generate()'s requests): the engine
         # owns them, so a caller's cancellation never drops a request that was sent.
         self._inflight = InFlight()
-        self._triage = Triage(
-            settings=self.settings,
-            registry=self.registry,
-            out_dir=self.out_dir,
-            run_id=self._run_id,
-            summary=self.summary,
-            recorded=lambda: self._open_ledger().state,
-        )
-        self._pool = WorkerPool(
-            triage=self._triage,
-            execute=self._execute,
-            stopping=self._stop_event.is_set,
-            fail=self._fail,
-            inflight=self._inflight,
-        )
-        self._fatal: Exception | None = None
+        self._pool = WorkerPool(inflight=self._inflight, halt=self._halt)
         self._started_at = 0.0
-        self._client: Client | None = None
+        # A caller's limiter (sized for its own requests) is opened and closed with the engine.
+        self._given_limiter = limiter
         self._limiter: Limiter | None = None
         self._ledger: Ledger | None = None
-        self._sink: Sink | None = None
-        self._dispatcher: Dispatcher | None = None
-        self._sender: Sender | None = None
+        self._attempts: Attempts | None = None
+        self._triage: Triage | None = None
+        self._life: RequestLife | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -124,7 +120,7 @@ class Engine:
     @property
     def waiting_to_retry(self) -> int:
         """Requests sleeping out a Retry-After or backoff before their next attempt."""
-        return self._dispatcher.waiting if self._dispatcher is not None else 0
+        return self._attempts.waiting if self._attempts is not None else 0
 
     @property
     def holding_sent_requests(self) -> int:
@@ -134,7 +130,7 @@ class Engine:
     @property
     def stopping(self) -> bool:
         """Whether a stop was asked: no new requests start."""
-        return self._stop_event.is_set()
+        return self._halt.is_set()
 
     async def __aenter__(self) -> Engine:
         if self._state != "new":
@@ -144,52 +140,58 @@ class Engine:
         try:
             # Settings that cannot work fail here, before the output folder is created or locked.
             _require_key(self.settings)
-            max_n = self._max_images or max((spec.max_n for spec in self.registry), default=10)
-            self._limiter = await self._stack.enter_async_context(
-                Limiter.from_settings(self.settings, max_images_per_request=max_n)
+            limiter = self._given_limiter or Limiter.from_settings(
+                # Sizes --ipm pacing: the most any model in the registry takes per request.
+                self.settings,
+                max_images_per_request=max((spec.max_n for spec in self.registry), default=10),
             )
+            self._limiter = await self._stack.enter_async_context(limiter)
             # Work the pool has no free worker for: with one worker a slot, the slots are
             # what holds it back even while a worker stores images outside its slot.
-            self._limiter.backlog = self._pool.backlog
-            self._client = await self._stack.enter_async_context(
+            limiter.backlog = self._pool.backlog
+            client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
             )
             fsync = self.settings.fsync
-            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir, fsync=fsync))
-            self._sink = Sink(self.out_dir, fsync=fsync == "always")
+            ledger = await self._stack.enter_async_context(Ledger(self.out_dir, fsync=fsync))
+            self._ledger = ledger
+            sink = Sink(self.out_dir, fsync=fsync == "always")
             # A large images folder takes a while to scan: keep the event loop free meanwhile.
-            removed = await asyncio.to_thread(self._sink.remove_stale_temp_files)
+            removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
             budget = self.summary.budget = await open_budget(
                 self.settings, self.out_dir / LEDGER_NAME, self.prices
             )
-            self._dispatcher = Dispatcher(
-                client=self._client,
-                limiter=self._limiter,
-                sink=self._sink,
+            self._triage = Triage(
+                settings=self.settings,
+                registry=self.registry,
+                out_dir=self.out_dir,
+                run_id=self._run_id,
+                summary=self.summary,
+                recorded=ledger.state,
+            )
+            self._attempts = Attempts(
+                client=client,
+                limiter=limiter,
+                sink=sink,
                 policy=self.policy,
                 summary=self.summary,
-                sleep=(
-                    self._sleep
-                    if self._sleep is not None
-                    else interruptible_sleep(self._stop_event)
-                ),
-                stopping=self._stop_event.is_set,
-                busy=self._inflight.mark_busy,
+                inflight=self._inflight,
+                halt=self._halt,
+                sleep=self._sleep,
                 lend=self._pool.lend,
             )
-            self._sender = Sender(
-                dispatcher=self._dispatcher,
+            self._life = RequestLife(
+                attempts=self._attempts,
                 triage=self._triage,
-                ledger=self._recording_ledger,
+                ledger=ledger,
                 out_dir=self.out_dir,
                 run_id=self._run_id,
                 summary=self.summary,
                 base_url=self.settings.base_url,
                 prices=self.prices,
                 budget=budget,
-                refused=self._cap_reached,
             )
         except BaseException:
             self._state = "closed"
@@ -213,15 +215,19 @@ class Engine:
                 await self._cut_off()
             if self._limiter is not None:
                 self.summary.pace = self._limiter.pace(whole=True)
+            if self._simulator is not None:
+                self.summary.simulator_requests = self._simulator.stats.requests
             if self._run_started and self._ledger is not None:
                 self.summary.elapsed_s = asyncio.get_running_loop().time() - self._started_at
+                stopped = self.summary.stopped
                 with contextlib.suppress(Exception):
                     await self._ledger.append(
                         {
                             "event": "end",
                             "run_id": self._run_id,
                             "finished_at": now_iso(),
-                            "stopped": _budget_stop(self.summary),
+                            # The cap that stopped the run, if one did.
+                            "stopped": stopped if stopped in BUDGET_REASONS else None,
                             "summary": self.summary.to_dict(),
                         }
                     )
@@ -231,19 +237,9 @@ class Engine:
         if cancelled is not None:
             raise cancelled
 
-    def _cap_reached(self, reason: CapReason) -> None:
-        """A request would cross a cap: take no new work; requests already budgeted (in
-        flight, waiting for a slot or to retry) are still sent and recorded."""
-        budget = self.summary.budget
-        if self.summary.stopped is None and not self.summary.interrupted:
-            self.summary.stopped = reason
-            if budget is not None:
-                log.info("%s; no new requests start", cap_text(budget))
-        self._pool.drain()
-
     def _let_go(self) -> None:
-        """run()'s consumer went away (a break, a cancellation, a dropped generator): take no
-        new work; requests already sent finish under the engine and are recorded."""
+        """run()'s consumer went away: take no new work; sent requests land and are recorded."""
+        # (A break, a cancellation, a dropped generator.)
         runner = self._runner
         if runner is not None and not runner.done():
             self.stop()
@@ -268,8 +264,8 @@ class Engine:
                 await runner
 
     def abort(self) -> int:
-        """Stop at once: cancel every request, counting the sent ones cut off (they may have
-        been billed; nothing records them, so the next run sends them again)."""
+        """Stop at once: cancel every request; how many sent ones were cut off (maybe billed)."""
+        # Nothing records those: the next run sends them again.
         self.stop()
         cut = self._inflight.cut_off()
         self.summary.cut_off_requests += cut
@@ -277,40 +273,21 @@ class Engine:
 
     def stop(self, reason: str = "interrupted") -> None:
         """Stop taking new work; requests already sent finish and are recorded."""
-        if self._stop_event.is_set():
-            return
-        self._stop_event.set()
-        if reason == "interrupted":
-            self.summary.interrupted = True
-        else:
-            self.summary.stopped = reason
-        # Workers waiting for a slot, a queue item or a retry hold nothing paid for: cancel them.
-        self._pool.cancel_idle()
+        if self._halt.set(reason):
+            # Workers waiting for a slot, a queue item or a retry hold nothing paid for.
+            self._pool.cancel_idle()
 
-    def _fail(self, exc: Exception) -> None:
-        """Remember the first error that ends the run, and stop."""
-        if self._fatal is None:
-            self._fatal = exc
-            self.stop(str(exc))
-
-    def _open_ledger(self) -> Ledger:
-        """The open ledger; raises when the engine is not open."""
+    def _parts(self) -> tuple[Ledger, Triage, RequestLife]:
+        """The open ledger, triage and request's life; raises when the engine is not open."""
         if self._state != "open":
             raise RuntimeError("the engine is not open: use 'async with Engine(...)'")
-        assert self._client and self._limiter and self._ledger and self._sink
-        return self._ledger
-
-    def _recording_ledger(self) -> Ledger:
-        """The ledger for the sender: also while closing, when sent requests still land."""
-        if self._state == "closing":
-            assert self._ledger is not None
-            return self._ledger
-        return self._open_ledger()
+        assert self._ledger and self._triage and self._life
+        return self._ledger, self._triage, self._life
 
     async def _start_run(self, manifest: Manifest | None) -> None:
         if self._run_started:
             return
-        ledger = self._open_ledger()
+        ledger = self._parts()[0]
         self._run_started = True
         settings = self.settings.public()
         settings["simulated"] = self.simulated
@@ -332,50 +309,26 @@ class Engine:
             },
         )
 
-    def _preflight(
-        self, jobs: Iterable[Job], manifest: Manifest | None, last_run: dict[str, Any] | None
-    ) -> None:
-        """Count the jobs before sending; when the folder's last run recorded another manifest,
-        warn with what this one adds (also when changed jobs then refuse the run)."""
-        if (
-            manifest is None
-            or (other := other_manifest(last_run, manifest.path, manifest.sha256)) is None
-        ):
-            self._triage.preflight(jobs)
-            return
-        new = NewWork(CostEstimate(self.prices))
-        try:
-            self._triage.preflight(jobs, new)
-        finally:
-            counts = (new.jobs, new.requests, new.images)
-            text = other_manifest_text(self.out_dir, other, manifest.path, counts, new.cost.total)
-            log.warning("%s", text)
-
-    async def _execute(self, work: Work) -> Result:
-        """Hand one request to the sender (made when the engine opens)."""
-        assert self._sender is not None
-        return await self._sender.execute(work)
-
-    # -- public entry points ---------------------------------------------------------------
-
     async def generate(self, job: Job) -> list[Result]:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
+        _, triage, life = self._parts()
         # The job's recorded files are looked at off the event loop, as run() does.
-        triaged = [item async for verdicts in self._triage.looked([job]) for item in verdicts]
+        triaged = [item async for verdicts in triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
         sending = []
         for verdict, request, state in triaged:
-            self._triage.count(verdict, request, planned=True)
+            triage.count(verdict, request, planned=True)
             if verdict in SENT:
                 # The request runs in a task the engine owns; this call only waits for it.
-                task = self._inflight.start(self._execute(Work(request, verdict, state)))
+                work = life.admit(Work(request, verdict, state))
+                task = self._inflight.start(life.execute(work))
                 sending.append(task)
                 calls.append(asyncio.shield(task))
             elif verdict == "reuse" and state is not None:
-                calls.append(_resolved(self._triage.reused(request, state)))
+                calls.append(_resolved(triage.reused(request, state)))
             else:
-                calls.append(_resolved(self._triage.kept(request, state)))
+                calls.append(_resolved(triage.kept(request, state)))
         try:
             return list(await asyncio.gather(*calls))
         except asyncio.CancelledError:
@@ -383,7 +336,9 @@ class Engine:
             # finishes under the engine and is recorded (leaving the engine waits for it).
             self._inflight.cancel_idle(sending)
             raise
-        except Stopped:
+        except Stopped as exc:
+            if isinstance(exc, CapReached):
+                self._pool.drain()  # a later run() takes no new work either
             budget = self.summary.budget
             if budget is not None and budget.stopped is not None:
                 raise BudgetExceededError(
@@ -392,11 +347,9 @@ class Engine:
             raise CometBatchError("the engine is stopping; the job was not sent") from None
 
     async def run(self, jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[Result]:
-        """Send every job's pending requests; yield one Result per request as it lands.
-
-        Keys the ledger already has as ok are skipped without a request (not yielded).
-        """
-        ledger = self._open_ledger()
+        """Send every job's pending requests; yield one Result per request as it lands."""
+        # Keys the ledger already has as ok are skipped without a request (not yielded).
+        ledger, triage, life = self._parts()
         manifest = jobs if isinstance(jobs, Manifest) else None
         counted = True
         if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
@@ -407,14 +360,14 @@ class Engine:
         elif isinstance(jobs, Manifest | list | tuple):
             # Re-iterable inputs are counted (and checked for changed jobs) before anything is
             # sent; one-shot iterators are counted as they stream.
-            self._preflight(jobs, manifest, ledger.state.last_run)
+            triage.preflight_run(jobs, manifest, ledger.state.last_run, self.prices)
         else:
             counted = False
         await self._start_run(manifest)
         width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
-            self._pool.run(jobs, results, width, counting=not counted)
+            self._pool.run(life, jobs, results, width, counting=not counted)
         )
         try:
             while True:
@@ -427,22 +380,17 @@ class Engine:
             # Left early: stop taking work, but never wait here (a cancelled caller's wait
             # ends now); leaving the engine waits for the requests already sent.
             self._let_go()
-        if self._fatal is not None:
-            raise self._fatal
+        if self._pool.error is not None:
+            raise self._pool.error
 
 
 def _require_key(settings: Settings) -> None:
-    """Refuse to open without a key: every request would come back 401 (the simulated API
-    too takes a key, any key, so `run --simulate` and tests pass one)."""
+    """Refuse to open without a key: every request would come back 401."""
+    # The simulated API too takes a key, any key, so `run --simulate` and tests pass one.
     if settings.resolved_key() is None:
         raise AuthenticationError(
             f"no API key: pass Settings(api_key=...) or set {KEY_ENV}; nothing was sent"
         )
-
-
-def _budget_stop(summary: Summary) -> str | None:
-    """The cap that stopped a run, if one did (the `end` event's `stopped`)."""
-    return summary.stopped if summary.stopped in BUDGET_REASONS else None
 
 
 def _resolved(result: Result) -> asyncio.Future[Result]:

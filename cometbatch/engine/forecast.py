@@ -119,7 +119,7 @@ def run_forecast(
         out_dir=out_dir,
         run_id="",
         summary=Summary(),
-        recorded=lambda: state,
+        recorded=state,
     )
 
     def verdicts(job: Job) -> Decided:
@@ -137,7 +137,7 @@ def run_forecast(
 
 def _put_back(out_dir: Path, recorded: KeyState | None) -> bool:
     """Whether the images a key's line withdrew are each whole somewhere: a run records them
-    again without sending (the sender's reinstatement)."""
+    again without sending (a request's life puts them back)."""
     images = withdrawn(None if recorded is None else recorded.line_event())
     return bool(images) and find_whole(out_dir, images or ()) is not None
 

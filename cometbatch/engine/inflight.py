@@ -1,12 +1,14 @@
-"""The engine's request tasks: owned by the engine, so a caller's cancellation never drops a
-request that was sent (and maybe paid for) before its ledger line is written."""
+"""The engine's request tasks (a caller's cancellation never drops a sent request), and its stop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
+
+from ..results import Summary
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +96,34 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """A caller that went away no longer reads its task's outcome: log it instead."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.debug("a request whose caller went away ended with %r", exc)
+
+
+class Halt:
+    """Whether the run still takes new work; set once, with the reason its summary records."""
+
+    def __init__(self, summary: Summary) -> None:
+        self._event = asyncio.Event()
+        self._summary = summary
+
+    def __repr__(self) -> str:
+        return f"<Halt set={self.is_set()}>"
+
+    def is_set(self) -> bool:
+        """Whether a stop was asked: no new request starts."""
+        return self._event.is_set()
+
+    def set(self, reason: str = "interrupted") -> bool:
+        """Stop taking new work for `reason`; False when a stop was asked before."""
+        if self._event.is_set():
+            return False
+        self._event.set()
+        if reason == "interrupted":
+            self._summary.interrupted = True
+        else:
+            self._summary.stopped = reason
+        return True
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep `delay` seconds, or less when a stop comes (Ctrl-C never waits out a backoff)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), delay)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
 from ..manifest.jobs import Job
 from ..results import Result
-from .dispatch import Stopped
-from .inflight import InFlight
-from .triage import SENT, Triage, Work
+from .attempts import CapReached, Stopped
+from .inflight import Halt, InFlight
+from .request import RequestLife
+from .triage import SENT, Work
 
 # Jobs of a manifest triaged together, their files looked at in one thread call.
 _BATCH = 256
@@ -20,22 +21,12 @@ _BATCH = 256
 class WorkerPool:
     """run()'s producer and workers; the engine's InFlight knows which hold a sent request."""
 
-    def __init__(
-        self,
-        *,
-        triage: Triage,
-        execute: Callable[[Work], Awaitable[Result]],
-        stopping: Callable[[], bool],
-        fail: Callable[[Exception], None],
-        inflight: InFlight,
-    ) -> None:
-        self.triage = triage
+    def __init__(self, *, inflight: InFlight, halt: Halt) -> None:
         # Workers are tracked there: those holding a sent request are never cancelled on stop.
         self._inflight = inflight
-        self._execute = execute
-        self._stopping = stopping
-        # Told the first error that ends the run (the engine stops and raises it later).
-        self._fail = fail
+        self._halt = halt
+        # The first error that ended the run (it stops; the engine raises it after).
+        self.error: Exception | None = None
         self._workers: set[asyncio.Task[Any]] = set()
         # Draining (a budget cap was reached): no new work is taken, work in hand finishes.
         self._draining = False
@@ -54,6 +45,9 @@ class WorkerPool:
         self._spawn: Callable[[], None] | None = None
         self._queue: asyncio.Queue[Work | None] | None = None
 
+    def __repr__(self) -> str:
+        return f"<WorkerPool workers={len(self._workers)} waiting={self._waiting}>"
+
     def backlog(self) -> bool:
         """Whether triaged work waits for a worker (so every worker is busy)."""
         return self._queue is not None and not self._queue.empty()
@@ -65,16 +59,16 @@ class WorkerPool:
         self._inflight.cancel_idle(list(self._workers))
 
     def abandon(self) -> None:
-        """run()'s consumer left: drop its results from now on, so that no worker (and not
-        the end marker) waits for a reader; workers holding a sent request still record it."""
+        """run()'s consumer left: drop its results from now on (sent requests still record)."""
+        # So that no worker, and not the end marker, waits for a reader.
         self._abandoned = True
         results = self._results
         while results is not None and not results.empty():
             results.get_nowait()
 
     def drain(self) -> None:
-        """Take no new work: the producer and the workers waiting for work are let go; the
-        requests in hand (budgeted already) are sent, retried and recorded as usual."""
+        """Take no new work: the producer and the workers waiting for work are let go."""
+        # The requests in hand (budgeted already) are sent, retried and recorded as usual.
         self._draining = True
         if self._producer is not None:
             self._producer.cancel()
@@ -90,13 +84,21 @@ class WorkerPool:
         if (
             self._spawn is not None
             and not self._draining
-            and not self._stopping()
+            and not self._halt.is_set()
             and len(self._workers) < self._width + min(self._waiting, self._width)
         ):
             self._spawn()
 
+    def _fail(self, exc: Exception) -> None:
+        """Keep the first error that ends the run, and stop taking new work."""
+        if self.error is None:
+            self.error = exc
+        if self._halt.set(str(exc)):
+            self.cancel_idle()
+
     async def run(
         self,
+        life: RequestLife,
         jobs: Iterable[Job] | AsyncIterable[Job],
         results: asyncio.Queue[Result | None],
         width: int,
@@ -112,11 +114,11 @@ class WorkerPool:
             async with asyncio.TaskGroup() as group:
 
                 def spawn() -> None:
-                    worker = group.create_task(self._work(queue, results))
+                    worker = group.create_task(self._work(life, queue, results))
                     self._workers.add(worker)
                     self._inflight.track(worker)
 
-                producer = group.create_task(self._produce(jobs, queue, counting))
+                producer = group.create_task(self._produce(life, jobs, queue, counting))
                 self._producer = producer
                 if self._draining:
                     producer.cancel()
@@ -138,6 +140,7 @@ class WorkerPool:
 
     async def _produce(
         self,
+        life: RequestLife,
         jobs: Iterable[Job] | AsyncIterable[Job],
         queue: asyncio.Queue[Work | None],
         counting: bool,
@@ -145,13 +148,13 @@ class WorkerPool:
         try:
             async for batch in _batches(jobs):
                 # Their files are looked at in a thread, a batch at a time (Triage.looked).
-                async for verdicts in self.triage.looked(batch):
-                    if self._stopping():
+                async for verdicts in life.triage.looked(batch):
+                    if self._halt.is_set():
                         return
                     for verdict, request, state in verdicts:
-                        self.triage.count(verdict, request, planned=counting)
+                        life.triage.count(verdict, request, planned=counting)
                         if verdict in SENT:
-                            await queue.put(Work(request, verdict, state))
+                            await queue.put(life.admit(Work(request, verdict, state)))
         except Exception as exc:
             # A changed or impossible job, or a broken job source: stop cleanly; requests
             # already sent still land, then run() raises this error.
@@ -162,22 +165,26 @@ class WorkerPool:
         await queue.put(None)
 
     async def _work(
-        self, queue: asyncio.Queue[Work | None], results: asyncio.Queue[Result | None]
+        self,
+        life: RequestLife,
+        queue: asyncio.Queue[Work | None],
+        results: asyncio.Queue[Result | None],
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         try:
-            await self._serve(task, queue, results)
+            await self._serve(life, task, queue, results)
         finally:
             self._workers.discard(task)
 
     async def _serve(
         self,
+        life: RequestLife,
         task: asyncio.Task[Any],
         queue: asyncio.Queue[Work | None],
         results: asyncio.Queue[Result | None],
     ) -> None:
-        while not self._stopping() and not self._draining:
+        while not self._halt.is_set() and not self._draining:
             if len(self._workers) - self._waiting > self._width:
                 return  # a spare whose waiter is back
             self._getting.add(task)
@@ -189,7 +196,11 @@ class WorkerPool:
                 queue.put_nowait(None)  # for the next worker
                 return
             try:
-                result = await self._execute(work)
+                result = await life.execute(work)
+            except CapReached:
+                # A budget cap: take no new work; requests under way still land.
+                self.drain()
+                return
             except Stopped:
                 return
             except Exception as exc:
@@ -204,8 +215,8 @@ class WorkerPool:
 
 
 async def _batches(jobs: Iterable[Job] | AsyncIterable[Job]) -> AsyncIterator[list[Job]]:
-    """The jobs a batch at a time: each job of a source that may wait between them (an
-    async one) as it comes, a plain iterable's in batches of _BATCH."""
+    """The jobs a batch at a time: an async source's one by one, a plain one's by _BATCH."""
+    # An async source may wait between jobs: each is triaged as it comes.
     if isinstance(jobs, AsyncIterable):
         async for job in jobs:
             yield [job]

@@ -27,8 +27,8 @@ LINK_GONE = (
 
 
 def link_given_up(tries: int, first_failed_at: str | None, now: float) -> bool:
-    """Whether a link whose downloads failed in `tries` runs, the first at `first_failed_at`
-    (the ledger's ISO time), is not worth another download at `now` (a Unix time)."""
+    """Whether a link that failed in `tries` runs, first at `first_failed_at`, is given up."""
+    # first_failed_at is the ledger's ISO time, `now` a Unix time.
     if tries >= LINK_TRIES:
         return True
     age = _age_s(first_failed_at, now)
@@ -42,10 +42,9 @@ def links_given_up(links: Iterable[tuple[int, str | None]], now: float | None = 
 
 
 def links_fresh(recorded_at: str | None, now: float | None = None) -> bool:
-    """Whether links a line finished at `recorded_at` (the ledger's ISO time; None: not every
-    image came as a link) are young enough to download again: within LINK_LIFETIME_S, the
-    bound the download-failure rule uses (the cost of a link dead sooner is a refused
-    download, after which the request is generated as it would have been)."""
+    """Whether links a line finished at `recorded_at` (None: not all links) may still work."""
+    # Within LINK_LIFETIME_S, the bound the download-failure rule uses: a link dead sooner
+    # costs a refused download, after which the request is generated as it would have been.
     age = _age_s(recorded_at, time.time() if now is None else now)
     return age is not None and age < LINK_LIFETIME_S
 
@@ -66,12 +65,29 @@ def links_gone(
     links: Iterable[tuple[int, str | None]],
     now: float | None = None,
 ) -> bool:
-    """Whether a line's pending links no longer work: one of them is given up, or (for a
-    download_failed line, whose error is a download's) its error is final (gone for good).
-    A partial line's final error may be its follow-up's: only given-up links count there."""
+    """Whether a line's pending links no longer work: one is given up, or its error is final."""
+    # Only a download_failed line's error is a download's: a partial line's final error may
+    # be its follow-up's, so only given-up links count there.
     if status == "download_failed" and retryable is False:
         return True
     return status in WITH_DOWNLOADS and links_given_up(links, now)
+
+
+def changed(fingerprint: str, recorded: KeyState | None, *, withdrawn: str | None = None) -> bool:
+    """Whether a request's recorded images belong to another version of its job (see decide)."""
+    if recorded is None:
+        return False
+    if withdrawn is not None:
+        if withdrawn in ("", fingerprint):
+            return False
+        if withdrawn == recorded.fingerprint:
+            # The line that withdrew them: another request is a changed job, as it was
+            # before the images were withdrawn.
+            return True
+        # A later request under the key failed (its line carries them): decided as below.
+    same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
+    # Old images that no longer match the request must not pass for its result.
+    return recorded.status in PAID and not same
 
 
 def decide(
@@ -84,34 +100,22 @@ def decide(
     withdrawn: str | None = None,
     links_at: str | None = None,
 ) -> Verdict:
-    """What to do with one planned request.
-
-    send it; reuse its ok images; keep a permanent failure; fetch the images it generated
-    but could not download; send the rest of a partial one (only its missing images);
-    restore the images of an ok line that are no longer on disk (`missing`) or of a line
-    that withdrew them (`withdrawn`: the fingerprint of the request they belong to, "" when
-    not recorded; set aside, or found missing or damaged), first downloading them again
-    ("redownload") when they came as links that a line finished at `links_at` recorded and
-    that are still fresh (links_fresh); or flag that the job changed since its images were
-    written.
-    """
+    """What to do with one planned request, given what the ledger recorded for it."""
+    # send it; reuse its ok images; keep a permanent failure; fetch the images it generated
+    # but could not download; send the rest of a partial one (only its missing images);
+    # restore the images of an ok line that are no longer on disk (`missing`) or of a line
+    # that withdrew them (`withdrawn`: the fingerprint of the request they belong to, ""
+    # when not recorded), downloading them again first ("redownload") while the links a
+    # line finished at `links_at` recorded are fresh; or flag that the job changed.
     if recorded is None:
         return "send"
-    same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
-    if withdrawn is not None:
-        if withdrawn in ("", fingerprint):
-            # Put back if they are whole where they were set aside, else downloaded again from
-            # their links while fresh, else generated again.
-            return "redownload" if links_fresh(links_at, now) else "restore"
-        if withdrawn == recorded.fingerprint:
-            # The line that withdrew them: another request is a changed job, as it was
-            # before the images were withdrawn.
-            return "changed"
-        # A later request under the key failed (its line carries them): it decides below.
-    held = recorded.status in PAID
-    if held and not same:
-        # Old images that no longer match the request must not pass for its result.
+    if withdrawn in ("", fingerprint):
+        # Put back if they are whole where they were set aside, else downloaded again from
+        # their links while fresh, else generated again.
+        return "redownload" if links_fresh(links_at, now) else "restore"
+    if changed(fingerprint, recorded, withdrawn=withdrawn):
         return "changed"
+    same = recorded.fingerprint is None or recorded.fingerprint == fingerprint
     if recorded.status == "ok":
         if not missing:
             return "reuse"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from ..costs.prices import CostEstimate, PriceTable
 from ..errors import ChangedJobsError
 from ..ledger.index import KeyState, LedgerState
 from ..ledger.verify import ImagePresence
-from ..manifest.jobs import Job
+from ..manifest.jobs import Job, Manifest
 from ..models.registry import ModelRegistry
 from ..net.client import MASK
 from ..plan import Request, plan_job
@@ -19,8 +22,10 @@ from ..results import DOWNLOAD_FAILED, PARTIAL, Result, Summary
 from ..settings import Settings
 from ..store.setaside import withdrawal
 from ..store.sink import ImageRecord
-from .origin import NewWork
-from .resume import LINK_GONE, Verdict, decide, links_gone
+from .origin import NewWork, other_manifest, other_manifest_text
+from .resume import LINK_GONE, Verdict, changed, decide, links_gone
+
+log = logging.getLogger(__name__)
 
 # Verdicts that put a request on the work queue (the rest are answered from the ledger).
 SENT = frozenset({"send", "fetch", "changed", "rest", "restore", "redownload"})
@@ -34,8 +39,7 @@ _NOTHING: _Found = (False, None, None)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Work:
-    """A request for a worker: send it, fetch its pending downloads, send the rest of a
-    partial one, restore its images (downloading them again first), or regenerate it."""
+    """A request for a worker, with triage's verdict and the ledger state it came from."""
 
     request: Request
     verdict: Verdict = "send"
@@ -43,8 +47,7 @@ class Work:
 
 
 def _reads(state: KeyState | None) -> bool:
-    """Whether triage reads the disk or the ledger for a state: an ok key's files are looked
-    for, and the line of a failure is read if it lists withdrawn images (only then)."""
+    """Whether triage reads the disk (an ok key's files) or the line (a withdrawal) of a state."""
     if state is None:
         return False
     status = state.status
@@ -52,8 +55,8 @@ def _reads(state: KeyState | None) -> bool:
 
 
 def _links_at(images: object, finished_at: object) -> str | None:
-    """`finished_at` when each of `images` (a line's list) came as a link that can work, else
-    None (a link the key was blanked out of cannot)."""
+    """`finished_at` when each of a line's `images` came as a link that can work, else None."""
+    # A link the key was blanked out of cannot work.
     if not isinstance(images, list) or not images or not isinstance(finished_at, str):
         return None
     for image in images:
@@ -74,34 +77,30 @@ class Triage:
         out_dir: Path,
         run_id: str,
         summary: Summary,
-        recorded: Callable[[], LedgerState],
+        recorded: LedgerState,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.out_dir = out_dir
         self.run_id = run_id
         self.summary = summary
-        # The open ledger's state, looked up per job: a closed engine raises instead of guessing.
+        # The open ledger's state (it follows every line the engine appends).
         self._recorded = recorded
         self._presence = ImagePresence(out_dir)
         # Wall-clock time, to tell whether recorded links are fresh (resume.links_fresh).
         self.clock: Callable[[], float] = time.time
 
-    def verdicts(
-        self, job: Job, *, look: bool = True
-    ) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
-        """Each request of a job with its verdict (see resume.decide); "changed" is yielded
-        only when the settings allow regenerating changed jobs. `look`: check that an ok
-        key's files are still there (an access() each; counting needs no look). The files
-        are looked at here, on the caller's thread: a run uses `looked`."""
+    def verdicts(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
+        """Each request of a job with its verdict (see resume.decide), its files looked at on
+        the caller's thread (a run uses `looked`); "changed" only if regenerating is allowed."""
         planned = self._planned(job)
-        return self._decided(job, planned, [self._look(job, *item, look) for item in planned])
+        return self._decided(job, planned, [self._look(job, *item, True) for item in planned])
 
     async def looked(
         self, jobs: Sequence[Job]
     ) -> AsyncIterator[Iterator[tuple[Verdict, Request, KeyState | None]]]:
-        """`verdicts(job)` of each job in turn, the files and ledger lines of all of them
-        read in one thread first, off the event loop (a network filesystem may block)."""
+        """`verdicts(job)` of each job, their files and lines read in one thread call first."""
+        # Off the event loop: a network filesystem may block.
         planned: list[tuple[Job, _Planned]] = []
         failure: Exception | None = None
         for job in jobs:
@@ -122,17 +121,23 @@ class Triage:
         if failure is not None:
             raise failure
 
+    def again(self, request: Request) -> tuple[Verdict, KeyState | None]:
+        """A verdict from what the ledger has now, for work whose key got a line since."""
+        state = self._recorded.get(request.key)
+        verdict = decide(request.fingerprint, state, retry_failed=self.settings.retry_failed)
+        return verdict, state
+
     def _planned(self, job: Job) -> _Planned:
-        recorded = self._recorded()
+        recorded = self._recorded
         spec = self.registry.get(job.model)
         spec.check(job.params(), job.prompt)
         return [(request, recorded.get(request.key)) for request in plan_job(job, spec)]
 
     def _look(self, job: Job, request: Request, state: KeyState | None, look: bool) -> _Found:
-        """(missing, withdrawn, links_at) for decide, from the disk and the ledger (see
-        `_reads`): withdrawn is the fingerprint of the request whose images the line lists
-        ("" when not recorded), None when it lists none; links_at, for images to restore
-        that all came as links, when the line that recorded those links was written."""
+        """(missing, withdrawn, links_at) for decide, from the disk and the ledger (`_reads`)."""
+        # withdrawn: the fingerprint of the request whose images the line lists ("" when not
+        # recorded), None when it lists none; links_at: for images to restore that all came
+        # as links, when the line that recorded those links was written.
         if state is None:
             return _NOTHING
         if state.status == "ok":
@@ -196,8 +201,7 @@ class Triage:
         return Result.of(request, self.run_id, "ok", images=images, reused=True)
 
     def kept(self, request: Request, state: KeyState | None) -> Result:
-        """A permanent failure from an earlier run, reported again without a request (a
-        partial key with the images it has)."""
+        """A permanent failure from an earlier run (a partial one with its images), not sent."""
         status = "failed"
         images: tuple[ImageRecord, ...] = ()
         gone = state is not None and links_gone(
@@ -240,20 +244,48 @@ class Triage:
         return Result.of(request, self.run_id, status, images=images, error=error, reused=True)
 
     def preflight(self, jobs: Iterable[Job], new: NewWork | None = None) -> None:
-        """Count planned work (and in `new`, the requests the ledger has no record of) and
-        refuse changed jobs (all named) before anything is sent."""
-        changed: list[str] = []
+        """Count planned work (in `new`: what the ledger has no record of); refuse changed jobs."""
+        # Nothing is decided here (the run decides each request once, as it comes): changed
+        # jobs are found by resume.changed, the rule decide itself follows.
+        refused: list[str] = []
+        refuse = not self.settings.regenerate_changed
         for job in jobs:
             unseen: list[Request] = []
-            try:
-                for _, request, state in self.verdicts(job, look=False):
-                    self.summary.planned_requests += 1
-                    self.summary.planned_images += request.n
-                    if state is None:
-                        unseen.append(request)
-            except ChangedJobsError:
-                changed.append(job.id)
+            for request, state in self._planned(job):
+                # Counting needs no look at the files: only a withdrawal line is read.
+                withdrawn = self._look(job, request, state, False)[1] if state else None
+                if refuse and changed(request.fingerprint, state, withdrawn=withdrawn):
+                    if job.id not in refused:
+                        refused.append(job.id)
+                    continue
+                self.summary.planned_requests += 1
+                self.summary.planned_images += request.n
+                if state is None:
+                    unseen.append(request)
             if new is not None:
                 new.add(unseen)
-        if changed:
-            raise ChangedJobsError(self.out_dir, changed)
+        if refused:
+            raise ChangedJobsError(self.out_dir, refused)
+
+    def preflight_run(
+        self,
+        jobs: Iterable[Job],
+        manifest: Manifest | None,
+        last_run: dict[str, Any] | None,
+        prices: PriceTable,
+    ) -> None:
+        """`preflight`, warning what the jobs add when the folder last ran another manifest."""
+        # The warning comes also when changed jobs then refuse the run.
+        if (
+            manifest is None
+            or (other := other_manifest(last_run, manifest.path, manifest.sha256)) is None
+        ):
+            self.preflight(jobs)
+            return
+        new = NewWork(CostEstimate(prices))
+        try:
+            self.preflight(jobs, new)
+        finally:
+            counts = (new.jobs, new.requests, new.images)
+            text = other_manifest_text(self.out_dir, other, manifest.path, counts, new.cost.total)
+            log.warning("%s", text)

@@ -1,4 +1,4 @@
-"""Sending one request: the paid-for window is never cancellable, and which errors stop a run."""
+"""A request's attempts: the paid-for window is never cancellable, and which errors stop a run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from support import no_sleep
 
 from cometbatch import Job, SimConfig, Simulator
-from cometbatch.engine.dispatch import Dispatcher, fatal_error, is_fatal
+from cometbatch.engine.attempts import Attempts, fatal_error, is_fatal
+from cometbatch.engine.inflight import Halt, InFlight
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
@@ -31,24 +32,38 @@ from cometbatch.results import Summary
 from cometbatch.store.sink import Sink
 
 
-def dispatcher_for(
+class Marks(InFlight):
+    """An InFlight that also lists each time a task starts (True) or stops holding a request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[bool] = []
+
+    def mark_busy(self, busy: bool) -> None:
+        self.calls.append(busy)
+        super().mark_busy(busy)
+
+
+def attempts_for(
     client: Client,
     limiter: Limiter,
     tmp_path: Path,
     *,
     sleep: Callable[[float], Awaitable[None]] = no_sleep,
-    busy: Callable[[bool], None] = lambda _: None,
-) -> Dispatcher:
-    """A dispatcher over real parts, with no real waiting and a recording hook for `busy`."""
-    return Dispatcher(
+    inflight: InFlight | None = None,
+    policy: RetryPolicy | None = None,
+) -> Attempts:
+    """Attempts over real parts, with no real waiting."""
+    summary = Summary()
+    return Attempts(
         client=client,
         limiter=limiter,
         sink=Sink(tmp_path),
-        policy=RetryPolicy(max_attempts=3),
-        summary=Summary(),
+        policy=policy or RetryPolicy(max_attempts=3),
+        summary=summary,
+        inflight=inflight or InFlight(),
+        halt=Halt(summary),
         sleep=sleep,
-        stopping=lambda: False,
-        busy=busy,
     )
 
 
@@ -59,18 +74,16 @@ def one_request() -> Request:
 
 
 async def send_once(tmp_path: Path, *faults: str) -> tuple[list[bool], bool]:
-    """Send one dall-e-3 request through a real dispatcher; return the busy calls and success."""
-    calls: list[bool] = []
+    """Send one dall-e-3 request through real attempts; return the busy calls and success."""
+    marks = Marks()
     async with (
         Simulator(SimConfig()) as sim,
         Client(base_url=sim.base_url, api_key="sk-test") as client,
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue(*faults)
-        sent = await dispatcher_for(client, limiter, tmp_path, busy=calls.append).send(
-            one_request()
-        )
-    return calls, sent.error is None and len(sent.images) == 1
+        sent = await attempts_for(client, limiter, tmp_path, inflight=marks).send(one_request())
+    return marks.calls, sent.error is None and len(sent.images) == 1
 
 
 async def test_a_successful_request_stays_busy_until_recorded(tmp_path: Path) -> None:
@@ -116,7 +129,7 @@ def test_a_wrong_url_becomes_a_configuration_error() -> None:
 
 
 async def test_waiting_counts_requests_sleeping_before_a_retry(tmp_path: Path) -> None:
-    """While a request sleeps before its next attempt, the dispatcher counts it as waiting."""
+    """While a request sleeps before its next attempt, it is counted as waiting."""
     seen: list[int] = []
     async with (
         Simulator(SimConfig()) as sim,
@@ -126,13 +139,13 @@ async def test_waiting_counts_requests_sleeping_before_a_retry(tmp_path: Path) -
         sim.enqueue("429", "503")
 
         async def sleep(_: float) -> None:
-            seen.append(dispatcher.waiting)
+            seen.append(attempts.waiting)
 
-        dispatcher = dispatcher_for(client, limiter, tmp_path, sleep=sleep)
-        sent = await dispatcher.send(one_request())
+        attempts = attempts_for(client, limiter, tmp_path, sleep=sleep)
+        sent = await attempts.send(one_request())
     assert sent.error is None
     assert seen == [1, 1]
-    assert dispatcher.waiting == 0
+    assert attempts.waiting == 0
 
 
 async def test_a_final_failure_stays_busy_until_recorded(tmp_path: Path) -> None:
@@ -153,9 +166,8 @@ async def test_a_possibly_billed_failure_is_not_resent_when_ambiguous_retries_ar
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue(fault)
-        dispatcher = dispatcher_for(client, limiter, tmp_path)
-        dispatcher.policy = RetryPolicy(max_attempts=3, retry_ambiguous=False)
-        sent = await dispatcher.send(one_request())
+        policy = RetryPolicy(max_attempts=3, retry_ambiguous=False)
+        sent = await attempts_for(client, limiter, tmp_path, policy=policy).send(one_request())
         assert sim.stats.requests == 1
     assert sent.attempts == 1 and sent.ambiguous == 0
     assert sent.error is not None
@@ -178,7 +190,7 @@ async def test_a_short_answer_is_kept_and_not_retried(tmp_path: Path, fault: str
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue(fault)
-        sent = await dispatcher_for(client, limiter, tmp_path).send(request)
+        sent = await attempts_for(client, limiter, tmp_path).send(request)
         assert sim.stats.requests == 1
     assert sent.error is None and (sent.attempts, sent.ambiguous) == (1, 0)
     count = 3 if fault == "fewer-images" else 2
@@ -196,7 +208,7 @@ async def test_a_possibly_billed_retry_is_counted(tmp_path: Path) -> None:
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue("drop", "500")
-        sent = await dispatcher_for(client, limiter, tmp_path).send(one_request())
+        sent = await attempts_for(client, limiter, tmp_path).send(one_request())
     assert sent.error is None and sent.attempts == 3
     # The drop may have been billed; the 500 was not.
     assert sent.ambiguous == 1
@@ -213,8 +225,8 @@ async def test_each_retry_is_logged_with_its_job_status_kind_and_wait(
         Limiter(concurrency=2) as limiter,
     ):
         sim.enqueue("429", "500")
-        with caplog.at_level(logging.INFO, logger="cometbatch.engine.dispatch"):
-            sent = await dispatcher_for(client, limiter, tmp_path).send(one_request())
+        with caplog.at_level(logging.INFO, logger="cometbatch.engine.attempts"):
+            sent = await attempts_for(client, limiter, tmp_path).send(one_request())
     assert sent.error is None and sent.rate_limited == 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
     assert len(lines) == 2

@@ -1,9 +1,7 @@
-"""One request from first attempt to files on disk: retries under the shared limits, then store."""
+"""A request's attempts: each under the shared limits, retried, its images stored."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from ..plan import Request
 from ..results import DOWNLOAD_FAILED, FAILED, OK, PendingDownload, Summary, add_usage
 from ..store.sink import ImageRecord, Sink
 from .fetch import Fetcher, output_error
+from .inflight import Halt, InFlight
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,14 @@ THROTTLE_KINDS = frozenset({"rate_limit", "server", "timeout", "ambiguous", "con
 
 class Stopped(Exception):
     """A request that was not started (or not retried) because the run is stopping."""
+
+
+class CapReached(Stopped):
+    """A request not sent because it would cross a budget cap (`reason`: which one)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def is_fatal(exc: APIError) -> bool:
@@ -138,7 +145,7 @@ class Sent:
 
 def _check_count(request: Request, response: ImagesResponse) -> None:
     # A short answer is not a failure: its images are paid for, so they are stored and the
-    # sender asks for the rest. Only an answer without a single image is malformed.
+    # request's life asks for the rest. Only an answer without a single image is malformed.
     if not response.data:
         raise APIResponseError(
             f"asked for {request.n} image(s), the API answered none",
@@ -174,40 +181,58 @@ def retry_logger(request: Request) -> Callable[[RetryCallState], None]:
     return log_retry
 
 
-@dataclass(slots=True)
-class Dispatcher:
+class Attempts:
     """Sends requests through the shared limiter and client and writes their images."""
 
-    client: Client
-    limiter: Limiter
-    sink: Sink
-    policy: RetryPolicy
-    summary: Summary
-    sleep: Sleep
-    stopping: Callable[[], bool]
-    # Told when a task starts or stops holding a sent (paid-for) request.
-    busy: Callable[[bool], None]
-    # Told when a task starts or ends a retry wait (the pool lends its slot meanwhile).
-    lend: Callable[[bool], None] = field(default=lambda waiting: None)
-    # Requests sleeping before their next attempt (for the progress display).
-    waiting: int = 0
-    # Downloads are retried on their own, with the same backoff as generations.
-    fetcher: Fetcher = field(init=False)
+    def __init__(
+        self,
+        *,
+        client: Client,
+        limiter: Limiter,
+        sink: Sink,
+        policy: RetryPolicy,
+        summary: Summary,
+        inflight: InFlight,
+        halt: Halt,
+        sleep: Sleep | None = None,
+        lend: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.limiter = limiter
+        self.client = client
+        self.sink = sink
+        self.policy = policy
+        self.summary = summary
+        # Knows which tasks hold a sent (paid-for) request: a stop never cancels those.
+        self._inflight = inflight
+        self._halt = halt
+        self._sleep = sleep if sleep is not None else halt.sleep
+        # The pool's one hook: a worker waiting to retry lends its slot to a spare worker.
+        self._lend = lend
+        # Requests sleeping before their next attempt (for the progress display).
+        self.waiting = 0
+        # Downloads are retried on their own, with the same backoff; a download holds a
+        # paid-for image, so its retry waits keep the task busy (not cancelled).
+        self.fetcher = Fetcher(client, sink, policy, self._sleep)
 
-    def __post_init__(self) -> None:
-        # A download holds a paid-for image: its retry waits keep the task busy (not cancelled).
-        self.fetcher = Fetcher(self.client, self.sink, self.policy, self.sleep)
+    def __repr__(self) -> str:
+        return f"<Attempts waiting={self.waiting} limiter={self.limiter!r}>"
+
+    def recorded(self) -> None:
+        """The current task's request is recorded: it holds nothing paid for any more."""
+        self._inflight.mark_busy(False)
 
     async def _wait(self, delay: float) -> None:
         # Only a request waiting to retry holds nothing paid for: a stop may cancel it now.
-        self.busy(False)
+        self._inflight.mark_busy(False)
         self.waiting += 1
-        self.lend(True)
+        if self._lend is not None:
+            self._lend(True)
         try:
-            await self.sleep(delay)
+            await self._sleep(delay)
         finally:
             self.waiting -= 1
-            self.lend(False)
+            if self._lend is not None:
+                self._lend(False)
 
     async def send(self, request: Request) -> Sent:
         """Generate and store one request; API failures are returned, fatal ones raised."""
@@ -253,8 +278,8 @@ class Dispatcher:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _answer(self, request: Request, sent: Sent, last: APIError | None) -> None:
-        """One attempt and its images stored: an inline image that is not whole fails the
-        attempt (it was generated, so a retry counts as possibly billed)."""
+        """One attempt and its images stored; an inline image that is not whole fails it."""
+        # It was generated all the same, so a retry counts as possibly billed.
         response = await self._attempt(request, sent, last)
         sent.usage = response.usage
         try:
@@ -267,18 +292,18 @@ class Dispatcher:
 
     async def _attempt(self, request: Request, sent: Sent, last: APIError | None) -> ImagesResponse:
         """One attempt under the shared limits; `last` is the previous attempt's failure."""
-        if self.stopping():
+        if self._halt.is_set():
             raise Stopped
         async with self.limiter.slot(images=request.n, retry=sent.attempts > 0):
             # A stop may have come while this task waited for its slot.
-            if self.stopping():
+            if self._halt.is_set():
                 raise Stopped
             if last is not None and possibly_billed(last):
                 sent.ambiguous += 1
             sent.attempts += 1
             # From here the image may be paid for: a stop must not cancel this task until its
             # result is recorded (the engine marks it idle after that).
-            self.busy(True)
+            self._inflight.mark_busy(True)
             try:
                 response = await self.client.generate(request.payload)
                 _check_count(request, response)
@@ -329,13 +354,3 @@ class Dispatcher:
         sent.pending = fetched.pending
         if fetched.error is not None:
             sent.error = fetched.error
-
-
-def interruptible_sleep(stop: asyncio.Event) -> Sleep:
-    """A sleep that ends early when `stop` is set, so Ctrl-C never waits out a backoff."""
-
-    async def sleep(delay: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-
-    return sleep
