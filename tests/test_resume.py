@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cometbatch.engine.resume import Verdict, decide
-from cometbatch.ledger.index import KeyState
+from cometbatch.ledger.keystate import KeyState
 
 FP, OTHER = "a" * 16, "b" * 16
 

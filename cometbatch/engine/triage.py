@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from pathlib import Path
 
 from ..errors import ChangedJobsError
-from ..ledger.index import KeyState, LedgerState
+from ..ledger.index import LedgerState
+from ..ledger.keystate import KeyState
 from ..ledger.verify import ImagePresence
 from ..manifest.jobs import Job
 from ..models.registry import ModelRegistry
