@@ -18,7 +18,7 @@ from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-from cometbatch.ledger.events import _RESULT_LINE
+from cometbatch.ledger._scan import result_line
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.verify import verify_folder
 from cometbatch.models.registry import ModelRegistry
@@ -200,7 +200,7 @@ async def test_a_gpt_image_answer_is_kept_in_its_result_line(tmp_path: Path) -> 
     assert isinstance(line["response"]["created"], int)
     assert result.answered == Answered.of_line(line)
     raw = (tmp_path / "ledger.jsonl").read_bytes().splitlines(keepends=True)[1]
-    assert _RESULT_LINE.fullmatch(raw) is not None
+    assert result_line().fullmatch(raw) is not None
     assert list(line).index("response") == list(line).index("usage") + 1
 
 
@@ -379,7 +379,7 @@ async def test_images_put_back_keep_their_answer(tmp_path: Path) -> None:
     assert again["status"] == "ok"
     assert (again["request_id"], again["response"]) == (ok["request_id"], ok["response"])
     raw = (tmp_path / "ledger.jsonl").read_bytes().splitlines(keepends=True)[-2]
-    assert json.loads(raw)["event"] == "result" and _RESULT_LINE.fullmatch(raw) is not None
+    assert json.loads(raw)["event"] == "result" and result_line().fullmatch(raw) is not None
 
 
 # -- readers take lines with and without it -----------------------------------------------

@@ -15,8 +15,8 @@ from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.costs.budget import Budget, cap_text, earlier_totals, request_cost
-from cometbatch.costs.prices import PriceTable, builtin_prices
+from cometbatch.costs.budget import Budget, cap_text, earlier_totals
+from cometbatch.costs.prices import PriceTable, builtin_prices, request_cost
 from cometbatch.errors import BudgetExceededError
 from cometbatch.ledger.events import LEDGER_NAME
 from cometbatch.ledger.verify import verify_folder

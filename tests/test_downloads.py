@@ -23,7 +23,7 @@ from cometbatch import ChangedJobsError, Engine, Job, Settings, SimConfig, Simul
 from cometbatch.cli.report import fetch_lines, status_lines, summary_lines
 from cometbatch.engine.fetch import fetch_pending
 from cometbatch.engine.resume import LINK_LIFETIME_S, LINK_TRIES, decide
-from cometbatch.ledger.index import KeyState
+from cometbatch.ledger.keystate import KeyState
 from cometbatch.store.imagecheck import check_image
 from cometbatch.views.status import read_status
 

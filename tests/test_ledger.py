@@ -24,9 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cometbatch.errors import LedgerError, OutputError
-from cometbatch.ledger import events
+from cometbatch.ledger import _scan as _ledgerscan
 from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
-from cometbatch.ledger.index import KeyState, LedgerState
+from cometbatch.ledger.index import LedgerState
+from cometbatch.ledger.keystate import KeyState
 from cometbatch.ledger.lock import LOCK_NAME, FolderLock
 from cometbatch.ledger.writer import Ledger
 from cometbatch.settings import FsyncPolicy
@@ -804,7 +805,7 @@ def test_load_agrees_with_json_on_any_result_lines(lines: list[str | None], bloc
     """Whatever shape result lines take, and however blocks split them, loading gives what
     folding each line through json gives."""
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(events, "_READ_SIZE", block)
+        patch.setattr(_ledgerscan, "_READ_SIZE", block)
         path = Path(folder) / LEDGER_NAME
         text = [json.dumps(RUN) if line is None else line for line in [None, *lines]]
         data = "".join(line + "\n" for line in text).encode("utf-8", "surrogatepass")
@@ -826,9 +827,9 @@ def test_the_fast_pattern_takes_no_line_json_refuses(data: st.DataObject) -> Non
         head, tail = line[:at], line[at:]
         damaged = [head + tail[1:], head + bytes([byte]) + tail, head + bytes([byte]) + tail[1:]]
         line = data.draw(st.sampled_from(damaged))
-    if not line.endswith(b"\n") or line.count(b"\n") != 1 or not events._plain_lines(line):
+    if not line.endswith(b"\n") or line.count(b"\n") != 1 or not _ledgerscan._plain_lines(line):
         return  # the fast pattern never sees such a line
-    found = events._RESULT_LINE.fullmatch(line)
+    found = _ledgerscan.result_line().fullmatch(line)
     if found is None:
         return
     parsed = json.loads(line)
@@ -846,7 +847,7 @@ def test_a_ledger_in_this_packages_shape_loads_compactly(
 ) -> None:
     """Results the engine writes take the fast path and no whole objects; images stay on disk
     (read in blocks of a few lines, the index grows as it goes)."""
-    monkeypatch.setattr(events, "_READ_SIZE", block)
+    monkeypatch.setattr(_ledgerscan, "_READ_SIZE", block)
     path = tmp_path / LEDGER_NAME
     later = result("a", fingerprint="0" * 16, status="failed")
     later["error"]["retryable"] = False
@@ -884,7 +885,7 @@ def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
             usage={"input_tokens": 1}, cost_usd=cost, cost_basis=basis, answered=answer,
         )  # fmt: skip
         line = _encode(result.to_event())
-        found = events._RESULT_LINE.fullmatch(line)
+        found = _ledgerscan.result_line().fullmatch(line)
         assert found is not None and found.group(2) == b"fast#0"
         assert json.loads(line)["cost"] == {"usd": cost, "basis": basis}
         assert Answered.of_line(json.loads(line)) == answer
@@ -901,7 +902,7 @@ def test_an_image_that_came_as_a_link_keeps_its_url(tmp_path: Path) -> None:
     images = [image("u", 0, url="https://img.example/0.png"), image("u", 1, path="images/u/1.png")]
     lines = [RUN, result("u", fingerprint=PLANNED, n=2, images=images), result("b")]
     path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in lines))
-    assert events._RESULT_LINE.fullmatch(path.read_bytes().splitlines(keepends=True)[1])
+    assert _ledgerscan.result_line().fullmatch(path.read_bytes().splitlines(keepends=True)[1])
     state = assert_loads_like_json(path)
     u = state.get("u#0")
     assert u is not None and "images=?" in repr(u)

@@ -13,7 +13,7 @@ from support import ledger_results, no_sleep, run_all, settings_for
 from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.engine import resume as resume_module
 from cometbatch.engine.resume import Verdict, decide
-from cometbatch.ledger.index import KeyState
+from cometbatch.ledger.keystate import KeyState
 
 FP, OTHER = "a" * 16, "b" * 16
 

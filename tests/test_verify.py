@@ -19,7 +19,7 @@ from cometbatch import Engine, Job, Result, SimConfig, Simulator, Summary
 from cometbatch.cli.report import summary_lines
 from cometbatch.costs.paid import Payments
 from cometbatch.engine.resume import LINK_LIFETIME_S, decide
-from cometbatch.ledger.index import KeyState
+from cometbatch.ledger.keystate import KeyState
 from cometbatch.ledger.lock import FolderLock
 from cometbatch.ledger.verify import ImagePresence, verify_folder
 

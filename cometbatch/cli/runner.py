@@ -14,11 +14,11 @@ from typing import Any
 from pydantic import SecretStr
 from rich.console import Console
 
-from ..costs.prices import PriceTable, builtin_prices, spent
+from ..costs.prices import PriceTable, builtin_prices
 from ..engine.engine import Engine
 from ..manifest.jobs import Manifest
 from ..net.limits import Limiter
-from ..results import Result, Summary
+from ..results import Summary
 from ..settings import Settings
 from ..simulator.server import SimConfig, Simulator
 from .progress import Mode, ProgressDisplay
@@ -40,14 +40,6 @@ class Spend:
     def of(cls, summary: Summary, prices: PriceTable) -> Spend:
         """The spend a run's summary counted (each result's `cost`)."""
         return cls(prices, summary.spent_usd, summary.unpriced_images)
-
-    def add(self, result: Result) -> None:
-        """Count one result (nothing for a reused or failed one)."""
-        cost = spent(result, self.prices)
-        if cost is None:
-            self.unpriced_images += len(result.images) + len(result.downloads)
-        else:
-            self.usd += cost
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json."""

@@ -1,10 +1,8 @@
-"""Budget caps (`max_images`, `max_cost`): reserve before each send, settle when it is recorded.
+"""Budget caps (`max_images`, `max_cost`): reserve before each send, settle when it is recorded."""
 
-The caps count the whole output folder: what its ledger already records as generated (and
-spent) plus this run's requests, those in flight included. So a run stopped at a cap is
-continued by running it again with a higher one. `Budget` is pure bookkeeping; reading the
-ledger's earlier figures is `earlier_totals`.
-"""
+# The caps count the whole output folder: what its ledger already records as generated (and
+# spent) plus this run's requests, those in flight included, so a run stopped at a cap is
+# continued by running it again with a higher one.
 
 from __future__ import annotations
 
@@ -13,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..ledger.events import iter_events
+from ..ledger.events import read_events
+from ..ledger.lines import ResultEvent
 from ..settings import Settings
-from .paid import Payment, Payments, recorded_usd
-from .prices import CostEstimate, PriceTable, format_usd, usage_cost
+from .paid import Payments, generation_cost
+from .prices import CostEstimate, PriceTable, format_usd
+from .prices import request_cost as request_cost  # where the run imports the rule from
 
 CapReason = Literal["max_images", "max_cost"]
 # The reasons a budget stops a run (Summary.stopped holds one of them).
@@ -64,8 +64,7 @@ class Budget:
         )
 
     def reserve(self, images: int, cost: float | None) -> CapReason | None:
-        """Hold `images` and `cost` (dollars; None: unpriced) for a request about to be sent;
-        None when they fit, else the cap they would cross (and nothing is held)."""
+        """Hold `images` and `cost` (None: unpriced) for a send; the cap it would cross, or None."""
         if self.stopped is not None:
             return self.stopped
         limit = self.max_images
@@ -86,8 +85,7 @@ class Budget:
         return None
 
     def settle(self, images: int, cost: float | None, made: int, spent: float) -> None:
-        """Replace a reservation (as reserved) by what the request did: `made` images
-        generated, `spent` dollars (0 for nothing made, unless it may have been billed)."""
+        """Replace a reservation by what the request did: `made` images, `spent` dollars."""
         self.reserved_images -= images
         self.reserved_cost -= cost or 0.0
         self.images += made
@@ -135,8 +133,7 @@ def cap_text(budget: Budget) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PlanFit:
-    """Whether a dry run's plan fits under the caps: the folder's earlier figures plus what the
-    plan would send, against each cap set (the run's own rule: `Budget.reserve`)."""
+    """Whether a dry run's plan fits under the caps, as `Budget.reserve` would decide it."""
 
     max_images: int | None
     max_cost: float | None
@@ -187,8 +184,7 @@ class PlanFit:
 def plan_fit(
     settings: Settings, ledger: Path, prices: PriceTable, send_images: int, send: CostEstimate
 ) -> PlanFit | None:
-    """The plan (`send_images`, costing `send`) against the caps and what `ledger` already
-    records; None when no cap is set."""
+    """The plan against the caps and what `ledger` already records; None without a cap."""
     if settings.max_images is None and settings.max_cost is None:
         return None
     images, cost = earlier_totals(ledger, prices)
@@ -203,54 +199,20 @@ def plan_fit(
     )
 
 
-def request_cost(
-    model: str,
-    usage: Any,
-    generated: int,
-    size: str | None,
-    quality: str | None,
-    prices: PriceTable,
-) -> tuple[float | None, str]:
-    """Dollars a finished request cost and on what basis: "usage" (the answer's tokens),
-    "list" (per-image list price), "none" (nothing generated), "unpriced" (None dollars)."""
-    if generated == 0:
-        return 0.0, "none"
-    spec = prices.models.get(model)
-    if spec is None:
-        return None, "unpriced"
-    if spec.tokens is not None and usage:
-        dollars = usage_cost(usage, spec.tokens)
-        if dollars is not None:
-            return dollars, "usage"
-    per_image = spec.image_price(size, quality)
-    return (None, "unpriced") if per_image is None else (per_image * generated, "list")
-
-
-def payment_cost(payment: Payment, prices: PriceTable) -> float:
-    """What a generation cost: its line's `cost`, else priced from its usage (lines written
-    before results recorded their cost)."""
-    usd = recorded_usd(payment)
-    if usd is None:
-        usd, _ = request_cost(payment.model, payment.usage, payment.images, None, None, prices)
-    return usd or 0.0
-
-
 def earlier_totals(ledger: Path, prices: PriceTable) -> tuple[int, float]:
-    """Images the folder's ledger records as generated and dollars spent: every generation
-    counted once (paid.Payments), images since set aside or found bad included, as `status`
-    counts its spend."""
+    """Images and dollars the folder's ledger records, each generation once, as `status` does."""
     payments = Payments()
     try:
-        for _, event in iter_events(ledger):
-            if event.get("event") == "result":
-                payments.add(event)
+        for event in read_events(ledger):
+            if isinstance(event, ResultEvent):
+                payments.add(event.fields)
     except FileNotFoundError:
         return 0, 0.0
     images = 0
     cost = 0.0
     for payment in payments:
         images += payment.images
-        cost += payment_cost(payment, prices)
+        cost += generation_cost(payment, prices) or 0.0
     return images, cost
 
 

@@ -1,11 +1,9 @@
-"""What an output folder paid for: each generation its ledger records, counted once.
+"""What an output folder paid for: each generation its ledger records, counted once; its cost."""
 
-`status` (spend) and the budget caps (their earlier figures) both count from here. A key's
-lines tell one generation from the next: a line that continues one (the rest of a partial
-key, a download tried again, images put back from where they were set aside) carries its
-whole figures and replaces it; any other line that generated images is a new payment, and
-images taken out of ok (set aside, found missing or damaged) stay paid for.
-"""
+# `status` (spend) and the budget caps (their earlier figures) both count from here. A line
+# that continues a generation (the rest of a partial key, a download tried again, images put
+# back) carries its whole figures and replaces it; any other paid line is a new payment, and
+# images taken out of ok (set aside, found missing or damaged) stay paid for.
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Any
 
 from ..results import PAID
 from ..store.setaside import withdrawal
+from .prices import PriceTable, request_cost
 
 # A line's place in a key's history when it took the key's images out of ok.
 WITHDRAWN = "withdrawn"
@@ -50,8 +49,7 @@ class Payment:
 
     @classmethod
     def withdrawn_by(cls, event: Mapping[str, Any], taken: Mapping[str, Any]) -> Payment:
-        """The generation a line took out of ok (`taken`: aside.withdrawal of it), for a key
-        whose earlier lines are not in the ledger."""
+        """The generation a line took out of ok (`taken`), its key's earlier lines gone."""
         return cls(
             key=str(event.get("key")),
             job_id=str(event.get("job_id")),
@@ -108,8 +106,8 @@ class Payments:
 
 
 def _continues(current: Payment, last: str, last_run: object, event: Mapping[str, Any]) -> bool:
-    """Whether a paid line carries on the key's current generation (its figures include
-    it) rather than paying for a new one; `last`, `last_run`: the key's previous line."""
+    """Whether a paid line carries on the key's current generation instead of a new one."""
+    # `last`, `last_run`: the key's previous line; a continuing line's figures include it.
     if event.get("fingerprint") != current.fingerprint:
         return False  # another request: the job changed
     if last == "partial":
@@ -121,12 +119,20 @@ def _continues(current: Payment, last: str, last_run: object, event: Mapping[str
     return last == WITHDRAWN and event.get("run_id") != last_run
 
 
-def recorded_usd(payment: Payment) -> float | None:
-    """The dollars a generation's line recorded (0 for an unreadable figure), or None when
-    it recorded none (lines written before results recorded their cost)."""
+def generation_cost(
+    payment: Payment,
+    prices: PriceTable,
+    size: str | None = None,
+    quality: str | None = None,
+) -> float | None:
+    """What a generation cost: as its line recorded it, else by `request_cost`; None: no price."""
+    # Lines written before results recorded their cost are priced at `size` and `quality`.
     if payment.cost is None:
-        return None
+        usage, images = payment.usage, payment.images
+        return request_cost(payment.model, usage, images, size, quality, prices)[0]
     usd = payment.cost.get("usd")
+    if usd is None:
+        return None  # recorded as unpriced
     if isinstance(usd, int | float) and not isinstance(usd, bool) and math.isfinite(usd):
         return float(usd)
-    return 0.0
+    return 0.0  # a hand-edited figure that is no number

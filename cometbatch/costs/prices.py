@@ -1,21 +1,15 @@
-"""List prices as data: what a plan should cost, and what a finished request did cost.
-
-The built-in table (`prices.toml` in this package) holds estimates from published list prices,
-each model's entry with its `source` and `as_of` date; a user file of the same shape (TOML or
-JSON) is merged over it. Everything here is a pure function of its arguments except
-`builtin_prices` and `load_prices`.
-"""
+"""List prices as data (built in, dated; a user file merged over) and the one cost rule."""
 
 from __future__ import annotations
 
 import math
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from functools import cache, partial
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,8 +19,8 @@ from ..models.datafile import read_data_file
 from ..models.provenance import DateText, date_text
 from ..models.sizes import parse_size
 from ..plan import Request
-from ..results import FAILED, Result
 from ..validation import first_problem
+from .tokenprices import Price, TokenRates, usage_cost
 
 __all__ = [
     "PRICES_AS_OF",
@@ -39,6 +33,7 @@ __all__ = [
     "estimate",
     "format_usd",
     "load_prices",
+    "request_cost",
     "spent",
     "usage_cost",
 ]
@@ -50,27 +45,13 @@ ANY = "*"
 AUTO = "auto"
 _TOP_LEVEL = frozenset({"as_of", "currency", "models"})
 
-Price = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
-
 
 Text = Annotated[str, Field(min_length=1)]
 
 
-class TokenRates(BaseModel):
-    """Dollars per million tokens, for models whose answers report `usage`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    text_input: Price
-    image_input: Price
-    image_output: Price
-    # Text the model writes (billed by some models); None: such tokens cost image_output.
-    text_output: Price | None = None
-
-
 def _scaled(by_size: Mapping[str, float], size: str) -> float | None:
-    """An estimate for a size the table does not list: the listed size of closest aspect ratio
-    (then closest area), its price scaled by pixel area. None without a "WxH" size or list."""
+    """A size the table does not list, priced from the closest listed one scaled by area."""
+    # Closest aspect ratio first, then closest area; None without a "WxH" size or list.
     wanted = parse_size(size)
     listed = [(dims, price) for name, price in by_size.items() if (dims := parse_size(name))]
     if wanted is None or not listed:
@@ -103,10 +84,9 @@ class ModelPrices(BaseModel):
     tokens: TokenRates | None = None
 
     def image_price(self, size: str | None, quality: str | None) -> float | None:
-        """Dollars per image at this size and quality; None when the table has no price.
-
-        A size the table does not list costs its quality's "*" price; failing that, a
-        token-priced model (billed by tokens, so by size) gets an estimate scaled by area."""
+        """Dollars per image at this size and quality; None when the table has no price."""
+        # A size the table does not list costs its quality's "*" price; failing that, a
+        # token-priced model (billed by tokens, so by size) gets an estimate scaled by area.
         if size in (None, AUTO):
             size = self.default_size
         if quality in (None, AUTO):
@@ -164,10 +144,9 @@ class PriceTable(BaseModel):
         return None if spec is None else spec.image_price(size, quality)
 
     def merged(self, data: Any, *, source: str) -> PriceTable:
-        """This table with `data` (the same shape, partial) merged over it; PricesError if bad.
-
-        The entries `data` sets are credited to `source` and dated by its top-level `as_of`,
-        unless they name their own `source` and `as_of`."""
+        """This table with `data` (the same shape, partial) merged over it; PricesError if bad."""
+        # The entries `data` sets are credited to `source` and dated by its top-level `as_of`,
+        # unless they name their own `source` and `as_of`.
         if not isinstance(data, Mapping):
             raise PricesError("must be a table (a TOML document or a JSON object)", source=source)
         for key in data:
@@ -233,60 +212,35 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
     return table.merged(data, source=source)
 
 
-def _count(value: Any) -> int | None:
-    """A token count from an API answer, or None if it is not a non-negative integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
-def _split(total: int, details: Any, first: str, second: str) -> tuple[int, int]:
-    """`total` split by a usage `*_tokens_details` object: all of it `first` without one, a
-    part the object leaves out is the rest of `total`, and the parts never exceed it."""
-    one = two = None
-    if isinstance(details, Mapping):
-        one, two = _count(details.get(first)), _count(details.get(second))
-    if one is None and two is None:
-        return total, 0
-    if one is None:
-        one = max(total - (two or 0), 0)
-    if two is None:
-        two = max(total - one, 0)
-    # Details that add up to more than the total are not believed past it: the total is
-    # what the answer says was used.
-    one = min(one, total)
-    return one, min(two, total - one)
-
-
-def usage_cost(usage: Any, rates: TokenRates) -> float | None:
-    """Dollars for an answer's `usage` tokens; None if `usage` does not hold token counts."""
-    if not isinstance(usage, Mapping):
-        return None
-    input_tokens = _count(usage.get("input_tokens"))
-    output_tokens = _count(usage.get("output_tokens"))
-    if input_tokens is None or output_tokens is None:
-        return None
-    text_in, image_in = _split(
-        input_tokens, usage.get("input_tokens_details"), "text_tokens", "image_tokens"
-    )
-    image_out, text_out = _split(
-        output_tokens, usage.get("output_tokens_details"), "image_tokens", "text_tokens"
-    )
-    text_out_rate = rates.image_output if rates.text_output is None else rates.text_output
-    dollars = (
-        text_in * rates.text_input
-        + image_in * rates.image_input
-        + image_out * rates.image_output
-        + text_out * text_out_rate
-    )
-    return dollars / 1_000_000
-
-
 def estimate(item: Job | Request, prices: PriceTable | None = None) -> float | None:
     """Planned dollars for a job (all its images) or one request; None if not priced."""
     job = item if isinstance(item, Job) else item.job
     per_image = (prices or builtin_prices()).per_image(job.model, job.size, job.quality)
     return None if per_image is None else per_image * item.n
+
+
+def request_cost(
+    model: str,
+    usage: Any,
+    generated: int,
+    size: str | None,
+    quality: str | None,
+    prices: PriceTable,
+) -> tuple[float | None, str]:
+    """The one cost rule: dollars for `generated` images, and the basis of the figure."""
+    # Bases: "usage" (the answer's tokens), "list" (per-image price), "none" (nothing
+    # generated), "unpriced" (None dollars). The run records it; the budget and status read it.
+    if generated == 0:
+        return 0.0, "none"
+    spec = prices.models.get(model)
+    if spec is None:
+        return None, "unpriced"
+    if spec.tokens is not None and usage:
+        dollars = usage_cost(usage, spec.tokens)
+        if dollars is not None:
+            return dollars, "usage"
+    per_image = spec.image_price(size, quality)
+    return (None, "unpriced") if per_image is None else (per_image * generated, "list")
 
 
 def actual(
@@ -298,28 +252,34 @@ def actual(
     *,
     prices: PriceTable | None = None,
 ) -> float | None:
-    """Dollars a finished request cost: from its `usage` tokens where the model is billed by
-    token and the answer reported them, else `images` (generated) times the per-image price.
-    None when neither is known."""
-    spec = (prices or builtin_prices()).models.get(model)
-    if spec is not None and spec.tokens is not None and usage:
-        cost = usage_cost(usage, spec.tokens)
-        if cost is not None:
-            return cost
-    if images == 0:
-        return 0.0
-    per_image = None if spec is None else spec.image_price(size, quality)
-    return None if per_image is None else per_image * images
+    """Dollars a finished request cost by `request_cost` (None: no price known)."""
+    return request_cost(model, usage, images, size, quality, prices or builtin_prices())[0]
 
 
-def spent(result: Result, prices: PriceTable | None = None) -> float | None:
-    """What this run paid for a result: nothing for a reused or failed request."""
-    if result.reused or result.status == FAILED:
+class Finished(Protocol):
+    """What `spent` reads of a finished request (a Result)."""
+
+    @property
+    def job(self) -> Job: ...
+    @property
+    def reused(self) -> bool: ...
+    @property
+    def images(self) -> Sized: ...
+    @property
+    def downloads(self) -> Sized: ...
+    @property
+    def usage(self) -> Any: ...
+
+
+def spent(result: Finished, prices: PriceTable | None = None) -> float | None:
+    """What this run paid for a result by `request_cost`: nothing for a reused one."""
+    if result.reused:
         return 0.0
     # download_failed: the images were generated (paid) whether or not they are on disk yet.
     generated = len(result.images) + len(result.downloads)
     job = result.job
-    return actual(job.model, result.usage, generated, job.size, job.quality, prices=prices)
+    table = prices or builtin_prices()
+    return request_cost(job.model, result.usage, generated, job.size, job.quality, table)[0]
 
 
 def format_usd(value: float | None) -> str:

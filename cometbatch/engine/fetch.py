@@ -19,7 +19,8 @@ from tenacity import RetryCallState
 
 from .._version import __version__
 from ..errors import APIError, DownloadError, ImageDataError, OutputError
-from ..ledger.events import iter_events, now_iso
+from ..ledger.events import now_iso, read_events
+from ..ledger.lines import ResultEvent
 from ..ledger.writer import Ledger
 from ..net.client import MASK, Client
 from ..net.retry import RetryPolicy, retrying
@@ -172,13 +173,13 @@ def output_error(sink: Sink, exc: OSError) -> OutputError:
 def _pending_events(path: Path) -> list[dict[str, Any]]:
     """The latest result event of each key whose status is download_failed."""
     latest: dict[str, dict[str, Any]] = {}
-    for _, event in iter_events(path):
-        if event.get("event") != "result":
+    for event in read_events(path):
+        if not isinstance(event, ResultEvent):
             continue
-        if event.get("status") == DOWNLOAD_FAILED:
-            latest[event["key"]] = event
+        if event.status == DOWNLOAD_FAILED:
+            latest[event.key] = event.fields
         else:
-            latest.pop(event.get("key"), None)  # type: ignore[arg-type]
+            latest.pop(event.key, None)
     return list(latest.values())
 
 

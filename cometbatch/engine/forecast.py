@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..costs.prices import CostEstimate, PriceTable, builtin_prices
-from ..ledger.index import KeyState, LedgerState
+from ..ledger.index import LedgerState
+from ..ledger.keystate import KeyState
 from ..manifest.jobs import Job
 from ..models.registry import ModelRegistry
 from ..plan import Request, plan_job, remainder

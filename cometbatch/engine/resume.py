@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
-from ..ledger.index import KeyState
+from ..ledger.keystate import KeyState
 from ..results import PAID, WITH_DOWNLOADS
 
 Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore", "redownload"]

@@ -12,7 +12,8 @@ from typing import Any
 
 from ..costs.prices import CostEstimate, PriceTable
 from ..errors import ChangedJobsError
-from ..ledger.index import KeyState, LedgerState
+from ..ledger.index import LedgerState
+from ..ledger.keystate import KeyState
 from ..ledger.verify import ImagePresence
 from ..manifest.jobs import Job, Manifest
 from ..models.registry import ModelRegistry

@@ -25,7 +25,8 @@ from ..store.setaside import (
     withdrawal,
 )
 from .events import LEDGER_NAME, now_iso
-from .index import KeyState, LedgerState
+from .index import LedgerState
+from .keystate import KeyState
 from .writer import Ledger
 
 # Files checked at once by `verify` (reading and hashing let go of the interpreter lock).

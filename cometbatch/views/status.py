@@ -8,17 +8,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..costs.paid import Payments
-from ..costs.prices import PriceTable, actual, builtin_prices
+from ..costs.paid import Payments, generation_cost
+from ..costs.prices import PriceTable, builtin_prices
 from ..engine.forecast import forecast, ledger_verdicts
 from ..engine.resume import links_gone
-from ..errors import CometBatchError, LedgerError, ManifestError
-from ..ledger.events import LEDGER_NAME, iter_events
-from ..ledger.index import KeyState
+from ..errors import CometBatchError, ManifestError
+from ..ledger.events import ledger_path, read_events
+from ..ledger.keystate import KeyState
+from ..ledger.lines import EndEvent, ResultEvent, RunEvent
 from ..ledger.liverun import RunState, run_state
 from ..manifest.jobs import JobDefaults, Manifest
 from ..models.registry import recorded_registry
-from ..results import PAID, WITH_DOWNLOADS
+from ..results import DOWNLOAD_FAILED, OK, PARTIAL, WITH_DOWNLOADS
 from .scope import Scope
 
 
@@ -134,8 +135,8 @@ def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
 
 
 def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
-    """The manifest at `path`, read as the run event `run` read it (its --model/--size/--n,
-    models file and model overrides), without the run's warnings about unknown models."""
+    """The manifest at `path`, read as the run event `run` read it (defaults, models)."""
+    # Without the run's warnings about unknown models: they were said when it ran.
     registry = recorded_registry(run.get("settings"))
     return Manifest(path, defaults=recorded_defaults(run), registry=registry)
 
@@ -146,53 +147,46 @@ def read_status(
     manifest: str | Path | None = None,
     prices: PriceTable | None = None,
 ) -> FolderStatus:
-    """Summarise a folder's ledger; works while a run is writing it (a torn tail is skipped).
-
-    Pending work needs the manifest: `manifest`, else the one the latest run recorded."""
+    """Summarise a folder's ledger, also while a run writes it (a torn tail is skipped)."""
+    # Pending work needs the manifest: `manifest`, else the one the latest run recorded.
     folder = Path(out_dir)
-    path = folder / LEDGER_NAME
-    if not path.exists():
-        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
+    path = ledger_path(folder)
     status = FolderStatus(out_dir=str(out_dir))
     latest: dict[str, dict[str, Any]] = {}
     # What was paid for: every generation, counted once.
     paid = Payments()
     run: dict[str, Any] = {}
-    for _, event in iter_events(path):
-        kind = event.get("event")
-        if kind == "run":
-            run = event
+    for event in read_events(path):
+        if isinstance(event, RunEvent):
+            run = event.fields
             status.runs += 1
             status.last_run_ended = False
-            status.first_at = status.first_at or event.get("started_at")
-            status.last_at = event.get("started_at") or status.last_at
-        elif kind == "end":
+            status.first_at = status.first_at or event.started_at
+            status.last_at = event.started_at or status.last_at
+        elif isinstance(event, EndEvent):
             status.last_run_ended = True
-            summary = event.get("summary")
-            # A summary is an object; anything else in a hand-edited line reads as none.
-            status.last_summary = summary if isinstance(summary, dict) else None
+            status.last_summary = event.summary
             if status.last_summary is not None and status.last_summary.get("simulated"):
                 status.simulated_runs += 1
-            status.last_at = event.get("finished_at") or status.last_at
-        elif kind == "result":
-            key = str(event.get("key"))
-            item = {
-                "status": event.get("status"),
-                "model": event.get("model"),
-                "job_id": event.get("job_id"),
-                "n": event.get("n", 0),
-                "error": event.get("error"),
-                "fingerprint": event.get("fingerprint"),
-                "written": len(event.get("images") or ()),
-                "generated": len(event.get("images") or ()) + len(event.get("downloads") or ()),
+            status.last_at = event.finished_at or status.last_at
+        elif isinstance(event, ResultEvent):
+            latest[event.key] = {
+                "status": event.status,
+                "model": event.model,
+                "job_id": event.job_id,
+                "n": event.n,
+                "error": event.error,
+                "fingerprint": event.fingerprint,
+                "written": len(event.images),
+                "paid": event.paid,
+                "generated": event.generated,
                 # Links still to download, judged once the key's latest line is known.
-                "downloads": event.get("downloads") or (),
+                "downloads": event.downloads,
             }
-            latest[key] = item
-            paid.add(event)
-            status.retries += max(int(event.get("attempts") or 1) - 1, 0)
-            status.ambiguous_retries += int(event.get("ambiguous_retries") or 0)
-            status.last_at = event.get("finished_at") or status.last_at
+            paid.add(event.fields)
+            status.retries += max(event.attempts - 1, 0)
+            status.ambiguous_retries += event.ambiguous_retries
+            status.last_at = event.finished_at or status.last_at
     status.keys = len(latest)
     for key, item in latest.items():
         item["links_gone"] = _links_gone(key, item)
@@ -212,8 +206,7 @@ def read_status(
 
 
 def _links_gone(key: str, item: dict[str, Any]) -> bool:
-    """Whether a download_failed or partial key's links are gone for good or given up, as
-    a run decides it (resume.links_gone), its links read as KeyState reads them."""
+    """Whether a key's links are gone or given up, as a run decides it (resume.links_gone)."""
     status = str(item["status"])
     if status not in WITH_DOWNLOADS:
         return False
@@ -244,20 +237,20 @@ def _in_scope(latest: dict[str, dict[str, Any]], scope: Scope) -> dict[str, dict
 def _count_outcomes(status: FolderStatus, latest: dict[str, dict[str, Any]]) -> None:
     for item in latest.values():
         model = status.by_model.setdefault(str(item["model"]), ModelStatus())
-        if item["status"] == "ok":
+        if item["status"] == OK:
             model.ok_requests += 1
             model.ok_images += int(item["n"])
-        elif item["status"] == "partial" and not item["error"] and not item["links_gone"]:
+        elif item["status"] == PARTIAL and not item["error"] and not item["links_gone"]:
             # Stopped before the rest was asked for: the rest is pending (the next run sends it).
             model.ok_images += item["written"]
         else:
             # A download_failed or partial request wrote some of its images; the rest are
             # waiting for their download, or failed.
-            written = item["written"] if item["status"] in PAID else 0
+            written = item["written"] if item["paid"] else 0
             if item["links_gone"]:
                 # Of a partial key, the images whose links are given up (the rest is failed).
                 status.links_gone += min(item["generated"], int(item["n"])) - written
-            elif item["status"] == "download_failed":
+            elif item["status"] == DOWNLOAD_FAILED:
                 status.awaiting_download += int(item["n"]) - written
             model.failed_requests += 1
             model.ok_images += written
@@ -275,9 +268,9 @@ def _count_pending(
     given: str | Path | None,
     scope: Scope,
 ) -> dict[str, tuple[str | None, str | None]]:
-    """Pending work per model from the manifest; returns each recorded job's size and quality
-    (for pricing) and fills `scope` with the recorded jobs the manifest holds. Leaves pending
-    unknown, with a note, when the manifest cannot be used."""
+    """Pending work per model from the manifest; each recorded job's size and quality."""
+    # Fills `scope` with the recorded jobs the manifest holds; leaves pending unknown, with a
+    # note, when the manifest cannot be used. Sizes price lines that recorded no cost.
     recorded_path = run.get("manifest")
     if not isinstance(recorded_path, str):
         recorded_path = None  # a hand-edited run line: read as no manifest recorded
@@ -330,7 +323,7 @@ def _count_pending(
         model.pending_requests = item.new_requests
         model.pending_images = item.new_images
     for line in latest.values():
-        pending = line["status"] == "partial" and not line["error"] and not line["links_gone"]
+        pending = line["status"] == PARTIAL and not line["error"] and not line["links_gone"]
         if pending and line["job_id"] in sizes:
             # The images a partial key still needs (its written ones count as done).
             counted = status.by_model.setdefault(str(line["model"]), ModelStatus())
@@ -349,12 +342,12 @@ def _count_spend(
     sizes: dict[str, tuple[str | None, str | None]],
     prices: PriceTable,
 ) -> None:
-    """What the recorded generations cost: usage tokens where recorded, else list prices."""
+    """What the recorded generations cost, as their lines recorded it (paid.generation_cost)."""
     status.prices = prices.describe()
     for payment in paid:
         size, quality = sizes.get(payment.job_id, (None, None))
         status.paid_images += payment.images
-        cost = actual(payment.model, payment.usage, payment.images, size, quality, prices=prices)
+        cost = generation_cost(payment, prices, size, quality)
         if cost is None:
             status.unpriced_images += payment.images
         else:

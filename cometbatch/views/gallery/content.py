@@ -11,8 +11,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ...errors import LedgerError
-from ...ledger.events import LEDGER_NAME, iter_events
+from ...ledger.events import ledger_path, read_events
 from ...manifest.jobs import JobDefaults
 from ...paths import unlinked
 from ..status import recorded_defaults
@@ -273,10 +272,7 @@ def read_gallery(
 ) -> Gallery:
     """The gallery of an output folder, read without its lock (a run may be writing it)."""
     folder = Path(out_dir)
-    ledger = folder / LEDGER_NAME
-    if not ledger.exists():
-        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
-    events = (event for _, event in iter_events(ledger))
+    events = (event.fields for event in read_events(ledger_path(folder)))
     gallery = build_gallery(events, title=folder.resolve().name)
     gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
     attach_manifest(gallery, Path(manifest) if manifest else None)
