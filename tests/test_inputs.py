@@ -194,6 +194,27 @@ def test_errors_name_the_physical_line_after_multi_line_cells(tmp_path: Path) ->
     assert "does not take size '640x480'" in message
 
 
+def test_each_csv_record_is_read_once_per_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good CSV is split into records and their cells in one reading: parse() never reads
+    a record again, whether the manifest is checked or streamed."""
+    read_again: list[int] = []
+    reread = CsvJobs._row
+
+    def counted(self: CsvJobs, text: str, line: int) -> list[str]:
+        read_again.append(line)
+        return reread(self, text, line)
+
+    monkeypatch.setattr(CsvJobs, "_row", counted)
+    rows = "".join(f'"p{i}\nover two lines",1024x1024,{i}\n' for i in range(50))
+    path = write(tmp_path / "p.csv", f"prompt,size,metadata.k\n{rows}")
+    manifest = load_manifest(path)
+    jobs = list(manifest)
+    assert [job.metadata for job in jobs] == [{"k": str(i)} for i in range(50)]
+    assert read_again == []
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

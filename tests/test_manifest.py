@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from cometbatch import Job, ManifestError, load_manifest
-from cometbatch.manifest.jobs import JobDefaults, _DigestSet, parse_line
+from cometbatch.manifest._iddigests import IdDigests
+from cometbatch.manifest.jobs import JobDefaults, parse_line
 from cometbatch.models.registry import ModelRegistry
 
 REGISTRY = ModelRegistry()
@@ -257,28 +258,33 @@ def test_duplicates_are_found_among_many_ids(tmp_path: Path) -> None:
     assert "already used on line 1235" in problem.message
 
 
-def test_digest_set_holds_every_digest_once() -> None:
-    """The digest table refuses what it holds, grows without losing any, and takes a 0."""
-    digests = _DigestSet()
-    values = [0, *range(1, 5000, 7), 2**64 - 1, 2**63, 1 << 40]
-    assert all(digests.add(value) for value in values[1:])
-    assert not any(digests.add(value) for value in values[1:])
-    assert not digests.add(0)  # a digest of 0 passes for 1, which is in already
-
-
-def test_the_id_table_grows_finds_repeats_and_gives_its_memory_back() -> None:
-    """The duplicate-id table keeps every digest across growth, refuses a repeat, and unmaps
-    its memory when closed (its own map, not the heap: see _zeroed_table)."""
-    from cometbatch.manifest.jobs import _DigestSet
-
+def test_id_digests_name_exactly_the_repeated_ones() -> None:
+    """The id digests report every digest noted twice or more, and none noted once, over
+    every top-bits list (0 and 2**64 - 1 included)."""
     rng = random.Random(3)
-    digests = [rng.getrandbits(64) for _ in range(5_000)]
-    seen = _DigestSet()
-    assert all(seen.add(digest) for digest in digests)
-    assert not any(seen.add(digest) for digest in digests[::7])
-    mapped = seen._map
-    seen.close()
-    assert mapped.closed
+    once = {rng.getrandbits(64) for _ in range(5_000)} | {0, 2**64 - 1, 2**63}
+    twice = set(rng.sample(sorted(once), 300)) | {0, 2**64 - 1}
+    digests = IdDigests()
+    for digest in [*once, *twice, *list(twice)[:10]]:
+        digests.add(digest)
+    assert len(digests) == len(once) + len(twice) + 10
+    assert digests.repeated() == twice
+    assert len(digests) == 0  # the lists are given back as they are read
+
+
+def test_ids_whose_digests_collide_are_not_called_repeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeat is confirmed on the ids' folders: two ids that only share a digest load."""
+    monkeypatch.setattr("cometbatch.manifest._iddigests.MASK", 0)  # every digest is 0
+    path = write(tmp_path, line(prompt="a", id="one"), line(prompt="b", id="two"))
+    assert load_manifest(path).stats.jobs == 2
+    again = write(tmp_path, line(prompt="a", id="one"), line(prompt="b", id="ONE"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(again)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.field) == (2, "id")
+    assert "would share an image folder with id 'one' on line 1" in problem.message
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv"])
@@ -307,3 +313,16 @@ def test_a_line_over_the_cap_is_named_without_reading_it_whole(tmp_path: Path, s
     if suffix == ".jsonl":
         assert [p.line for p in problems] == [2, 3]
     assert peak < 8 << 20
+
+
+def test_a_repeated_id_before_a_line_over_the_cap_is_named_with_it(tmp_path: Path) -> None:
+    """A repeated id and a later line too long to read are both reported: naming the repeat's
+    first line does not read up to the long line again."""
+    path = tmp_path / "m.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(f"{line(prompt='a', id='x')}\n{line(prompt='b', id='x')}\n")
+        handle.write("y" * (2 << 20) + "\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert [(p.line, p.field) for p in info.value.problems] == [(2, "id"), (3, None)]
+    assert "already used on line 1" in info.value.problems[0].message

@@ -1,9 +1,7 @@
-"""Inputs people already have: plain text (one prompt per line) and CSV with a prompt column.
+"""Manifest readers for plain text (a prompt per line) and CSV (a prompt column), streamed."""
 
-Each reader turns a file's lines into the same field dicts a JSONL line holds and hands them to
-the manifest's one validation (`manifest.job_from_data`), so errors name the line and the field
-exactly as JSONL errors do. Readers stream: they hold one record at a time, never the file.
-"""
+# Each reader turns records into the field dicts a JSONL line holds and hands them to the one
+# validation (manifestlines.job_from_data): errors name line and field as JSONL errors do.
 
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from ..errors import ConfigError, ManifestError, ManifestProblem
 from ..models.registry import PARAMS
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .job import Job
 
 __all__ = [
     "FORMATS",
@@ -74,10 +72,9 @@ def reader_for(format: str, build: BuildJob) -> Reader | None:
 
 
 class TextPrompts:
-    """A text file: each line that is not blank or a '#' comment is one prompt.
+    """A text file: each line that is not blank or a '#' comment is one prompt."""
 
-    Model, size and n come from the defaults (--model, --size, --n) for every line.
-    """
+    # Model, size and n come from the defaults (--model, --size, --n) for every line.
 
     def __init__(self, build: BuildJob) -> None:
         self._build = build
@@ -157,13 +154,11 @@ _Column = tuple[str, str, str]
 
 
 class CsvJobs:
-    """A CSV file with a header row: a `prompt` column, and optionally any other job field
-    (id, model, n, size, quality, ...) and `metadata.<key>` / `extra.<key>` columns.
+    """A CSV file: a header naming job fields (`prompt` at least), metadata.<k>, extra.<k>."""
 
-    Empty cells are absent fields (defaults apply). Lines are the file's physical lines, so
-    an error names the line a record starts on, even when quoted values span several lines.
-    The header holds commas, or else semicolons or tabs, and that decides the delimiter.
-    """
+    # Empty cells are absent fields (defaults apply). An error names the physical line a record
+    # starts on, also when quoted values span lines. The header's commas, else semicolons or
+    # tabs, decide the delimiter.
 
     def __init__(self, build: BuildJob) -> None:
         self._build = build
@@ -171,6 +166,9 @@ class CsvJobs:
         self._columns: list[_Column] | None = None
         self._header_line = 0
         self._header_problems: list[ManifestProblem] = []
+        # The row records() read for the record it yielded last (parse() takes it instead of
+        # reading the record again); None when it could not be read.
+        self._read: tuple[int, list[str] | None] = (0, None)
 
     def records(self, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
         """Each CSV record's first line number and raw text; reads the header on the way."""
@@ -207,6 +205,7 @@ class CsvJobs:
             pending.clear()
             if self._columns is None:
                 self._read_header(row, text, first)
+            self._read = (first, row)
             yield first, text
 
     def _read_header(self, row: list[str] | None, text: str, line: int) -> None:
@@ -266,7 +265,9 @@ class CsvJobs:
         # Without a usable header no row can be read; the header's problems say why.
         if not text.strip() or self._columns is None or self._header_problems:
             return None
-        row = self._row(text, number)
+        read_at, row = self._read
+        if read_at != number or row is None:
+            row = self._row(text, number)  # a record read apart, or one that names its error
         columns = self._columns
         if any(cell.strip() for cell in row[len(columns) :]):
             message = f"{len(row)} values, but the header names {len(columns)} columns"

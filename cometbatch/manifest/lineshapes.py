@@ -1,9 +1,7 @@
-"""The other shapes a JSONL line may take, turned into plain job fields: an OpenAI Batch API
-line, and the keyword arguments of an openai-python `client.images.generate(...)` call.
+"""Batch API lines and openai-python keyword arguments as plain job fields, named as written."""
 
-Each shape keeps where its fields came from, so a problem is named as the line spells it
-(`body.size`, `custom_id`, `extra_body.seed`), not as cometbatch stores it.
-"""
+# Each shape keeps where its fields came from, so a problem is named as the line spells it
+# (`body.size`, `custom_id`, `extra_body.seed`), not as cometbatch stores it.
 
 from __future__ import annotations
 
@@ -14,8 +12,10 @@ from typing import Any
 from ..errors import ManifestError, ManifestProblem
 
 __all__ = [
+    "BATCH_KEYS",
     "BATCH_URL",
     "SDK_FIELDS",
+    "SDK_KEYS",
     "LineFields",
     "batch_fields",
     "is_batch_line",
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 BATCH_URL = "/v1/images/generations"
-_BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})
+BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})
 
 _TIMEOUT_HINT = "the --timeout option, Settings.timeout, or `timeout` in the settings file"
 _OPTION = "an openai-python client option, not a request field"
@@ -44,7 +44,7 @@ _STREAMING = {
 }
 # Keys an openai-python images.generate(...) call has beyond the request fields.
 SDK_FIELDS = ("extra_body", *_CLIENT_OPTIONS, *_STREAMING)
-_SDK_KEYS = frozenset(SDK_FIELDS)
+SDK_KEYS = frozenset(SDK_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +86,11 @@ def streaming_problem(name: str, value: Any) -> str | None:
 
 
 def sdk_fields(data: dict[str, Any], line: int, prefix: str = "") -> LineFields:
-    """A line (or Batch API body) of openai-python keyword arguments as job fields.
-
-    `extra_body` becomes `extra`; client options and streaming are refused (naming the
-    setting to use instead), unless their value asks for nothing (`stream: false`,
-    `partial_images: 0`, null or {} headers and query; `timeout` always is refused: null means
-    "no timeout" to openai-python)."""
-    if _SDK_KEYS.isdisjoint(data):
+    """A line (or Batch API body) of openai-python keyword arguments as job fields."""
+    # extra_body becomes extra; client options and streaming are refused (naming the setting
+    # to use instead) unless their value asks for nothing (stream: false, partial_images: 0,
+    # null or {} headers and query); timeout always is: null means "no timeout" to openai.
+    if SDK_KEYS.isdisjoint(data):
         return LineFields(data, prefix=prefix)  # the usual line: nothing to reshape
     data = dict(data)
     problems: list[ManifestProblem] = []
@@ -186,6 +184,6 @@ def _envelope_problems(data: dict[str, Any], line: int) -> list[ManifestProblem]
         problems.append(ManifestProblem(line, "url", f"only {BATCH_URL} is supported"))
     problems += [
         ManifestProblem(line, name, "unknown field in a Batch API line")
-        for name in sorted(data.keys() - _BATCH_KEYS)
+        for name in sorted(data.keys() - BATCH_KEYS)
     ]
     return problems
