@@ -27,6 +27,8 @@ from ..net.limits import Limiter
 from ..net.retry import RetryPolicy
 from ..results import Result, Summary
 from ..settings import KEY_ENV, Settings
+from ..store.interface import Store
+from ..store.local import LocalStore
 from ..store.sink import Sink
 from .dispatch import Dispatcher, Stopped, interruptible_sleep
 from .inflight import InFlight
@@ -52,9 +54,12 @@ class Engine:
         simulated: bool = False,
         max_images_per_request: int | None = None,
         prices: PriceTable | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
+        # Where images and the ledger are written; default: the local folder out_dir.
+        self.store: Store = store if store is not None else LocalStore(self.out_dir)
         # A caller's registry is used as given; the default one is built from the settings
         # (models_file merged over the built-in models, then model_overrides).
         self.registry = registry or load_registry(
@@ -155,8 +160,10 @@ class Engine:
                 Client.from_settings(self.settings, session=self._session)
             )
             fsync = self.settings.fsync
-            self._ledger = await self._stack.enter_async_context(Ledger(self.out_dir, fsync=fsync))
-            self._sink = Sink(self.out_dir, fsync=fsync == "always")
+            self._ledger = await self._stack.enter_async_context(
+                Ledger(self.out_dir, fsync=fsync, store=self.store)
+            )
+            self._sink = Sink(self.store, fsync=fsync == "always")
             # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(self._sink.remove_stale_temp_files)
             if removed:

@@ -19,6 +19,7 @@ from ..ledger.writer import Ledger
 from ..net.retry import possibly_billed
 from ..plan import Request, part, remainder
 from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, PendingDownload, Result, Summary
+from ..store.interface import Store
 from ..store.setaside import (
     REPLACED_DIR,
     UNSENT,
@@ -118,6 +119,11 @@ class Sender:
             return result
         finally:
             del self._inflight[request.key]
+
+    @property
+    def _store(self) -> Store:
+        """Where the images are (the sink's store)."""
+        return self.dispatcher.sink.store
 
     @property
     def _retry_failed(self) -> bool:
@@ -312,7 +318,7 @@ class Sender:
                 f"{where} to generate it again"
             )
         try:
-            planned = await asyncio.to_thread(plan_aside, self.out_dir, self.run_id, images)
+            planned = await asyncio.to_thread(plan_aside, self._store, self.run_id, images)
             line = withdraw_event(
                 latest,
                 planned,
@@ -324,7 +330,7 @@ class Sender:
             await self._ledger().append(line)
             key.withdrawing, key.aside_kind = line, kind
             relpaths = [image["path"] for image in images]
-            moved = await asyncio.to_thread(set_aside, self.out_dir, self.run_id, relpaths)
+            moved = await asyncio.to_thread(set_aside, self._store, self.run_id, relpaths)
         except OSError as exc:
             raise OutputError(
                 f"cannot move the old images of job {recorded.job_id!r} aside in "
@@ -356,13 +362,13 @@ class Sender:
         # (A download_failed line may have withdrawn no image, only links to download.)
         if images is None or not (images or (taken is not None and taken.get("downloads"))):
             return None
-        found = await asyncio.to_thread(find_whole, self.out_dir, images)
+        found = await asyncio.to_thread(find_whole, self._store, images)
         if found is None and work.verdict == "redownload":
             found = await self._download_again(recorded.job_id, images)
         if found is None:
             return None
         try:
-            await asyncio.to_thread(put_back, self.out_dir, images, found)
+            await asyncio.to_thread(put_back, self._store, images, found)
         except OSError as exc:
             raise OutputError(
                 f"cannot move the images of job {recorded.job_id!r} back in {self.out_dir}: "
@@ -392,12 +398,12 @@ class Sender:
         self.triage.count("keep", request, planned=False)
         return self.triage.kept(request, state)
 
-    async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[Path] | None:
+    async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[str] | None:
         """Download the images whole nowhere from the links they came from, each to its path
         (the Fetcher's retries; nothing is generated); where each image is whole now, or None
         when one is not (a link that no longer works, or a file that is not the recorded
         one: such files are removed, the key is generated again)."""
-        lost = await asyncio.to_thread(_whole_nowhere, self.out_dir, images)
+        lost = await asyncio.to_thread(_whole_nowhere, self._store, images)
         if not all(type(image.get("url")) is str for image in lost):
             return None
         links = [
@@ -423,7 +429,7 @@ class Sender:
             )
             return None
         log.info("job %r: %d image(s) downloaded again from their links", job_id, len(lost))
-        return await asyncio.to_thread(find_whole, self.out_dir, images)
+        return await asyncio.to_thread(find_whole, self._store, images)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -457,9 +463,9 @@ def repeated_event(latest: dict[str, Any], *, run_id: str, finished_at: str) -> 
     return {**latest, "run_id": run_id, **UNSENT, "finished_at": finished_at}
 
 
-def _whole_nowhere(out_dir: Path, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _whole_nowhere(store: Store, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The images whole neither at their path nor where they were set aside."""
-    return [image for image in images if find_whole(out_dir, [image]) is None]
+    return [image for image in images if find_whole(store, [image]) is None]
 
 
 def _digest(image: dict[str, Any]) -> tuple[object, object]:
