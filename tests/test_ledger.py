@@ -31,6 +31,8 @@ from cometbatch.ledger.keystate import KeyState
 from cometbatch.ledger.lock import LOCK_NAME, FolderLock
 from cometbatch.ledger.writer import Ledger
 from cometbatch.settings import FsyncPolicy
+from cometbatch.store.interface import AppendLog
+from cometbatch.store.local import LocalStore
 from cometbatch.store.sink import ImageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -550,26 +552,35 @@ async def test_server_text_is_written_as_escapes_and_read_back_the_same(tmp_path
     assert LedgerState.load(tmp_path / LEDGER_NAME).get("a#0") is not None
 
 
-class FullDiskFile:
-    """The ledger's file on a disk that has just filled up: every write fails."""
+class FillingStore(LocalStore):
+    """A local store whose disk fills up once `full` is set: every ledger write then fails."""
 
-    def __init__(self, real: Any) -> None:
-        self.real = real
+    full = False
 
-    def write(self, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def open_log(self, name: str, *, sync: bool) -> AppendLog:
+        log = super().open_log(name, sync=sync)
+        store = self
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+        class Filling:
+            def append(self, data: bytes, sync: bool) -> int | None:
+                if store.full:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return log.append(data, sync)
+
+            def close(self, sync: bool) -> None:
+                log.close(sync)
+
+        return Filling()
 
 
 async def test_failed_write_stops_further_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failed write is an OutputError; later appends refuse so a partial line stays last."""
-    async with Ledger(tmp_path) as ledger:
+    store = FillingStore(tmp_path)
+    async with Ledger(tmp_path, store=store) as ledger:
         await ledger.append(RUN)
-        monkeypatch.setattr(ledger, "_file", FullDiskFile(ledger._file))
+        store.full = True
         message = f"cannot write the ledger {ledger.path}: No space left on device; "
         with pytest.raises(OutputError, match=re.escape(message)) as first:
             await ledger.append(result("a"))

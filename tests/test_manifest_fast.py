@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from cometbatch import Job, ManifestError, load_manifest, manifestlines
+from cometbatch import Job, ManifestError, load_manifest
+from cometbatch.manifest import lines as manifestlines
 from cometbatch.manifest.jobs import JobDefaults, Manifest, parse_line
 from cometbatch.models.registry import ModelRegistry
 from cometbatch.paths import PLAIN_COMPONENT, _renamed, safe_component

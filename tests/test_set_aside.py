@@ -20,6 +20,7 @@ from cometbatch import Engine, Job, SimConfig, Simulator
 from cometbatch.ledger.events import LEDGER_NAME, iter_events
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.verify import ImagePresence
+from cometbatch.store.local import LocalStore
 from cometbatch.store.setaside import REPLACED_DIR, put_back, set_aside
 from cometbatch.views.status import read_status
 
@@ -254,7 +255,7 @@ async def test_no_file_is_moved_or_counted_through_a_linked_job_folder(tmp_path:
     assert recorded is not None
     assert ImagePresence(out).missing("c", range(2), recorded, "png")
     with pytest.raises(OSError) as refused:
-        set_aside(out, "r1", ["images/c/0.png", "images/c/1.png"])
+        set_aside(LocalStore(out), "r1", ["images/c/0.png", "images/c/1.png"])
     assert refused.value.errno == errno.ELOOP and "images/c" in str(refused.value.filename)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["0.png", "1.png"]
     assert not (out / REPLACED_DIR).exists()
@@ -264,7 +265,7 @@ async def test_no_file_is_moved_or_counted_through_a_linked_job_folder(tmp_path:
     (elsewhere / "0.png").rename(kept)
     image = {"index": 0, "path": "images/c/0.png", "aside": "replaced/r0/c/0.png"}
     with pytest.raises(OSError) as refused:
-        put_back(out, [image], [kept])
+        put_back(LocalStore(out), [image], ["replaced/r0/c/0.png"])
     assert refused.value.errno == errno.ELOOP
     assert kept.is_file() and not (elsewhere / "0.png").exists()
 

@@ -22,7 +22,9 @@ from PIL import Image
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.errors import ImageDataError
 from cometbatch.store import sink as sink_module
+from cometbatch.store._writers import Writers
 from cometbatch.store.imagecheck import check_image
+from cometbatch.store.local import LocalStore
 from cometbatch.store.sink import ImageRecord, Sink, decode_b64, detect_format
 
 
@@ -214,36 +216,38 @@ async def test_write_is_atomic_and_recorded(
     assert "written=1" in repr(sink)
 
 
-async def test_each_write_is_one_thread_trip_and_large_images_are_hashed_there(
+async def test_large_images_are_hashed_and_written_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each image takes one trip to a writer thread; at or above offload_bytes it is decoded
-    and hashed in that thread too (smaller ones on the event loop), with the same result."""
-    trips: list[Callable[..., Any]] = []
-    real_submit = sink_module._WRITERS.submit
-
-    def spy(func: Callable[..., Any], args: tuple[Any, ...], report: Any) -> None:
-        trips.append(func)
-        real_submit(func, args, report)
-
+    """Below offload_bytes an image is hashed on the event loop, at or above it in a worker
+    thread; a file is written (renamed into place) in a writer thread, or on the loop when
+    below the store's loop_bytes and not fsynced; the records are the same either way."""
     on_loop: list[bool] = []
-    real_sha256 = hashlib.sha256
+    renamed_on_loop: list[bool] = []
+    real_sha256, real_replace = hashlib.sha256, os.replace
 
     def sha256(data: bytes = b"") -> Any:
         on_loop.append(threading.current_thread() is threading.main_thread())
         return real_sha256(data)
 
-    monkeypatch.setattr(sink_module._WRITERS, "submit", spy)
+    def replace(*args: Any) -> None:
+        renamed_on_loop.append(threading.current_thread() is threading.main_thread())
+        real_replace(*args)
+
     monkeypatch.setattr(hashlib, "sha256", sha256)
-    small = await Sink(tmp_path, offload_bytes=len(WEBP) + 1).write("a", 0, WEBP)
-    assert (len(trips), on_loop) == (1, [True])
-    large = await Sink(tmp_path, offload_bytes=len(WEBP), fsync=True).write("b", 0, WEBP)
-    assert (len(trips), on_loop) == (2, [True, False])
+    monkeypatch.setattr(os, "replace", replace)
+    on_the_loop = LocalStore(tmp_path, loop_bytes=len(WEBP) + 1)
+    small = await Sink(on_the_loop, offload_bytes=len(WEBP) + 1).write("a", 0, WEBP)
+    assert (on_loop, renamed_on_loop) == ([True], [True])
+    synced = await Sink(on_the_loop, offload_bytes=len(WEBP) + 1, fsync=True).write("s", 0, WEBP)
+    assert (on_loop, renamed_on_loop) == ([True, True], [True, False])
+    large = await Sink(tmp_path, offload_bytes=len(WEBP)).write("b", 0, WEBP)
+    assert (on_loop[2:], renamed_on_loop[2:]) == ([False], [False])
     b64 = base64.b64encode(WEBP).decode()
     await Sink(tmp_path, offload_bytes=len(b64)).decode_and_write("c", 0, b64)
     await Sink(tmp_path, offload_bytes=len(b64) + 1).decode_and_write("d", 0, b64)
-    assert (len(trips), on_loop) == (4, [True, False, False, True])
-    assert small.sha256 == large.sha256 == real_sha256(WEBP).hexdigest()
+    assert on_loop[3:] == [False, True]
+    assert small.sha256 == synced.sha256 == large.sha256 == real_sha256(WEBP).hexdigest()
 
 
 async def test_writer_threads_batch_start_on_demand_and_leave_when_idle() -> None:
@@ -255,7 +259,7 @@ async def test_writer_threads_batch_start_on_demand_and_leave_when_idle() -> Non
             raise OSError(errno.ENOSPC, "No space left on device")
         return i * i
 
-    writers = sink_module._Writers(size=2, idle=0.01)
+    writers = Writers(size=2, idle=0.01)
 
     def submit(i: int) -> asyncio.Future[int]:
         future = asyncio.get_running_loop().create_future()
@@ -386,14 +390,15 @@ class FailingOpen:
         return FailingFile(real)
 
 
+@pytest.mark.parametrize("loop_bytes", [0, 10**9])
 async def test_failed_write_leaves_no_temp_and_no_final_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop_bytes: int
 ) -> None:
     """A write that fails midway removes its temp file, writes no final file, and re-raises."""
     fake = FailingOpen()
     monkeypatch.setattr(builtins, "open", fake)
     with pytest.raises(OSError) as info:
-        await Sink(tmp_path).write("a", 0, PNG)
+        await Sink(LocalStore(tmp_path, loop_bytes=loop_bytes)).write("a", 0, PNG)
     assert info.value.errno == errno.ENOSPC
     # Opened once: a new job folder is made first (by trying), then the temp file in it.
     assert len(fake.opened) == 1
@@ -403,8 +408,9 @@ async def test_failed_write_leaves_no_temp_and_no_final_file(
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.parametrize("loop_bytes", [0, 10**9])
 async def test_failed_rename_leaves_no_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop_bytes: int
 ) -> None:
     """If the final rename fails, the temp file is removed and the error propagates."""
 
@@ -413,7 +419,7 @@ async def test_failed_rename_leaves_no_temp_file(
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(PermissionError):
-        await Sink(tmp_path).write("a", 0, PNG)
+        await Sink(LocalStore(tmp_path, loop_bytes=loop_bytes)).write("a", 0, PNG)
     assert files_under(tmp_path) == []
 
 
@@ -454,7 +460,8 @@ async def test_cancelled_write_leaves_no_file(
 ) -> None:
     """A write cancelled while its thread writes or renames leaves neither a temp file nor an
     unrecorded image; called off before its rename, it leaves the earlier image alone."""
-    sink = Sink(tmp_path)
+    # Written in a writer thread (a write on the event loop cannot be cancelled midway).
+    sink = Sink(LocalStore(tmp_path, loop_bytes=0))
     earlier = make_image("PNG", (2, 2))
     await sink.write("a", 0, earlier)
     stall = Stall(os.replace)

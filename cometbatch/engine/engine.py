@@ -27,6 +27,8 @@ from ..net.limits import Limiter
 from ..net.retry import RetryPolicy
 from ..results import Result, Summary
 from ..settings import KEY_ENV, Settings
+from ..store.interface import Store
+from ..store.local import LocalStore
 from ..store.sink import Sink
 from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
@@ -62,9 +64,12 @@ class Engine:
         prices: PriceTable | None = None,
         limiter: Limiter | None = None,
         simulator: SimulatedAPI | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.out_dir = Path(out_dir)
+        # Where images and the ledger are written; default: the local folder out_dir.
+        self.store: Store = store if store is not None else LocalStore(self.out_dir)
         # A caller's registry is used as given; the default one is built from the settings
         # (models_file merged over the built-in models, then model_overrides).
         self.registry = registry or load_registry(
@@ -153,9 +158,11 @@ class Engine:
                 Client.from_settings(self.settings, session=self._session)
             )
             fsync = self.settings.fsync
-            ledger = await self._stack.enter_async_context(Ledger(self.out_dir, fsync=fsync))
+            ledger = await self._stack.enter_async_context(
+                Ledger(self.out_dir, fsync=fsync, store=self.store)
+            )
             self._ledger = ledger
-            sink = Sink(self.out_dir, fsync=fsync == "always")
+            sink = Sink(self.store, fsync=fsync == "always")
             # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:

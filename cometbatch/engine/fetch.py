@@ -26,6 +26,7 @@ from ..net.client import MASK, Client
 from ..net.retry import RetryPolicy, retrying
 from ..results import DOWNLOAD_FAILED, OK, PendingDownload, Summary
 from ..settings import DEFAULT_CONCURRENCY, Settings
+from ..store.local import LocalStore
 from ..store.sink import ImageRecord, Sink
 from .resume import LINK_GONE, links_given_up
 
@@ -220,7 +221,8 @@ async def fetch_pending(
     settings = settings or Settings()
     out = Path(out_dir)
     summary = Summary()
-    async with Ledger(out, fsync=settings.fsync) as ledger:
+    store = LocalStore(out)
+    async with Ledger(out, fsync=settings.fsync, store=store) as ledger:
         pending = await asyncio.to_thread(_pending_events, ledger.path)
         if not pending:
             return summary
@@ -252,7 +254,7 @@ async def fetch_pending(
         async with client:
             fetcher = Fetcher(
                 client,
-                Sink(out, fsync=settings.fsync == "always"),
+                Sink(store, fsync=settings.fsync == "always"),
                 RetryPolicy.from_settings(settings),
                 sleep,
             )

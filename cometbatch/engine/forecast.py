@@ -19,6 +19,7 @@ from ..models.registry import ModelRegistry
 from ..plan import Request, plan_job, remainder
 from ..results import Summary
 from ..settings import Settings
+from ..store.local import LocalStore
 from ..store.setaside import find_whole, withdrawn
 from .resume import Verdict, decide
 from .triage import Triage
@@ -140,7 +141,7 @@ def _put_back(out_dir: Path, recorded: KeyState | None) -> bool:
     """Whether the images a key's line withdrew are each whole somewhere: a run records them
     again without sending (a request's life puts them back)."""
     images = withdrawn(None if recorded is None else recorded.line_event())
-    return bool(images) and find_whole(out_dir, images or ()) is not None
+    return bool(images) and find_whole(LocalStore(out_dir), images or ()) is not None
 
 
 def forecast(

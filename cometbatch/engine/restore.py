@@ -12,6 +12,7 @@ from ..ledger.events import now_iso
 from ..ledger.index import KeyState
 from ..ledger.writer import Ledger
 from ..results import OK, PendingDownload
+from ..store.interface import Store
 from ..store.setaside import (
     REPLACED_DIR,
     UNSENT,
@@ -39,6 +40,8 @@ class Restorer:
         self, *, out_dir: Path, run_id: str, ledger: Ledger, fetcher: Fetcher, sink: Sink
     ) -> None:
         self.out_dir = out_dir
+        # Where the images are: the store the sink writes to.
+        self.store: Store = sink.store
         self.run_id = run_id
         self._ledger = ledger
         self._fetcher = fetcher
@@ -72,7 +75,7 @@ class Restorer:
                 f"{where} to generate it again"
             )
         try:
-            planned = await asyncio.to_thread(plan_aside, self.out_dir, self.run_id, images)
+            planned = await asyncio.to_thread(plan_aside, self.store, self.run_id, images)
             line = withdraw_event(
                 latest,
                 planned,
@@ -83,7 +86,7 @@ class Restorer:
             )
             await self._ledger.append(line)
             relpaths = [image["path"] for image in images]
-            moved = await asyncio.to_thread(set_aside, self.out_dir, self.run_id, relpaths)
+            moved = await asyncio.to_thread(set_aside, self.store, self.run_id, relpaths)
         except OSError as exc:
             raise OutputError(
                 f"cannot move the old images of job {recorded.job_id!r} aside in "
@@ -116,13 +119,13 @@ class Restorer:
         # (A download_failed line may have withdrawn no image, only links to download.)
         if images is None or not (images or (taken is not None and taken.get("downloads"))):
             return None
-        found = await asyncio.to_thread(find_whole, self.out_dir, images)
+        found = await asyncio.to_thread(find_whole, self.store, images)
         if found is None and work.verdict == "redownload":
             found = await self._download_again(recorded.job_id, images)
         if found is None:
             return None
         try:
-            await asyncio.to_thread(put_back, self.out_dir, images, found)
+            await asyncio.to_thread(put_back, self.store, images, found)
         except OSError as exc:
             raise OutputError(
                 f"cannot move the images of job {recorded.job_id!r} back in {self.out_dir}: "
@@ -135,11 +138,11 @@ class Restorer:
         await self._ledger.append(line)
         return line, len(images)
 
-    async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[Path] | None:
+    async def _download_again(self, job_id: str, images: list[dict[str, Any]]) -> list[str] | None:
         """Download the images whole nowhere from their links; where each is whole, or None."""
         # The Fetcher's retries, nothing generated; a dead link or a file that is not the
         # recorded one gives None (such files are removed).
-        lost = await asyncio.to_thread(_whole_nowhere, self.out_dir, images)
+        lost = await asyncio.to_thread(_whole_nowhere, self.store, images)
         if not all(type(image.get("url")) is str for image in lost):
             return None
         links = [
@@ -165,7 +168,7 @@ class Restorer:
             )
             return None
         log.info("job %r: %d image(s) downloaded again from their links", job_id, len(lost))
-        return await asyncio.to_thread(find_whole, self.out_dir, images)
+        return await asyncio.to_thread(find_whole, self.store, images)
 
 
 def repeated_event(latest: dict[str, Any], *, run_id: str, finished_at: str) -> dict[str, Any]:
@@ -174,9 +177,9 @@ def repeated_event(latest: dict[str, Any], *, run_id: str, finished_at: str) -> 
     return {**latest, "run_id": run_id, **UNSENT, "finished_at": finished_at}
 
 
-def _whole_nowhere(out_dir: Path, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _whole_nowhere(store: Store, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The images whole neither at their path nor where they were set aside."""
-    return [image for image in images if find_whole(out_dir, [image]) is None]
+    return [image for image in images if find_whole(store, [image]) is None]
 
 
 def _digest(image: dict[str, Any]) -> tuple[object, object]:

@@ -16,10 +16,12 @@ from typing import Any
 
 from ..errors import LedgerError
 from ..paths import EXTENSIONS, safe_component, unlinked
+from ..store.interface import Store
+from ..store.local import LocalStore
 from ..store.setaside import (
     MISSING,
     check_file,
-    image_file,
+    image_name,
     recorded_image,
     withdraw_event,
     withdrawal,
@@ -40,14 +42,13 @@ _EXTENSIONS = tuple(dict.fromkeys(EXTENSIONS.values()))
 
 
 class ImagePresence:
-    """Whether an ok key's files are still there: one access() per image, by its usual name,
-    and an lstat() of its job folder (one that is a symbolic link holds none, for a run).
+    """Whether an ok key's files are still there, at a system call per image (local folders)."""
 
-    A compact ledger row does not hold its images' formats, so the extension comes from the
-    job's output_format, else from the last image found; only when no name is there is the
-    key's ledger line read and its recorded paths looked at, so the common case costs a
-    system call per image and no read (a million keys in a few seconds).
-    """
+    # One access() per image, by its usual name, and an lstat() of its job folder (one that is
+    # a symbolic link holds none, for a run). A compact ledger row does not hold its images'
+    # formats, so the extension comes from the job's output_format, else from the last image
+    # found; only when no name is there is the key's ledger line read and its recorded paths
+    # looked at, so the common case reads nothing (a million keys in a few seconds).
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -87,8 +88,12 @@ class ImagePresence:
     def _recorded_missing(self, state: KeyState) -> bool:
         """The exact answer from the paths the key's line records (read from the ledger)."""
         for image in state.images:
-            path = image_file(self.out_dir, image["path"])
-            if path is None or not unlinked(self.out_dir, image["path"]) or not path.is_file():
+            name = image_name(image["path"])
+            if (
+                name is None
+                or not unlinked(self.out_dir, name)
+                or not (self.out_dir / name).is_file()
+            ):
                 return True
         return False
 
@@ -153,19 +158,18 @@ def report_lines(report: VerifyReport) -> list[str]:
     return lines
 
 
-def check_recorded(out_dir: Path, image: dict[str, Any]) -> tuple[str, str] | None:
+def check_recorded(store: Store, image: dict[str, Any]) -> tuple[str, str] | None:
     """(problem, detail) for one recorded image, or None when it is exactly as recorded
     (aside.check_file, at its path under OUT/images, reached through no link outside it)."""
-    path = image_file(out_dir, image.get("path"))
-    if path is None:
+    name = image_name(image.get("path"))
+    if name is None:
         return OUTSIDE, "the ledger names a path outside the images folder"
     try:
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(os.path.realpath(out_dir / "images")):
+        if store.escapes(name, "images"):
             return OUTSIDE, "a link that leads outside the images folder"
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror or exc}"
-    return check_file(path, image)
+    return check_file(store, name, image)
 
 
 def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, Any], str | None]]:
@@ -182,15 +186,15 @@ def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, A
                     yield recorded, image, str(taken["kind"])
 
 
-def _check(out_dir: Path, image: dict[str, Any], marked: str | None) -> tuple[str, str] | None:
+def _check(store: Store, image: dict[str, Any], marked: str | None) -> tuple[str, str] | None:
     if marked is None:
-        return check_recorded(out_dir, image)
-    if check_recorded(out_dir, image) is None:
+        return check_recorded(store, image)
+    if check_recorded(store, image) is None:
         return None
     return MARKED, f"marked earlier ({marked}): the next run restores it"
 
 
-def check_folder(out_dir: Path, state: LedgerState, report: VerifyReport) -> dict[str, KeyState]:
+def check_folder(store: Store, state: LedgerState, report: VerifyReport) -> dict[str, KeyState]:
     """Check every ok image (a few files at a time) and every image a line took out of ok
     and not put back yet; the bad ones go into `report`; returns the ok keys to mark."""
     bad: dict[str, KeyState] = {}
@@ -198,7 +202,7 @@ def check_folder(out_dir: Path, state: LedgerState, report: VerifyReport) -> dic
     images = _recorded_images(state)
     with ThreadPoolExecutor(_READERS, thread_name_prefix="cometbatch-verify") as pool:
         while batch := list(islice(images, _BATCH)):
-            found = pool.map(lambda item: _check(out_dir, item[1], item[2]), batch)
+            found = pool.map(lambda item: _check(store, item[1], item[2]), batch)
             for (recorded, image, marked), problem in zip(batch, found, strict=True):
                 if marked is None:
                     keys.add(recorded.key)
@@ -240,9 +244,10 @@ async def verify_folder(out_dir: str | os.PathLike[str], *, mark: bool = True) -
     if not (out / LEDGER_NAME).is_file():
         raise LedgerError(f"{out} has no {LEDGER_NAME}: nothing to verify there")
     report = VerifyReport(out_dir=str(out))
-    async with Ledger(out) as ledger:
+    store = LocalStore(out)
+    async with Ledger(out, store=store) as ledger:
         # Reading and hashing a large folder takes a while: keep the event loop free.
-        bad = await asyncio.to_thread(check_folder, out, ledger.state, report)
+        bad = await asyncio.to_thread(check_folder, store, ledger.state, report)
         if not bad or not mark:
             return report
         # Its lines carry a run id of their own, without run and end events: verify is not a

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self, get_args
+from typing import Any, Self, get_args
 
 from ..errors import CometBatchError, LedgerError, OutputError
-from ..paths import fsync_folder
 from ..settings import FsyncPolicy
+from ..store.interface import AppendLog, Store
+from ..store.local import LocalStore
 from ..textsafe import safe_json
 from .events import LEDGER_NAME, repair_tail
 from .index import KeyState, LedgerState
-from .lock import FolderLock
 
 FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 
@@ -44,40 +43,37 @@ def _reason(exc: OSError, subject: Path) -> str:
     return reason
 
 
+# Appends are group-committed: lines queued while a write is under way go out together in
+# the next one (one write, and maybe one fsync, in a worker thread); each append returns once
+# the write carrying its line is done. `fsync` (the Settings field) says when lines reach the
+# disk itself: "end" flushes each write to the OS (a killed process loses no line; a power
+# loss may lose the last ones, sent again by a rerun) and fsyncs once at close; "batch" also
+# fsyncs each write (about a quarter fewer results/s at a thousand a second); "always" is
+# "batch" plus an fsync of every image and its folder before its line (the Sink's `fsync`).
+
+
 class Ledger:
-    """The open ledger of one output folder: holds the folder lock and appends events.
+    """The open ledger of one output: holds its run lock and appends events, in order."""
 
-    Appends are group-committed: lines queued while a write is under way go out together in
-    the next one (one write, and maybe one fsync, in a worker thread), and each append returns
-    only once the write carrying its line is done. An image is written before its result is
-    appended, so an ok line still always names complete files.
-
-    `fsync` says when lines reach the disk itself, not just the OS (the Settings field of the
-    same name chooses it for a run):
-
-    - "end" (default): every write is flushed to the OS before its appends return, so a crash
-      or kill of the process loses no recorded line; the file is fsynced once, when the ledger
-      closes. A power loss may lose the last lines: a rerun sends (and pays for) them again.
-    - "batch": every write is also fsynced before its appends return, so a power loss loses
-      no recorded line; one fsync covers the whole batch. Each fsync commits the filesystem's
-      journal, images' metadata included: about a quarter fewer results per second at a
-      thousand a second, nothing noticeable at real API speeds.
-    - "always": "batch", and the engine also fsyncs every image (and its folder) before its
-      line is written (the Sink's `fsync`), so after a power loss an ok line still names
-      complete files on any filesystem. An fsync per image: for slow, precious runs.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike[str], *, fsync: FsyncPolicy = "end") -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = "end",
+        store: Store | None = None,
+    ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
         self.out_dir = Path(out_dir)
+        # Written (and locked) through the store; read from its local path for now.
+        self.store: Store = store if store is not None else LocalStore(self.out_dir)
         self.path = self.out_dir / LEDGER_NAME
         self.fsync: FsyncPolicy = fsync
         self.state = LedgerState()
         self.repaired = False
         self.writes = 0
-        self._lock = FolderLock(self.out_dir)
-        self._file: BinaryIO | None = None
+        self._lock = self.store.lock()
+        self._file: AppendLog | None = None
         self._phase = "new"
         # Lines waiting for the next write.
         self._queue: list[_Queued] = []
@@ -109,7 +105,9 @@ class Ledger:
                 self.state = await asyncio.to_thread(LedgerState.load, self.path)
                 # Opened for appending before anything is sent: a ledger that cannot take
                 # results must stop the run before a single image is paid for.
-                self._file = await asyncio.to_thread(self._open)
+                self._file = await asyncio.to_thread(
+                    self.store.open_log, LEDGER_NAME, sync=self.fsync != "end"
+                )
             except OSError as exc:
                 raise OutputError(
                     f"cannot open the ledger {self.path}: {_reason(exc, self.path)}"
@@ -120,18 +118,6 @@ class Ledger:
             raise
         self._phase = "open"
         return self
-
-    def _open(self) -> BinaryIO:
-        """Open the file for appending; with fsync on, make a new file's name durable too."""
-        # Unbuffered: a write that fails leaves no bytes in a buffer for close() to add later.
-        handle = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in aclose()
-        if self.fsync != "end":
-            try:
-                fsync_folder(self.out_dir)
-            except BaseException:
-                handle.close()
-                raise
-        return handle
 
     async def __aexit__(
         self,
@@ -153,13 +139,10 @@ class Ledger:
                 while self._writing is not None:
                     await asyncio.wait({self._writing})
                 self._file = None
-                if handle is not None:
-                    with contextlib.suppress(*self._quiet()):
-                        await asyncio.to_thread(_flush, handle, True)
             finally:
                 if handle is not None:
                     with contextlib.suppress(*self._quiet()):
-                        await asyncio.to_thread(handle.close)
+                        await asyncio.to_thread(handle.close, True)
         except OSError as exc:
             # Every line was flushed when appended; this is the last fsync or close failing.
             raise OutputError(
@@ -173,12 +156,9 @@ class Ledger:
         return () if self._broken is None else (OSError,)
 
     async def append(self, event: dict[str, Any]) -> None:
-        """Write one event as a line; return once it is flushed (and fsynced, per `fsync`).
-
-        A write the OS refuses raises OutputError naming the ledger, for every append it
-        carried and every append after it, so its partial line stays the last one (the next
-        open drops it).
-        """
+        """Write one event as a line; return once it is flushed (and fsynced, per `fsync`)."""
+        # A write the OS refuses raises OutputError for every append it carried and every one
+        # after it, so its partial line stays the last one (the next open drops it).
         if self._phase != "open":
             raise RuntimeError(f"cannot append to {self!r}")
         self._check_writable()
@@ -202,10 +182,8 @@ class Ledger:
             raise self._write_error() from self._broken
 
     def _write_error(self) -> CometBatchError:
-        """The error of a failed write, the same for it and for every append refused after it.
-
-        Concurrent appends race to report first: they all say the same thing.
-        """
+        """The error of a failed write, the same for it and every append refused after it
+        (concurrent appends race to report first: they all say the same thing)."""
         broken = self._broken
         if isinstance(broken, OSError):
             return OutputError(
@@ -217,11 +195,8 @@ class Ledger:
         )
 
     def _write_queued(self) -> None:
-        """Start one write of every line queued so far (on the loop, no write under way).
-
-        Its completion records the lines and starts the next write if more were queued
-        meanwhile: a burst of appends costs a few writes, each one trip to a worker thread.
-        """
+        """Start one write, in a worker thread, of every line queued so far (no write under
+        way); its completion starts the next one if more were queued meanwhile."""
         queued, self._queue = self._queue, []
         handle = self._file
         if self._broken is not None or handle is None:
@@ -232,7 +207,7 @@ class Ledger:
             return
         data = b"".join(line for line, _, _, _ in queued)
         writing = asyncio.get_running_loop().run_in_executor(
-            None, _write_lines, handle, data, self.fsync != "end"
+            None, handle.append, data, self.fsync != "end"
         )
         self._writing = writing
         writing.add_done_callback(functools.partial(self._written, queued))
@@ -282,27 +257,3 @@ def _fail(
             exc.__cause__ = cause
             exc.__suppress_context__ = True
         written.set_exception(exc)
-
-
-def _write_lines(handle: BinaryIO, data: bytes, fsync: bool) -> int | None:
-    """Append `data` (whole lines) to the unbuffered file; fsync it if asked (in a thread).
-    Returns where the file now ends (None if the file cannot tell)."""
-    view = memoryview(data)
-    while view:
-        # A raw write may take less than it is given (a signal, a nearly full disk).
-        written = handle.write(view)
-        if not written:
-            raise OSError(errno.EIO, "the ledger file took no bytes", str(handle.name))
-        view = view[written:]
-    _flush(handle, fsync)
-    try:
-        return handle.tell()
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _flush(handle: BinaryIO, fsync: bool) -> None:
-    """Flush what a (wrapped) file may buffer, and fsync it if asked (in a thread)."""
-    handle.flush()
-    if fsync:
-        os.fsync(handle.fileno())

@@ -10,9 +10,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .. import _iddigests
 from ..errors import ManifestError, ManifestProblem
 from ..paths import PLAIN_COMPONENT
+from . import _iddigests
 from ._iddigests import SHIFT, IdDigests
 from ._shapecache import ABSENT, Shape, ShapeCache
 from .job import MAX_ID_CHARS, folder_key

@@ -1,24 +1,22 @@
-"""A key's images taken out of "ok" (its job changed, or its files went missing or bad): the
-line that says so, the files set aside, and putting them back when they are asked for again.
+"""A key's images taken out of "ok": the line that says so, the files set aside, put back."""
 
-The order is what keeps the ledger true at every crash point: the withdrawing line is
-appended before a file moves, a file moves back before the ok line that names it again.
-"""
+# The order is what keeps the ledger true at every crash point: the withdrawing line is
+# appended before a file moves, a file moves back before the ok line that names it again.
+# A key is withdrawn when its job changed, or when its files went missing or bad.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import os
-import stat
 from collections.abc import Iterable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import ImageDataError
 from ..net.answered import Answered, placed
-from ..paths import link_error, unlinked
 from ..results import WITH_DOWNLOADS
 from .imagecheck import check_image
+from .interface import Store
 
 REPLACED_DIR = "replaced"
 # Error kinds of a failed line that withdraws a key's images (each lists them under
@@ -33,15 +31,16 @@ REQUEST_FIELDS = ("fingerprint", "model", "n")
 # What a withdrawn image keeps of its ok line (plus "aside", where its file was put); "url"
 # only for an image that came as a link.
 IMAGE_FIELDS = ("index", "path", "format", "bytes", "sha256", "revised_prompt", "url")
-_BLOCK = 1 << 20
+# What a stat says for a name that is not there (as Path.is_file takes them).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 # What `check_file` finds wrong with a file (verify's problems, and its mark's error kind).
 MISSING, NOT_A_FILE = "missing", "not_a_file"
 SIZE, SHA256, UNDECODABLE, FORMAT = "size", "sha256", "undecodable", "format"
 
 
-def image_file(out_dir: Path, relpath: object) -> Path | None:
-    """The file a recorded path names: OUT/images/<job>/<file>, or None for any other path
-    (a hand-edited ledger must not make cometbatch read or move files outside OUT/images)."""
+def image_name(relpath: object) -> str | None:
+    """The name a recorded path gives: images/<job>/<file>, or None for any other path (a
+    hand-edited ledger must not make cometbatch read or move files outside OUT/images)."""
     if not isinstance(relpath, str):
         return None
     parts = PurePosixPath(relpath).parts
@@ -49,78 +48,68 @@ def image_file(out_dir: Path, relpath: object) -> Path | None:
         return None
     if "\\" in relpath or "\x00" in relpath:
         return None
-    return out_dir.joinpath(*parts)
+    return "/".join(parts)
 
 
-def aside_path(out_dir: Path, run_id: str, relpath: str) -> Path | None:
-    """Where an image recorded at `relpath` goes: OUT/replaced/<run_id>/<job>/<k>.<ext>.
+def aside_name(run_id: str, relpath: str) -> str | None:
+    """Where an image recorded at `relpath` goes: replaced/<run_id>/<job>/<k>.<ext>.
 
     None for a path that does not name a file under OUT/images/ (a hand-edited ledger).
     """
-    if image_file(out_dir, relpath) is None:
+    if image_name(relpath) is None:
         return None
     parts = PurePosixPath(relpath).parts
-    return out_dir / REPLACED_DIR / run_id / parts[1] / parts[2]
+    return f"{REPLACED_DIR}/{run_id}/{parts[1]}/{parts[2]}"
 
 
-def set_aside(out_dir: Path, run_id: str, relpaths: Iterable[str]) -> int:
+def set_aside(store: Store, run_id: str, relpaths: Iterable[str]) -> int:
     """Move the existing files among `relpaths` aside; returns how many were moved.
 
     Raises OSError (ELOOP) for a file reached through a symbolic link below OUT, moving it
     nowhere: a job folder that links elsewhere must not have files taken from out there."""
     moves = []
     for relpath in relpaths:
-        source = image_file(out_dir, relpath)
-        target = aside_path(out_dir, run_id, relpath)
-        if source is None or target is None or not source.is_file():
+        source = image_name(relpath)
+        target = aside_name(run_id, relpath)
+        if source is None or target is None or not _is_file(store, source):
             continue
-        _refuse_linked(out_dir, source, target)
         moves.append((source, target))
-    return _move(moves)
-
-
-def _refuse_linked(out_dir: Path, *paths: Path) -> None:
-    """Raise paths.link_error for the first of `paths` (below OUT) reached through a link."""
-    for path in paths:
-        if not unlinked(out_dir, path.relative_to(out_dir).as_posix()):
-            raise link_error(path)
-
-
-def _move(moves: list[tuple[Path, Path]]) -> int:
-    """Move each (source, target), making the target's folder; returns how many."""
-    for source, target in moves:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
+    store.move(moves)
     return len(moves)
 
 
-def check_file(path: Path, image: dict[str, Any]) -> tuple[str, str] | None:
-    """(problem, detail) for a file against the image a ledger line records, or None when it
-    is exactly that image: its size, its sha256 (read a block at a time), a whole image of
-    the recorded format (imagecheck)."""
+def _is_file(store: Store, name: str) -> bool:
+    """Whether `name` is a file (an error that says it is not there is a no)."""
     try:
-        status = os.stat(path)
+        return store.stat(name).is_file
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return False
+        raise
+
+
+def check_file(store: Store, name: str, image: dict[str, Any]) -> tuple[str, str] | None:
+    """(problem, detail) for a file against the image a ledger line records, or None when it
+    is exactly that image: its size, its sha256, a whole image of the recorded format
+    (imagecheck)."""
+    try:
+        entry = store.stat(name)
     except FileNotFoundError:
         return MISSING, "missing"
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror or exc}"
-    if not stat.S_ISREG(status.st_mode):
+    if not entry.is_file:
         return NOT_A_FILE, "not a file"
-    if status.st_size != image.get("bytes"):
-        return SIZE, f"{status.st_size} bytes, the ledger records {image.get('bytes')}"
-    digest = hashlib.sha256()
-    blocks = []
+    if entry.size != image.get("bytes"):
+        return SIZE, f"{entry.size} bytes, the ledger records {image.get('bytes')}"
     try:
-        with open(path, "rb") as handle:
-            while block := handle.read(_BLOCK):
-                digest.update(block)
-                blocks.append(block)
+        data = store.read(name)
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror or exc}"
-    if digest.hexdigest() != image.get("sha256"):
+    if hashlib.sha256(data).hexdigest() != image.get("sha256"):
         return SHA256, "its content differs from what was recorded (sha256)"
     try:
-        fmt = check_image(b"".join(blocks))
+        fmt = check_image(data)
     except ImageDataError as exc:
         return UNDECODABLE, f"not a whole image: {exc}"
     if fmt != image.get("format"):
@@ -128,9 +117,9 @@ def check_file(path: Path, image: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def is_whole(path: Path, image: dict[str, Any]) -> bool:
-    """Whether `path` holds exactly the recorded image (see `check_file`)."""
-    return check_file(path, image) is None
+def is_whole(store: Store, name: str, image: dict[str, Any]) -> bool:
+    """Whether `name` holds exactly the recorded image (see `check_file`)."""
+    return check_file(store, name, image) is None
 
 
 def recorded_image(image: dict[str, Any]) -> dict[str, Any]:
@@ -158,21 +147,17 @@ def withdrawn(event: dict[str, Any] | None) -> list[dict[str, Any]] | None:
     return images
 
 
-def plan_aside(
-    out_dir: Path, run_id: str, images: Sequence[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def plan_aside(store: Store, run_id: str, images: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each image with "aside": where its file will be kept once `set_aside` ran (its own
     file is at its path now), else where an earlier run kept it, else None (gone or bad)."""
     planned = []
     for image in images:
         entry = recorded_image(image)
-        source = image_file(out_dir, image.get("path"))
+        source = image_name(image.get("path"))
         earlier = image.get("aside")
-        if source is not None and is_whole(source, image):
-            target = aside_path(out_dir, run_id, image["path"])
-            assert target is not None
-            entry["aside"] = target.relative_to(out_dir).as_posix()
-        elif isinstance(earlier, str) and _kept(out_dir, earlier) is not None:
+        if source is not None and is_whole(store, source, image):
+            entry["aside"] = aside_name(run_id, image["path"])
+        elif isinstance(earlier, str) and _kept(earlier) is not None:
             entry["aside"] = earlier
         else:
             entry["aside"] = None
@@ -180,42 +165,42 @@ def plan_aside(
     return planned
 
 
-def _kept(out_dir: Path, relpath: str) -> Path | None:
-    """The file a recorded "aside" path names under OUT/replaced/, or None."""
+def _kept(relpath: str) -> str | None:
+    """The name a recorded "aside" path gives under OUT/replaced/, or None."""
     parts = PurePosixPath(relpath).parts
     if len(parts) != 4 or parts[0] != REPLACED_DIR or any(p in ("", ".", "..") for p in parts):
         return None
-    return out_dir.joinpath(*parts)
+    return "/".join(parts)
 
 
-def find_whole(out_dir: Path, images: Sequence[dict[str, Any]]) -> list[Path] | None:
+def find_whole(store: Store, images: Sequence[dict[str, Any]]) -> list[str] | None:
     """Where each withdrawn image is whole now (at its path, or where it was set aside), or
     None if any of them is whole nowhere."""
     found = []
     for image in images:
-        candidates = [image_file(out_dir, image.get("path"))]
+        candidates = [image_name(image.get("path"))]
         if isinstance(image.get("aside"), str):
-            candidates.append(_kept(out_dir, image["aside"]))
-        place = next((p for p in candidates if p is not None and is_whole(p, image)), None)
+            candidates.append(_kept(image["aside"]))
+        place = next((p for p in candidates if p is not None and is_whole(store, p, image)), None)
         if place is None:
             return None
         found.append(place)
     return found
 
 
-def put_back(out_dir: Path, images: Sequence[dict[str, Any]], found: Sequence[Path]) -> int:
+def put_back(store: Store, images: Sequence[dict[str, Any]], found: Sequence[str]) -> int:
     """Move each image found aside back to its path (see `find_whole`); how many moved.
 
     Raises OSError (ELOOP) for a place or a path reached through a symbolic link below OUT,
     moving nothing."""
     moves = []
     for image, place in zip(images, found, strict=True):
-        home = image_file(out_dir, image["path"])
+        home = image_name(image["path"])
         assert home is not None  # find_whole checked the path
         if place != home:
-            _refuse_linked(out_dir, place, home)
             moves.append((place, home))
-    return _move(moves)
+    store.move(moves)
+    return len(moves)
 
 
 def withdraw_event(

@@ -1,0 +1,105 @@
+"""The storage seam: the few operations the sink, the ledger and verify need from OUT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["AppendLog", "Entry", "RunLock", "Store"]
+
+# Names are relative to the store's root with "/" separators ("images/<job>/0.png",
+# "ledger.jsonl"), whatever the backend: a local folder now, an object store's prefix later.
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What `Store.stat` tells of a name: its size, and whether it is a plain file (object)."""
+
+    size: int
+    is_file: bool
+
+
+class AppendLog(Protocol):
+    """An open append-only log (the ledger): whole lines in, in order; one writer at a time."""
+
+    def append(self, data: bytes, sync: bool) -> int | None:
+        """Add `data` (whole lines) after what is there, durable when `sync`; the log's new
+        size, when it can tell. Blocking: the ledger calls it in a worker thread."""
+        ...
+
+    def close(self, sync: bool) -> None:
+        """Make what was appended durable (when `sync`) and let go of the log. Blocking."""
+        ...
+
+
+class RunLock(Protocol):
+    """One run per output at a time (a file lock here; a leased lock object on a store)."""
+
+    def acquire(self) -> None:
+        """Take the lock, or raise LedgerError naming the holder (OSError if it cannot tell)."""
+        ...
+
+    def release(self) -> None:
+        """Give it up (a no-op when not held)."""
+        ...
+
+
+class Store(Protocol):
+    """Where one output lives: objects appear whole or not at all, on any backend."""
+
+    # So an image that a ledger line names is complete there before that line is appended.
+    # Blocking methods are called from worker threads; only `put` is a coroutine: it is on
+    # every image's path, and each backend knows best how to wait for its writes.
+
+    @property
+    def root(self) -> str:
+        """Where the output is, as a person would name it in a message (a path or a URL)."""
+        ...
+
+    async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
+        """Write `data` as the whole object `name`, replacing any there; durable when `sync`."""
+        # All or nothing, also when the caller is cancelled: a cancelled put waits for a write
+        # under way and leaves no object of it (an earlier object at `name` stays as it was if
+        # the new one never took its place).
+        ...
+
+    def stat(self, name: str) -> Entry:
+        """Size and kind of `name`; FileNotFoundError when there is none."""
+        ...
+
+    def read(self, name: str) -> bytes:
+        """The whole content of `name`; FileNotFoundError when there is none."""
+        ...
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Move each (source, target), replacing the target; names that cannot take part
+        (a local store's symbolic links) are refused before anything moves."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete `name`; FileNotFoundError when there is none."""
+        ...
+
+    def escapes(self, name: str, folder: str) -> bool:
+        """Whether `name`, inside `folder` by its name, reaches outside it (a symbolic link;
+        never on a store without links)."""
+        ...
+
+    def check_writable(self, folder: str) -> None:
+        """Raise OSError unless a new object can be written under `folder`."""
+        ...
+
+    def clean(self, folder: str) -> int:
+        """Remove what writes cut short by a crash left under `folder` (temporary files on a
+        disk); how many. Run before writing, by the one run that holds the lock."""
+        ...
+
+    def open_log(self, name: str, *, sync: bool) -> AppendLog:
+        """Open the append-only log `name` (created when missing; its name made durable at
+        once when `sync`). Blocking."""
+        ...
+
+    def lock(self) -> RunLock:
+        """The lock that keeps a second run out of this output."""
+        ...
