@@ -33,9 +33,9 @@ from PIL import Image
 
 from cometbatch import SimConfig, Simulator, load_manifest
 from cometbatch.ledger.events import LEDGER_NAME, iter_events
-from cometbatch.ledger.lock import LOCK_NAME
 from cometbatch.paths import EXTENSIONS
 from cometbatch.plan import plan_job
+from cometbatch.store.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 12

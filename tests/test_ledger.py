@@ -28,11 +28,11 @@ from cometbatch.ledger import _scan as _ledgerscan
 from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.keystate import KeyState
-from cometbatch.ledger.lock import LOCK_NAME, FolderLock
 from cometbatch.ledger.writer import Ledger
 from cometbatch.settings import FsyncPolicy
 from cometbatch.store.interface import AppendLog
 from cometbatch.store.local import LocalStore
+from cometbatch.store.lock import LOCK_NAME, FolderLock
 from cometbatch.store.sink import ImageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -651,7 +651,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import sys, time
-        from cometbatch.ledger.lock import FolderLock
+        from cometbatch.store.lock import FolderLock
         FolderLock(sys.argv[1]).acquire()
         print("locked", flush=True)
         time.sleep(600)

@@ -42,11 +42,11 @@ from cometbatch.errors import (
     IncompatibleAPIError,
     ManifestError,
 )
-from cometbatch.ledger.lock import LOCK_NAME
 from cometbatch.ledger.writer import Ledger
 from cometbatch.net.client import Client
 from cometbatch.net.limits import Limiter
 from cometbatch.simulator.imagegen import make_png
+from cometbatch.store.lock import LOCK_NAME
 from cometbatch.store.sink import Sink
 
 ROOT = Path(__file__).resolve().parent.parent

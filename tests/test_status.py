@@ -220,7 +220,7 @@ def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
     import os
     import socket
 
-    from cometbatch.ledger.liverun import run_state
+    from cometbatch.store.liverun import run_state
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
@@ -243,10 +243,10 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_reads_as_crashed(tmp_pa
     not running; a lock held now reads as running."""
     import os
 
-    from cometbatch.ledger.liverun import run_state
-    from cometbatch.ledger.lock import LOCK_NAME, FolderLock
+    from cometbatch.store.liverun import run_state
+    from cometbatch.store.lock import LOCK_NAME, FolderLock
 
-    killed = "import os, sys; from cometbatch.ledger.lock import FolderLock; "
+    killed = "import os, sys; from cometbatch.store.lock import FolderLock; "
     killed += "FolderLock(sys.argv[1]).acquire(); os._exit(9)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     died = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], env=env)

@@ -20,8 +20,8 @@ from cometbatch.cli.report import summary_lines
 from cometbatch.costs.paid import Payments
 from cometbatch.engine.resume import LINK_LIFETIME_S, decide
 from cometbatch.ledger.keystate import KeyState
-from cometbatch.ledger.lock import FolderLock
 from cometbatch.ledger.verify import ImagePresence, verify_folder
+from cometbatch.store.lock import FolderLock
 
 JOBS = [
     Job(id="a", prompt="a red fox", model="gpt-image-1", n=2),

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ..ledger.lock import FolderLock
 from ..paths import fsync_folder, link_error, refuse_link, unlinked
 from ._writers import Trip, in_writer
 from .interface import AppendLog, Entry
+from .lock import FolderLock
 
 __all__ = ["LocalLog", "LocalStore"]
 

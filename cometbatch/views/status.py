@@ -16,10 +16,10 @@ from ..errors import CometBatchError, ManifestError
 from ..ledger.events import ledger_path, read_events
 from ..ledger.keystate import KeyState
 from ..ledger.lines import EndEvent, ResultEvent, RunEvent
-from ..ledger.liverun import RunState, run_state
 from ..manifest.jobs import JobDefaults, Manifest
 from ..models.registry import recorded_registry
 from ..results import DOWNLOAD_FAILED, OK, PARTIAL, WITH_DOWNLOADS
+from ..store.liverun import RunState, run_state
 from .scope import Scope
 
 

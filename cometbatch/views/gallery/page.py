@@ -7,13 +7,10 @@ import re
 from collections import Counter
 from datetime import UTC, datetime
 from html import escape as html_escape
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ...textsafe import printable, storable
-
-if TYPE_CHECKING:
-    from .content import Bucket, Gallery, Tile
+from .model import Bucket, Gallery, Tile
 
 # Characters of a prompt the page keeps per figure: a 32,000-character gpt-image prompt on
 # 10,000 figures would make a page nobody can open.

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...errors import CometBatchError, ManifestError, ManifestProblem
 from ...manifest.jobs import Job, Manifest
 from ...models.registry import recorded_registry
-
-if TYPE_CHECKING:
-    from .content import Gallery
-
-
-@dataclass(frozen=True, slots=True)
-class JobText:
-    """What the manifest says about a job (the ledger does not record the prompt or size)."""
-
-    prompt: str
-    size: str | None = None
-    position: int = 0  # the job's place in the manifest
+from .model import Gallery, JobText
 
 
 def read_job_texts(manifest: Iterable[Job], wanted: set[str]) -> dict[str, JobText]:
