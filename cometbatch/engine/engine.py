@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import uuid
@@ -14,11 +13,11 @@ from typing import Protocol
 
 import aiohttp
 
-from .._version import __version__
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
-from ..ledger.events import LEDGER_NAME, now_iso
+from ..ledger.events import LEDGER_NAME
+from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
 from ..manifest.jobs import Job, Manifest
 from ..models.registry import ModelRegistry, load_registry
@@ -229,14 +228,12 @@ class Engine:
                 stopped = self.summary.stopped
                 with contextlib.suppress(Exception):
                     await self._ledger.append(
-                        {
-                            "event": "end",
-                            "run_id": self._run_id,
-                            "finished_at": now_iso(),
-                            # The cap that stopped the run, if one did.
-                            "stopped": stopped if stopped in BUDGET_REASONS else None,
-                            "summary": self.summary.to_dict(),
-                        }
+                        # The cap that stopped the run, if one did.
+                        end_line(
+                            self._run_id,
+                            stopped if stopped in BUDGET_REASONS else None,
+                            self.summary.to_dict(),
+                        )
                     )
         finally:
             self._state = "closed"
@@ -296,24 +293,9 @@ class Engine:
             return
         ledger = self._parts()[0]
         self._run_started = True
-        settings = self.settings.public()
-        settings["simulated"] = self.simulated
         self.summary.run_id = self._run_id
         await ledger.append(
-            {
-                "event": "run",
-                "run_id": self._run_id,
-                "started_at": now_iso(),
-                # Absolute, so that status, export and gallery find it from any folder; and
-                # as it was given (typed on the command line, or passed to load_manifest).
-                "manifest": str(manifest.path.resolve()) if manifest is not None else None,
-                "manifest_given": str(manifest.path) if manifest is not None else None,
-                "manifest_sha256": manifest.sha256 if manifest is not None else None,
-                "version": __version__,
-                "settings": settings,
-                # --model/--size/--n, so that status and gallery can read the manifest as run.
-                "defaults": dataclasses.asdict(manifest.defaults) if manifest is not None else None,
-            },
+            run_line(self._run_id, manifest, self.settings.public(), simulated=self.simulated)
         )
 
     async def generate(self, job: Job) -> list[Result]:
