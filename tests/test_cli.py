@@ -330,13 +330,14 @@ def test_an_internal_error_is_one_plain_line(monkeypatch: Any) -> None:
     """An unexpected exception (a bug) is reported in one line with exit 1, not a traceback."""
     from click.testing import CliRunner
 
-    from cometbatch.cli import main as cli_module
+    from cometbatch.cli import runner
+    from cometbatch.cli.main import main
 
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli_module, "run_manifest", broken)
-    result = CliRunner().invoke(cli_module.main, ["run", str(DEMO), "--simulate", "--quiet"])
+    monkeypatch.setattr(runner, "run_manifest", broken)
+    result = CliRunner().invoke(main, ["run", str(DEMO), "--simulate", "--quiet"])
     assert result.exit_code == 1
     assert "internal error (a bug in cometbatch" in result.output
     assert "RuntimeError('boom')" in result.output

@@ -1,5 +1,7 @@
 """Commands that read an output folder or the registry: status, gallery, export, verify, models."""
 
+# The machinery (engine, ledger, views, simulator) is imported inside the commands that use it,
+# so that `--help` and a bad option answer at once (bench/startup.py measures it).
 from __future__ import annotations
 
 import asyncio
@@ -9,15 +11,9 @@ from pathlib import Path
 
 import click
 
-from ..costs.prices import load_prices
 from ..errors import CometBatchError
-from ..ledger.verify import report_lines, verify_folder
-from ..models.registry import load_registry
 from ..textsafe import printable
-from ..views.export import EXPORT_FORMATS
-from ..views.export import export as export_ledger
-from ..views.gallery.content import write_gallery
-from ..views.status import read_status
+from ..views import EXPORT_FORMATS
 from .config import load_config, model_overrides
 from .options import (
     EXIT_FAILED,
@@ -29,7 +25,6 @@ from .options import (
     say,
     setup_logging,
 )
-from .report import model_data, model_lines, status_lines
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -57,6 +52,10 @@ def status(
       cometbatch status out/demo
       cometbatch status out/demo --json | jq .pending_images
     """
+    from ..costs.prices import load_prices
+    from ..views.status import read_status
+    from .report import status_lines
+
     setup_logging(0, False)
     try:
         prices = load_prices(prices_path) if prices_path else None
@@ -84,6 +83,8 @@ def gallery(out_dir: Path, manifest: Path | None) -> None:
     Example:
       cometbatch gallery out/demo && xdg-open out/demo/index.html
     """
+    from ..views.gallery.content import write_gallery
+
     setup_logging(0, False)
     with reported_errors(f"the gallery in {out_dir}"):
         page = write_gallery(out_dir, manifest)
@@ -108,6 +109,8 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
       cometbatch export out/demo --format csv -o results.csv
       cometbatch export out/demo --format openai-batch > batch_output.jsonl
     """
+    from ..views.export import export as export_ledger
+
     setup_logging(0, False)
     with reported_errors(str(output)):
         if output is None:
@@ -140,6 +143,8 @@ def verify(out_dir: Path, json_output: bool) -> None:
     Example:
       cometbatch verify out/demo || cometbatch run jobs/demo.jsonl --out out/demo
     """
+    from ..ledger.verify import report_lines, verify_folder
+
     setup_logging(0, False)
     try:
         report = asyncio.run(verify_folder(out_dir))
@@ -182,6 +187,9 @@ def models(json_output: bool, models_path: Path | None, config_path: Path | None
       cometbatch models
       cometbatch models --models our-models.toml --json
     """
+    from ..models.registry import load_registry
+    from .report import model_data, model_lines
+
     setup_logging(0, False)
     try:
         config = load_config(config_path)

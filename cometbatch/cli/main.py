@@ -1,5 +1,7 @@
 """The command line: the `cometbatch` group and `run` (other commands: cli_inspect, cli_tools)."""
 
+# The machinery (engine, ledger, views, simulator) is imported inside the commands that use it,
+# so that `--help` and a bad option answer at once (bench/startup.py measures it).
 from __future__ import annotations
 
 import asyncio
@@ -8,21 +10,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 from click.core import ParameterSource
 
 from .._version import __version__
-from ..costs.budget import plan_fit
-from ..engine.forecast import run_forecast
-from ..engine.origin import other_manifest
 from ..errors import CometBatchError, ConfigError
-from ..ledger.events import LEDGER_NAME
-from ..ledger.index import LedgerState
-from ..manifest.jobs import Manifest, load_manifest
 from ..settings import AUTO_MAX_CONCURRENCY, KEY_ENV, RATE_MAX_CONCURRENCY, FsyncPolicy
-from ..simulator.server import SimConfig
 from ..streams import guard_std_streams
 from ..textsafe import printable
 from .inspect import export, gallery, models, status, verify
@@ -42,15 +37,18 @@ from .options import (
     setup_logging,
     shown_bounds,
 )
-from .progress import choose_mode
-from .report import plan_data, plan_lines, summary_data, summary_lines
-from .runner import RunOutcome, run_manifest
-from .setup import RunSetup, run_setup
 from .tools import fetch, simulate
+
+if TYPE_CHECKING:
+    from ..manifest.jobs import Manifest
+    from .runner import RunOutcome
+    from .setup import RunSetup
 
 
 def _checked_manifest(manifest: Path, setup: RunSetup, *, spinner: bool) -> Manifest:
     """The manifest read and checked with the run's job defaults and models."""
+    from ..manifest.jobs import load_manifest
+
     err = console()
     # A million-line manifest takes seconds to check: show that something is happening.
     checking = (
@@ -66,6 +64,13 @@ def _checked_manifest(manifest: Path, setup: RunSetup, *, spinner: bool) -> Mani
 
 def _dry_run(loaded: Manifest, setup: RunSetup, out: Path, json_output: bool) -> None:
     """Print the plan: per model the work, what the ledger holds, the cost, the caps' verdict."""
+    from ..costs.budget import plan_fit
+    from ..engine.forecast import run_forecast
+    from ..engine.origin import other_manifest
+    from ..ledger.events import LEDGER_NAME
+    from ..ledger.index import LedgerState
+    from .report import plan_data, plan_lines
+
     settings, prices = setup.settings, setup.prices
     state = LedgerState.load(out / LEDGER_NAME)
     plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
@@ -229,6 +234,12 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
       cometbatch run prompts.jsonl --models our-models.toml  # add or change models
       cometbatch run prompts.jsonl --max-images 500 --max-cost 20   # exit 3 at a cap
     """
+    from ..simulator.server import SimConfig
+    from .progress import choose_mode
+    from .report import summary_data, summary_lines
+    from .runner import run_manifest
+    from .setup import run_setup
+
     json_output, quiet = bool(options["json_output"]), bool(options["quiet"])
     setup_logging(int(options["verbose"]), quiet)
     out = options["out_dir"] or Path("out") / manifest.stem

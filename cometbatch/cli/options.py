@@ -1,5 +1,7 @@
 """What every command shares: the stderr console, one-line errors, logging, common options."""
 
+# The machinery (engine, ledger, views, simulator) is imported inside the commands that use it,
+# so that `--help` and a bad option answer at once (bench/startup.py measures it).
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import annotated_types
 import click
@@ -16,7 +18,6 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ..costs.budget import BUDGET_REASONS
 from ..errors import (
     AuthenticationError,
     CometBatchError,
@@ -25,11 +26,12 @@ from ..errors import (
     ManifestError,
     OutputError,
 )
-from ..results import Summary
 from ..settings import DEFAULT_CONCURRENCY, KEY_ENV, Settings
 from ..textsafe import PrintableFormatter, printable
 from ..validation import first_problem
-from .progress import make_console
+
+if TYPE_CHECKING:
+    from ..results import Summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Errors about the input or the folder (the user must change something) exit 2.
@@ -46,6 +48,8 @@ MAX_SHOWN = 300
 
 def console() -> Console:
     """The stderr console, made on first use (so NO_COLOR is read when a command runs)."""
+    from .progress import make_console
+
     global _console
     if _console is None:
         _console = make_console()
@@ -54,6 +58,8 @@ def console() -> Console:
 
 def reset_console() -> Console:
     """A fresh stderr console for this command (NO_COLOR and the stream read again)."""
+    from .progress import make_console
+
     global _console
     _console = make_console()
     return _console
@@ -169,6 +175,8 @@ def budget_options(command: F) -> F:
 
 def run_exit_code(summary: Summary) -> int:
     """`run`'s exit code for a run that ended without an error."""
+    from ..costs.budget import BUDGET_REASONS
+
     if summary.interrupted:
         return EXIT_INTERRUPTED
     if summary.stopped in BUDGET_REASONS:

@@ -1,5 +1,7 @@
 """Commands around a run: fetch (downloads left over) and simulate (the simulated API)."""
 
+# The machinery (engine, ledger, views, simulator) is imported inside the commands that use it,
+# so that `--help` and a bad option answer at once (bench/startup.py measures it).
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +13,9 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from ..engine.fetch import fetch_pending
 from ..errors import CometBatchError, ConfigError
 from ..settings import KEY_ENV
-from ..simulator.server import SimConfig, serve
+from ..simulator.config import SimConfig
 from ..validation import first_problem
 from .options import (
     EXIT_FAILED,
@@ -27,7 +28,6 @@ from .options import (
     say,
     setup_logging,
 )
-from .report import fetch_lines, summary_data
 
 # A share of requests, 0 to 1: click names the option when a value is out of range.
 FRACTION = click.FloatRange(0, 1)
@@ -46,6 +46,9 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
     hour): a link that no longer works (gone, its downloads failed in 3 runs, or it is over 24
     hours old) counts as a failed generation, which `run --retry-failed` generates again.
     """
+    from ..engine.fetch import fetch_pending
+    from .report import fetch_lines, summary_data
+
     setup_logging(verbose, quiet)
     try:
         settings = make_settings({"concurrency": concurrency}, flags={"concurrency"})
@@ -125,6 +128,8 @@ def simulate(
     api_key_env: str | None,
 ) -> None:
     """Serve the simulated images API (for trying cometbatch or your own code without a key)."""
+    from ..simulator.server import serve
+
     setup_logging(1, False)
     try:
         config = SimConfig(

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..results import DOWNLOAD_FAILED
 from ..streams import stream_gone
 from ..textsafe import printable, safe_json
+from . import EXPORT_FORMATS
 from .jobresults import JobResults, read_jobs
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "read_jobs",
 ]
 
-EXPORT_FORMATS = ("openai-batch", "csv", "jsonl")
 
 CSV_COLUMNS = (
     "job_id",
