@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import finish, median, options, settle, verdict
 
 from cometbatch.ledger.writer import Ledger
-from cometbatch.store.sink import ImageRecord
+from cometbatch.results import ImageRecord
 
 RESULTS = 20_000
 SMOKE_RESULTS = 500

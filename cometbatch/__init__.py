@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._version import __version__
     from .engine.engine import Engine
+    from .engine.summary import Summary
     from .errors import (
         APIConnectionError,
         APIError,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     )
     from .manifest.jobs import Job, Manifest, load_manifest
     from .models.registry import ModelRegistry, ModelSpec
-    from .results import Result, Summary
+    from .results import Result
     from .settings import Settings
     from .simulator.server import SimConfig, Simulator
 
@@ -82,7 +83,7 @@ _HOME = {
     "Settings": ".settings",
     "SimConfig": ".simulator.server",
     "Simulator": ".simulator.server",
-    "Summary": ".results",
+    "Summary": ".engine.summary",
     "UpstreamDownError": ".errors",
     "__version__": "._version",
     "load_manifest": ".manifest.jobs",

@@ -12,6 +12,7 @@ from support import no_sleep
 from cometbatch import Job, SimConfig, Simulator
 from cometbatch.engine.attempts import Attempts, fatal_error, is_fatal
 from cometbatch.engine.inflight import Halt, InFlight
+from cometbatch.engine.summary import Summary
 from cometbatch.errors import (
     APIConnectionError,
     APIError,
@@ -28,7 +29,6 @@ from cometbatch.net.client import Client
 from cometbatch.net.limits import Limiter
 from cometbatch.net.retry import RetryPolicy
 from cometbatch.plan import Request, plan_job
-from cometbatch.results import Summary
 from cometbatch.store.sink import Sink
 
 

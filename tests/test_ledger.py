@@ -29,11 +29,11 @@ from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.keystate import KeyState
 from cometbatch.ledger.writer import Ledger
+from cometbatch.results import ImageRecord
 from cometbatch.settings import FsyncPolicy
 from cometbatch.store.interface import AppendLog
 from cometbatch.store.local import LocalStore
 from cometbatch.store.lock import LOCK_NAME, FolderLock
-from cometbatch.store.sink import ImageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef" * 4
@@ -883,8 +883,7 @@ def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
     from cometbatch.models.registry import ModelRegistry
     from cometbatch.net.answered import Answered
     from cometbatch.plan import plan_job
-    from cometbatch.results import Result
-    from cometbatch.store.sink import ImageRecord
+    from cometbatch.results import ImageRecord, Result
 
     job = Job(id="fast", prompt="p", model="dall-e-3", metadata={"sku": "A-1"})
     (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))

@@ -13,9 +13,9 @@ from support import show_progress
 
 from cometbatch.cli.progress import LiveView
 from cometbatch.cli.snapshot import Snapshot
+from cometbatch.engine.summary import Summary
 from cometbatch.net.limits import Limiter
 from cometbatch.net.pace import Pace
-from cometbatch.results import Summary
 
 PACE = Pace(
     requests_per_min=590.0,

@@ -23,9 +23,8 @@ from cometbatch.costs.prices import (
 )
 from cometbatch.models.registry import BUILTIN_MODELS, ModelRegistry
 from cometbatch.plan import plan_job
-from cometbatch.results import PendingDownload, Result
+from cometbatch.results import ImageRecord, PendingDownload, Result
 from cometbatch.simulator.rules import ImageRequest, usage_for
-from cometbatch.store.sink import ImageRecord
 
 PRICES = builtin_prices()
 

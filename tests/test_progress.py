@@ -21,9 +21,9 @@ from cometbatch.cli.progress import (
 )
 from cometbatch.cli.snapshot import Snapshot, eta_text
 from cometbatch.engine.engine import Engine
+from cometbatch.engine.summary import Summary
 from cometbatch.net.limits import Limiter
 from cometbatch.net.pace import Pace
-from cometbatch.results import Summary
 from cometbatch.streams import GuardedStream, stream_gone
 
 

@@ -21,11 +21,12 @@ from PIL import Image
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.errors import ImageDataError
+from cometbatch.results import ImageRecord
 from cometbatch.store import sink as sink_module
 from cometbatch.store._writers import Writers
 from cometbatch.store.imagecheck import check_image
 from cometbatch.store.local import LocalStore
-from cometbatch.store.sink import ImageRecord, Sink, decode_b64, detect_format
+from cometbatch.store.sink import Sink, decode_b64, detect_format
 
 
 def make_image(fmt: str, size: tuple[int, int] = (4, 4)) -> bytes:

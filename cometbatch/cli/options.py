@@ -31,7 +31,7 @@ from ..textsafe import PrintableFormatter, printable
 from ..validation import first_problem
 
 if TYPE_CHECKING:
-    from ..results import Summary
+    from ..engine.summary import Summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Errors about the input or the folder (the user must change something) exit 2.

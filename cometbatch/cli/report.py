@@ -11,9 +11,9 @@ from ..costs.prices import format_usd
 from ..engine.forecast import Forecast
 from ..engine.origin import other_manifest_text
 from ..engine.resume import LINK_GONE
+from ..engine.summary import Summary
 from ..ledger.events import LEDGER_NAME
 from ..models.registry import ModelSpec
-from ..results import Summary
 from ..store.setaside import REPLACED_DIR
 from .snapshot import eta_text
 

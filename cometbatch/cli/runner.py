@@ -16,9 +16,9 @@ from rich.console import Console
 
 from ..costs.prices import PriceTable, builtin_prices
 from ..engine.engine import Engine
+from ..engine.summary import Summary
 from ..manifest.jobs import Manifest
 from ..net.limits import Limiter
-from ..results import Summary
 from ..settings import Settings
 from ..simulator.server import SimConfig, Simulator
 from .progress import Mode, ProgressDisplay

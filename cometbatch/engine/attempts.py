@@ -23,10 +23,11 @@ from ..net.client import Client, ImagesResponse
 from ..net.limits import Limiter, Outcome
 from ..net.retry import RetryPolicy, possibly_billed, retrying
 from ..plan import Request
-from ..results import DOWNLOAD_FAILED, FAILED, OK, PendingDownload, Summary, add_usage
-from ..store.sink import ImageRecord, Sink
+from ..results import DOWNLOAD_FAILED, FAILED, OK, ImageRecord, PendingDownload, add_usage
+from ..store.sink import Sink
 from .fetch import Fetcher, output_error
 from .inflight import Halt, InFlight
+from .summary import Summary
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from ..models.registry import ModelRegistry, load_registry
 from ..net.client import Client
 from ..net.limits import Limiter
 from ..net.retry import RetryPolicy
-from ..results import Result, Summary
+from ..results import Result
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.local import LocalStore
@@ -33,6 +33,7 @@ from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
 from .pool import WorkerPool
 from .request import RequestLife
+from .summary import Summary
 from .triage import SENT, Triage, Work
 
 log = logging.getLogger(__name__)

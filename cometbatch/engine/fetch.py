@@ -24,11 +24,12 @@ from ..ledger.lines import ResultEvent
 from ..ledger.writer import Ledger
 from ..net.client import MASK, Client
 from ..net.retry import RetryPolicy, retrying
-from ..results import DOWNLOAD_FAILED, OK, PendingDownload, Summary
+from ..results import DOWNLOAD_FAILED, OK, ImageRecord, PendingDownload
 from ..settings import DEFAULT_CONCURRENCY, Settings
 from ..store.local import LocalStore
-from ..store.sink import ImageRecord, Sink
+from ..store.sink import Sink
 from .resume import LINK_GONE, links_given_up
+from .summary import Summary
 
 log = logging.getLogger(__name__)
 

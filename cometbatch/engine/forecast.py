@@ -17,11 +17,11 @@ from ..ledger.keystate import KeyState
 from ..manifest.jobs import Job
 from ..models.registry import ModelRegistry
 from ..plan import Request, plan_job, remainder
-from ..results import Summary
 from ..settings import Settings
 from ..store.local import LocalStore
 from ..store.setaside import find_whole, withdrawn
 from .resume import Verdict, decide
+from .summary import Summary
 from .triage import Triage
 
 Lookup = Callable[[str], KeyState | None]

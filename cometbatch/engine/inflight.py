@@ -8,7 +8,7 @@ import logging
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
-from ..results import Summary
+from .summary import Summary
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from ..ledger.index import KeyState
 from ..ledger.writer import Ledger
 from ..net.retry import possibly_billed
 from ..plan import Request, part, remainder
-from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, PendingDownload, Result, Summary
+from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, ImageRecord, PendingDownload, Result
 from ..store.setaside import carry
-from ..store.sink import ImageRecord
 from .attempts import Attempts, CapReached, Sent, Stopped, fatal_error
 from .restore import Restorer
 from .resume import link_given_up
+from .summary import Summary
 from .triage import Triage, Work
 
 log = logging.getLogger(__name__)

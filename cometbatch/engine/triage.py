@@ -19,12 +19,12 @@ from ..manifest.jobs import Job, Manifest
 from ..models.registry import ModelRegistry
 from ..net.client import MASK
 from ..plan import Request, plan_job
-from ..results import DOWNLOAD_FAILED, PARTIAL, Result, Summary
+from ..results import DOWNLOAD_FAILED, PARTIAL, ImageRecord, Result
 from ..settings import Settings
 from ..store.setaside import withdrawal
-from ..store.sink import ImageRecord
 from .origin import NewWork, other_manifest, other_manifest_text
 from .resume import LINK_GONE, Verdict, changed, decide, links_gone
+from .summary import Summary
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,12 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import pybase64
 
 from ..errors import ImageDataError, OutputError
 from ..paths import image_relpath
+from ..results import ImageRecord
 from .imagecheck import check_image, detect_format
 from .interface import Store
 from .local import LocalStore
@@ -85,36 +84,6 @@ def decode_b64(text: str, *, simd: bool = False) -> bytes:
     if not data:
         raise ImageDataError("invalid base64 image data", retryable=False)
     return data
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRecord:
-    """One image written to disk, as the ledger's `images` list records it."""
-
-    index: int
-    path: str
-    format: str
-    bytes: int
-    sha256: str
-    revised_prompt: str | None = None
-    # The (redacted) link the image was downloaded from; None for an image that came inline.
-    # While the link works, a run downloads a lost image again instead of generating it.
-    url: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ledger's image object (the fields, in order; `url` only when there is one)."""
-        # Spelled out: dataclasses.asdict deep-copies generically, a cost paid per image.
-        image = {
-            "index": self.index,
-            "path": self.path,
-            "format": self.format,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "revised_prompt": self.revised_prompt,
-        }
-        if self.url is not None:
-            image["url"] = self.url
-        return image
 
 
 def _describe(job_id: str, index: int, data: bytes) -> tuple[str, str, str]:
