@@ -37,7 +37,7 @@ RSS_TARGET_MB = 200.0
 CHILD = """
 import itertools, json, sys, time
 from cometbatch import load_manifest
-from cometbatch.manifest.jobs import parse_line
+from cometbatch.manifest.lines import parse_line
 from cometbatch.models.registry import ModelRegistry
 
 path, full_lines = sys.argv[1], int(sys.argv[2])

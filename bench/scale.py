@@ -56,9 +56,8 @@ from typing import IO, Any
 
 from _common import Options, finish, median, options, simulator_process, verdict
 
-from cometbatch import SimConfig
-from cometbatch.manifest.jobs import parse_line
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import ModelRegistry, SimConfig
+from cometbatch.manifest.lines import parse_line
 from cometbatch.paths import image_relpath
 from cometbatch.plan import plan_job
 

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
         ServerError,
         UpstreamDownError,
     )
-    from .manifest.jobs import Job, Manifest, load_manifest
+    from .manifest.job import Job
+    from .manifest.reader import Manifest, load_manifest
     from .models.registry import ModelRegistry, ModelSpec
     from .results import Result
     from .settings import Settings
@@ -65,9 +66,9 @@ _HOME = {
     "Engine": ".engine.engine",
     "ImageDataError": ".errors",
     "IncompatibleAPIError": ".errors",
-    "Job": ".manifest.jobs",
+    "Job": ".manifest.job",
     "LedgerError": ".errors",
-    "Manifest": ".manifest.jobs",
+    "Manifest": ".manifest.reader",
     "ManifestError": ".errors",
     "ManifestFileError": ".errors",
     "ManifestProblem": ".errors",
@@ -86,7 +87,7 @@ _HOME = {
     "Summary": ".engine.summary",
     "UpstreamDownError": ".errors",
     "__version__": "._version",
-    "load_manifest": ".manifest.jobs",
+    "load_manifest": ".manifest.reader",
 }
 
 __all__ = [

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .manifest.jobs import Job
+from .manifest.job import Job
 from .models.registry import ModelSpec
 
 

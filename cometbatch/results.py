@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .manifest.jobs import Job
+from .manifest.job import Job
 from .net.answered import Answered
 from .plan import Request, request_key
 

@@ -17,11 +17,10 @@ import pytest
 from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator
+from cometbatch import Engine, Job, ModelRegistry, Settings, SimConfig, Simulator
 from cometbatch.ledger._scan import result_line
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.verify import verify_folder
-from cometbatch.models.registry import ModelRegistry
 from cometbatch.net.answered import RESPONSE_FIELDS, Answered, answered
 from cometbatch.net.retry import make_status_error, parse_error_body
 from cometbatch.simulator.imagegen import make_png

@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 from support import no_sleep
 
-from cometbatch import Job, SimConfig, Simulator
-from cometbatch.engine.attempts import Attempts, fatal_error, is_fatal
-from cometbatch.engine.inflight import Halt, InFlight
-from cometbatch.engine.summary import Summary
-from cometbatch.errors import (
+from cometbatch import (
     APIConnectionError,
     APIError,
     APIResponseError,
@@ -21,10 +17,16 @@ from cometbatch.errors import (
     BadRequestError,
     ConfigError,
     IncompatibleAPIError,
+    Job,
+    ModelRegistry,
     NotFoundError,
     ServerError,
+    SimConfig,
+    Simulator,
+    Summary,
 )
-from cometbatch.models.registry import ModelRegistry
+from cometbatch.engine.attempts import Attempts, fatal_error, is_fatal
+from cometbatch.engine.inflight import Halt, InFlight
 from cometbatch.net.client import Client
 from cometbatch.net.limits import Limiter
 from cometbatch.net.retry import RetryPolicy

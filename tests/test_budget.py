@@ -14,10 +14,17 @@ import pytest
 from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
+from cometbatch import (
+    BudgetExceededError,
+    Engine,
+    Job,
+    Settings,
+    SimConfig,
+    Simulator,
+    load_manifest,
+)
 from cometbatch.costs.budget import Budget, cap_text, earlier_totals
 from cometbatch.costs.prices import PriceTable, builtin_prices, request_cost
-from cometbatch.errors import BudgetExceededError
 from cometbatch.ledger.events import LEDGER_NAME
 from cometbatch.ledger.verify import verify_folder
 from cometbatch.simulator.imagegen import make_png

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from support import Handler, serve
 
-from cometbatch.errors import (
+from cometbatch import (
     APIConnectionError,
     APIError,
     APIResponseError,
@@ -30,10 +30,10 @@ from cometbatch.errors import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    Settings,
 )
 from cometbatch.net.client import Client, ImagesResponse
 from cometbatch.net.retry import possibly_billed
-from cometbatch.settings import Settings
 
 KEY = "sk-test-SECRET-0123456789"
 ROUTE = "/v1/images/generations"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cometbatch import ConfigError
 from cometbatch.cli.config import load_config, merge_options, parse_config
 from cometbatch.cli.main import main
-from cometbatch.errors import ConfigError
 
 
 def write_manifest(folder: Path) -> Path:

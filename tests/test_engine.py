@@ -20,8 +20,7 @@ from PIL import Image
 from support import ledger_results as results
 from support import no_sleep, run_all, serve, settings_for
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.manifest.jobs import Manifest
+from cometbatch import Engine, Job, Manifest, Settings, SimConfig, Simulator, load_manifest
 from cometbatch.simulator.imagegen import make_png
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,20 +22,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import ledger_results, no_sleep, run_all
 
-from cometbatch import Engine, Settings
-from cometbatch.errors import (
+from cometbatch import (
     APIError,
     APIResponseError,
     APIStatusError,
     ContentPolicyError,
+    Engine,
     ImageDataError,
     IncompatibleAPIError,
+    Job,
     ManifestError,
+    ModelRegistry,
     ServerError,
+    Settings,
+    load_manifest,
 )
-from cometbatch.manifest.jobs import MAX_N, MAX_NESTING, Job, folder_key, load_manifest, parse_line
+from cometbatch.manifest.job import MAX_N, folder_key
+from cometbatch.manifest.lines import MAX_NESTING, parse_line
 from cometbatch.manifest.lineshapes import SDK_FIELDS
-from cometbatch.models.registry import ModelRegistry
 from cometbatch.net.client import Client, ImagesResponse
 from cometbatch.net.retry import make_status_error, parse_error_body, parse_retry_after
 from cometbatch.paths import image_relpath, safe_component

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cometbatch.errors import ImageDataError
+from cometbatch import ImageDataError
 from cometbatch.simulator.imagegen import make_image, make_png, png_of_size
 from cometbatch.store.imagecheck import check_image, detect_format
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from cometbatch import ConfigError, Job, ManifestError, load_manifest
+from cometbatch import ConfigError, Job, Manifest, ManifestError, ModelRegistry, load_manifest
 from cometbatch.manifest.inputs import CsvJobs, TextPrompts, input_format
-from cometbatch.manifest.jobs import JobDefaults, Manifest, job_from_data, parse_line
-from cometbatch.models.registry import ModelRegistry
+from cometbatch.manifest.job import JobDefaults
+from cometbatch.manifest.lines import job_from_data, parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ModelRegistry()

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cometbatch.errors import LedgerError, OutputError
+from cometbatch import LedgerError, OutputError
 from cometbatch.ledger import _scan as _ledgerscan
 from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger.index import LedgerState
@@ -878,12 +878,11 @@ def test_a_ledger_in_this_packages_shape_loads_compactly(
 
 def test_result_lines_the_engine_writes_take_the_fast_path() -> None:
     """A Result's ledger line, with its 429 count, cost and answer, matches the fast pattern."""
+    from cometbatch import Job, ModelRegistry, Result
     from cometbatch.ledger.writer import _encode
-    from cometbatch.manifest.jobs import Job
-    from cometbatch.models.registry import ModelRegistry
     from cometbatch.net.answered import Answered
     from cometbatch.plan import plan_job
-    from cometbatch.results import ImageRecord, Result
+    from cometbatch.results import ImageRecord
 
     job = Job(id="fast", prompt="p", model="dall-e-3", metadata={"sku": "A-1"})
     (request,) = plan_job(job, ModelRegistry().get("dall-e-3"))

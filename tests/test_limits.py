@@ -13,9 +13,8 @@ from typing import Any, TypeVar
 import pytest
 from aiolimiter import AsyncLimiter
 
-from cometbatch.errors import ConfigError, UpstreamDownError
+from cometbatch import ConfigError, Settings, UpstreamDownError
 from cometbatch.net.limits import Limiter
-from cometbatch.settings import Settings
 
 T = TypeVar("T")
 LATE = 1e-9

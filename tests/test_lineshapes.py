@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from support import ROOT, cli_bytes
 
-from cometbatch import ManifestError, SimConfig, Simulator, load_manifest
-from cometbatch.manifest.jobs import parse_line
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import ManifestError, ModelRegistry, SimConfig, Simulator, load_manifest
+from cometbatch.manifest.lines import parse_line
 
 REGISTRY = ModelRegistry()
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from support import no_sleep, settings_for
 
-from cometbatch import Engine, Job, SimConfig, Simulator
-from cometbatch.errors import OutputError
+from cometbatch import Engine, Job, OutputError, SimConfig, Simulator
 from cometbatch.paths import unlinked
 from cometbatch.simulator.imagegen import make_png
 from cometbatch.views.gallery.content import write_gallery

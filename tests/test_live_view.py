@@ -11,9 +11,9 @@ from rich.cells import cell_len
 from rich.console import Console
 from support import show_progress
 
+from cometbatch import Summary
 from cometbatch.cli.progress import LiveView
 from cometbatch.cli.snapshot import Snapshot
-from cometbatch.engine.summary import Summary
 from cometbatch.net.limits import Limiter
 from cometbatch.net.pace import Pace
 

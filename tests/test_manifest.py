@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from cometbatch import Job, ManifestError, load_manifest
+from cometbatch import Job, ManifestError, ModelRegistry, load_manifest
 from cometbatch.manifest._iddigests import IdDigests
-from cometbatch.manifest.jobs import JobDefaults, parse_line
-from cometbatch.models.registry import ModelRegistry
+from cometbatch.manifest.job import JobDefaults
+from cometbatch.manifest.lines import parse_line
 
 REGISTRY = ModelRegistry()
 

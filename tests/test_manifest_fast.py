@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from cometbatch import Job, ManifestError, load_manifest
+from cometbatch import Job, Manifest, ManifestError, ModelRegistry, load_manifest
 from cometbatch.manifest import lines as manifestlines
-from cometbatch.manifest.jobs import JobDefaults, Manifest, parse_line
-from cometbatch.models.registry import ModelRegistry
+from cometbatch.manifest.job import JobDefaults
+from cometbatch.manifest.lines import parse_line
 from cometbatch.paths import PLAIN_COMPONENT, _renamed, safe_component
 
 REGISTRY = ModelRegistry()

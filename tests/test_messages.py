@@ -23,13 +23,13 @@ from cometbatch import (
     Settings,
     SimConfig,
     Simulator,
+    Summary,
     load_manifest,
 )
 from cometbatch.cli.main import main
 from cometbatch.cli.report import fit_lines, summary_lines
 from cometbatch.costs.budget import PlanFit
 from cometbatch.engine.origin import other_manifest
-from cometbatch.engine.summary import Summary
 from cometbatch.validation import first_problem, plain_message, problems
 
 # What pydantic's own rendering of an error leaks; none of it may reach a person.

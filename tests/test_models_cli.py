@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cometbatch import Engine, Settings
+from cometbatch import Engine, ModelRegistry, Settings
 from cometbatch.cli.main import main
-from cometbatch.models.registry import ModelRegistry
 from cometbatch.simulator.rules import ApiFailure, ImageRequest, parse_request
 
 UNKNOWN_WARNING = "not in cometbatch's registry"

@@ -11,17 +11,10 @@ from typing import Any
 
 import pytest
 
-from cometbatch import Job
-from cometbatch.errors import CapabilityError, ConfigError, ModelsError
+from cometbatch import CapabilityError, ConfigError, Job, ModelRegistry, ModelSpec
+from cometbatch.errors import ModelsError
 from cometbatch.models.data import builtin_catalog, load_catalog
-from cometbatch.models.registry import (
-    BUILTIN_MODELS,
-    ModelRegistry,
-    ModelSpec,
-    Requirement,
-    load_registry,
-    recorded_registry,
-)
+from cometbatch.models.registry import BUILTIN_MODELS, Requirement, load_registry, recorded_registry
 from cometbatch.models.sizes import SizeRule, parse_size
 from cometbatch.plan import plan_job
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cometbatch import Job
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import Job, ModelRegistry
 from cometbatch.plan import Request, chunk_sizes, fingerprint, plan_job
 
 REGISTRY = ModelRegistry()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cometbatch import ConfigError, Job, PricesError
+from cometbatch import ConfigError, Job, ModelRegistry, PricesError, Result
 from cometbatch.costs.prices import (
     PRICES_AS_OF,
     CostEstimate,
@@ -21,9 +21,9 @@ from cometbatch.costs.prices import (
     spent,
     usage_cost,
 )
-from cometbatch.models.registry import BUILTIN_MODELS, ModelRegistry
+from cometbatch.models.registry import BUILTIN_MODELS
 from cometbatch.plan import plan_job
-from cometbatch.results import ImageRecord, PendingDownload, Result
+from cometbatch.results import ImageRecord, PendingDownload
 from cometbatch.simulator.rules import ImageRequest, usage_for
 
 PRICES = builtin_prices()

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 from support import show_progress
 
+from cometbatch import Engine, Summary
 from cometbatch.cli.progress import (
     ProgressDisplay,
     RateMeter,
@@ -20,8 +21,6 @@ from cometbatch.cli.progress import (
     wants_no_color,
 )
 from cometbatch.cli.snapshot import Snapshot, eta_text
-from cometbatch.engine.engine import Engine
-from cometbatch.engine.summary import Summary
 from cometbatch.net.limits import Limiter
 from cometbatch.net.pace import Pace
 from cometbatch.streams import GuardedStream, stream_gone

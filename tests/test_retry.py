@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
-from cometbatch.errors import (
+from cometbatch import (
     APIConnectionError,
     APIError,
     APIResponseError,
@@ -23,6 +23,7 @@ from cometbatch.errors import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    Settings,
 )
 from cometbatch.net.retry import (
     RetryPolicy,
@@ -35,7 +36,6 @@ from cometbatch.net.retry import (
     possibly_billed,
     retrying,
 )
-from cometbatch.settings import Settings
 
 # 2023-09-29 16:26:37 GMT, the instant openai-python's Retry-After table is written against.
 NOW = 1696004797.0

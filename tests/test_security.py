@@ -33,14 +33,19 @@ from aiohttp import web
 from pydantic import SecretStr
 from support import Handler, no_sleep, serve
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator, load_manifest
-from cometbatch.errors import (
+from cometbatch import (
     APIError,
     AuthenticationError,
     ConfigError,
     DownloadError,
+    Engine,
     IncompatibleAPIError,
+    Job,
     ManifestError,
+    Settings,
+    SimConfig,
+    Simulator,
+    load_manifest,
 )
 from cometbatch.ledger.writer import Ledger
 from cometbatch.net.client import Client

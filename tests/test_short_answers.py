@@ -18,13 +18,12 @@ import pytest
 from aiohttp import web
 from support import ledger_results, no_sleep, run_all, serve, settings_for
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator
+from cometbatch import Engine, Job, ModelRegistry, Settings, SimConfig, Simulator
 from cometbatch.costs.budget import earlier_totals
 from cometbatch.costs.prices import builtin_prices
 from cometbatch.engine.attempts import Attempts
 from cometbatch.engine.forecast import forecast, ledger_verdicts
 from cometbatch.ledger.index import LedgerState
-from cometbatch.models.registry import ModelRegistry
 from cometbatch.plan import plan_job, remainder
 from cometbatch.simulator.imagegen import make_png
 from cometbatch.views.export import export

@@ -6,14 +6,13 @@ from typing import Any
 
 import pytest
 
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import ModelRegistry, SimConfig
 from cometbatch.simulator.rules import (
     DOWNLOAD_FAULTS,
     FAULTS,
     SHAPING_FAULTS,
     ApiFailure,
     ImageRequest,
-    SimConfig,
     SlidingWindow,
     check_authorization,
     counts_as_generated,

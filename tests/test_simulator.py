@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import ModelRegistry, SimConfig, Simulator
 from cometbatch.simulator import server as simulator
 from cometbatch.simulator.imagegen import make_image, make_png, noise_png_size, png_of_size
 from cometbatch.simulator.rules import FAULTS, SERVER_ERROR_STATUSES
-from cometbatch.simulator.server import SimConfig, Simulator, serve
+from cometbatch.simulator.server import serve
 
 KEY = "sk-test-key"
 REQUEST_ID = re.compile(r" \(request id: (\d{23}[A-Za-z0-9]{8})\)$")

@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cometbatch import Engine, Job, Settings, SimConfig, Simulator
-from cometbatch.errors import ImageDataError
+from cometbatch import Engine, ImageDataError, Job, Settings, SimConfig, Simulator
 from cometbatch.results import ImageRecord
 from cometbatch.store import sink as sink_module
 from cometbatch.store._writers import Writers

@@ -11,10 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cometbatch import load_manifest
-from cometbatch.errors import CapabilityError
-from cometbatch.manifest.jobs import Job
-from cometbatch.models.registry import ModelRegistry
+from cometbatch import CapabilityError, Job, ModelRegistry, load_manifest
 from cometbatch.plan import plan_job
 
 ROOT = Path(__file__).resolve().parent.parent

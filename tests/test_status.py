@@ -157,8 +157,7 @@ async def test_status_json_of_a_running_folder(tmp_path: Path) -> None:
     """While an engine writes the folder: state running, counts as recorded, no lock taken."""
     from support import settings_for
 
-    from cometbatch import Engine, Simulator, load_manifest
-    from cometbatch.simulator.server import SimConfig
+    from cometbatch import Engine, SimConfig, Simulator, load_manifest
 
     manifest = load_manifest(manifest_of(tmp_path / "m.jsonl", 6))
     out = tmp_path / "out"

@@ -40,14 +40,14 @@ from .options import (
 from .tools import fetch, simulate
 
 if TYPE_CHECKING:
-    from ..manifest.jobs import Manifest
+    from ..manifest.reader import Manifest
     from .runner import RunOutcome
     from .setup import RunSetup
 
 
 def _checked_manifest(manifest: Path, setup: RunSetup, *, spinner: bool) -> Manifest:
     """The manifest read and checked with the run's job defaults and models."""
-    from ..manifest.jobs import load_manifest
+    from ..manifest.reader import load_manifest
 
     err = console()
     # A million-line manifest takes seconds to check: show that something is happening.

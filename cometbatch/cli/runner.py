@@ -17,7 +17,7 @@ from rich.console import Console
 from ..costs.prices import PriceTable, builtin_prices
 from ..engine.engine import Engine
 from ..engine.summary import Summary
-from ..manifest.jobs import Manifest
+from ..manifest.reader import Manifest
 from ..net.limits import Limiter
 from ..settings import Settings
 from ..simulator.server import SimConfig, Simulator

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import PricesError
-from ..manifest.jobs import Job
+from ..manifest.job import Job
 from ..models.datafile import read_data_file
 from ..models.provenance import DateText, date_text
 from ..models.sizes import parse_size

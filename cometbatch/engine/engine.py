@@ -19,7 +19,8 @@ from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
 from ..ledger.events import LEDGER_NAME
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
-from ..manifest.jobs import Job, Manifest
+from ..manifest.job import Job
+from ..manifest.reader import Manifest
 from ..models.registry import ModelRegistry, load_registry
 from ..net.client import Client
 from ..net.limits import Limiter

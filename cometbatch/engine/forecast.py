@@ -14,7 +14,7 @@ from typing import Any
 from ..costs.prices import CostEstimate, PriceTable, builtin_prices
 from ..ledger.index import LedgerState
 from ..ledger.keystate import KeyState
-from ..manifest.jobs import Job
+from ..manifest.job import Job
 from ..models.registry import ModelRegistry
 from ..plan import Request, plan_job, remainder
 from ..settings import Settings

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
-from ..manifest.jobs import Job
+from ..manifest.job import Job
 from ..results import Result
 from .attempts import CapReached, Stopped
 from .inflight import Halt, InFlight

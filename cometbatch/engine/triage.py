@@ -15,7 +15,8 @@ from ..errors import ChangedJobsError
 from ..ledger.index import LedgerState
 from ..ledger.keystate import KeyState
 from ..ledger.verify import ImagePresence
-from ..manifest.jobs import Job, Manifest
+from ..manifest.job import Job
+from ..manifest.reader import Manifest
 from ..models.registry import ModelRegistry
 from ..net.client import MASK
 from ..plan import Request, plan_job

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from .._version import __version__
-from ..manifest.jobs import Manifest
+from ..manifest.reader import Manifest
 from .events import now_iso
 
 

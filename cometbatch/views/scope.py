@@ -7,7 +7,7 @@ count only what the manifest asks for; jobs the manifest does not hold count as 
 
 from __future__ import annotations
 
-from ..manifest.jobs import Job
+from ..manifest.job import Job
 from ..plan import chunk_sizes
 
 

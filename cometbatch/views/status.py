@@ -16,7 +16,8 @@ from ..errors import CometBatchError, ManifestError
 from ..ledger.events import ledger_path, read_events
 from ..ledger.keystate import KeyState
 from ..ledger.lines import EndEvent, ResultEvent, RunEvent
-from ..manifest.jobs import JobDefaults, Manifest
+from ..manifest.job import JobDefaults
+from ..manifest.reader import Manifest
 from ..models.registry import recorded_registry
 from ..results import DOWNLOAD_FAILED, OK, PARTIAL, WITH_DOWNLOADS
 from ..store.liverun import RunState, run_state

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...manifest.jobs import JobDefaults
+from ...manifest.job import JobDefaults
 
 GALLERY_NAME = "index.html"
 # A page past this many figures is too slow to be usable; the newest results are kept.

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ...errors import CometBatchError, ManifestError, ManifestProblem
-from ...manifest.jobs import Job, Manifest
+from ...manifest.job import Job
+from ...manifest.reader import Manifest
 from ...models.registry import recorded_registry
 from .model import Gallery, JobText
 

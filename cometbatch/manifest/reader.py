@@ -13,35 +13,13 @@ from ._fastcheck import check_lines
 from ._iddigests import id_digest
 from ._shapecache import Shape, ShapeCache, shape_of
 from .inputs import input_format, reader_for
-from .job import MAX_ID_CHARS, MAX_N, Job, JobDefaults, default_job_id, folder_key
+from .job import Job, JobDefaults, folder_key
 from .lines import (
-    MAX_LINE_CHARS,
-    MAX_NESTING,
     job_from_data,
     not_utf8,
     numbered_lines,
-    parse_line,
 )
-from .stats import ManifestStats, ModelPlan
-
-# Names other modules and callers import from here (their homes are job and manifestlines).
-__all__ = [
-    "MAX_ID_CHARS",
-    "MAX_LINE_CHARS",
-    "MAX_N",
-    "MAX_NESTING",
-    "Job",
-    "JobDefaults",
-    "Manifest",
-    "ManifestStats",
-    "ModelPlan",
-    "default_job_id",
-    "folder_key",
-    "job_from_data",
-    "load_manifest",
-    "numbered_lines",
-    "parse_line",
-]
+from .stats import ManifestStats
 
 
 class Manifest:
