@@ -40,10 +40,12 @@ if TYPE_CHECKING:
     )
     from .manifest.job import Job
     from .manifest.reader import Manifest, load_manifest
-    from .models.registry import ModelRegistry, ModelSpec
+    from .models.registry import ModelRegistry
+    from .models.spec import ModelSpec
     from .results import Result
     from .settings import Settings
-    from .simulator.server import SimConfig, Simulator
+    from .simulator.config import SimConfig
+    from .simulator.server import Simulator
 
 # Each public name and the module that defines it. A name is imported on first use, so that
 # `import cometbatch` (and `cometbatch --help`) does not pay for aiohttp, pydantic or the
@@ -73,7 +75,7 @@ _HOME = {
     "ManifestFileError": ".errors",
     "ManifestProblem": ".errors",
     "ModelRegistry": ".models.registry",
-    "ModelSpec": ".models.registry",
+    "ModelSpec": ".models.spec",
     "NotFoundError": ".errors",
     "OutputError": ".errors",
     "PermissionDeniedError": ".errors",
@@ -82,7 +84,7 @@ _HOME = {
     "Result": ".results",
     "ServerError": ".errors",
     "Settings": ".settings",
-    "SimConfig": ".simulator.server",
+    "SimConfig": ".simulator.config",
     "Simulator": ".simulator.server",
     "Summary": ".engine.summary",
     "UpstreamDownError": ".errors",

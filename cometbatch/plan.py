@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .manifest.job import Job
-from .models.registry import ModelSpec
+from .models.spec import ModelSpec
 
 
 def request_key(job_id: str, chunk: int) -> str:

@@ -17,14 +17,9 @@ from support import no_sleep, run_all, settings_for
 
 from cometbatch import ConfigError, Engine, Job, LedgerError, SimConfig, Simulator, load_manifest
 from cometbatch.streams import GuardedStream
-from cometbatch.views.export import (
-    CSV_COLUMNS,
-    EXPORT_FORMATS,
-    JobResults,
-    export,
-    openai_batch_record,
-    read_jobs,
-)
+from cometbatch.views import EXPORT_FORMATS
+from cometbatch.views.export import CSV_COLUMNS, export, openai_batch_record
+from cometbatch.views.jobresults import JobResults, read_jobs
 from cometbatch.views.prompts import PromptFile
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from cometbatch import (
     UpstreamDownError,
 )
 from cometbatch.net.client import Client
-from cometbatch.simulator.rules import DOWNLOAD_FAULTS, FAULTS
+from cometbatch.simulator.faults import DOWNLOAD_FAULTS, FAULTS
 
 RETRY_AFTER = 2.5
 BACKOFF_BASE = Settings().backoff_base

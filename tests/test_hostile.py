@@ -45,7 +45,8 @@ from cometbatch.net.retry import make_status_error, parse_error_body, parse_retr
 from cometbatch.paths import image_relpath, safe_component
 from cometbatch.plan import plan_job
 from cometbatch.simulator.imagegen import make_png
-from cometbatch.store.sink import decode_b64, detect_format
+from cometbatch.store.imagecheck import detect_format
+from cometbatch.store.sink import decode_b64
 
 REGISTRY = ModelRegistry()
 KEY = "sk-hostile-SECRET-0123456789"

@@ -174,8 +174,8 @@ def test_result_missing_fields_names_the_line(tmp_path: Path) -> None:
 
 def every_reader(out: Path) -> list[tuple[str, Callable[[], object]]]:
     """Each reader of OUT's ledger, by name: what a damaged line must fail alike."""
-    from cometbatch.views.export import read_jobs
     from cometbatch.views.gallery.content import read_gallery
+    from cometbatch.views.jobresults import read_jobs
     from cometbatch.views.status import read_status
 
     path = out / LEDGER_NAME

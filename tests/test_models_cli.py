@@ -11,7 +11,8 @@ from click.testing import CliRunner, Result
 
 from cometbatch import Engine, ModelRegistry, Settings
 from cometbatch.cli.main import main
-from cometbatch.simulator.rules import ApiFailure, ImageRequest, parse_request
+from cometbatch.simulator.faults import ApiFailure
+from cometbatch.simulator.rules import ImageRequest, parse_request
 
 UNKNOWN_WARNING = "not in cometbatch's registry"
 

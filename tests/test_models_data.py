@@ -14,8 +14,9 @@ import pytest
 from cometbatch import CapabilityError, ConfigError, Job, ModelRegistry, ModelSpec
 from cometbatch.errors import ModelsError
 from cometbatch.models.data import builtin_catalog, load_catalog
-from cometbatch.models.registry import BUILTIN_MODELS, Requirement, load_registry, recorded_registry
+from cometbatch.models.registry import BUILTIN_MODELS, load_registry, recorded_registry
 from cometbatch.models.sizes import SizeRule, parse_size
+from cometbatch.models.spec import Requirement
 from cometbatch.plan import plan_job
 
 REGISTRY = ModelRegistry()

@@ -19,8 +19,8 @@ from cometbatch.costs.prices import (
     format_usd,
     load_prices,
     spent,
-    usage_cost,
 )
+from cometbatch.costs.tokenprices import usage_cost
 from cometbatch.models.registry import BUILTIN_MODELS
 from cometbatch.plan import plan_job
 from cometbatch.results import ImageRecord, PendingDownload

@@ -17,13 +17,12 @@ from cometbatch.cli.main import main
 from cometbatch.costs.prices import (
     PRICES_AS_OF,
     CostEstimate,
-    TokenRates,
     actual,
     builtin_prices,
     estimate,
     load_prices,
-    usage_cost,
 )
+from cometbatch.costs.tokenprices import TokenRates, usage_cost
 from cometbatch.plan import Request
 
 PRICES = builtin_prices()

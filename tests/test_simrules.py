@@ -7,20 +7,21 @@ from typing import Any
 import pytest
 
 from cometbatch import ModelRegistry, SimConfig
-from cometbatch.simulator.rules import (
+from cometbatch.simulator.faults import (
     DOWNLOAD_FAULTS,
     FAULTS,
     SHAPING_FAULTS,
     ApiFailure,
-    ImageRequest,
-    SlidingWindow,
-    check_authorization,
     counts_as_generated,
-    format_seconds,
     images_to_answer,
+    pick_fault,
+)
+from cometbatch.simulator.limits import SlidingWindow, format_seconds
+from cometbatch.simulator.rules import (
+    ImageRequest,
+    check_authorization,
     make_request_id,
     parse_request,
-    pick_fault,
     usage_for,
 )
 

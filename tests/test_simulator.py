@@ -18,8 +18,8 @@ from PIL import Image
 
 from cometbatch import ModelRegistry, SimConfig, Simulator
 from cometbatch.simulator import server as simulator
+from cometbatch.simulator.faults import FAULTS, SERVER_ERROR_STATUSES
 from cometbatch.simulator.imagegen import make_image, make_png, noise_png_size, png_of_size
-from cometbatch.simulator.rules import FAULTS, SERVER_ERROR_STATUSES
 from cometbatch.simulator.server import serve
 
 KEY = "sk-test-key"

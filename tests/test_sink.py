@@ -23,9 +23,9 @@ from cometbatch import Engine, ImageDataError, Job, Settings, SimConfig, Simulat
 from cometbatch.results import ImageRecord
 from cometbatch.store import sink as sink_module
 from cometbatch.store._writers import Writers
-from cometbatch.store.imagecheck import check_image
+from cometbatch.store.imagecheck import check_image, detect_format
 from cometbatch.store.local import LocalStore
-from cometbatch.store.sink import Sink, decode_b64, detect_format
+from cometbatch.store.sink import Sink, decode_b64
 
 
 def make_image(fmt: str, size: tuple[int, int] = (4, 4)) -> bytes:

@@ -359,7 +359,7 @@ async def test_status_from_another_folder_finds_the_manifest_and_its_pending_wor
     from support import no_sleep, run_all, settings_for
 
     from cometbatch import Engine, SimConfig, Simulator, load_manifest
-    from cometbatch.views.export import read_jobs
+    from cometbatch.views.jobresults import read_jobs
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "jobs").mkdir(parents=True)

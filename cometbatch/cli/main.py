@@ -234,7 +234,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
       cometbatch run prompts.jsonl --models our-models.toml  # add or change models
       cometbatch run prompts.jsonl --max-images 500 --max-cost 20   # exit 3 at a cap
     """
-    from ..simulator.server import SimConfig
+    from ..simulator.config import SimConfig
     from .progress import choose_mode
     from .report import summary_data, summary_lines
     from .runner import run_manifest

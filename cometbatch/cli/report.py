@@ -13,7 +13,7 @@ from ..engine.origin import other_manifest_text
 from ..engine.resume import LINK_GONE
 from ..engine.summary import Summary
 from ..ledger.events import LEDGER_NAME
-from ..models.registry import ModelSpec
+from ..models.spec import ModelSpec
 from ..store.setaside import REPLACED_DIR
 from .snapshot import eta_text
 

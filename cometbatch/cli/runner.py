@@ -20,7 +20,8 @@ from ..engine.summary import Summary
 from ..manifest.reader import Manifest
 from ..net.limits import Limiter
 from ..settings import Settings
-from ..simulator.server import SimConfig, Simulator
+from ..simulator.config import SimConfig
+from ..simulator.server import Simulator
 from .progress import Mode, ProgressDisplay
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,6 @@ __all__ = [
     "CostEstimate",
     "ModelPrices",
     "PriceTable",
-    "TokenRates",
     "actual",
     "builtin_prices",
     "estimate",
@@ -35,7 +34,6 @@ __all__ = [
     "load_prices",
     "request_cost",
     "spent",
-    "usage_cost",
 ]
 
 # The newest `as_of` date in the built-in table (each entry has its own).

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..costs.budget import Budget, cap_text, request_cost
-from ..costs.prices import PriceTable, estimate
+from ..costs.budget import Budget, cap_text
+from ..costs.prices import PriceTable, estimate, request_cost
 from ..errors import APIError
 from ..ledger.events import now_iso
-from ..ledger.index import KeyState
+from ..ledger.keystate import KeyState
 from ..ledger.writer import Ledger
 from ..net.retry import possibly_billed
 from ..plan import Request, part, remainder

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..ledger.events import now_iso
-from ..ledger.index import KeyState
+from ..ledger.keystate import KeyState
 from ..ledger.writer import Ledger
 from ..results import OK, PendingDownload
 from ..store.interface import Store

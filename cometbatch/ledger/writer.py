@@ -18,7 +18,8 @@ from ..store.interface import AppendLog, Store
 from ..store.local import LocalStore
 from ..textsafe import safe_json
 from .events import LEDGER_NAME, repair_tail
-from .index import KeyState, LedgerState
+from .index import LedgerState
+from .keystate import KeyState
 
 FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 

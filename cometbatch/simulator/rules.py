@@ -11,56 +11,21 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import CapabilityError
-from ..models.registry import ModelRegistry, ModelSpec
-from .config import SimConfig
+from ..models.registry import ModelRegistry
+from ..models.spec import ModelSpec
 from .faults import (
-    BAD_BASE64,
-    DOWNLOAD_FAULTS,
-    FAULT_ERRORS,
-    FAULT_PAGES,
-    FAULTS,
-    NOT_AN_IMAGE_PAGE,
-    NOT_FOUND_PAGE,
-    SERVER_ERROR_STATUSES,
-    SHAPING_FAULTS,
     ApiFailure,
-    counts_as_generated,
-    images_to_answer,
-    pick_fault,
-    short_answer,
 )
-from .limits import SlidingWindow, admit, format_seconds, rate_limited, retry_headers
 
-# The config, faults and limits have modules of their own; every rule stays importable here.
 __all__ = [
-    "BAD_BASE64",
-    "DOWNLOAD_FAULTS",
-    "FAULTS",
-    "FAULT_ERRORS",
-    "FAULT_PAGES",
     "ID_ALPHABET",
-    "NOT_AN_IMAGE_PAGE",
-    "NOT_FOUND_PAGE",
-    "SERVER_ERROR_STATUSES",
-    "SHAPING_FAULTS",
-    "ApiFailure",
     "ImageRequest",
-    "SimConfig",
-    "SlidingWindow",
-    "admit",
     "check_authorization",
-    "counts_as_generated",
     "error_body",
-    "format_seconds",
     "image_seed",
-    "images_to_answer",
     "json_or_none",
     "make_request_id",
     "parse_request",
-    "pick_fault",
-    "rate_limited",
-    "retry_headers",
-    "short_answer",
     "usage_for",
 ]
 

@@ -16,37 +16,37 @@ from typing import Any, Literal
 from aiohttp import hdrs, web
 
 from ..models.registry import ModelRegistry
-from .faults import cut_image
-from .files import FileStore
-from .pictures import PictureCache
-from .rawanswers import drop, drop_midway, html
-from .response import REQUEST_ID_HEADER, success_body
-from .rules import (
+from .config import SimConfig
+from .faults import (
     BAD_BASE64,
     DOWNLOAD_FAULTS,
     FAULT_ERRORS,
     FAULT_PAGES,
     FAULTS,
-    ID_ALPHABET,
     NOT_FOUND_PAGE,
     SERVER_ERROR_STATUSES,
     SHAPING_FAULTS,
     ApiFailure,
-    ImageRequest,
-    SimConfig,
-    SlidingWindow,
-    admit,
-    check_authorization,
     counts_as_generated,
+    cut_image,
+    images_to_answer,
+    pick_fault,
+    short_answer,
+)
+from .files import FileStore
+from .limits import SlidingWindow, admit, retry_headers
+from .pictures import PictureCache
+from .rawanswers import drop, drop_midway, html
+from .response import REQUEST_ID_HEADER, success_body
+from .rules import (
+    ID_ALPHABET,
+    ImageRequest,
+    check_authorization,
     error_body,
     image_seed,
-    images_to_answer,
     json_or_none,
     make_request_id,
     parse_request,
-    pick_fault,
-    retry_headers,
-    short_answer,
     usage_for,
 )
 from .stats import SimStats

@@ -23,13 +23,10 @@ from .jobresults import JobResults, read_jobs
 
 __all__ = [
     "CSV_COLUMNS",
-    "EXPORT_FORMATS",
-    "JobResults",
     "csv_row",
     "export",
     "jsonl_record",
     "openai_batch_record",
-    "read_jobs",
 ]
 
 
