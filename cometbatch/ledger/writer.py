@@ -28,11 +28,15 @@ FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 _Queued = tuple[bytes, dict[str, Any], KeyState | None, "asyncio.Future[None]"]
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode(event: dict[str, Any]) -> bytes:
     """One ledger line, UTF-8 with its newline; controls, bidi overrides and lone surrogates
     (legal in JSON input, not in UTF-8) as \\u escapes, so that every line is valid UTF-8 and
     `cat` or `tail -f` of the ledger shows server text without acting on it."""
-    line = safe_json(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    line = safe_json(_ENCODER.encode(event))
     return line.encode("utf-8") + b"\n"
 
 
@@ -45,27 +49,26 @@ def _reason(exc: OSError, subject: Path) -> str:
 
 
 class Ledger:
-    """The open ledger of one output folder: holds the folder lock and appends events.
+    """The open ledger of one output folder: holds the folder lock and appends events."""
 
-    Appends are group-committed: lines queued while a write is under way go out together in
-    the next one (one write, and maybe one fsync, in a worker thread), and each append returns
-    only once the write carrying its line is done. An image is written before its result is
-    appended, so an ok line still always names complete files.
-
-    `fsync` says when lines reach the disk itself, not just the OS (the Settings field of the
-    same name chooses it for a run):
-
-    - "end" (default): every write is flushed to the OS before its appends return, so a crash
-      or kill of the process loses no recorded line; the file is fsynced once, when the ledger
-      closes. A power loss may lose the last lines: a rerun sends (and pays for) them again.
-    - "batch": every write is also fsynced before its appends return, so a power loss loses
-      no recorded line; one fsync covers the whole batch. Each fsync commits the filesystem's
-      journal, images' metadata included: about a quarter fewer results per second at a
-      thousand a second, nothing noticeable at real API speeds.
-    - "always": "batch", and the engine also fsyncs every image (and its folder) before its
-      line is written (the Sink's `fsync`), so after a power loss an ok line still names
-      complete files on any filesystem. An fsync per image: for slow, precious runs.
-    """
+    # Appends are group-committed: lines queued meanwhile go out together in one write (on the
+    # loop; with an fsync, in a worker thread), and each append returns
+    # only once the write carrying its line is done. An image is written before its result is
+    # appended, so an ok line still always names complete files.
+    #
+    # `fsync` says when lines reach the disk itself, not just the OS (the Settings field of the
+    # same name chooses it for a run):
+    #
+    # - "end" (default): every write is flushed to the OS before its appends return, so a crash
+    # or kill of the process loses no recorded line; the file is fsynced once, when the ledger
+    # closes. A power loss may lose the last lines: a rerun sends (and pays for) them again.
+    # - "batch": every write is also fsynced before its appends return, so a power loss loses
+    # no recorded line; one fsync covers the whole batch. Each fsync commits the filesystem's
+    # journal, images' metadata included: about a quarter fewer results per second at a
+    # thousand a second, nothing noticeable at real API speeds.
+    # - "always": "batch", and the engine also fsyncs every image (and its folder) before its
+    # line is written (the Sink's `fsync`), so after a power loss an ok line still names
+    # complete files on any filesystem. An fsync per image: for slow, precious runs.
 
     def __init__(self, out_dir: str | os.PathLike[str], *, fsync: FsyncPolicy = "end") -> None:
         if fsync not in FSYNC_POLICIES:
@@ -173,12 +176,10 @@ class Ledger:
         return () if self._broken is None else (OSError,)
 
     async def append(self, event: dict[str, Any]) -> None:
-        """Write one event as a line; return once it is flushed (and fsynced, per `fsync`).
-
-        A write the OS refuses raises OutputError naming the ledger, for every append it
-        carried and every append after it, so its partial line stays the last one (the next
-        open drops it).
-        """
+        """Write one event as a line; return once it is flushed (and fsynced, per `fsync`)."""
+        # A write the OS refuses raises OutputError naming the ledger, for every append it
+        # carried and every append after it, so its partial line stays the last one (the next
+        # open drops it).
         if self._phase != "open":
             raise RuntimeError(f"cannot append to {self!r}")
         self._check_writable()
@@ -202,10 +203,8 @@ class Ledger:
             raise self._write_error() from self._broken
 
     def _write_error(self) -> CometBatchError:
-        """The error of a failed write, the same for it and for every append refused after it.
-
-        Concurrent appends race to report first: they all say the same thing.
-        """
+        """The error of a failed write, the same for it and for every append refused after it."""
+        # Concurrent appends race to report first: they all say the same thing.
         broken = self._broken
         if isinstance(broken, OSError):
             return OutputError(
@@ -217,37 +216,58 @@ class Ledger:
         )
 
     def _write_queued(self) -> None:
-        """Start one write of every line queued so far (on the loop, no write under way).
-
-        Its completion records the lines and starts the next write if more were queued
-        meanwhile: a burst of appends costs a few writes, each one trip to a worker thread.
-        """
-        queued, self._queue = self._queue, []
-        handle = self._file
-        if self._broken is not None or handle is None:
+        """Start one write of the lines queued (none under way); its end starts the next."""
+        # Without fsync the write is a short append to the OS's cache, made on the loop itself
+        # one loop turn later, so that a burst of appends shares it: a trip to a worker thread
+        # cost more than the write. With fsync (milliseconds) it is one trip to a worker thread.
+        if self._broken is not None or self._file is None:
+            queued, self._queue = self._queue, []
             if self._broken is not None:
                 _fail(queued, self._write_error, self._broken)
             else:
                 _fail(queued, self._closed_error, None)
             return
+        loop = asyncio.get_running_loop()
+        if self.fsync == "end":
+            self._writing = loop.create_future()
+            loop.call_soon(self._write_on_loop, self._file, self._writing)
+            return
+        queued, self._queue = self._queue, []
         data = b"".join(line for line, _, _, _ in queued)
-        writing = asyncio.get_running_loop().run_in_executor(
-            None, _write_lines, handle, data, self.fsync != "end"
-        )
+        writing = loop.run_in_executor(None, _write_lines, self._file, data, True)
         self._writing = writing
         writing.add_done_callback(functools.partial(self._written, queued))
 
+    def _write_on_loop(self, handle: BinaryIO, done: asyncio.Future[int | None]) -> None:
+        """Write every line queued by now, on the loop (the unflushed policy)."""
+        queued, self._queue = self._queue, []
+        try:
+            end = _write_lines(handle, b"".join(line for line, _, _, _ in queued), False)
+        except Exception as exc:
+            self._settle(queued, None, exc)
+        else:
+            self._settle(queued, end, None)
+        finally:
+            done.set_result(None)
+
     def _written(self, queued: list[_Queued], done: asyncio.Future[int | None]) -> None:
-        """Record a finished write's lines and settle its appends; start the next write."""
+        """A write in a worker thread ended: settle its lines."""
+        if done.cancelled():
+            self._settle(queued, None, asyncio.CancelledError())
+        else:
+            exc = done.exception()
+            self._settle(queued, None if exc is not None else done.result(), exc)
+
+    def _settle(self, queued: list[_Queued], end: int | None, exc: BaseException | None) -> None:
+        """Record a finished write's lines and settle their appends; start the next write."""
         self._writing = None
-        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
         if exc is not None:
             # Lines may be half on disk; appending more would bury them mid-file.
             self._broken = exc
             _fail(queued, self._write_error, exc)
         else:
             self.writes += 1
-            self.state._appended(sum(len(line) for line, _, _, _ in queued), done.result())
+            self.state._appended(sum(len(line) for line, _, _, _ in queued), end)
             for line, event, update, written in queued:
                 try:
                     if update is not None:

@@ -80,6 +80,43 @@ class Pace:
     # Whether 429s or errors keep the level backed off now.
     backed_off: bool = False
 
+    @classmethod
+    def of(
+        cls,
+        seen: Measured,
+        *,
+        whole: bool,
+        rpm: float | None,
+        ipm: float | None,
+        mode: Mode,
+        level: int,
+        ceiling: int,
+        probing: bool,
+        backed_off: bool,
+    ) -> Pace:
+        """What a meter `seen`, against the limits and the limiter's state now."""
+        cause = seen.cause
+        # Lately, a failing API holds everything back; so do 429s or errors that backed the
+        # limit off, when the limit binds or their retries are what is sent.
+        backed = cause in ("concurrency", "retries") and backed_off
+        if not whole and cause is not None and (probing or backed):
+            cause = "server"
+        return cls(
+            requests_per_min=seen.requests_per_min,
+            images_per_min=seen.images_per_min,
+            rpm=rpm,
+            ipm=ipm,
+            latency=seen.latency,
+            images_per_request=seen.images_per_request,
+            mode=mode,
+            level=level,
+            ceiling=ceiling,
+            cause=cause,
+            retry_share=seen.retry_share,
+            probing=probing,
+            backed_off=backed_off,
+        )
+
     @property
     def request_rate(self) -> float | None:
         """Requests a second the rpm/ipm limits allow (the tighter one), if any is set."""
