@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -110,6 +111,14 @@ def test_only_what_was_answered_goes_into_a_line() -> None:
     assert Answered.of_line({"event": "result", "usage": None}) == Answered()
     assert Answered.of_line({"response": "odd", "request_id": 5}) == Answered()
     assert tuple(full.response) == RESPONSE_FIELDS
+
+
+@pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(Answered)])
+def test_an_answer_that_said_anything_is_true(name: str) -> None:
+    """An Answered with any one field set is true (its line keeps it); with none, false."""
+    value: Any = 0 if name == "created" else "x"
+    assert Answered(**{name: value})
+    assert not Answered()
 
 
 # -- the simulator answers like the real API ---------------------------------------------

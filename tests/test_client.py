@@ -32,7 +32,8 @@ from cometbatch import (
     ServerError,
     Settings,
 )
-from cometbatch.net.client import Client, ImagesResponse
+from cometbatch.net.client import Client
+from cometbatch.net.response import ImagesResponse
 from cometbatch.net.retry import possibly_billed
 
 KEY = "sk-test-SECRET-0123456789"

@@ -40,7 +40,8 @@ from cometbatch import (
 from cometbatch.manifest.job import MAX_N, folder_key
 from cometbatch.manifest.lines import MAX_NESTING, parse_line
 from cometbatch.manifest.lineshapes import SDK_FIELDS
-from cometbatch.net.client import Client, ImagesResponse
+from cometbatch.net.client import Client
+from cometbatch.net.response import ImagesResponse
 from cometbatch.net.retry import make_status_error, parse_error_body, parse_retry_after
 from cometbatch.paths import image_relpath, safe_component
 from cometbatch.plan import plan_job

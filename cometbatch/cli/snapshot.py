@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..costs.prices import format_usd
-from ..net.pace import Pace
+from ..net.pace import HOLDBACK_SEP, Pace
 from .statusline import SEP, Part, join
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class Snapshot:
 
     def pace_parts(self) -> tuple[Part, ...]:
         """The rate against --rpm/--ipm, then what holds it back (none until the rate is known)."""
-        return self.pace.parts() if self.pace is not None else ()
+        return pace_parts(self.pace) if self.pace is not None else ()
 
     def eta(self, rate: float) -> float | None:
         """Seconds left at `rate` (0 when all is done), or None while nothing is moving."""
@@ -150,3 +150,14 @@ def eta_text(seconds: float | None) -> str:
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def pace_parts(pace: Pace) -> tuple[Part, ...]:
+    """The rates, then what holds them back, as status-line parts (none until rates are known)."""
+    # What holds the run back is the half a person acts on: it outlasts the figures when the
+    # line narrows.
+    rates = pace.rates_text()
+    if not rates:
+        return ()
+    holdback = pace.holdback_text()
+    return (Part(rates, rank=1), *([Part(holdback, rank=0, sep=HOLDBACK_SEP)] if holdback else []))

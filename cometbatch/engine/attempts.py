@@ -19,8 +19,9 @@ from ..errors import (
     UpstreamDownError,
 )
 from ..net.answered import Answered
-from ..net.client import Client, ImagesResponse
+from ..net.client import Client
 from ..net.limits import Limiter, Outcome
+from ..net.response import ImagesResponse
 from ..net.retry import RetryPolicy, possibly_billed, retrying
 from ..plan import Request
 from ..results import DOWNLOAD_FAILED, FAILED, OK, ImageRecord, PendingDownload, add_usage

@@ -22,7 +22,8 @@ from ..errors import APIError, DownloadError, ImageDataError, OutputError
 from ..ledger.events import now_iso, read_events
 from ..ledger.lines import ResultEvent
 from ..ledger.writer import Ledger
-from ..net.client import MASK, Client
+from ..net.client import Client
+from ..net.response import MASK
 from ..net.retry import RetryPolicy, retrying
 from ..results import DOWNLOAD_FAILED, OK, ImageRecord, PendingDownload
 from ..settings import DEFAULT_CONCURRENCY, Settings

@@ -18,7 +18,7 @@ from ..ledger.verify import ImagePresence
 from ..manifest.job import Job
 from ..manifest.reader import Manifest
 from ..models.registry import ModelRegistry
-from ..net.client import MASK
+from ..net.response import MASK
 from ..plan import Request, plan_job
 from ..results import DOWNLOAD_FAILED, PARTIAL, ImageRecord, Result
 from ..settings import Settings

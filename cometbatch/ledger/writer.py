@@ -28,11 +28,15 @@ FSYNC_POLICIES: tuple[str, ...] = get_args(FsyncPolicy)
 _Queued = tuple[bytes, dict[str, Any], KeyState | None, "asyncio.Future[None]"]
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode(event: dict[str, Any]) -> bytes:
     """One ledger line, UTF-8 with its newline; controls, bidi overrides and lone surrogates
     (legal in JSON input, not in UTF-8) as \\u escapes, so that every line is valid UTF-8 and
     `cat` or `tail -f` of the ledger shows server text without acting on it."""
-    line = safe_json(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    line = safe_json(_ENCODER.encode(event))
     return line.encode("utf-8") + b"\n"
 
 
@@ -45,7 +49,7 @@ def _reason(exc: OSError, subject: Path) -> str:
 
 
 # Appends are group-committed: lines queued while a write is under way go out together in
-# the next one (one write, and maybe one fsync, in a worker thread); each append returns once
+# the next one (one write on the loop; with an fsync, in a worker thread); each append returns once
 # the write carrying its line is done. `fsync` (the Settings field) says when lines reach the
 # disk itself: "end" flushes each write to the OS (a killed process loses no line; a power
 # loss may lose the last ones, sent again by a rerun) and fsyncs once at close; "batch" also
@@ -158,8 +162,9 @@ class Ledger:
 
     async def append(self, event: dict[str, Any]) -> None:
         """Write one event as a line; return once it is flushed (and fsynced, per `fsync`)."""
-        # A write the OS refuses raises OutputError for every append it carried and every one
-        # after it, so its partial line stays the last one (the next open drops it).
+        # A write the OS refuses raises OutputError naming the ledger, for every append it
+        # carried and every append after it, so its partial line stays the last one (the next
+        # open drops it).
         if self._phase != "open":
             raise RuntimeError(f"cannot append to {self!r}")
         self._check_writable()
@@ -183,8 +188,8 @@ class Ledger:
             raise self._write_error() from self._broken
 
     def _write_error(self) -> CometBatchError:
-        """The error of a failed write, the same for it and every append refused after it
-        (concurrent appends race to report first: they all say the same thing)."""
+        """The error of a failed write, the same for it and for every append refused after it."""
+        # Concurrent appends race to report first: they all say the same thing.
         broken = self._broken
         if isinstance(broken, OSError):
             return OutputError(
@@ -196,34 +201,59 @@ class Ledger:
         )
 
     def _write_queued(self) -> None:
-        """Start one write, in a worker thread, of every line queued so far (no write under
-        way); its completion starts the next one if more were queued meanwhile."""
-        queued, self._queue = self._queue, []
+        """Start one write of the lines queued (none under way); its end starts the next."""
+        # Without fsync the write is a short append to the OS's cache, made on the loop itself
+        # one loop turn later, so that a burst of appends shares it: a trip to a worker thread
+        # cost more than the write. With fsync (milliseconds) it is one trip to a worker thread.
         handle = self._file
         if self._broken is not None or handle is None:
+            queued, self._queue = self._queue, []
             if self._broken is not None:
                 _fail(queued, self._write_error, self._broken)
             else:
                 _fail(queued, self._closed_error, None)
             return
+        loop = asyncio.get_running_loop()
+        if self.fsync == "end":
+            self._writing = loop.create_future()
+            loop.call_soon(self._write_on_loop, handle, self._writing)
+            return
+        queued, self._queue = self._queue, []
         data = b"".join(line for line, _, _, _ in queued)
-        writing = asyncio.get_running_loop().run_in_executor(
-            None, handle.append, data, self.fsync != "end"
-        )
+        writing = loop.run_in_executor(None, handle.append, data, True)
         self._writing = writing
         writing.add_done_callback(functools.partial(self._written, queued))
 
+    def _write_on_loop(self, handle: AppendLog, done: asyncio.Future[int | None]) -> None:
+        """Write every line queued by now, on the loop (the unflushed policy)."""
+        queued, self._queue = self._queue, []
+        try:
+            end = handle.append(b"".join(line for line, _, _, _ in queued), False)
+        except Exception as exc:
+            self._settle(queued, None, exc)
+        else:
+            self._settle(queued, end, None)
+        finally:
+            done.set_result(None)
+
     def _written(self, queued: list[_Queued], done: asyncio.Future[int | None]) -> None:
-        """Record a finished write's lines and settle its appends; start the next write."""
+        """A write in a worker thread ended: settle its lines."""
+        if done.cancelled():
+            self._settle(queued, None, asyncio.CancelledError())
+        else:
+            exc = done.exception()
+            self._settle(queued, None if exc is not None else done.result(), exc)
+
+    def _settle(self, queued: list[_Queued], end: int | None, exc: BaseException | None) -> None:
+        """Record a finished write's lines and settle their appends; start the next write."""
         self._writing = None
-        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
         if exc is not None:
             # Lines may be half on disk; appending more would bury them mid-file.
             self._broken = exc
             _fail(queued, self._write_error, exc)
         else:
             self.writes += 1
-            self.state._appended(sum(len(line) for line, _, _, _ in queued), done.result())
+            self.state._appended(sum(len(line) for line, _, _, _ in queued), end)
             for line, event, update, written in queued:
                 try:
                     if update is not None:

@@ -7,7 +7,6 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..cli.statusline import Part, join
 from .throttle import WINDOW, binding, needed, request_rate
 
 # What held one request back before it left, and so, over many, what holds a run back:
@@ -27,6 +26,9 @@ RECENT = 30.0
 SETTLE = 5.0
 # What holds the run back is told from the last this many seconds: a change shows soon.
 CAUSE_SPAN = 10.0
+
+# Between the rates and what holds them back, in the summary and the live display.
+HOLDBACK_SEP = "; "
 
 
 def cause_of(
@@ -79,6 +81,43 @@ class Pace:
     probing: bool = False
     # Whether 429s or errors keep the level backed off now.
     backed_off: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        seen: Measured,
+        *,
+        whole: bool,
+        rpm: float | None,
+        ipm: float | None,
+        mode: Mode,
+        level: int,
+        ceiling: int,
+        probing: bool,
+        backed_off: bool,
+    ) -> Pace:
+        """What a meter `seen`, against the limits and the limiter's state now."""
+        cause = seen.cause
+        # Lately, a failing API holds everything back; so do 429s or errors that backed the
+        # limit off, when the limit binds or their retries are what is sent.
+        backed = cause in ("concurrency", "retries") and backed_off
+        if not whole and cause is not None and (probing or backed):
+            cause = "server"
+        return cls(
+            requests_per_min=seen.requests_per_min,
+            images_per_min=seen.images_per_min,
+            rpm=rpm,
+            ipm=ipm,
+            latency=seen.latency,
+            images_per_request=seen.images_per_request,
+            mode=mode,
+            level=level,
+            ceiling=ceiling,
+            cause=cause,
+            retry_share=seen.retry_share,
+            probing=probing,
+            backed_off=backed_off,
+        )
 
     @property
     def request_rate(self) -> float | None:
@@ -166,19 +205,11 @@ class Pace:
             return f"held back by retries: {self.retry_share:.0%} of requests sent were retries"
         return "not held back: every request left as soon as it was ready"
 
-    def parts(self) -> tuple[Part, ...]:
-        """The rates, then what holds them back, as status-line parts (none until the rates
-        are known); what holds the run back is the half a person acts on: it outlasts the
-        figures when the line narrows."""
-        rates = self.rates_text()
-        if not rates:
-            return ()
-        holdback = self.holdback_text()
-        return (Part(rates, rank=1), *([Part(holdback, rank=0, sep="; ")] if holdback else []))
-
     def text(self) -> str:
         """Rates and what holds them back, one line ('' until the rates are known)."""
-        return join(self.parts())
+        rates = self.rates_text()
+        holdback = self.holdback_text() if rates else ""
+        return f"{rates}{HOLDBACK_SEP}{holdback}" if holdback else rates
 
     def to_dict(self) -> dict[str, Any]:
         """The summary's `pace` object (rates per minute, latency in seconds)."""

@@ -37,14 +37,11 @@ HOLD_SAMPLES = 32
 
 
 def pacing_bucket(limit: float, capacity: float, *, window: float = WINDOW) -> tuple[float, float]:
-    """`(max_rate, time_period)` for an AsyncLimiter that lets at most `limit` through per window.
-
-    `AsyncLimiter(limit, 60)` starts full of room: a burst of `limit`, then `limit` more as it
-    drains, so 2 x limit in the first minute. A bucket of `capacity` that drains
-    (limit - capacity) per `window` holds at most capacity + (limit - capacity) = limit in any
-    window, the first one included, and costs only `capacity` of throughput (plus the part of
-    the window beyond 60 s, when it is made longer to absorb delays on the way).
-    """
+    """`(max_rate, time_period)` for an AsyncLimiter letting at most `limit` through a window."""
+    # AsyncLimiter(limit, 60) starts full of room: a burst of `limit`, then `limit` more as it
+    # drains, so 2 x limit in the first minute. A bucket of `capacity` that drains
+    # (limit - capacity) per `window` holds at most limit in any window, the first included,
+    # and costs only `capacity` of throughput (plus the window's part beyond 60 s).
     if capacity <= 0 or limit <= capacity:
         raise ValueError(f"limit {limit!r} must exceed the bucket capacity {capacity!r}")
     if window <= 0:
@@ -58,13 +55,12 @@ def pacing_capacity(limit: float, request: float, burst: float = PACING_BURST) -
 
 
 class AimdLimit:
-    """Additive-increase/multiplicative-decrease of a concurrency limit, decided once per round.
+    """Additive-increase/multiplicative-decrease of a concurrency limit, decided once per round."""
 
-    A round is `max(limit, min_round)` outcomes: fewer are too noisy to tell random 5 % 429s
-    from a server limit (a 16-outcome round holds 2+ throttled ones 19 % of the time, which
-    keeps concurrency at about half its maximum). A round whose throttled fraction exceeds
-    `threshold` multiplies the limit by 0.7; any other round adds 1.
-    """
+    # A round is `max(limit, min_round)` outcomes: fewer are too noisy to tell random 5 % 429s
+    # from a server limit (a 16-outcome round holds 2+ throttled ones 19 % of the time, which
+    # keeps concurrency at about half its maximum). A round whose throttled fraction exceeds
+    # `threshold` multiplies the limit by 0.7; any other round adds 1.
 
     def __init__(self, *, floor: int, ceiling: int, threshold: float, min_round: int) -> None:
         self.floor = floor
@@ -83,12 +79,10 @@ class AimdLimit:
         return self._before is not None
 
     def record(self, throttled: bool, *, busy: bool = True, flight: int = 0) -> int:
-        """Count one outcome; return the change made to the limit (0 while a round runs).
-
-        `busy` (whether the limit was in full use) matters only to AutoLimit: a fixed
-        maximum is recovered to whether or not it is needed. `flight` (requests in flight
-        now) only to RateLimit, whose back-off starts from what was in use.
-        """
+        """Count one outcome; return the change made to the limit (0 while a round runs)."""
+        # `busy` (the limit was in full use) matters only to AutoLimit: a fixed maximum is
+        # recovered to whether or not it is needed; `flight` (requests in flight now) only to
+        # RateLimit, whose back-off starts from what was in use.
         self._count(throttled)
         if self._storm():
             return self._set(self._decreased())
@@ -132,19 +126,18 @@ class AimdLimit:
 
 
 class AutoLimit(AimdLimit):
-    """AIMD that finds its own level: starts at `start`, grows while latency and errors hold.
+    """AIMD that finds its own level: starts at `start`, grows while latency and errors hold."""
 
-    Slow start, as in TCP: each success that finds the limit in full use adds 1, so the limit
-    doubles every round trip, until a throttled round or a latency rise ends it. Successes are
-    timed in blocks of `samples`; latency holds while the last block's median stays within
-    `tolerance` x the baseline, the lowest block median seen: more requests in flight still
-    buy throughput, not a queue at the server. (Whole blocks, not a rolling median checked at
-    every answer: thousands of overlapping medians would put the lowest far below the typical
-    one and the highest far above it, and noise alone would end slow start.)
-    After slow start, AIMD: a round (as in AimdLimit) that was mostly in full use, with latency
-    holding, adds 1; a throttled round multiplies the limit by 0.7 at once. Latency beyond the
-    tolerance stops growth but never lowers the limit: a slower mix of jobs looks the same.
-    """
+    # Slow start, as in TCP: each success that finds the limit in full use adds 1, so the limit
+    # doubles every round trip, until a throttled round or a latency rise ends it. Successes are
+    # timed in blocks of `samples`; latency holds while the last block's median stays within
+    # `tolerance` x the baseline, the lowest block median seen: more requests in flight still
+    # buy throughput, not a queue at the server. (Whole blocks, not a rolling median checked at
+    # every answer: thousands of overlapping medians would put the lowest far below the typical
+    # one and the highest far above it, and noise alone would end slow start.)
+    # After slow start, AIMD: a round (as in AimdLimit) that was mostly in full use, with latency
+    # holding, adds 1; a throttled round multiplies the limit by 0.7 at once. Latency beyond the
+    # tolerance stops growth but never lowers the limit: a slower mix of jobs looks the same.
 
     def __init__(
         self,
@@ -222,23 +215,22 @@ class AutoLimit(AimdLimit):
 
 
 class RateLimit(AimdLimit):
-    """Concurrency that follows a rate: rate x latency requests in flight (Little's law).
+    """Concurrency that follows a rate: rate x latency requests in flight (Little's law)."""
 
-    A paced request rate R and a slot hold time W (from the request leaving to its answer)
-    need R x W slots on average; the limit is that times `headroom`, plus one, within
-    [floor, ceiling]. Until `samples` holds have been timed the limit is the ceiling: the
-    pacer alone decides what leaves, so the rate is used from the first second instead of
-    being grown to. The latency is the mean of the last `samples` holds, so the limit follows
-    a slower or faster server within as many answers.
-
-    Under that, a back-off as in fixed mode: a throttled round (429s, 5xx, timeouts) cuts the
-    limit to 0.7 x what was in use (the most in flight this round, when below the limit:
-    cutting an unused limit would slow nothing). Each calm round then raises it by a quarter
-    (at least one) until the rate's own level is reached again: that level is known, so a
-    passing storm costs minutes, not the hour that one slot a 200-answer round would take to
-    win back a 1,200/min rate at 6 s a request. A server whose real limit is lower throttles
-    again on the way up and is converged on.
-    """
+    # A paced request rate R and a slot hold time W (from the request leaving to its answer)
+    # need R x W slots on average; the limit is that times `headroom`, plus one, within
+    # [floor, ceiling]. Until `samples` holds have been timed the limit is the ceiling: the
+    # pacer alone decides what leaves, so the rate is used from the first second instead of
+    # being grown to. The latency is the mean of the last `samples` holds, so the limit follows
+    # a slower or faster server within as many answers.
+    #
+    # Under that, a back-off as in fixed mode: a throttled round (429s, 5xx, timeouts) cuts the
+    # limit to 0.7 x what was in use (the most in flight this round, when below the limit:
+    # cutting an unused limit would slow nothing). Each calm round then raises it by a quarter
+    # (at least one) until the rate's own level is reached again: that level is known, so a
+    # passing storm costs minutes, not the hour that one slot a 200-answer round would take to
+    # win back a 1,200/min rate at 6 s a request. A server whose real limit is lower throttles
+    # again on the way up and is converged on.
 
     def __init__(
         self,

@@ -1,15 +1,14 @@
-"""Whether image bytes are a structurally whole PNG, JPEG or WebP, and which of the three.
-
-Structure, not pixels: a PNG is walked chunk by chunk to its IEND (every length in bounds,
-every CRC right), a JPEG's marker segments are walked to its first scan and the data must end
-with the EOI marker, and a WebP's RIFF length must match the data, its chunks filling it
-exactly. That catches what a cut-off transfer or a truncated answer leaves behind, at about
-the cost of one CRC pass over a PNG, without an image library. Zero bytes after the end are
-tolerated (a store or a transfer may pad); anything else after it is not.
-"""
+"""Whether image bytes are a structurally whole PNG, JPEG or WebP, and which of the three."""
+# Structure, not pixels: a PNG is walked chunk by chunk to its IEND (every length in bounds,
+# every CRC right), a JPEG's marker segments are walked to its first scan and the data must end
+# with the EOI marker, and a WebP's RIFF length must match the data, its chunks filling it
+# exactly. That catches what a cut-off transfer or a truncated answer leaves behind, at about
+# the cost of one CRC pass over a PNG, without an image library. Zero bytes after the end are
+# tolerated (a store or a transfer may pad); anything else after it is not.
 
 from __future__ import annotations
 
+import struct
 import zlib
 
 from ..errors import ImageDataError
@@ -19,6 +18,10 @@ __all__ = ["check_image", "detect_format"]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAX_CHUNK = 2**31 - 1
+# A chunk's length and type; a big-endian 32-bit number (a CRC); IHDR's width and height.
+_PNG_CHUNK = struct.Struct(">I4s")
+_U32 = struct.Struct(">I")
+_PNG_SIZE = struct.Struct(">II")
 # JPEG start-of-frame markers (C4, C8 and CC are other segments).
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # JPEG markers that stand alone, without a length: TEM and the restart markers RST0-7.
@@ -39,11 +42,9 @@ def detect_format(data: bytes) -> str | None:
 
 
 def check_image(data: bytes) -> str:
-    """Return "png", "jpeg" or "webp" for a structurally whole image; raise ImageDataError.
-
-    A broken image is retryable (another answer or download may be whole); bytes that are not
-    one of the three formats are not.
-    """
+    """Return "png", "jpeg" or "webp" for a structurally whole image; raise ImageDataError."""
+    # A broken image is retryable (another answer or download may be whole); bytes that are not
+    # one of the three formats are not.
     fmt = detect_format(data)
     if fmt is None:
         raise ImageDataError("not a PNG, JPEG or WebP image", retryable=False)
@@ -68,24 +69,22 @@ def _check_png(data: bytes) -> str | None:
     while True:
         if pos + 8 > size:
             return f"cut short at byte {size} (no IEND chunk)"
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
+        length, kind = _PNG_CHUNK.unpack_from(data, pos)
         if length > _PNG_MAX_CHUNK or not kind.isalpha():
             return f"no valid chunk at byte {pos}"
-        name = kind.decode()
         end = pos + 12 + length
         if end > size:
             return (
-                f"cut short: chunk {name} at byte {pos} needs {end - pos} bytes, {size - pos} left"
+                f"cut short: chunk {kind.decode()} at byte {pos} needs {end - pos} bytes, "
+                f"{size - pos} left"
             )
         # The CRC covers the type and the data; zlib lets go of the GIL on large chunks.
-        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
-            return f"chunk {name} at byte {pos} fails its CRC"
+        if zlib.crc32(view[pos + 4 : end - 4]) != _U32.unpack_from(data, end - 4)[0]:
+            return f"chunk {kind.decode()} at byte {pos} fails its CRC"
         if first:
             if kind != b"IHDR" or length != 13:
                 return "the first chunk is not a 13-byte IHDR"
-            width = int.from_bytes(data[pos + 8 : pos + 12], "big")
-            height = int.from_bytes(data[pos + 12 : pos + 16], "big")
+            width, height = _PNG_SIZE.unpack_from(data, pos + 8)
             if not width or not height:
                 return "IHDR gives a zero width or height"
             first = False
