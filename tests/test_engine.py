@@ -466,7 +466,10 @@ async def test_a_lasting_outage_stops_the_run_and_leaves_everything_resumable(
     from cometbatch import UpstreamDownError
 
     jobs = [Job(id=f"o{i}", prompt=f"p{i}", model="qwen-image") for i in range(30)]
-    settings_args = {"concurrency": 8, "max_attempts": 100, "outage_limit": 0.3}
+    # The outage limit, not the attempts running out, must be what stops the run: 8 requests
+    # make about 2,500 attempts a second against instant 5xx answers, 100 each in 0.3 s, so the
+    # limit is 0.05 s (about 16 attempts each).
+    settings_args = {"concurrency": 8, "max_attempts": 100, "outage_limit": 0.05}
     async with (
         Simulator(SimConfig(rate_5xx=1.0, seed=5)) as down,
         Engine(settings_for(down, **settings_args), out_dir=tmp_path, sleep=no_sleep) as engine,
