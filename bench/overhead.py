@@ -157,8 +157,8 @@ class Tally:
             f"{per:5.0f} µs CPU ({own:.0f} user)"
         )
 
-    def ratios(self, part: str, name: str, base: str) -> float:
-        """Print `name` against `base` (throughput, and CPU per request); the throughput one."""
+    def ratios(self, part: str, name: str, base: str) -> tuple[float, float]:
+        """Print `name` against `base`; the throughput ratio and the user-CPU one."""
         rate, base_rate = median(self.rates[name]), median(self.rates[base])
         cpu, base_cpu = median(self.cpu[name]), median(self.cpu[base])
         user, base_user = median(self.user[name]), median(self.user[base])
@@ -171,7 +171,7 @@ class Tally:
             f"CPU a request {cpu:.0f} vs {base_cpu:.0f} µs ({base_cpu / cpu:.2f} x), "
             f"user CPU alone {user:.0f} vs {base_user:.0f} µs ({base_user / user:.2f} x)"
         )
-        return rate / base_rate
+        return rate / base_rate, base_user / user
 
 
 def library(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> None:
@@ -196,8 +196,8 @@ def library(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> None:
     tally.ratios("library", "cometbatch", "threaded loop")
 
 
-def processes(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> float:
-    """Whole processes, cometbatch's CLI against the lean loop; the ratio of the medians."""
+def processes(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> tuple[float, float]:
+    """Whole processes, cometbatch's CLI against the lean loop; the ratios of the medians."""
     manifest = write_manifest(jobs, tmp / "manifest.jsonl")
     contenders = [("lean loop", lean_command), ("cometbatch run", cometbatch_command)]
     tally = Tally([name for name, _ in contenders], len(jobs))
@@ -237,9 +237,14 @@ def main() -> None:
             library(sim.base_url, jobs, tmp, runs)
         if args.part == "library":
             return
-        ratio = processes(sim.base_url, jobs, tmp, runs)
+        ratio, user_ratio = processes(sim.base_url, jobs, tmp, runs)
     name = "cometbatch run / lean loop"
-    met = verdict(name, ratio, TARGET_RATIO, higher_is_better=True, unit="x")
+    met = verdict(f"{name}, throughput", ratio, TARGET_RATIO, higher_is_better=True, unit="x")
+    # At zero latency both sides are bound by their own event loop's CPU, so throughput follows
+    # CPU a request; but the kernel's share (system time) swings with the machine's file-system
+    # load from run to run, for both alike. User CPU is what the code itself spends: the target
+    # holds only when that ratio meets it too.
+    met &= verdict(f"{name}, user CPU", user_ratio, TARGET_RATIO, higher_is_better=True, unit="x")
     finish(met, smoke=args.smoke)
 
 
