@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -20,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cometbatch import SimConfig, Simulator
 from cometbatch.simulator.stats import SimStats
@@ -150,3 +152,19 @@ def finish(met: bool, *, smoke: bool) -> None:
     """Exit 1 when a target was missed (a smoke run only has to run)."""
     if not met and not smoke:
         sys.exit(1)
+
+
+def manifest_line(rng: random.Random, number: int, job: dict[str, Any]) -> str:
+    """One manifest line of `job`: mostly an explicit id, some derived ids, some Batch API lines."""
+    shape = rng.random()
+    if shape < 0.8:
+        data: dict[str, Any] = {"id": f"scene-{number:07d}", **job}
+    elif shape < 0.9:
+        data = job  # the id is derived from the request fields
+    else:
+        metadata = job.pop("metadata", None)
+        data = {"custom_id": f"batch-{number:07d}", "method": "POST"}
+        data.update(url="/v1/images/generations", body=job)
+        if metadata is not None:
+            data["metadata"] = metadata
+    return json.dumps(data, separators=(",", ":"))

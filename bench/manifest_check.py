@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import finish, median, options, verdict
+from _common import finish, manifest_line, median, options, verdict
 
 LINES = 1_000_000
 FULL_LINES = 100_000
@@ -88,20 +88,8 @@ def _job(rng: random.Random, number: int) -> dict[str, Any]:
 
 
 def _line(rng: random.Random, number: int) -> str:
-    """One manifest line: mostly explicit ids, some derived ids, some Batch API lines."""
-    job = _job(rng, number)
-    shape = rng.random()
-    if shape < 0.8:
-        data: dict[str, Any] = {"id": f"scene-{number:07d}", **job}
-    elif shape < 0.9:
-        data = job
-    else:
-        metadata = job.pop("metadata", None)
-        data = {"custom_id": f"batch-{number:07d}", "method": "POST"}
-        data.update(url="/v1/images/generations", body=job)
-        if metadata is not None:
-            data["metadata"] = metadata
-    return json.dumps(data, separators=(",", ":"))
+    """One manifest line (see manifest_line)."""
+    return manifest_line(rng, number, _job(rng, number))
 
 
 def write_manifest(path: Path, lines: int, *, seed: int = 13) -> None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from _common import Options, finish, median, options, simulator_process, verdict
+from _common import Options, finish, manifest_line, median, options, simulator_process, verdict
 
 from cometbatch import ModelRegistry, SimConfig
 from cometbatch.manifest.lines import parse_line
@@ -161,20 +161,8 @@ def _job(rng: random.Random, number: int, *, fast: bool) -> dict[str, Any]:
 
 
 def _line(rng: random.Random, number: int, *, fast: bool) -> str:
-    """One manifest line: mostly explicit ids, some derived ids, some Batch API lines."""
-    job = _job(rng, number, fast=fast)
-    shape = rng.random()
-    if shape < 0.8:
-        data: dict[str, Any] = {"id": f"scene-{number:07d}", **job}
-    elif shape < 0.9:
-        data = job  # the id is derived from the request fields
-    else:
-        metadata = job.pop("metadata", None)
-        data = {"custom_id": f"batch-{number:07d}", "method": "POST"}
-        data.update(url="/v1/images/generations", body=job)
-        if metadata is not None:
-            data["metadata"] = metadata
-    return json.dumps(data, separators=(",", ":"))
+    """One manifest line (see manifest_line)."""
+    return manifest_line(rng, number, _job(rng, number, fast=fast))
 
 
 @dataclass
