@@ -517,9 +517,7 @@ async def test_a_read_only_ledger_refuses_the_run_before_anything_is_sent(
             await run_jobs(sim, out, JOBS)
     if how == "read-only-folder-mount":
         # The folder lock is the first thing written, so the message names the folder.
-        expected = (
-            f"cannot use {out} as the output folder: {EROFS} ({out / '.cometbatch.ledger.lock'})"
-        )
+        expected = f"cannot use {out} as the output folder: {EROFS} ({out / '.cometbatch.lock'})"
     else:
         reason = EROFS if how.startswith("read-only") else EACCES
         expected = f"cannot open the ledger {ledger}: {reason}"

@@ -224,15 +224,15 @@ def test_a_lock_left_by_a_dead_process_reads_as_crashed(tmp_path: Path) -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     info = {"pid": int(gone.stdout), "host": socket.gethostname(), "started_at": "t"}
-    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=False, interrupted=False)[0] == "crashed"
     info["pid"] = os.getpid()
-    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=True, interrupted=False)[0] == "running"
     info["host"] = "elsewhere.invalid"
-    (tmp_path / ".cometbatch.ledger.lock").write_text(json.dumps(info))
+    (tmp_path / ".cometbatch.lock").write_text(json.dumps(info))
     assert run_state(tmp_path, ended=False, interrupted=False)[0] == "unknown"
-    (tmp_path / ".cometbatch.ledger.lock").write_text("")
+    (tmp_path / ".cometbatch.lock").write_text("")
     assert run_state(tmp_path, ended=True, interrupted=True)[0] == "interrupted"
 
 

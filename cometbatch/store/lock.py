@@ -14,7 +14,7 @@ from typing import Self
 
 from ..errors import LedgerError
 
-LOCK_NAME = ".cometbatch.ledger.lock"
+LOCK_NAME = ".cometbatch.lock"
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
