@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -23,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cometbatch import LedgerError, OutputError
+from cometbatch import CometBatchError, LedgerError, OutputError
 from cometbatch.ledger import _scan as _ledgerscan
 from cometbatch.ledger.events import LEDGER_NAME, iter_events, repair_tail
 from cometbatch.ledger.index import LedgerState
@@ -1079,3 +1080,42 @@ async def test_a_foreign_append_makes_the_state_keep_results_in_memory(tmp_path:
         for key in ("a", "b", "c"):
             state = ledger.state.get(f"{key}#0")
             assert state is not None and recorded(state.images) == recorded([image(key)])
+
+
+def test_an_interrupt_mid_write_breaks_the_ledger_instead_of_wedging_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands while a line is written on the loop fails later appends; close ends."""
+    from cometbatch.store import local
+
+    original = local.LocalLog.append
+    calls = {"n": 0}
+
+    def torn_append(self: local.LocalLog, data: bytes, sync: bool) -> int | None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            self.handle.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return original(self, data, sync)
+
+    monkeypatch.setattr(local.LocalLog, "append", torn_append)
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        ledger = Ledger(tmp_path)
+        await ledger.__aenter__()
+        await ledger.append({"event": "run", "run_id": "r"})
+        torn = asyncio.create_task(ledger.append({"event": "end", "run_id": "r", "summary": {}}))
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(torn), 5)
+        try:
+            await asyncio.wait_for(ledger.append({"event": "run", "run_id": "r2"}), 5)
+        except BaseException as exc:
+            seen["append"] = exc
+        await asyncio.wait_for(ledger.aclose(), 5)
+        seen["closed"] = True
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert isinstance(seen.get("append"), CometBatchError)
+    assert seen.get("closed") is True

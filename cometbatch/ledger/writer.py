@@ -229,8 +229,12 @@ class Ledger:
         queued, self._queue = self._queue, []
         try:
             end = handle.append(b"".join(line for line, _, _, _ in queued), False)
-        except Exception as exc:
+        except BaseException as exc:
+            # A KeyboardInterrupt can land mid-write here, on the loop: the ledger is broken
+            # (its half line stays the last one) and every waiting append is told, then it goes on.
             self._settle(queued, None, exc)
+            if not isinstance(exc, Exception):
+                raise
         else:
             self._settle(queued, end, None)
         finally:
