@@ -260,6 +260,8 @@ def test_a_request_larger_than_the_bucket_is_clamped_not_deadlocked() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
+        ({"rpm": 1}, "rpm must be more than 1"),
+        ({"rpm": 2, "ipm": 100}, "rpm must be more than 2"),
         ({"ipm": 10}, "most images one request can carry (10)"),
         ({"concurrency": 2, "min_concurrency": 3}, "min_concurrency"),
         ({"throttle_threshold": 1.0}, "throttle_threshold"),

@@ -161,3 +161,12 @@ async def test_the_engine_writes_through_the_store_it_was_handed(tmp_path: Path)
         assert not any(
             image["path"] == name for line in lines for image in line.get("images") or ()
         )
+
+
+def test_a_store_elsewhere_than_the_output_folder_is_refused(tmp_path: Path) -> None:
+    """The ledger is read from out_dir on resume, so a store rooted elsewhere would pay twice."""
+    from cometbatch import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="must be out_dir"):
+        Engine(Settings(), out_dir=tmp_path / "a", store=LocalStore(tmp_path / "b"))
+    Engine(Settings(), out_dir=tmp_path / "a", store=LocalStore(tmp_path / "a"))

@@ -15,7 +15,7 @@ import aiohttp
 
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
-from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
+from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
 from ..ledger.events import LEDGER_NAME
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
@@ -71,6 +71,9 @@ class Engine:
         self.out_dir = Path(out_dir)
         # Where images and the ledger are written; default: the local folder out_dir.
         self.store: Store = store if store is not None else LocalStore(self.out_dir)
+        if os.path.abspath(self.store.root) != os.path.abspath(self.out_dir):
+            # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
+            raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
         # A caller's registry is used as given; the default one is built from the settings
         # (models_file merged over the built-in models, then model_overrides).
         self.registry = registry or load_registry(

@@ -33,9 +33,9 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _encode(event: dict[str, Any]) -> bytes:
-    """One ledger line, UTF-8 with its newline; controls, bidi overrides and lone surrogates
-    (legal in JSON input, not in UTF-8) as \\u escapes, so that every line is valid UTF-8 and
-    `cat` or `tail -f` of the ledger shows server text without acting on it."""
+    """One ledger line, UTF-8 with its newline, its unsafe characters as \\u escapes."""
+    # Controls, bidi overrides and lone surrogates (legal in JSON input, not in UTF-8) are
+    # escaped, so that every line is valid UTF-8 and `tail -f` shows server text inert.
     line = safe_json(_ENCODER.encode(event))
     return line.encode("utf-8") + b"\n"
 

@@ -40,7 +40,9 @@ class Pacer:
             # ones. Pacing is single file, so at most one token is held at a time: one request
             # of slack keeps what is actually sent within rpm.
             slack = 1 if ipm is not None else 0
-            # Settings refuses an rpm this slack leaves nothing to pace with.
+            # Settings refuses it first, with its other bounds; a Limiter built by hand, here.
+            if rpm <= 1 + slack:
+                raise ConfigError(f"rpm must be more than {1 + slack}, got {rpm:g}")
             size = pacing_capacity(rpm - slack, 1, burst)
             self._rpm = AsyncLimiter(*pacing_bucket(rpm - slack, size, window=window))
             self.lead = size / (rpm - slack) * WINDOW

@@ -55,8 +55,8 @@ class LocalStore:
         return os.path.join(self._root, *name.split("/"))
 
     async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
-        """Write `data` whole to `name` (see Store.put): in a writer thread, or on the loop
-        when smaller than `loop_bytes` and not synced."""
+        """Write `data` whole to `name` (see Store.put), in a writer thread."""
+        # On the loop instead when smaller than `loop_bytes` and not synced (off by default).
         final = self._local(name)
         folder = os.path.dirname(final)
         trip = Trip(folder in self._folders)
