@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,11 @@ class JobResults:
     requests: dict[int, dict[str, Any]]
     # From the manifest the latest run recorded: None when it is gone or does not hold the job.
     prompt: str | None = None
+    # The latest result of each request, in chunk order: sorted once, read by every property.
+    events: list[dict[str, Any]] = field(init=False, repr=False, compare=False)
 
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        """The latest result of each request, in chunk order."""
-        return [self.requests[chunk] for chunk in sorted(self.requests)]
+    def __post_init__(self) -> None:
+        self.events = [self.requests[chunk] for chunk in sorted(self.requests)]
 
     @property
     def model(self) -> str | None:
