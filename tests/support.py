@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cometbatch import Engine, Settings, Simulator
 from cometbatch.cli.progress import Mode, ProgressDisplay
+from cometbatch.net.pace import Pace
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def no_sleep(_: float) -> None:
     """Retry waits take no real time in tests."""
+
+
+# A run at 590 of its 600 rpm, held back by its concurrency: every part of the pace shows.
+PACE = Pace(
+    requests_per_min=590.0,
+    images_per_min=590.0,
+    rpm=600.0,
+    ipm=None,
+    latency=3.1,
+    images_per_request=1.0,
+    mode="fixed",
+    level=16,
+    ceiling=16,
+    cause="concurrency",
+)
 
 
 def show_progress(

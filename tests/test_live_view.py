@@ -9,26 +9,13 @@ from types import SimpleNamespace
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
-from support import show_progress
+from support import PACE, show_progress
 
 from cometbatch import Summary
 from cometbatch.cli.progress import LiveView
 from cometbatch.cli.snapshot import Snapshot
 from cometbatch.net.limits import Limiter
-from cometbatch.net.pace import Pace
 
-PACE = Pace(
-    requests_per_min=590.0,
-    images_per_min=590.0,
-    rpm=600.0,
-    ipm=None,
-    latency=3.1,
-    images_per_request=1.0,
-    mode="fixed",
-    level=16,
-    ceiling=16,
-    cause="concurrency",
-)
 # A run part way through, with every counter that can show: spend, retries, 429s, a pace.
 RUN = Snapshot(
     done=35,

@@ -10,7 +10,7 @@ from typing import TextIO, cast
 
 import pytest
 from rich.console import Console
-from support import show_progress
+from support import PACE, show_progress
 
 from cometbatch import Engine, Summary
 from cometbatch.cli.progress import (
@@ -22,7 +22,6 @@ from cometbatch.cli.progress import (
 )
 from cometbatch.cli.snapshot import Snapshot, eta_text
 from cometbatch.net.limits import Limiter
-from cometbatch.net.pace import Pace
 from cometbatch.streams import GuardedStream, stream_gone
 
 
@@ -113,18 +112,7 @@ def test_auto_concurrency_shows_the_level_it_chose_and_its_maximum() -> None:
 
 def test_a_level_that_follows_the_rate_and_what_holds_it_back_are_shown() -> None:
     """With a level sized from the rate, the line says so, then the rate against the limit."""
-    pace = Pace(
-        requests_per_min=590.0,
-        images_per_min=590.0,
-        rpm=600.0,
-        ipm=None,
-        latency=3.1,
-        images_per_request=1.0,
-        mode="fixed",
-        level=16,
-        ceiling=16,
-        cause="concurrency",
-    )
+    pace = PACE
     line = snap(in_flight=40, limit=61, follows_rate=True, ceiling=1000).line(rate=1.0)
     assert "in flight 40/61 (follows the rate, max 1000) · failed" in line
     shown = snap(pace=pace).line(rate=1.0)
