@@ -283,7 +283,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
         if outcome.error is not None:
             raise outcome.error
     except CometBatchError as exc:
-        so_far = summary_data(outcome.summary, out, outcome.spend) if outcome else None
+        so_far = summary_data(outcome.summary, out, outcome.prices) if outcome else None
         fail(exc, json_output=json_output, summary=so_far)
     except KeyboardInterrupt:
         say("interrupted")
@@ -292,9 +292,9 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
         internal_error(exc, json_output=json_output)
     summary = outcome.summary
     if json_output:
-        click.echo(json.dumps(summary_data(summary, out, outcome.spend)))
+        click.echo(json.dumps(summary_data(summary, out, outcome.prices)))
     else:
-        for line in summary_lines(summary, out, outcome.spend):
+        for line in summary_lines(summary, out, outcome.prices):
             say(line)
     sys.exit(run_exit_code(summary))
 

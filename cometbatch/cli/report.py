@@ -18,22 +18,26 @@ from ..store.setaside import REPLACED_DIR
 from .snapshot import eta_text
 
 if TYPE_CHECKING:
-    from .runner import Spend
+    from ..costs.prices import PriceTable
 
 # Changed jobs named in a plan; the rest are counted.
 MAX_NAMED = 10
 _STOPS = "the run would stop at the cap (exit 3) and leave the rest for a rerun with a higher one"
 
 
-def summary_data(summary: Summary, out: Path, spend: Spend | None = None) -> dict[str, Any]:
-    """The `run --json` object."""
+def summary_data(summary: Summary, out: Path, prices: PriceTable | None = None) -> dict[str, Any]:
+    """The `run --json` object; with the prices the run was counted at, its spend."""
     data = {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
-    if spend is not None:
-        data["spend"] = spend.to_dict()
+    if prices is not None:
+        data["spend"] = {
+            "estimated_usd": round(summary.spent_usd, 6),
+            "unpriced_images": summary.unpriced_images,
+            "prices": prices.describe(),
+        }
     return data
 
 
-def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> list[str]:
+def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None) -> list[str]:
     """The end-of-run report for a person."""
     sim = " [simulated API]" if summary.simulated else ""
     if summary.planned_requests == 0:
@@ -54,14 +58,12 @@ def summary_lines(summary: Summary, out: Path, spend: Spend | None = None) -> li
     pace = summary.pace.text() if summary.pace is not None else ""
     if pace:
         lines.append(f"rate: {pace}")
-    if spend is not None and (summary.ok_requests or summary.failed_requests):
-        unknown = (
-            f"; {spend.unpriced_images} image(s) of unknown price" if spend.unpriced_images else ""
-        )
+    if prices is not None and (summary.ok_requests or summary.failed_requests):
+        unpriced = summary.unpriced_images
+        unknown = f"; {unpriced} image(s) of unknown price" if unpriced else ""
         sim = " (simulated: nothing was billed)" if summary.simulated else ""
-        lines.append(
-            f"spent: about {format_usd(spend.usd)}{sim} ({spend.prices.describe()}{unknown})"
-        )
+        spent = format_usd(summary.spent_usd)
+        lines.append(f"spent: about {spent}{sim} ({prices.describe()}{unknown})")
     lines += [f"  failed ({kind}): {count}" for kind, count in sorted(summary.failures.items())]
     if summary.kept_failures:
         lines.append(

@@ -7,9 +7,8 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import SecretStr
 from rich.console import Console
@@ -29,35 +28,14 @@ log = logging.getLogger(__name__)
 SIMULATED_KEY = "sk-simulated"
 
 
-@dataclass(slots=True)
-class Spend:
-    """What a run's answers cost at list prices (usage tokens where the answers had them)."""
-
-    prices: PriceTable = field(default_factory=builtin_prices)
-    usd: float = 0.0
-    unpriced_images: int = 0
-
-    @classmethod
-    def of(cls, summary: Summary, prices: PriceTable) -> Spend:
-        """The spend a run's summary counted (each result's `cost`)."""
-        return cls(prices, summary.spent_usd, summary.unpriced_images)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for --json."""
-        return {
-            "estimated_usd": round(self.usd, 6),
-            "unpriced_images": self.unpriced_images,
-            "prices": self.prices.describe(),
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """A run's summary, what it cost, and the error that stopped it early (if one did)."""
+    """A run's summary, the prices its cost was counted at, and the error that stopped it."""
 
     summary: Summary
     error: Exception | None = None
-    spend: Spend | None = None
+    # The summary counts the run's spend (each result's cost); these say what prices it used.
+    prices: PriceTable | None = None
 
 
 # A closed terminal (SIGHUP, which Windows does not have) and a polite kill (SIGTERM) stop
@@ -185,4 +163,4 @@ async def run_manifest(
         except Exception as exc:
             # Reported together with the summary of what the run did before it stopped.
             error = exc
-        return RunOutcome(engine.summary, error, Spend.of(engine.summary, prices))
+        return RunOutcome(engine.summary, error, prices)
