@@ -39,6 +39,24 @@ async def test_put_writes_the_whole_object_and_replaces_an_earlier_one(
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.parametrize("sync", [False, True])
+async def test_put_file_hands_a_finished_file_over_whole(tmp_path: Path, sync: bool) -> None:
+    """put_file moves a finished local file to its name (folders made) and the source is
+    gone; names lists every object below a folder, sorted, without unfinished writes."""
+    store: Store = LocalStore(tmp_path / "out")
+    source = tmp_path / "download.part"
+    source.write_bytes(b"streamed image")
+    await store.put_file("images/j/3.png", str(source), sync=sync)
+    assert not source.exists()
+    assert store.read("images/j/3.png") == b"streamed image"
+    await store.put("images/a/0.png", b"a")
+    (tmp_path / "out" / "images" / "a" / ".0.x1.tmp").write_bytes(b"cut short")
+    await store.put("ledger.jsonl", b"l")
+    assert store.names("images") == ["images/a/0.png", "images/j/3.png"]
+    assert store.names("") == ["images/a/0.png", "images/j/3.png", "ledger.jsonl"]
+    assert store.names("nothing-here") == []
+
+
 def test_move_refuses_a_linked_name_before_moving_anything(tmp_path: Path) -> None:
     """A batch of moves with one name reached through a symbolic link raises ELOOP and moves
     none of them; without links every file moves, its target's folder made."""

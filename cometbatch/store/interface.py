@@ -64,8 +64,19 @@ class Store(Protocol):
         # the new one never took its place).
         ...
 
+    async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
+        """Store the local file `source` as the whole object `name` and remove `source`
+        (moved where it can be, uploaded in parts elsewhere); same promises as `put`."""
+        # For images too large to hold in memory (streamed downloads): `source` is a finished
+        # local file that the caller hands over.
+        ...
+
     def stat(self, name: str) -> Entry:
         """Size and kind of `name`; FileNotFoundError when there is none."""
+        ...
+
+    def names(self, folder: str) -> list[str]:
+        """The names of the objects under `folder` (at any depth), sorted; none if it is missing."""
         ...
 
     def read(self, name: str) -> bytes:

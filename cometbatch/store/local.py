@@ -124,6 +124,32 @@ class LocalStore:
             # the matching subclass again (PermissionError for EACCES, ...).
             raise OSError(exc.errno, f"{exc.strerror} ({folder})", exc.filename) from exc
 
+    async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
+        """Move the finished file `source` to `name` (see Store.put_file), in a writer thread."""
+        final = self._local(name)
+        trip = Trip(os.path.dirname(final) in self._folders)
+        await in_writer(self._place_file, (source, final, sync, trip), trip, 0)
+
+    def _place_file(self, source: str, final: str, sync: bool, trip: Trip) -> None:
+        """Rename `source` into place; across filesystems, write a copy as `put` would."""
+        folder = os.path.dirname(final)
+        if not trip.folder_known:
+            _make_folder(folder)
+        if sync:
+            with open(source, "rb") as handle:
+                os.fsync(handle.fileno())
+        try:
+            trip.place(source, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(source, "rb") as handle:
+                self._write(final, handle.read(), sync, trip)
+            os.unlink(source)
+            return
+        if sync:
+            fsync_folder(folder)
+
     def stat(self, name: str) -> Entry:
         status = os.stat(self._local(name))
         return Entry(status.st_size, stat.S_ISREG(status.st_mode))
@@ -131,6 +157,18 @@ class LocalStore:
     def read(self, name: str) -> bytes:
         with open(self._local(name), "rb") as handle:
             return handle.read()
+
+    def names(self, folder: str) -> list[str]:
+        """Every file below `folder` (temporary files of unfinished writes left out), sorted."""
+        base = self._local(folder)
+        found: list[str] = []
+        for top, folders, files in os.walk(base):
+            folders.sort()
+            rel = os.path.relpath(top, self._root).replace(os.sep, "/")
+            found.extend(
+                f"{rel}/{f}" if rel != "." else f for f in files if not f.endswith(TEMP_SUFFIX)
+            )
+        return sorted(found)
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         """Move files (see Store.move); OSError (ELOOP), before moving any, for a name
