@@ -122,11 +122,12 @@ class Fetcher:
         retry = retrying(policy, sleep=self.sleep, before_sleep=_log_retry)
         async for attempt in retry:
             with attempt:
-                data, _ = await self.client.download(item.url)
                 try:
-                    record = await self.sink.write(
-                        job_id, item.index, data, revised_prompt=item.revised_prompt
-                    )
+                    # Streamed: an image of any size (up to the cap) is never held whole.
+                    async with self.client.open_download(item.url) as body:
+                        record = await self.sink.write_stream(
+                            job_id, item.index, body.chunks, revised_prompt=item.revised_prompt
+                        )
                 except ImageDataError as exc:
                     raise DownloadError(
                         f"the image host sent a bad file: {exc}", retryable=exc.retryable
@@ -215,11 +216,9 @@ async def fetch_pending(
     session: aiohttp.ClientSession | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> Summary:
-    """Download again the images of every download_failed request in an output folder.
-
-    Nothing is generated and no key is needed: the links the API gave are fetched while they
-    are still valid, and each request gets a new ledger line (ok, or download_failed).
-    """
+    """Download again the images of every download_failed request in an output folder."""
+    # Nothing is generated and no key is needed: the links the API gave are fetched while they
+    # are still valid, and each request gets a new ledger line (ok, or download_failed).
     settings = settings or Settings()
     out = Path(out_dir)
     summary = Summary()
@@ -254,12 +253,9 @@ async def fetch_pending(
             allow_insecure_http=True,
         )
         async with client:
-            fetcher = Fetcher(
-                client,
-                Sink(store, fsync=settings.fsync == "always"),
-                RetryPolicy.from_settings(settings),
-                sleep,
-            )
+            sink = Sink(store, fsync=settings.fsync == "always")
+            await asyncio.to_thread(sink.remove_stale_temp_files)
+            fetcher = Fetcher(client, sink, RetryPolicy.from_settings(settings), sleep)
             # Downloads at a time: the concurrency given, else 16 (rpm and ipm pace
             # generations, not downloads).
             gate = asyncio.Semaphore(settings.concurrency or DEFAULT_CONCURRENCY)

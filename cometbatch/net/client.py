@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 from urllib.parse import urlsplit
@@ -18,7 +21,7 @@ from .response import ImagesResponse, read_answer, redact
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["Client"]
+__all__ = ["Client", "Download"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,14 @@ _READ_BUFSIZE = 1024 * 1024
 _GONE_STATUSES = frozenset({403, 404, 410})
 _RETRYABLE_DOWNLOAD_STATUSES = frozenset({408, 425, 429})
 _NOT_IMAGE_TYPES = ("text/html", "application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    """An image URL's answer, opened: its content type and its body, chunk by chunk."""
+
+    content_type: str | None
+    chunks: AsyncIterator[bytes]
 
 
 class _State(enum.Enum):
@@ -294,48 +305,74 @@ class Client:
 
     async def download(self, url: str) -> tuple[bytes, str | None]:
         """Fetch one image URL without credentials; returns (bytes, content type)."""
-        try:
-            return await self._download(url)
-        except APIError as exc:
-            self._scrub(exc)
-            raise
+        async with self.open_download(url) as body:
+            data = b"".join([chunk async for chunk in body.chunks])
+        return data, body.content_type
 
-    async def _download(self, url: str) -> tuple[bytes, str | None]:
+    @contextlib.asynccontextmanager
+    async def open_download(self, url: str) -> AsyncIterator[Download]:
+        """Open one image URL without credentials; its body comes in chunks, within the cap."""
+        # DownloadError for what goes wrong opening or reading it (past max_download_bytes too).
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise DownloadError(f"refusing to download a non-http(s) image URL ({scheme or '?'})")
         session = self._session_for_download()
         try:
-            async with session.get(
+            resp = await session.get(
                 url, allow_redirects=True, raise_for_status=False, timeout=self._download_timeout
-            ) as resp:
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._download_error(exc) from exc
+        try:
+            try:
                 self._check_download(resp)
-                content_type = resp.headers.get("Content-Type")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_download_bytes:
-                        raise self._too_large()
-                    chunks.append(chunk)
-                return b"".join(chunks), content_type
-        except APIError:
-            raise
-        except TimeoutError as exc:
-            raise DownloadError("timed out downloading the image", retryable=True) from exc
-        except aiohttp.TooManyRedirects as exc:
-            raise DownloadError("too many redirects downloading the image") from exc
-        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-            raise DownloadError(f"the image URL is not usable: {exc}") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise DownloadError(
+            except APIError as exc:
+                self._scrub(exc)
+                raise
+            # Only the body's reads are translated: the caller's own errors pass as they are.
+            chunks = self._chunks(resp)
+            try:
+                yield Download(resp.headers.get("Content-Type"), chunks)
+            finally:
+                await chunks.aclose()
+        finally:
+            resp.release()
+
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+        """The body of a download, chunk by chunk, within max_download_bytes."""
+        size = 0
+        reader = resp.content.iter_chunked(_CHUNK)
+        while True:
+            try:
+                chunk = await anext(reader)
+            except StopAsyncIteration:
+                return
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise self._download_error(exc) from exc
+            size += len(chunk)
+            if size > self.max_download_bytes:
+                raise self._too_large()
+            yield chunk
+
+    def _download_error(self, exc: BaseException) -> DownloadError:
+        """What an aiohttp failure of a download means, the key blanked out of it."""
+        if isinstance(exc, TimeoutError):
+            error = DownloadError("timed out downloading the image", retryable=True)
+        elif isinstance(exc, aiohttp.TooManyRedirects):
+            error = DownloadError("too many redirects downloading the image")
+        elif isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+            error = DownloadError(f"the image URL is not usable: {exc}")
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            error = DownloadError(
                 f"cannot connect to the image host {exc.host}:{exc.port}: {_refusal(exc)}",
                 retryable=True,
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DownloadError(
+            )
+        else:
+            error = DownloadError(
                 f"downloading the image failed: {exc or type(exc).__name__}", retryable=True
-            ) from exc
+            )
+        self._scrub(error)
+        return error
 
     def _too_large(self) -> DownloadError:
         return DownloadError(f"image larger than {self.max_download_bytes} bytes")

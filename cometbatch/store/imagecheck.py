@@ -8,12 +8,16 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 
 from ..errors import ImageDataError
 
-__all__ = ["check_image", "detect_format"]
+__all__ = ["ImageBytes", "check_image", "detect_format"]
+
+# An image in memory, or a file's mapped into it (a streamed download, checked in place).
+ImageBytes = bytes | mmap.mmap
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -28,20 +32,21 @@ _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _WEBP_IMAGE_CHUNKS = frozenset({b"VP8 ", b"VP8L", b"ANMF"})
 _WEBP_FIRST_CHUNKS = frozenset({b"VP8 ", b"VP8L", b"VP8X"})
+_PAD_BLOCK = 64 * 1024
 
 
-def detect_format(data: bytes) -> str | None:
+def detect_format(data: ImageBytes) -> str | None:
     """Return "png", "jpeg" or "webp" from the image's magic bytes, or None."""
-    if data.startswith(_PNG_MAGIC):
+    if data[: len(_PNG_MAGIC)] == _PNG_MAGIC:
         return "png"
-    if data.startswith(_JPEG_MAGIC):
+    if data[: len(_JPEG_MAGIC)] == _JPEG_MAGIC:
         return "jpeg"
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return None
 
 
-def check_image(data: bytes) -> str:
+def check_image(data: ImageBytes) -> str:
     """Return "png", "jpeg" or "webp" for a structurally whole image; raise ImageDataError."""
     # A broken image is retryable (another answer or download may be whole); bytes that are not
     # one of the three formats are not.
@@ -54,14 +59,32 @@ def check_image(data: bytes) -> str:
     return fmt
 
 
-def _padding_only(data: bytes, end: int) -> bool:
+def _padding_only(data: ImageBytes, end: int) -> bool:
     """Whether everything from `end` on is zero bytes."""
-    return end >= len(data) or not data[end:].strip(b"\0")
+    return _unpadded_end(data) <= end
 
 
-def _check_png(data: bytes) -> str | None:
+def _unpadded_end(data: ImageBytes) -> int:
+    """Where the data ends without the zero bytes at its end (looked at a block at a time)."""
+    end = len(data)
+    while end:
+        block = data[max(0, end - _PAD_BLOCK) : end]
+        kept = len(block.rstrip(b"\0"))
+        end -= len(block) - kept
+        if kept:
+            break
+    return end
+
+
+def _check_png(data: ImageBytes) -> str | None:
     """Why `data` is not a whole PNG, or None."""
-    view = memoryview(data)
+    # Released on return: a mapped file cannot be closed while a view of it is alive.
+    with memoryview(data) as view:
+        return _walk_png(data, view)
+
+
+def _walk_png(data: ImageBytes, view: memoryview) -> str | None:
+    """Why `data` (seen through `view`) is not a whole PNG, or None."""
     size = len(data)
     pos = len(_PNG_MAGIC)
     seen_data = False
@@ -99,7 +122,7 @@ def _check_png(data: bytes) -> str | None:
         pos = end
 
 
-def _check_jpeg(data: bytes) -> str | None:
+def _check_jpeg(data: ImageBytes) -> str | None:
     """Why `data` is not a whole JPEG, or None."""
     size = len(data)
     pos = 2
@@ -137,13 +160,13 @@ def _check_jpeg(data: bytes) -> str | None:
             break
     # The compressed data cannot hold an FF D9 (a data byte FF is always followed by 00), so
     # an image that ends with one was not cut short in its scans.
-    end = len(data.rstrip(b"\0")) if data.endswith(b"\0") else size
+    end = _unpadded_end(data)
     if end < pos + 2 or data[end - 2 : end] != b"\xff\xd9":
         return "cut short (no end-of-image marker)"
     return None
 
 
-def _check_webp(data: bytes) -> str | None:
+def _check_webp(data: ImageBytes) -> str | None:
     """Why `data` is not a whole WebP, or None."""
     size = len(data)
     end = 8 + int.from_bytes(data[4:8], "little")

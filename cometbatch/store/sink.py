@@ -8,7 +8,7 @@ import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import pybase64
 
@@ -18,6 +18,7 @@ from ..results import ImageRecord
 from .imagecheck import check_image, detect_format
 from .interface import Store
 from .local import LocalStore
+from .staging import Staging, check_file
 
 __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 
@@ -25,15 +26,14 @@ __all__ = ["ImageRecord", "Sink", "decode_b64", "detect_format"]
 _B64_SLICE = 256 * 1024
 # The folder under OUT that holds the images.
 _IMAGES = "images"
+# A download is held in memory up to this size; a larger one streams to local staging.
+SPOOL_BYTES = 1024 * 1024
 
 
 def _a2b_strict(body: str) -> bytes:
-    """Strict base64 decoding, in slices when large.
-
-    binascii holds the GIL while it decodes (about 5 ms per MB): slices of _B64_SLICE
-    characters let the event loop's thread in between, so a large image decoded in a worker
-    thread does not stall the loop for the whole of it.
-    """
+    """Strict base64 decoding, in slices of _B64_SLICE characters when large."""
+    # binascii holds the GIL while it decodes (about 5 ms per MB): slices let the event loop's
+    # thread in between, so a large image decoded in a worker thread does not stall the loop.
     if len(body) < 2 * _B64_SLICE:
         return binascii.a2b_base64(body, strict_mode=True)
     # Whole slices first; the last one (one to two slices long) holds the end of the data,
@@ -49,12 +49,10 @@ def _a2b_strict(body: str) -> bytes:
 
 
 def decode_b64(text: str, *, simd: bool = False) -> bytes:
-    """Decode strict base64 image data, allowing a `data:...;base64,` prefix and line breaks.
-
-    `simd` (for worker threads): try pybase64 first. It lets go of the GIL on every call, which
-    on the event loop's thread can cost a wait of up to the switch interval, so the loop
-    decodes its small images with binascii alone; the accepted data is the same either way.
-    """
+    """Decode strict base64 image data, allowing a `data:...;base64,` prefix and line breaks."""
+    # `simd` (for worker threads): try pybase64 first. It lets go of the GIL on every call,
+    # which on the event loop's thread can cost a wait of up to the switch interval, so the
+    # loop decodes its small images with binascii alone; the accepted data is the same.
     body = text.strip()
     if body[:5].lower() == "data:":
         header, comma, rest = body.partition(",")
@@ -105,11 +103,14 @@ class Sink:
         *,
         offload_bytes: int = 64 * 1024,
         fsync: bool = False,
+        spool_bytes: int = SPOOL_BYTES,
     ) -> None:
         # A path is shorthand for the local folder there.
         self.store: Store = LocalStore(out) if isinstance(out, str | os.PathLike) else out
         self.out_dir = self.store.root
         self.offload_bytes = offload_bytes
+        self.spool_bytes = spool_bytes
+        self.staging = Staging.for_store(self.store)
         self.fsync = fsync
         self.written = 0
         self.written_bytes = 0
@@ -130,6 +131,43 @@ class Sink:
         else:
             described = _describe(job_id, index, data)
         return await self._put(index, data, described, revised_prompt)
+
+    async def write_stream(
+        self,
+        job_id: str,
+        index: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        revised_prompt: str | None = None,
+    ) -> ImageRecord:
+        """Write an image of unknown size as it arrives, never holding it whole when large."""
+        # Held in memory up to spool_bytes; past that streamed to local staging (hashed as it
+        # comes), checked there and handed to the store.
+        head = bytearray()
+        async for chunk in chunks:
+            head += chunk
+            if len(head) >= self.spool_bytes:
+                break
+        else:
+            return await self.write(job_id, index, bytes(head), revised_prompt=revised_prompt)
+        staged = await self.staging.receive(head, chunks)
+        del head
+        try:
+            fmt = await asyncio.to_thread(check_file, staged.path)
+            relpath = image_relpath(job_id, index, fmt)
+            self._in_flight += 1
+            try:
+                await self.store.put_file(relpath, staged.path, sync=self.fsync)
+            finally:
+                self._in_flight -= 1
+        except BaseException:
+            # The store removes the file it takes; one it refused is removed here.
+            with contextlib.suppress(OSError):
+                os.unlink(staged.path)
+            raise
+        self.written += 1
+        self.written_bytes += staged.size
+        return ImageRecord(index, relpath, fmt, staged.size, staged.sha256, revised_prompt)
 
     async def decode_and_write(
         self, job_id: str, index: int, b64: str, *, revised_prompt: str | None = None
@@ -177,13 +215,18 @@ class Sink:
                 self.store.remove(record.path)
 
     def remove_stale_temp_files(self) -> int:
-        """Delete what writes cut short by a crash left under OUT/images/; call before writing.
-
-        Raises OutputError when the images folder cannot be read or cleaned.
-        """
+        """Delete what writes and downloads cut short by a crash left; call before writing."""
+        # OutputError when the images folder or the staging folder cannot be cleaned.
         images = f"{self.out_dir}/{_IMAGES}"
         try:
-            return self.store.clean(_IMAGES)
+            removed = self.staging.clean()
+        except OSError as exc:
+            raise OutputError(
+                f"cannot clean up unfinished downloads in {self.staging.folder}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        try:
+            return removed + self.store.clean(_IMAGES)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 # Before anything is written or moved aside: no job folder is a link.
