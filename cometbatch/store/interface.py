@@ -23,6 +23,13 @@ class Entry:
 class AppendLog(Protocol):
     """An open append-only log (the ledger): whole lines in, in order; one writer at a time."""
 
+    # A local file holding the whole log as appended so far (the log itself on a disk; a
+    # copy beside segment objects on an object store): the ledger's one reader reads it.
+    path: str
+    # Whether `append(data, False)` is quick enough for the event loop (a local file's
+    # buffered write); False when every append is a network call.
+    on_loop: bool
+
     def append(self, data: bytes, sync: bool) -> int | None:
         """Add `data` (whole lines) after what is there, durable when `sync`; the log's new
         size, when it can tell. Blocking: the ledger calls it in a worker thread."""
@@ -109,6 +116,11 @@ class Store(Protocol):
     def open_log(self, name: str, *, sync: bool) -> AppendLog:
         """Open the append-only log `name` (created when missing; its name made durable at
         once when `sync`). Blocking."""
+        ...
+
+    def log_copy(self, name: str) -> str | None:
+        """A local file holding the whole log `name` (the file itself on a disk; a merged
+        copy of its segments elsewhere); None when there is no such log. Blocking."""
         ...
 
     def lock(self) -> RunLock:
