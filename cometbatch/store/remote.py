@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,7 +65,10 @@ class FsspecStore:
             self.fs.rm_file(path)
 
     def stat(self, name: str) -> Entry:
-        info = self.fs.info(self._path(name))
+        try:
+            info = self.fs.info(self._path(name))
+        except FileNotFoundError:
+            raise _missing(name) from None
         return Entry(int(info.get("size") or 0), info.get("type") == "file")
 
     def names(self, folder: str) -> list[str]:
@@ -83,7 +87,10 @@ class FsspecStore:
         )
 
     def read(self, name: str) -> bytes:
-        data: bytes = self.fs.cat_file(self._path(name))
+        try:
+            data: bytes = self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            raise _missing(name) from None
         return data
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
@@ -95,7 +102,7 @@ class FsspecStore:
         path = self._path(name)
         # Object stores say nothing when asked to remove a missing object.
         if not self.fs.exists(path):
-            raise FileNotFoundError(f"no object {name} in {self._root}")
+            raise _missing(name)
         self.fs.rm_file(path)
 
     def escapes(self, name: str, folder: str) -> bool:
@@ -133,6 +140,11 @@ class FsspecStore:
         self.fs.invalidate_cache(path)
         data: bytes = self.fs.cat_file(path)
         return data
+
+
+def _missing(name: str) -> FileNotFoundError:
+    """The error of an object that is not there, with its errno as a local file's has."""
+    return FileNotFoundError(errno.ENOENT, "no such object", name)
 
 
 def _log_folder(name: str) -> str:
