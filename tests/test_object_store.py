@@ -3,6 +3,7 @@ leased lock and every command on the URL."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -293,7 +294,7 @@ async def test_engine_runs_and_resumes_on_a_store(url: str) -> None:
         assert engine.summary.skipped_requests == manifest.stats.requests
     images = objects(url, "images")
     assert len(images) == engine.summary.planned_images
-    assert not Path("memory:").exists()
+    assert not await asyncio.to_thread(os.path.exists, "memory:")
 
 
 def invoke(*args: str) -> Any:
