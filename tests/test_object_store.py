@@ -280,6 +280,20 @@ def test_a_lease_from_another_host_holds_until_it_expires(url: str) -> None:
     assert ".cometbatch.lock" not in objects(url)
 
 
+def test_a_lease_taken_over_is_not_renewed_back(url: str) -> None:
+    """A run whose lease another run took over stops renewing instead of taking it back."""
+    clock = [1000.0]
+    lock = lease_of(url, clock)
+    lock.acquire()
+    try:
+        plant_lock(url, pid=1, host="elsewhere", started_at="x", expires_at=9999.0, token="t")
+        lock.renew()
+        assert json.loads(FsspecStore.from_url(url).read(".cometbatch.lock"))["token"] == "t"
+    finally:
+        lock.release()
+    assert ".cometbatch.lock" in objects(url)  # the other run's, left alone
+
+
 async def test_engine_runs_and_resumes_on_a_store(url: str) -> None:
     """A run writes every image object and its ledger to the store; a rerun sends nothing."""
     manifest = load_manifest(DEMO)

@@ -103,6 +103,13 @@ class LeaseLock:
         info = self._info
         if info is None:
             return
+        current = self.holder()
+        if current is not None and current.get("token") != info["token"]:
+            # This run's lease ran out unrenewed and another run took the output: writing on
+            # would take it back from under that run. Said loudly; the lease is not renewed.
+            log.error("the lock of %s was taken over by %s", self.where, holder_text(current))
+            self._stop.set()
+            return
         info = {**info, "expires_at": self._clock() + self.lease_s}
         self._write(json.dumps(info).encode())
         self._info = info
