@@ -23,7 +23,7 @@ from cometbatch.ledger.writer import Ledger
 from cometbatch.store.remote import FsspecStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from s3server import s3_problem, start_s3_server, stop_s3_server  # noqa: E402
+from s3server import s3_problem, start_s3_server, stop_s3_server
 
 RESULTS = 500_000  # two images each
 SMOKE_RESULTS = 2_000
@@ -88,10 +88,18 @@ def main() -> None:
         met = True
         for run in range(1, opts.runs + 1):
             opened, objects, keys = asyncio.run(open_ledger(url, storage))
-            print(f"run {run}: resume opened {keys:,} keys from {objects} objects in {opened:.2f} s")
+            print(
+                f"run {run}: resume opened {keys:,} keys from {objects} objects in {opened:.2f} s"
+            )
             met &= verdict("resume start", opened, TARGET_S, higher_is_better=False, unit=" s")
             met &= verdict(
                 "ledger objects", objects, TARGET_OBJECTS, higher_is_better=False, unit=""
+            )
+            started = time.perf_counter()
+            store.log_copy("ledger.jsonl")
+            print(
+                f"  of which the merge of its objects into a local copy: "
+                f"{time.perf_counter() - started:.2f} s"
             )
         print(f"peak memory of this process: {peak_rss_mb():.0f} MB")
     finally:

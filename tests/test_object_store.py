@@ -29,6 +29,7 @@ from cometbatch.store.local import LocalStore
 from cometbatch.store.remote import FsspecStore
 from cometbatch.store.segments import FANOUT, Piece, SegmentLog, covering, merge_plan
 from cometbatch.store.urls import open_store, parse_storage_options
+from cometbatch.views.status import read_status
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -367,3 +368,24 @@ def test_a_secret_option_is_written_and_printed_nowhere(url: str) -> None:
     for name in store.names(""):
         assert secret.encode() not in store.read(name), name
     assert secret not in repr(open_store(url, {"secret_token": secret}))
+
+
+class _Refusing:
+    """A filesystem whose library fails with an error of its own (not an OSError)."""
+
+    def find(self, path: str) -> list[str]:
+        raise RuntimeError("Partial credentials found in explicit, missing: key")
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        pass
+
+
+def test_a_filesystem_librarys_own_error_is_a_clear_ledger_error() -> None:
+    """An error of the filesystem's library (bad credentials) reads as an OSError from the
+    store, and `status` names the output and the reason instead of a traceback."""
+    store = FsspecStore("memory://x/run", _Refusing(), "/x/run")
+    with pytest.raises(OSError, match="RuntimeError: Partial credentials") as info:
+        store.names("images")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(LedgerError, match=r"cannot read the ledger of memory://x/run: Runtime"):
+        read_status(store)

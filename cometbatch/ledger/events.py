@@ -31,9 +31,12 @@ def ledger_path(out: Store | str | os.PathLike[str]) -> Path:
     """A local file holding OUT's ledger (on an object store, a copy merged from its
     segments); LedgerError when nothing has run there yet."""
     store = store_of(out)
-    found = store.log_copy(LEDGER_NAME)
+    shown = out if isinstance(out, str | os.PathLike) else store.root
+    try:
+        found = store.log_copy(LEDGER_NAME)
+    except OSError as exc:
+        raise LedgerError(f"cannot read the ledger of {shown}: {exc.strerror or exc}") from exc
     if found is None:
-        shown = out if isinstance(out, str | os.PathLike) else store.root
         raise LedgerError(f"{shown} has no {LEDGER_NAME}: nothing has run there yet")
     return Path(found)
 

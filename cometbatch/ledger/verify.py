@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ..errors import LedgerError
+from ..errors import LedgerError, OutputError
 from ..paths import EXTENSIONS, safe_component, unlinked
 from ..store.interface import Store
 from ..store.local import LocalStore
@@ -246,7 +246,11 @@ async def verify_folder(
     store = store_of(out_dir)
     local = isinstance(out_dir, str | os.PathLike) and not is_url(out_dir)
     shown = str(Path(out_dir)) if isinstance(out_dir, str | os.PathLike) and local else store.root
-    if not await asyncio.to_thread(_has_ledger, store):
+    try:
+        present = await asyncio.to_thread(_has_ledger, store)
+    except OSError as exc:
+        raise OutputError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    if not present:
         raise LedgerError(f"{shown} has no {LEDGER_NAME}: nothing to verify there")
     report = VerifyReport(out_dir=shown)
     async with Ledger(store.root, store=store) as ledger:

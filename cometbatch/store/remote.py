@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ class FsspecStore:
 
     def __init__(self, url: str, fs: Any, base: str) -> None:
         self._root = url.rstrip("/")
-        self.fs = fs
+        self.fs: Any = _OSErrors(fs)
         self.base = base.rstrip("/")
 
     @classmethod
@@ -140,6 +141,30 @@ class FsspecStore:
         self.fs.invalidate_cache(path)
         data: bytes = self.fs.cat_file(path)
         return data
+
+
+class _OSErrors:
+    """The filesystem, its library's own errors (credentials, a client's) raised as OSError:
+    what every caller of a store already handles, with the library's error as the cause."""
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as exc:
+                raise OSError(errno.EIO, f"{type(exc).__name__}: {exc}") from exc
+
+        return call
 
 
 def _missing(name: str) -> FileNotFoundError:
