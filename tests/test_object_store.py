@@ -133,6 +133,7 @@ def test_covering_prefers_merged_pieces() -> None:
     assert sorted(covered, key=lambda p: p.first) == [Piece(1, 1), Piece(2, 2)]
     assert merge_plan([0] * (FANOUT - 1)) is None
     assert merge_plan([1, *[0] * FANOUT]) == 1
+    assert merge_plan([2, *[1] * FANOUT, 0]) == 1  # appends went on during a merge
     assert Piece(1, FANOUT).tier == 1 and Piece(5, 5).tier == 0
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 # them, `<folder>/<first>-<last>.jsonl`. Sequence numbers continue across runs, so the
 # names sort in the order their lines were written.
 _NAME = re.compile(r"(\d{12})(?:-(\d{12}))?\.jsonl")
-# Merge when this many pieces of one tier end the log: a tier holds pieces of FANOUT**t
+# Merge when this many pieces of one tier are in a row: a tier holds pieces of FANOUT**t
 # segments or more, so a ledger of S segments stays under FANOUT x log(S) objects.
 FANOUT = 8
 _CHUNK = 1 << 20
@@ -79,12 +80,14 @@ def covering(pieces: Iterable[Piece]) -> tuple[list[Piece], list[Piece]]:
 
 
 def merge_plan(tiers: Sequence[int]) -> int | None:
-    """Where the pieces to merge start (they run to the end), or None: the last FANOUT
-    pieces when they are of one tier."""
-    if len(tiers) < FANOUT:
-        return None
-    tail = tiers[-FANOUT:]
-    return len(tiers) - FANOUT if min(tail) == max(tail) else None
+    """Where the first FANOUT pieces in a row of one tier start (they are merged), or None."""
+    start = 0
+    for at in range(1, len(tiers) + 1):
+        if at == len(tiers) or tiers[at] != tiers[start]:
+            if at - start >= FANOUT:
+                return start
+            start = at
+    return None
 
 
 class ObjectFiles(Protocol):
@@ -169,9 +172,13 @@ class SegmentLog:
         self._pieces = placed
         self._next = last + 1
         self.compactions = 0
+        # Compaction runs in a thread of its own, so an append never waits for a large merge;
+        # `_guard` keeps the list of pieces whole between the two threads.
+        self._guard = threading.Lock()
+        self._compactor: threading.Thread | None = None
         # Covered pieces are removed only by the run that holds the lock.
         self._remove(covered)
-        self._compact()
+        self._start_compaction()
 
     def __repr__(self) -> str:
         return f"<SegmentLog {self.base!r} pieces={len(self._pieces)} next={self._next}>"
@@ -190,41 +197,67 @@ class SegmentLog:
         self._copy.write(data)
         self._copy.flush()
         end = start + len(data)
-        self._pieces.append((piece, start, end))
-        self._compact()
+        with self._guard:
+            self._pieces.append((piece, start, end))
+        self._start_compaction()
         return end
 
     def close(self, sync: bool) -> None:
-        self._copy.close()
+        """Let a compaction under way finish, catch up on merges due, close the local copy."""
+        # Waited for: a merge finishing after the lock is released could race the next run's.
+        try:
+            if self._compactor is not None:
+                self._compactor.join()
+            self._compact()
+        finally:
+            self._copy.close()
 
     def _object(self, piece: Piece) -> str:
         return f"{self.base}/{piece.filename}"
 
-    def _compact(self) -> None:
-        """Merge the pieces that end the log while FANOUT of them share a tier."""
-        # The merged object is complete before the pieces it covers are removed, and a reader
-        # prefers it, so a crash at any point loses no line and repeats none.
-        while (at := merge_plan([p.tier for p, _, _ in self._pieces])) is not None:
-            parts = self._pieces[at:]
-            merged = Piece(parts[0][0].first, parts[-1][0].last)
-            start, end = parts[0][1], parts[-1][2]
-            try:
-                self._put_range(merged, start, end)
-            except OSError as exc:
-                # Only the object count suffers; the segments still hold every line.
-                log.warning("could not compact the ledger under %s: %s", self.base, exc)
-                return
-            self._pieces[at:] = [(merged, start, end)]
-            self.compactions += 1
-            self._remove([p for p, _, _ in parts])
+    def _plan(self) -> int | None:
+        with self._guard:
+            return merge_plan([p.tier for p, _, _ in self._pieces])
 
-    def _put_range(self, piece: Piece, start: int, end: int) -> None:
+    def _start_compaction(self) -> None:
+        """Start merging in the compaction thread if a merge is due and none is under way."""
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+        if self._plan() is None:
+            return
+        self._compactor = threading.Thread(
+            target=self._compact, name="cometbatch-compaction", daemon=True
+        )
+        self._compactor.start()
+
+    def _compact(self) -> None:
+        """Merge FANOUT pieces of one tier in a row into one object, while any are due."""
+        # The merged object is complete before the pieces it covers are removed, and a reader
+        # prefers it, so a crash at any point loses no line and repeats none. Appends only add
+        # pieces at the end, so the ones merged are still where they were found.
+        try:
+            with open(self.path, "rb") as source:
+                while (at := self._plan()) is not None:
+                    with self._guard:
+                        parts = self._pieces[at : at + FANOUT]
+                    merged = Piece(parts[0][0].first, parts[-1][0].last)
+                    start, end = parts[0][1], parts[-1][2]
+                    self._put_range(source, merged, start, end)
+                    with self._guard:
+                        self._pieces[at : at + FANOUT] = [(merged, start, end)]
+                        self.compactions += 1
+                    self._remove([p for p, _, _ in parts])
+        except Exception as exc:
+            # Only the object count suffers; the segments still hold every line.
+            log.warning("could not compact the ledger under %s: %s", self.base, exc)
+
+    def _put_range(self, source: IO[bytes], piece: Piece, start: int, end: int) -> None:
         """Upload bytes [start, end) of the local copy as `piece`, through a temporary file."""
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(self.path)) as part:
-            self._copy.seek(start)
+            source.seek(start)
             left = end - start
             while left > 0:
-                chunk = self._copy.read(min(_CHUNK, left))
+                chunk = source.read(min(_CHUNK, left))
                 if not chunk:
                     break
                 part.write(chunk)
