@@ -216,11 +216,9 @@ async def fetch_pending(
     session: aiohttp.ClientSession | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> Summary:
-    """Download again the images of every download_failed request in an output folder.
-
-    Nothing is generated and no key is needed: the links the API gave are fetched while they
-    are still valid, and each request gets a new ledger line (ok, or download_failed).
-    """
+    """Download again the images of every download_failed request of an output (no key)."""
+    # Nothing is generated: the links the API gave are fetched while they are still valid,
+    # and each request gets a new ledger line (ok, or download_failed).
     settings = settings or Settings()
     summary = Summary()
     store = store_of(out_dir)
