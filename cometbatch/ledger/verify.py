@@ -244,8 +244,10 @@ async def verify_folder(
     """Check every ok image of an output (under its lock); with `mark`, append a line per bad
     key that the next run reads as "restore these"."""
     store = store_of(out_dir)
-    local = isinstance(out_dir, str | os.PathLike) and not is_url(out_dir)
-    shown = str(Path(out_dir)) if isinstance(out_dir, str | os.PathLike) and local else store.root
+    # A local folder is named as given (as before); a store by its URL.
+    shown = store.root
+    if isinstance(out_dir, str | os.PathLike) and not is_url(out_dir):
+        shown = str(Path(out_dir))
     try:
         present = await asyncio.to_thread(_has_ledger, store)
     except OSError as exc:
