@@ -563,6 +563,9 @@ class FillingStore(LocalStore):
         store = self
 
         class Filling:
+            path = log.path
+            on_loop = log.on_loop
+
             def append(self, data: bytes, sync: bool) -> int | None:
                 if store.full:
                     raise OSError(errno.ENOSPC, "No space left on device")

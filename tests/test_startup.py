@@ -18,6 +18,8 @@ HEAVY = (
     "cometbatch.views.export",
     "cometbatch.views.gallery.content",
     "cometbatch.cli.progress",
+    "fsspec",
+    "s3fs",
 )
 
 

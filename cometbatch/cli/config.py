@@ -40,6 +40,8 @@ class FileSettings(BaseModel):
     models_file: str | None = None
     # [models.NAME]: per-model capability overrides, as --model-override NAME.FIELD=VALUE.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # [storage]: options of an object store's filesystem, as --storage-option KEY=VALUE.
+    storage: dict[str, Any] = Field(default_factory=dict)
 
 
 # Settings fields the file sets directly (the rest go through the run options).
@@ -92,6 +94,10 @@ class FileConfig:
             return load_prices(Path(self.source).parent / given)
         return builtin_prices().merged(given, source=f"{self.source} [prices]")
 
+    def get_storage(self) -> dict[str, Any]:
+        """The file's [storage] table: options for an object store's filesystem."""
+        return dict(self.values.get("storage") or {})
+
     def models_file(self) -> Path | None:
         """The file's models file, relative to the file itself; None when it names none."""
         given = self.values.get("models_file")
@@ -106,11 +112,15 @@ def _refuse_keys(data: Mapping[str, Any], source: str, where: str = "") -> None:
     for name, value in data.items():
         path = f"{where}{name}"
         lowered = str(name).lower().replace("-", "_")
-        if lowered in _KEY_NAMES or lowered.endswith("_key"):
+        if where != "storage." and (lowered in _KEY_NAMES or lowered.endswith("_key")):
             raise ConfigError(
                 f"{source}: {path!r}: the API key is never read from a file; set {KEY_ENV} in "
                 "the environment instead (and remove it from the file)"
             )
+        if path == "storage":
+            # A store's own credentials may be named key or secret (s3fs): they go to the
+            # filesystem only, never printed.
+            continue
         if isinstance(value, str) and value.strip().startswith("sk-"):
             raise ConfigError(
                 f"{source}: {path!r} looks like an API key; keys are never read from a file: "
@@ -193,7 +203,9 @@ def merge_options(
     """The run options: a given flag, else the environment (base URL), else the file."""
     merged = dict(flags)
     for name, value in config.values.items():
-        if name in ("models", "models_file", "prices", *SETTINGS_ONLY) or name not in merged:
+        if name in ("models", "models_file", "prices", "storage", *SETTINGS_ONLY):
+            continue
+        if name not in merged:
             continue
         if name in given:
             continue

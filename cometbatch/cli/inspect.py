@@ -21,17 +21,21 @@ from .options import (
     EXIT_OK,
     fail,
     internal_error,
+    output_argument,
+    output_store,
     reported_errors,
     say,
     setup_logging,
+    storage_option,
 )
 
-_FOLDER = click.Path(file_okay=False, path_type=Path)
+# OUT: a local folder, or an object store's URL (s3://bucket/prefix, ...).
+_OUT = output_argument()
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command()
-@click.argument("out_dir", type=_FOLDER)
+@click.argument("out_dir", callback=_OUT, metavar="OUT")
 @click.option(
     "--manifest",
     type=_FILE,
@@ -39,8 +43,13 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 )
 @click.option("--prices", "prices_path", type=_FILE, help="Price file for the spend estimate.")
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+@storage_option
 def status(
-    out_dir: Path, manifest: Path | None, prices_path: Path | None, json_output: bool
+    out_dir: Path | str,
+    manifest: Path | None,
+    prices_path: Path | None,
+    json_output: bool,
+    storage_options: tuple[str, ...],
 ) -> None:
     """Show done / failed / pending per model, failures, spend and retries of an output folder.
 
@@ -59,7 +68,8 @@ def status(
     setup_logging(0, False)
     try:
         prices = load_prices(prices_path) if prices_path else None
-        data = read_status(out_dir, manifest=manifest, prices=prices).to_dict()
+        out = output_store(out_dir, storage_options)
+        data = read_status(out, manifest=manifest, prices=prices).to_dict()
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except Exception as exc:
@@ -70,29 +80,30 @@ def status(
 
 
 @click.command()
-@click.argument("out_dir", type=_FOLDER)
+@click.argument("out_dir", callback=_OUT, metavar="OUT")
 @click.option(
     "--manifest",
     type=_FILE,
     help="The manifest, for prompts and sizes (default: the one the latest run recorded).",
 )
-def gallery(out_dir: Path, manifest: Path | None) -> None:
+@storage_option
+def gallery(out_dir: Path | str, manifest: Path | None, storage_options: tuple[str, ...]) -> None:
     """Write OUT/index.html, a self-contained page of the folder's images; print its path.
 
     \b
     Example:
       cometbatch gallery out/demo && xdg-open out/demo/index.html
     """
-    from ..views.gallery.content import write_gallery
+    from ..views.gallery.content import publish_gallery
 
     setup_logging(0, False)
     with reported_errors(f"the gallery in {out_dir}"):
-        page = write_gallery(out_dir, manifest)
+        page = publish_gallery(output_store(out_dir, storage_options), manifest)
     click.echo(printable(str(page)))
 
 
 @click.command()
-@click.argument("out_dir", type=_FOLDER)
+@click.argument("out_dir", callback=_OUT, metavar="OUT")
 @click.option(
     "--format",
     "format_name",
@@ -101,7 +112,10 @@ def gallery(out_dir: Path, manifest: Path | None) -> None:
     help="openai-batch: Batch API output lines; csv: a table; jsonl: flat JSON records.",
 )
 @click.option("--output", "-o", "output", type=_FILE, help="Write to this file (default: stdout).")
-def export(out_dir: Path, format_name: str, output: Path | None) -> None:
+@storage_option
+def export(
+    out_dir: Path | str, format_name: str, output: Path | None, storage_options: tuple[str, ...]
+) -> None:
     """Export the ledger, one line per job (reads the ledger only; safe during a run).
 
     \b
@@ -113,14 +127,15 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
 
     setup_logging(0, False)
     with reported_errors(str(output)):
+        out = output_store(out_dir, storage_options)
         if output is None:
-            count = export_ledger(out_dir, format_name, sys.stdout)
+            count = export_ledger(out, format_name, sys.stdout)
         else:
             temporary = output.with_name(f".{output.name}.tmp")
             try:
                 # newline="": the CSV writer ends its own lines.
                 with temporary.open("w", encoding="utf-8", newline="") as stream:
-                    count = export_ledger(out_dir, format_name, stream)
+                    count = export_ledger(out, format_name, stream)
                 temporary.replace(output)
             finally:
                 temporary.unlink(missing_ok=True)
@@ -128,9 +143,10 @@ def export(out_dir: Path, format_name: str, output: Path | None) -> None:
 
 
 @click.command()
-@click.argument("out_dir", type=_FOLDER)
+@click.argument("out_dir", callback=_OUT, metavar="OUT")
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
-def verify(out_dir: Path, json_output: bool) -> None:
+@storage_option
+def verify(out_dir: Path | str, json_output: bool, storage_options: tuple[str, ...]) -> None:
     """Check every image the ledger records as ok: there, its recorded size and sha256, and
     structurally whole (PNG chunks and CRCs to IEND, JPEG to EOI, WebP's RIFF): a check of
     the file's structure, not a decode of its pixels. Each bad file is named (exit 1) and its
@@ -147,7 +163,7 @@ def verify(out_dir: Path, json_output: bool) -> None:
 
     setup_logging(0, False)
     try:
-        report = asyncio.run(verify_folder(out_dir))
+        report = asyncio.run(verify_folder(output_store(out_dir, storage_options)))
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from .options import (
     fail,
     internal_error,
     output_folder,
+    output_store,
     parse_concurrency,
     raise_open_file_limit,
     reporting_options,
@@ -36,11 +37,13 @@ from .options import (
     say,
     setup_logging,
     shown_bounds,
+    storage_option,
 )
 from .tools import fetch, simulate
 
 if TYPE_CHECKING:
     from ..manifest.reader import Manifest
+    from ..store.interface import Store
     from .runner import RunOutcome
     from .setup import RunSetup
 
@@ -62,20 +65,27 @@ def _checked_manifest(manifest: Path, setup: RunSetup, *, spinner: bool) -> Mani
         )
 
 
-def _dry_run(loaded: Manifest, setup: RunSetup, out: Path, json_output: bool) -> None:
+def _dry_run(
+    loaded: Manifest, setup: RunSetup, out: Path | str, target: Path | Store, json_output: bool
+) -> None:
     """Print the plan: per model the work, what the ledger holds, the cost, the caps' verdict."""
     from ..costs.budget import plan_fit
     from ..engine.forecast import run_forecast
     from ..engine.origin import other_manifest
     from ..ledger.events import LEDGER_NAME
     from ..ledger.index import LedgerState
+    from ..store.urls import store_of
     from .report import plan_data, plan_lines
 
     settings, prices = setup.settings, setup.prices
-    state = LedgerState.load(out / LEDGER_NAME)
-    plan = run_forecast(loaded, loaded.registry, settings, out, state, prices)
+    store = store_of(target)
+    # On an object store: a local copy merged from the ledger's segments (None: no ledger).
+    found = store.log_copy(LEDGER_NAME)
+    ledger = Path(found) if found is not None else Path(store.root) / LEDGER_NAME
+    state = LedgerState.load(ledger)
+    plan = run_forecast(loaded, loaded.registry, settings, out, state, prices, store=store)
     send = plan.totals().send_images
-    fit = plan_fit(settings, out / LEDGER_NAME, prices, send, plan.to_send)
+    fit = plan_fit(settings, ledger, prices, send, plan.to_send)
     other = other_manifest(state.last_run, loaded.path, loaded.sha256)
     data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other)
     click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
@@ -96,8 +106,10 @@ def main() -> None:
     "out_dir",
     type=click.Path(file_okay=False),
     callback=output_folder,
-    help="Output folder (default: out/<manifest name>).",
+    help="Output folder, or an object store's URL: s3://bucket/prefix, gs://, az://, "
+    "memory:// (default: out/<manifest name>).",
 )
+@storage_option
 @click.option(
     "--base-url",
     help="API base URL (default: $COMETAPI_BASE_URL, else https://api.cometapi.com/v1).",
@@ -253,8 +265,9 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
         setup = run_setup(options, given, os.environ)
         settings, prices = setup.settings, setup.prices
         loaded = _checked_manifest(manifest, setup, spinner=not (quiet or json_output))
+        target = output_store(out, options["storage_options"], options["config_path"])
         if options["dry_run"]:
-            _dry_run(loaded, setup, out, json_output)
+            _dry_run(loaded, setup, out, target, json_output)
             return
         simulate = bool(options["simulate"])
         raise_open_file_limit(settings.max_in_flight, simulate)
@@ -267,6 +280,7 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
                 loaded,
                 settings=settings,
                 out_dir=out,
+                store=None if isinstance(target, Path) else target,
                 # Requests are not kept in memory: a simulated run may be millions long.
                 simulate=(
                     SimConfig(latency=0.2, latency_jitter=0.6, record_requests=False)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -32,6 +33,7 @@ from ..validation import first_problem
 
 if TYPE_CHECKING:
     from ..engine.summary import Summary
+    from ..store.interface import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Errors about the input or the folder (the user must change something) exit 2.
@@ -232,15 +234,60 @@ def parse_concurrency(
         raise click.BadParameter(f"{value!r} is neither a whole number nor 'auto'") from None
 
 
-def output_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
-    """--out as a Path; an empty value is refused (it would name the current folder)."""
+def output_folder(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> Path | str | None:
+    """--out as a Path, or a store's URL as it is; an empty value is refused (it would name
+    the current folder)."""
     if value is None:
         return None
     if not value.strip():
         raise click.BadParameter(
             "is empty: name an output folder (without --out, the folder is out/<manifest name>)"
         )
-    return Path(value)
+    return value if _URL.match(value) else Path(value)
+
+
+def output_argument(exists: bool = False) -> Callable[[click.Context, click.Parameter, str], Any]:
+    """The OUT argument's check: a local folder as click.Path checks it, or a store's URL."""
+    folder = click.Path(file_okay=False, exists=exists, path_type=Path)
+
+    def convert(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+        return value if _URL.match(value) else folder.convert(value, param, ctx)
+
+    return convert
+
+
+# As store.urls.is_url, without importing the store here (startup time).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def storage_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--storage-option KEY=VALUE (repeatable): an option of the object store's filesystem."""
+    return click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="An option for the object store's filesystem (e.g. endpoint_url=...), repeatable; "
+        "with the [storage] table of the settings file. Values are never printed.",
+    )(command)
+
+
+def output_store(
+    out: Path | str, pairs: Sequence[str], config_path: Path | None = None
+) -> Path | Store:
+    """What a command reads or writes: a local folder as it is, or the store a URL names
+    (options from the settings file's [storage] table, then --storage-option)."""
+    if not isinstance(out, str) or not _URL.match(out):
+        if pairs:
+            raise ConfigError("--storage-option applies to an object store's URL only")
+        return Path(out)
+    from ..store.urls import open_store, parse_storage_options
+    from .config import load_config
+
+    options = {**load_config(config_path).get_storage(), **parse_storage_options(pairs)}
+    return open_store(out, options)
 
 
 def concurrency_fields(

@@ -25,9 +25,21 @@ MAX_NAMED = 10
 _STOPS = "the run would stop at the cap (exit 3) and leave the rest for a rerun with a higher one"
 
 
-def summary_data(summary: Summary, out: Path, prices: PriceTable | None = None) -> dict[str, Any]:
+def _under(out: Path | str, name: str) -> str:
+    """Where `name` is in OUT, as a message names it (a path, or a URL)."""
+    return str(out / name) if isinstance(out, Path) else f"{out}/{name}"
+
+
+def _ledger_at(out: Path | str) -> str:
+    """Where the ledger is: a file in a folder; a folder of segments on an object store."""
+    return _under(out, LEDGER_NAME) if isinstance(out, Path) else f"{out}/ledger/"
+
+
+def summary_data(
+    summary: Summary, out: Path | str, prices: PriceTable | None = None
+) -> dict[str, Any]:
     """The `run --json` object; with the prices the run was counted at, its spend."""
-    data = {**summary.to_dict(), "out_dir": str(out), "ledger": str(out / LEDGER_NAME)}
+    data = {**summary.to_dict(), "out_dir": str(out), "ledger": _ledger_at(out)}
     if prices is not None:
         data["spend"] = {
             "estimated_usd": round(summary.spent_usd, 6),
@@ -37,7 +49,7 @@ def summary_data(summary: Summary, out: Path, prices: PriceTable | None = None) 
     return data
 
 
-def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None) -> list[str]:
+def summary_lines(summary: Summary, out: Path | str, prices: PriceTable | None = None) -> list[str]:
     """The end-of-run report for a person."""
     sim = " [simulated API]" if summary.simulated else ""
     if summary.planned_requests == 0:
@@ -49,7 +61,7 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
         f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
-        f"({rate:.1f}/s) to {out / 'images'}{sim}",
+        f"({rate:.1f}/s) to {_under(out, 'images')}{sim}",
         f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
         f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
         f"retries {summary.retries} (429s {summary.rate_limited}), "
@@ -73,7 +85,7 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
     if summary.regenerated_requests:
         lines.append(
             f"  {summary.regenerated_requests} changed request(s) regenerated; their old images "
-            f"are in {out / REPLACED_DIR}"
+            f"are in {_under(out, REPLACED_DIR)}"
         )
     lines += _restored_lines(summary, out)
     if summary.failures.get("download"):
@@ -100,7 +112,7 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
     return lines
 
 
-def _nothing_sent_lines(summary: Summary, out: Path, sim: str) -> list[str]:
+def _nothing_sent_lines(summary: Summary, out: Path | str, sim: str) -> list[str]:
     """A run that sent nothing: all done, or done but for failures kept from earlier runs."""
     done = f"{summary.skipped_requests} request(s), {summary.skipped_images} image(s) in {out}"
     if not summary.kept_failures:
@@ -112,13 +124,13 @@ def _nothing_sent_lines(summary: Summary, out: Path, sim: str) -> list[str]:
     ]
 
 
-def _restored_lines(summary: Summary, out: Path) -> list[str]:
+def _restored_lines(summary: Summary, out: Path | str) -> list[str]:
     """What the run found gone or damaged under ok lines, and how it restored it."""
     lines = []
     if summary.regenerated_missing:
         lines.append(
             f"  {summary.regenerated_missing} request(s) generated again: images their ok "
-            f"lines named were gone or damaged (what was left is in {out / REPLACED_DIR})"
+            f"lines named were gone or damaged (what was left is in {_under(out, REPLACED_DIR)})"
         )
     if summary.restored_images:
         lines.append(
@@ -128,12 +140,12 @@ def _restored_lines(summary: Summary, out: Path) -> list[str]:
     return lines
 
 
-def fetch_lines(summary: Summary, out: Path) -> list[str]:
+def fetch_lines(summary: Summary, out: Path | str) -> list[str]:
     """The report of `cometbatch fetch`."""
     if summary.planned_requests == 0:
         return [f"nothing to fetch: no request in {out} is waiting for a download"]
     lines = [
-        f"{summary.images_written} image(s) downloaded to {out / 'images'} for "
+        f"{summary.images_written} image(s) downloaded to {_under(out, 'images')} for "
         f"{summary.ok_requests} of {summary.planned_requests} request(s)"
     ]
     if summary.failed_requests:
@@ -147,7 +159,7 @@ def fetch_lines(summary: Summary, out: Path) -> list[str]:
 
 def plan_data(
     forecast: Forecast,
-    out: Path,
+    out: Path | str,
     manifest: Path,
     *,
     fit: PlanFit | None = None,

@@ -21,6 +21,7 @@ from ..net.limits import Limiter
 from ..settings import Settings
 from ..simulator.config import SimConfig
 from ..simulator.server import Simulator
+from ..store.interface import Store
 from .progress import Mode, ProgressDisplay
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ async def run_manifest(
     *,
     settings: Settings,
     out_dir: str | Path,
+    store: Store | None = None,
     simulate: SimConfig | None = None,
     progress: Mode = "off",
     console: Console | None = None,
@@ -147,6 +149,7 @@ async def run_manifest(
             Engine(
                 settings,
                 out_dir=out_dir,
+                store=store,
                 registry=manifest.registry,
                 prices=prices,
                 limiter=limiter,

@@ -24,9 +24,12 @@ from .options import (
     concurrency_option,
     fail,
     make_settings,
+    output_argument,
+    output_store,
     reporting_options,
     say,
     setup_logging,
+    storage_option,
 )
 
 # A share of requests, 0 to 1: click names the option when a value is out of range.
@@ -36,10 +39,18 @@ _SIM_OPTIONS = {name: "--" + name.replace("_", "-") for name in SimConfig.model_
 
 
 @click.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("out_dir", callback=output_argument(exists=True), metavar="OUT")
 @concurrency_option("Downloads at a time.")
 @reporting_options
-def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbose: int) -> None:
+@storage_option
+def fetch(
+    out_dir: Path | str,
+    concurrency: int,
+    json_output: bool,
+    quiet: bool,
+    verbose: int,
+    storage_options: tuple[str, ...],
+) -> None:
     """Download again the images a run generated but could not download (no key needed).
 
     Nothing is generated, so nothing is paid again. Image links expire (often within an
@@ -52,7 +63,8 @@ def fetch(out_dir: Path, concurrency: int, json_output: bool, quiet: bool, verbo
     setup_logging(verbose, quiet)
     try:
         settings = make_settings({"concurrency": concurrency}, flags={"concurrency"})
-        summary = asyncio.run(fetch_pending(out_dir, settings))
+        target = output_store(out_dir, storage_options)
+        summary = asyncio.run(fetch_pending(target, settings))
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ import aiohttp
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
-from ..ledger.events import LEDGER_NAME
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
 from ..manifest.job import Job
@@ -28,8 +27,8 @@ from ..net.retry import RetryPolicy
 from ..results import Result
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
-from ..store.local import LocalStore
 from ..store.sink import Sink
+from ..store.urls import is_url, open_store
 from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
 from .pool import WorkerPool
@@ -68,10 +67,17 @@ class Engine:
         store: Store | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.out_dir = Path(out_dir)
-        # Where images and the ledger are written; default: the local folder out_dir.
-        self.store: Store = store if store is not None else LocalStore(self.out_dir)
-        if os.path.abspath(self.store.root) != os.path.abspath(self.out_dir):
+        # Where images and the ledger are written; default: the store out_dir names (a local
+        # folder, or an object store's URL with options from its library's environment).
+        self.store: Store = store if store is not None else open_store(out_dir)
+        url = is_url(out_dir)
+        self.out_dir: Path | str = self.store.root if url else Path(out_dir)
+        same = (
+            self.store.root == str(out_dir).rstrip("/")
+            if url
+            else os.path.abspath(self.store.root) == os.path.abspath(out_dir)
+        )
+        if not same:
             # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
             raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
         # A caller's registry is used as given; the default one is built from the settings
@@ -172,7 +178,7 @@ class Engine:
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
             budget = self.summary.budget = await open_budget(
-                self.settings, self.out_dir / LEDGER_NAME, self.prices
+                self.settings, ledger.path, self.prices
             )
             self._triage = Triage(
                 settings=self.settings,
@@ -181,6 +187,7 @@ class Engine:
                 run_id=self._run_id,
                 summary=self.summary,
                 recorded=ledger.state,
+                store=self.store,
             )
             self._attempts = Attempts(
                 client=client,

@@ -27,8 +27,9 @@ from ..net.response import MASK
 from ..net.retry import RetryPolicy, retrying
 from ..results import DOWNLOAD_FAILED, OK, ImageRecord, PendingDownload
 from ..settings import DEFAULT_CONCURRENCY, Settings
-from ..store.local import LocalStore
+from ..store.interface import Store
 from ..store.sink import Sink
+from ..store.urls import store_of
 from .resume import LINK_GONE, links_given_up
 from .summary import Summary
 
@@ -210,20 +211,19 @@ def _fetched_event(
 
 
 async def fetch_pending(
-    out_dir: str | os.PathLike[str],
+    out_dir: Store | str | os.PathLike[str],
     settings: Settings | None = None,
     *,
     session: aiohttp.ClientSession | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> Summary:
-    """Download again the images of every download_failed request in an output folder."""
-    # Nothing is generated and no key is needed: the links the API gave are fetched while they
-    # are still valid, and each request gets a new ledger line (ok, or download_failed).
+    """Download again the images of every download_failed request of an output (no key)."""
+    # Nothing is generated: the links the API gave are fetched while they are still valid,
+    # and each request gets a new ledger line (ok, or download_failed).
     settings = settings or Settings()
-    out = Path(out_dir)
     summary = Summary()
-    store = LocalStore(out)
-    async with Ledger(out, fsync=settings.fsync, store=store) as ledger:
+    store = store_of(out_dir)
+    async with Ledger(store.root, fsync=settings.fsync, store=store) as ledger:
         pending = await asyncio.to_thread(_pending_events, ledger.path)
         if not pending:
             return summary

@@ -18,6 +18,7 @@ from ..manifest.job import Job
 from ..models.registry import ModelRegistry
 from ..plan import Request, plan_job, remainder
 from ..settings import Settings
+from ..store.interface import Store
 from ..store.local import LocalStore
 from ..store.setaside import find_whole, withdrawn
 from .resume import Verdict, decide
@@ -107,9 +108,11 @@ def run_forecast(
     jobs: Iterable[Job],
     registry: ModelRegistry,
     settings: Settings,
-    out_dir: Path,
+    out_dir: Path | str,
     state: LedgerState,
     prices: PriceTable | None = None,
+    *,
+    store: Store | None = None,
 ) -> Forecast:
     """What a run with `settings` would do in `out_dir`: its own triage (an ok key whose files
     are gone is generated again, images set aside are put back where they are whole)."""
@@ -122,11 +125,13 @@ def run_forecast(
         run_id="",
         summary=Summary(),
         recorded=state,
+        store=store,
     )
+    where = store if store is not None else LocalStore(out_dir)
 
     def verdicts(job: Job) -> Decided:
         for verdict, request, recorded in triage.verdicts(job):
-            if verdict in ("restore", "redownload") and _put_back(out_dir, recorded):
+            if verdict in ("restore", "redownload") and _put_back(where, recorded):
                 verdict = "reuse"  # put back without a request, as the run does
             elif verdict == "redownload":
                 # The run downloads it again from its links first (free), and generates it if
@@ -137,11 +142,11 @@ def run_forecast(
     return forecast(jobs, verdicts, regenerate_changed=settings.regenerate_changed, prices=prices)
 
 
-def _put_back(out_dir: Path, recorded: KeyState | None) -> bool:
+def _put_back(store: Store, recorded: KeyState | None) -> bool:
     """Whether the images a key's line withdrew are each whole somewhere: a run records them
     again without sending (a request's life puts them back)."""
     images = withdrawn(None if recorded is None else recorded.line_event())
-    return bool(images) and find_whole(LocalStore(out_dir), images or ()) is not None
+    return bool(images) and find_whole(store, images or ()) is not None
 
 
 def forecast(

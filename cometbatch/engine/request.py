@@ -37,7 +37,7 @@ class RequestLife:
         attempts: Attempts,
         triage: Triage,
         ledger: Ledger,
-        out_dir: Path,
+        out_dir: Path | str,
         run_id: str,
         summary: Summary,
         base_url: str,

@@ -37,7 +37,7 @@ class Restorer:
     """Moves a key's images aside (a line first) and back (then a line), in the ledger's order."""
 
     def __init__(
-        self, *, out_dir: Path, run_id: str, ledger: Ledger, fetcher: Fetcher, sink: Sink
+        self, *, out_dir: Path | str, run_id: str, ledger: Ledger, fetcher: Fetcher, sink: Sink
     ) -> None:
         self.out_dir = out_dir
         # Where the images are: the store the sink writes to.
@@ -97,7 +97,7 @@ class Restorer:
                 "job %r: %d old image(s) moved to %s",
                 recorded.job_id,
                 moved,
-                self.out_dir / REPLACED_DIR / self.run_id,
+                f"{self.out_dir}/{REPLACED_DIR}/{self.run_id}",
             )
         return line, kind
 

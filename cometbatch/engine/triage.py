@@ -22,6 +22,8 @@ from ..net.response import MASK
 from ..plan import Request, plan_job
 from ..results import DOWNLOAD_FAILED, PARTIAL, ImageRecord, Result
 from ..settings import Settings
+from ..store.interface import Store
+from ..store.local import LocalStore
 from ..store.setaside import withdrawal
 from .origin import NewWork, other_manifest, other_manifest_text
 from .resume import LINK_GONE, Verdict, changed, decide, links_gone
@@ -76,10 +78,11 @@ class Triage:
         *,
         settings: Settings,
         registry: ModelRegistry,
-        out_dir: Path,
+        out_dir: Path | str,
         run_id: str,
         summary: Summary,
         recorded: LedgerState,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -88,7 +91,10 @@ class Triage:
         self.summary = summary
         # The open ledger's state (it follows every line the engine appends).
         self._recorded = recorded
-        self._presence = ImagePresence(out_dir)
+        # On an object store a look costs a request per image: a run trusts its ledger there
+        # (`cometbatch verify` checks every object and marks what is gone).
+        local = store is None or isinstance(store, LocalStore)
+        self._presence = ImagePresence(Path(out_dir)) if local else None
         # Wall-clock time, to tell whether recorded links are fresh (resume.links_fresh).
         self.clock: Callable[[], float] = time.time
 
@@ -143,8 +149,10 @@ class Triage:
         if state is None:
             return _NOTHING
         if state.status == "ok":
-            if not look or not self._presence.missing(
-                job.id, request.indexes, state, job.output_format
+            if (
+                not look
+                or self._presence is None
+                or not self._presence.missing(job.id, request.indexes, state, job.output_format)
             ):
                 return _NOTHING
             # Gone: its line is read (only then) for the links its images came from.

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from ..errors import LedgerError
+from ..store.interface import Store
+from ..store.urls import store_of
 from ._scan import OTHER, Row, all_results, block_rows, whole_lines
 from .lines import LedgerEvent, result_problem, typed
 
@@ -25,12 +27,18 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def ledger_path(out_dir: str | os.PathLike[str]) -> Path:
-    """OUT's ledger file; LedgerError when nothing has run there yet."""
-    path = Path(out_dir) / LEDGER_NAME
-    if not path.exists():
-        raise LedgerError(f"{out_dir} has no {LEDGER_NAME}: nothing has run there yet")
-    return path
+def ledger_path(out: Store | str | os.PathLike[str]) -> Path:
+    """A local file holding OUT's ledger (on an object store, a copy merged from its
+    segments); LedgerError when nothing has run there yet."""
+    store = store_of(out)
+    shown = out if isinstance(out, str | os.PathLike) else store.root
+    try:
+        found = store.log_copy(LEDGER_NAME)
+    except OSError as exc:
+        raise LedgerError(f"cannot read the ledger of {shown}: {exc.strerror or exc}") from exc
+    if found is None:
+        raise LedgerError(f"{shown} has no {LEDGER_NAME}: nothing has run there yet")
+    return Path(found)
 
 
 class LedgerReader:

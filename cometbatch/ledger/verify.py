@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ..errors import LedgerError
+from ..errors import LedgerError, OutputError
 from ..paths import EXTENSIONS, safe_component, unlinked
 from ..store.interface import Store
 from ..store.local import LocalStore
@@ -26,6 +26,7 @@ from ..store.setaside import (
     withdraw_event,
     withdrawal,
 )
+from ..store.urls import is_url, store_of
 from .events import LEDGER_NAME, now_iso
 from .index import LedgerState
 from .keystate import KeyState
@@ -237,15 +238,24 @@ def _mark(run_id: str, recorded: KeyState, problems: list[BadImage]) -> dict[str
     )
 
 
-async def verify_folder(out_dir: str | os.PathLike[str], *, mark: bool = True) -> VerifyReport:
-    """Check every ok image of a folder (under its lock); with `mark`, append a line per bad
+async def verify_folder(
+    out_dir: Store | str | os.PathLike[str], *, mark: bool = True
+) -> VerifyReport:
+    """Check every ok image of an output (under its lock); with `mark`, append a line per bad
     key that the next run reads as "restore these"."""
-    out = Path(out_dir)
-    if not (out / LEDGER_NAME).is_file():
-        raise LedgerError(f"{out} has no {LEDGER_NAME}: nothing to verify there")
-    report = VerifyReport(out_dir=str(out))
-    store = LocalStore(out)
-    async with Ledger(out, store=store) as ledger:
+    store = store_of(out_dir)
+    # A local folder is named as given (as before); a store by its URL.
+    shown = store.root
+    if isinstance(out_dir, str | os.PathLike) and not is_url(out_dir):
+        shown = str(Path(out_dir))
+    try:
+        present = await asyncio.to_thread(_has_ledger, store)
+    except OSError as exc:
+        raise OutputError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    if not present:
+        raise LedgerError(f"{shown} has no {LEDGER_NAME}: nothing to verify there")
+    report = VerifyReport(out_dir=shown)
+    async with Ledger(store.root, store=store) as ledger:
         # Reading and hashing a large folder takes a while: keep the event loop free.
         bad = await asyncio.to_thread(check_folder, store, ledger.state, report)
         if not bad or not mark:
@@ -261,3 +271,10 @@ async def verify_folder(out_dir: str | os.PathLike[str], *, mark: bool = True) -
             await ledger.append(event)
             report.marked_keys += 1
     return report
+
+
+def _has_ledger(store: Store) -> bool:
+    """Whether the output holds a ledger (a file on a disk; segments on an object store)."""
+    if isinstance(store, LocalStore):
+        return os.path.isfile(os.path.join(store.root, LEDGER_NAME))
+    return bool(store.names(LEDGER_NAME.rpartition(".")[0]))

@@ -1,4 +1,4 @@
-"""The append-only results ledger OUT/ledger.jsonl: one writer per folder, whole lines only."""
+"""The append-only results ledger OUT/ledger.jsonl: one writer per output, whole lines only."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Self, get_args
 from ..errors import CometBatchError, LedgerError, OutputError
 from ..settings import FsyncPolicy
 from ..store.interface import AppendLog, Store
-from ..store.local import LocalStore
+from ..store.urls import store_of
 from ..textsafe import safe_json
 from .events import LEDGER_NAME, repair_tail
 from .index import LedgerState
@@ -69,10 +69,11 @@ class Ledger:
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
-        self.out_dir = Path(out_dir)
-        # Written (and locked) through the store; read from its local path for now.
-        self.store: Store = store if store is not None else LocalStore(self.out_dir)
-        self.path = self.out_dir / LEDGER_NAME
+        # Written (and locked) through the store; read from the log's local file.
+        self.store: Store = store if store is not None else store_of(out_dir)
+        self.where = self.store.root
+        self.shown = f"{self.where}/{LEDGER_NAME}"
+        self.path = Path(self.where) / LEDGER_NAME
         self.fsync: FsyncPolicy = fsync
         self.state = LedgerState()
         self.repaired = False
@@ -88,7 +89,7 @@ class Ledger:
 
     def __repr__(self) -> str:
         return (
-            f"<Ledger path={str(self.path)!r} {self._phase} fsync={self.fsync} "
+            f"<Ledger {self.shown!r} {self._phase} fsync={self.fsync} "
             f"results={self.state.results} keys={len(self.state)} writes={self.writes} "
             f"pending={len(self._queue)}>"
         )
@@ -102,23 +103,29 @@ class Ledger:
                 self._lock.acquire()
             except OSError as exc:
                 raise OutputError(
-                    f"cannot use {self.out_dir} as the output folder: {_reason(exc, self.out_dir)}"
+                    f"cannot use {self.where} as the output folder: "
+                    f"{_reason(exc, Path(self.where))}"
                 ) from exc
             try:
-                self.repaired = await asyncio.to_thread(repair_tail, self.path)
-                # Loading a large ledger takes seconds: keep the event loop free meanwhile.
-                self.state = await asyncio.to_thread(LedgerState.load, self.path)
                 # Opened for appending before anything is sent: a ledger that cannot take
                 # results must stop the run before a single image is paid for.
                 self._file = await asyncio.to_thread(
                     self.store.open_log, LEDGER_NAME, sync=self.fsync != "end"
                 )
+                self.path = Path(self._file.path)
+                self.repaired = await asyncio.to_thread(repair_tail, self.path)
+                # Loading a large ledger takes seconds: keep the event loop free meanwhile.
+                self.state = await asyncio.to_thread(LedgerState.load, self.path)
             except OSError as exc:
                 raise OutputError(
-                    f"cannot open the ledger {self.path}: {_reason(exc, self.path)}"
+                    f"cannot open the ledger {self.shown}: {_reason(exc, self.path)}"
                 ) from exc
         except BaseException:
             self._phase = "closed"
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close(False)
+                self._file = None
             self._lock.release()
             raise
         self._phase = "open"
@@ -151,7 +158,7 @@ class Ledger:
         except OSError as exc:
             # Every line was flushed when appended; this is the last fsync or close failing.
             raise OutputError(
-                f"cannot finish writing the ledger {self.path}: {_reason(exc, self.path)}"
+                f"cannot finish writing the ledger {self.shown}: {_reason(exc, self.path)}"
             ) from exc
         finally:
             self._lock.release()
@@ -193,11 +200,11 @@ class Ledger:
         broken = self._broken
         if isinstance(broken, OSError):
             return OutputError(
-                f"cannot write the ledger {self.path}: {_reason(broken, self.path)}; "
+                f"cannot write the ledger {self.shown}: {_reason(broken, self.path)}; "
                 "fix the cause and run again to resume"
             )
         return LedgerError(
-            f"{self.path} could not be written ({broken!r}); fix the cause and run again to resume"
+            f"{self.shown} could not be written ({broken!r}); fix the cause and run again to resume"
         )
 
     def _write_queued(self) -> None:
@@ -214,13 +221,14 @@ class Ledger:
                 _fail(queued, self._closed_error, None)
             return
         loop = asyncio.get_running_loop()
-        if self.fsync == "end":
+        # On an object store every write is a network call: always in a worker thread.
+        if self.fsync == "end" and handle.on_loop:
             self._writing = loop.create_future()
             loop.call_soon(self._write_on_loop, handle, self._writing)
             return
         queued, self._queue = self._queue, []
         data = b"".join(line for line, _, _, _ in queued)
-        writing = loop.run_in_executor(None, handle.append, data, True)
+        writing = loop.run_in_executor(None, handle.append, data, self.fsync != "end")
         self._writing = writing
         writing.add_done_callback(functools.partial(self._written, queued))
 

@@ -9,7 +9,7 @@ from typing import Protocol
 __all__ = ["AppendLog", "Entry", "RunLock", "Store"]
 
 # Names are relative to the store's root with "/" separators ("images/<job>/0.png",
-# "ledger.jsonl"), whatever the backend: a local folder now, an object store's prefix later.
+# "ledger.jsonl"), whatever the backend: a local folder or an object store's prefix.
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +23,15 @@ class Entry:
 class AppendLog(Protocol):
     """An open append-only log (the ledger): whole lines in, in order; one writer at a time."""
 
+    # A local file holding the whole log as appended so far (the log itself on a disk; a
+    # copy beside segment objects on an object store): the ledger's one reader reads it.
+    path: str
+    # Whether `append(data, False)` is quick enough for the event loop (a local file's
+    # buffered write); False when every append is a network call.
+    on_loop: bool
+
     def append(self, data: bytes, sync: bool) -> int | None:
-        """Add `data` (whole lines) after what is there, durable when `sync`; the log's new
-        size, when it can tell. Blocking: the ledger calls it in a worker thread."""
+        """Add `data` (whole lines) at the end, durable when `sync`; the new size if known."""
         ...
 
     def close(self, sync: bool) -> None:
@@ -65,8 +71,8 @@ class Store(Protocol):
         ...
 
     async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
-        """Store the local file `source` as the whole object `name` and remove `source`
-        (moved where it can be, uploaded in parts elsewhere); same promises as `put`."""
+        """Store the local file `source` as the whole object `name`, then remove `source`."""
+        # Moved where it can be, uploaded in parts elsewhere; the same promises as `put`.
         # For images too large to hold in memory (streamed downloads): `source` is a finished
         # local file that the caller hands over.
         ...
@@ -84,8 +90,8 @@ class Store(Protocol):
         ...
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
-        """Move each (source, target), replacing the target; names that cannot take part
-        (a local store's symbolic links) are refused before anything moves."""
+        """Move each (source, target), replacing the target; refuse all if any cannot move."""
+        # Names that cannot take part: a local store's symbolic links.
         ...
 
     def remove(self, name: str) -> None:
@@ -93,8 +99,7 @@ class Store(Protocol):
         ...
 
     def escapes(self, name: str, folder: str) -> bool:
-        """Whether `name`, inside `folder` by its name, reaches outside it (a symbolic link;
-        never on a store without links)."""
+        """Whether `name`, inside `folder` by its name, reaches outside it (a symbolic link)."""
         ...
 
     def check_writable(self, folder: str) -> None:
@@ -102,13 +107,17 @@ class Store(Protocol):
         ...
 
     def clean(self, folder: str) -> int:
-        """Remove what writes cut short by a crash left under `folder` (temporary files on a
-        disk); how many. Run before writing, by the one run that holds the lock."""
+        """Remove what writes cut short by a crash left under `folder`; how many."""
+        # Temporary files on a disk; run before writing, by the one run that holds the lock.
         ...
 
     def open_log(self, name: str, *, sync: bool) -> AppendLog:
-        """Open the append-only log `name` (created when missing; its name made durable at
-        once when `sync`). Blocking."""
+        """Open the append-only log `name`, created when missing (durably when `sync`)."""
+        ...
+
+    def log_copy(self, name: str) -> str | None:
+        """A local file holding the whole log `name` (a merged copy on an object store)."""
+        # None when there is no such log. Blocking.
         ...
 
     def lock(self) -> RunLock:

@@ -227,6 +227,10 @@ class LocalStore:
                 raise
         return LocalLog(handle)
 
+    def log_copy(self, name: str) -> str | None:
+        path = self._local(name)
+        return path if os.path.exists(path) else None
+
     def lock(self) -> FolderLock:
         return FolderLock(self.path)
 
@@ -234,8 +238,11 @@ class LocalStore:
 class LocalLog:
     """An append-only file, written unbuffered (see AppendLog)."""
 
+    on_loop = True
+
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
+        self.path = str(handle.name)
 
     def __repr__(self) -> str:
         return f"<LocalLog {self.handle.name!r}>"

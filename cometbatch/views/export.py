@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from ..errors import ConfigError
 from ..results import DOWNLOAD_FAILED
+from ..store.interface import Store
 from ..streams import stream_gone
 from ..textsafe import printable, safe_json
 from . import EXPORT_FORMATS
@@ -187,7 +188,7 @@ def _json_line(record: dict[str, Any]) -> str:
     return safe_json(json.dumps(record, ensure_ascii=False)) + "\n"
 
 
-def export(out_dir: str | os.PathLike[str], format: str, stream: TextIO) -> int:
+def export(out_dir: Store | str | os.PathLike[str], format: str, stream: TextIO) -> int:
     """Write one line per job of OUT's ledger to `stream` in `format`; how many it wrote."""
     # Reads the ledger only; stops early when `stream`'s reader went away (`| head`).
     if format not in EXPORT_FORMATS:

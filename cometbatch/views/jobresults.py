@@ -19,6 +19,7 @@ from ..ledger.events import ledger_path, read_events
 from ..ledger.lines import ResultEvent, RunEvent
 from ..net.answered import Answered
 from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, add_usage
+from ..store.interface import Store
 from .prompts import PromptFile
 from .scope import Scope
 from .status import recorded_manifest
@@ -160,7 +161,7 @@ def _no_error(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_jobs(out_dir: str | os.PathLike[str]) -> Iterator[JobResults]:
+def read_jobs(out_dir: Store | str | os.PathLike[str]) -> Iterator[JobResults]:
     """Each job of OUT's ledger with the latest result of each of its requests."""
     # Two passes keep in memory only the jobs whose requests are not all read yet: the first
     # notes each job's last result line, the second emits a job on reaching it. Lines

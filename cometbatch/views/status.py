@@ -20,7 +20,9 @@ from ..manifest.job import JobDefaults
 from ..manifest.reader import Manifest
 from ..models.registry import recorded_registry
 from ..results import DOWNLOAD_FAILED, OK, PARTIAL, WITH_DOWNLOADS
+from ..store.interface import Store
 from ..store.liverun import RunState, run_state
+from ..store.urls import store_of
 from .scope import Scope
 
 
@@ -143,16 +145,16 @@ def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
 
 
 def read_status(
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     *,
     manifest: str | Path | None = None,
     prices: PriceTable | None = None,
 ) -> FolderStatus:
     """Summarise a folder's ledger, also while a run writes it (a torn tail is skipped)."""
     # Pending work needs the manifest: `manifest`, else the one the latest run recorded.
-    folder = Path(out_dir)
-    path = ledger_path(folder)
-    status = FolderStatus(out_dir=str(out_dir))
+    store = store_of(out_dir)
+    path = ledger_path(store)
+    status = FolderStatus(out_dir=str(out_dir) if isinstance(out_dir, str | Path) else store.root)
     latest: dict[str, dict[str, Any]] = {}
     # What was paid for: every generation, counted once.
     paid = Payments()
@@ -192,7 +194,7 @@ def read_status(
     for key, item in latest.items():
         item["links_gone"] = _links_gone(key, item)
     interrupted = bool((status.last_summary or {}).get("interrupted"))
-    status.state, status.state_detail = run_state(folder, status.last_run_ended, interrupted)
+    status.state, status.state_detail = run_state(store, status.last_run_ended, interrupted)
     scope = Scope()
     sizes = _count_pending(status, latest, run, manifest, scope)
     # Outcomes after the manifest is read: a job whose n was lowered counts only what it asks.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import os
@@ -12,6 +13,9 @@ from typing import Any
 
 from ...ledger.events import ledger_path, read_events
 from ...paths import unlinked
+from ...store.interface import Store
+from ...store.local import LocalStore
+from ...store.urls import store_of
 from ..status import recorded_defaults
 from .model import GALLERY_NAME, LINKED, MAX_TILES, Bucket, Failure, Gallery, Tile
 from .page import render_page
@@ -173,13 +177,18 @@ def _pending(event: dict[str, Any]) -> bool:
 
 
 def read_gallery(
-    out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+    out_dir: Store | str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> Gallery:
-    """The gallery of an output folder, read without its lock (a run may be writing it)."""
-    folder = Path(out_dir)
-    events = (event.fields for event in read_events(ledger_path(folder)))
-    gallery = build_gallery(events, title=folder.resolve().name)
-    gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
+    """The gallery of an output, read without its lock (a run may be writing it)."""
+    store = store_of(out_dir)
+    events = (event.fields for event in read_events(ledger_path(store)))
+    if isinstance(store, LocalStore):
+        folder = store.path
+        gallery = build_gallery(events, title=folder.resolve().name)
+        gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
+    else:
+        # An object store has no links to follow out of it.
+        gallery = build_gallery(events, title=store.root.rpartition("/")[2])
     attach_manifest(gallery, Path(manifest) if manifest else None)
     return gallery
 
@@ -190,6 +199,18 @@ def _unfollowed(tile: Tile, folder: Path) -> Tile:
     if tile.path is None or unlinked(folder, tile.path):
         return tile
     return dataclasses.replace(tile, status="not shown", path=None, n=1, reason=LINKED)
+
+
+def publish_gallery(
+    out: Store | str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+) -> str:
+    """write_gallery for any output: the page put as OUT/index.html; where it is."""
+    store = store_of(out)
+    if isinstance(store, LocalStore):
+        return str(write_gallery(store.path, manifest))
+    page = render_page(read_gallery(store, manifest))
+    asyncio.run(store.put(GALLERY_NAME, page.encode("utf-8")))
+    return f"{store.root}/{GALLERY_NAME}"
 
 
 def write_gallery(

@@ -1,0 +1,214 @@
+"""An object store (S3, GCS, Azure, memory, ...) as a store, through fsspec."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .interface import Entry
+from .lease import LeaseLock
+from .lock import LOCK_NAME
+from .segments import SegmentLog, copy_log, temp_folder
+
+__all__ = ["FsspecStore"]
+
+_PROBE = ".cometbatch-probe"
+
+
+class FsspecStore:
+    """OUT as a prefix of an object store: each object is put whole, in a worker thread."""
+
+    # Options (credentials among them) go to the filesystem and nowhere else: not in the
+    # repr, not in a message.
+
+    def __init__(self, url: str, fs: Any, base: str) -> None:
+        self._root = url.rstrip("/")
+        self.fs: Any = _OSErrors(fs)
+        self.base = base.rstrip("/")
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> FsspecStore:
+        """The store at `url`, its filesystem made with `options` (ImportError, ValueError)."""
+        from fsspec.core import url_to_fs
+
+        fs, base = url_to_fs(url, **dict(options or {}))
+        return cls(url, fs, base)
+
+    def __repr__(self) -> str:
+        return f"<FsspecStore {self._root!r}>"
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}" if name else self.base
+
+    async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
+        """Put `data` as the whole object `name` (see Store.put), in a worker thread."""
+        path = self._path(name)
+        await _finish(asyncio.to_thread(self.fs.pipe_file, path, data), self._drop, path)
+
+    async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
+        """Upload the finished file `source` as `name`, then remove it (see Store.put_file)."""
+        path = self._path(name)
+        await _finish(asyncio.to_thread(self.fs.put_file, source, path), self._drop, path)
+        await asyncio.to_thread(os.unlink, source)
+
+    def _drop(self, path: str) -> None:
+        """Remove what a put cancelled by its caller wrote after all."""
+        with contextlib.suppress(OSError):
+            self.fs.rm_file(path)
+
+    def stat(self, name: str) -> Entry:
+        try:
+            info = self.fs.info(self._path(name))
+        except FileNotFoundError:
+            raise _missing(name) from None
+        return Entry(int(info.get("size") or 0), info.get("type") == "file")
+
+    def names(self, folder: str) -> list[str]:
+        """Every object below `folder`, sorted."""
+        path = self._path(folder)
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        prefix = self.base.lstrip("/") + "/"
+        return sorted(
+            name.lstrip("/").removeprefix(prefix)
+            for name in map(str, found)
+            if name.lstrip("/").startswith(prefix)
+        )
+
+    def read(self, name: str) -> bytes:
+        try:
+            data: bytes = self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            raise _missing(name) from None
+        return data
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Move each object (a copy, then a removal, on most object stores)."""
+        for source, target in moves:
+            self.fs.mv(self._path(source), self._path(target))
+
+    def remove(self, name: str) -> None:
+        path = self._path(name)
+        # Object stores say nothing when asked to remove a missing object.
+        if not self.fs.exists(path):
+            raise _missing(name)
+        self.fs.rm_file(path)
+
+    def escapes(self, name: str, folder: str) -> bool:
+        return False  # no symbolic links in an object store
+
+    def check_writable(self, folder: str) -> None:
+        """Put and remove a probe object under `folder`; OSError if that fails."""
+        probe = self._path(f"{folder}/{_PROBE}" if folder else _PROBE)
+        self.fs.pipe_file(probe, b"")
+        self.fs.rm_file(probe)
+
+    def clean(self, folder: str) -> int:
+        return 0  # objects appear whole: a crash leaves no partial one
+
+    def open_log(self, name: str, *, sync: bool) -> SegmentLog:
+        """The log `name` as segment objects in the folder named for it (ledger.jsonl: ledger/)."""
+        self.fs.invalidate_cache(self.base)
+        copy = os.path.join(temp_folder(), f"{os.getpid()}-{id(self):x}-{name}")
+        return SegmentLog(_Listing(self.fs), self._path(_log_folder(name)), copy)
+
+    def log_copy(self, name: str) -> str | None:
+        """A local file holding the log `name` merged from its segments; None without any."""
+        return copy_log(_Listing(self.fs), self._path(_log_folder(name)))
+
+    def lock(self) -> LeaseLock:
+        path = self._path(LOCK_NAME)
+        return LeaseLock(
+            self._root,
+            read=lambda: self._read_fresh(path),
+            write=lambda data: self.fs.pipe_file(path, data),
+            remove=lambda: self.fs.rm_file(path),
+        )
+
+    def _read_fresh(self, path: str) -> bytes:
+        self.fs.invalidate_cache(path)
+        data: bytes = self.fs.cat_file(path)
+        return data
+
+
+class _OSErrors:
+    """The filesystem, its library's own errors (credentials, a client's) raised as OSError:
+    what every caller of a store already handles, with the library's error as the cause."""
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as exc:
+                raise OSError(errno.EIO, f"{type(exc).__name__}: {exc}") from exc
+
+        return call
+
+
+def _missing(name: str) -> FileNotFoundError:
+    """The error of an object that is not there, with its errno as a local file's has."""
+    return FileNotFoundError(errno.ENOENT, "no such object", name)
+
+
+def _log_folder(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+class _Listing:
+    """The filesystem, with listings read fresh (fsspec caches them per instance)."""
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+
+    def find(self, path: str) -> list[str]:
+        self._fs.invalidate_cache(path)
+        found: list[str] = self._fs.find(path)
+        return found
+
+    def open(self, path: str, mode: str = "rb") -> Any:
+        return self._fs.open(path, mode)
+
+    def pipe_file(self, path: str, value: bytes) -> None:
+        self._fs.pipe_file(path, value)
+
+    def put_file(self, lpath: str, rpath: str) -> None:
+        self._fs.put_file(lpath, rpath)
+
+    def rm(self, path: list[str]) -> None:
+        self._fs.rm(path)
+
+
+async def _finish(write: Any, drop: Any, path: str) -> None:
+    """Await `write`; if the caller is cancelled, let it finish, then undo it."""
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # The thread cannot be stopped: wait for it, so no object of it appears later.
+        with contextlib.suppress(BaseException):
+            await task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await asyncio.to_thread(drop, path)
+        raise
