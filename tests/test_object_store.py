@@ -84,6 +84,9 @@ def test_missing_extra_names_the_pip_command(
 ) -> None:
     """Without s3fs, --out s3://... is a usage error naming the extra; no folder `s3:` appears."""
     monkeypatch.setitem(sys.modules, "s3fs", None)
+    # A test that ran before may have had fsspec load (and remember) the s3 filesystem.
+    registry = sys.modules["fsspec.registry"]._registry
+    monkeypatch.delitem(registry, "s3", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'cometbatch\[s3\]'"):
         open_store("s3://bucket/x")
     monkeypatch.chdir(tmp_path)
