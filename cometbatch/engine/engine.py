@@ -16,6 +16,7 @@ import aiohttp
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
+from ..layouts.packer import Packer, open_packer
 from ..ledger.events import LEDGER_NAME
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
@@ -74,8 +75,7 @@ class Engine:
         if os.path.abspath(self.store.root) != os.path.abspath(self.out_dir):
             # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
             raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
-        # A caller's registry is used as given; the default one is built from the settings
-        # (models_file merged over the built-in models, then model_overrides).
+        # A caller's registry as given; else models_file over the built-in ones, then overrides.
         self.registry = registry or load_registry(
             self.settings.models_file, self.settings.model_overrides
         )
@@ -92,8 +92,7 @@ class Engine:
         self._run_id = uuid.uuid4().hex[:12]
         self._run_started = False
         self._halt = Halt(self.summary)
-        # Every task carrying a request (run()'s workers, generate()'s requests): the engine
-        # owns them, so a caller's cancellation never drops a request that was sent.
+        # Every task carrying a request: owned here, so a caller's cancel never drops a sent one.
         self._inflight = InFlight()
         self._pool = WorkerPool(inflight=self._inflight, halt=self._halt)
         self._started_at = 0.0
@@ -104,6 +103,7 @@ class Engine:
         self._attempts: Attempts | None = None
         self._triage: Triage | None = None
         self._life: RequestLife | None = None
+        self._packer: Packer | None = None  # shard layouts only
         self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -155,8 +155,7 @@ class Engine:
                 max_images_per_request=max((spec.max_n for spec in self.registry), default=10),
             )
             self._limiter = await self._stack.enter_async_context(limiter)
-            # Work the pool has no free worker for: with one worker a slot, the slots are
-            # what holds it back even while a worker stores images outside its slot.
+            # Work the pool has no free worker for (with one worker a slot, the slots hold it).
             limiter.backlog = self._pool.backlog
             client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
@@ -166,6 +165,7 @@ class Engine:
                 Ledger(self.out_dir, fsync=fsync, store=self.store)
             )
             self._ledger = ledger
+            self._packer = await open_packer(self.store, self.settings, ledger, self._run_id)
             sink = Sink(self.store, fsync=fsync == "always")
             # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
@@ -203,6 +203,7 @@ class Engine:
                 base_url=self.settings.base_url,
                 prices=self.prices,
                 budget=budget,
+                packer=self._packer,
             )
         except BaseException:
             self._state = "closed"
@@ -216,14 +217,16 @@ class Engine:
         # Closing: nothing new starts, requests already sent are still recorded.
         self._state = "closing"
         cancelled: asyncio.CancelledError | None = None
+        packing: Exception | None = None
         try:
             try:
                 await self._land_sent_requests()
             except asyncio.CancelledError as exc:
-                # Cancelled while waiting: what is still out is cut off (and counted) now;
-                # the end line is still written, then the cancellation goes on.
+                # Cancelled while waiting: the rest is cut off (counted), the end line written.
                 cancelled = exc
                 await self._cut_off()
+            if self._packer is not None and self._run_started and cancelled is None:
+                packing = await self._packer.finish_run()  # the last shard, less than full
             if self._limiter is not None:
                 self.summary.pace = self._limiter.pace(whole=True)
             if self._simulator is not None:
@@ -245,6 +248,8 @@ class Engine:
             await self._stack.aclose()
         if cancelled is not None:
             raise cancelled
+        if packing is not None and exc_info[1] is None:
+            raise packing
 
     def _let_go(self) -> None:
         """run()'s consumer went away: take no new work; sent requests land and are recorded."""
@@ -307,6 +312,8 @@ class Engine:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
         _, triage, life = self._parts()
+        if self._packer is not None:
+            self._packer.seen(job)
         # The job's recorded files are looked at off the event loop, as run() does.
         triaged = [item async for verdicts in triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
@@ -326,8 +333,7 @@ class Engine:
         try:
             return list(await asyncio.gather(*calls))
         except asyncio.CancelledError:
-            # The caller went away: a request not sent yet is cancelled; one that was sent
-            # finishes under the engine and is recorded (leaving the engine waits for it).
+            # The caller went away: an unsent request is cancelled; a sent one is recorded.
             self._inflight.cancel_idle(sending)
             raise
         except Stopped as exc:
@@ -358,6 +364,8 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
+        if (packer := self._packer) is not None:  # earlier runs' staging: packed as seen
+            jobs = packer.awatch(jobs) if isinstance(jobs, AsyncIterable) else packer.watch(jobs)
         width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
@@ -371,8 +379,7 @@ class Engine:
                 yield item
             await runner
         finally:
-            # Left early: stop taking work, but never wait here (a cancelled caller's wait
-            # ends now); leaving the engine waits for the requests already sent.
+            # Left early: stop taking work, never wait here (leaving the engine waits).
             self._let_go()
         if self._pool.error is not None:
             raise self._pool.error

@@ -143,6 +143,8 @@ class Triage:
         if state is None:
             return _NOTHING
         if state.status == "ok":
+            if request.key in self._recorded.packed:
+                return _NOTHING  # its images live in a committed shard, not in images/
             if not look or not self._presence.missing(
                 job.id, request.indexes, state, job.output_format
             ):

@@ -1,0 +1,1 @@
+"""Dataset layouts: images packed from staging into webdataset or parquet shards."""
