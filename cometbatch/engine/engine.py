@@ -16,7 +16,7 @@ import aiohttp
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
-from ..layouts.packer import Packer, open_packer
+from ..layouts import RunLayout, open_layout
 from ..ledger.events import LEDGER_NAME
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
@@ -103,7 +103,7 @@ class Engine:
         self._attempts: Attempts | None = None
         self._triage: Triage | None = None
         self._life: RequestLife | None = None
-        self._packer: Packer | None = None  # shard layouts only
+        self._layout: RunLayout | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -165,9 +165,10 @@ class Engine:
                 Ledger(self.out_dir, fsync=fsync, store=self.store)
             )
             self._ledger = ledger
-            self._packer = await open_packer(self.store, self.settings, ledger, self._run_id)
+            self._layout = await open_layout(
+                self.store, self.settings, ledger, self._run_id, self.registry
+            )
             sink = Sink(self.store, fsync=fsync == "always")
-            # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
@@ -203,7 +204,7 @@ class Engine:
                 base_url=self.settings.base_url,
                 prices=self.prices,
                 budget=budget,
-                packer=self._packer,
+                layout=self._layout,
             )
         except BaseException:
             self._state = "closed"
@@ -225,8 +226,8 @@ class Engine:
                 # Cancelled while waiting: the rest is cut off (counted), the end line written.
                 cancelled = exc
                 await self._cut_off()
-            if self._packer is not None and self._run_started and cancelled is None:
-                packing = await self._packer.finish_run()  # the last shard, less than full
+            if self._layout is not None and self._run_started and cancelled is None:
+                packing = await self._layout.finish_run()  # the last shard; metadata.jsonl
             if self._limiter is not None:
                 self.summary.pace = self._limiter.pace(whole=True)
             if self._simulator is not None:
@@ -253,7 +254,6 @@ class Engine:
 
     def _let_go(self) -> None:
         """run()'s consumer went away: take no new work; sent requests land and are recorded."""
-        # (A break, a cancellation, a dropped generator.)
         runner = self._runner
         if runner is not None and not runner.done():
             self.stop()
@@ -312,8 +312,8 @@ class Engine:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
         _, triage, life = self._parts()
-        if self._packer is not None:
-            self._packer.seen(job)
+        if self._layout is not None:
+            self._layout.seen(job)
         # The job's recorded files are looked at off the event loop, as run() does.
         triaged = [item async for verdicts in triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
@@ -364,8 +364,8 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
-        if (packer := self._packer) is not None:  # earlier runs' staging: packed as seen
-            jobs = packer.awatch(jobs) if isinstance(jobs, AsyncIterable) else packer.watch(jobs)
+        if (layout := self._layout) is not None:  # earlier runs' staging: packed as seen
+            jobs = layout.awatch(jobs) if isinstance(jobs, AsyncIterable) else layout.watch(jobs)
         width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(

@@ -12,7 +12,7 @@ from typing import Any
 from ..costs.budget import Budget, cap_text
 from ..costs.prices import PriceTable, estimate, request_cost
 from ..errors import APIError
-from ..layouts.packer import Packer
+from ..layouts import RunLayout
 from ..ledger.events import now_iso
 from ..ledger.keystate import KeyState
 from ..ledger.writer import Ledger
@@ -44,10 +44,10 @@ class RequestLife:
         base_url: str,
         prices: PriceTable,
         budget: Budget | None = None,
-        packer: Packer | None = None,
+        layout: RunLayout | None = None,
     ) -> None:
         self.attempts = attempts
-        self.packer = packer  # shard layouts: ok lines' images go to it
+        self.layout = layout  # ok lines' images go to it (shard layouts pack them)
         self.triage = triage
         self._ledger = ledger
         self.out_dir = out_dir
@@ -250,9 +250,9 @@ class RequestLife:
         # Recorded: the task holds nothing paid for and unrecorded (a follow-up may wait for
         # its slot a while; a stop need not wait for it, nor count it as cut off).
         self.attempts.recorded()
-        if self.packer is not None and result.ok:
-            self.packer.add(result)
-            await self.packer.pack_full()
+        if self.layout is not None and result.ok:
+            self.layout.add(result)
+            await self.layout.pack_full()
         return result
 
     async def _send(

@@ -26,7 +26,6 @@ from ..ledger.index import LedgerState
 from ..ledger.writer import Ledger
 from ..manifest.job import Job
 from ..results import Result
-from ..settings import Settings
 from ..store.imagecheck import image_size
 from ..store.interface import Store
 from ..store.shardfiles import Member, require_pyarrow, write_parquet, write_tar
@@ -44,7 +43,7 @@ from .samples import (
     stats_name,
 )
 
-__all__ = ["SHARD_LAYOUTS", "Packer", "open_packer"]
+__all__ = ["SHARD_LAYOUTS", "Packer"]
 
 log = logging.getLogger(__name__)
 
@@ -272,19 +271,6 @@ class Packer:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 self.store.remove(path)
-
-
-async def open_packer(
-    store: Store, settings: Settings, ledger: Ledger, run_id: str
-) -> Packer | None:
-    """A run's packer, open (None for the files layout)."""
-    if settings.layout == "files":
-        return None
-    packer = Packer(
-        store, layout=settings.layout, shard_size=settings.shard_size, ledger=ledger, run_id=run_id
-    )
-    await asyncio.to_thread(packer.open, ledger.state)
-    return packer
 
 
 def _digest(path: str) -> tuple[int, str]:
