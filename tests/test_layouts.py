@@ -1,0 +1,211 @@
+"""Dataset layouts read back by the readers people use, and packing that survives a kill."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import tarfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import no_sleep, run_all, settings_for
+
+from cometbatch import CometBatchError, Engine, Job, SimConfig, Simulator
+from cometbatch.store.interface import AppendLog
+from cometbatch.store.local import LocalStore
+
+JOBS = [Job(id=f"job-{i}", prompt=f"a lighthouse, take {i}", metadata={"i": i}) for i in range(30)]
+PROMPTS = {job.prompt for job in JOBS}
+
+
+async def generate(out: Path, layout: str, *, store: Any = None, jobs: Sequence[Job] = JOBS) -> int:
+    """Run `jobs` into `out` with `layout` (8 images a shard); the requests the API got."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        settings = settings_for(sim, layout=layout, shard_size=8, concurrency=4)
+        async with Engine(settings, out_dir=out, sleep=no_sleep, store=store) as engine:
+            await run_all(engine, list(jobs))
+        return sim.stats.requests
+
+
+def webdataset_samples(out: Path) -> list[dict[str, Any]]:
+    """Every sample of OUT's tar shards, read by webdataset itself."""
+    import webdataset as wds
+
+    urls = [str(path) for path in sorted((out / "shards").glob("*.tar"))]
+    with warnings.catch_warnings():
+        # webdataset leaves its shard files to the garbage collector.
+        warnings.simplefilter("ignore", ResourceWarning)
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+        gc.collect()
+    return samples
+
+
+def parquet_rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of OUT's parquet shards, read by pyarrow."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in sorted((out / "shards").glob("*.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def staged_files(out: Path) -> list[Path]:
+    return [path for path in (out / "images").rglob("*") if path.is_file()]
+
+
+def shard_events(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "ledger.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == "shard"]
+
+
+async def test_webdataset_shards_read_back_with_prompt_and_image(tmp_path: Path) -> None:
+    """30 images in tar shards of 8 read back through webdataset as 30 samples with bytes,
+    prompt and record; staging is empty and every shard has its stats."""
+    assert await generate(tmp_path, "webdataset") == 30
+    samples = webdataset_samples(tmp_path)
+    assert len(samples) == 30
+    assert {s["txt"].decode() for s in samples} == PROMPTS
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert record["prompt"] == sample["txt"].decode()
+        assert record["metadata"] == {"i": int(record["job_id"].split("-")[1])}
+        assert sample["webp"][:4] == b"RIFF"
+    names = sorted(path.name for path in (tmp_path / "shards").iterdir())
+    assert names == [f"{n:05d}{suffix}" for n in range(4) for suffix in (".tar", "_stats.json")]
+    stats = json.loads((tmp_path / "shards" / "00003_stats.json").read_text())
+    assert (stats["count"], stats["successes"]) == (6, 6)
+    assert staged_files(tmp_path) == []
+
+
+async def test_parquet_shards_read_back_one_row_per_image(tmp_path: Path) -> None:
+    """30 images in parquet shards read back through pyarrow as 30 rows with image bytes,
+    prompt, size in pixels and the job's metadata as JSON."""
+    from PIL import Image
+
+    assert await generate(tmp_path, "parquet") == 30
+    rows = parquet_rows(tmp_path)
+    assert len(rows) == 30
+    assert {row["prompt"] for row in rows} == PROMPTS
+    for row in rows:
+        with Image.open(io.BytesIO(row["image"])) as image:
+            assert (row["width"], row["height"]) == image.size
+        assert json.loads(row["metadata"]) == {"i": row["index"] + int(row["job_id"][4:])}
+    assert staged_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+async def test_a_rerun_of_a_packed_output_sends_nothing(tmp_path: Path, layout: str) -> None:
+    """Images that live in committed shards count as done: a rerun sends no request and
+    writes no shard."""
+    await generate(tmp_path, layout)
+    before = sorted(path.name for path in (tmp_path / "shards").iterdir())
+    assert await generate(tmp_path, layout) == 0
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == before
+
+
+async def test_imagefolder_reads_images_with_their_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files layout's metadata.jsonl gives imagefolder a prompt column, and job folders do
+    not become class labels."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    await generate(out, "files")
+    dataset = datasets.load_dataset(
+        "imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    assert len(dataset) == 30
+    assert "label" not in dataset.column_names
+    assert {row["prompt"] for row in dataset} == PROMPTS
+    assert min(dataset[0]["image"].size) > 0
+
+
+class KilledError(OSError):
+    """What a killed process would leave: nothing after this point is written."""
+
+
+class DyingStore(LocalStore):
+    """A local store that dies at one step of packing the last shard (00003): that write and
+    every later one fail, as if the process had been killed there."""
+
+    def __init__(self, root: Path, step: str) -> None:
+        super().__init__(root)
+        self.step = step
+        self.dead = False
+        self.committed = False
+        self.removed = 0
+
+    def _die(self, step: str) -> None:
+        if self.dead or step == self.step:
+            self.dead = True
+            raise KilledError(f"killed at {step}")
+
+    async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
+        self._die("stats" if name == "shards/00003_stats.json" else "put")
+        await super().put(name, data, sync=sync)
+
+    async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
+        self._die("shard" if name.startswith("shards/00003.") else "put")
+        await super().put_file(name, source, sync=sync)
+
+    def remove(self, name: str) -> None:
+        # "staging": after two of the committed shard's six images were removed.
+        if self.committed and name.startswith("images/"):
+            self.removed += 1
+            if self.removed == 3:
+                self._die("staging")
+        super().remove(name)
+
+    def open_log(self, name: str, *, sync: bool) -> AppendLog:
+        return _DyingLog(super().open_log(name, sync=sync), self)
+
+
+class _DyingLog:
+    def __init__(self, log: AppendLog, store: DyingStore) -> None:
+        self.log, self.store = log, store
+
+    def append(self, data: bytes, sync: bool) -> int | None:
+        last_shard = b'"shards/00003.' in data
+        self.store._die("event" if last_shard else "line")
+        size = self.log.append(data, sync)
+        self.store.committed |= last_shard
+        return size
+
+    def close(self, sync: bool) -> None:
+        self.log.close(sync)
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+@pytest.mark.parametrize("step", ["shard", "stats", "event", "staging"])
+async def test_a_kill_at_any_step_of_packing_loses_and_repeats_nothing(
+    tmp_path: Path, layout: str, step: str
+) -> None:
+    """Killed before the shard is stored, before its stats, before its ledger line or while
+    its staging is removed, the next run sends nothing and every image is in a shard once."""
+    store = DyingStore(tmp_path, step)
+    # All 30 are answered and recorded before the end of the run packs the last 6.
+    with pytest.raises((OSError, CometBatchError)):
+        await generate(tmp_path, layout, store=store, jobs=JOBS)
+    assert store.dead
+    assert await generate(tmp_path, layout) == 0
+    if layout == "webdataset":
+        keys = [json.loads(sample["json"])["job_id"] for sample in webdataset_samples(tmp_path)]
+    else:
+        keys = [row["job_id"] for row in parquet_rows(tmp_path)]
+    assert sorted(keys) == sorted(job.id for job in JOBS)
+    assert staged_files(tmp_path) == []
+    # Every shard in the store is a committed one (a stray was removed or replaced).
+    committed = {name for e in shard_events(tmp_path) for name in (e["shard"], e["stats"])}
+    assert {f"shards/{path.name}" for path in (tmp_path / "shards").iterdir()} == committed
+
+
+def tar_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
