@@ -38,6 +38,7 @@ ConcurrencyMode = Literal["fixed", "auto", "rate"]
 # How OUT holds the images: files (images/<job>/<k>.<ext> and metadata.jsonl), or shards.
 Layout = Literal["files", "webdataset", "parquet"]
 DEFAULT_SHARD_SIZE = 1000
+SHARD_LAYOUTS = ("webdataset", "parquet")
 
 
 def _default_base_url() -> str:

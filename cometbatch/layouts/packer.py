@@ -26,6 +26,7 @@ from ..ledger.index import LedgerState
 from ..ledger.writer import Ledger
 from ..manifest.job import Job
 from ..results import Result
+from ..settings import SHARD_LAYOUTS
 from ..store.imagecheck import image_size
 from ..store.interface import Store
 from ..store.shardfiles import Member, require_pyarrow, write_parquet, write_tar
@@ -46,8 +47,6 @@ from .samples import (
 __all__ = ["SHARD_LAYOUTS", "Packer"]
 
 log = logging.getLogger(__name__)
-
-SHARD_LAYOUTS = ("webdataset", "parquet")
 
 
 class Packer:
@@ -92,6 +91,11 @@ class Packer:
             f"<Packer {self.layout} next={self._next} pending={self._images} "
             f"waiting_jobs={len(self._waiting)} shards={self.shards_written}>"
         )
+
+    @property
+    def unseen(self) -> int:
+        """Staged requests whose job was never seen (no prompt known): not packed."""
+        return sum(map(len, self._waiting.values()))
 
     def open(self, state: LedgerState) -> None:
         """Take up where the ledger says packing stands (blocking): strays removed, staging of

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,13 +21,15 @@ from ..store.interface import Store
 from ..store.local import LocalStore
 from ..store.setaside import (
     MISSING,
+    SHA256,
     check_file,
     image_name,
     recorded_image,
     withdraw_event,
     withdrawal,
 )
-from .events import LEDGER_NAME, now_iso
+from ..store.shardfiles import read_members
+from .events import LEDGER_NAME, SHARD_EVENT, now_iso, read_events
 from .index import LedgerState
 from .keystate import KeyState
 from .writer import Ledger
@@ -174,8 +177,8 @@ def check_recorded(store: Store, image: dict[str, Any]) -> tuple[str, str] | Non
 
 def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, Any], str | None]]:
     """Each image of an ok key (None), and each image a line withdrew (that line's kind)."""
-    for _, recorded in state.items():
-        if recorded.status == "ok":
+    for key, recorded in state.items():
+        if recorded.status == "ok" and key not in state.packed:
             for image in recorded.images:
                 yield recorded, image, None
         elif recorded.status == "failed" and recorded.withdraws:
@@ -217,6 +220,33 @@ def check_folder(store: Store, state: LedgerState, report: VerifyReport) -> dict
     return bad
 
 
+def check_shards(store: Store, path: Path, report: VerifyReport) -> None:
+    """Check each committed shard's samples against its ledger line: there, and the sha256
+    recorded when they were packed (bad ones are reported, not marked: the shard holds them)."""
+    for event in read_events(path):
+        if event.kind != SHARD_EVENT:
+            continue
+        shard, samples = str(event.fields["shard"]), event.fields["samples"]
+        report.checked_images += len(samples)
+        report.checked_keys += len({sample["key"] for sample in samples})
+        try:
+            members = dict(read_members(store.read(shard), str(event.fields["layout"])))
+            problem = None
+        except (OSError, ValueError) as exc:
+            members, problem = {}, f"the shard cannot be read: {exc}"
+        for sample in samples:
+            data = members.get(sample["sample"])
+            if data is None:
+                detail = problem or "not in the shard"
+                found = (MISSING, detail)
+            elif hashlib.sha256(data).hexdigest() != sample["sha256"]:
+                found = (SHA256, "its sha256 is not the one recorded when it was packed")
+            else:
+                continue
+            where = f"{shard}#{sample['sample']}"
+            report.bad.append(BadImage(sample["key"], sample["index"], where, *found))
+
+
 def _mark(run_id: str, recorded: KeyState, problems: list[BadImage]) -> dict[str, Any]:
     """The line that takes a bad key out of ok, so that the next run restores it."""
     latest = recorded.line_event_or_rebuilt()
@@ -248,6 +278,8 @@ async def verify_folder(out_dir: str | os.PathLike[str], *, mark: bool = True) -
     async with Ledger(out, store=store) as ledger:
         # Reading and hashing a large folder takes a while: keep the event loop free.
         bad = await asyncio.to_thread(check_folder, store, ledger.state, report)
+        if ledger.state.shards:
+            await asyncio.to_thread(check_shards, store, ledger.path, report)
         if not bad or not mark:
             return report
         # Its lines carry a run id of their own, without run and end events: verify is not a

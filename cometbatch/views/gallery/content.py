@@ -10,8 +10,11 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ...errors import ConfigError
+from ...layouts.samples import SHARDS
 from ...ledger.events import ledger_path, read_events
 from ...paths import unlinked
+from ...store.local import LocalStore
 from ..status import recorded_defaults
 from .model import GALLERY_NAME, LINKED, MAX_TILES, Bucket, Failure, Gallery, Tile
 from .page import render_page
@@ -196,6 +199,11 @@ def write_gallery(
     out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> Path:
     """Write OUT/index.html, a self-contained page of the folder's images; return its path."""
+    if LocalStore(out_dir).names(SHARDS):
+        raise ConfigError(
+            f"{out_dir} keeps its images in dataset shards ({SHARDS}/): the gallery shows an "
+            "output of the files layout (run with --layout files)"
+        )
     gallery = read_gallery(out_dir, manifest)
     target = Path(out_dir) / GALLERY_NAME
     temporary = target.with_name(f".{GALLERY_NAME}.tmp")
