@@ -12,11 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import no_sleep, run_all, settings_for
+from pydantic import ValidationError
+from support import cli, no_sleep, run_all, settings_for
 
-from cometbatch import CometBatchError, Engine, Job, SimConfig, Simulator
+from cometbatch import (
+    CometBatchError,
+    ConfigError,
+    Engine,
+    Job,
+    Settings,
+    SimConfig,
+    Simulator,
+    load_manifest,
+)
+from cometbatch.cli.config import parse_config
+from cometbatch.ledger.verify import verify_folder
 from cometbatch.store.interface import AppendLog
 from cometbatch.store.local import LocalStore
+from cometbatch.views.export import export as export_ledger
+from cometbatch.views.gallery.content import write_gallery
+from cometbatch.views.status import read_status
 
 JOBS = [Job(id=f"job-{i}", prompt=f"a lighthouse, take {i}", metadata={"i": i}) for i in range(30)]
 PROMPTS = {job.prompt for job in JOBS}
@@ -206,6 +221,91 @@ async def test_a_kill_at_any_step_of_packing_loses_and_repeats_nothing(
     assert {f"shards/{path.name}" for path in (tmp_path / "shards").iterdir()} == committed
 
 
-def tar_members(path: Path) -> list[str]:
-    with tarfile.open(path) as tar:
-        return tar.getnames()
+async def files_output(tmp_path: Path) -> Path:
+    """A files-layout output of JOBS, run from a manifest file (the prompts' source)."""
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(job.model_dump_json() + "\n" for job in JOBS))
+    out = tmp_path / "out"
+    async with Simulator(SimConfig(seed=3)) as sim:
+        settings = settings_for(sim)
+        async with Engine(settings, out_dir=out, sleep=no_sleep) as engine:
+            await run_all(engine, load_manifest(manifest))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+async def test_export_converts_a_files_output_into_shards(tmp_path: Path, layout: str) -> None:
+    """`export OUT DEST --layout` packs a finished files-layout output into shards that read
+    back as 30 samples with their prompts, and leaves OUT as it was."""
+    out = await files_output(tmp_path)
+    dest = tmp_path / "dest"
+    code, _, stderr = await cli(
+        "export", str(out), str(dest), "--layout", layout, "--shard-size", "8"
+    )
+    assert code == 0, stderr
+    assert "30 image(s) in 4" in stderr
+    if layout == "webdataset":
+        prompts = [sample["txt"].decode() for sample in webdataset_samples(dest)]
+    else:
+        prompts = [row["prompt"] for row in parquet_rows(dest)]
+    assert sorted(prompts) == sorted(PROMPTS)
+    assert len(staged_files(out)) == 30
+    # Into a folder that holds shards already: refused, nothing overwritten.
+    code, _, stderr = await cli("export", str(out), str(dest), "--layout", layout)
+    assert code != 0 and "already holds shards/" in stderr
+
+
+async def test_export_layout_takes_a_destination(tmp_path: Path) -> None:
+    """--layout without DEST, or with --format, is a usage error (exit 2)."""
+    out = await files_output(tmp_path)
+    code, _, stderr = await cli("export", str(out), "--layout", "webdataset")
+    assert code == 2 and "DEST" in stderr
+    code, _, _ = await cli("export", str(out), str(tmp_path / "d"), "--format", "csv")
+    assert code == 2
+
+
+async def test_verify_checks_every_sample_of_every_shard(tmp_path: Path) -> None:
+    """verify finds a packed output whole, then names the one sample of a shard whose bytes
+    are not those recorded when it was packed."""
+    await generate(tmp_path, "webdataset")
+    report = await verify_folder(tmp_path)
+    assert report.ok and report.checked_images == 30
+    shard = tmp_path / "shards" / "00001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info)) for info in tar.getmembers()]
+        contents = [(info, handle.read() if handle else b"") for info, handle in members]
+    victim = "0000100002.webp"
+    with tarfile.open(shard, "w") as tar:
+        for info, data in contents:
+            if info.name == victim:
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            tar.addfile(info, io.BytesIO(data))
+    report = await verify_folder(tmp_path)
+    assert [(bad.path, bad.problem) for bad in report.bad] == [
+        ("shards/00001.tar#0000100002", "sha256")
+    ]
+
+
+async def test_status_export_and_gallery_on_a_packed_output(tmp_path: Path) -> None:
+    """status counts the shards and their images; the ledger exports as before (a shard line
+    is skipped by readers that do not know it); the gallery says it needs the files layout."""
+    await generate(tmp_path, "parquet")
+    data = read_status(tmp_path).to_dict()
+    assert data["layout"] == {"name": "parquet", "shards": 4, "packed_images": 30}
+    assert data["ok_images"] == 30
+    stream = io.StringIO()
+    assert export_ledger(tmp_path, "jsonl", stream) == 30
+    with pytest.raises(ConfigError, match="files layout"):
+        write_gallery(tmp_path)
+
+
+def test_layout_and_shard_size_are_checked_as_settings() -> None:
+    """A layout or shard size out of bounds is refused by Settings, as flag or file value."""
+    assert Settings(layout="parquet", shard_size=5).shard_size == 5
+    with pytest.raises(ValidationError):
+        Settings(layout="tar")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        Settings(shard_size=0)
+    assert parse_config({"layout": "webdataset", "shard_size": 64}, "c.toml").get("layout")
+    with pytest.raises(ConfigError, match="'shard_size'"):
+        parse_config({"shard_size": 0}, "c.toml")
