@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from support import cli, no_sleep, run_all, settings_for
+from support import ROOT, cli, no_sleep, run_all, settings_for
 
 from cometbatch import (
     CometBatchError,
@@ -309,3 +309,18 @@ def test_layout_and_shard_size_are_checked_as_settings() -> None:
     assert parse_config({"layout": "webdataset", "shard_size": 64}, "c.toml").get("layout")
     with pytest.raises(ConfigError, match="'shard_size'"):
         parse_config({"shard_size": 0}, "c.toml")
+
+
+async def test_run_and_status_with_layout_flags(tmp_path: Path) -> None:
+    """`run --layout webdataset --shard-size N` packs the demo into shards that status counts;
+    a shard size out of bounds is a usage error naming the flag."""
+    out = tmp_path / "out"
+    demo = str(ROOT / "jobs" / "demo.jsonl")
+    args = ["--simulate", "--out", str(out), "--layout", "webdataset", "--shard-size", "4"]
+    code, _, stderr = await cli("run", demo, *args)
+    assert code == 0, stderr
+    assert list((out / "shards").glob("*.tar")) and staged_files(out) == []
+    code, stdout, _ = await cli("status", str(out))
+    assert code == 0 and "layout webdataset:" in stdout
+    code, _, stderr = await cli("run", demo, "--simulate", "--out", str(out), "--shard-size", "0")
+    assert code == 2 and "--shard-size" in stderr

@@ -1,5 +1,6 @@
-"""The files layout: images stay in images/, and metadata.jsonl at the root names each with its
-prompt, so that `datasets.load_dataset("imagefolder", data_dir=OUT)` reads both."""
+"""The files layout: images stay in images/; metadata.jsonl names each with its prompt."""
+
+# So that `datasets.load_dataset("imagefolder", data_dir=OUT)` reads images with prompts.
 
 # With a metadata file there, imagefolder takes its columns from it and infers no class label
 # from the job folders (datasets >= 2.x: drop_labels defaults to "when there is no metadata").

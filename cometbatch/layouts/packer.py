@@ -1,5 +1,4 @@
-"""The packer: ok images wait in staging (images/), then go into shards, each committed by a
-ledger line before its staging is removed."""
+"""The packer: ok images wait in staging (images/), then go into shards committed by the ledger."""
 
 # The order is what makes a kill at any point safe: (1) the shard is put whole in the store,
 # (2) then its stats, (3) then the shard line is appended to the ledger, (4) then the staged
@@ -98,8 +97,9 @@ class Packer:
         return sum(map(len, self._waiting.values()))
 
     def open(self, state: LedgerState) -> None:
-        """Take up where the ledger says packing stands (blocking): strays removed, staging of
-        the last committed shard removed, earlier runs' staged keys noted."""
+        """Take up where the ledger says packing stands (blocking)."""
+        # Strays (shards without a line) removed, the last committed shard's staging removed,
+        # earlier runs' staged keys noted by job.
         self._state = state
         numbers = [shard_number(str(shard["shard"])) or 0 for shard in state.shards]
         self._next = max(numbers) + 1 if numbers else 0
@@ -225,8 +225,8 @@ class Packer:
     def _build(
         self, number: int, batch: list[Staged]
     ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], int]:
-        """Write the shard to a local temporary file (blocking); the file, its ledger entries,
-        its records and how many images were not whole in staging."""
+        """Write the shard to a local temporary file (blocking); see the return annotation."""
+        # (file, its ledger entries, its records, images not whole in staging)
         entries: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []
         skipped = 0

@@ -63,8 +63,8 @@ def sample_key(number: int, position: int) -> str:
 
 
 def choose(pending: Iterable[Staged], size: int) -> list[Staged]:
-    """The staged requests of the next shard: whole requests, in order, up to `size` images
-    (one request larger than `size` makes a shard of its own)."""
+    """The staged requests of the next shard: whole requests, in order, up to `size` images."""
+    # One request larger than `size` makes a shard of its own.
     chosen: list[Staged] = []
     count = 0
     for staged in pending:

@@ -221,8 +221,8 @@ def check_folder(store: Store, state: LedgerState, report: VerifyReport) -> dict
 
 
 def check_shards(store: Store, path: Path, report: VerifyReport) -> None:
-    """Check each committed shard's samples against its ledger line: there, and the sha256
-    recorded when they were packed (bad ones are reported, not marked: the shard holds them)."""
+    """Check each committed shard's samples: there, with the sha256 recorded at packing."""
+    # Bad ones are reported, not marked: the shard holds them, no run would restore them.
     for event in read_events(path):
         if event.kind != SHARD_EVENT:
             continue

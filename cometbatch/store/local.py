@@ -183,8 +183,8 @@ class LocalStore:
             os.replace(self._local(source), destination)
 
     def remove(self, name: str) -> None:
-        """Delete the file `name`, and its folder if that is left empty (as on an object store,
-        where a folder is only a prefix of names)."""
+        """Delete the file `name`, and its folder if that is left empty."""
+        # As on an object store, where a folder is only a prefix of names.
         path = self._local(name)
         os.unlink(path)
         folder = os.path.dirname(path)
