@@ -295,6 +295,14 @@ async def test_status_export_and_gallery_on_a_packed_output(tmp_path: Path) -> N
     assert data["ok_images"] == 30
     stream = io.StringIO()
     assert export_ledger(tmp_path, "jsonl", stream) == 30
+    # Each image names the shard and sample that hold it now.
+    images = [
+        image for line in stream.getvalue().splitlines() for image in json.loads(line)["images"]
+    ]
+    assert sorted(image["sample"][:5] for image in images) == sorted(
+        f"{n:05d}" for n, size in enumerate((8, 8, 8, 6)) for _ in range(size)
+    )
+    assert {image["shard"] for image in images} == {f"shards/{n:05d}.parquet" for n in range(4)}
     with pytest.raises(ConfigError, match="files layout"):
         write_gallery(tmp_path)
 
@@ -324,3 +332,16 @@ async def test_run_and_status_with_layout_flags(tmp_path: Path) -> None:
     assert code == 0 and "layout webdataset:" in stdout
     code, _, stderr = await cli("run", demo, "--simulate", "--out", str(out), "--shard-size", "0")
     assert code == 2 and "--shard-size" in stderr
+
+
+async def test_a_files_output_run_again_as_shards_packs_it_without_a_request(
+    tmp_path: Path,
+) -> None:
+    """Images an earlier run left in images/ (a files run, or a run killed before packing) are
+    packed once their job comes by again: no request, every image once."""
+    await generate(tmp_path, "files")
+    assert len(staged_files(tmp_path)) == 30
+    assert await generate(tmp_path, "webdataset") == 0
+    samples = webdataset_samples(tmp_path)
+    assert sorted(s["txt"].decode() for s in samples) == sorted(PROMPTS)
+    assert staged_files(tmp_path) == []
