@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import sys
 import tarfile
 import warnings
 from collections.abc import Sequence
@@ -345,3 +346,14 @@ async def test_a_files_output_run_again_as_shards_packs_it_without_a_request(
     samples = webdataset_samples(tmp_path)
     assert sorted(s["txt"].decode() for s in samples) == sorted(PROMPTS)
     assert staged_files(tmp_path) == []
+
+
+async def test_parquet_without_pyarrow_names_the_extra_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pyarrow the parquet layout refuses to start, naming the pip command; nothing
+    is sent."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"pip install 'cometbatch\[datasets\]'"):
+        assert await generate(tmp_path, "parquet") == 0
