@@ -189,9 +189,9 @@ class LocalStore:
         os.unlink(path)
         folder = os.path.dirname(path)
         if folder != self._root:
+            # A later put there finds it gone and makes it again (see _write).
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-                self._folders.pop(folder, None)
 
     def escapes(self, name: str, folder: str) -> bool:
         real = Path(os.path.realpath(self._local(name)))
