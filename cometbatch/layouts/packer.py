@@ -115,7 +115,9 @@ class Packer:
                     self.store.remove(name)
             last = state.last_shard
             if last is not None:
-                self._remove_staging(sample["path"] for sample in last["samples"])
+                # Not a key recorded again since: its new images are staged at the same paths.
+                samples = [s for s in last["samples"] if s["key"] in state.packed]
+                self._remove_staging(str(sample["path"]) for sample in samples)
         for key, recorded in state.items():
             if recorded.status == "ok" and key not in state.packed:
                 self._waiting.setdefault(recorded.job_id, []).append(key)
