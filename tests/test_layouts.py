@@ -357,3 +357,18 @@ async def test_parquet_without_pyarrow_names_the_extra_before_sending(
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ConfigError, match=r"pip install 'cometbatch\[datasets\]'"):
         assert await generate(tmp_path, "parquet") == 0
+
+
+async def test_generate_calls_are_packed_too(tmp_path: Path) -> None:
+    """Images of single generate() calls go into shards like a run's: full ones as they fill,
+    the rest when the engine closes."""
+    async with Simulator(SimConfig(seed=3)) as sim:
+        settings = settings_for(sim, layout="webdataset", shard_size=2)
+        async with Engine(settings, out_dir=tmp_path, sleep=no_sleep) as engine:
+            for job in JOBS[:3]:
+                await engine.generate(job)
+            assert len(shard_events(tmp_path)) == 1
+    assert [event["count"] for event in shard_events(tmp_path)] == [2, 1]
+    assert sorted(s["txt"].decode() for s in webdataset_samples(tmp_path)) == sorted(
+        job.prompt for job in JOBS[:3]
+    )
