@@ -210,6 +210,9 @@ async def test_a_kill_at_any_step_of_packing_loses_and_repeats_nothing(
     with pytest.raises((OSError, CometBatchError)):
         await generate(tmp_path, layout, store=store, jobs=JOBS)
     assert store.dead
+    # A stray of another number (a shard put, never committed, by some earlier kill) too.
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    (tmp_path / "shards" / "00042.tar").write_bytes(b"half a shard")
     assert await generate(tmp_path, layout) == 0
     if layout == "webdataset":
         keys = [json.loads(sample["json"])["job_id"] for sample in webdataset_samples(tmp_path)]
