@@ -35,6 +35,10 @@ DEFAULT_CONCURRENCY = 16
 AUTO_MAX_CONCURRENCY = 256
 RATE_MAX_CONCURRENCY = 1000
 ConcurrencyMode = Literal["fixed", "auto", "rate"]
+# How OUT holds the images: files (images/<job>/<k>.<ext> and metadata.jsonl), or shards.
+Layout = Literal["files", "webdataset", "parquet"]
+DEFAULT_SHARD_SIZE = 1000
+SHARD_LAYOUTS = ("webdataset", "parquet")
 
 
 def _default_base_url() -> str:
@@ -145,6 +149,9 @@ class Settings(BaseModel):
     # "max_cost" instead. None: no cap.
     max_images: int | None = Field(default=None, gt=0)
     max_cost: float | None = Field(default=None, gt=0)
+    # files, or images packed into shards/NNNNN.tar (webdataset) or .parquet, shard_size each.
+    layout: Layout = "files"
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, ge=1, le=100_000)
 
     @field_validator("base_url")
     @classmethod

@@ -92,8 +92,14 @@ def test_demo_run_then_rerun_sends_nothing(tmp_path: Path) -> None:
     assert set(images_on_disk(out)) == planned_images(DEMO)
     statuses = Counter(e["status"] for e in ledger_results(out))
     assert statuses == {"ok": summary["planned_requests"]}
-    # The output layout is a contract: another version's run must find the same lock file.
-    assert sorted(p.name for p in out.iterdir()) == [".cometbatch.lock", "images", "ledger.jsonl"]
+    # The output layout is a contract: another version's run must find the same lock file;
+    # metadata.jsonl names each image with its prompt for imagefolder.
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".cometbatch.lock",
+        "images",
+        "ledger.jsonl",
+        "metadata.jsonl",
+    ]
 
     second = cli("run", str(DEMO), "--simulate", "--out", str(out))
     assert second.returncode == 0, second.stderr

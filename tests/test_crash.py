@@ -249,7 +249,8 @@ def temp_files(out: Path) -> list[Path]:
 
 
 def check_final_folder(out: Path, plan: Plan) -> int:
-    """OUT holds the ledger, the lock file and each planned image once, decodable; its count."""
+    """OUT holds the ledger, the lock file, metadata.jsonl and each planned image once,
+    decodable; its count."""
     assert temp_files(out) == []
     images: Counter[tuple[str, int]] = Counter()
     others = []
@@ -257,7 +258,7 @@ def check_final_folder(out: Path, plan: Plan) -> int:
         if path.is_dir():
             continue
         rel = path.relative_to(out)
-        if rel.parts in ((LEDGER_NAME,), (LOCK_NAME,)):
+        if rel.parts in ((LEDGER_NAME,), (LOCK_NAME,), ("metadata.jsonl",)):
             continue
         if len(rel.parts) != 3 or rel.parts[0] != "images" or not rel.stem.isdigit():
             others.append(rel)

@@ -29,6 +29,7 @@ LAYERS: Mapping[str, int] = {
     "store": 6,
     "ledger": 7,
     "costs": 8,
+    "layouts": 8,
     "engine": 9,
     "views": 10,
     "simulator": 10,

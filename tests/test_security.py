@@ -851,8 +851,12 @@ async def test_escaping_job_ids_land_strictly_inside_images_end_to_end(tmp_path:
         (tmp_path / "jobs.jsonl").resolve(),
         (out / "ledger.jsonl").resolve(),
         (out / LOCK_NAME).resolve(),
+        (out / "metadata.jsonl").resolve(),
         *written,
     }
+    # metadata.jsonl names exactly those files, each from inside the output.
+    named = (out / "metadata.jsonl").read_text().splitlines()
+    assert {(out / json.loads(line)["file_name"]).resolve() for line in named} == written
     recorded = {e["job_id"] for e in ledger_events(out) if e["event"] == "result"}
     assert recorded == {*ESCAPING_IDS, "../../batch"}
 

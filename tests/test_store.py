@@ -188,3 +188,17 @@ def test_a_store_elsewhere_than_the_output_folder_is_refused(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="must be out_dir"):
         Engine(Settings(), out_dir=tmp_path / "a", store=LocalStore(tmp_path / "b"))
     Engine(Settings(), out_dir=tmp_path / "a", store=LocalStore(tmp_path / "a"))
+
+
+async def test_removing_a_folders_last_file_removes_the_folder(tmp_path: Path) -> None:
+    """A local folder left empty by remove goes too, as on an object store, and a later put
+    into it makes it again."""
+    store = LocalStore(tmp_path)
+    await store.put("images/a/0.png", b"one")
+    await store.put("images/a/1.png", b"two")
+    store.remove("images/a/0.png")
+    assert (tmp_path / "images" / "a").is_dir()
+    store.remove("images/a/1.png")
+    assert not (tmp_path / "images" / "a").exists() and (tmp_path / "images").is_dir()
+    await store.put("images/a/2.png", b"three")
+    assert store.names("images") == ["images/a/2.png"]

@@ -69,6 +69,8 @@ SETTINGS_KEYS = (
     "fsync",
     "max_images",
     "max_cost",
+    "layout",
+    "shard_size",
     *SETTINGS_ONLY,
 )
 

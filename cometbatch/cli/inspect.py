@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import CometBatchError
+from ..settings import DEFAULT_SHARD_SIZE, SHARD_LAYOUTS
 from ..textsafe import printable
 from ..views import EXPORT_FORMATS
 from .config import load_config, model_overrides
@@ -31,6 +32,7 @@ from .options import (
 
 # OUT: a local folder, or an object store's URL (s3://bucket/prefix, ...).
 _OUT = output_argument()
+_DEST = output_argument(optional=True)
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
@@ -104,28 +106,55 @@ def gallery(out_dir: Path | str, manifest: Path | None, storage_options: tuple[s
 
 @click.command()
 @click.argument("out_dir", callback=_OUT, metavar="OUT")
+@click.argument("dest", callback=_DEST, metavar="[DEST]", required=False)
 @click.option(
     "--format",
     "format_name",
     type=click.Choice(EXPORT_FORMATS),
-    required=True,
     help="openai-batch: Batch API output lines; csv: a table; jsonl: flat JSON records.",
 )
 @click.option("--output", "-o", "output", type=_FILE, help="Write to this file (default: stdout).")
+@click.option(
+    "--layout",
+    type=click.Choice(SHARD_LAYOUTS),
+    help="Pack the images of a files-layout OUT into dataset shards in DEST instead.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(1, 100_000),
+    default=DEFAULT_SHARD_SIZE,
+    show_default=True,
+    help="Images per shard (with --layout).",
+)
 @storage_option
 def export(
-    out_dir: Path | str, format_name: str, output: Path | None, storage_options: tuple[str, ...]
+    out_dir: Path | str,
+    dest: Path | str | None,
+    format_name: str | None,
+    output: Path | None,
+    layout: str | None,
+    shard_size: int,
+    storage_options: tuple[str, ...],
 ) -> None:
-    """Export the ledger, one line per job (reads the ledger only; safe during a run).
+    """Export the ledger, one line per job (reads the ledger only; safe during a run); or,
+    with --layout, convert a finished files-layout output into dataset shards in DEST.
 
     \b
     Examples:
       cometbatch export out/demo --format csv -o results.csv
       cometbatch export out/demo --format openai-batch > batch_output.jsonl
+      cometbatch export out/demo out/demo-wds --layout webdataset --shard-size 1000
     """
+    setup_logging(0, False)
+    if layout is not None:
+        if dest is None or format_name is not None or output is not None:
+            raise click.UsageError("--layout takes OUT and DEST (and no --format or --output)")
+        _convert(out_dir, dest, layout, shard_size, storage_options)
+        return
+    if format_name is None or dest is not None:
+        raise click.UsageError("give --format (one line per job) or DEST --layout (shards)")
     from ..views.export import export as export_ledger
 
-    setup_logging(0, False)
     with reported_errors(str(output)):
         out = output_store(out_dir, storage_options)
         if output is None:
@@ -140,6 +169,20 @@ def export(
             finally:
                 temporary.unlink(missing_ok=True)
             say(f"{count} job(s) written to {output}")
+
+
+def _convert(
+    out_dir: Path | str, dest: Path | str, layout: str, shard_size: int, options: tuple[str, ...]
+) -> None:
+    """export --layout: pack OUT's images into shards in DEST and say what was written."""
+    from ..views.convert import convert
+
+    with reported_errors(str(dest)):
+        source, target = output_store(out_dir, options), output_store(dest, options)
+        done = asyncio.run(convert(source, target, layout=layout, shard_size=shard_size))
+    say(f"{done.samples} image(s) in {done.shards} {layout} shard(s) written to {dest}/shards")
+    if done.left_out:
+        say(f"{done.left_out} request(s) of jobs not in the recorded manifest were left out")
 
 
 @click.command()

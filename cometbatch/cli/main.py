@@ -17,7 +17,7 @@ from click.core import ParameterSource
 
 from .._version import __version__
 from ..errors import CometBatchError, ConfigError
-from ..settings import AUTO_MAX_CONCURRENCY, KEY_ENV, RATE_MAX_CONCURRENCY, FsyncPolicy
+from ..settings import AUTO_MAX_CONCURRENCY, KEY_ENV, RATE_MAX_CONCURRENCY, FsyncPolicy, Layout
 from ..streams import guard_std_streams
 from ..textsafe import printable
 from .inspect import export, gallery, models, status, verify
@@ -176,6 +176,21 @@ def main() -> None:
     help="When results reach the disk itself: 'end' flushes each ledger write to the OS "
     "and fsyncs at the end (a crash loses nothing); 'batch' also fsyncs each write (a power "
     "loss loses nothing); 'always' also fsyncs every image before its line.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(get_args(Layout)),
+    default=DEFAULTS["layout"],
+    show_default=True,
+    help="How OUT holds the images: 'files' (images/ plus metadata.jsonl for imagefolder), "
+    "'webdataset' (shards/NNNNN.tar) or 'parquet' (shards/NNNNN.parquet).",
+)
+@click.option(
+    "--shard-size",
+    type=int,
+    default=DEFAULTS["shard_size"],
+    help="Images per shard (webdataset, parquet)."
+    + shown_bounds("shard_size", default=DEFAULTS["shard_size"]),
 )
 @click.option(
     "--no-retry-ambiguous",

@@ -248,11 +248,16 @@ def output_folder(
     return value if _URL.match(value) else Path(value)
 
 
-def output_argument(exists: bool = False) -> Callable[[click.Context, click.Parameter, str], Any]:
+def output_argument(
+    exists: bool = False, optional: bool = False
+) -> Callable[[click.Context, click.Parameter, str | None], Any]:
     """The OUT argument's check: a local folder as click.Path checks it, or a store's URL."""
     folder = click.Path(file_okay=False, exists=exists, path_type=Path)
 
-    def convert(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+        if value is None and optional:
+            return None
+        assert value is not None  # click gives a required argument
         return value if _URL.match(value) else folder.convert(value, param, ctx)
 
     return convert

@@ -333,6 +333,12 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             f"  spent: about {format_usd(spend['usd'])} ({spend['prices']}; from usage "
             f"tokens where the answers had them{unpriced})"
         )
+    layout = data.get("layout") or {}
+    if layout.get("shards") or layout.get("name", "files") != "files":
+        lines.append(
+            f"  layout {layout['name']}: {layout['packed_images']} image(s) in "
+            f"{layout['shards']} shard(s) under shards/"
+        )
     lines.append(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
     return lines
 

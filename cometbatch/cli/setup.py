@@ -52,6 +52,8 @@ def run_settings(
         "model_overrides": overrides,
         "max_images": opts["max_images"],
         "max_cost": opts["max_cost"],
+        "layout": opts["layout"],
+        "shard_size": opts["shard_size"],
     }
     if opts["base_url"]:
         fields["base_url"] = opts["base_url"]

@@ -16,6 +16,7 @@ import aiohttp
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
+from ..layouts import RunLayout, open_layout
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
 from ..manifest.job import Job
@@ -80,8 +81,7 @@ class Engine:
         if not same:
             # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
             raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
-        # A caller's registry is used as given; the default one is built from the settings
-        # (models_file merged over the built-in models, then model_overrides).
+        # A caller's registry as given; else models_file over the built-in ones, then overrides.
         self.registry = registry or load_registry(
             self.settings.models_file, self.settings.model_overrides
         )
@@ -98,8 +98,7 @@ class Engine:
         self._run_id = uuid.uuid4().hex[:12]
         self._run_started = False
         self._halt = Halt(self.summary)
-        # Every task carrying a request (run()'s workers, generate()'s requests): the engine
-        # owns them, so a caller's cancellation never drops a request that was sent.
+        # Every task carrying a request: owned here, so a caller's cancel never drops a sent one.
         self._inflight = InFlight()
         self._pool = WorkerPool(inflight=self._inflight, halt=self._halt)
         self._started_at = 0.0
@@ -110,6 +109,7 @@ class Engine:
         self._attempts: Attempts | None = None
         self._triage: Triage | None = None
         self._life: RequestLife | None = None
+        self._layout: RunLayout | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -161,8 +161,7 @@ class Engine:
                 max_images_per_request=max((spec.max_n for spec in self.registry), default=10),
             )
             self._limiter = await self._stack.enter_async_context(limiter)
-            # Work the pool has no free worker for: with one worker a slot, the slots are
-            # what holds it back even while a worker stores images outside its slot.
+            # Work the pool has no free worker for (with one worker a slot, the slots hold it).
             limiter.backlog = self._pool.backlog
             client = await self._stack.enter_async_context(
                 Client.from_settings(self.settings, session=self._session)
@@ -172,8 +171,10 @@ class Engine:
                 Ledger(self.out_dir, fsync=fsync, store=self.store)
             )
             self._ledger = ledger
+            self._layout = await open_layout(
+                self.store, self.settings, ledger, self._run_id, self.registry
+            )
             sink = Sink(self.store, fsync=fsync == "always")
-            # A large images folder takes a while to scan: keep the event loop free meanwhile.
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
@@ -210,6 +211,7 @@ class Engine:
                 base_url=self.settings.base_url,
                 prices=self.prices,
                 budget=budget,
+                layout=self._layout,
             )
         except BaseException:
             self._state = "closed"
@@ -223,14 +225,16 @@ class Engine:
         # Closing: nothing new starts, requests already sent are still recorded.
         self._state = "closing"
         cancelled: asyncio.CancelledError | None = None
+        packing: Exception | None = None
         try:
             try:
                 await self._land_sent_requests()
             except asyncio.CancelledError as exc:
-                # Cancelled while waiting: what is still out is cut off (and counted) now;
-                # the end line is still written, then the cancellation goes on.
+                # Cancelled while waiting: the rest is cut off (counted), the end line written.
                 cancelled = exc
                 await self._cut_off()
+            if self._layout is not None and self._run_started and cancelled is None:
+                packing = await self._layout.finish_run()  # the last shard; metadata.jsonl
             if self._limiter is not None:
                 self.summary.pace = self._limiter.pace(whole=True)
             if self._simulator is not None:
@@ -252,10 +256,11 @@ class Engine:
             await self._stack.aclose()
         if cancelled is not None:
             raise cancelled
+        if packing is not None and exc_info[1] is None:
+            raise packing
 
     def _let_go(self) -> None:
         """run()'s consumer went away: take no new work; sent requests land and are recorded."""
-        # (A break, a cancellation, a dropped generator.)
         runner = self._runner
         if runner is not None and not runner.done():
             self.stop()
@@ -314,6 +319,8 @@ class Engine:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
         _, triage, life = self._parts()
+        if self._layout is not None:
+            self._layout.seen(job)
         # The job's recorded files are looked at off the event loop, as run() does.
         triaged = [item async for verdicts in triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
@@ -333,8 +340,7 @@ class Engine:
         try:
             return list(await asyncio.gather(*calls))
         except asyncio.CancelledError:
-            # The caller went away: a request not sent yet is cancelled; one that was sent
-            # finishes under the engine and is recorded (leaving the engine waits for it).
+            # The caller went away: an unsent request is cancelled; a sent one is recorded.
             self._inflight.cancel_idle(sending)
             raise
         except Stopped as exc:
@@ -365,6 +371,8 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
+        if (layout := self._layout) is not None:  # earlier runs' staging: packed as seen
+            jobs = layout.awatch(jobs) if isinstance(jobs, AsyncIterable) else layout.watch(jobs)
         width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(
@@ -378,8 +386,7 @@ class Engine:
                 yield item
             await runner
         finally:
-            # Left early: stop taking work, but never wait here (a cancelled caller's wait
-            # ends now); leaving the engine waits for the requests already sent.
+            # Left early: stop taking work, never wait here (leaving the engine waits).
             self._let_go()
         if self._pool.error is not None:
             raise self._pool.error

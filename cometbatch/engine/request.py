@@ -12,6 +12,7 @@ from typing import Any
 from ..costs.budget import Budget, cap_text
 from ..costs.prices import PriceTable, estimate, request_cost
 from ..errors import APIError
+from ..layouts import RunLayout
 from ..ledger.events import now_iso
 from ..ledger.keystate import KeyState
 from ..ledger.writer import Ledger
@@ -43,8 +44,10 @@ class RequestLife:
         base_url: str,
         prices: PriceTable,
         budget: Budget | None = None,
+        layout: RunLayout | None = None,
     ) -> None:
         self.attempts = attempts
+        self.layout = layout  # ok lines' images go to it (shard layouts pack them)
         self.triage = triage
         self._ledger = ledger
         self.out_dir = out_dir
@@ -107,9 +110,8 @@ class RequestLife:
                 return dataclasses.replace(shared, reused=True)
         restoring = work.verdict in ("restore", "redownload")
         if request.key in self._moved and not restoring:
-            # Recorded since it was triaged (the same job twice in a caller's list, or a first
-            # caller that went away after a line): triage decides again from what it has now.
-            # (A key to restore is ok in the ledger: its files are what triage found gone.)
+            # Recorded since it was triaged (the same job twice, or a first caller gone after
+            # a line): triage decides again. (A key to restore is ok: its files are gone.)
             verdict, state = self.triage.again(request)
             if verdict == "reuse" and state is not None:
                 self.triage.count("reuse", request, planned=False)
@@ -143,8 +145,7 @@ class RequestLife:
             # Before the first request is paid for: its images must have somewhere to go.
             await asyncio.to_thread(self.attempts.sink.check_writable)
             self._writable = True
-        # Images an earlier run paid for (a fetch, or the rest of a partial key), and their
-        # cost (nothing to price for a fresh request).
+        # Images an earlier run paid for (a fetch, or a partial key's rest), and their cost.
         sent = _recorded(work)
         cost = self._cost(request, sent)[0] if sent.generated else 0.0
         key = _Key(
@@ -159,8 +160,7 @@ class RequestLife:
                 return await self._record(key)
             return await self._generate(key)
         finally:
-            # Counted from the key's last line, also when a stop cancelled the wait for a
-            # follow-up (the line stands, and so do its images and its cost).
+            # From the key's last line, also when a stop cancelled a follow-up (the line stands).
             if key.last is not None:
                 self._count(key, key.last)
 
@@ -250,13 +250,16 @@ class RequestLife:
         # Recorded: the task holds nothing paid for and unrecorded (a follow-up may wait for
         # its slot a while; a stop need not wait for it, nor count it as cut off).
         self.attempts.recorded()
+        if self.layout is not None and result.ok:
+            self.layout.add(result)
+            await self.layout.pack_full()
         return result
 
     async def _send(
         self, key: _Key, request: Request, reserve: Request
     ) -> tuple[Sent, float | None]:
-        """Send the key's first missing images, reserving the budget for all of `reserve`."""
-        # Returns the outcome and the dollars reserved (settled by `_settle`).
+        """Send the key's first missing images, reserving the budget for all of `reserve`
+        (the outcome, and the dollars reserved, settled by `_settle`)."""
         work = key.work
         recorded = work.recorded
         budget = self.budget
@@ -265,7 +268,6 @@ class RequestLife:
             reserved = estimate(reserve, self.prices)
             cap = budget.reserve(reserve.n, reserved)
             if cap is not None:
-                # Nothing was sent; the run takes no new work, requests under way still land.
                 if self.summary.stopped is None and not self.summary.interrupted:
                     self.summary.stopped = cap
                     log.info("%s; no new requests start", cap_text(budget))
@@ -305,8 +307,7 @@ class RequestLife:
         self._moved_by(line)
         self.summary.restored_images += restored
         if line["status"] != OK:
-            # Put back as the partial or download_failed line it was: a line triage has not
-            # seen, so it decides again (the rest asked for, its links downloaded, or kept).
+            # Put back as the partial or download_failed line it was: triage decides again.
             verdict, state = self.triage.again(work.request)
             assert state is not None  # its line was just appended
             if verdict in ("rest", "fetch", "send"):
@@ -357,7 +358,6 @@ def _withdrawing_line(recorded: KeyState) -> dict[str, Any] | None:
 
 def _next_part(request: Request, sent: Sent) -> Request:
     """The first run of indexes `sent` has no image for (a short answer's tail, or a gap)."""
-    # A gap is left by a given-up link: the answer fills it, in index order.
     have = {image.index for image in sent.images} | {item.index for item in sent.pending}
     first = next(index for index in request.indexes if index not in have)
     stop = next((index for index in range(first, request.indexes.stop) if index in have), None)

@@ -149,6 +149,8 @@ class Triage:
         if state is None:
             return _NOTHING
         if state.status == "ok":
+            if request.key in self._recorded.packed:
+                return _NOTHING  # its images live in a committed shard, not in images/
             if (
                 not look
                 or self._presence is None

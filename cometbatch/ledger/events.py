@@ -16,6 +16,9 @@ from ._scan import OTHER, Row, all_results, block_rows, whole_lines
 from .lines import LedgerEvent, result_problem, typed
 
 LEDGER_NAME = "ledger.jsonl"
+# A dataset shard committed: its samples' images left staging (readers that do not know it
+# skip it, as every reader skips unknown events).
+SHARD_EVENT = "shard"
 
 _TAIL_CHUNK = 64 * 1024
 _DECODER = json.JSONDecoder()

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import LedgerError
 from ._keytable import KeyTable, encode_key, guess_rows
 from ._scan import Row, result_line
-from .events import LedgerReader
+from .events import SHARD_EVENT, LedgerReader
 from .keystate import KeyState as KeyState  # also imported from here (the writer, the sender)
 
 _NOTHING_AHEAD = (b"", 0)
@@ -19,7 +19,18 @@ _NOTHING_AHEAD = (b"", 0)
 class LedgerState(KeyTable):
     """The latest result per key, plus counts; what resume and `status` need from a ledger."""
 
-    __slots__ = ("_ahead", "_end", "_following", "last_end", "last_run", "runs", "torn_tail")
+    __slots__ = (
+        "_ahead",
+        "_end",
+        "_following",
+        "last_end",
+        "last_run",
+        "last_shard",
+        "packed",
+        "runs",
+        "shards",
+        "torn_tail",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +44,12 @@ class LedgerState(KeyTable):
         self.torn_tail = False
         self.last_run: dict[str, Any] | None = None
         self.last_end: dict[str, Any] | None = None
+        # Keys whose images a committed shard holds (their files left staging), and the
+        # shard events (less their samples): a key's later result line takes it out again.
+        self.packed: set[str] = set()
+        self.shards: list[dict[str, Any]] = []
+        # The latest shard event whole: a run killed while removing its staging left some.
+        self.last_shard: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -51,6 +68,11 @@ class LedgerState(KeyTable):
             self.last_run = event
         elif kind == "end":
             self.last_end = event
+        elif kind == SHARD_EVENT:
+            # Without its samples: a million images would hold their every field here.
+            self.shards.append({name: v for name, v in event.items() if name != "samples"})
+            self.last_shard = event
+            self.packed.update(str(sample["key"]) for sample in event["samples"])
         # Unknown event kinds are left alone so older versions can read newer ledgers.
         self._follow(None, line)
 
@@ -60,6 +82,7 @@ class LedgerState(KeyTable):
         # file back; the Ledger has checked (`_appended`) that its write landed at our end.
         offset = self._follow(state.key, line)
         self._put(state, offset)
+        self.packed.discard(state.key)
 
     # -- following appends ------------------------------------------------------------------
 
@@ -140,6 +163,9 @@ class LedgerState(KeyTable):
         return self
 
     def _load_rows(self, rows: list[Row], lineno: int, offset: int) -> None:
+        if self.packed:
+            # A key packed before and recorded again since has new images in staging.
+            self.packed.difference_update(row[1].decode("utf-8", "surrogatepass") for row in rows)
         while rows:
             done = self._put_rows(rows, offset)
             if done == len(rows):
@@ -155,6 +181,7 @@ class LedgerState(KeyTable):
         try:
             if event["event"] == "result":
                 self._put(KeyState.from_event(event), offset)
+                self.packed.discard(event["key"])
             else:
                 self.apply(event)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,14 +21,16 @@ from ..store.interface import Store
 from ..store.local import LocalStore
 from ..store.setaside import (
     MISSING,
+    SHA256,
     check_file,
     image_name,
     recorded_image,
     withdraw_event,
     withdrawal,
 )
+from ..store.shardfiles import read_members
 from ..store.urls import is_url, store_of
-from .events import LEDGER_NAME, now_iso
+from .events import LEDGER_NAME, SHARD_EVENT, now_iso, read_events
 from .index import LedgerState
 from .keystate import KeyState
 from .writer import Ledger
@@ -175,8 +178,8 @@ def check_recorded(store: Store, image: dict[str, Any]) -> tuple[str, str] | Non
 
 def _recorded_images(state: LedgerState) -> Iterator[tuple[KeyState, dict[str, Any], str | None]]:
     """Each image of an ok key (None), and each image a line withdrew (that line's kind)."""
-    for _, recorded in state.items():
-        if recorded.status == "ok":
+    for key, recorded in state.items():
+        if recorded.status == "ok" and key not in state.packed:
             for image in recorded.images:
                 yield recorded, image, None
         elif recorded.status == "failed" and recorded.withdraws:
@@ -216,6 +219,33 @@ def check_folder(store: Store, state: LedgerState, report: VerifyReport) -> dict
                 report.bad.append(BadImage(recorded.key, image.get("index", -1), path, *problem))
     report.checked_keys = len(keys)
     return bad
+
+
+def check_shards(store: Store, path: Path, report: VerifyReport) -> None:
+    """Check each committed shard's samples: there, with the sha256 recorded at packing."""
+    # Bad ones are reported, not marked: the shard holds them, no run would restore them.
+    for event in read_events(path):
+        if event.kind != SHARD_EVENT:
+            continue
+        shard, samples = str(event.fields["shard"]), event.fields["samples"]
+        report.checked_images += len(samples)
+        report.checked_keys += len({sample["key"] for sample in samples})
+        try:
+            members = dict(read_members(store.read(shard), str(event.fields["layout"])))
+            problem = None
+        except (OSError, ValueError) as exc:
+            members, problem = {}, f"the shard cannot be read: {exc}"
+        for sample in samples:
+            data = members.get(sample["sample"])
+            if data is None:
+                detail = problem or "not in the shard"
+                found = (MISSING, detail)
+            elif hashlib.sha256(data).hexdigest() != sample["sha256"]:
+                found = (SHA256, "its sha256 is not the one recorded when it was packed")
+            else:
+                continue
+            where = f"{shard}#{sample['sample']}"
+            report.bad.append(BadImage(sample["key"], sample["index"], where, *found))
 
 
 def _mark(run_id: str, recorded: KeyState, problems: list[BadImage]) -> dict[str, Any]:
@@ -258,6 +288,8 @@ async def verify_folder(
     async with Ledger(store.root, store=store) as ledger:
         # Reading and hashing a large folder takes a while: keep the event loop free.
         bad = await asyncio.to_thread(check_folder, store, ledger.state, report)
+        if ledger.state.shards:
+            await asyncio.to_thread(check_shards, store, ledger.path, report)
         if not bad or not mark:
             return report
         # Its lines carry a run id of their own, without run and end events: verify is not a

@@ -14,7 +14,7 @@ import zlib
 
 from ..errors import ImageDataError
 
-__all__ = ["ImageBytes", "check_image", "detect_format"]
+__all__ = ["ImageBytes", "check_image", "detect_format", "image_size"]
 
 # An image in memory, or a file's mapped into it (a streamed download, checked in place).
 ImageBytes = bytes | mmap.mmap
@@ -203,3 +203,48 @@ def _check_webp(data: ImageBytes) -> str | None:
 
 _CHECKS = {"png": _check_png, "jpeg": _check_jpeg, "webp": _check_webp}
 _NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP"}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or WebP header; None when the header does not say."""
+    fmt = detect_format(data)
+    try:
+        if fmt == "png":
+            return _PNG_SIZE.unpack_from(data, 16) if data[12:16] == b"IHDR" else None
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+        if fmt == "webp":
+            return _webp_size(data)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The size in the first start-of-frame segment."""
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _JPEG_STANDALONE or marker == 0xFF:
+            at += 1 if marker == 0xFF else 2
+            continue
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack_from(">HH", data, at + 5)
+            return width, height
+        at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """The size in a WebP's first chunk (lossy, lossless or extended)."""
+    chunk, body = data[12:16], 20
+    if chunk == b"VP8 ":
+        width, height = struct.unpack_from("<HH", data, body + 6)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        bits = int.from_bytes(data[body + 1 : body + 5], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[body + 4 : body + 7], "little") + 1
+        return width, int.from_bytes(data[body + 7 : body + 10], "little") + 1
+    return None

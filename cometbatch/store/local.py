@@ -183,7 +183,15 @@ class LocalStore:
             os.replace(self._local(source), destination)
 
     def remove(self, name: str) -> None:
-        os.unlink(self._local(name))
+        """Delete the file `name`, and its folder if that is left empty."""
+        # As on an object store, where a folder is only a prefix of names.
+        path = self._local(name)
+        os.unlink(path)
+        folder = os.path.dirname(path)
+        if folder != self._root:
+            # A later put there finds it gone and makes it again (see _write).
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     def escapes(self, name: str, folder: str) -> bool:
         real = Path(os.path.realpath(self._local(name)))

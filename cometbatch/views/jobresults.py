@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CometBatchError
-from ..ledger.events import ledger_path, read_events
+from ..ledger.events import SHARD_EVENT, ledger_path, read_events
 from ..ledger.lines import ResultEvent, RunEvent
 from ..net.answered import Answered
 from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, add_usage
@@ -172,14 +172,24 @@ def read_jobs(out_dir: Store | str | os.PathLike[str]) -> Iterator[JobResults]:
 def _merged_jobs(path: Path) -> Iterator[JobResults]:
     last: dict[str, int] = {}
     run: dict[str, Any] = {}
+    # Images a committed shard holds, by (job_id, index): where each went (shard, sample).
+    packed: dict[tuple[str, Any], dict[str, str]] = {}
     end = 0
     for event in read_events(path):
         end = event.line
         where = event.where if isinstance(event, ResultEvent) else None
         if where is not None:
             last[where[0]] = event.line
+            if packed:  # recorded again since it was packed: its images are staged again
+                for image in event.fields.get("images") or ():
+                    packed.pop((where[0], image.get("index")), None)
         elif isinstance(event, RunEvent) and event.fields.get("manifest"):
             run = event.fields
+        elif event.kind == SHARD_EVENT:
+            shard = str(event.fields["shard"])
+            for sample in event.fields["samples"]:
+                where_to = {"shard": shard, "sample": str(sample["sample"])}
+                packed[(str(sample["job_id"]), sample["index"])] = where_to
     with PromptFile() as prompts:
         scope = _read_manifest(run, set(last), prompts)
         pending: dict[str, dict[int, dict[str, Any]]] = {}
@@ -191,6 +201,8 @@ def _merged_jobs(path: Path) -> Iterator[JobResults]:
                 continue
             job_id, chunk = where
             kept = _within(event.fields, job_id, chunk, scope)
+            if kept is not None and packed:
+                kept = _placed(kept, job_id, packed)
             if kept is not None:
                 pending.setdefault(job_id, {})[chunk] = kept
             if last.get(job_id) == event.line and job_id in pending:
@@ -198,6 +210,18 @@ def _merged_jobs(path: Path) -> Iterator[JobResults]:
         # Only when the ledger changed between the passes (it was repaired or replaced).
         for job_id, requests in pending.items():
             yield JobResults(job_id, requests, prompts.get(job_id))
+
+
+def _placed(
+    event: dict[str, Any], job_id: str, packed: dict[tuple[str, Any], dict[str, str]]
+) -> dict[str, Any]:
+    """A result line whose images each name the shard and sample that hold it, if packed."""
+    images = [
+        {**image, **packed.get((job_id, image.get("index")), {})} if isinstance(image, dict)
+        else image
+        for image in event.get("images") or ()
+    ]  # fmt: skip
+    return {**event, "images": images}
 
 
 def _read_manifest(run: dict[str, Any], recorded: set[str], prompts: PromptFile) -> Scope:

@@ -13,7 +13,7 @@ from ..costs.prices import PriceTable, builtin_prices
 from ..engine.forecast import forecast, ledger_verdicts
 from ..engine.resume import links_gone
 from ..errors import CometBatchError, ManifestError
-from ..ledger.events import ledger_path, read_events
+from ..ledger.events import SHARD_EVENT, ledger_path, read_events
 from ..ledger.keystate import KeyState
 from ..ledger.lines import EndEvent, ResultEvent, RunEvent
 from ..manifest.job import JobDefaults
@@ -72,6 +72,10 @@ class FolderStatus:
     prices: str = ""
     # Runs against the simulated API (their "spend" was never billed).
     simulated_runs: int = 0
+    # The latest run's layout; committed shards and the images they hold.
+    layout: str = "files"
+    shards: int = 0
+    packed_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `status --json`."""
@@ -111,6 +115,11 @@ class FolderStatus:
             "span_s": span_seconds(self.first_at, self.last_at),
             "last_run_ended": self.last_run_ended,
             "last_summary": self.last_summary,
+            "layout": {
+                "name": self.layout,
+                "shards": self.shards,
+                "packed_images": self.packed_images,
+            },
         }
 
 
@@ -190,7 +199,13 @@ def read_status(
             status.retries += max(event.attempts - 1, 0)
             status.ambiguous_retries += event.ambiguous_retries
             status.last_at = event.finished_at or status.last_at
+        elif event.kind == SHARD_EVENT:
+            status.shards += 1
+            status.packed_images += len(event.fields.get("samples") or ())
     status.keys = len(latest)
+    settings = run.get("settings")
+    if isinstance(settings, dict) and isinstance(settings.get("layout"), str):
+        status.layout = settings["layout"]
     for key, item in latest.items():
         item["links_gone"] = _links_gone(key, item)
     interrupted = bool((status.last_summary or {}).get("interrupted"))

@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ...errors import ConfigError
+from ...layouts.samples import SHARDS
 from ...ledger.events import ledger_path, read_events
 from ...paths import unlinked
 from ...store.interface import Store
@@ -217,6 +219,11 @@ def write_gallery(
     out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> Path:
     """Write OUT/index.html, a self-contained page of the folder's images; return its path."""
+    if LocalStore(out_dir).names(SHARDS):
+        raise ConfigError(
+            f"{out_dir} keeps its images in dataset shards ({SHARDS}/): the gallery shows an "
+            "output of the files layout (run with --layout files)"
+        )
     gallery = read_gallery(out_dir, manifest)
     target = Path(out_dir) / GALLERY_NAME
     temporary = target.with_name(f".{GALLERY_NAME}.tmp")
