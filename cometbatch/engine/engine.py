@@ -15,7 +15,7 @@ import aiohttp
 
 from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
-from ..errors import AuthenticationError, BudgetExceededError, CometBatchError, ConfigError
+from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
 from ..layouts import RunLayout, open_layout
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
@@ -29,7 +29,7 @@ from ..results import Result
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.sink import Sink
-from ..store.urls import is_url, open_store
+from ..store.urls import open_store, rooted_at
 from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
 from .pool import WorkerPool
@@ -71,16 +71,7 @@ class Engine:
         # Where images and the ledger are written; default: the store out_dir names (a local
         # folder, or an object store's URL with options from its library's environment).
         self.store: Store = store if store is not None else open_store(out_dir)
-        url = is_url(out_dir)
-        self.out_dir: Path | str = self.store.root if url else Path(out_dir)
-        same = (
-            self.store.root == str(out_dir).rstrip("/")
-            if url
-            else os.path.abspath(self.store.root) == os.path.abspath(out_dir)
-        )
-        if not same:
-            # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
-            raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
+        self.out_dir: Path | str = rooted_at(self.store, out_dir)
         # A caller's registry as given; else models_file over the built-in ones, then overrides.
         self.registry = registry or load_registry(
             self.settings.models_file, self.settings.model_overrides

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from .interface import Store
 from .local import LocalStore
 
-__all__ = ["is_url", "open_store", "parse_storage_options", "store_of"]
+__all__ = ["is_url", "open_store", "parse_storage_options", "rooted_at", "store_of"]
 
 # "s3://", "gs://", "memory://", "file://": a scheme of two letters or more, so that a
 # Windows drive ("C:\\out") stays a path.
@@ -75,6 +75,21 @@ def _quiet(exc: Exception, options: Mapping[str, Any] | None) -> str:
         if isinstance(value, str) and value:
             text = text.replace(value, "***")
     return text
+
+
+def rooted_at(store: Store, out: str | os.PathLike[str]) -> Path | str:
+    """OUT as the engine names it (a Path, or the store's URL); ConfigError unless `store` is
+    rooted there."""
+    # Resume reads the ledger at OUT: a store rooted elsewhere would pay for it all again.
+    named: Path | str
+    if is_url(out):
+        same, named = store.root == str(out).rstrip("/"), store.root
+    else:
+        same = os.path.abspath(store.root) == os.path.abspath(out)
+        named = Path(out)
+    if not same:
+        raise ConfigError(f"the store's root ({store.root}) must be out_dir ({out})")
+    return named
 
 
 def store_of(
