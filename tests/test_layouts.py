@@ -376,3 +376,18 @@ async def test_generate_calls_are_packed_too(tmp_path: Path) -> None:
     assert sorted(s["txt"].decode() for s in webdataset_samples(tmp_path)) == sorted(
         job.prompt for job in JOBS[:3]
     )
+
+
+def test_a_parquet_shard_of_large_images_is_written_in_bounded_row_groups(tmp_path: Path) -> None:
+    """Row groups close by size as well as by count, so packing large images never holds a
+    whole group of them (64 images of 2 MB would be hundreds of MB held twice)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from cometbatch.store.shardfiles import Member, write_parquet
+
+    image = b"\x89PNG" + bytes(4 * 2**20)
+    record = {"job_id": "j", "index": 0, "prompt": "p", "model": "m", "format": "png"}
+    members = [Member(f"{i:09d}", image, {**record, "sha256": str(i)}) for i in range(10)]
+    write_parquet(str(tmp_path / "s.parquet"), members)
+    shard = pq.ParquetFile(tmp_path / "s.parquet")
+    assert shard.metadata.num_rows == 10
+    assert shard.metadata.num_row_groups >= 3

@@ -46,6 +46,7 @@ PARQUET_COLUMNS = (
 )
 # Rows a parquet row group holds: images are large, so a group is kept to a few of them.
 _ROW_GROUP = 64
+_ROW_GROUP_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +111,15 @@ def write_parquet(path: str, members: Iterable[Member]) -> None:
     )
     with pq.ParquetWriter(path, schema) as writer:
         rows: list[dict[str, Any]] = []
+        size = 0
         for member in members:
             rows.append(_row(member))
-            if len(rows) == _ROW_GROUP:
+            size += len(member.image)
+            # Bounded by bytes too: 64 large images would hold hundreds of MB (twice, once
+            # as rows and once as the table) before a row group is written out.
+            if len(rows) == _ROW_GROUP or size >= _ROW_GROUP_BYTES:
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                rows = []
+                rows, size = [], 0
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
 
