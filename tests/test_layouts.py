@@ -346,7 +346,10 @@ async def test_a_files_output_run_again_as_shards_packs_it_without_a_request(
     packed once their job comes by again: no request, every image once."""
     await generate(tmp_path, "files")
     assert len(staged_files(tmp_path)) == 30
+    assert (tmp_path / "metadata.jsonl").is_file()
     assert await generate(tmp_path, "webdataset") == 0
+    # It named files that are gone into shards: not left behind.
+    assert not (tmp_path / "metadata.jsonl").exists()
     samples = webdataset_samples(tmp_path)
     assert sorted(s["txt"].decode() for s in samples) == sorted(PROMPTS)
     assert staged_files(tmp_path) == []

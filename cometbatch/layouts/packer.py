@@ -29,6 +29,7 @@ from ..settings import SHARD_LAYOUTS
 from ..store.imagecheck import image_size
 from ..store.interface import Store
 from ..store.shardfiles import Member, require_pyarrow, write_parquet, write_tar
+from .files import METADATA_NAME
 from .samples import (
     SHARDS,
     Staged,
@@ -175,6 +176,9 @@ class Packer:
         """`finish` at a run's end: its error returned (logged), the staged images kept."""
         try:
             await self.finish()
+            # A files run's metadata.jsonl names images that now live in shards.
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self.store.remove, METADATA_NAME)
         except Exception as exc:  # the next run packs them
             log.error("the last shard was not packed: %s", exc)
             return exc
