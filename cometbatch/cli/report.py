@@ -45,7 +45,11 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
     nothing_sent = summary.ok_requests == summary.failed_requests == 0
     earlier = summary.skipped_requests or summary.kept_failures
     if nothing_sent and earlier and summary.stopped not in BUDGET_REASONS:
-        return [*_nothing_sent_lines(summary, out, sim), *_restored_lines(summary, out)]
+        return [
+            *_nothing_sent_lines(summary, out, sim),
+            *_restored_lines(summary, out),
+            *_unanswered_lines(summary),
+        ]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
         f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
@@ -53,7 +57,7 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
         f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
         f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
         f"retries {summary.retries} (429s {summary.rate_limited}), "
-        f"possibly billed twice: {summary.ambiguous_retries}",
+        f"possibly billed twice: {summary.possibly_billed_twice}",
     ]
     pace = summary.pace.text() if summary.pace is not None else ""
     if pace:
@@ -95,8 +99,25 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
             f"  {summary.cut_off_requests} request(s) cut off after they were sent: they may "
             "have been billed, and the next run sends them again"
         )
+    lines += _unanswered_lines(summary)
     if summary.interrupted:
         lines.append("interrupted: run the same command again to resume")
+    return lines
+
+
+def _unanswered_lines(summary: Summary) -> list[str]:
+    """What the run did with requests earlier runs sent and never heard back about."""
+    lines = []
+    if summary.resent_unanswered:
+        lines.append(
+            f"  {summary.resent_unanswered} request(s) ({summary.resent_unanswered_images} "
+            "image(s)) an earlier run sent unanswered were sent again: possibly billed twice"
+        )
+    if summary.held_unanswered:
+        lines.append(
+            f"  {summary.held_unanswered} request(s) an earlier run sent unanswered were held "
+            "back (they may have been billed): --retry-ambiguous sends them"
+        )
     return lines
 
 

@@ -182,6 +182,10 @@ class Engine:
                 summary=self.summary,
                 recorded=ledger.state,
             )
+            unanswered = self._triage.unanswered
+            self.summary.earlier_unanswered = (unanswered.requests, unanswered.images)
+            if unanswered.requests:
+                log.warning("%s", unanswered.text(self.settings.retry_ambiguous))
             self._attempts = Attempts(
                 client=client,
                 limiter=limiter,
@@ -192,6 +196,8 @@ class Engine:
                 halt=self._halt,
                 sleep=self._sleep,
                 lend=self._pool.lend,
+                ledger=ledger,
+                run_id=self._run_id,
             )
             self._life = RequestLife(
                 attempts=self._attempts,
@@ -321,6 +327,8 @@ class Engine:
                 calls.append(asyncio.shield(task))
             elif verdict == "reuse" and state is not None:
                 calls.append(_resolved(triage.reused(request, state)))
+            elif verdict == "hold":
+                calls.append(_resolved(triage.held(request)))
             else:
                 calls.append(_resolved(triage.kept(request, state)))
         try:

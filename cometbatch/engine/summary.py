@@ -44,6 +44,12 @@ class Summary:
     # Requests cut off after they were sent by a hard stop (second Ctrl-C): maybe billed,
     # not recorded, so the next run sends them again.
     cut_off_requests: int = 0
+    # Requests (and their images) earlier runs sent and never heard back about, found at
+    # start; those of them this run sent again (possibly billed twice) or held back.
+    earlier_unanswered: tuple[int, int] = (0, 0)
+    resent_unanswered: int = 0
+    resent_unanswered_images: int = 0
+    held_unanswered: int = 0
     stopped: str | None = None
     # Requests the built-in simulator answered (only when the run was simulated).
     simulator_requests: int | None = None
@@ -92,6 +98,11 @@ class Summary:
         return max(self.planned_requests - done, 0)
 
     @property
+    def possibly_billed_twice(self) -> int:
+        """Requests sent again that an earlier attempt may have been billed for."""
+        return self.ambiguous_retries + self.resent_unanswered
+
+    @property
     def complete(self) -> bool:
         """Every planned image is present (nothing failed, nothing left pending)."""
         return (
@@ -128,6 +139,16 @@ class Summary:
             "elapsed_s": round(self.elapsed_s, 3),
             "interrupted": self.interrupted,
             "cut_off_requests": self.cut_off_requests,
+            "earlier_unanswered": {
+                "requests": self.earlier_unanswered[0],
+                "images": self.earlier_unanswered[1],
+            },
+            "resent_unanswered": {
+                "requests": self.resent_unanswered,
+                "images": self.resent_unanswered_images,
+            },
+            "held_unanswered": self.held_unanswered,
+            "possibly_billed_twice": self.possibly_billed_twice,
             "stopped": self.stopped,
             "simulator_requests": self.simulator_requests,
             "spent_usd": round(self.spent_usd, 6),

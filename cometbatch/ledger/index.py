@@ -19,7 +19,9 @@ _NOTHING_AHEAD = (b"", 0)
 class LedgerState(KeyTable):
     """The latest result per key, plus counts; what resume and `status` need from a ledger."""
 
-    __slots__ = ("_ahead", "_end", "_following", "last_end", "last_run", "runs", "torn_tail")
+    __slots__ = (
+        "_ahead", "_end", "_following", "_sent", "last_end", "last_run", "runs", "torn_tail",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +35,8 @@ class LedgerState(KeyTable):
         self.torn_tail = False
         self.last_run: dict[str, Any] | None = None
         self.last_end: dict[str, Any] | None = None
+        # Keys whose latest line is a `sent` (no result after it): key -> (run_id, images).
+        self._sent: dict[str, tuple[str, int]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -51,6 +55,8 @@ class LedgerState(KeyTable):
             self.last_run = event
         elif kind == "end":
             self.last_end = event
+        elif kind == "sent":
+            self._sent[_text(event["key"])] = (_text(event["run_id"]), _count(event["n"]))
         # Unknown event kinds are left alone so older versions can read newer ledgers.
         self._follow(None, line)
 
@@ -60,6 +66,12 @@ class LedgerState(KeyTable):
         # file back; the Ledger has checked (`_appended`) that its write landed at our end.
         offset = self._follow(state.key, line)
         self._put(state, offset)
+        if self._sent:
+            self._sent.pop(state.key, None)
+
+    def unanswered(self, run_id: str | None = None) -> dict[str, tuple[str, int]]:
+        """Keys sent with no result since, by runs other than `run_id`: key -> (run, images)."""
+        return {key: sent for key, sent in self._sent.items() if sent[0] != run_id}
 
     # -- following appends ------------------------------------------------------------------
 
@@ -140,6 +152,10 @@ class LedgerState(KeyTable):
         return self
 
     def _load_rows(self, rows: list[Row], lineno: int, offset: int) -> None:
+        if self._sent:
+            sent = self._sent
+            for row in rows:
+                sent.pop(row[1].decode("utf-8", "surrogatepass"), None)
         while rows:
             done = self._put_rows(rows, offset)
             if done == len(rows):
@@ -154,7 +170,9 @@ class LedgerState(KeyTable):
     def _load_event(self, event: dict[str, Any], lineno: int, offset: int) -> None:
         try:
             if event["event"] == "result":
-                self._put(KeyState.from_event(event), offset)
+                state = KeyState.from_event(event)
+                self._put(state, offset)
+                self._sent.pop(state.key, None)
             else:
                 self.apply(event)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -162,6 +180,20 @@ class LedgerState(KeyTable):
                 f"{self._path} line {lineno} is not a valid {event.get('event')!r} event: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
+
+
+def _text(value: Any) -> str:
+    """A string field of a `sent` line; TypeError for anything else."""
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _count(value: Any) -> int:
+    """The `n` of a `sent` line: a whole number of images; TypeError for anything else."""
+    if type(value) is not int or value < 0:
+        raise TypeError(f"expected a count of images, got {value!r}")
+    return value
 
 
 def _line_is(line: bytes, key: str | None) -> bool:
