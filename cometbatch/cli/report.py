@@ -16,6 +16,7 @@ from ..ledger.events import LEDGER_NAME
 from ..models.spec import ModelSpec
 from ..store.setaside import REPLACED_DIR
 from .snapshot import eta_text
+from .unanswered import crash_lines, unanswered_lines
 
 if TYPE_CHECKING:
     from ..costs.prices import PriceTable
@@ -48,7 +49,7 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
         return [
             *_nothing_sent_lines(summary, out, sim),
             *_restored_lines(summary, out),
-            *_unanswered_lines(summary),
+            *unanswered_lines(summary),
         ]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
@@ -99,25 +100,9 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
             f"  {summary.cut_off_requests} request(s) cut off after they were sent: they may "
             "have been billed, and the next run sends them again"
         )
-    lines += _unanswered_lines(summary)
+    lines += unanswered_lines(summary)
     if summary.interrupted:
         lines.append("interrupted: run the same command again to resume")
-    return lines
-
-
-def _unanswered_lines(summary: Summary) -> list[str]:
-    """What the run did with requests earlier runs sent and never heard back about."""
-    lines = []
-    if summary.resent_unanswered:
-        lines.append(
-            f"  {summary.resent_unanswered} request(s) ({summary.resent_unanswered_images} "
-            "image(s)) an earlier run sent unanswered were sent again: possibly billed twice"
-        )
-    if summary.held_unanswered:
-        lines.append(
-            f"  {summary.held_unanswered} request(s) an earlier run sent unanswered were held "
-            "back (they may have been billed): --retry-ambiguous sends them"
-        )
     return lines
 
 
@@ -343,7 +328,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             f"tokens where the answers had them{unpriced})"
         )
     lines.append(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
-    return lines
+    return lines + crash_lines(data)
 
 
 def model_lines(specs: Iterable[ModelSpec], families: Iterable[ModelSpec] = ()) -> list[str]:

@@ -182,10 +182,7 @@ class Engine:
                 summary=self.summary,
                 recorded=ledger.state,
             )
-            unanswered = self._triage.unanswered
-            self.summary.earlier_unanswered = (unanswered.requests, unanswered.images)
-            if unanswered.requests:
-                log.warning("%s", unanswered.text(self.settings.retry_ambiguous))
+            self._triage.count_unanswered()
             self._attempts = Attempts(
                 client=client,
                 limiter=limiter,

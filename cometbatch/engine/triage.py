@@ -188,6 +188,13 @@ class Triage:
         if changed:
             raise ChangedJobsError(self.out_dir, [job.id])
 
+    def count_unanswered(self) -> None:
+        """Count (and say) what earlier runs sent and never heard back about, at start."""
+        found = self.unanswered
+        self.summary.earlier_unanswered = (found.requests, found.images)
+        if found.requests:
+            log.warning("%s", found.text(self.settings.retry_ambiguous))
+
     def _unanswered_verdict(self, verdict: Verdict, request: Request) -> Verdict:
         """`verdict`, or "hold" for a key an earlier run sent unanswered (retry_ambiguous off)."""
         if verdict not in SENT or request.key not in self._unanswered:
