@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..costs.prices import format_usd
 from ..engine.summary import Summary
+from ..views.crashes import crash_text
 
 # Keys named in status; the rest are counted.
 _MAX_NAMED = 10
@@ -29,21 +29,7 @@ def unanswered_lines(summary: Summary) -> list[str]:
 
 def crash_lines(data: dict[str, Any]) -> list[str]:
     """`status`: requests sent and never answered, per run, with what they may have cost."""
-    lines = []
-    for crash in data.get("crashes") or ():
-        cost = crash["estimated_usd"]
-        spent = f"about {format_usd(cost)}" if cost is not None else "price unknown"
-        if crash["unpriced_images"] and cost is not None:
-            spent += f", {crash['unpriced_images']} image(s) of unknown price"
-        again = (
-            f"; {crash['sent_again']} sent again (possibly billed twice)"
-            if crash["sent_again"]
-            else ""
-        )
-        lines.append(
-            f"  run {crash['run_id']} stopped with {crash['requests']} request(s) "
-            f"({crash['images']} image(s)) sent and not answered ({spent}){again}"
-        )
+    lines = [f"  {crash_text(crash)}" for crash in data.get("crashes") or ()]
     if data.get("unanswered_requests"):
         keys = data["unanswered_keys"]
         shown = ", ".join(keys[:_MAX_NAMED]) + (", ..." if len(keys) > _MAX_NAMED else "")

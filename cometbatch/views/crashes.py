@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..costs.prices import PriceTable, request_cost
+from ..costs.prices import PriceTable, format_usd, request_cost
 
 # A job's (model, size, quality), or None when neither the ledger nor the manifest says.
 JobShape = Callable[[str, str], tuple[str, str | None, str | None] | None]
@@ -94,3 +94,21 @@ def crash_dicts(crashes: list[RunCrash]) -> list[dict[str, Any]]:
             row["estimated_usd"] = round(crash.estimated_usd, 6)
         rows.append(row)
     return rows
+
+
+def crash_text(crash: dict[str, Any]) -> str:
+    """One run's unanswered requests for a person, from its `crash_dicts` row."""
+    cost = crash["estimated_usd"]
+    spent = f"about {format_usd(cost)}" if cost is not None else "price unknown"
+    if crash["unpriced_images"] and cost is not None:
+        spent += f", {crash['unpriced_images']} image(s) of unknown price"
+    again = ""
+    if crash["sent_again"]:
+        again = (
+            f"; {crash['sent_again']} request(s) ({crash['sent_again_images']} image(s)) sent "
+            "again: possibly billed twice"
+        )
+    return (
+        f"run {crash['run_id']} stopped with {crash['requests']} request(s) "
+        f"({crash['images']} image(s)) sent and not answered ({spent}){again}"
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...ledger.events import ledger_path, read_events
 from ...paths import unlinked
-from ..status import recorded_defaults
+from ..status import read_status, recorded_defaults
 from .model import GALLERY_NAME, LINKED, MAX_TILES, Bucket, Failure, Gallery, Tile
 from .page import render_page
 from .prompts import attach_manifest
@@ -181,6 +181,8 @@ def read_gallery(
     gallery = build_gallery(events, title=folder.resolve().name)
     gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
     attach_manifest(gallery, Path(manifest) if manifest else None)
+    # What crashes cost is counted once, by status (its prices and the manifest's sizes).
+    gallery.crashes = read_status(folder, manifest=Path(manifest) if manifest else None).crashes
     return gallery
 
 
