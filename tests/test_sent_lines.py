@@ -129,6 +129,7 @@ def test_status_counts_each_crash_per_run_with_its_spend(tmp_path: Path) -> None
     assert crash["run_id"] == "r1"
     assert (crash["requests"], crash["images"]) == (2, 3)
     assert (crash["sent_again"], crash["sent_again_images"]) == (1, 1)
+    assert data["possibly_billed_twice"] == 1
     # b#0 is priced from its later result (dall-e-3, $0.04 at 1024x1024 standard); c#0's job
     # is in no manifest and has no result: its price is unknown.
     assert crash["estimated_usd"] == pytest.approx(0.04)

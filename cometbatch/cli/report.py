@@ -327,7 +327,8 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             f"  spent: about {format_usd(spend['usd'])} ({spend['prices']}; from usage "
             f"tokens where the answers had them{unpriced})"
         )
-    lines.append(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
+    twice = data.get("possibly_billed_twice", data["ambiguous_retries"])
+    lines.append(f"  retries {data['retries']}, possibly billed twice {twice}")
     return lines + crash_lines(data)
 
 

@@ -106,6 +106,9 @@ class FolderStatus:
             "unanswered_images": sum(n for _, n in self.unanswered.values()),
             "unanswered_keys": sorted(self.unanswered),
             "crashes": crash_dicts(self.crashes),
+            # In-run retries after an ambiguous failure, and requests sent again after a crash.
+            "possibly_billed_twice": self.ambiguous_retries
+            + sum(crash.sent_again for crash in self.crashes),
             "spend": {
                 "usd": round(self.spend_usd, 6),
                 "images": self.paid_images,
