@@ -159,8 +159,9 @@ def plan_data(
     fit: PlanFit | None = None,
     other_manifest: str | None = None,
 ) -> dict[str, Any]:
-    """The `run --dry-run --json` object (`fit`: the plan against the caps; `other_manifest`:
-    the manifest the folder's last run recorded, when it was another one)."""
+    """The `run --dry-run --json` object."""
+    # `fit`: the plan against the caps; `other_manifest`: the manifest the folder's last run
+    # recorded, when it was another one.
     totals = forecast.totals()
     return {
         "dry_run": True,
@@ -333,8 +334,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
 
 
 def model_lines(specs: Iterable[ModelSpec], families: Iterable[ModelSpec] = ()) -> list[str]:
-    """`models` for a person: two lines per model (what it takes; where that comes from),
-    then the families."""
+    """`models` for a person: two lines per model (what it takes, its source), then families."""
     lines = [line for spec in specs for line in _spec_lines(spec)]
     family_lines = [line for spec in families for line in _spec_lines(spec)]
     if family_lines:

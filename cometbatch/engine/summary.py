@@ -63,8 +63,7 @@ class Summary:
     pace: Pace | None = None
 
     def add(self, result: Result, *, paid: bool = True, written_before: int = 0) -> None:
-        """Count one finished request (`paid`: its cost was paid by this run;
-        `written_before`: how many of its images an earlier run wrote)."""
+        """Count one finished request (`paid`: by this run; `written_before`: by earlier ones)."""
         written = max(len(result.images) - written_before, 0)
         if result.ok:
             self.ok_requests += 1

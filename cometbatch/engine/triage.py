@@ -98,8 +98,8 @@ class Triage:
         self.clock: Callable[[], float] = time.time
 
     def verdicts(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
-        """Each request of a job with its verdict (see resume.decide), its files looked at on
-        the caller's thread (a run uses `looked`); "changed" only if regenerating is allowed."""
+        """Each request of a job with its verdict (see resume.decide), looked at on this thread."""
+        # A run uses `looked` instead; "changed" comes only if regenerating is allowed.
         planned = self._planned(job)
         return self._decided(job, planned, [self._look(job, *item, True) for item in planned])
 

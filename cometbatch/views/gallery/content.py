@@ -187,8 +187,8 @@ def read_gallery(
 
 
 def _unfollowed(tile: Tile, folder: Path) -> Tile:
-    """`tile`, or a placeholder when its image is reached through a symbolic link: the page
-    must not show a file from out of the folder."""
+    """`tile`, or a placeholder when its image is reached through a symbolic link."""
+    # The page must not show a file from out of the folder.
     if tile.path is None or unlinked(folder, tile.path):
         return tile
     return dataclasses.replace(tile, status="not shown", path=None, n=1, reason=LINKED)

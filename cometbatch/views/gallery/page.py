@@ -73,8 +73,8 @@ _SCRIPT = """
 
 
 def escape(text: str) -> str:
-    """`text` for HTML: markup escaped, controls and bidi overrides shown as escapes (a
-    prompt's line breaks kept), lone surrogates too, so that the page is valid UTF-8."""
+    """`text` for HTML: markup escaped, controls, bidi overrides and lone surrogates shown."""
+    # As escapes (a prompt's line breaks kept), so that the page is valid UTF-8.
     return html_escape(printable(text, newlines=True))
 
 
