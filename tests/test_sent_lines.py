@@ -11,6 +11,7 @@ from support import run_all, settings_for
 
 from cometbatch import Engine, Job, LedgerError, SimConfig, Simulator
 from cometbatch.cli.config import merge_options, parse_config
+from cometbatch.cli.report import summary_lines
 from cometbatch.engine.summary import Summary
 from cometbatch.errors import ConfigError
 from cometbatch.ledger.index import LedgerState
@@ -184,3 +185,12 @@ async def test_a_held_back_key_is_not_sent_and_says_why(tmp_path: Path) -> None:
             [sent] = await engine.generate(job)
         assert sim.stats.requests == 1 and sent.ok
         assert engine.summary.possibly_billed_twice == 1
+
+
+def test_a_run_that_only_held_requests_back_does_not_say_everything_was_done() -> None:
+    """Held-back requests are pending: the report names them instead of "already done"."""
+    summary = Summary(planned_requests=3, planned_images=3, skipped_requests=2, held_unanswered=1)
+    lines = summary_lines(summary, Path("out"))
+    assert not any("everything was already done" in line for line in lines)
+    assert any("1 pending" in line for line in lines)
+    assert any("were held back" in line and "--retry-ambiguous" in line for line in lines)

@@ -45,12 +45,10 @@ def summary_lines(summary: Summary, out: Path, prices: PriceTable | None = None)
         return [f"nothing to do: the manifest has no jobs{sim}"]
     nothing_sent = summary.ok_requests == summary.failed_requests == 0
     earlier = summary.skipped_requests or summary.kept_failures
-    if nothing_sent and earlier and summary.stopped not in BUDGET_REASONS:
-        return [
-            *_nothing_sent_lines(summary, out, sim),
-            *_restored_lines(summary, out),
-            *unanswered_lines(summary),
-        ]
+    # Held-back requests are pending: the full report says so.
+    held = summary.held_unanswered
+    if nothing_sent and earlier and not held and summary.stopped not in BUDGET_REASONS:
+        return [*_nothing_sent_lines(summary, out, sim), *_restored_lines(summary, out)]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
         f"{summary.images_written} image(s) written in {summary.elapsed_s:.1f} s "
