@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from cometbatch.cli.report import summary_lines
 from cometbatch.engine.summary import Summary
 from cometbatch.errors import ConfigError
 from cometbatch.ledger.index import LedgerState
+from cometbatch.ledger.runlines import sent_line
 from cometbatch.ledger.writer import Ledger
 from cometbatch.views.status import read_status
 
@@ -194,3 +196,38 @@ def test_a_run_that_only_held_requests_back_does_not_say_everything_was_done() -
     assert not any("everything was already done" in line for line in lines)
     assert any("1 pending" in line for line in lines)
     assert any("were held back" in line and "--retry-ambiguous" in line for line in lines)
+
+
+def _compact(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
+async def _twenty_jobs(out: Path) -> None:
+    jobs = [Job(id=f"j{i}", prompt=f"p {i}", model="gpt-image-1", n=2) for i in range(20)]
+    async with (
+        Simulator(SimConfig(latency=0.0)) as sim,
+        Engine(settings_for(sim, concurrency=4), out_dir=out) as engine,
+    ):
+        await run_all(engine, jobs)
+
+
+def test_sent_lines_among_results_are_read_with_them(tmp_path: Path) -> None:
+    """A run's ledger (sent lines between results) loads each key's result at its true offset,
+    and sent lines in another shape (escapes, a torn-off one) are read in full or named."""
+    asyncio.run(_twenty_jobs(tmp_path))
+    path = tmp_path / "ledger.jsonl"
+    with open(path, "a") as ledger:
+        ledger.write(_compact(sent_line("later", "j3#0", 1, 2)))
+        ledger.write(_compact(sent_line("later", 'odd"key#0', 1, 1)))
+        ledger.write(_compact(sent_line("later", "j4#0", 1, 2)))
+        ledger.write(_result("later", "j4#0", n=2))
+    state = LedgerState.load(path)
+    assert state.unanswered() == {"j3#0": ("later", 2), 'odd"key#0': ("later", 1)}
+    # Each compact row points at its own line: its images are read from there.
+    assert [len(s.images) for key, s in state.items() if key != "j4#0"] == [2] * 19
+    with open(path, "a") as ledger:
+        ledger.write('{"event":"sent","run_id":"later","key":\n')
+        ledger.write(_compact(sent_line("later", "j5#0", 1, 2)))
+    lines = len(path.read_text().splitlines())
+    with pytest.raises(LedgerError, match=f"line {lines - 1} is not valid JSON"):
+        LedgerState.load(path)

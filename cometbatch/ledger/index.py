@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Sequence
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
 from ..errors import LedgerError
 from ._keytable import KeyTable, encode_key, guess_rows
-from ._scan import Row, result_line
+from ._scan import OTHER, Row, all_results, line_length, result_line, sent_fields
 from .events import LedgerReader
 from .keystate import KeyState as KeyState  # also imported from here (the writer, the sender)
 
@@ -152,20 +154,59 @@ class LedgerState(KeyTable):
         return self
 
     def _load_rows(self, rows: list[Row], lineno: int, offset: int) -> None:
-        if self._sent:
-            sent = self._sent
-            for row in rows:
-                sent.pop(row[1].decode("utf-8", "surrogatepass"), None)
+        """Own-shape result lines (and `sent` lines among them) from line `lineno`, `offset`."""
+        offsets: Sequence[int]
+        linenos: Sequence[int]
+        if all_results(rows):
+            if self._sent:
+                for row in rows:
+                    self._sent.pop(row[1].decode("utf-8", "surrogatepass"), None)
+            lengths = accumulate((len(row[0]) for row in rows), initial=offset)
+            offsets = list(islice(lengths, len(rows)))
+            linenos = range(lineno, lineno + len(rows))
+        else:
+            rows, offsets, linenos = self._take_sent(rows, lineno, offset)
         while rows:
-            done = self._put_rows(rows, offset)
+            done = self._put_rows(rows, offsets)
             if done == len(rows):
                 return
             # A line the compact form cannot hold: read it in full.
-            offset += sum(len(row[0]) for row in rows[:done])
-            self._load_event(json.loads(rows[done][0]), lineno + done, offset)
-            offset += len(rows[done][0])
-            rows = rows[done + 1 :]
-            lineno += done + 1
+            self._load_event(json.loads(rows[done][0]), linenos[done], offsets[done])
+            rows, offsets, linenos = rows[done + 1 :], offsets[done + 1 :], linenos[done + 1 :]
+
+    def _take_sent(
+        self, rows: list[Row], lineno: int, offset: int
+    ) -> tuple[list[Row], list[int], list[int]]:
+        """Fold in the `sent` lines among result lines; the result lines, offsets, line numbers."""
+        sent = self._sent
+        results: list[Row] = []
+        offsets: list[int] = []
+        linenos: list[int] = []
+        for row in rows:
+            if row[OTHER]:
+                fields = sent_fields(row[OTHER])
+                if fields is None:
+                    self._load_event(self._parsed(row[OTHER], lineno), lineno, offset)
+                else:
+                    sent[fields[1]] = (fields[0], fields[2])
+            else:
+                sent.pop(row[1].decode("utf-8", "surrogatepass"), None)
+                results.append(row)
+                offsets.append(offset)
+                linenos.append(lineno)
+            offset += line_length(row)
+            lineno += 1
+        return results, offsets, linenos
+
+    def _parsed(self, line: bytes, lineno: int) -> dict[str, Any]:
+        """A `sent` line not in this package's shape, read with json; LedgerError if it is bad."""
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise LedgerError(f"{self._path} line {lineno} is not valid JSON: {exc}") from None
+        if type(event) is not dict or "event" not in event:
+            raise LedgerError(f"{self._path} line {lineno} is not a ledger event")
+        return event
 
     def _load_event(self, event: dict[str, Any], lineno: int, offset: int) -> None:
         try:
