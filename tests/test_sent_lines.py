@@ -87,7 +87,7 @@ def test_a_key_sent_without_a_later_result_is_unanswered(tmp_path: Path) -> None
 def test_a_sent_line_with_a_wrong_field_names_its_line(tmp_path: Path) -> None:
     """A hand-edited `sent` line whose n is not a count is an error naming the line."""
     path = _ledger(tmp_path, _run("r1"), _line(event="sent", run_id="r1", key="a#0", n="two"))
-    with pytest.raises(LedgerError, match="line 2 is not a valid 'sent' event"):
+    with pytest.raises(LedgerError, match=r"line 2 is not a valid 'sent' event: .*n must be"):
         LedgerState.load(path)
 
 

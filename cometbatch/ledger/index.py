@@ -58,7 +58,7 @@ class LedgerState(KeyTable):
         elif kind == "end":
             self.last_end = event
         elif kind == "sent":
-            self._sent[_text(event["key"])] = (_text(event["run_id"]), _count(event["n"]))
+            self._sent[_text(event, "key")] = (_text(event, "run_id"), _count(event))
         # Unknown event kinds are left alone so older versions can read newer ledgers.
         self._follow(None, line)
 
@@ -223,17 +223,19 @@ class LedgerState(KeyTable):
             ) from None
 
 
-def _text(value: Any) -> str:
-    """A string field of a `sent` line; TypeError for anything else."""
+def _text(event: dict[str, Any], name: str) -> str:
+    """A string field of a `sent` line; TypeError naming it for anything else."""
+    value = event[name]
     if type(value) is not str:
-        raise TypeError(f"expected a string, got {value!r}")
+        raise TypeError(f"{name} must be a string, got {value!r}")
     return value
 
 
-def _count(value: Any) -> int:
-    """The `n` of a `sent` line: a whole number of images; TypeError for anything else."""
+def _count(event: dict[str, Any]) -> int:
+    """The `n` of a `sent` line, the images asked for; TypeError for anything else."""
+    value = event["n"]
     if type(value) is not int or value < 0:
-        raise TypeError(f"expected a count of images, got {value!r}")
+        raise TypeError(f"n must be a count of images, got {value!r}")
     return value
 
 
