@@ -18,6 +18,8 @@ from cometbatch.errors import ConfigError
 from cometbatch.ledger.index import LedgerState
 from cometbatch.ledger.runlines import sent_line
 from cometbatch.ledger.writer import Ledger
+from cometbatch.views.gallery.content import read_gallery
+from cometbatch.views.gallery.page import render_page
 from cometbatch.views.status import read_status
 
 
@@ -231,3 +233,19 @@ def test_sent_lines_among_results_are_read_with_them(tmp_path: Path) -> None:
     lines = len(path.read_text().splitlines())
     with pytest.raises(LedgerError, match=f"line {lines - 1} is not valid JSON"):
         LedgerState.load(path)
+
+
+def test_the_gallery_shows_what_a_crash_may_have_cost(tmp_path: Path) -> None:
+    """The page names each run's requests sent and never answered, and those sent again."""
+    _ledger(
+        tmp_path,
+        _run("r1"),
+        _sent("r1", "a#0"), _sent("r1", "b#0", n=2),
+        _run("r2"),
+        _sent("r2", "a#0"), _result("r2", "a#0"),
+    )  # fmt: skip
+    page = render_page(read_gallery(tmp_path))
+    assert (
+        "run r1 stopped with 2 request(s) (3 image(s)) sent and not answered (about $0.040, "
+        "2 image(s) of unknown price); 1 request(s) (1 image(s)) sent again: possibly billed twice"
+    ) in page
