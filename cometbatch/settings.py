@@ -117,8 +117,9 @@ class Settings(BaseModel):
     rpm: float | None = Field(default=None, gt=1)
     ipm: float | None = Field(default=None, gt=1)
     max_attempts: int = Field(default=8, ge=1, le=100)
-    # Retry timeouts and dropped connections that happen after the request was sent
-    # (the image may have been generated and billed).
+    # Retry timeouts and dropped connections that happen after the request was sent (the
+    # image may have been generated and billed), and send again requests an earlier run sent
+    # and never heard back about (a crash or a hard stop); off: those are held back.
     retry_ambiguous: bool = True
     # When ledger lines (and images) reach the disk itself: see Ledger for each policy.
     fsync: FsyncPolicy = "end"

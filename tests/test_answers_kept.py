@@ -207,7 +207,8 @@ async def test_a_gpt_image_answer_is_kept_in_its_result_line(tmp_path: Path) -> 
     }  # fmt: skip
     assert isinstance(line["response"]["created"], int)
     assert result.answered == Answered.of_line(line)
-    raw = (tmp_path / "ledger.jsonl").read_bytes().splitlines(keepends=True)[1]
+    lines = (tmp_path / "ledger.jsonl").read_bytes().splitlines(keepends=True)
+    raw = next(line for line in lines if line.startswith(b'{"event":"result"'))
     assert result_line().fullmatch(raw) is not None
     assert list(line).index("response") == list(line).index("usage") + 1
 

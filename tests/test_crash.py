@@ -33,6 +33,7 @@ from PIL import Image
 
 from cometbatch import SimConfig, Simulator, load_manifest
 from cometbatch.ledger.events import LEDGER_NAME, iter_events
+from cometbatch.ledger.index import LedgerState
 from cometbatch.paths import EXTENSIONS
 from cometbatch.plan import plan_job
 from cometbatch.store.lock import LOCK_NAME
@@ -691,5 +692,7 @@ def test_a_second_signal_counts_exactly_the_requests_it_cut_off(tmp_path: Path) 
         f"quit {quit_s:.2f} s after the second signal"
     )
     assert cut_off == seen - recorded == CONCURRENCY
+    # Each request cut off left its `sent` line without a result: the next run knows.
+    assert len(LedgerState.load(out / LEDGER_NAME).unanswered()) == cut_off
     assert json.loads(run.output()[0])["cut_off_requests"] == cut_off
     assert quit_s < 10

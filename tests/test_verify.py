@@ -360,7 +360,7 @@ async def test_verify_finds_an_image_that_does_not_decode(sim: Simulator, tmp_pa
     lines = []
     for line in ledger.read_text().splitlines():
         event = json.loads(line)
-        if event.get("key") == "a#0":
+        if event["event"] == "result" and event.get("key") == "a#0":
             for image in event["images"]:
                 if image["index"] == 0:
                     image["bytes"] = len(data)

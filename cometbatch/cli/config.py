@@ -222,8 +222,13 @@ def merge_options(
         # A fixed concurrency is its own maximum, and without a rate there is no level to
         # bound: the file's bound is moot (a --max-concurrency flag still says so).
         merged["max_concurrency"] = flags.get("max_concurrency")
-    if "retry_ambiguous" in config.values and "no_retry_ambiguous" not in given:
+    if "retry_ambiguous" in given:
+        if "no_retry_ambiguous" in given:
+            raise ConfigError("--retry-ambiguous and --no-retry-ambiguous contradict each other")
+        merged["no_retry_ambiguous"] = False
+    elif "retry_ambiguous" in config.values and "no_retry_ambiguous" not in given:
         merged["no_retry_ambiguous"] = not config.values["retry_ambiguous"]
+    merged.pop("retry_ambiguous", None)
     return merged
 
 

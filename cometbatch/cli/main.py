@@ -196,7 +196,14 @@ def main() -> None:
     "--no-retry-ambiguous",
     is_flag=True,
     help="Do not retry a request that timed out or lost its connection after it was sent "
-    "(it may have been billed); it fails as 'ambiguous' instead.",
+    "(it may have been billed); it fails as 'ambiguous' instead. Requests an earlier run sent "
+    "and never heard back about (a crash) are held back, not sent.",
+)
+@click.option(
+    "--retry-ambiguous",
+    is_flag=True,
+    help="Send requests an earlier run sent and never heard back about again (the default; "
+    "overrides retry_ambiguous = false in the settings file).",
 )
 @click.option(
     "--model-override",

@@ -16,6 +16,7 @@ from ..ledger.events import LEDGER_NAME
 from ..models.spec import ModelSpec
 from ..store.setaside import REPLACED_DIR
 from .snapshot import eta_text
+from .unanswered import crash_lines, unanswered_lines
 
 if TYPE_CHECKING:
     from ..costs.prices import PriceTable
@@ -56,7 +57,9 @@ def summary_lines(summary: Summary, out: Path | str, prices: PriceTable | None =
         return [f"nothing to do: the manifest has no jobs{sim}"]
     nothing_sent = summary.ok_requests == summary.failed_requests == 0
     earlier = summary.skipped_requests or summary.kept_failures
-    if nothing_sent and earlier and summary.stopped not in BUDGET_REASONS:
+    # Held-back requests are pending: the full report says so.
+    held = summary.held_unanswered
+    if nothing_sent and earlier and not held and summary.stopped not in BUDGET_REASONS:
         return [*_nothing_sent_lines(summary, out, sim), *_restored_lines(summary, out)]
     rate = summary.images_written / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
@@ -65,7 +68,7 @@ def summary_lines(summary: Summary, out: Path | str, prices: PriceTable | None =
         f"requests: {summary.ok_requests} ok, {summary.failed_requests} failed, "
         f"{summary.skipped_requests} already done, {summary.pending_requests} pending; "
         f"retries {summary.retries} (429s {summary.rate_limited}), "
-        f"possibly billed twice: {summary.ambiguous_retries}",
+        f"possibly billed twice: {summary.possibly_billed_twice}",
     ]
     pace = summary.pace.text() if summary.pace is not None else ""
     if pace:
@@ -107,6 +110,7 @@ def summary_lines(summary: Summary, out: Path | str, prices: PriceTable | None =
             f"  {summary.cut_off_requests} request(s) cut off after they were sent: they may "
             "have been billed, and the next run sends them again"
         )
+    lines += unanswered_lines(summary)
     if summary.interrupted:
         lines.append("interrupted: run the same command again to resume")
     return lines
@@ -165,8 +169,9 @@ def plan_data(
     fit: PlanFit | None = None,
     other_manifest: str | None = None,
 ) -> dict[str, Any]:
-    """The `run --dry-run --json` object (`fit`: the plan against the caps; `other_manifest`:
-    the manifest the folder's last run recorded, when it was another one)."""
+    """The `run --dry-run --json` object."""
+    # `fit`: the plan against the caps; `other_manifest`: the manifest the folder's last run
+    # recorded, when it was another one.
     totals = forecast.totals()
     return {
         "dry_run": True,
@@ -339,13 +344,13 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             f"  layout {layout['name']}: {layout['packed_images']} image(s) in "
             f"{layout['shards']} shard(s) under shards/"
         )
-    lines.append(f"  retries {data['retries']}, possibly billed twice {data['ambiguous_retries']}")
-    return lines
+    twice = data.get("possibly_billed_twice", data["ambiguous_retries"])
+    lines.append(f"  retries {data['retries']}, possibly billed twice {twice}")
+    return lines + crash_lines(data)
 
 
 def model_lines(specs: Iterable[ModelSpec], families: Iterable[ModelSpec] = ()) -> list[str]:
-    """`models` for a person: two lines per model (what it takes; where that comes from),
-    then the families."""
+    """`models` for a person: two lines per model (what it takes, its source), then families."""
     lines = [line for spec in specs for line in _spec_lines(spec)]
     family_lines = [line for spec in families for line in _spec_lines(spec)]
     if family_lines:

@@ -18,6 +18,8 @@ from ..errors import (
     IncompatibleAPIError,
     UpstreamDownError,
 )
+from ..ledger.runlines import sent_line
+from ..ledger.writer import Ledger
 from ..net.answered import Answered
 from ..net.client import Client
 from ..net.limits import Limiter, Outcome
@@ -198,6 +200,8 @@ class Attempts:
         halt: Halt,
         sleep: Sleep | None = None,
         lend: Callable[[bool], None] | None = None,
+        ledger: Ledger | None = None,
+        run_id: str = "",
     ) -> None:
         self.limiter = limiter
         self.client = client
@@ -210,6 +214,9 @@ class Attempts:
         self._sleep = sleep if sleep is not None else halt.sleep
         # The pool's one hook: a worker waiting to retry lends its slot to a spare worker.
         self._lend = lend
+        # Where each attempt's `sent` line goes before it leaves (None: not recorded).
+        self._ledger = ledger
+        self._run_id = run_id
         # Requests sleeping before their next attempt (for the progress display).
         self.waiting = 0
         # Downloads are retried on their own, with the same backoff; a download holds a
@@ -306,6 +313,13 @@ class Attempts:
             # From here the image may be paid for: a stop must not cancel this task until its
             # result is recorded (the engine marks it idle after that).
             self._inflight.mark_busy(True)
+            if self._ledger is not None:
+                # On the OS's side before the request leaves: if this process dies now, the
+                # next run knows the request may have been billed. Lines from one loop turn
+                # share one write.
+                await self._ledger.append(
+                    sent_line(self._run_id, request.key, sent.attempts, request.n)
+                )
             try:
                 response = await self.client.generate(request.payload)
                 _check_count(request, response)

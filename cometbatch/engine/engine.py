@@ -68,8 +68,7 @@ class Engine:
         store: Store | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        # Where images and the ledger are written; default: the store out_dir names (a local
-        # folder, or an object store's URL with options from its library's environment).
+        # Where images and the ledger go: by default the folder or object-store URL out_dir names.
         self.store: Store = store if store is not None else open_store(out_dir)
         self.out_dir: Path | str = rooted_at(self.store, out_dir)
         # A caller's registry as given; else models_file over the built-in ones, then overrides.
@@ -181,6 +180,7 @@ class Engine:
                 recorded=ledger.state,
                 store=self.store,
             )
+            self._triage.count_unanswered()
             self._attempts = Attempts(
                 client=client,
                 limiter=limiter,
@@ -191,6 +191,8 @@ class Engine:
                 halt=self._halt,
                 sleep=self._sleep,
                 lend=self._pool.lend,
+                ledger=ledger,
+                run_id=self._run_id,
             )
             self._life = RequestLife(
                 attempts=self._attempts,
@@ -326,6 +328,8 @@ class Engine:
                 calls.append(asyncio.shield(task))
             elif verdict == "reuse" and state is not None:
                 calls.append(_resolved(triage.reused(request, state)))
+            elif verdict == "hold":
+                calls.append(_resolved(triage.held(request)))
             else:
                 calls.append(_resolved(triage.kept(request, state)))
         try:
@@ -351,13 +355,11 @@ class Engine:
         manifest = jobs if isinstance(jobs, Manifest) else None
         counted = True
         if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
-            # A fresh folder has nothing to skip or contradict: the totals that validation
-            # counted are exact, so a large manifest is not read an extra time.
+            # A fresh folder: validation's totals are exact; a large manifest is not read again.
             self.summary.planned_requests += manifest.stats.requests
             self.summary.planned_images += manifest.stats.images
         elif isinstance(jobs, Manifest | list | tuple):
-            # Re-iterable inputs are counted (and checked for changed jobs) before anything is
-            # sent; one-shot iterators are counted as they stream.
+            # Re-iterable inputs are counted (and checked) up front; one-shot ones as they stream.
             triage.preflight_run(jobs, manifest, ledger.state.last_run, self.prices)
         else:
             counted = False

@@ -10,7 +10,9 @@ from typing import Literal
 from ..ledger.keystate import KeyState
 from ..results import PAID, WITH_DOWNLOADS
 
-Verdict = Literal["send", "reuse", "keep", "fetch", "changed", "rest", "restore", "redownload"]
+Verdict = Literal[
+    "send", "reuse", "keep", "fetch", "changed", "rest", "restore", "redownload", "hold"
+]
 
 
 # A generated image's link is given up once downloads of it failed in this many runs, or this

@@ -44,6 +44,12 @@ class Summary:
     # Requests cut off after they were sent by a hard stop (second Ctrl-C): maybe billed,
     # not recorded, so the next run sends them again.
     cut_off_requests: int = 0
+    # Requests (and their images) earlier runs sent and never heard back about, found at
+    # start; those of them this run sent again (possibly billed twice) or held back.
+    earlier_unanswered: tuple[int, int] = (0, 0)
+    resent_unanswered: int = 0
+    resent_unanswered_images: int = 0
+    held_unanswered: int = 0
     stopped: str | None = None
     # Requests the built-in simulator answered (only when the run was simulated).
     simulator_requests: int | None = None
@@ -57,8 +63,7 @@ class Summary:
     pace: Pace | None = None
 
     def add(self, result: Result, *, paid: bool = True, written_before: int = 0) -> None:
-        """Count one finished request (`paid`: its cost was paid by this run;
-        `written_before`: how many of its images an earlier run wrote)."""
+        """Count one finished request (`paid`: by this run; `written_before`: by earlier ones)."""
         written = max(len(result.images) - written_before, 0)
         if result.ok:
             self.ok_requests += 1
@@ -90,6 +95,11 @@ class Summary:
         """Planned requests neither finished nor skipped (interrupted or stopped early)."""
         done = self.skipped_requests + self.ok_requests + self.failed_requests + self.kept_failures
         return max(self.planned_requests - done, 0)
+
+    @property
+    def possibly_billed_twice(self) -> int:
+        """Requests sent again that an earlier attempt may have been billed for."""
+        return self.ambiguous_retries + self.resent_unanswered
 
     @property
     def complete(self) -> bool:
@@ -128,6 +138,16 @@ class Summary:
             "elapsed_s": round(self.elapsed_s, 3),
             "interrupted": self.interrupted,
             "cut_off_requests": self.cut_off_requests,
+            "earlier_unanswered": {
+                "requests": self.earlier_unanswered[0],
+                "images": self.earlier_unanswered[1],
+            },
+            "resent_unanswered": {
+                "requests": self.resent_unanswered,
+                "images": self.resent_unanswered_images,
+            },
+            "held_unanswered": self.held_unanswered,
+            "possibly_billed_twice": self.possibly_billed_twice,
             "stopped": self.stopped,
             "simulator_requests": self.simulator_requests,
             "spent_usd": round(self.spent_usd, 6),

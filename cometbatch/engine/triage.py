@@ -28,6 +28,7 @@ from ..store.setaside import withdrawal
 from .origin import NewWork, other_manifest, other_manifest_text
 from .resume import LINK_GONE, Verdict, changed, decide, links_gone
 from .summary import Summary
+from .unanswered import Unanswered
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,16 @@ class Triage:
         # (`cometbatch verify` checks every object and marks what is gone).
         local = store is None or isinstance(store, LocalStore)
         self._presence = ImagePresence(Path(out_dir)) if local else None
+        # Keys earlier runs sent and never heard back about: sent again, or (with
+        # retry_ambiguous off) held back.
+        self.unanswered = Unanswered.of(recorded, run_id)
+        self._unanswered = dict(self.unanswered.keys)
         # Wall-clock time, to tell whether recorded links are fresh (resume.links_fresh).
         self.clock: Callable[[], float] = time.time
 
     def verdicts(self, job: Job) -> Iterator[tuple[Verdict, Request, KeyState | None]]:
-        """Each request of a job with its verdict (see resume.decide), its files looked at on
-        the caller's thread (a run uses `looked`); "changed" only if regenerating is allowed."""
+        """Each request of a job with its verdict (see resume.decide), looked at on this thread."""
+        # A run uses `looked` instead; "changed" comes only if regenerating is allowed.
         planned = self._planned(job)
         return self._decided(job, planned, [self._look(job, *item, True) for item in planned])
 
@@ -189,9 +194,28 @@ class Triage:
             if verdict == "changed" and not self.settings.regenerate_changed:
                 changed.append(request.key)
             else:
-                yield verdict, request, state
+                yield self._unanswered_verdict(verdict, request), request, state
         if changed:
             raise ChangedJobsError(self.out_dir, [job.id])
+
+    def count_unanswered(self) -> None:
+        """Count (and say) what earlier runs sent and never heard back about, at start."""
+        found = self.unanswered
+        self.summary.earlier_unanswered = (found.requests, found.images)
+        if found.requests:
+            log.warning("%s", found.text(self.settings.retry_ambiguous))
+
+    def _unanswered_verdict(self, verdict: Verdict, request: Request) -> Verdict:
+        """`verdict`, or "hold" for a key an earlier run sent unanswered (retry_ambiguous off)."""
+        if verdict not in SENT or request.key not in self._unanswered:
+            return verdict
+        if self.settings.retry_ambiguous:
+            # Sent again once: the first send may have been billed too.
+            n = self._unanswered.pop(request.key)[1]
+            self.summary.resent_unanswered += 1
+            self.summary.resent_unanswered_images += n
+            return verdict
+        return "hold"
 
     def count(self, verdict: str, request: Request, *, planned: bool) -> None:
         """Count one request in the summary: planned (unless counted before) and its verdict."""
@@ -206,11 +230,28 @@ class Triage:
             s.kept_failures += 1
         elif verdict == "changed":
             s.regenerated_requests += 1
+        elif verdict == "hold":
+            s.held_unanswered += 1
 
     def reused(self, request: Request, state: KeyState) -> Result:
         """The ledger's ok result for a request, reported again without sending it."""
         images = tuple(ImageRecord(**image) for image in state.images)
         return Result.of(request, self.run_id, "ok", images=images, reused=True)
+
+    def held(self, request: Request) -> Result:
+        """A request an earlier run sent and never heard back about, held back (not sent)."""
+        error = {
+            "kind": "unanswered",
+            "status": None,
+            "code": None,
+            "message": (
+                "sent by an earlier run that never heard back: it may have been billed, so it "
+                "was held back (--retry-ambiguous sends it again)"
+            ),
+            "request_id": None,
+            "retryable": False,
+        }
+        return Result.of(request, self.run_id, "failed", error=error, reused=True)
 
     def kept(self, request: Request, state: KeyState | None) -> Result:
         """A permanent failure from an earlier run (a partial one with its images), not sent."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
 from ..store.setaside import withdraws as _withdraws
-from ._scan import Row
+from ._scan import OTHER, Row, line_length
 from .keystate import KeyState
 
 # One row per key, in first-recorded order, held in flat arrays rather than one object per
@@ -237,12 +237,12 @@ class KeyTable:
         self._ns[row] = state.n
         self._offsets[row] = offset
 
-    def _put_rows(self, rows: list[Row], offset: int) -> int:
-        """Store own-shape result lines from `offset` in bulk; how many it stored."""
+    def _put_rows(self, rows: list[Row], offsets: Sequence[int]) -> int:
+        """Store own-shape result lines (at `offsets`) in bulk; how many it stored."""
         # This is where a large ledger's time goes, so what can be is done a block at a time
         # by C code; only the index is updated line by line. It stops before a line whose
         # error's "retryable" is neither true, false nor null.
-        lines, keys, _, statuses, fingerprints, ns, errors, _ = zip(*rows, strict=True)
+        _, keys, _, statuses, fingerprints, ns, errors, _ = zip(*rows, strict=True)
         flags: list[int] | bytes
         if statuses.count(b"ok") == len(statuses):
             flags = bytes(len(rows))
@@ -253,7 +253,7 @@ class KeyTable:
             ]
             if -1 in flags:
                 stop = flags.index(-1)
-                return self._put_rows(rows[:stop], offset) if stop else 0
+                return self._put_rows(rows[:stop], offsets[:stop]) if stop else 0
         first = len(self._ends)
         # Grown first: growing rehashes every row there is, and these are added one by one.
         self._reserve(first + len(rows))
@@ -268,7 +268,7 @@ class KeyTable:
         digits = b"".join(ns)
         # Nearly always one digit each: then a byte translation is the whole conversion.
         self._ns.extend(digits.translate(_DIGITS) if len(digits) == len(ns) else map(int, ns))
-        self._offsets.extend(islice(accumulate(map(len, lines), initial=offset), len(rows)))
+        self._offsets.extend(offsets)
         counts = self._counts
         for status, code in _FAST_STATUS.items():
             if found := statuses.count(status):
@@ -330,4 +330,6 @@ def guess_rows(path: Path, rows: list[Row]) -> int:
         size = path.stat().st_size
     except OSError:
         return 0
-    return size * len(rows) // max(sum(len(row[0]) for row in rows), 1)
+    # `sent` lines among them (their text in OTHER) take room but hold no key.
+    results = sum(1 for row in rows if not row[OTHER])
+    return size * results // max(sum(map(line_length, rows)), 1)

@@ -67,6 +67,14 @@ _RESULT = (
 )  # fmt: skip
 
 
+# A `sent` line as this package writes it. Groups: the run id, the key and n.
+_SENT = (
+    rb'\{"event":"sent","run_id":"([^"]*)","key":"([^"]*)","attempt":' + _INT
+    + rb',"n":(0|[1-9][0-9]{0,8}),"sent_at":' + _STR + rb"\}\n"
+)  # fmt: skip
+SENT_START = b'{"event":"sent",'
+
+
 # Compiling these takes a good part of a second: on first use, never at import.
 @cache
 def result_line() -> re.Pattern[bytes]:
@@ -88,6 +96,27 @@ OTHER = 7
 _OTHER = operator.itemgetter(OTHER)
 
 
+@cache
+def _sent_line() -> re.Pattern[bytes]:
+    return re.compile(_SENT)
+
+
+def sent_fields(line: bytes) -> tuple[str, str, int] | None:
+    """(run id, key, n) of a `sent` line in this package's shape; None for any other line."""
+    # Only plain lines (no escapes, no control characters): their strings are the text
+    # between the quotes, exactly as json would read them.
+    if not line.startswith(SENT_START) or line.translate(None, _PLAIN_BYTES) != b"\n":
+        return None
+    found = _sent_line().fullmatch(line)
+    if found is None:
+        return None
+    run_id, key, n = found.groups()
+    try:
+        return run_id.decode(), key.decode(), int(n)
+    except UnicodeDecodeError:
+        return None
+
+
 def block_rows(block: bytes) -> list[Row]:
     """The Rows of a block of whole lines, one per line."""
     newlines = _plain_lines(block)
@@ -104,6 +133,11 @@ def block_rows(block: bytes) -> list[Row]:
 def all_results(rows: list[Row]) -> bool:
     """Whether every Row is a result line in this package's shape."""
     return not any(map(_OTHER, rows))
+
+
+def line_length(row: Row) -> int:
+    """The length of a Row's line, whichever group holds it."""
+    return len(row[0]) + len(row[OTHER])
 
 
 def _line_row(line: bytes) -> Row:

@@ -12,7 +12,7 @@ from typing import IO, Any, TypeVar
 from ..errors import LedgerError
 from ..store.interface import Store
 from ..store.urls import store_of
-from ._scan import OTHER, Row, all_results, block_rows, whole_lines
+from ._scan import OTHER, SENT_START, Row, all_results, block_rows, line_length, whole_lines
 from .lines import LedgerEvent, result_problem, typed
 
 LEDGER_NAME = "ledger.jsonl"
@@ -61,7 +61,7 @@ class LedgerReader:
         return self._reading(self._read())
 
     def scan(self) -> Iterator[tuple[int, int, list[Row] | LedgerEvent]]:
-        """(line, byte offset, Rows of consecutive own-shape result lines or one event)."""
+        """(line, byte offset, Rows of own-shape result and sent lines in a row, or one event)."""
         return self._reading(self._scan())
 
     def _reading(self, items: Iterator[_T]) -> Iterator[_T]:
@@ -158,12 +158,14 @@ class LedgerReader:
         self, rows: list[Row], lineno: int, offset: int
     ) -> Iterator[tuple[int, int, list[Row] | LedgerEvent]]:
         """The items of a block that holds other lines too, in order."""
+        # `sent` lines stay among the result lines (the index reads both a block at a time,
+        # and reads one not in this package's shape in full); any other line is read alone.
         start = 0
         for at, row in enumerate(rows):
-            if row[OTHER]:
+            if row[OTHER] and not row[OTHER].startswith(SENT_START):
                 if start < at:
                     yield lineno + start + 1, offset, rows[start:at]
-                    offset += sum(len(earlier[0]) for earlier in rows[start:at])
+                    offset += sum(map(line_length, rows[start:at]))
                 event = self._parse_line(lineno + at + 1, row[OTHER])
                 if event is not None:
                     yield lineno + at + 1, offset, typed(lineno + at + 1, event)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Sequence
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
 from ..errors import LedgerError
 from ._keytable import KeyTable, encode_key, guess_rows
-from ._scan import Row, result_line
+from ._scan import OTHER, Row, all_results, line_length, result_line, sent_fields
 from .events import SHARD_EVENT, LedgerReader
 from .keystate import KeyState as KeyState  # also imported from here (the writer, the sender)
 
@@ -23,6 +25,7 @@ class LedgerState(KeyTable):
         "_ahead",
         "_end",
         "_following",
+        "_sent",
         "last_end",
         "last_run",
         "last_shard",
@@ -50,6 +53,8 @@ class LedgerState(KeyTable):
         self.shards: list[dict[str, Any]] = []
         # The latest shard event whole: a run killed while removing its staging left some.
         self.last_shard: dict[str, Any] | None = None
+        # Keys whose latest line is a `sent` (no result after it): key -> (run_id, images).
+        self._sent: dict[str, tuple[str, int]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -73,6 +78,8 @@ class LedgerState(KeyTable):
             self.shards.append({name: v for name, v in event.items() if name != "samples"})
             self.last_shard = event
             self.packed.update(str(sample["key"]) for sample in event["samples"])
+        elif kind == "sent":
+            self._sent[_text(event, "key")] = (_text(event, "run_id"), _count(event))
         # Unknown event kinds are left alone so older versions can read newer ledgers.
         self._follow(None, line)
 
@@ -83,6 +90,12 @@ class LedgerState(KeyTable):
         offset = self._follow(state.key, line)
         self._put(state, offset)
         self.packed.discard(state.key)
+        if self._sent:
+            self._sent.pop(state.key, None)
+
+    def unanswered(self, run_id: str | None = None) -> dict[str, tuple[str, int]]:
+        """Keys sent with no result since, by runs other than `run_id`: key -> (run, images)."""
+        return {key: sent for key, sent in self._sent.items() if sent[0] != run_id}
 
     # -- following appends ------------------------------------------------------------------
 
@@ -163,25 +176,73 @@ class LedgerState(KeyTable):
         return self
 
     def _load_rows(self, rows: list[Row], lineno: int, offset: int) -> None:
-        if self.packed:
-            # A key packed before and recorded again since has new images in staging.
-            self.packed.difference_update(row[1].decode("utf-8", "surrogatepass") for row in rows)
+        offsets: Sequence[int]
+        linenos: Sequence[int]
+        if all_results(rows):
+            if self._sent or self.packed:
+                # Answered now; and a key packed before and recorded again since has new
+                # images in staging.
+                keys = [row[1].decode("utf-8", "surrogatepass") for row in rows]
+                for key in keys:
+                    self._sent.pop(key, None)
+                self.packed.difference_update(keys)
+            lengths = accumulate((len(row[0]) for row in rows), initial=offset)
+            offsets = list(islice(lengths, len(rows)))
+            linenos = range(lineno, lineno + len(rows))
+        else:
+            rows, offsets, linenos = self._take_sent(rows, lineno, offset)
         while rows:
-            done = self._put_rows(rows, offset)
+            done = self._put_rows(rows, offsets)
             if done == len(rows):
                 return
             # A line the compact form cannot hold: read it in full.
-            offset += sum(len(row[0]) for row in rows[:done])
-            self._load_event(json.loads(rows[done][0]), lineno + done, offset)
-            offset += len(rows[done][0])
-            rows = rows[done + 1 :]
-            lineno += done + 1
+            self._load_event(json.loads(rows[done][0]), linenos[done], offsets[done])
+            rows, offsets, linenos = rows[done + 1 :], offsets[done + 1 :], linenos[done + 1 :]
+
+    def _take_sent(
+        self, rows: list[Row], lineno: int, offset: int
+    ) -> tuple[list[Row], list[int], list[int]]:
+        """Fold in the `sent` lines among result lines; the result lines, offsets, line numbers."""
+        sent = self._sent
+        results: list[Row] = []
+        offsets: list[int] = []
+        linenos: list[int] = []
+        for row in rows:
+            if row[OTHER]:
+                fields = sent_fields(row[OTHER])
+                if fields is None:
+                    self._load_event(self._parsed(row[OTHER], lineno), lineno, offset)
+                else:
+                    sent[fields[1]] = (fields[0], fields[2])
+            else:
+                # In line order: a shard line among these packs only the results before it.
+                key = row[1].decode("utf-8", "surrogatepass")
+                sent.pop(key, None)
+                self.packed.discard(key)
+                results.append(row)
+                offsets.append(offset)
+                linenos.append(lineno)
+            offset += line_length(row)
+            lineno += 1
+        return results, offsets, linenos
+
+    def _parsed(self, line: bytes, lineno: int) -> dict[str, Any]:
+        """A `sent` line not in this package's shape, read with json; LedgerError if it is bad."""
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise LedgerError(f"{self._path} line {lineno} is not valid JSON: {exc}") from None
+        if type(event) is not dict or "event" not in event:
+            raise LedgerError(f"{self._path} line {lineno} is not a ledger event")
+        return event
 
     def _load_event(self, event: dict[str, Any], lineno: int, offset: int) -> None:
         try:
             if event["event"] == "result":
-                self._put(KeyState.from_event(event), offset)
-                self.packed.discard(event["key"])
+                state = KeyState.from_event(event)
+                self._put(state, offset)
+                self.packed.discard(state.key)
+                self._sent.pop(state.key, None)
             else:
                 self.apply(event)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -189,6 +250,22 @@ class LedgerState(KeyTable):
                 f"{self._path} line {lineno} is not a valid {event.get('event')!r} event: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
+
+
+def _text(event: dict[str, Any], name: str) -> str:
+    """A string field of a `sent` line; TypeError naming it for anything else."""
+    value = event[name]
+    if type(value) is not str:
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _count(event: dict[str, Any]) -> int:
+    """The `n` of a `sent` line, the images asked for; TypeError for anything else."""
+    value = event["n"]
+    if type(value) is not int or value < 0:
+        raise TypeError(f"n must be a count of images, got {value!r}")
+    return value
 
 
 def _line_is(line: bytes, key: str | None) -> bool:

@@ -39,3 +39,15 @@ def end_line(run_id: str, stopped: str | None, summary: dict[str, Any]) -> dict[
         "stopped": stopped,
         "summary": summary,
     }
+
+
+def sent_line(run_id: str, key: str, attempt: int, n: int) -> dict[str, Any]:
+    """The line written before a request leaves: a key with no later result may be billed."""
+    return {
+        "event": "sent",
+        "run_id": run_id,
+        "key": key,
+        "attempt": attempt,
+        "n": n,
+        "sent_at": now_iso(),
+    }

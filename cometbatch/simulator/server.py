@@ -215,9 +215,16 @@ class Simulator:
         self._in_flight += 1
         self._stats.max_in_flight = max(self._stats.max_in_flight, self._in_flight)
         try:
-            return await self._generate(request)
+            response = await self._generate(request)
+        except BaseException:
+            self._stats.unanswered += 1
+            raise
         finally:
             self._in_flight -= 1
+        if request.transport is None or request.transport.is_closing():
+            # The client is gone (killed, or it gave up): it never hears this answer.
+            self._stats.unanswered += 1
+        return response
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = json_or_none(await request.read())

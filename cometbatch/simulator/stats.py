@@ -12,6 +12,8 @@ class SimStats:
     """What the simulator saw and answered; never the API key."""
 
     requests: int = 0
+    # Requests received whose answer never reached the client (it went away first).
+    unanswered: int = 0
     generated: int = 0
     images: int = 0
     # Images in every answer that carried any, short and unreadable ones included: what the

@@ -15,7 +15,7 @@ from ..manifest.job import Job
 from ..store.interface import Store
 from ..store.liverun import lock_holder
 from ..store.urls import store_of
-from .status import recorded_manifest
+from .recorded import recorded_manifest
 
 __all__ = ["Converted", "convert"]
 

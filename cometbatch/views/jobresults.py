@@ -21,8 +21,8 @@ from ..net.answered import Answered
 from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, add_usage
 from ..store.interface import Store
 from .prompts import PromptFile
+from .recorded import recorded_manifest
 from .scope import Scope
-from .status import recorded_manifest
 
 
 def _count(value: Any) -> int:

@@ -16,13 +16,12 @@ from ..errors import CometBatchError, ManifestError
 from ..ledger.events import SHARD_EVENT, ledger_path, read_events
 from ..ledger.keystate import KeyState
 from ..ledger.lines import EndEvent, ResultEvent, RunEvent
-from ..manifest.job import JobDefaults
-from ..manifest.reader import Manifest
-from ..models.registry import recorded_registry
 from ..results import DOWNLOAD_FAILED, OK, PARTIAL, WITH_DOWNLOADS
 from ..store.interface import Store
 from ..store.liverun import RunState, run_state
 from ..store.urls import store_of
+from .crashes import Crashes, RunCrash, crash_dicts
+from .recorded import recorded_manifest
 from .scope import Scope
 
 
@@ -76,6 +75,10 @@ class FolderStatus:
     layout: str = "files"
     shards: int = 0
     packed_images: int = 0
+    # Keys whose latest line is a `sent` by a run no longer running: they may have been
+    # billed and were never answered (a crash or a hard stop); and each run's such sends.
+    unanswered: dict[str, tuple[str, int]] = field(default_factory=dict)
+    crashes: list[RunCrash] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `status --json`."""
@@ -103,6 +106,13 @@ class FolderStatus:
             "failure_examples": self.failure_examples,
             "retries": self.retries,
             "ambiguous_retries": self.ambiguous_retries,
+            "unanswered_requests": len(self.unanswered),
+            "unanswered_images": sum(n for _, n in self.unanswered.values()),
+            "unanswered_keys": sorted(self.unanswered),
+            "crashes": crash_dicts(self.crashes),
+            # In-run retries after an ambiguous failure, and requests sent again after a crash.
+            "possibly_billed_twice": self.ambiguous_retries
+            + sum(crash.sent_again for crash in self.crashes),
             "spend": {
                 "usd": round(self.spend_usd, 6),
                 "images": self.paid_images,
@@ -133,26 +143,6 @@ def span_seconds(first: str | None, last: str | None) -> float | None:
         return None
 
 
-def recorded_defaults(run: dict[str, Any]) -> JobDefaults:
-    """The --model/--size/--n a run event recorded (none for older ledgers or odd values)."""
-    given = run.get("defaults")
-    if not isinstance(given, dict):
-        return JobDefaults()
-    model, size, n = given.get("model"), given.get("size"), given.get("n")
-    return JobDefaults(
-        model=model if isinstance(model, str) else None,
-        size=size if isinstance(size, str) else None,
-        n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None,
-    )
-
-
-def recorded_manifest(run: dict[str, Any], path: str | Path) -> Manifest:
-    """The manifest at `path`, read as the run event `run` read it (defaults, models)."""
-    # Without the run's warnings about unknown models: they were said when it ran.
-    registry = recorded_registry(run.get("settings"))
-    return Manifest(path, defaults=recorded_defaults(run), registry=registry)
-
-
 def read_status(
     out_dir: str | Path | Store,
     *,
@@ -167,10 +157,12 @@ def read_status(
     latest: dict[str, dict[str, Any]] = {}
     # What was paid for: every generation, counted once.
     paid = Payments()
+    crashes = Crashes()
     run: dict[str, Any] = {}
     for event in read_events(path):
         if isinstance(event, RunEvent):
             run = event.fields
+            crashes.run(str(run.get("run_id")))
             status.runs += 1
             status.last_run_ended = False
             status.first_at = status.first_at or event.started_at
@@ -196,12 +188,16 @@ def read_status(
                 "downloads": event.downloads,
             }
             paid.add(event.fields)
+            crashes.answered(event.key)
             status.retries += max(event.attempts - 1, 0)
             status.ambiguous_retries += event.ambiguous_retries
             status.last_at = event.finished_at or status.last_at
         elif event.kind == SHARD_EVENT:
             status.shards += 1
             status.packed_images += len(event.fields.get("samples") or ())
+        elif event.kind == "sent":
+            fields = event.fields
+            crashes.sent(str(fields.get("run_id")), str(fields.get("key")), _n(fields.get("n")))
     status.keys = len(latest)
     settings = run.get("settings")
     if isinstance(settings, dict) and isinstance(settings.get("layout"), str):
@@ -211,7 +207,11 @@ def read_status(
     interrupted = bool((status.last_summary or {}).get("interrupted"))
     status.state, status.state_detail = run_state(store, status.last_run_ended, interrupted)
     scope = Scope()
-    sizes = _count_pending(status, latest, run, manifest, scope)
+    # The sends of a run still going are in flight, not lost.
+    live = str(run.get("run_id")) if status.state == "running" else None
+    status.unanswered = crashes.unanswered(live)
+    models: dict[str, str] = {}
+    sizes = _count_pending(status, latest, run, manifest, scope, models)
     # Outcomes after the manifest is read: a job whose n was lowered counts only what it asks.
     _count_outcomes(status, _in_scope(latest, scope))
     if status.pending_known:
@@ -219,8 +219,21 @@ def read_status(
             if model.pending_requests is None:
                 model.pending_requests = model.pending_images = 0
     # Spend counts every paid image, asked for now or not.
-    _count_spend(status, paid, sizes, prices or builtin_prices())
+    prices = prices or builtin_prices()
+    _count_spend(status, paid, sizes, prices)
+
+    def shape(key: str, job_id: str) -> tuple[str, str | None, str | None] | None:
+        recorded = latest.get(key)
+        model = recorded["model"] if recorded is not None else models.get(job_id)
+        return None if model is None else (str(model), *sizes.get(job_id, (None, None)))
+
+    status.crashes = crashes.by_run(shape, prices, live)
     return status
+
+
+def _n(value: Any) -> int:
+    """A `sent` line's images asked for (0 for a hand-edited value that is no count)."""
+    return value if type(value) is int and value > 0 else 0
 
 
 def _links_gone(key: str, item: dict[str, Any]) -> bool:
@@ -285,6 +298,7 @@ def _count_pending(
     run: dict[str, Any],
     given: str | Path | None,
     scope: Scope,
+    models: dict[str, str],
 ) -> dict[str, tuple[str | None, str | None]]:
     """Pending work per model from the manifest; each recorded job's size and quality."""
     # Fills `scope` with the recorded jobs the manifest holds; leaves pending unknown, with a
@@ -299,6 +313,8 @@ def _count_pending(
     status.manifest = str(path)
     sizes: dict[str, tuple[str | None, str | None]] = {}
     recorded_jobs = {str(item["job_id"]) for item in latest.values()}
+    # Jobs sent and never answered are priced at the manifest's model, size and quality.
+    unanswered = {key.rpartition("#")[0] for key in status.unanswered}
     try:
         manifest = recorded_manifest(run, path)
         manifest.validate()
@@ -308,6 +324,9 @@ def _count_pending(
                 if job.id in recorded_jobs:
                     sizes[job.id] = (job.size, job.quality)
                     scope.add(job, manifest.registry.get(job.model).max_n)
+                elif job.id in unanswered:
+                    sizes[job.id] = (job.size, job.quality)
+                    models[job.id] = job.model
                 yield job
 
         def lookup(key: str) -> KeyState | None:

@@ -18,7 +18,8 @@ from ...paths import unlinked
 from ...store.interface import Store
 from ...store.local import LocalStore
 from ...store.urls import store_of
-from ..status import recorded_defaults
+from ..recorded import recorded_defaults
+from ..status import read_status
 from .model import GALLERY_NAME, LINKED, MAX_TILES, Bucket, Failure, Gallery, Tile
 from .page import render_page
 from .prompts import attach_manifest
@@ -192,12 +193,14 @@ def read_gallery(
         # An object store has no links to follow out of it.
         gallery = build_gallery(events, title=store.root.rpartition("/")[2])
     attach_manifest(gallery, Path(manifest) if manifest else None)
+    # What crashes cost is counted once, by status (its prices and the manifest's sizes).
+    gallery.crashes = read_status(store, manifest=Path(manifest) if manifest else None).crashes
     return gallery
 
 
 def _unfollowed(tile: Tile, folder: Path) -> Tile:
-    """`tile`, or a placeholder when its image is reached through a symbolic link: the page
-    must not show a file from out of the folder."""
+    """`tile`, or a placeholder when its image is reached through a symbolic link."""
+    # The page must not show a file from out of the folder.
     if tile.path is None or unlinked(folder, tile.path):
         return tile
     return dataclasses.replace(tile, status="not shown", path=None, n=1, reason=LINKED)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...manifest.job import JobDefaults
+from ..crashes import RunCrash
 
 GALLERY_NAME = "index.html"
 # A page past this many figures is too slow to be usable; the newest results are kept.
@@ -92,6 +93,8 @@ class Gallery:
     defaults: JobDefaults = field(default_factory=JobDefaults)
     manifest_note: str = ""
     dropped_tiles: int = 0
+    # Each run's requests sent and never answered (a crash or a hard stop), as status counts.
+    crashes: list[RunCrash] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:

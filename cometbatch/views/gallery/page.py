@@ -10,6 +10,7 @@ from html import escape as html_escape
 from urllib.parse import quote
 
 from ...textsafe import printable, storable
+from ..crashes import crash_dicts, crash_text
 from .model import Bucket, Gallery, Tile
 
 # Characters of a prompt the page keeps per figure: a 32,000-character gpt-image prompt on
@@ -72,8 +73,8 @@ _SCRIPT = """
 
 
 def escape(text: str) -> str:
-    """`text` for HTML: markup escaped, controls and bidi overrides shown as escapes (a
-    prompt's line breaks kept), lone surrogates too, so that the page is valid UTF-8."""
+    """`text` for HTML: markup escaped, controls, bidi overrides and lone surrogates shown."""
+    # As escapes (a prompt's line breaks kept), so that the page is valid UTF-8.
     return html_escape(printable(text, newlines=True))
 
 
@@ -250,6 +251,7 @@ def render_page(gallery: Gallery) -> str:
     notes = [gallery.manifest_note] if gallery.manifest_note else []
     if gallery.dropped_tiles:
         notes.append(f"the oldest {gallery.dropped_tiles} figures are left out")
+    notes += [f"{crash_text(row)}: may have been billed" for row in crash_dicts(gallery.crashes)]
     note = "".join(f'<p class="note">{escape(text)}</p>' for text in notes)
     source = f"{_DOT}manifest {escape(gallery.manifest)}" if gallery.manifest else ""
     figures = "".join(_figure(t, gallery, model_ix, status_ix) for t in gallery.tiles)
