@@ -38,10 +38,12 @@ JOBS = [Job(id=f"job-{i}", prompt=f"a lighthouse, take {i}", metadata={"i": i}) 
 PROMPTS = {job.prompt for job in JOBS}
 
 
-async def generate(out: Path, layout: str, *, store: Any = None, jobs: Sequence[Job] = JOBS) -> int:
+async def generate(
+    out: Path, layout: str, *, store: Any = None, jobs: Sequence[Job] = JOBS, **fields: Any
+) -> int:
     """Run `jobs` into `out` with `layout` (8 images a shard); the requests the API got."""
     async with Simulator(SimConfig(seed=3)) as sim:
-        settings = settings_for(sim, layout=layout, shard_size=8, concurrency=4)
+        settings = settings_for(sim, layout=layout, shard_size=8, concurrency=4, **fields)
         async with Engine(settings, out_dir=out, sleep=no_sleep, store=store) as engine:
             await run_all(engine, list(jobs))
         return sim.stats.requests
@@ -394,3 +396,16 @@ def test_a_parquet_shard_of_large_images_is_written_in_bounded_row_groups(tmp_pa
     shard = pq.ParquetFile(tmp_path / "s.parquet")
     assert shard.metadata.num_rows == 10
     assert shard.metadata.num_row_groups >= 3
+
+
+async def test_a_key_recorded_again_after_its_shard_is_not_packed(tmp_path: Path) -> None:
+    """The index reads a shard line and later result lines in line order, also when they sit
+    in one block: a job generated again after it was packed has its images in staging."""
+    from cometbatch.ledger.index import LedgerState
+
+    await generate(tmp_path, "webdataset", jobs=JOBS[:8])
+    changed = [job.model_copy(update={"prompt": job.prompt + ", again"}) for job in JOBS[:3]]
+    assert await generate(tmp_path, "files", jobs=changed, regenerate_changed=True) == 3
+    state = LedgerState.load(tmp_path / "ledger.jsonl")
+    again = {key for key in state.packed if key.split("#")[0] in {job.id for job in changed}}
+    assert len(state.packed) == 5 and again == set()
