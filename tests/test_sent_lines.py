@@ -249,3 +249,16 @@ def test_the_gallery_shows_what_a_crash_may_have_cost(tmp_path: Path) -> None:
         "run r1 stopped with 2 request(s) (3 image(s)) sent and not answered (about $0.040, "
         "2 image(s) of unknown price); 1 request(s) (1 image(s)) sent again: possibly billed twice"
     ) in page
+
+
+def test_the_start_warning_names_which_runs_left_requests_unanswered() -> None:
+    """The last run, an earlier one (the last run held them back), or several."""
+    from cometbatch.engine.unanswered import Unanswered
+
+    last = Unanswered({"a#0": ("r2", 2), "b#0": ("r2", 1)}, "r2")
+    assert last.text(True).startswith("the last run stopped with 2 requests (3 images)")
+    assert "held back, not sent" in last.text(False)
+    assert Unanswered({"a#0": ("r1", 1)}, "r2").text(True).startswith("an earlier run stopped")
+    several = Unanswered({"a#0": ("r1", 1), "b#0": ("r0", 1)}, "r2")
+    assert several.text(True).startswith("2 earlier runs stopped")
+    assert Unanswered({}, "r2").text(True) == ""

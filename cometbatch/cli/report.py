@@ -108,7 +108,8 @@ def summary_lines(summary: Summary, out: Path | str, prices: PriceTable | None =
     if summary.cut_off_requests:
         lines.append(
             f"  {summary.cut_off_requests} request(s) cut off after they were sent: they may "
-            "have been billed, and the next run sends them again"
+            "have been billed; the next run sends them again unless --no-retry-ambiguous holds "
+            "them back"
         )
     lines += unanswered_lines(summary)
     if summary.interrupted:

@@ -36,7 +36,10 @@ class Unanswered:
         if not self.keys:
             return ""
         runs = {run for run, _ in self.keys.values()}
-        who = "the last run" if runs == {self.last_run} else f"{len(runs)} earlier run(s)"
+        if runs == {self.last_run}:
+            who = "the last run"
+        else:
+            who = "an earlier run" if len(runs) == 1 else f"{len(runs)} earlier runs"
         then = (
             "sending them again (possibly billed twice; --no-retry-ambiguous holds them back)"
             if retry
