@@ -45,6 +45,8 @@ class LeaseLock:
         self.renew_s = renew_s
         self._clock = clock
         self._info: dict[str, Any] | None = None
+        # Set when a renewal found another run's token: this run no longer owns the output.
+        self._lost = False
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.renewals = 0
@@ -88,6 +90,7 @@ class LeaseLock:
         if not now or now.get("token") != info["token"]:
             raise self._in_use(now or {})
         self._info = info
+        self._lost = False
         self._stop.clear()
         self._renewer = threading.Thread(target=self._renew, name="cometbatch-lease", daemon=True)
         self._renewer.start()
@@ -108,12 +111,25 @@ class LeaseLock:
             # This run's lease ran out unrenewed and another run took the output: writing on
             # would take it back from under that run. Said loudly; the lease is not renewed.
             log.error("the lock of %s was taken over by %s", self.where, holder_text(current))
+            self._lost = True
             self._stop.set()
             return
         info = {**info, "expires_at": self._clock() + self.lease_s}
         self._write(json.dumps(info).encode())
         self._info = info
         self.renewals += 1
+
+    def check(self) -> None:
+        """Raise LedgerError unless this run may still write: its lease is its own and has a
+        quarter of its length left (a run stalled past it may have been taken over)."""
+        info = self._info
+        if info is None:
+            return  # not taken (a read-only command), or let go: nothing to guard
+        if self._lost or self._clock() > info["expires_at"] - self.lease_s / 4:
+            raise LedgerError(
+                f"{self.where}: this run's lock ran out or was taken over by another run, so "
+                "it writes nothing more there (what it recorded stands; run again to resume)"
+            )
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_s):

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,10 +27,12 @@ class FsspecStore:
     # Options (credentials among them) go to the filesystem and nowhere else: not in the
     # repr, not in a message.
 
-    def __init__(self, url: str, fs: Any, base: str) -> None:
+    def __init__(self, url: str, fs: Any, base: str, secrets: Sequence[str] = ()) -> None:
         self._root = url.rstrip("/")
-        self.fs: Any = _OSErrors(fs)
+        self.fs: Any = _OSErrors(fs, secrets)
         self.base = base.rstrip("/")
+        # The lock this store handed out: writes stop once its lease is lost (see check).
+        self._lease: LeaseLock | None = None
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> FsspecStore:
@@ -37,7 +40,7 @@ class FsspecStore:
         from fsspec.core import url_to_fs
 
         fs, base = url_to_fs(url, **dict(options or {}))
-        return cls(url, fs, base)
+        return cls(url, fs, base, secret_values(options))
 
     def __repr__(self) -> str:
         return f"<FsspecStore {self._root!r}>"
@@ -49,13 +52,20 @@ class FsspecStore:
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base
 
+    def _check_lease(self) -> None:
+        """LedgerError if this store's run lost its lease: another run may own OUT now."""
+        if self._lease is not None:
+            self._lease.check()
+
     async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
         """Put `data` as the whole object `name` (see Store.put), in a worker thread."""
+        self._check_lease()
         path = self._path(name)
         await _finish(asyncio.to_thread(self.fs.pipe_file, path, data), self._drop, path)
 
     async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
         """Upload the finished file `source` as `name`, then remove it (see Store.put_file)."""
+        self._check_lease()
         path = self._path(name)
         await _finish(asyncio.to_thread(self.fs.put_file, source, path), self._drop, path)
         await asyncio.to_thread(os.unlink, source)
@@ -96,10 +106,12 @@ class FsspecStore:
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         """Move each object (a copy, then a removal, on most object stores)."""
+        self._check_lease()
         for source, target in moves:
             self.fs.mv(self._path(source), self._path(target))
 
     def remove(self, name: str) -> None:
+        self._check_lease()
         path = self._path(name)
         # Object stores say nothing when asked to remove a missing object.
         if not self.fs.exists(path):
@@ -122,7 +134,9 @@ class FsspecStore:
         """The log `name` as segment objects in the folder named for it (ledger.jsonl: ledger/)."""
         self.fs.invalidate_cache(self.base)
         copy = os.path.join(temp_folder(), f"{os.getpid()}-{id(self):x}-{name}")
-        return SegmentLog(_Listing(self.fs), self._path(_log_folder(name)), copy)
+        return SegmentLog(
+            _Listing(self.fs), self._path(_log_folder(name)), copy, guard=self._check_lease
+        )
 
     def log_copy(self, name: str) -> str | None:
         """A local file holding the log `name` merged from its segments; None without any."""
@@ -130,12 +144,13 @@ class FsspecStore:
 
     def lock(self) -> LeaseLock:
         path = self._path(LOCK_NAME)
-        return LeaseLock(
+        self._lease = LeaseLock(
             self._root,
             read=lambda: self._read_fresh(path),
             write=lambda data: self.fs.pipe_file(path, data),
             remove=lambda: self.fs.rm_file(path),
         )
+        return self._lease
 
     def _read_fresh(self, path: str) -> bytes:
         self.fs.invalidate_cache(path)
@@ -147,8 +162,9 @@ class _OSErrors:
     """The filesystem, its library's own errors (credentials, a client's) raised as OSError:
     what every caller of a store already handles, with the library's error as the cause."""
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, secrets: Sequence[str] = ()) -> None:
         self._fs = fs
+        self._secrets = secrets
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._fs, name)
@@ -159,12 +175,38 @@ class _OSErrors:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return attr(*args, **kwargs)
-            except OSError:
+            except OSError as exc:
+                if any(secret in str(exc) for secret in self._secrets):
+                    raise OSError(exc.errno, quiet(str(exc), self._secrets)) from None
                 raise
             except Exception as exc:
-                raise OSError(errno.EIO, f"{type(exc).__name__}: {exc}") from exc
+                raise OSError(errno.EIO, _said(exc, self._secrets)) from None
 
         return call
+
+
+def secret_values(options: Mapping[str, Any] | None) -> list[str]:
+    """The option values to blank out of any message (credentials, endpoints, tokens)."""
+    return [str(v) for v in (options or {}).values() if isinstance(v, str) and len(v) >= 3]
+
+
+def quiet(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret in it blanked out."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def _said(exc: Exception, secrets: Sequence[str]) -> str:
+    """A filesystem library's error as one plain line (an unknown option named as such)."""
+    # Not chained: its text may hold an option's value, and a traceback would show it.
+    unknown = _UNKNOWN_OPTION.search(str(exc)) if isinstance(exc, TypeError) else None
+    if unknown is not None:
+        return f"the object store does not take the storage option {unknown.group(1)!r}"
+    return quiet(f"{type(exc).__name__}: {exc}", secrets)
 
 
 def _missing(name: str) -> FileNotFoundError:
@@ -186,6 +228,10 @@ class _Listing:
         self._fs.invalidate_cache(path)
         found: list[str] = self._fs.find(path)
         return found
+
+    def exists(self, path: str) -> bool:
+        self._fs.invalidate_cache(path)
+        return bool(self._fs.exists(path))
 
     def open(self, path: str, mode: str = "rb") -> Any:
         return self._fs.open(path, mode)

@@ -9,9 +9,11 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
+
+from ..errors import LedgerError
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,15 @@ def merge_plan(tiers: Sequence[int]) -> int | None:
     return None
 
 
+def _free() -> None:
+    """No lock to keep: every write may go ahead."""
+
+
 class ObjectFiles(Protocol):
     """What the segment log needs from an fsspec filesystem."""
 
     def find(self, path: str) -> list[str]: ...
+    def exists(self, path: str) -> bool: ...
     def open(self, path: str, mode: str = "rb") -> Any: ...
     def pipe_file(self, path: str, value: bytes) -> None: ...
     def put_file(self, lpath: str, rpath: str) -> None: ...
@@ -158,9 +165,13 @@ class SegmentLog:
     # Blocking network calls: the ledger writer calls `append` in a worker thread.
     on_loop = False
 
-    def __init__(self, fs: ObjectFiles, base: str, copy: str) -> None:
+    def __init__(
+        self, fs: ObjectFiles, base: str, copy: str, *, guard: Callable[[], None] = _free
+    ) -> None:
         self.fs = fs
         self.base = base
+        # Raises once this run lost the output's lock: then it writes no segment.
+        self._may_write = guard
         self.path = copy
         self._copy = open(copy, "w+b")  # noqa: SIM115 - closed by close()
         try:
@@ -191,7 +202,13 @@ class SegmentLog:
     def append(self, data: bytes, sync: bool) -> int | None:
         """Put `data` as the next segment, then add it to the local copy; the copy's size."""
         piece = Piece(self._next, self._next)
-        self.fs.pipe_file(self._object(piece), data)
+        self._may_write()
+        name = self._object(piece)
+        if self.fs.exists(name):
+            # Another run numbered a segment from the same listing (two runs took the lock
+            # at once): writing would replace its lines. Stop instead.
+            raise LedgerError(f"another run wrote the ledger segment {piece.filename}: stopping")
+        self.fs.pipe_file(name, data)
         self._next += 1
         start = self._copy.seek(0, os.SEEK_END)
         self._copy.write(data)
@@ -263,14 +280,16 @@ class SegmentLog:
                 part.write(chunk)
                 left -= len(chunk)
             part.flush()
+            self._may_write()
             self.fs.put_file(part.name, self._object(piece))
 
     def _remove(self, pieces: Sequence[Piece]) -> None:
         if not pieces:
             return
         try:
+            self._may_write()
             self.fs.rm([self._object(p) for p in pieces])
-        except OSError as exc:
+        except (OSError, LedgerError) as exc:
             log.warning("could not remove merged ledger segments under %s: %s", self.base, exc)
 
 

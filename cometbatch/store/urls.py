@@ -52,6 +52,13 @@ def open_store(out: str | os.PathLike[str], options: Mapping[str, Any] | None = 
     if local is not None:
         return LocalStore(local)
     scheme = text.split("://", 1)[0].lower()
+    if "@" in urlsplit(text).netloc:
+        # Every message names OUT by its URL: credentials in it would be printed.
+        raise ConfigError(
+            f"--out {scheme}://... has a user name or password in it: give credentials through "
+            "the filesystem's environment (AWS_ACCESS_KEY_ID, ...), --storage-option or the "
+            "settings file's [storage] table instead"
+        )
     pip = _EXTRAS.get(scheme, "pip install 'cometbatch[s3]'")
     try:
         from .remote import FsspecStore
