@@ -77,14 +77,15 @@ class FsspecStore:
         path = self._path(folder)
         self.fs.invalidate_cache(path)
         try:
-            found = self.fs.find(path)
+            found = self.fs.find(path, detail=True)
         except FileNotFoundError:
             return []
         prefix = self.base.lstrip("/") + "/"
+        # Objects only: with none left below it, a folder some servers keep is listed itself.
         return sorted(
             name.lstrip("/").removeprefix(prefix)
-            for name in map(str, found)
-            if name.lstrip("/").startswith(prefix)
+            for name, info in found.items()
+            if name.lstrip("/").startswith(prefix) and info.get("type") != "directory"
         )
 
     def read(self, name: str) -> bytes:
