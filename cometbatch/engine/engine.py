@@ -29,7 +29,7 @@ from ..results import Result
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.sink import Sink
-from ..store.urls import is_url, open_store
+from ..store.urls import is_url, open_store, same_root
 from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
 from .pool import WorkerPool
@@ -68,17 +68,11 @@ class Engine:
         store: Store | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        # Where images and the ledger are written; default: the store out_dir names (a local
-        # folder, or an object store's URL with options from its library's environment).
+        # Default: the store out_dir names (a folder, or a URL's store from its environment).
         self.store: Store = store if store is not None else open_store(out_dir)
         url = is_url(out_dir)
         self.out_dir: Path | str = self.store.root if url else Path(out_dir)
-        same = (
-            self.store.root == str(out_dir).rstrip("/")
-            if url
-            else os.path.abspath(self.store.root) == os.path.abspath(out_dir)
-        )
-        if not same:
+        if not same_root(self.store, out_dir):
             # Resume reads the ledger from out_dir: a store elsewhere would pay for it all again.
             raise ConfigError(f"the store's root ({self.store.root}) must be out_dir ({out_dir})")
         # A caller's registry as given; else models_file over the built-in ones, then overrides.
@@ -175,6 +169,7 @@ class Engine:
                 self.store, self.settings, ledger, self._run_id, self.registry
             )
             sink = Sink(self.store, fsync=fsync == "always")
+            self._stack.callback(sink.staging.remove_folder)
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
@@ -360,13 +355,11 @@ class Engine:
         manifest = jobs if isinstance(jobs, Manifest) else None
         counted = True
         if manifest is not None and not len(ledger.state) and manifest.registry is self.registry:
-            # A fresh folder has nothing to skip or contradict: the totals that validation
-            # counted are exact, so a large manifest is not read an extra time.
+            # A fresh folder: validation's totals are exact, no extra read of a large manifest.
             self.summary.planned_requests += manifest.stats.requests
             self.summary.planned_images += manifest.stats.images
         elif isinstance(jobs, Manifest | list | tuple):
-            # Re-iterable inputs are counted (and checked for changed jobs) before anything is
-            # sent; one-shot iterators are counted as they stream.
+            # Re-iterables counted (and checked) before sending; one-shot ones as they stream.
             triage.preflight_run(jobs, manifest, ledger.state.last_run, self.prices)
         else:
             counted = False

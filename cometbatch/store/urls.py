@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from .interface import Store
 from .local import LocalStore
 
-__all__ = ["is_url", "open_store", "parse_storage_options", "store_of"]
+__all__ = ["is_url", "open_store", "parse_storage_options", "same_root", "store_of"]
 
 # "s3://", "gs://", "memory://", "file://": a scheme of two letters or more, so that a
 # Windows drive ("C:\\out") stays a path.
@@ -33,6 +33,13 @@ _EXTRAS: Mapping[str, str] = {
 def is_url(out: str | os.PathLike[str]) -> bool:
     """Whether `out` names a store by URL rather than a local path."""
     return isinstance(out, str) and _URL.match(out) is not None
+
+
+def same_root(store: Store, out: str | os.PathLike[str]) -> bool:
+    """Whether `store` is the output `out` names (a URL as given, a folder by its path)."""
+    if is_url(out):
+        return store.root == str(out).rstrip("/")
+    return os.path.abspath(store.root) == os.path.abspath(out)
 
 
 def _local_path(out: str) -> Path | None:
