@@ -184,7 +184,7 @@ class DyingStore(LocalStore):
 
 
 class _DyingLog:
-    def __init__(self, log: AppendLog, store: DyingStore) -> None:
+    def __init__(self, log: AppendLog, store: Any) -> None:  # a dying store of either kind
         self.log, self.store = log, store
         self.path, self.on_loop = log.path, log.on_loop
 
