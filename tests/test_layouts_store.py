@@ -20,12 +20,15 @@ from s3server import S3Server
 from support import no_sleep, run_all, settings_for
 from test_layouts import JOBS, PROMPTS, KilledError, _DyingLog
 
-from cometbatch import CometBatchError, Engine, Job, SimConfig, Simulator
+from cometbatch import CometBatchError, ConfigError, Engine, Job, SimConfig, Simulator
 from cometbatch.cli.main import main
+from cometbatch.ledger.verify import verify_folder
 from cometbatch.store.interface import AppendLog, Store
 from cometbatch.store.remote import FsspecStore
 from cometbatch.store.sink import SPOOL_BYTES
 from cometbatch.store.staging import Staging
+from cometbatch.views.gallery.content import publish_gallery
+from cometbatch.views.status import read_status
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -295,3 +298,16 @@ async def test_a_streamed_download_ends_whole_in_a_store(
     assert hashlib.sha256(data).hexdigest() == image["sha256"]
     assert not await asyncio.to_thread(os.path.exists, Staging.for_store(store).folder)
     assert not await asyncio.to_thread(os.path.exists, "memory:")
+
+
+async def test_status_verify_and_gallery_on_a_packed_store(url: str) -> None:
+    """status counts the store's shards, verify checks their samples, and the gallery says it
+    needs the files layout, as for a local folder, and puts no page."""
+    await generate(url, "webdataset")
+    store = FsspecStore.from_url(url)
+    assert read_status(store).to_dict()["layout"]["packed_images"] == len(JOBS)
+    report = await verify_folder(url)
+    assert report.ok and report.checked_images == len(JOBS)
+    with pytest.raises(ConfigError, match="files layout"):
+        await asyncio.to_thread(publish_gallery, url)
+    assert "index.html" not in store.names("")
