@@ -376,3 +376,20 @@ async def test_generate_calls_are_packed_too(tmp_path: Path) -> None:
     assert sorted(s["txt"].decode() for s in webdataset_samples(tmp_path)) == sorted(
         job.prompt for job in JOBS[:3]
     )
+
+
+def test_parquet_row_groups_are_bounded_by_bytes(tmp_path: Path) -> None:
+    """Large images close a row group by its bytes, not only its row count, and the image
+    column is not dictionary-encoded: a shard of 2 MB images is written in small steps."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from cometbatch.store.shardfiles import Member, write_parquet
+
+    record = {"job_id": "j", "index": 0, "prompt": "p", "model": "m", "format": "png"}
+    record |= {"sha256": "0" * 64, "parameters": {}}
+    image = bytes(range(256)) * (8 * 1024)  # 2 MB
+    path = tmp_path / "00000.parquet"
+    write_parquet(str(path), (Member(f"{n:010d}", image, record) for n in range(24)))
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 24 and meta.num_row_groups >= 3
+    column = meta.schema.to_arrow_schema().get_field_index("image")
+    assert "DICTIONARY" not in str(meta.row_group(0).column(column).encodings)
