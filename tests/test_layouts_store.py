@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 import os
 import secrets
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,3 +313,26 @@ async def test_status_verify_and_gallery_on_a_packed_store(url: str) -> None:
     with pytest.raises(ConfigError, match="files layout"):
         await asyncio.to_thread(publish_gallery, url)
     assert "index.html" not in store.names("")
+
+
+class Overlapping(FsspecStore):
+    """A store whose first two image reads each wait for the other: reads one at a time
+    would break the barrier (and the run)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.waits = itertools.count()
+
+    def read(self, name: str) -> bytes:
+        if name.startswith("images/") and next(self.waits) < 2:
+            self.barrier.wait()
+        return super().read(name)
+
+
+async def test_packing_reads_staged_objects_a_few_at_a_time(url: str) -> None:
+    """On an object store each staged image is a request: the packer reads several at once."""
+    fs, base = fsspec.core.url_to_fs(url)
+    store = Overlapping(url, fs, base)
+    assert await generate(url, "webdataset", store) == 30
+    assert len(read_back(store, "webdataset")) == 30
