@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import threading
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -336,3 +337,23 @@ async def test_packing_reads_staged_objects_a_few_at_a_time(url: str) -> None:
     store = Overlapping(url, fs, base)
     assert await generate(url, "webdataset", store) == 30
     assert len(read_back(store, "webdataset")) == 30
+
+
+async def test_a_large_shard_is_uploaded_a_part_at_a_time(
+    s3_url: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A shard file far larger than an upload part goes to S3 holding about one part in
+    memory, not the ten parts s3fs reads at once by default (a 2 GB shard took 1 GB)."""
+    size = 320 * 1024 * 1024
+    source = tmp_path / "00000.tar"
+    with source.open("wb") as handle:
+        handle.truncate(size)  # sparse: quick to make, read back as zeros
+    store = s3_store(s3_url, s3_server)
+    tracemalloc.start()
+    try:
+        await store.put_file("shards/00000.tar", str(source))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert store.stat("shards/00000.tar").size == size
+    assert peak < 130 * 1024 * 1024, peak

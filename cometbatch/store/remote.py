@@ -36,7 +36,12 @@ class FsspecStore:
         """The store at `url`, its filesystem made with `options` (ImportError, ValueError)."""
         from fsspec.core import url_to_fs
 
-        fs, base = url_to_fs(url, **dict(options or {}))
+        options = dict(options or {})
+        if url.partition("://")[0] in ("s3", "s3a"):
+            # s3fs reads up to ten 50 MB parts of an upload at once by default: a large shard
+            # took 1 GB of memory. One part at a time; the option can still be given.
+            options.setdefault("max_concurrency", 1)
+        fs, base = url_to_fs(url, **options)
         return cls(url, fs, base)
 
     def __repr__(self) -> str:
