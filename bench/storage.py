@@ -5,7 +5,8 @@ against the simulator (in its own process), timed from start to exit; its peak R
 child's own (wait4). Two image sizes: small (64 px PNGs) and 2 MB PNGs. Targets: the local
 folder always; an object store when given (`--target s3://bucket/prefix`, credentials and
 endpoint from the environment), or `--seaweedfs` to start the test suite's SeaweedFS server on
-127.0.0.1 and write to a new bucket there. `--layout` is passed on as it is.
+127.0.0.1 and write to a new bucket there. `--layout files,webdataset,parquet` runs each layout
+on the same manifest and target, so the packing cost of the shard layouts shows against files.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ CONCURRENCY = 16
 BIG_BYTES = 2 * 1024 * 1024
 # (name, payload bytes or None for the small default pictures, images, smoke images)
 SIZES = (("small", None, 2_000, 20), ("2 MB", BIG_BYTES, 150, 4))
+LAYOUTS = ("files", "webdataset", "parquet")
+# Images per shard: several shards a run even at the 2 MB size.
+SHARD_SIZE = 50
 # Memory stays flat: a run of 2 MB images peaks under this, whatever it writes to.
 TARGET_RSS_MB = 400.0
 
@@ -57,13 +61,13 @@ def write_manifest(path: Path, count: int) -> Path:
 
 
 def run_once(
-    manifest: Path, out: str, base_url: str, env: dict[str, str], layout: str | None, cwd: Path
+    manifest: Path, out: str, base_url: str, env: dict[str, str], layout: str, cwd: Path
 ) -> tuple[float, float]:
     """Seconds from start to exit and the peak RSS (MB) of one `cometbatch run` process."""
     command = [
         *(sys.executable, "-m", "cometbatch", "run", str(manifest), "--out", out),
         *("--base-url", base_url, "--concurrency", str(CONCURRENCY), "--model", MODEL),
-        *(("--layout", layout) if layout else ()),
+        *("--layout", layout, "--shard-size", str(SHARD_SIZE)),
     ]
     log = cwd / "process.log"
     with open(log, "wb") as output:
@@ -78,22 +82,26 @@ def run_once(
     return took, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def local_images(out: str) -> int:
-    """How many image files a local run left."""
-    return sum(1 for p in Path(out, "images").rglob("*") if p.is_file())
+def images_written(out: str, env: dict[str, str], layout: str) -> int:
+    """How many images a run left: image files, or the samples its shards' stats count."""
+    if "://" in out:
+        import s3fs
 
-
-def s3_images(url: str, env: dict[str, str]) -> int:
-    """How many image objects a run left under `url`/images (counted with s3fs)."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        key=env.get("AWS_ACCESS_KEY_ID"),
-        secret=env.get("AWS_SECRET_ACCESS_KEY"),
-        client_kwargs={"endpoint_url": env.get("AWS_ENDPOINT_URL")},
-        skip_instance_cache=True,
-    )
-    return len(fs.find(url.removeprefix("s3://").rstrip("/") + "/images"))
+        fs = s3fs.S3FileSystem(
+            key=env.get("AWS_ACCESS_KEY_ID"),
+            secret=env.get("AWS_SECRET_ACCESS_KEY"),
+            client_kwargs={"endpoint_url": env.get("AWS_ENDPOINT_URL")},
+            skip_instance_cache=True,
+        )
+        base = out.removeprefix("s3://").rstrip("/")
+        if layout == "files":
+            return len(fs.find(f"{base}/images"))
+        stats = [name for name in fs.find(f"{base}/shards") if name.endswith("_stats.json")]
+        return sum(int(json.loads(fs.cat_file(name))["count"]) for name in stats)
+    if layout == "files":
+        return sum(1 for p in Path(out, "images").rglob("*") if p.is_file())
+    files = Path(out, "shards").glob("*_stats.json")
+    return sum(int(json.loads(path.read_text())["count"]) for path in files)
 
 
 @contextmanager
@@ -115,24 +123,32 @@ def measure(
     tmp: Path,
     count: int,
     runs: int,
-    layout: str | None,
+    layouts: list[str],
 ) -> dict[str, Figure]:
-    """Each target's median images/s and highest peak RSS over `runs` alternating runs."""
+    """Each target and layout's median images/s and highest peak RSS over `runs` runs in
+    alternating order; keyed "target layout"."""
     manifest = write_manifest(tmp / f"manifest-{count}.jsonl", count)
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in targets}
-    rss: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    contenders = [
+        (f"{name} {layout}", base, extra, layout)
+        for name, base, extra in targets
+        for layout in layouts
+    ]
+    rates: dict[str, list[float]] = {name: [] for name, _, _, _ in contenders}
+    rss: dict[str, list[float]] = {name: [] for name, _, _, _ in contenders}
     for run in range(1, runs + 1):
-        for name, base, extra in in_turn(run, targets):
+        for name, base, extra, layout in in_turn(run, contenders):
             local = "://" not in base
-            out = str(tmp / f"{name}-{run}") if local else f"{base}-{count}-{run}"
+            label = name.replace(" ", "-")
+            out = str(tmp / f"{label}-{run}") if local else f"{base}-{label}-{count}-{run}"
             env = {**os.environ, "COMETAPI_KEY": KEY, "PYTHONPATH": str(ROOT), **extra}
             seconds, peak = run_once(manifest, out, sim_base, env, layout, tmp)
-            written = local_images(out) if local else s3_images(out, env)
-            if layout in (None, "files") and written != count:
+            written = images_written(out, env, layout)
+            if written != count:
                 raise SystemExit(f"{out}: {written} images for {count} jobs")
             rates[name].append(count / seconds)
             rss[name].append(peak)
-            print(f"  run {run} {name:>6}: {count / seconds:8.1f} images/s, peak RSS {peak:.0f} MB")
+            rate = count / seconds
+            print(f"  run {run} {name:>16}: {rate:8.1f} images/s, peak RSS {peak:.0f} MB")
             if local:
                 settle(Path(out))
     return {name: Figure(median(rates[name]), max(rss[name])) for name in rates}
@@ -146,13 +162,20 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--seaweedfs", action="store_true", help="start a SeaweedFS server and use it as target"
     )
-    parser.add_argument("--layout", help="passed on to cometbatch run (files|webdataset|parquet)")
+    parser.add_argument(
+        "--layout",
+        default="files",
+        help="layouts to run, comma-separated (files,webdataset,parquet); default files",
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = arguments()
     runs = 1 if args.smoke else max(1, args.runs)
+    layouts = [name.strip() for name in args.layout.split(",") if name.strip()]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        raise SystemExit(f"--layout takes a comma-separated list of {', '.join(LAYOUTS)}")
     met = True
     with ExitStack() as stack:
         targets: list[tuple[str, str, dict[str, str]]] = [("local", "local", {})]
@@ -170,16 +193,23 @@ def main() -> None:
                 config["payload_bytes"] = payload
             print(f"{size} images: {count} a run, concurrency {CONCURRENCY}, {runs} run(s)")
             with simulator_process(SimConfig(**config)) as sim:
-                figures = measure(targets, sim.base_url, tmp, count, runs, args.layout)
+                figures = measure(targets, sim.base_url, tmp, count, runs, layouts)
             results[size] = figures
             for name, figure in figures.items():
                 print(
                     f"{size} {name}: {figure.rate:.1f} images/s (median), "
                     f"peak RSS {figure.rss_mb:.0f} MB"
                 )
-            if "s3" in figures:
-                ratio = figures["s3"].rate / figures["local"].rate
-                print(f"{size}: s3 / local throughput {ratio:.2f} x")
+            for layout in layouts:
+                if f"s3 {layout}" in figures:
+                    ratio = figures[f"s3 {layout}"].rate / figures[f"local {layout}"].rate
+                    print(f"{size} {layout}: s3 / local throughput {ratio:.2f} x")
+            for name, _, _ in targets:
+                for layout in layouts:
+                    if layout != "files" and "files" in layouts:
+                        # Packing cost: this layout's run time against the files layout's.
+                        cost = figures[f"{name} files"].rate / figures[f"{name} {layout}"].rate
+                        print(f"{size} {name}: {layout} run takes {cost:.2f} x the files run")
         for name, figure in results["2 MB"].items():
             met &= verdict(
                 f"peak RSS, 2 MB images, {name}",

@@ -377,7 +377,7 @@ def test_a_secret_option_is_written_and_printed_nowhere(url: str) -> None:
 class _Refusing:
     """A filesystem whose library fails with an error of its own (not an OSError)."""
 
-    def find(self, path: str) -> list[str]:
+    def find(self, path: str, detail: bool = False) -> list[str]:
         raise RuntimeError("Partial credentials found in explicit, missing: key")
 
     def invalidate_cache(self, path: str | None = None) -> None:

@@ -145,10 +145,9 @@ class Engine:
         try:
             # Settings that cannot work fail here, before the output folder is created or locked.
             _require_key(self.settings)
+            most = max((spec.max_n for spec in self.registry), default=10)  # sizes --ipm pacing
             limiter = self._given_limiter or Limiter.from_settings(
-                # Sizes --ipm pacing: the most any model in the registry takes per request.
-                self.settings,
-                max_images_per_request=max((spec.max_n for spec in self.registry), default=10),
+                self.settings, max_images_per_request=most
             )
             self._limiter = await self._stack.enter_async_context(limiter)
             # Work the pool has no free worker for (with one worker a slot, the slots hold it).
@@ -165,6 +164,7 @@ class Engine:
                 self.store, self.settings, ledger, self._run_id, self.registry
             )
             sink = Sink(self.store, fsync=fsync == "always")
+            self._stack.callback(sink.staging.remove_folder)
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)

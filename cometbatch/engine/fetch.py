@@ -264,6 +264,7 @@ async def fetch_pending(
                     await ledger.append(event)
                     _count(summary, fetched)
             finally:
+                sink.staging.remove_folder()
                 summary.elapsed_s = time.monotonic() - started
                 await ledger.append(
                     {

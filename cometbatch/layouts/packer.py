@@ -17,7 +17,9 @@ import logging
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ConfigError
@@ -47,6 +49,9 @@ from .samples import (
 __all__ = ["SHARD_LAYOUTS", "Packer"]
 
 log = logging.getLogger(__name__)
+
+# Staged images read and removed this many at a time: on an object store each is a request.
+_AT_ONCE = 8
 
 
 class Packer:
@@ -239,8 +244,7 @@ class Packer:
 
         def members() -> Iterator[Member]:
             nonlocal skipped
-            for staged in batch:
-                images = self._read(staged)
+            for staged, images in self._read_ahead(batch):
                 if images is None:
                     # Left staged and unpacked: the next run finds the file gone and restores it.
                     skipped += len(staged.images)
@@ -261,6 +265,18 @@ class Packer:
             raise
         return temp, entries, records, skipped
 
+    def _read_ahead(self, batch: list[Staged]) -> Iterator[tuple[Staged, list[bytes] | None]]:
+        """Each request of `batch` in order with its staged images, read a few ahead."""
+        with ThreadPoolExecutor(_AT_ONCE) as pool:
+            window: deque[tuple[Staged, Future[list[bytes] | None]]] = deque()
+            for staged in batch:
+                window.append((staged, pool.submit(self._read, staged)))
+                if len(window) == _AT_ONCE:
+                    first, images = window.popleft()
+                    yield first, images.result()
+            for first, images in window:
+                yield first, images.result()
+
     def _read(self, staged: Staged) -> list[bytes] | None:
         """A request's staged images, or None (logged) if one is gone or not what was recorded."""
         found = []
@@ -278,9 +294,13 @@ class Packer:
 
     def _remove_staging(self, paths: Iterable[str]) -> None:
         """Remove staged images a committed shard holds (those already gone are fine)."""
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                self.store.remove(path)
+        with ThreadPoolExecutor(_AT_ONCE) as pool:
+            for _ in pool.map(self._remove_one, paths):
+                pass
+
+    def _remove_one(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.store.remove(path)
 
 
 def _digest(path: str) -> tuple[int, str]:

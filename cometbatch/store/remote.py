@@ -39,7 +39,12 @@ class FsspecStore:
         """The store at `url`, its filesystem made with `options` (ImportError, ValueError)."""
         from fsspec.core import url_to_fs
 
-        fs, base = url_to_fs(url, **dict(options or {}))
+        options = dict(options or {})
+        if url.partition("://")[0] in ("s3", "s3a"):
+            # s3fs reads up to ten 50 MB parts of an upload at once by default: a large shard
+            # took 1 GB of memory. One part at a time; the option can still be given.
+            options.setdefault("max_concurrency", 1)
+        fs, base = url_to_fs(url, **options)
         return cls(url, fs, base, secret_values(options))
 
     def __repr__(self) -> str:
@@ -87,14 +92,15 @@ class FsspecStore:
         path = self._path(folder)
         self.fs.invalidate_cache(path)
         try:
-            found = self.fs.find(path)
+            found = self.fs.find(path, detail=True)
         except FileNotFoundError:
             return []
         prefix = self.base.lstrip("/") + "/"
+        # Objects only: with none left below it, a folder some servers keep is listed itself.
         return sorted(
             name.lstrip("/").removeprefix(prefix)
-            for name in map(str, found)
-            if name.lstrip("/").startswith(prefix)
+            for name, info in found.items()
+            if name.lstrip("/").startswith(prefix) and info.get("type") != "directory"
         )
 
     def read(self, name: str) -> bytes:

@@ -44,7 +44,7 @@ PARQUET_COLUMNS = (
     "metadata",
     "cost",
 )
-# Rows a parquet row group holds: images are large, so a group is kept to a few of them.
+# A parquet row group is written (and its memory let go) at this many rows or image bytes.
 _ROW_GROUP = 64
 _ROW_GROUP_BYTES = 16 * 2**20
 
@@ -109,7 +109,9 @@ def write_parquet(path: str, members: Iterable[Member]) -> None:
             ("cost", pa.float64()),
         ]
     )
-    with pq.ParquetWriter(path, schema) as writer:
+    # No dictionary for the images: building one holds a row group's images once more.
+    plain = [name for name in PARQUET_COLUMNS if name != "image"]
+    with pq.ParquetWriter(path, schema, use_dictionary=plain) as writer:
         rows: list[dict[str, Any]] = []
         size = 0
         for member in members:

@@ -76,6 +76,12 @@ class Staging:
             raise
         return Staged(path, size, digest.hexdigest())
 
+    def remove_folder(self) -> None:
+        """Remove the staging folder if nothing is left in it (at a run's end); blocking."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+        self._made = False
+
     def clean(self) -> int:
         """Remove what downloads cut short by a crash left here; how many. Blocking."""
         try:

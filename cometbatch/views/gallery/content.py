@@ -213,6 +213,7 @@ def publish_gallery(
     store = store_of(out)
     if isinstance(store, LocalStore):
         return str(write_gallery(store.path, manifest))
+    _require_files_layout(store)
     page = render_page(read_gallery(store, manifest))
     asyncio.run(store.put(GALLERY_NAME, page.encode("utf-8")))
     return f"{store.root}/{GALLERY_NAME}"
@@ -222,14 +223,19 @@ def write_gallery(
     out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> Path:
     """Write OUT/index.html, a self-contained page of the folder's images; return its path."""
-    if LocalStore(out_dir).names(SHARDS):
-        raise ConfigError(
-            f"{out_dir} keeps its images in dataset shards ({SHARDS}/): the gallery shows an "
-            "output of the files layout (run with --layout files)"
-        )
+    _require_files_layout(LocalStore(out_dir), str(out_dir))
     gallery = read_gallery(out_dir, manifest)
     target = Path(out_dir) / GALLERY_NAME
     temporary = target.with_name(f".{GALLERY_NAME}.tmp")
     temporary.write_text(render_page(gallery), encoding="utf-8")
     os.replace(temporary, target)
     return target
+
+
+def _require_files_layout(store: Store, name: str | None = None) -> None:
+    """ConfigError when the output keeps its images in shards: the gallery shows files."""
+    if store.names(SHARDS):
+        raise ConfigError(
+            f"{name or store.root} keeps its images in dataset shards ({SHARDS}/): the gallery "
+            "shows an output of the files layout (run with --layout files)"
+        )
