@@ -98,9 +98,11 @@ def test_missing_extra_names_the_pip_command(
 
 def test_storage_options_parse_and_refuse_without_values() -> None:
     """KEY=VALUE pairs become options; a bad pair is named by position, its value unshown."""
-    assert parse_storage_options(["anon=true", "endpoint_url=http://h:1"]) == {
+    pairs = ["anon=true", "endpoint_url=http://h:1", "max_concurrency=4"]
+    assert parse_storage_options(pairs) == {
         "anon": True,
         "endpoint_url": "http://h:1",
+        "max_concurrency": 4,
     }
     with pytest.raises(ConfigError, match="#2") as info:
         parse_storage_options(["a=b", "hunter2"])

@@ -109,8 +109,8 @@ def store_of(
 
 
 def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs as filesystem options ("true"/"false" as booleans); ConfigError naming
-    the key (never the value) of a pair that is not one."""
+    """KEY=VALUE pairs as filesystem options ("true"/"false" as booleans, whole numbers as
+    ints); ConfigError naming the key (never the value) of a pair that is not one."""
     options: dict[str, Any] = {}
     for number, pair in enumerate(pairs, 1):
         key, sep, value = pair.partition("=")
@@ -120,5 +120,9 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
                 f"--storage-option #{number} is not KEY=VALUE (its value is not shown)"
             )
         lowered = value.strip().lower()
-        options[key] = {"true": True, "false": False}.get(lowered, value)
+        if lowered.isdigit():
+            # max_concurrency=4 and the like: the filesystems want a number.
+            options[key] = int(lowered)
+        else:
+            options[key] = {"true": True, "false": False}.get(lowered, value)
     return options
