@@ -466,7 +466,7 @@ def test_credentials_in_the_url_are_refused_without_being_echoed() -> None:
 class _Leaky:
     """A filesystem whose library puts an option's value, or an unknown option, in errors."""
 
-    def find(self, path: str) -> list[str]:
+    def find(self, path: str, **kwargs: Any) -> list[str]:
         raise ValueError("Invalid endpoint: https://SECRETHOST.example:9000")
 
     def info(self, path: str) -> dict[str, Any]:

@@ -100,7 +100,8 @@ class Ledger:
         self._phase = "opening"
         try:
             try:
-                self._lock.acquire()
+                # In a thread: on an object store, taking the lock is a few requests.
+                await asyncio.to_thread(self._lock.acquire)
             except OSError as exc:
                 raise OutputError(
                     f"cannot use {self.where} as the output folder: "

@@ -203,7 +203,8 @@ def quiet(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
+# A client built with an option it does not take (s3fs makes its session on first use).
+_UNKNOWN_OPTION = re.compile(r"__init__\(\) got an unexpected keyword argument '([^']+)'")
 
 
 def _said(exc: Exception, secrets: Sequence[str]) -> str:

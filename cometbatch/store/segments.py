@@ -77,7 +77,9 @@ def covering(pieces: Iterable[Piece]) -> tuple[list[Piece], list[Piece]]:
         elif piece.first > until:
             chosen.append(piece)
             until = piece.last
-        # A piece overlapping another in part is never written: it is left alone.
+        else:
+            # Never written by one writer at a time: its lines are not read, and said so.
+            log.error("ledger segment %s overlaps another in part: not read", piece.filename)
     return chosen, covered
 
 
