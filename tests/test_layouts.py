@@ -149,16 +149,14 @@ class KilledError(OSError):
     """What a killed process would leave: nothing after this point is written."""
 
 
-class DyingStore(LocalStore):
-    """A local store that dies at one step of packing the last shard (00003): that write and
-    every later one fail, as if the process had been killed there."""
+class Dying:
+    """A store that dies at one step of packing the last shard (00003): that write and every
+    later one fail, as if the process had been killed there (mixed into a store class)."""
 
-    def __init__(self, root: Path, step: str) -> None:
-        super().__init__(root)
-        self.step = step
-        self.dead = False
-        self.committed = False
-        self.removed = 0
+    step = ""
+    dead = False
+    committed = False
+    removed = 0
 
     def _die(self, step: str) -> None:
         if self.dead or step == self.step:
@@ -167,11 +165,11 @@ class DyingStore(LocalStore):
 
     async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
         self._die("stats" if name == "shards/00003_stats.json" else "put")
-        await super().put(name, data, sync=sync)
+        await super().put(name, data, sync=sync)  # type: ignore[misc]
 
     async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
         self._die("shard" if name.startswith("shards/00003.") else "put")
-        await super().put_file(name, source, sync=sync)
+        await super().put_file(name, source, sync=sync)  # type: ignore[misc]
 
     def remove(self, name: str) -> None:
         # "staging": after two of the committed shard's six images were removed.
@@ -179,10 +177,19 @@ class DyingStore(LocalStore):
             self.removed += 1
             if self.removed == 3:
                 self._die("staging")
-        super().remove(name)
+        super().remove(name)  # type: ignore[misc]
 
-    def open_log(self, name: str, *, sync: bool) -> AppendLog:
-        return _DyingLog(super().open_log(name, sync=sync), self)
+    def open_log(self, name: str, *, sync: bool) -> Any:
+        log: AppendLog = super().open_log(name, sync=sync)  # type: ignore[misc]
+        return _DyingLog(log, self)
+
+
+class DyingStore(Dying, LocalStore):
+    """A local folder that dies at one step of packing."""
+
+    def __init__(self, root: Path, step: str) -> None:
+        super().__init__(root)
+        self.step = step
 
 
 class _DyingLog:

@@ -21,12 +21,12 @@ import pytest
 from click.testing import CliRunner
 from s3server import S3Server
 from support import no_sleep, run_all, settings_for
-from test_layouts import JOBS, PROMPTS, KilledError, _DyingLog
+from test_layouts import JOBS, PROMPTS, Dying
 
 from cometbatch import CometBatchError, ConfigError, Engine, Job, SimConfig, Simulator
 from cometbatch.cli.main import main
 from cometbatch.ledger.verify import verify_folder
-from cometbatch.store.interface import AppendLog, Store
+from cometbatch.store.interface import Store
 from cometbatch.store.remote import FsspecStore
 from cometbatch.store.sink import SPOOL_BYTES
 from cometbatch.store.staging import Staging
@@ -151,38 +151,8 @@ async def test_files_layout_writes_metadata_on_the_store_without_reading_objects
     assert {line["file_name"] for line in lines} == set(store.names("images"))
 
 
-class DyingRemote(FsspecStore):
-    """An object store that dies at one step of packing the last shard (00003), as
-    test_layouts.DyingStore does for a local folder."""
-
-    step = ""
-    dead = False
-    committed = False
-    removed = 0
-
-    def _die(self, step: str) -> None:
-        if self.dead or step == self.step:
-            self.dead = True
-            raise KilledError(f"killed at {step}")
-
-    async def put(self, name: str, data: bytes, *, sync: bool = False) -> None:
-        self._die("stats" if name == "shards/00003_stats.json" else "put")
-        await super().put(name, data, sync=sync)
-
-    async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
-        self._die("shard" if name.startswith("shards/00003.") else "put")
-        await super().put_file(name, source, sync=sync)
-
-    def remove(self, name: str) -> None:
-        if self.committed and name.startswith("images/"):
-            self.removed += 1
-            if self.removed == 3:
-                self._die("staging")
-        super().remove(name)
-
-    def open_log(self, name: str, *, sync: bool) -> Any:
-        log: AppendLog = super().open_log(name, sync=sync)
-        return _DyingLog(log, self)
+class DyingRemote(Dying, FsspecStore):
+    """An object store that dies at one step of packing, as DyingStore does for a folder."""
 
 
 async def check_kill_while_packing(
