@@ -484,3 +484,19 @@ def test_library_errors_name_no_option_value_and_name_an_unknown_option() -> Non
     assert "SECRETHOST" not in str(leaked.value) and "***" in str(leaked.value)
     with pytest.raises(OSError, match="does not take the storage option 'bogus_opt'"):
         store.stat("images/j/0.png")
+
+
+def test_two_runs_that_found_the_output_free_at_once_cannot_both_take_it(url: str) -> None:
+    """The lock object is created with a write that fails when it exists: the second of two
+    runs that both read "free" is refused, and the first keeps its lock."""
+    first, second = FsspecStore.from_url(url).lock(), FsspecStore.from_url(url).lock()
+    free = second.holder
+    second.holder = lambda: None  # type: ignore[method-assign]  # it read before the first wrote
+    first.acquire()
+    try:
+        with pytest.raises(LedgerError, match="in use by another cometbatch run"):
+            second.acquire()
+        second.holder = free  # type: ignore[method-assign]
+        assert not second.held and first.holder() == first._info
+    finally:
+        first.release()

@@ -226,3 +226,22 @@ def test_sigkills_mid_run_then_every_image_once(
         images[(job, int(stem))] += 1
     assert set(images) == plan.images and max(images.values()) == 1
     assert ".cometbatch.lock" not in store.names("")
+
+
+def test_the_lock_object_is_created_only_if_absent_on_the_server(
+    s3_server: S3Server, bucket_url: str
+) -> None:
+    """On the S3 server the lock is put with If-None-Match: of two runs that both read the
+    output as free, the second is refused (the server's precondition failure)."""
+    from cometbatch import LedgerError
+
+    first, second = store_at(bucket_url, s3_server).lock(), store_at(bucket_url, s3_server).lock()
+    second.holder = lambda: None  # type: ignore[method-assign]  # it read before the first wrote
+    first.acquire()
+    try:
+        with pytest.raises(LedgerError, match="in use by another cometbatch run"):
+            second.acquire()
+        # The first run's lock object is as it wrote it: the second did not replace it.
+        assert not second.held and first.holder() == first._info
+    finally:
+        first.release()

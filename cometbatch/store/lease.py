@@ -38,9 +38,13 @@ class LeaseLock:
         lease_s: float = LEASE_S,
         renew_s: float = RENEW_S,
         clock: Callable[[], float] = time.time,
+        create: Callable[[bytes], None] | None = None,
     ) -> None:
         self.where = where
         self._read, self._write, self._remove = read, write, remove
+        # A write that fails (FileExistsError) when the object exists, where the store has
+        # one: two runs that found the output free at once cannot both take it.
+        self._create = create
         self.lease_s = lease_s
         self.renew_s = renew_s
         self._clock = clock
@@ -84,8 +88,16 @@ class LeaseLock:
             "token": secrets.token_hex(8),
             "expires_at": self._clock() + self.lease_s,
         }
-        self._write(json.dumps(info).encode())
-        # Two runs that found it free at once both wrote: the one whose info stayed wins.
+        data = json.dumps(info).encode()
+        if current is None and self._create is not None:
+            try:
+                self._create(data)
+            except FileExistsError:
+                raise self._in_use(self.holder() or {}) from None
+        else:
+            self._write(data)
+        # Two runs that found it free (or stale) at once both wrote: the one whose info stayed
+        # wins.
         now = self.holder()
         if not now or now.get("token") != info["token"]:
             raise self._in_use(now or {})

@@ -8,7 +8,7 @@ import errno
 import functools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .interface import Entry
@@ -155,8 +155,28 @@ class FsspecStore:
             read=lambda: self._read_fresh(path),
             write=lambda data: self.fs.pipe_file(path, data),
             remove=lambda: self.fs.rm_file(path),
+            create=self._creator(path),
         )
         return self._lease
+
+    def _creator(self, path: str) -> Callable[[bytes], None] | None:
+        """A write of `path` that fails if it exists, on the stores known to offer one."""
+        # S3 (and S3-compatible servers) take If-None-Match; memory:// opens with "xb".
+        # Elsewhere (gcsfs, adlfs, ...) the lock is written and read back, as before.
+        if self._root.partition("://")[0] not in ("s3", "s3a", "memory"):
+            return None
+
+        def create(data: bytes) -> None:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+                    raise FileExistsError(errno.EEXIST, "the lock object exists") from None
+                raise
+
+        return create
 
     def _read_fresh(self, path: str) -> bytes:
         self.fs.invalidate_cache(path)
