@@ -418,3 +418,32 @@ async def test_a_key_recorded_again_after_its_shard_is_not_packed(tmp_path: Path
     state = LedgerState.load(tmp_path / "ledger.jsonl")
     again = {key for key in state.packed if key.split("#")[0] in {job.id for job in changed}}
     assert len(state.packed) == 5 and again == set()
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_a_shard_is_read_back_a_few_samples_at_a_time(tmp_path: Path, layout: str) -> None:
+    """verify reads a shard from its file in parts: a shard of 40 MB of images is checked
+    with a few MB of memory, not the whole shard held (shards of large images are GBs)."""
+    import hashlib
+    import tracemalloc
+
+    from cometbatch.store.shardfiles import Member, read_members, write_parquet, write_tar
+
+    if layout == "parquet":
+        pytest.importorskip("pyarrow.parquet")
+    record = {"job_id": "j", "index": 0, "prompt": "p", "model": "m", "format": "png"}
+    image = b"\x89PNG" + bytes(range(256)) * (8 * 1024)  # 2 MB
+    members = (Member(f"{n:010d}", image, {**record, "sha256": "x"}) for n in range(20))
+    path = tmp_path / "00000.shard"
+    (write_parquet if layout == "parquet" else write_tar)(str(path), members)
+    digest = hashlib.sha256(image).hexdigest()
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as source:
+            found = [(k, hashlib.sha256(d).hexdigest()) for k, d in read_members(source, layout)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [k for k, _ in found] == [f"{n:010d}" for n in range(20)]
+    assert {d for _, d in found} == {digest}
+    assert peak < 24 * 2**20, f"{peak / 2**20:.0f} MB traced for a 40 MB shard"

@@ -231,11 +231,12 @@ def check_shards(store: Store, path: Path, report: VerifyReport) -> None:
         report.checked_images += len(samples)
         report.checked_keys += len({sample["key"] for sample in samples})
         try:
-            # Hashed as they are read: the samples' bytes are not held beside the shard's.
-            members = {
-                key: hashlib.sha256(data).hexdigest()
-                for key, data in read_members(store.read(shard), str(event.fields["layout"]))
-            }
+            # Read and hashed a few samples at a time: a shard can be gigabytes.
+            with store.open_read(shard) as source:
+                members = {
+                    key: hashlib.sha256(data).hexdigest()
+                    for key, data in read_members(source, str(event.fields["layout"]))
+                }
             problem = None
         except (OSError, ValueError) as exc:
             members, problem = {}, f"the shard cannot be read: {exc}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 __all__ = ["AppendLog", "Entry", "RunLock", "Store"]
 
@@ -79,6 +79,11 @@ class Store(Protocol):
 
     def stat(self, name: str) -> Entry:
         """Size and kind of `name`; FileNotFoundError when there is none."""
+        ...
+
+    def open_read(self, name: str) -> BinaryIO:
+        """`name` opened for reading in parts (a shard too large to hold); the caller closes it.
+        FileNotFoundError when there is none."""
         ...
 
     def names(self, folder: str) -> list[str]:

@@ -158,6 +158,9 @@ class LocalStore:
         with open(self._local(name), "rb") as handle:
             return handle.read()
 
+    def open_read(self, name: str) -> BinaryIO:
+        return open(self._local(name), "rb")
+
     def names(self, folder: str) -> list[str]:
         """Every file below `folder` (temporary files of unfinished writes left out), sorted."""
         base = self._local(folder)

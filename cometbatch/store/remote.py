@@ -9,7 +9,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from .interface import Entry
 from .lease import LeaseLock
@@ -109,6 +109,14 @@ class FsspecStore:
         except FileNotFoundError:
             raise _missing(name) from None
         return data
+
+    def open_read(self, name: str) -> BinaryIO:
+        """The object as a file read in ranges (s3fs fetches blocks as they are read)."""
+        try:
+            handle: BinaryIO = self.fs.open(self._path(name), "rb")
+        except FileNotFoundError:
+            raise _missing(name) from None
+        return handle
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         """Move each object (a copy, then a removal, on most object stores)."""

@@ -11,7 +11,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import ConfigError
 from ..paths import EXTENSIONS
@@ -148,20 +148,23 @@ def _row(member: Member) -> dict[str, Any]:
     }
 
 
-def read_members(data: bytes, layout: str) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) of each sample of a shard's bytes; ValueError if it cannot be read."""
+def read_members(source: BinaryIO, layout: str) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) of each sample of a shard, read a few samples at a time from
+    `source`; ValueError if it cannot be read."""
     if layout == "parquet":
         pq = require_pyarrow()
         try:
-            table = pq.read_table(io.BytesIO(data), columns=["key", "image"])
+            shard = pq.ParquetFile(source)
+            for batch in shard.iter_batches(batch_size=2, columns=["key", "image"]):
+                keys, images = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                yield from zip(keys, images, strict=True)
         except Exception as exc:  # pyarrow's errors share no base class of their own
             raise ValueError(f"not a readable parquet file: {exc}") from None
-        keys, images = table.column("key").to_pylist(), table.column("image").to_pylist()
-        yield from zip(keys, images, strict=True)
         return
     images = set(EXTENSIONS.values())
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        # "r|": a stream, member after member, never the whole tar at once.
+        with tarfile.open(fileobj=source, mode="r|") as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 if ext in images:
