@@ -262,3 +262,26 @@ def test_the_start_warning_names_which_runs_left_requests_unanswered() -> None:
     several = Unanswered({"a#0": ("r1", 1), "b#0": ("r0", 1)}, "r2")
     assert several.text(True).startswith("2 earlier runs stopped")
     assert Unanswered({}, "r2").text(True) == ""
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_the_dry_run_counts_what_earlier_runs_sent_and_never_heard_back_about(
+    tmp_path: Path, retry: bool
+) -> None:
+    """The plan says how many requests may have been billed already, and what the run will
+    do with them (send again, or hold back); --json gives them as earlier_unanswered."""
+    from click.testing import CliRunner
+
+    from cometbatch.cli.main import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "prompt": "p", "n": 2}\n{"id": "b", "prompt": "q"}\n')
+    out = tmp_path / "out"
+    _ledger(out, _run("r1"), _sent("r1", "a#0", n=2), _sent("r1", "b#0"), _result("r1", "b#0"))
+    flag = "--retry-ambiguous" if retry else "--no-retry-ambiguous"
+    base = ["run", str(manifest), "--out", str(out), "--dry-run", flag, "--model", "dall-e-2"]
+    data = json.loads(CliRunner().invoke(main, [*base, "--json"]).output)
+    assert data["earlier_unanswered"] == {"requests": 1, "images": 2}
+    text = CliRunner().invoke(main, base).output
+    assert "sent and never answered by an earlier run: 1 request(s), 2 image(s)" in text
+    assert ("sends them again" if retry else "holds them back") in text

@@ -87,7 +87,11 @@ def _dry_run(
     send = plan.totals().send_images
     fit = plan_fit(settings, ledger, prices, send, plan.to_send)
     other = other_manifest(state.last_run, loaded.path, loaded.sha256)
-    data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other)
+    # Requests earlier runs sent and never heard back about: sent again, or held back.
+    unanswered = state.unanswered()
+    earlier = (len(unanswered), sum(n for _, n in unanswered.values()))
+    data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other, unanswered=earlier)
+    data["retry_ambiguous"] = settings.retry_ambiguous
     click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
 
 

@@ -169,6 +169,7 @@ def plan_data(
     *,
     fit: PlanFit | None = None,
     other_manifest: str | None = None,
+    unanswered: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """The `run --dry-run --json` object."""
     # `fit`: the plan against the caps; `other_manifest`: the manifest the folder's last run
@@ -189,6 +190,7 @@ def plan_data(
         "prices": forecast.prices.describe(forecast.to_send.by_model or None),
         "budget": None if fit is None else fit.to_dict(),
         "other_manifest": other_manifest,
+        "earlier_unanswered": {"requests": unanswered[0], "images": unanswered[1]},
     }
 
 
@@ -220,6 +222,17 @@ def plan_lines(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"already done: {totals['done_requests']} request(s), {totals['done_images']} "
             "image(s), skipped without a request"
+        )
+    earlier = data.get("earlier_unanswered") or {}
+    if earlier.get("requests"):
+        then = (
+            "the run sends them again (possibly billed twice; --no-retry-ambiguous holds them back)"
+            if data.get("retry_ambiguous", True)
+            else "the run holds them back (--retry-ambiguous sends them)"
+        )
+        lines.append(
+            f"sent and never answered by an earlier run: {earlier['requests']} request(s), "
+            f"{earlier['images']} image(s), which may have been billed; {then}"
         )
     if totals["fetch_requests"]:
         lines.append(
