@@ -17,7 +17,9 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -128,6 +130,25 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB (Linux reports KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / (1024 * 1024)
+
+
+def timed_process(
+    command: list[str], cwd: Path, env: dict[str, str]
+) -> tuple[float, resource.struct_rusage]:
+    """Run `command` to its end, its output in `cwd`/process.log: the seconds from start to
+    exit and what it used (wait4: its own CPU and peak memory, whatever else loads the
+    machine); SystemExit with the log's tail if it failed."""
+    log = cwd / "process.log"
+    with open(log, "wb") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
+        _, status, usage = os.wait4(process.pid, 0)
+        took = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        text = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(command[1:4])} exited {code}:\n{text}")
+    return took, usage
 
 
 def median(values: list[float]) -> float:

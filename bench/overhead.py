@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from _common import finish, in_turn, median, settle, simulator_process, verdict
+from _common import finish, in_turn, median, settle, simulator_process, timed_process, verdict
 from _leanloop import lean_loop
 from _rawloop import raw_loop
 
@@ -118,18 +117,7 @@ def time_process(
     """Seconds from start to exit, and the CPU seconds the process used (user + system, and
     user alone); the run must leave one ok ledger line per request."""
     env = {**os.environ, "COMETAPI_KEY": KEY, "PYTHONPATH": str(ROOT)}
-    log = cwd / "process.log"
-    with open(log, "wb") as output:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
-        # wait4, not wait(): it also says what CPU the process used, whatever else loads the
-        # machine meanwhile.
-        _, status, usage = os.wait4(process.pid, 0)
-        took = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        text = log.read_text(errors="replace")
-        raise SystemExit(f"{command[1:4]} exited {process.returncode}:\n{text}")
+    took, usage = timed_process(command, cwd, env)
     with open(out / "ledger.jsonl", encoding="utf-8") as ledger:
         ok = sum('"status": "ok"' in line or '"status":"ok"' in line for line in ledger)
     if ok != count:

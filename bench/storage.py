@@ -15,17 +15,15 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import finish, in_turn, median, settle, simulator_process, verdict
+from _common import finish, in_turn, median, settle, simulator_process, timed_process, verdict
 
 from cometbatch import SimConfig
 
@@ -69,16 +67,7 @@ def run_once(
         *("--base-url", base_url, "--concurrency", str(CONCURRENCY), "--model", MODEL),
         *("--layout", layout, "--shard-size", str(SHARD_SIZE)),
     ]
-    log = cwd / "process.log"
-    with open(log, "wb") as output:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
-        _, status, usage = os.wait4(process.pid, 0)
-        took = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        text = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"cometbatch run --out {out} exited {code}:\n{text}")
+    took, usage = timed_process(command, cwd, env)
     return took, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
