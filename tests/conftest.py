@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -25,3 +26,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     need("S3", s3_problem())
     with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """A fresh output on the in-process memory:// store, removed afterwards."""
+    import fsspec
+
+    bucket = f"t{uuid.uuid4().hex[:10]}"
+    yield f"memory://{bucket}/run"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{bucket}"):
+        fs.rm(f"/{bucket}", recursive=True)

@@ -12,8 +12,6 @@ import os
 import secrets
 import threading
 import tracemalloc
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +34,6 @@ from cometbatch.views.status import read_status
 fsspec = pytest.importorskip("fsspec")
 
 LAYOUTS = ["webdataset", "parquet"]
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    """A fresh output on the in-process memory:// store, removed afterwards."""
-    bucket = f"t{uuid.uuid4().hex[:10]}"
-    yield f"memory://{bucket}/run"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{bucket}"):
-        fs.rm(f"/{bucket}", recursive=True)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,6 @@ fsspec = pytest.importorskip("fsspec")
 
 DEMO = ROOT / "jobs" / "demo.jsonl"
 RUN = {"event": "run", "run_id": "r1", "started_at": "2026-01-01T00:00:00Z"}
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    """A fresh output on the in-process memory:// store, removed afterwards."""
-    bucket = f"t{uuid.uuid4().hex[:10]}"
-    yield f"memory://{bucket}/run"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{bucket}"):
-        fs.rm(f"/{bucket}", recursive=True)
 
 
 def objects(url: str, folder: str = "") -> list[str]:
