@@ -89,9 +89,13 @@ class LedgerState(KeyTable):
         # file back; the Ledger has checked (`_appended`) that its write landed at our end.
         offset = self._follow(state.key, line)
         self._put(state, offset)
-        self.packed.discard(state.key)
-        if self._sent:
-            self._sent.pop(state.key, None)
+        self._answered(state.key)
+
+    def _answered(self, key: str) -> None:
+        """A result line for `key`: no longer sent without an answer, nor packed (a key
+        recorded again after its shard has new images in staging)."""
+        self._sent.pop(key, None)
+        self.packed.discard(key)
 
     def unanswered(self, run_id: str | None = None) -> dict[str, tuple[str, int]]:
         """Keys sent with no result since, by runs other than `run_id`: key -> (run, images)."""
@@ -180,12 +184,8 @@ class LedgerState(KeyTable):
         linenos: Sequence[int]
         if all_results(rows):
             if self._sent or self.packed:
-                # Answered now; and a key packed before and recorded again since has new
-                # images in staging.
-                keys = [row[1].decode("utf-8", "surrogatepass") for row in rows]
-                for key in keys:
-                    self._sent.pop(key, None)
-                self.packed.difference_update(keys)
+                for row in rows:
+                    self._answered(row[1].decode("utf-8", "surrogatepass"))
             lengths = accumulate((len(row[0]) for row in rows), initial=offset)
             offsets = list(islice(lengths, len(rows)))
             linenos = range(lineno, lineno + len(rows))
@@ -216,9 +216,7 @@ class LedgerState(KeyTable):
                     sent[fields[1]] = (fields[0], fields[2])
             else:
                 # In line order: a shard line among these packs only the results before it.
-                key = row[1].decode("utf-8", "surrogatepass")
-                sent.pop(key, None)
-                self.packed.discard(key)
+                self._answered(row[1].decode("utf-8", "surrogatepass"))
                 results.append(row)
                 offsets.append(offset)
                 linenos.append(lineno)
@@ -241,8 +239,7 @@ class LedgerState(KeyTable):
             if event["event"] == "result":
                 state = KeyState.from_event(event)
                 self._put(state, offset)
-                self.packed.discard(state.key)
-                self._sent.pop(state.key, None)
+                self._answered(state.key)
             else:
                 self.apply(event)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
