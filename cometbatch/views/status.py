@@ -148,11 +148,13 @@ def read_status(
     *,
     manifest: str | Path | None = None,
     prices: PriceTable | None = None,
+    ledger: Path | None = None,
 ) -> FolderStatus:
     """Summarise a folder's ledger, also while a run writes it (a torn tail is skipped)."""
     # Pending work needs the manifest: `manifest`, else the one the latest run recorded.
+    # `ledger`: its local file when the caller has it already (on a store, a merged copy).
     store = store_of(out_dir)
-    path = ledger_path(store)
+    path = ledger or ledger_path(store)
     status = FolderStatus(out_dir=str(out_dir) if isinstance(out_dir, str | Path) else store.root)
     latest: dict[str, dict[str, Any]] = {}
     # What was paid for: every generation, counted once.

@@ -184,7 +184,9 @@ def read_gallery(
 ) -> Gallery:
     """The gallery of an output, read without its lock (a run may be writing it)."""
     store = store_of(out_dir)
-    events = (event.fields for event in read_events(ledger_path(store)))
+    # Read once (on a store, merged from its segments), for the tiles and for status.
+    ledger = ledger_path(store)
+    events = (event.fields for event in read_events(ledger))
     if isinstance(store, LocalStore):
         folder = store.path
         gallery = build_gallery(events, title=folder.resolve().name)
@@ -194,7 +196,8 @@ def read_gallery(
         gallery = build_gallery(events, title=store.root.rpartition("/")[2])
     attach_manifest(gallery, Path(manifest) if manifest else None)
     # What crashes cost is counted once, by status (its prices and the manifest's sizes).
-    gallery.crashes = read_status(store, manifest=Path(manifest) if manifest else None).crashes
+    listed = Path(manifest) if manifest else None
+    gallery.crashes = read_status(store, manifest=listed, ledger=ledger).crashes
     return gallery
 
 
