@@ -72,6 +72,7 @@ def _dry_run(
     from ..costs.budget import plan_fit
     from ..engine.forecast import run_forecast
     from ..engine.origin import other_manifest
+    from ..engine.unanswered import Unanswered
     from ..ledger.events import LEDGER_NAME
     from ..ledger.index import LedgerState
     from ..store.urls import store_of
@@ -87,11 +88,12 @@ def _dry_run(
     send = plan.totals().send_images
     fit = plan_fit(settings, ledger, prices, send, plan.to_send)
     other = other_manifest(state.last_run, loaded.path, loaded.sha256)
-    # Requests earlier runs sent and never heard back about: sent again, or held back.
-    unanswered = state.unanswered()
-    earlier = (len(unanswered), sum(n for _, n in unanswered.values()))
-    data = plan_data(plan, out, loaded.path, fit=fit, other_manifest=other, unanswered=earlier)
-    data["retry_ambiguous"] = settings.retry_ambiguous
+    # Requests earlier runs sent and never heard back about ("": no run is under way).
+    earlier = Unanswered.of(state, "")
+    data = plan_data(
+        plan, out, loaded.path, fit=fit, other_manifest=other,
+        unanswered=(earlier.requests, earlier.images), retry=settings.retry_ambiguous,
+    )  # fmt: skip
     click.echo(json.dumps(data) if json_output else "\n".join(map(printable, plan_lines(data))))
 
 

@@ -170,6 +170,7 @@ def plan_data(
     fit: PlanFit | None = None,
     other_manifest: str | None = None,
     unanswered: tuple[int, int] = (0, 0),
+    retry: bool = True,
 ) -> dict[str, Any]:
     """The `run --dry-run --json` object."""
     # `fit`: the plan against the caps; `other_manifest`: the manifest the folder's last run
@@ -191,6 +192,7 @@ def plan_data(
         "budget": None if fit is None else fit.to_dict(),
         "other_manifest": other_manifest,
         "earlier_unanswered": {"requests": unanswered[0], "images": unanswered[1]},
+        "retry_ambiguous": retry,
     }
 
 
