@@ -160,7 +160,7 @@ class Engine:
                 Ledger(self.out_dir, fsync=fsync, store=self.store)
             )
             self._ledger = ledger
-            self._layout = await open_layout(
+            layout = self._layout = await open_layout(
                 self.store, self.settings, ledger, self._run_id, self.registry
             )
             sink = Sink(self.store, fsync=fsync == "always")
@@ -204,7 +204,7 @@ class Engine:
                 base_url=self.settings.base_url,
                 prices=self.prices,
                 budget=budget,
-                layout=self._layout,
+                layout=layout,
             )
         except BaseException:
             self._state = "closed"
@@ -312,8 +312,7 @@ class Engine:
         """Generate one job's images under the engine's shared limits; one Result per request."""
         await self._start_run(None)
         _, triage, life = self._parts()
-        if self._layout is not None:
-            self._layout.seen(job)
+        life.layout.seen(job)
         # The job's recorded files are looked at off the event loop, as run() does.
         triaged = [item async for verdicts in triage.looked([job]) for item in verdicts]
         calls: list[asyncio.Future[Result]] = []
@@ -364,8 +363,8 @@ class Engine:
         else:
             counted = False
         await self._start_run(manifest)
-        if (layout := self._layout) is not None:  # earlier runs' staging: packed as seen
-            jobs = layout.awatch(jobs) if isinstance(jobs, AsyncIterable) else layout.watch(jobs)
+        layout = life.layout  # earlier runs' staging: packed as its jobs are seen
+        jobs = layout.awatch(jobs) if isinstance(jobs, AsyncIterable) else layout.watch(jobs)
         width = self.settings.max_in_flight
         results: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=width * 4)
         runner = self._runner = asyncio.create_task(

@@ -44,7 +44,7 @@ class RequestLife:
         base_url: str,
         prices: PriceTable,
         budget: Budget | None = None,
-        layout: RunLayout | None = None,
+        layout: RunLayout,
     ) -> None:
         self.attempts = attempts
         self.layout = layout  # ok lines' images go to it (shard layouts pack them)
@@ -250,7 +250,7 @@ class RequestLife:
         # Recorded: the task holds nothing paid for and unrecorded (a follow-up may wait for
         # its slot a while; a stop need not wait for it, nor count it as cut off).
         self.attempts.recorded()
-        if self.layout is not None and result.ok:
+        if result.ok:
             self.layout.add(result)
             await self.layout.pack_full()
         return result
