@@ -69,6 +69,10 @@ class LocalStore:
                 await in_writer(self._write, (final, data, sync, trip), trip, len(data))
         finally:
             self._in_flight -= 1
+        self._known(folder)
+
+    def _known(self, folder: str) -> None:
+        """Remember that `folder` is there: its next files skip the mkdir."""
         folders = self._folders
         if folder not in folders:
             folders[folder] = None
@@ -127,8 +131,10 @@ class LocalStore:
     async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
         """Move the finished file `source` to `name` (see Store.put_file), in a writer thread."""
         final = self._local(name)
-        trip = Trip(os.path.dirname(final) in self._folders)
+        folder = os.path.dirname(final)
+        trip = Trip(folder in self._folders)
         await in_writer(self._place_file, (source, final, sync, trip), trip, 0)
+        self._known(folder)
 
     def _place_file(self, source: str, final: str, sync: bool, trip: Trip) -> None:
         """Rename `source` into place; across filesystems, write a copy as `put` would."""
@@ -220,7 +226,7 @@ class LocalStore:
         with folders:
             for entry in folders:
                 if entry.is_dir(follow_symlinks=False):
-                    removed += _remove_temp_files(entry.path)
+                    removed += remove_temp_files(entry.path)
                 elif entry.is_symlink():
                     raise link_error(entry.path)
         return removed
@@ -303,13 +309,12 @@ def _make_folder(folder: str) -> bool:
     return True
 
 
-def _remove_temp_files(folder: str) -> int:
-    """Delete the temporary files directly inside `folder` and return how many."""
+def remove_temp_files(folder: str, suffix: str = TEMP_SUFFIX) -> int:
+    """Delete the files ending in `suffix` (unfinished writes) directly inside `folder`; how
+    many."""
     with os.scandir(folder) as entries:
         stale = [
-            e.path
-            for e in entries
-            if e.name.endswith(TEMP_SUFFIX) and e.is_file(follow_symlinks=False)
+            e.path for e in entries if e.name.endswith(suffix) and e.is_file(follow_symlinks=False)
         ]
     removed = 0
     for path in stale:

@@ -196,11 +196,6 @@ class SegmentLog:
     def __repr__(self) -> str:
         return f"<SegmentLog {self.base!r} pieces={len(self._pieces)} next={self._next}>"
 
-    @property
-    def objects(self) -> int:
-        """How many objects hold the log now."""
-        return len(self._pieces)
-
     def append(self, data: bytes, sync: bool) -> int | None:
         """Put `data` as the next segment, then add it to the local copy; the copy's size."""
         piece = Piece(self._next, self._next)

@@ -114,12 +114,11 @@ class Sink:
         self.fsync = fsync
         self.written = 0
         self.written_bytes = 0
-        self._in_flight = 0
 
     def __repr__(self) -> str:
         return (
             f"<Sink out_dir={self.out_dir!r} written={self.written} "
-            f"bytes={self.written_bytes} in_flight={self._in_flight}>"
+            f"bytes={self.written_bytes} store={self.store!r}>"
         )
 
     async def write(
@@ -155,11 +154,7 @@ class Sink:
         try:
             fmt = await asyncio.to_thread(check_file, staged.path)
             relpath = image_relpath(job_id, index, fmt)
-            self._in_flight += 1
-            try:
-                await self.store.put_file(relpath, staged.path, sync=self.fsync)
-            finally:
-                self._in_flight -= 1
+            await self.store.put_file(relpath, staged.path, sync=self.fsync)
         except BaseException:
             # The store removes the file it takes; one it refused is removed here.
             with contextlib.suppress(OSError):
@@ -188,11 +183,7 @@ class Sink:
     ) -> ImageRecord:
         """Put checked bytes in the store at their path; count them."""
         fmt, relpath, digest = described
-        self._in_flight += 1
-        try:
-            await self.store.put(relpath, data, sync=self.fsync)
-        finally:
-            self._in_flight -= 1
+        await self.store.put(relpath, data, sync=self.fsync)
         self.written += 1
         self.written_bytes += len(data)
         return ImageRecord(index, relpath, fmt, len(data), digest, revised_prompt)

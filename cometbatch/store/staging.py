@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .imagecheck import check_image
 from .interface import Store
-from .local import LocalStore
+from .local import LocalStore, remove_temp_files
 
 __all__ = ["STAGING_FOLDER", "Staged", "Staging", "check_file"]
 
@@ -85,17 +85,9 @@ class Staging:
     def clean(self) -> int:
         """Remove what downloads cut short by a crash left here; how many. Blocking."""
         try:
-            entries = os.scandir(self.folder)
+            return remove_temp_files(self.folder, _SUFFIX)
         except FileNotFoundError:
             return 0
-        removed = 0
-        with entries:
-            stale = [e.path for e in entries if e.name.endswith(_SUFFIX) and e.is_file()]
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed += 1
-        return removed
 
 
 def check_file(path: str) -> str:
