@@ -200,6 +200,10 @@ class ElsewhereStore:
     def root(self) -> str:
         return "elsewhere://bucket/out"
 
+    @property
+    def local_folder(self) -> None:
+        return None  # not a folder on this machine
+
     async def put_file(self, name: str, source: str, *, sync: bool = False) -> None:
         self.handed.append((name, source))
         await self.inner.put_file(name, source, sync=sync)

@@ -23,7 +23,6 @@ from ..plan import Request, plan_job
 from ..results import DOWNLOAD_FAILED, PARTIAL, ImageRecord, Result
 from ..settings import Settings
 from ..store.interface import Store
-from ..store.local import LocalStore
 from ..store.setaside import withdrawal
 from .origin import NewWork, other_manifest, other_manifest_text
 from .resume import LINK_GONE, Verdict, changed, decide, links_gone
@@ -94,7 +93,7 @@ class Triage:
         self._recorded = recorded
         # On an object store a look costs a request per image: a run trusts its ledger there
         # (`cometbatch verify` checks every object and marks what is gone).
-        local = store is None or isinstance(store, LocalStore)
+        local = store is None or store.local_folder is not None
         self._presence = ImagePresence(Path(out_dir)) if local else None
         # Keys earlier runs sent and never heard back about: sent again, or (with
         # retry_ambiguous off) held back.

@@ -18,7 +18,6 @@ from typing import Any
 from ..errors import LedgerError, OutputError
 from ..paths import EXTENSIONS, safe_component, unlinked
 from ..store.interface import Store
-from ..store.local import LocalStore
 from ..store.setaside import (
     MISSING,
     SHA256,
@@ -284,7 +283,7 @@ async def verify_folder(
     if isinstance(out_dir, str | os.PathLike) and not is_url(out_dir):
         shown = str(Path(out_dir))
     try:
-        present = await asyncio.to_thread(_has_ledger, store)
+        present = await asyncio.to_thread(store.has_log, LEDGER_NAME)
     except OSError as exc:
         raise OutputError(f"cannot read {shown}: {exc.strerror or exc}") from exc
     if not present:
@@ -308,10 +307,3 @@ async def verify_folder(
             await ledger.append(event)
             report.marked_keys += 1
     return report
-
-
-def _has_ledger(store: Store) -> bool:
-    """Whether the output holds a ledger (a file on a disk; segments on an object store)."""
-    if isinstance(store, LocalStore):
-        return os.path.isfile(os.path.join(store.root, LEDGER_NAME))
-    return bool(store.names(LEDGER_NAME.rpartition(".")[0]))

@@ -59,6 +59,12 @@ class Store(Protocol):
     # every image's path, and each backend knows best how to wait for its writes.
 
     @property
+    def local_folder(self) -> str | None:
+        """The local folder OUT is, or None for a store reached over the network (where a
+        look at each file costs a request, and files are not on this machine's disk)."""
+        ...
+
+    @property
     def root(self) -> str:
         """Where the output is, as a person would name it in a message (a path or a URL)."""
         ...
@@ -123,6 +129,10 @@ class Store(Protocol):
     def log_copy(self, name: str) -> str | None:
         """A local file holding the whole log `name` (a merged copy on an object store)."""
         # None when there is no such log. Blocking.
+        ...
+
+    def has_log(self, name: str) -> bool:
+        """Whether the log `name` is there, without reading it. Blocking."""
         ...
 
     def lock(self) -> RunLock:

@@ -51,6 +51,10 @@ class LocalStore:
     def root(self) -> str:
         return self._root
 
+    @property
+    def local_folder(self) -> str:
+        return self._root
+
     def _local(self, name: str) -> str:
         return os.path.join(self._root, *name.split("/"))
 
@@ -247,6 +251,9 @@ class LocalStore:
     def log_copy(self, name: str) -> str | None:
         path = self._local(name)
         return path if os.path.exists(path) else None
+
+    def has_log(self, name: str) -> bool:
+        return os.path.isfile(self._local(name))
 
     def lock(self) -> FolderLock:
         return FolderLock(self.path)

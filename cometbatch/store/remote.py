@@ -54,6 +54,10 @@ class FsspecStore:
     def root(self) -> str:
         return self._root
 
+    @property
+    def local_folder(self) -> None:
+        return None
+
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base
 
@@ -155,6 +159,10 @@ class FsspecStore:
     def log_copy(self, name: str) -> str | None:
         """A local file holding the log `name` merged from its segments; None without any."""
         return copy_log(_Listing(self.fs), self._path(_log_folder(name)))
+
+    def has_log(self, name: str) -> bool:
+        """Whether any segment of the log `name` is there (its folder of segments)."""
+        return bool(self.names(_log_folder(name)))
 
     def lock(self) -> LeaseLock:
         path = self._path(LOCK_NAME)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .imagecheck import check_image
 from .interface import Store
-from .local import LocalStore, remove_temp_files
+from .local import remove_temp_files
 
 __all__ = ["STAGING_FOLDER", "Staged", "Staging", "check_file"]
 
@@ -45,8 +45,8 @@ class Staging:
     @classmethod
     def for_store(cls, store: Store) -> Staging:
         """OUT's own staging folder for a local store; a temporary folder for any other."""
-        if isinstance(store, LocalStore):
-            return cls(os.path.join(store.root, *STAGING_FOLDER.split("/")))
+        if store.local_folder is not None:
+            return cls(os.path.join(store.local_folder, *STAGING_FOLDER.split("/")))
         # One folder per output: the run lock that keeps a second run out of the output
         # also keeps it out of this folder, so the next run may clean it.
         digest = hashlib.sha256(store.root.encode()).hexdigest()[:16]

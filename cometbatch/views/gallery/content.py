@@ -187,8 +187,8 @@ def read_gallery(
     # Read once (on a store, merged from its segments), for the tiles and for status.
     ledger = ledger_path(store)
     events = (event.fields for event in read_events(ledger))
-    if isinstance(store, LocalStore):
-        folder = store.path
+    if store.local_folder is not None:
+        folder = Path(store.local_folder)
         gallery = build_gallery(events, title=folder.resolve().name)
         gallery.tiles = [_unfollowed(tile, folder) for tile in gallery.tiles]
     else:
@@ -214,8 +214,8 @@ def publish_gallery(
 ) -> str:
     """write_gallery for any output: the page put as OUT/index.html; where it is."""
     store = store_of(out)
-    if isinstance(store, LocalStore):
-        return str(write_gallery(store.path, manifest))
+    if store.local_folder is not None:
+        return str(write_gallery(store.local_folder, manifest))
     _require_files_layout(store)
     page = render_page(read_gallery(store, manifest))
     asyncio.run(store.put(GALLERY_NAME, page.encode("utf-8")))
