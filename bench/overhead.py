@@ -103,12 +103,16 @@ def cometbatch_command(manifest: Path, out: Path, base_url: str) -> list[str]:
     ]
 
 
-def lean_command(manifest: Path, out: Path, base_url: str) -> list[str]:
-    """The lean loop as a script of its own."""
-    return [
-        *(sys.executable, str(BENCH / "_leanloop.py"), str(manifest), str(out), base_url),
-        str(CONCURRENCY),
-    ]
+def script_command(script: str) -> Callable[[Path, Path, str], list[str]]:
+    """A baseline loop run as a script of its own."""
+
+    def command(manifest: Path, out: Path, base_url: str) -> list[str]:
+        return [
+            *(sys.executable, str(BENCH / script), str(manifest), str(out), base_url),
+            str(CONCURRENCY),
+        ]
+
+    return command
 
 
 def time_process(
@@ -187,7 +191,11 @@ def library(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> None:
 def processes(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> tuple[float, float]:
     """Whole processes, cometbatch's CLI against the lean loop; the ratios of the medians."""
     manifest = write_manifest(jobs, tmp / "manifest.jsonl")
-    contenders = [("lean loop", lean_command), ("cometbatch run", cometbatch_command)]
+    contenders = [
+        ("lean loop", script_command("_leanloop.py")),
+        ("contract floor", script_command("_floorloop.py")),
+        ("cometbatch run", cometbatch_command),
+    ]
     tally = Tally([name for name, _ in contenders], len(jobs))
     print(f"processes: {len(jobs)} requests, each contender a whole process")
     for run in range(1, runs + 1):
@@ -196,6 +204,10 @@ def processes(base_url: str, jobs: list[Job], tmp: Path, runs: int) -> tuple[flo
             seconds, cpu, user = time_process(command(manifest, out, base_url), tmp, out, len(jobs))
             tally.add(run, name, seconds, cpu, user)
             settle(out)
+    # How close to the lean loop the contracts alone let any tool come, and how far from
+    # that floor cometbatch is.
+    tally.ratios("processes", "contract floor", "lean loop")
+    tally.ratios("processes", "cometbatch run", "contract floor")
     return tally.ratios("processes", "cometbatch run", "lean loop")
 
 
@@ -208,6 +220,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--part", choices=("both", "library", "processes"), default="both", help="what to time"
     )
+    parser.add_argument(
+        "--tmp",
+        help="folder for the outputs (default: the system's temporary folder); a RAM-backed "
+        "one such as /dev/shm leaves out the disk's system time, which swings from run to run",
+    )
     return parser.parse_args()
 
 
@@ -218,7 +235,7 @@ def main() -> None:
     jobs = make_jobs(count)
     config = SimConfig(seed=1, record_requests=False)
     print(f"{count} requests, concurrency {CONCURRENCY}, {MODEL} b64, simulator latency 0")
-    with simulator_process(config) as sim, tempfile.TemporaryDirectory() as name:
+    with simulator_process(config) as sim, tempfile.TemporaryDirectory(dir=args.tmp) as name:
         tmp = Path(name)
         warm_up(sim.base_url, jobs[:WARM_UP], tmp / "warm-up", CONCURRENCY)
         if args.part in ("both", "library"):
