@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,18 @@ def test_a_public_name_loads_on_first_use() -> None:
     """The deferred names are the real classes, loaded when first asked for."""
     loaded = loaded_after("import cometbatch\ncometbatch.Engine")
     assert "cometbatch.engine.engine" in loaded
+
+
+def test_a_run_without_simulate_loads_no_web_server(tmp_path: Path) -> None:
+    """A run against a URL never imports the simulator's web server (it is --simulate's)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "prompt": "p", "model": "gpt-image-1"}\n')
+    code = (
+        "import sys\nfrom cometbatch.cli.main import main\n"
+        f"sys.argv = ['cometbatch', 'run', {str(manifest)!r}, '--out', {str(tmp_path / 'o')!r},"
+        " '--base-url', 'http://127.0.0.1:9/v1', '--max-attempts', '1', '--quiet']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass"
+    )
+    loaded = loaded_after(code)
+    assert "cometbatch.cli.runner" in loaded  # the run got as far as sending
+    assert "cometbatch.simulator.server" not in loaded

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 from rich.console import Console
@@ -19,10 +20,13 @@ from ..engine.summary import Summary
 from ..manifest.reader import Manifest
 from ..net.limits import Limiter
 from ..settings import Settings
-from ..simulator.config import SimConfig
-from ..simulator.server import Simulator
 from ..store.interface import Store
 from .progress import Mode, ProgressDisplay
+
+if TYPE_CHECKING:
+    # The simulator's web server is imported only by runs that use it (--simulate).
+    from ..simulator.config import SimConfig
+    from ..simulator.server import Simulator
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,8 @@ async def run_manifest(
     prices = prices or builtin_prices()
     async with contextlib.AsyncExitStack() as stack:
         if simulate is not None:
+            from ..simulator.server import Simulator
+
             # The simulated API takes what the run's registry says the models take (its
             # models file and overrides), so a simulated run tries exactly those rules.
             sim = await stack.enter_async_context(Simulator(simulate, registry=manifest.registry))
