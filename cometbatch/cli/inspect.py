@@ -64,14 +64,14 @@ def status(
       cometbatch status out/demo --json | jq .pending_images
     """
     from ..costs.prices import load_prices
-    from ..views.status import read_status
+    from ..views.clusterstatus import read_output_status
     from .report import status_lines
 
     setup_logging(0, False)
     try:
         prices = load_prices(prices_path) if prices_path else None
         out = output_store(out_dir, storage_options)
-        data = read_status(out, manifest=manifest, prices=prices).to_dict()
+        data = read_output_status(out, manifest=manifest, prices=prices).to_dict()
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except Exception as exc:

@@ -1,0 +1,99 @@
+"""status, verify, export and gallery read a cluster run's output (OUT/cluster/plan.json with
+one ordinary output per shard under OUT/shards/<id>/) as one whole, on a folder or a store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from clusterout import make_cluster_output
+
+from cometbatch import SimConfig, Simulator
+from cometbatch.cli.main import main
+from cometbatch.store.urls import open_store
+
+JOBS = 12
+SHARDS = 3
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(seed=7)) as server:
+        yield server
+
+
+def manifest_of(path: Path, count: int = JOBS) -> Path:
+    lines = (
+        json.dumps({"id": f"j{i}", "prompt": f"picture {i}", "model": "gpt-image-1"})
+        for i in range(count)
+    )
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(params=["folder", "memory"])
+def out(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """OUT as a local folder, or as a memory:// store."""
+    if request.param == "folder":
+        return str(tmp_path / "out")
+    return str(request.getfixturevalue("url"))
+
+
+async def test_status_sums_every_shard_and_counts_the_done_ones(
+    sim: Simulator, tmp_path: Path, out: str
+) -> None:
+    """Every job is counted once across shards; a shard not run yet is pending, not done."""
+    manifest = manifest_of(tmp_path / "m.jsonl")
+    cut = await make_cluster_output(out, manifest, sim, shards=SHARDS, run=[0, 1])
+    left = len(cut["00002"])
+    assert 0 < left < JOBS
+    data = json.loads(invoke("status", out, "--json").output)
+    assert data["cluster"] == {"shards": SHARDS, "shards_done": 2}
+    assert (data["ok_requests"], data["failed_requests"]) == (JOBS - left, 0)
+    assert (data["pending_requests"], data["pending_images"]) == (left, left)
+    assert data["keys"] == JOBS - left
+    assert data["spend"]["images"] == JOBS - left
+    assert data["state"] == "finished"
+    assert data["manifest"] == str(manifest)
+    text = invoke("status", out).output
+    assert f"cluster: 2 of {SHARDS} shard(s) done" in text
+
+
+async def test_status_of_a_whole_run_has_every_shard_done(sim: Simulator, tmp_path: Path) -> None:
+    """Once every shard ran, nothing is pending and every shard is done."""
+    out = str(tmp_path / "out")
+    await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl"), sim, shards=SHARDS)
+    data = json.loads(invoke("status", out, "--json").output)
+    assert data["cluster"] == {"shards": SHARDS, "shards_done": SHARDS}
+    assert (data["ok_requests"], data["pending_requests"]) == (JOBS, 0)
+    assert data["runs"] == 1
+
+
+def test_an_ordinary_output_has_no_cluster_object(tmp_path: Path) -> None:
+    """status --json of an output without a plan is as before: no "cluster" key."""
+    manifest = manifest_of(tmp_path / "m.jsonl", 3)
+    out = str(tmp_path / "out")
+    assert invoke("run", str(manifest), "--simulate", "--out", out, "-q").exit_code == 0
+    data = json.loads(invoke("status", out, "--json").output)
+    assert "cluster" not in data
+    assert data["ok_requests"] == 3
+
+
+def test_a_broken_plan_is_a_clear_error(tmp_path: Path) -> None:
+    """A plan without a number of shards is named, with exit 2 and no traceback."""
+    out = tmp_path / "out"
+    (out / "cluster").mkdir(parents=True)
+    (out / "cluster" / "plan.json").write_text('{"version": 1, "shards": "three"}')
+    shown = invoke("status", str(out))
+    assert shown.exit_code == 2
+    assert "plan.json" in shown.output + shown.stderr and "shards" in shown.stderr
