@@ -3,6 +3,7 @@ one ordinary output per shard under OUT/shards/<id>/) as one whole, on a folder 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -41,6 +42,11 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+async def ainvoke(*args: str) -> Any:
+    """`invoke` from a test's event loop (the commands run their own)."""
+    return await asyncio.to_thread(invoke, *args)
+
+
 @pytest.fixture(params=["folder", "memory"])
 def out(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """OUT as a local folder, or as a memory:// store."""
@@ -57,7 +63,7 @@ async def test_status_sums_every_shard_and_counts_the_done_ones(
     cut = await make_cluster_output(out, manifest, sim, shards=SHARDS, run=[0, 1])
     left = len(cut["00002"])
     assert 0 < left < JOBS
-    data = json.loads(invoke("status", out, "--json").output)
+    data = json.loads((await ainvoke("status", out, "--json")).output)
     assert data["cluster"] == {"shards": SHARDS, "shards_done": 2}
     assert (data["ok_requests"], data["failed_requests"]) == (JOBS - left, 0)
     assert (data["pending_requests"], data["pending_images"]) == (left, left)
@@ -65,7 +71,7 @@ async def test_status_sums_every_shard_and_counts_the_done_ones(
     assert data["spend"]["images"] == JOBS - left
     assert data["state"] == "finished"
     assert data["manifest"] == str(manifest)
-    text = invoke("status", out).output
+    text = (await ainvoke("status", out)).output
     assert f"cluster: 2 of {SHARDS} shard(s) done" in text
 
 
@@ -73,7 +79,7 @@ async def test_status_of_a_whole_run_has_every_shard_done(sim: Simulator, tmp_pa
     """Once every shard ran, nothing is pending and every shard is done."""
     out = str(tmp_path / "out")
     await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl"), sim, shards=SHARDS)
-    data = json.loads(invoke("status", out, "--json").output)
+    data = json.loads((await ainvoke("status", out, "--json")).output)
     assert data["cluster"] == {"shards": SHARDS, "shards_done": SHARDS}
     assert (data["ok_requests"], data["pending_requests"]) == (JOBS, 0)
     assert data["runs"] == 1
@@ -97,3 +103,37 @@ def test_a_broken_plan_is_a_clear_error(tmp_path: Path) -> None:
     shown = invoke("status", str(out))
     assert shown.exit_code == 2
     assert "plan.json" in shown.output + shown.stderr and "shards" in shown.stderr
+
+
+async def test_verify_checks_every_shard_and_names_bad_images_under_out(
+    sim: Simulator, tmp_path: Path, out: str
+) -> None:
+    """A good cluster output verifies (exit 0, every image checked); an image gone from one
+    shard and one damaged in another are named by their paths under OUT (exit 1)."""
+    cut = await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl"), sim, shards=SHARDS)
+    good = await ainvoke("verify", out, "--json")
+    assert good.exit_code == 0
+    assert json.loads(good.output)["checked_images"] == JOBS
+    store = open_store(out)
+    (first, second) = [name for name, held in cut.items() if held][:2]
+    gone = next(n for n in store.names(f"shards/{first}/images") if n.endswith((".png", ".jpeg")))
+    damaged = store.names(f"shards/{second}/images")[0]
+    store.remove(gone)
+    await store.put(damaged, store.read(damaged)[:-10])
+    checked = await ainvoke("verify", out, "--json")
+    assert checked.exit_code == 1
+    data = json.loads(checked.output)
+    assert sorted(bad["path"] for bad in data["bad"]) == sorted([gone, damaged])
+    assert data["marked_keys"] == 2 and data["checked_images"] == JOBS
+    text = (await ainvoke("verify", out)).output
+    assert gone in text and damaged in text
+
+
+def test_verify_of_a_cluster_output_no_run_wrote_to_is_a_clear_error(tmp_path: Path) -> None:
+    """Nothing to verify yet: said plainly, exit 2."""
+    out = tmp_path / "out"
+    (out / "cluster").mkdir(parents=True)
+    (out / "cluster" / "plan.json").write_text('{"version": 1, "shards": 2}')
+    shown = invoke("verify", str(out))
+    assert shown.exit_code == 2
+    assert "nothing to verify" in shown.stderr
