@@ -137,3 +137,38 @@ def test_verify_of_a_cluster_output_no_run_wrote_to_is_a_clear_error(tmp_path: P
     shown = invoke("verify", str(out))
     assert shown.exit_code == 2
     assert "nothing to verify" in shown.stderr
+
+
+async def test_export_has_every_shards_jobs_with_paths_under_out(
+    sim: Simulator, tmp_path: Path, out: str
+) -> None:
+    """One row per job of every shard; each image path is relative to OUT (shards/<id>/...)
+    and names the image there; prompts come from the shard's manifest lines."""
+    cut = await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl"), sim, shards=SHARDS)
+    shard_of_job = {job: name for name, held in cut.items() for job in held}
+    exported = await ainvoke("export", out, "--format", "csv")
+    assert exported.exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(exported.output)))
+    assert sorted(row["job_id"] for row in rows) == sorted(f"j{i}" for i in range(JOBS))
+    store = open_store(out)
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["prompt"] == f"picture {row['job_id'].removeprefix('j')}"
+        (path,) = row["image_paths"].split()
+        assert path.startswith(f"shards/{shard_of_job[row['job_id']]}/images/{row['job_id']}/")
+        assert store.stat(path).size > 0
+    lines = (await ainvoke("export", out, "--format", "openai-batch")).output.splitlines()
+    urls = [json.loads(line)["response"]["body"]["data"][0]["url"] for line in lines]
+    assert len(urls) == JOBS and all(url.startswith("shards/") for url in urls)
+
+
+async def test_export_layout_of_a_cluster_output_says_to_convert_each_shard(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """export --layout is not for a whole cluster output: said plainly, exit 2."""
+    out = str(tmp_path / "out")
+    await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl", 2), sim, shards=2)
+    dest = str(tmp_path / "wds")
+    shown = await ainvoke("export", out, dest, "--layout", "webdataset")
+    assert shown.exit_code == 2
+    assert "cluster output" in shown.stderr
