@@ -172,3 +172,24 @@ async def test_export_layout_of_a_cluster_output_says_to_convert_each_shard(
     shown = await ainvoke("export", out, dest, "--layout", "webdataset")
     assert shown.exit_code == 2
     assert "cluster output" in shown.stderr
+
+
+@pytest.mark.parametrize("keep_manifest", [True, False])
+async def test_the_gallery_shows_every_shards_images_with_their_prompts(
+    sim: Simulator, tmp_path: Path, out: str, keep_manifest: bool
+) -> None:
+    """OUT/index.html shows each job's image from its shard by its path under OUT, with its
+    prompt: from the manifest the plan names, or, when that file is gone, from the shards' own
+    manifest lines."""
+    manifest = manifest_of(tmp_path / "m.jsonl")
+    cut = await make_cluster_output(out, manifest, sim, shards=SHARDS)
+    if not keep_manifest:
+        manifest.unlink()
+    made = await ainvoke("gallery", out)
+    assert made.exit_code == 0, made.stderr
+    page = open_store(out).read("index.html").decode()
+    for name, held in cut.items():
+        for job in held:
+            assert f'src="shards/{name}/images/{job}/0.' in page
+            assert f"<p>picture {job.removeprefix('j')}</p>" in page
+    assert "prompt not known" not in page
