@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from clusterout import make_cluster_output
+from s3server import S3Server
 
 from cometbatch import SimConfig, Simulator
 from cometbatch.cli.main import main
@@ -193,3 +195,32 @@ async def test_the_gallery_shows_every_shards_images_with_their_prompts(
             assert f'src="shards/{name}/images/{job}/0.' in page
             assert f"<p>picture {job.removeprefix('j')}</p>" in page
     assert "prompt not known" not in page
+
+
+async def test_the_views_read_a_cluster_output_on_s3(
+    sim: Simulator, tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a real S3 server: status sums the shards, verify names a missing object by its path
+    under OUT, export's paths are under OUT."""
+    import s3fs
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"cluster-{secrets.token_hex(4)}"
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options).mkdir(bucket)
+    out = f"s3://{bucket}/out"
+    cut = await make_cluster_output(out, manifest_of(tmp_path / "m.jsonl"), sim, shards=2)
+    data = json.loads((await ainvoke("status", out, "--json")).output)
+    assert data["cluster"] == {"shards": 2, "shards_done": 2}
+    assert (data["ok_requests"], data["pending_requests"]) == (JOBS, 0)
+    store = open_store(out)
+    name = next(name for name, held in cut.items() if held)
+    gone = store.names(f"shards/{name}/images")[0]
+    store.remove(gone)
+    checked = await ainvoke("verify", out, "--json")
+    assert checked.exit_code == 1
+    assert [bad["path"] for bad in json.loads(checked.output)["bad"]] == [gone]
+    exported = (await ainvoke("export", out, "--format", "jsonl")).output.splitlines()
+    paths = [image["path"] for line in exported for image in json.loads(line)["images"]]
+    assert len(paths) == JOBS - 1, paths
+    assert all(path.startswith("shards/") for path in paths)
