@@ -77,3 +77,9 @@ def ray_two_nodes() -> Iterator[RayCluster]:
     need("RAY", ray_problem())
     with running_ray_cluster(nodes=2) as cluster, _joined(cluster):
         yield cluster
+
+
+@pytest.fixture
+def ray_local(ray_head: str) -> str:
+    """A local Ray instance to run against: the `ray_head` cluster's address."""
+    return ray_head

@@ -19,6 +19,7 @@ from s3server import S3Server
 
 from cometbatch import SimConfig, Simulator
 from cometbatch.cli.main import main
+from cometbatch.ledger.clustered import read_cluster
 from cometbatch.store.urls import open_store
 
 JOBS = 12
@@ -224,3 +225,19 @@ async def test_the_views_read_a_cluster_output_on_s3(
     paths = [image["path"] for line in exported for image in json.loads(line)["images"]]
     assert len(paths) == JOBS - 1, paths
     assert all(path.startswith("shards/") for path in paths)
+
+
+async def test_a_shards_store_is_the_folder_under_out_on_the_same_backend(out: str) -> None:
+    """read_cluster names each planned shard in order; what a shard's store writes is at
+    OUT/shards/<id>/ in OUT's own store; an output without a plan is no cluster output."""
+    store = open_store(out)
+    assert read_cluster(store) is None
+    await store.put("cluster/plan.json", json.dumps({"version": 1, "shards": 2}).encode())
+    cluster = read_cluster(store)
+    assert cluster is not None
+    assert [shard.id for shard in cluster.shards] == ["00000", "00001"]
+    second = cluster.shards[1]
+    assert second.store.root.rstrip("/").endswith("shards/00001")
+    await second.store.put("images/a/0.png", b"png")
+    assert store.read("shards/00001/images/a/0.png") == b"png"
+    assert cluster.started() == []
