@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ RUNS_NAME = "cluster/runs.jsonl"
 MANIFESTS_FOLDER = "cluster/shards"
 # Each shard's output: its own lock, ledger, images and metadata.
 SHARDS_FOLDER = "shards"
+_LOOKERS = 8
 
 
 def shard_id(index: int) -> str:
@@ -91,7 +93,10 @@ class ClusterOutput:
 
     def started(self) -> list[Shard]:
         """The shards a run wrote to (a shard not reached yet has no ledger)."""
-        return [shard for shard in self.shards if shard.has_ledger()]
+        # A few at a time: on an object store each look is a round trip.
+        with ThreadPoolExecutor(_LOOKERS, thread_name_prefix="cometbatch-shards") as pool:
+            found = list(pool.map(Shard.has_ledger, self.shards))
+        return [shard for shard, started in zip(self.shards, found, strict=True) if started]
 
     def runs(self) -> int:
         """How many cluster runs OUT recorded (0 when none recorded it)."""

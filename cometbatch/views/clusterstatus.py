@@ -4,6 +4,7 @@ of its shards, each read the same way against the manifest lines it was given.""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..costs.prices import PriceTable
@@ -18,6 +19,7 @@ from .status import FolderStatus, ModelStatus, read_status
 
 __all__ = ["read_cluster_status", "read_output_status", "shard_done"]
 
+_READERS = 8
 # The whole's state, from its shards' (the first that any shard is in wins).
 _STATES: tuple[RunState, ...] = ("running", "crashed", "interrupted", "unknown", "finished")
 
@@ -55,8 +57,10 @@ def read_cluster_status(
     whole = FolderStatus(out_dir=out_dir, pending_known=True, manifest=cluster.manifest)
     states: set[RunState] = set()
     done = 0
-    for shard in cluster.shards:
-        part = _shard_status(cluster, shard, prices)
+    # Shards are read a few at a time: on an object store each read is a few round trips.
+    with ThreadPoolExecutor(_READERS, thread_name_prefix="cometbatch-status") as pool:
+        parts = pool.map(lambda shard: _shard_status(cluster, shard, prices), cluster.shards)
+    for shard, part in zip(cluster.shards, parts, strict=True):
         done += shard_done(part)
         if part.runs:
             states.add(part.state)
