@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["S3Server", "running_s3_server", "s3_problem", "start_s3_server", "stop_s3_server"]
+__all__ = [
+    "S3Server",
+    "free_ports",
+    "running_s3_server",
+    "s3_problem",
+    "start_s3_server",
+    "stop_s3_server",
+]
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "cometbatch-test"
@@ -121,7 +128,7 @@ def start_s3_server(base: Path | None = None, timeout: float = START_TIMEOUT) ->
     root = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=base))
     data_dir = root / "data"
     data_dir.mkdir()
-    ports = _free_ports(1 + len(_PORT_FLAGS))
+    ports = free_ports(1 + len(_PORT_FLAGS))
     s3_port = ports[0]
     command = [
         weed,
@@ -219,7 +226,7 @@ def _wait_until_ready(server: S3Server, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """`count` distinct ports free on HOST now (held open together, so never one twice)."""
     with contextlib.ExitStack() as stack:
         ports = []

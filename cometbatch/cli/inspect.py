@@ -56,7 +56,8 @@ def status(
     """Show done / failed / pending per model, failures, spend and retries of an output folder.
 
     Read-only and without the folder's lock: safe while a run is writing it, and on a folder
-    whose run crashed.
+    whose run crashed. A cluster run's output (`run --ray`) is shown whole: its shards summed,
+    and how many of them are done.
 
     \b
     Examples:
@@ -64,14 +65,14 @@ def status(
       cometbatch status out/demo --json | jq .pending_images
     """
     from ..costs.prices import load_prices
-    from ..views.status import read_status
+    from ..views.clusterstatus import read_output_status
     from .report import status_lines
 
     setup_logging(0, False)
     try:
         prices = load_prices(prices_path) if prices_path else None
         out = output_store(out_dir, storage_options)
-        data = read_status(out, manifest=manifest, prices=prices).to_dict()
+        data = read_output_status(out, manifest=manifest, prices=prices).to_dict()
     except CometBatchError as exc:
         fail(exc, json_output=json_output)
     except Exception as exc:
@@ -90,7 +91,8 @@ def status(
 )
 @storage_option
 def gallery(out_dir: Path | str, manifest: Path | None, storage_options: tuple[str, ...]) -> None:
-    """Write OUT/index.html, a self-contained page of the folder's images; print its path.
+    """Write OUT/index.html, a self-contained page of the folder's images (of every shard, for a
+    cluster run's output); print its path.
 
     \b
     Example:
@@ -196,7 +198,8 @@ def verify(out_dir: Path | str, json_output: bool, storage_options: tuple[str, .
     request marked in the ledger, so that the next run of the manifest generates it again;
     exit 0 when all are good.
 
-    Takes the folder's lock: it refuses while a run is writing the folder.
+    Takes the folder's lock: it refuses while a run is writing the folder. A cluster run's
+    output is checked shard by shard, each bad file named by its path under OUT.
 
     \b
     Example:

@@ -317,6 +317,8 @@ def status_lines(data: dict[str, Any]) -> list[str]:
     lines = [f"{data['out_dir']}: {state}, {data['runs']} run(s){span}"]
     if data.get("state_detail"):
         lines.append(f"  {data['state_detail']}")
+    if cluster := data.get("cluster"):
+        lines.append(f"  cluster: {cluster['shards_done']} of {cluster['shards']} shard(s) done")
     pending_known = data.get("pending_requests") is not None
     columns = ["ok", "failed", *(["pending"] if pending_known else [])]
     titles = {"ok": "done", "failed": "failed", "pending": "pending"}

@@ -29,6 +29,7 @@ from ..store.setaside import (
 )
 from ..store.shardfiles import read_members
 from ..store.urls import is_url, store_of
+from .clustered import ClusterOutput, read_cluster
 from .events import LEDGER_NAME, SHARD_EVENT, now_iso, read_events
 from .index import LedgerState
 from .keystate import KeyState
@@ -283,6 +284,9 @@ async def verify_folder(
     if isinstance(out_dir, str | os.PathLike) and not is_url(out_dir):
         shown = str(Path(out_dir))
     try:
+        cluster = await asyncio.to_thread(read_cluster, store)
+        if cluster is not None:
+            return await _verify_shards(cluster, shown, mark)
         present = await asyncio.to_thread(store.has_log, LEDGER_NAME)
     except OSError as exc:
         raise OutputError(f"cannot read {shown}: {exc.strerror or exc}") from exc
@@ -306,4 +310,19 @@ async def verify_folder(
             event = await asyncio.to_thread(_mark, run_id, recorded, problems[key])
             await ledger.append(event)
             report.marked_keys += 1
+    return report
+
+
+async def _verify_shards(cluster: ClusterOutput, shown: str, mark: bool) -> VerifyReport:
+    """verify_folder of each shard a run wrote to, as one report naming paths under OUT."""
+    started = await asyncio.to_thread(cluster.started)
+    if not started:
+        raise LedgerError(f"{shown} is a cluster output no run wrote to yet: nothing to verify")
+    report = VerifyReport(out_dir=shown)
+    for shard in started:
+        part = await verify_folder(shard.store, mark=mark)
+        report.checked_keys += part.checked_keys
+        report.checked_images += part.checked_images
+        report.marked_keys += part.marked_keys
+        report.bad += [dataclasses.replace(bad, path=shard.under_out(bad.path)) for bad in part.bad]
     return report

@@ -138,3 +138,7 @@ class Store(Protocol):
     def lock(self) -> RunLock:
         """The lock that keeps a second run out of this output."""
         ...
+
+    def within(self, folder: str) -> Store:
+        """The output rooted at `folder` under this one, on the same backend (a cluster's shard)."""
+        ...

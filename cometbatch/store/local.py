@@ -55,6 +55,9 @@ class LocalStore:
     def local_folder(self) -> str:
         return self._root
 
+    def within(self, folder: str) -> LocalStore:
+        return LocalStore(self._local(folder), loop_bytes=self.loop_bytes)
+
     def _local(self, name: str) -> str:
         return os.path.join(self._root, *name.split("/"))
 

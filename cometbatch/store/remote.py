@@ -30,6 +30,7 @@ class FsspecStore:
     def __init__(self, url: str, fs: Any, base: str, secrets: Sequence[str] = ()) -> None:
         self._root = url.rstrip("/")
         self.fs: Any = _OSErrors(fs, secrets)
+        self._fs, self._secrets = fs, secrets
         self.base = base.rstrip("/")
         # The lock this store handed out: writes stop once its lease is lost (see check).
         self._lease: LeaseLock | None = None
@@ -57,6 +58,10 @@ class FsspecStore:
     @property
     def local_folder(self) -> None:
         return None
+
+    def within(self, folder: str) -> FsspecStore:
+        # The same filesystem object: its client, options and credentials are shared.
+        return FsspecStore(f"{self._root}/{folder}", self._fs, self._path(folder), self._secrets)
 
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base

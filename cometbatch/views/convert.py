@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import CometBatchError, ConfigError
 from ..layouts.packer import Packer
+from ..ledger.clustered import read_cluster
 from ..ledger.events import ledger_path
 from ..ledger.index import LedgerState
 from ..manifest.job import Job
@@ -41,6 +42,8 @@ async def convert(
     # come from the manifest the latest run recorded. Either may be a folder or a store.
     source = store_of(out_dir)
     out = str(out_dir) if isinstance(out_dir, str | os.PathLike) else source.root
+    if await asyncio.to_thread(read_cluster, source) is not None:
+        raise ConfigError(f"{out} is a cluster output: convert its shards (shards/<id>) one by one")
     state = await asyncio.to_thread(lambda: LedgerState.load(ledger_path(source)))
     if state.shards:
         raise ConfigError(f"{out} keeps its images in shards already: nothing to convert")

@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import CometBatchError
+from ..errors import CometBatchError, LedgerError
+from ..ledger.clustered import ClusterOutput, Shard, read_cluster, shard_manifest
 from ..ledger.events import SHARD_EVENT, ledger_path, read_events
 from ..ledger.lines import ResultEvent, RunEvent
 from ..net.answered import Answered
@@ -162,14 +163,40 @@ def _no_error(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_jobs(out_dir: Store | str | os.PathLike[str]) -> Iterator[JobResults]:
-    """Each job of OUT's ledger with the latest result of each of its requests."""
+    """Each job of OUT's ledger with the latest result of each of its requests (of every
+    shard's ledger for a cluster output, its paths relative to OUT)."""
     # Two passes keep in memory only the jobs whose requests are not all read yet: the first
     # notes each job's last result line, the second emits a job on reaching it. Lines
     # appended between the passes are left for the next export.
-    return _merged_jobs(ledger_path(out_dir))
+    cluster = read_cluster(out_dir)
+    if cluster is None:
+        return _merged_jobs(ledger_path(out_dir))
+    started = cluster.started()
+    if not started:
+        raise LedgerError(f"{cluster.store.root} is a cluster output no run wrote to yet")
+    return _cluster_jobs(cluster, started)
 
 
-def _merged_jobs(path: Path) -> Iterator[JobResults]:
+def _cluster_jobs(cluster: ClusterOutput, shards: list[Shard]) -> Iterator[JobResults]:
+    """Each shard's jobs in turn, prompts from the manifest lines the shard was given."""
+    for shard in shards:
+        with shard_manifest(cluster, shard) as lines:
+            for job in _merged_jobs(ledger_path(shard.store), lines):
+                requests = {chunk: _under(e, shard) for chunk, e in job.requests.items()}
+                yield JobResults(job.job_id, requests, job.prompt)
+
+
+def _under(event: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """A shard's result line with its image paths (and packed shard names) relative to OUT."""
+    images = [
+        {**image, **{k: shard.under_out(image[k]) for k in ("path", "shard") if k in image}}
+        if isinstance(image, dict) else image
+        for image in event.get("images") or ()
+    ]  # fmt: skip
+    return {**event, "images": images}
+
+
+def _merged_jobs(path: Path, manifest: Path | None = None) -> Iterator[JobResults]:
     last: dict[str, int] = {}
     run: dict[str, Any] = {}
     # Images a committed shard holds, by (job_id, index): where each went (shard, sample).
@@ -191,7 +218,7 @@ def _merged_jobs(path: Path) -> Iterator[JobResults]:
                 where_to = {"shard": shard, "sample": str(sample["sample"])}
                 packed[(str(sample["job_id"]), sample["index"])] = where_to
     with PromptFile() as prompts:
-        scope = _read_manifest(run, set(last), prompts)
+        scope = _read_manifest(run, set(last), prompts, manifest)
         pending: dict[str, dict[int, dict[str, Any]]] = {}
         for event in read_events(path):
             if event.line > end:
@@ -224,14 +251,18 @@ def _placed(
     return {**event, "images": images}
 
 
-def _read_manifest(run: dict[str, Any], recorded: set[str], prompts: PromptFile) -> Scope:
-    """What the latest run's manifest still asks of the recorded jobs; prompts into `prompts`."""
+def _read_manifest(
+    run: dict[str, Any], recorded: set[str], prompts: PromptFile, given: Path | None = None
+) -> Scope:
+    """What the latest run's manifest (or `given`, read as that run read it) still asks of the
+    recorded jobs; prompts into `prompts`."""
     # When it cannot be read, everything recorded counts and no prompt is known.
     scope = Scope()
-    if not isinstance(run.get("manifest"), str):
+    path = given or run.get("manifest")
+    if not isinstance(path, str | Path):
         return scope
     try:
-        manifest = recorded_manifest(run, run["manifest"])
+        manifest = recorded_manifest(run, path)
         for job in manifest:
             if job.id in recorded:
                 scope.add(job, manifest.registry.get(job.model).max_n)

@@ -79,6 +79,8 @@ class FolderStatus:
     # billed and were never answered (a crash or a hard stop); and each run's such sends.
     unanswered: dict[str, tuple[str, int]] = field(default_factory=dict)
     crashes: list[RunCrash] = field(default_factory=list)
+    # A cluster output's {"shards", "shards_done"} (None for an ordinary output).
+    cluster: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `status --json`."""
@@ -130,6 +132,7 @@ class FolderStatus:
                 "shards": self.shards,
                 "packed_images": self.packed_images,
             },
+            **({"cluster": self.cluster} if self.cluster is not None else {}),
         }
 
 

@@ -6,23 +6,27 @@ import asyncio
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import ConfigError
 from ...layouts.samples import SHARDS
+from ...ledger.clustered import ClusterOutput, Shard, read_cluster, shard_manifest
 from ...ledger.events import ledger_path, read_events
+from ...manifest.reader import Manifest
+from ...models.registry import recorded_registry
 from ...paths import unlinked
 from ...store.interface import Store
 from ...store.local import LocalStore
 from ...store.urls import store_of
+from ..clusterstatus import read_cluster_status
 from ..recorded import recorded_defaults
 from ..status import read_status
 from .model import GALLERY_NAME, LINKED, MAX_TILES, Bucket, Failure, Gallery, Tile
 from .page import render_page
-from .prompts import attach_manifest
+from .prompts import attach_manifest, read_job_texts
 
 # Chart buckets: the narrowest width (seconds) that covers the run in at most MAX_BUCKETS.
 MAX_BUCKETS = 120
@@ -184,6 +188,9 @@ def read_gallery(
 ) -> Gallery:
     """The gallery of an output, read without its lock (a run may be writing it)."""
     store = store_of(out_dir)
+    cluster = read_cluster(store)
+    if cluster is not None:
+        return _cluster_gallery(cluster, manifest)
     # Read once (on a store, merged from its segments), for the tiles and for status.
     ledger = ledger_path(store)
     events = (event.fields for event in read_events(ledger))
@@ -199,6 +206,51 @@ def read_gallery(
     listed = Path(manifest) if manifest else None
     gallery.crashes = read_status(store, manifest=listed, ledger=ledger).crashes
     return gallery
+
+
+def _cluster_gallery(cluster: ClusterOutput, manifest: str | os.PathLike[str] | None) -> Gallery:
+    """The gallery of every shard of a cluster output, its image paths relative to OUT."""
+    store = cluster.store
+    shards = cluster.started()
+    events = (event for shard in shards for event in _shard_events(shard))
+    gallery = build_gallery(events, title=_title(store))
+    if store.local_folder is not None:
+        gallery.tiles = [_unfollowed(tile, Path(store.local_folder)) for tile in gallery.tiles]
+    gallery.runs = cluster.runs() or gallery.runs
+    # Prompts: from the manifest given, else the one the plan names if it is here, else from
+    # the manifest lines each shard was given (in the store).
+    gallery.manifest, gallery.manifest_sha256 = cluster.manifest, cluster.manifest_sha256
+    if manifest is not None or (cluster.manifest and Path(cluster.manifest).is_file()):
+        attach_manifest(gallery, Path(manifest) if manifest else None)
+    else:
+        wanted = {tile.job_id for tile in gallery.tiles}
+        for shard in shards:
+            with shard_manifest(cluster, shard) as lines:
+                if lines is not None:
+                    registry = recorded_registry(gallery.run_settings)
+                    shard_jobs = Manifest(lines, defaults=gallery.defaults, registry=registry)
+                    gallery.jobs.update(read_job_texts(shard_jobs, wanted - set(gallery.jobs)))
+    gallery.crashes = read_cluster_status(cluster, out_dir=store.root).crashes
+    return gallery
+
+
+def _shard_events(shard: Shard) -> Iterator[dict[str, Any]]:
+    """A shard's ledger events, its result lines' image paths made relative to OUT."""
+    for event in read_events(ledger_path(shard.store)):
+        fields = event.fields
+        if fields.get("event") == "result" and isinstance(fields.get("images"), list):
+            images = [
+                {**image, "path": shard.under_out(image["path"])}
+                if isinstance(image, dict) and isinstance(image.get("path"), str) else image
+                for image in fields["images"]
+            ]  # fmt: skip
+            fields = {**fields, "images": images}
+        yield fields
+
+
+def _title(store: Store) -> str:
+    folder = store.local_folder
+    return Path(folder).resolve().name if folder is not None else store.root.rpartition("/")[2]
 
 
 def _unfollowed(tile: Tile, folder: Path) -> Tile:
@@ -237,7 +289,9 @@ def write_gallery(
 
 def _require_files_layout(store: Store, name: str | None = None) -> None:
     """ConfigError when the output keeps its images in shards: the gallery shows files."""
-    if store.names(SHARDS):
+    cluster = read_cluster(store)
+    outputs = [shard.store for shard in cluster.shards] if cluster is not None else [store]
+    if any(output.names(SHARDS) for output in outputs):
         raise ConfigError(
             f"{name or store.root} keeps its images in dataset shards ({SHARDS}/): the gallery "
             "shows an output of the files layout (run with --layout files)"
