@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,18 +22,7 @@ from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.urls import is_url, open_store, rooted_at
 from .connect import check_nodes, connect, import_ray
-from .plan import (
-    ShardCut,
-    append_run,
-    cut_manifest,
-    new_plan,
-    now_text,
-    put_shard_manifests,
-    read_plan,
-    save_plan,
-    shard_done,
-    shard_out,
-)
+from .plan import Shards, append_run, now_text, plan_shards, read_plan
 from .reports import ShardReport, ask_halt, read_report
 from .summaries import exit_code, summed
 from .worker import ERROR_KINDS, ShardTask, run_shard
@@ -99,12 +87,11 @@ class _Run:
     root: Store
     out: Path | str
     run_id: str
-    cuts: dict[str, ShardCut]
-    done_before: set[str]
+    shards: Shards
     workers: int
     limit: int
-    results: dict[str, dict[str, Any]]
-    launched: set[str]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launched: set[str] = field(default_factory=set)
 
     def report(self, shard: str) -> ShardReport | None:
         found = read_report(self.root, shard)
@@ -112,8 +99,11 @@ class _Run:
 
     def progress(self, running: set[str]) -> ClusterProgress:
         """The display's figures: done shards, finished tasks, and running shards' reports."""
-        done = sum(self.cuts[s].images for s in self.done_before)
-        failed = in_flight = rate_limited = retries = alive = 0
+        cuts = self.shards.cuts
+        done = sum(cuts[s].images for s in self.shards.done)
+        failed = in_flight = rate_limited = retries = 0
+        # A running task is alive until its report goes stale (a new one has none yet).
+        alive = len(running)
         for data in self.results.values():
             summary = data.get("summary") or {}
             done += summary.get("images_written", 0) + summary.get("skipped_images", 0)
@@ -125,17 +115,17 @@ class _Run:
             report = self.report(shard)
             if report is None:
                 continue
+            alive -= now - report.updated_at >= ALIVE_S
             done += report.done_images
             failed += report.failed_images
             in_flight += report.in_flight
             rate_limited += report.rate_limited
             retries += report.retries
-            alive += now - report.updated_at < ALIVE_S
         return ClusterProgress(
             images_done=done, images_failed=failed,
-            images_planned=sum(cut.images for cut in self.cuts.values()),
+            images_planned=sum(cut.images for cut in cuts.values()),
             in_flight=in_flight, limit=self.limit, rate_limited=rate_limited, retries=retries,
-            workers=self.workers, workers_alive=alive, shards=len(self.cuts),
+            workers=self.workers, workers_alive=alive, shards=len(cuts),
             shards_done=self.shards_done(), worker_restarts=self.restarts(),
         )  # fmt: skip
 
@@ -146,7 +136,7 @@ class _Run:
             for data in self.results.values()
             if data.get("error") is None and (data.get("summary") or {}).get("complete")
         )
-        return len(self.done_before) + finished
+        return len(self.shards.done) + finished
 
     def restarts(self) -> int:
         """Attempts after the first, of every shard this run started."""
@@ -177,72 +167,68 @@ async def run_on_ray(
         manifest = load_manifest(manifest, registry=registry)
     if settings.resolved_key() is None:
         raise ConfigError(f"no API key: set {KEY_ENV} (every Ray node needs it)")
-    started = await asyncio.to_thread(connect, ray, address, workers, settings)
+    started = False
     try:
-        return await _run(ray, manifest, root, named, settings, workers, storage_options,
-                          on_progress, prices, stop)  # fmt: skip
+        width = workers
+        if width is None and await asyncio.to_thread(read_plan, root) is None:
+            # A first run cuts four shards per worker: the cluster's CPUs, when not given.
+            started = connect(ray, address, workers, settings)
+            width = _cpus(ray)
+        shards = await plan_shards(manifest, root, named, width or 1, storage_options)
+        if shards.to_run():
+            # Joined or started on the loop's thread: Ray sets its signal handlers there.
+            started = connect(ray, address, workers, settings) or started
+            width = width or _cpus(ray)
+            await check_nodes(ray, root)
+        run = _Run(ray, root, named, uuid.uuid4().hex[:12], shards, width or 1,
+                   settings.max_in_flight)  # fmt: skip
+        return await _run(run, manifest, settings, storage_options, on_progress, prices, stop)
     finally:
         if started:
-            await asyncio.to_thread(ray.shutdown)
+            ray.shutdown()
+
+
+def _cpus(ray: ModuleType) -> int:
+    """The cluster's CPUs: the default number of workers."""
+    return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
 
 async def _run(
-    ray: ModuleType, manifest: Manifest, root: Store, out: Path | str, settings: Settings,
-    workers: int | None, storage_options: Mapping[str, Any] | None,
+    run: _Run, manifest: Manifest, settings: Settings, storage_options: Mapping[str, Any] | None,
     on_progress: Callable[[ClusterProgress], None] | None, prices: PriceTable | None,
     stop: asyncio.Event | None,
 ) -> ClusterOutcome:  # fmt: skip
-    width = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    plan = read_plan(root)
-    if plan is None:
-        plan = new_plan(manifest, width)
-        await save_plan(root, plan)
-    with tempfile.TemporaryDirectory(prefix="cometbatch-plan-") as folder:
-        cuts = await asyncio.to_thread(cut_manifest, manifest, plan.shards, Path(folder))
-        done = await asyncio.to_thread(_done_shards, out, cuts, manifest, storage_options)
-        await put_shard_manifests(root, cuts.values())
-    await check_nodes(ray, root)
-    run = _Run(ray, root, out, uuid.uuid4().hex[:12], cuts, done, width,
-               settings.max_in_flight, {}, set())  # fmt: skip
     started_at = now_text()
+    began = asyncio.get_running_loop().time()
     task = ShardTask(
-        out=str(out), local=isinstance(out, Path), shard="", run_id=run.run_id,
+        out=str(run.out), local=isinstance(run.out, Path), shard="", run_id=run.run_id,
         settings=settings.public(), storage_options=dict(storage_options or {}), prices=prices,
         limit_name=f"cometbatch-limit-{run.run_id}",
     )  # fmt: skip
     errors: list[CometBatchError] = []
     try:
-        await _schedule(run, task, settings.grace_period, errors, on_progress, stop)
+        if run.shards.to_run():
+            await _schedule(run, task, settings.grace_period, errors, on_progress, stop)
     finally:
-        await append_run(root, {
+        await append_run(run.root, {
             "run_id": run.run_id, "manifest": str(manifest.path),
             "manifest_sha256": manifest.sha256, "started_at": started_at,
-            "finished_at": now_text(), "shards": plan.shards, "workers": width,
-            "worker_restarts": run.restarts(),
+            "finished_at": now_text(), "shards": run.shards.plan.shards,
+            "workers": run.workers, "worker_restarts": run.restarts(),
         })  # fmt: skip
     total = summed((data.get("summary") or {} for data in run.results.values()), run_id=run.run_id)
-    total.planned_requests += sum(cuts[s].requests for s in done)
-    total.skipped_requests += sum(cuts[s].requests for s in done)
-    total.planned_images += sum(cuts[s].images for s in done)
-    total.skipped_images += sum(cuts[s].images for s in done)
+    cuts = [run.shards.cuts[shard] for shard in run.shards.done]
+    total.planned_requests += sum(cut.requests for cut in cuts)
+    total.skipped_requests += sum(cut.requests for cut in cuts)
+    total.planned_images += sum(cut.images for cut in cuts)
+    total.skipped_images += sum(cut.images for cut in cuts)
+    total.elapsed_s = asyncio.get_running_loop().time() - began
     if stop is not None and stop.is_set():
         total.interrupted = True
-    cluster = {"workers": width, "shards": plan.shards, "shards_done": run.shards_done(),
-               "worker_restarts": run.restarts()}  # fmt: skip
+    cluster = {"workers": run.workers, "shards": run.shards.plan.shards,
+               "shards_done": run.shards_done(), "worker_restarts": run.restarts()}  # fmt: skip
     error = errors[0] if errors else None
     return ClusterOutcome(total.to_dict(), cluster, exit_code(total, failed=bool(errors)), error)
-
-
-def _done_shards(
-    out: Path | str, cuts: dict[str, ShardCut], manifest: Manifest,
-    options: Mapping[str, Any] | None,
-) -> set[str]:  # fmt: skip
-    """The shards whose ledgers have every planned key ok: a rerun skips them."""
-    return {
-        shard
-        for shard, cut in cuts.items()
-        if shard_done(open_store(shard_out(out, shard), options), cut, manifest.registry)
-    }
 
 
 async def _schedule(
@@ -252,7 +238,7 @@ async def _schedule(
     """A task per unfinished shard, at most `run.workers` at once, until all have ended."""
     ray = run.ray
     remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(run_shard)
-    queue = [s for s in sorted(run.cuts) if s not in run.done_before and run.cuts[s].jobs]
+    queue = run.shards.to_run()
     running: dict[asyncio.Future[Any], tuple[str, Any]] = {}
     loop = asyncio.get_running_loop()
     deadline: float | None = None

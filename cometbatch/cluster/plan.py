@@ -7,7 +7,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,17 +22,20 @@ from ..manifest.job import Job
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import ModelRegistry
 from ..store.interface import Store
+from ..store.urls import open_store
 
 __all__ = [
     "PLAN_NAME",
     "RUNS_NAME",
     "ShardCut",
     "ShardPlan",
+    "Shards",
     "append_run",
     "cut_manifest",
     "default_shards",
     "job_line",
     "new_plan",
+    "plan_shards",
     "put_shard_manifests",
     "read_plan",
     "save_plan",
@@ -256,3 +260,51 @@ def shard_done(store: Store, cut: ShardCut, registry: ModelRegistry) -> bool:
         return False
     totals = forecast(jobs, ledger_verdicts(registry, state.get)).totals()
     return totals.requests == totals.done_requests
+
+
+@dataclass(frozen=True, slots=True)
+class Shards:
+    """A run's shards: the plan, each shard's part of the manifest, and the ones done already."""
+
+    plan: ShardPlan
+    cuts: dict[str, ShardCut]
+    done: frozenset[str]
+    # Whether the plan was made now (no cluster run had written one).
+    new: bool
+
+    def to_run(self) -> list[str]:
+        """The shards a run starts a task for, in order: not done, with jobs."""
+        return [s for s in sorted(self.cuts) if s not in self.done and self.cuts[s].jobs]
+
+
+async def plan_shards(
+    manifest: Manifest,
+    root: Store,
+    out: Path | str,
+    workers: int,
+    options: Mapping[str, Any] | None = None,
+    *,
+    write: bool = True,
+) -> Shards:
+    """Cut the manifest by OUT's plan (made now for `workers` if none); with `write`, the plan
+    and each shard's manifest go into OUT."""
+    plan = await asyncio.to_thread(read_plan, root)
+    new = plan is None
+    if plan is None:
+        plan = new_plan(manifest, workers)
+        if write:
+            await save_plan(root, plan)
+    with tempfile.TemporaryDirectory(prefix="cometbatch-shards-") as folder:
+        cuts = await asyncio.to_thread(cut_manifest, manifest, plan.shards, Path(folder))
+
+        def done() -> frozenset[str]:
+            return frozenset(
+                shard
+                for shard, cut in cuts.items()
+                if shard_done(open_store(shard_out(out, shard), options), cut, manifest.registry)
+            )
+
+        finished = await asyncio.to_thread(done)
+        if write:
+            await put_shard_manifests(root, cuts.values())
+    return Shards(plan, cuts, finished, new)
