@@ -46,6 +46,8 @@ class ClusterProgress:
     images_done: int
     images_failed: int
     images_planned: int
+    # Written or failed by this run (not found done): what a rate counts.
+    images_processed: int
     in_flight: int
     limit: int
     rate_limited: int
@@ -101,13 +103,14 @@ class _Run:
         """The display's figures: done shards, finished tasks, and running shards' reports."""
         cuts = self.shards.cuts
         done = sum(cuts[s].images for s in self.shards.done)
-        failed = in_flight = rate_limited = retries = 0
+        failed = processed = in_flight = rate_limited = retries = 0
         # A running task is alive until its report goes stale (a new one has none yet).
         alive = len(running)
         for data in self.results.values():
             summary = data.get("summary") or {}
             done += summary.get("images_written", 0) + summary.get("skipped_images", 0)
             failed += summary.get("failed_images", 0)
+            processed += summary.get("images_written", 0) + summary.get("failed_images", 0)
             rate_limited += summary.get("rate_limited", 0)
             retries += summary.get("retries", 0)
         now = time.time()
@@ -118,12 +121,13 @@ class _Run:
             alive -= now - report.updated_at >= ALIVE_S
             done += report.done_images
             failed += report.failed_images
+            processed += report.processed_images
             in_flight += report.in_flight
             rate_limited += report.rate_limited
             retries += report.retries
         return ClusterProgress(
             images_done=done, images_failed=failed,
-            images_planned=sum(cut.images for cut in cuts.values()),
+            images_planned=sum(cut.images for cut in cuts.values()), images_processed=processed,
             in_flight=in_flight, limit=self.limit, rate_limited=rate_limited, retries=retries,
             workers=self.workers, workers_alive=alive, shards=len(cuts),
             shards_done=self.shards_done(), worker_restarts=self.restarts(),

@@ -34,6 +34,8 @@ class ShardReport:
     # Written by this attempt or found done in the shard's ledger.
     done_images: int = 0
     failed_images: int = 0
+    # Written or failed by this attempt: what the display's rate counts.
+    processed_images: int = 0
     in_flight: int = 0
     rate_limited: int = 0
     retries: int = 0

@@ -10,7 +10,7 @@ from typing import Any
 from ..costs.budget import BUDGET_REASONS
 from ..engine.summary import Summary
 
-__all__ = ["exit_code", "summed"]
+__all__ = ["exit_code", "summary_of", "summed"]
 
 # Summary fields that are not counts: set once from the shards, or left to the driver.
 _NOT_ADDED = frozenset(
@@ -51,6 +51,13 @@ def summed(shards: Iterable[Mapping[str, Any]], *, run_id: str = "") -> Summary:
             total.simulator_requests = (total.simulator_requests or 0) + requests
     total.earlier_unanswered = (earlier[0], earlier[1])
     return total
+
+
+def summary_of(data: Mapping[str, Any]) -> Summary:
+    """A Summary back from its `to_dict()` (no budget or pace: a cluster run sums none)."""
+    summary = summed([data], run_id=str(data.get("run_id", "")))
+    summary.elapsed_s = float(data.get("elapsed_s") or 0.0)
+    return summary
 
 
 def _value(data: Mapping[str, Any], name: str) -> Any:

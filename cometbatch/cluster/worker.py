@@ -179,6 +179,7 @@ def _counted(report: ShardReport, engine: Engine, *, finished: bool = False) -> 
         planned_images=s.planned_images,
         done_images=s.images_written + s.skipped_images,
         failed_images=s.failed_images,
+        processed_images=s.images_written + s.failed_images,
         in_flight=in_flight,
         rate_limited=s.rate_limited,
         retries=s.retries,
