@@ -131,7 +131,7 @@ def test_a_bad_plan_is_an_error_naming_the_file(tmp_path: Path) -> None:
     """plan.json that is not JSON, or holds no shard count, is refused by name."""
     (tmp_path / "cluster").mkdir()
     (tmp_path / PLAN_NAME).write_text("{oops")
-    with pytest.raises(OutputError, match="plan.json is not valid JSON"):
+    with pytest.raises(OutputError, match=r"plan\.json is not valid JSON"):
         read_plan(LocalStore(tmp_path))
     (tmp_path / PLAN_NAME).write_text(json.dumps({**_plan().to_dict(), "shards": 0}))
     with pytest.raises(OutputError, match="'shards'"):
@@ -162,10 +162,12 @@ async def test_a_shard_is_done_when_its_ledger_has_every_key_ok(tmp_path: Path) 
     out = tmp_path / "out"
     store = LocalStore(shard_out(out, "00000"))
     assert not shard_done(store, cut, manifest.registry)
-    async with Simulator(SimConfig()) as sim:
-        async with Engine(settings_for(sim), out_dir=shard_out(out, "00000")) as engine:
-            async for _ in engine.run(load_manifest(cut.path)):
-                pass
+    async with (
+        Simulator(SimConfig()) as sim,
+        Engine(settings_for(sim), out_dir=shard_out(out, "00000")) as engine,
+    ):
+        async for _ in engine.run(load_manifest(cut.path)):
+            pass
     assert shard_done(store, cut, manifest.registry)
     grown = load_manifest(write_jobs(tmp_path / "m2.jsonl", jobs_of(4)))
     (tmp_path / "cut2").mkdir()
