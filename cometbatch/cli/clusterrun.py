@@ -158,7 +158,10 @@ def cluster_run(
 ) -> None:
     """Run on the cluster; print one summary (with `--json`, its cluster figures); exit."""
     try:
-        outcome = asyncio.run(_drive(loaded, setup, out, storage, address, workers, mode))
+        # Ray prints what it hears from the cluster (a worker that died) on stdout: that is
+        # for the one JSON object here, so Ray's lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = asyncio.run(_drive(loaded, setup, out, storage, address, workers, mode))
     except asyncio.CancelledError:
         say("interrupted: the shards' ledgers keep what was done; rerun to resume")
         sys.exit(130)
