@@ -49,8 +49,9 @@ def on_cluster(
         options["storage_options"], options["config_path"]
     )  # fmt: skip
     json_output = bool(options["json_output"])
+    root = cluster_store(out, storage)
     if options["dry_run"]:
-        cluster_dry_run(loaded, out, storage, options["workers"], json_output)
+        cluster_dry_run(loaded, out, root, storage, options["workers"], json_output)
         return
     import_ray()  # a missing extra is a clear error before anything is written
     mode = choose_mode(quiet=bool(options["quiet"]), json_output=json_output)
@@ -190,12 +191,12 @@ def _cluster_line(cluster: dict[str, int]) -> str:
 def cluster_dry_run(
     loaded: Manifest,
     out: Path | str,
+    root: Store,
     storage: dict[str, Any],
     workers: int | None,
     json_output: bool,
 ) -> None:
     """`--dry-run --ray`: how the manifest is cut into shards, and which are done; no Ray."""
-    root = cluster_store(out, storage)
     width = workers or os.cpu_count() or 1
     shards = asyncio.run(plan_shards(loaded, root, out, width, storage, write=False))
     data = dry_data(shards, loaded, out, width)
