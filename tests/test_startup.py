@@ -20,6 +20,8 @@ HEAVY = (
     "cometbatch.cli.progress",
     "fsspec",
     "s3fs",
+    "ray",
+    "cometbatch.cluster.driver",
 )
 
 

@@ -16,7 +16,7 @@ import click
 
 from ..cluster.connect import import_ray
 from ..cluster.driver import ClusterOutcome, ClusterProgress, cluster_store, run_on_ray
-from ..cluster.plan import Shards, plan_shards
+from ..cluster.plan import Shards, plan_shards, shard_out
 from ..cluster.summaries import summary_of
 from ..errors import ConfigError
 from ..manifest.reader import Manifest
@@ -168,6 +168,8 @@ def cluster_run(
         sys.exit(130)
     summary = summary_of(outcome.summary)
     data = {**summary_data(summary, out, setup.prices), "cluster": outcome.cluster}
+    # Each shard is an ordinary output with its own ledger.
+    data["ledger"] = str(shard_out(out, "*")) + "/ledger.jsonl"
     if outcome.error is not None:
         fail(outcome.error, json_output=json_output, summary=data)
     if json_output:

@@ -226,6 +226,11 @@ async def _run(
     total.skipped_requests += sum(cut.requests for cut in cuts)
     total.planned_images += sum(cut.images for cut in cuts)
     total.skipped_images += sum(cut.images for cut in cuts)
+    # Shards never started (a stop, an error) or cut off whole: their work is pending.
+    summed_shards = {s for s, data in run.results.items() if data.get("summary")}
+    left = [run.shards.cuts[s] for s in run.shards.to_run() if s not in summed_shards]
+    total.planned_requests += sum(cut.requests for cut in left)
+    total.planned_images += sum(cut.images for cut in left)
     total.elapsed_s = asyncio.get_running_loop().time() - began
     if stop is not None and stop.is_set():
         total.interrupted = True
