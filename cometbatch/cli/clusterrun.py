@@ -175,7 +175,8 @@ def cluster_run(
     if json_output:
         click.echo(json.dumps(data))
     else:
-        for line in summary_lines(summary, out, setup.prices):
+        # What each line names (images/, replaced/) is in every shard's own output.
+        for line in summary_lines(summary, shard_out(out, "*"), setup.prices):
             say(line)
         say(_cluster_line(outcome.cluster))
     sys.exit(max(outcome.exit_code, run_exit_code(summary)))
