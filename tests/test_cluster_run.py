@@ -166,10 +166,11 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_ad
     with simulator_thread(SimConfig(latency=0.5, record_requests=False)) as sim:
         process = subprocess.Popen(
             [sys.executable, "-m", "cometbatch", "run", str(manifest), "--out", str(out),
-             "--base-url", sim.base_url, "--ray", "--ray-address", ray_address,
-             "--workers", "3", "--concurrency", str(concurrency), "--json"],
+             "--base-url", sim.base_url, "--ray", "--workers", "3",
+             "--concurrency", str(concurrency), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "COMETAPI_KEY": KEY},
+            # RAY_ADDRESS names the cluster as --ray-address does.
+            env={**os.environ, "COMETAPI_KEY": KEY, "RAY_ADDRESS": ray_address},
         )  # fmt: skip
         try:
             killed = kill_a_running_worker(out / "cluster" / "progress", deadline=120)
