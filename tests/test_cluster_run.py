@@ -203,3 +203,22 @@ def kill_a_running_worker(progress: Path, *, deadline: float) -> str:
                 return str(report["shard"])
         time.sleep(0.1)
     raise AssertionError("no shard was found running")
+
+
+def test_an_error_in_a_shard_stops_the_run_with_one_clear_line(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """A key the API refuses: the shard's error is the run's (exit 2, no traceback), and no
+    shard starts after it."""
+    manifest = write_manifest(tmp_path / "m.jsonl", 40)
+    out = tmp_path / "out"
+    with simulator_thread(SimConfig(api_key="sk-another", record_requests=False)) as sim:
+        done = run_cli(
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "1", "--json",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "shard 00000" in done.stderr and "key" in done.stderr
+    assert json.loads(done.stdout)["error"].startswith("shard 00000")
+    assert len(list(out.glob("shards/*/ledger.jsonl"))) == 1

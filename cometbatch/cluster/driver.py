@@ -94,6 +94,14 @@ class _Run:
     limit: int
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     launched: set[str] = field(default_factory=set)
+    # The shared limit's actor (None: each shard is limited on its own).
+    actor: Any = None
+
+    async def halt(self) -> None:
+        """Every worker stops taking new work (sent requests land and are recorded)."""
+        if self.actor is not None:
+            self.actor.halt.remote()
+        await ask_halt(self.root, self.run_id)
 
     def report(self, shard: str) -> ShardReport | None:
         found = read_report(self.root, shard)
@@ -212,6 +220,7 @@ async def _run(
     errors: list[CometBatchError] = []
     try:
         if run.shards.to_run():
+            run.actor = _start_limit(settings, task.limit_name)
             await _schedule(run, task, settings.grace_period, errors, on_progress, stop)
     finally:
         await append_run(run.root, {
@@ -240,6 +249,11 @@ async def _run(
     return ClusterOutcome(total.to_dict(), cluster, exit_code(total, failed=bool(errors)), error)
 
 
+def _start_limit(settings: Settings, name: str) -> Any:
+    """The named actor holding the cluster's one limit (None: each shard keeps its own)."""
+    return None
+
+
 async def _schedule(
     run: _Run, task: ShardTask, grace: float, errors: list[CometBatchError],
     on_progress: Callable[[ClusterProgress], None] | None, stop: asyncio.Event | None,
@@ -251,6 +265,7 @@ async def _schedule(
     running: dict[asyncio.Future[Any], tuple[str, Any]] = {}
     loop = asyncio.get_running_loop()
     deadline: float | None = None
+    cancelled: set[str] = set()
     try:
         while queue or running:
             halted = deadline is not None
@@ -266,18 +281,21 @@ async def _schedule(
                 shard, _ref = running.pop(future)
                 _collect(run, shard, future, errors)
             if deadline is None and stop is not None and stop.is_set():
-                await ask_halt(run.root, run.run_id)
+                await run.halt()
                 deadline = loop.time() + grace
             elif deadline is not None and loop.time() > deadline:
-                for _, ref in running.values():
-                    ray.cancel(ref, force=True)
+                # The grace period is over: what still runs is cut off (maybe billed).
+                for shard, ref in running.values():
+                    if shard not in cancelled:
+                        ray.cancel(ref, force=True)
+                        cancelled.add(shard)
             if on_progress is not None:
                 shards = {shard for shard, _ in running.values()}
                 on_progress(await asyncio.to_thread(run.progress, shards))
     except asyncio.CancelledError:
         # Stopped at once: what is running is cancelled (its sent requests may be billed).
         with contextlib.suppress(Exception):
-            await ask_halt(run.root, run.run_id)
+            await run.halt()
         for _, ref in running.values():
             ray.cancel(ref, force=True)
         raise

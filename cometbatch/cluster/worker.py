@@ -28,7 +28,7 @@ from ..errors import (
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
 from ..net.limits import Limiter
-from ..settings import Settings
+from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.lease import LEASE_S
 from ..store.urls import open_store
@@ -96,6 +96,10 @@ def _limiter_for(name: str, settings: Settings, worker: str) -> Limiter | None:
 def _error(exc: CometBatchError) -> dict[str, str]:
     """An error of ours as data (exceptions do not always survive Ray's pickling)."""
     kind = "error"
+    if isinstance(exc, AuthenticationError) and exc.status is not None:
+        # As a one-machine run says it; this node's key is the one refused.
+        text = f"the API rejected the key ({exc.status}: {exc}); check {KEY_ENV} on every node"
+        return {"kind": "config", "message": text}
     if isinstance(exc, ConfigError | ManifestError | AuthenticationError):
         kind = "config"
     elif isinstance(exc, LedgerError):
@@ -106,18 +110,21 @@ def _error(exc: CometBatchError) -> dict[str, str]:
 
 
 async def _run(task: ShardTask) -> dict[str, Any]:
-    settings = Settings(**task.settings)
-    root = open_store(task.output(), task.storage_options)
-    previous = await asyncio.to_thread(read_report, root, task.shard)
-    attempt = previous.next_attempt(task.run_id) if previous is not None else 1
-    report = ShardReport(
-        task.run_id, task.shard, attempt, os.getpid(), socket.gethostname(), updated_at=time.time()
-    )
-    # Written first: the driver counts the restart, and sees the worker's pid, at once.
-    await write_report(root, report)
-    done: dict[str, Any] = {"shard": task.shard, "attempt": attempt, "summary": None}
+    done: dict[str, Any] = {"shard": task.shard, "attempt": 0, "summary": None}
     engine: Engine | None = None
     try:
+        # The key is not in the settings given: each node's worker reads it from its environment.
+        settings = Settings(**task.settings)
+        root = open_store(task.output(), task.storage_options)
+        previous = await asyncio.to_thread(read_report, root, task.shard)
+        attempt = previous.next_attempt(task.run_id) if previous is not None else 1
+        done["attempt"] = attempt
+        report = ShardReport(
+            task.run_id, task.shard, attempt, os.getpid(), socket.gethostname(),
+            updated_at=time.time(),
+        )  # fmt: skip
+        # Written first: the driver counts the restart, and sees the worker's pid, at once.
+        await write_report(root, report)
         with _local_manifest(root, task.shard) as path:
             registry = load_registry(settings.models_file, settings.model_overrides)
             manifest = load_manifest(path, registry=registry)
