@@ -222,3 +222,52 @@ def test_an_error_in_a_shard_stops_the_run_with_one_clear_line(
     assert "shard 00000" in done.stderr and "key" in done.stderr
     assert json.loads(done.stdout)["error"].startswith("shard 00000")
     assert len(list(out.glob("shards/*/ledger.jsonl"))) == 1
+
+
+def test_ctrl_c_on_the_driver_lets_sent_requests_land(tmp_path: Path, ray_address: str) -> None:
+    """SIGINT on the driver: the workers take no new work, every sent request is recorded,
+    exit 130; the next run resumes."""
+    manifest = write_manifest(tmp_path / "m.jsonl", 60)
+    out = tmp_path / "out"
+    with simulator_thread(SimConfig(latency=1.0, record_requests=False)) as sim:
+        args = (
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "2", "--concurrency", "2", "--json",
+        )  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "COMETAPI_KEY": KEY},
+        )  # fmt: skip
+        try:
+            wait_for_images(out / "cluster" / "progress", 2, deadline=120)
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 130, stderr
+        summary = json.loads(stdout)
+        assert summary["interrupted"] and summary["pending_requests"] > 0
+        assert summary["cut_off_requests"] == 0
+        sent = answered = 0
+        for ledger in out.glob("shards/*/ledger.jsonl"):
+            events = [json.loads(line) for line in ledger.read_text().splitlines()]
+            sent += len({e["key"] for e in events if e["event"] == "sent"})
+            answered += len({e["key"] for e in events if e["event"] == "result"})
+        assert 0 < sent == answered == sim.stats.requests
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["skipped_requests"] == answered
+        assert sim.stats.requests == 60
+
+
+def wait_for_images(progress: Path, images: int, *, deadline: float) -> None:
+    """Until some shard's report counts `images` done."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for path in progress.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text())["done_images"] >= images:
+                    return
+        time.sleep(0.1)
+    raise AssertionError("no shard made images in time")
