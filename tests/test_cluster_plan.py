@@ -1,17 +1,22 @@
-"""The shard plan of a cluster output: stable shards, a kept shard count, done shards (no Ray)."""
+"""The shard plan of a cluster output (stable shards, a kept shard count, done shards) and the
+node check, without Ray."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from support import settings_for
 
-from cometbatch import Engine, Job, OutputError, SimConfig, Simulator, load_manifest
+from cometbatch import ConfigError, Engine, Job, OutputError, SimConfig, Simulator, load_manifest
+from cometbatch.cluster.connect import check_nodes
 from cometbatch.cluster.plan import (
     PLAN_NAME,
     RUNS_NAME,
@@ -214,3 +219,64 @@ def test_a_report_counts_attempts_within_a_run() -> None:
     assert report.next_attempt("run-b") == 1
     assert ShardReport.from_dict(report.to_dict()) == report
     assert ShardReport.from_dict({"run_id": "x"}) is None
+
+
+class FakeRay:
+    """What check_nodes asks of ray: its nodes, and a task pinned to each (run here, where
+    the nodes named in `blind` do not see the folder)."""
+
+    def __init__(self, nodes: int, blind: frozenset[str] = frozenset()) -> None:
+        self._nodes = [
+            {"NodeID": f"n{i}", "NodeManagerAddress": f"10.0.0.{i}", "Alive": True}
+            for i in range(nodes)
+        ]
+        self.blind = blind
+        self.probed: list[str] = []
+        self.util = SimpleNamespace(
+            scheduling_strategies=SimpleNamespace(NodeAffinitySchedulingStrategy=self._pin)
+        )
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._nodes
+
+    @staticmethod
+    def _pin(node: str, soft: bool) -> str:
+        assert not soft
+        return node
+
+    def remote(self, **_: Any) -> Callable[[Callable[[str], bool]], Any]:
+        def wrap(function: Callable[[str], bool]) -> Any:
+            fake = self
+
+            class Pinned:
+                def options(self, scheduling_strategy: str) -> Any:
+                    node = scheduling_strategy
+
+                    class Call:
+                        def remote(self, path: str) -> Any:
+                            fake.probed.append(node)
+                            done: Future[bool] = Future()
+                            done.set_result(function(path) and node not in fake.blind)
+                            return SimpleNamespace(future=lambda: done)
+
+                    return Call()
+
+            return Pinned()
+
+        return wrap
+
+
+async def test_a_local_out_must_be_seen_by_every_node(tmp_path: Path) -> None:
+    """Several nodes: each runs a probe for a file written in OUT; a node that does not see
+    it is named and the run refused. One node, or an object store: no probe."""
+    root = LocalStore(tmp_path)
+    one = FakeRay(1)
+    await check_nodes(one, root)  # type: ignore[arg-type]
+    assert one.probed == []
+    shared = FakeRay(3)
+    await check_nodes(shared, root)  # type: ignore[arg-type]
+    assert shared.probed == ["n0", "n1", "n2"]
+    blind = FakeRay(3, frozenset({"n2"}))
+    with pytest.raises(ConfigError, match=r"1 of the cluster's 3 nodes do not see \(10\.0\.0\.2\)"):
+        await check_nodes(blind, root)  # type: ignore[arg-type]
+    assert not list(tmp_path.rglob("probe-*"))  # the probe file is gone

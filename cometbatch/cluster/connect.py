@@ -71,17 +71,14 @@ async def check_nodes(ray: ModuleType, root: Store) -> None:
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) < 2 or root.local_folder is None:
         return
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    pinned = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy
     name = f"cluster/probe-{uuid.uuid4().hex[:12]}"
     await root.put(name, b"probe\n")
     path = os.path.join(root.local_folder, name)
     probe = ray.remote(num_cpus=0, max_retries=0)(sees)
     try:
         refs = [
-            probe.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(path)
+            probe.options(scheduling_strategy=pinned(node["NodeID"], soft=False)).remote(path)
             for node in nodes
         ]
         found = await asyncio.wait_for(
