@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 import uuid
@@ -28,8 +27,6 @@ from .summaries import exit_code, summed
 from .worker import ERROR_KINDS, ShardTask, run_shard
 
 __all__ = ["ClusterOutcome", "ClusterProgress", "run_on_ray"]
-
-log = logging.getLogger(__name__)
 
 # A dead process is retried (its shard resumes from the ledger); an error of ours is not.
 MAX_RETRIES = 3
@@ -93,7 +90,6 @@ class _Run:
     workers: int
     limit: int
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    launched: set[str] = field(default_factory=set)
     # The shared limit's actor (None: each shard is limited on its own).
     actor: Any = None
 
@@ -122,10 +118,12 @@ class _Run:
             rate_limited += summary.get("rate_limited", 0)
             retries += summary.get("retries", 0)
         now = time.time()
+        restarts = self.restarts()
         for shard in running:
             report = self.report(shard)
             if report is None:
                 continue
+            restarts += report.attempt - 1
             alive -= now - report.updated_at >= ALIVE_S
             done += report.done_images
             failed += report.failed_images
@@ -138,7 +136,7 @@ class _Run:
             images_planned=sum(cut.images for cut in cuts.values()), images_processed=processed,
             in_flight=in_flight, limit=self.limit, rate_limited=rate_limited, retries=retries,
             workers=self.workers, workers_alive=alive, shards=len(cuts),
-            shards_done=self.shards_done(), worker_restarts=self.restarts(),
+            shards_done=self.shards_done(), worker_restarts=restarts,
         )  # fmt: skip
 
     def shards_done(self) -> int:
@@ -151,9 +149,8 @@ class _Run:
         return len(self.shards.done) + finished
 
     def restarts(self) -> int:
-        """Attempts after the first, of every shard this run started."""
-        reports = (self.report(shard) for shard in self.launched)
-        return sum(max(report.attempt - 1, 0) for report in reports if report is not None)
+        """Attempts after the first, of the shards whose tasks have ended."""
+        return sum(max(int(data.get("attempt") or 1) - 1, 0) for data in self.results.values())
 
 
 async def run_on_ray(
@@ -273,7 +270,6 @@ async def _schedule(
                 shard = queue.pop(0)
                 ref = remote.remote(ShardTask(**{**task.to_dict(), "shard": shard}).to_dict())
                 running[asyncio.wrap_future(ref.future())] = (shard, ref)
-                run.launched.add(shard)
             if not running:
                 break
             ended, _ = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
@@ -308,14 +304,17 @@ def _collect(
     ray = run.ray
     try:
         data: dict[str, Any] = future.result()
-    except ray.exceptions.TaskCancelledError:
-        run.results[shard] = {"summary": None, "error": None, "cancelled": True}
-        return
     except ray.exceptions.RayError as exc:
+        # Its attempts, as far as its report tells (the task returned nothing).
+        report = run.report(shard)
+        ended = {"summary": None, "attempt": report.attempt if report is not None else 1}
+        if isinstance(exc, ray.exceptions.TaskCancelledError):
+            run.results[shard] = {**ended, "error": None, "cancelled": True}
+            return
         # The worker died more often than retried, or a bug of ours in the task.
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         errors.append(CometBatchError(f"shard {shard}: {message}"))
-        run.results[shard] = {"summary": None, "error": {"kind": "error", "message": message}}
+        run.results[shard] = {**ended, "error": {"kind": "error", "message": message}}
         return
     run.results[shard] = data
     error = data.get("error")
