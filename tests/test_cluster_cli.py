@@ -79,3 +79,23 @@ def test_dry_run_on_a_cluster_plans_the_shards(tmp_path: Path) -> None:
     )
     assert "4 shard(s) (a new plan)" in text.stdout
     assert "dry run: nothing was sent" in text.stdout
+
+
+def test_the_cluster_display_shows_the_whole_cluster() -> None:
+    """One line for every worker: images over the manifest, in flight, 429s, workers alive."""
+    from cometbatch.cli.clusterrun import cluster_snapshot
+    from cometbatch.cli.snapshot import Snapshot
+    from cometbatch.cluster import ClusterProgress
+
+    progress = ClusterProgress(
+        images_done=120, images_failed=1, images_planned=200, images_processed=90,
+        in_flight=7, limit=8, rate_limited=3, retries=4, workers=3, workers_alive=2,
+        shards=12, shards_done=5, worker_restarts=1,
+    )  # fmt: skip
+    line = cluster_snapshot(progress).line(2.5)
+    for part in ("images 120/200", "2.5/s", "in flight 7/8", "workers 2/3 alive", "429s 3"):
+        assert part in line
+    # A one-machine run's display has no workers.
+    one = Snapshot(done=1, failed=0, total=2, in_flight=1, limit=4, retries=0, rate_limited=0,
+                   probing=False)  # fmt: skip
+    assert "workers" not in one.line(1.0)
