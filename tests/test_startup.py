@@ -21,6 +21,8 @@ HEAVY = (
     "cometbatch.cli.progress",
     "fsspec",
     "s3fs",
+    "ray",
+    "cometbatch.cluster.driver",
 )
 
 

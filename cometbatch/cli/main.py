@@ -253,6 +253,25 @@ def main() -> None:
 @click.option(
     "--simulate", is_flag=True, help="Run against the built-in simulated API (no key, no network)."
 )
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Run on a Ray cluster: the manifest is cut into shards, each run by a worker into "
+    "OUT/shards/ (pip install 'cometbatch[ray]'). OUT must be an object store's URL or a "
+    "folder every node sees.",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="The Ray cluster to join with --ray (default: $RAY_ADDRESS, else a local instance).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Shards run at once with --ray (default: the cluster's CPUs).",
+)
 @budget_options
 @reporting_options
 @click.pass_context
@@ -294,6 +313,11 @@ def run(ctx: click.Context, /, manifest: Path, **options: Any) -> None:
         settings, prices = setup.settings, setup.prices
         loaded = _checked_manifest(manifest, setup, spinner=not (quiet or json_output))
         target = output_store(out, options["storage_options"], options["config_path"])
+        if options["use_ray"] or {"ray_address", "workers"} & given:
+            from .clusterrun import on_cluster
+
+            on_cluster(loaded, setup, out, target, options)
+            return
         if options["dry_run"]:
             _dry_run(loaded, setup, out, target, json_output)
             return

@@ -288,11 +288,17 @@ def output_store(
         if pairs:
             raise ConfigError("--storage-option applies to an object store's URL only")
         return Path(out)
-    from ..store.urls import open_store, parse_storage_options
+    from ..store.urls import open_store
+
+    return open_store(out, storage_settings(pairs, config_path))
+
+
+def storage_settings(pairs: Sequence[str], config_path: Path | None = None) -> dict[str, Any]:
+    """An object store's options: the settings file's [storage] table, then --storage-option."""
+    from ..store.urls import parse_storage_options
     from .config import load_config
 
-    options = {**load_config(config_path).get_storage(), **parse_storage_options(pairs)}
-    return open_store(out, options)
+    return {**load_config(config_path).get_storage(), **parse_storage_options(pairs)}
 
 
 def concurrency_fields(

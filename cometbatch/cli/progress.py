@@ -112,11 +112,12 @@ class LiveView:
 
 
 class ProgressDisplay:
-    """Shows an engine's progress until closed; an async context manager."""
+    """Shows an engine's progress (or what `engine` returns when called) until closed; an async
+    context manager."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Callable[[], Snapshot],
         *,
         mode: Mode,
         console: Console | None = None,
@@ -160,10 +161,15 @@ class ProgressDisplay:
         if self._live is None:
             return
         try:
-            snap = Snapshot.of(self.engine)
+            snap = self._snapshot()
         except RuntimeError:
             return
         self._draw(snap)
+
+    def _snapshot(self) -> Snapshot:
+        """The state now; RuntimeError while there is none yet."""
+        source = self.engine
+        return source() if callable(source) else Snapshot.of(source)
 
     def _draw(self, snap: Snapshot) -> None:
         if self._live is not None:
@@ -185,7 +191,7 @@ class ProgressDisplay:
         # goes on.
         while not stream_gone(self.console.file):
             try:
-                snap = Snapshot.of(self.engine)
+                snap = self._snapshot()
             except RuntimeError:
                 snap = None
             if snap is not None:

@@ -41,6 +41,9 @@ class Snapshot:
     images_counted: int = 0
     cost_cap: float | None = None
     cost_counted: float = 0.0
+    # On a cluster: its workers, and those running a shard that still reports.
+    workers: int = 0
+    workers_alive: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> Snapshot:
@@ -87,6 +90,8 @@ class Snapshot:
         if self.auto or self.follows_rate:
             how = "auto" if self.auto else "follows the rate"
             parts.append(_part("level", f"({how}, max {self.ceiling})", sep=" "))
+        if self.workers:
+            parts.append(_part("workers", f"workers {self.workers_alive}/{self.workers} alive"))
         return parts
 
     def _trouble_parts(self) -> list[Part]:
@@ -130,7 +135,7 @@ class Snapshot:
 # what is left.
 KEEP: tuple[str, ...] = (
     "done", "failed", "eta", "rate", "in_flight",
-    "probing", "waiting", "spent", "retries", "429s", "elapsed", "level", "cost_cap",
+    "workers", "probing", "waiting", "spent", "retries", "429s", "elapsed", "level", "cost_cap",
     "images_cap",
 )  # fmt: skip
 ESSENTIAL = 5

@@ -1,0 +1,273 @@
+"""`run --ray` on a real local Ray instance against the simulated API: shards, rerun, a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+import pytest
+from support import need
+
+from cometbatch import SimConfig, Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-cluster-test"
+JOBS = 200
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cometbatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COMETAPI_KEY": KEY, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def write_manifest(path: Path, count: int = JOBS) -> Path:
+    jobs = (
+        {"id": f"job-{i}", "prompt": f"a cat {i}", "model": "dall-e-2", "size": "256x256"}
+        for i in range(count)
+    )
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
+
+
+@contextlib.contextmanager
+def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
+    """The simulated API on 127.0.0.1, on a thread of its own: its stats readable here."""
+    ready: Queue[tuple[Simulator, asyncio.AbstractEventLoop, asyncio.Future[None]]] = Queue()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[None] = loop.create_future()
+        async with Simulator(config) as sim:
+            ready.put((sim, loop, stop))
+            await stop
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    sim, loop, stop = ready.get(timeout=60)
+    try:
+        yield sim
+    finally:
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance on 127.0.0.1 for this module (3 CPUs), its workers holding the key;
+    the address a `run --ray` subprocess joins."""
+    try:
+        import ray
+    except ImportError:
+        need("RAY", "ray is not installed: pip install 'cometbatch[ray]'")
+        raise
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Ray's workers inherit the environment the instance starts with.
+        patch.setenv("COMETAPI_KEY", KEY)
+        ray.init(
+            address="local", num_cpus=3, include_dashboard=False,
+            _node_ip_address="127.0.0.1", log_to_driver=False, namespace="cometbatch-tests",
+        )  # fmt: skip
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ray.shutdown()
+
+
+def shard_images(out: Path) -> Counter[str]:
+    """How many image files each job has, over every shard of OUT."""
+    found: Counter[str] = Counter()
+    for path in (out / "shards").glob("*/images/*/*"):
+        assert not path.name.endswith(".tmp"), path
+        found[path.parent.name] += 1
+    return found
+
+
+def ok_lines(out: Path) -> Counter[str]:
+    """How many ok result lines each key has, over every shard's ledger."""
+    seen: Counter[str] = Counter()
+    for ledger in (out / "shards").glob("*/ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "result" and event["status"] == "ok":
+                seen[event["key"]] += 1
+    return seen
+
+
+def test_a_cluster_run_makes_every_image_once_and_a_rerun_sends_nothing(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """200 jobs over 3 workers: all done once, `--json` has the cluster; again: 0 requests."""
+    manifest = write_manifest(tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator_thread(SimConfig(latency=0.05, record_requests=False)) as sim:
+        args = (
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "3", "--concurrency", "4", "--json",
+        )  # fmt: skip
+        first = run_cli(*args)
+        assert first.returncode == 0, first.stderr
+        summary = json.loads(first.stdout)
+        assert summary["cluster"] == {
+            "workers": 3, "shards": 12, "shards_done": 12, "worker_restarts": 0
+        }  # fmt: skip
+        assert summary["complete"] and summary["ok_requests"] == JOBS
+        assert sim.stats.requests == JOBS
+        assert shard_images(out) == {f"job-{i}": 1 for i in range(JOBS)}
+        assert set(ok_lines(out).values()) == {1}
+
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        rerun = json.loads(again.stdout)
+        assert (rerun["ok_requests"], rerun["skipped_requests"]) == (0, JOBS)
+        assert rerun["cluster"]["shards_done"] == 12
+        assert sim.stats.requests == JOBS
+    runs = (out / "cluster" / "runs.jsonl").read_text().splitlines()
+    assert len(runs) == 2
+    # Finished shards are skipped whole: no shard's ledger saw a second run.
+    assert [len(shard_runs(ledger)) for ledger in sorted(out.glob("shards/*/ledger.jsonl"))] == [
+        1
+    ] * 12
+
+
+def shard_runs(ledger: Path) -> list[dict[str, Any]]:
+    """The run events of one shard's ledger."""
+    events = [json.loads(line) for line in ledger.read_text().splitlines()]
+    return [event for event in events if event["event"] == "run"]
+
+
+def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_address: str) -> None:
+    """A worker process killed mid-shard: Ray runs the shard again, it resumes from its ledger,
+    every image is there once and at most what was in flight is sent twice."""
+    manifest = write_manifest(tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    concurrency = 2
+    with simulator_thread(SimConfig(latency=0.5, record_requests=False)) as sim:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cometbatch", "run", str(manifest), "--out", str(out),
+             "--base-url", sim.base_url, "--ray", "--workers", "3",
+             "--concurrency", str(concurrency), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            # RAY_ADDRESS names the cluster as --ray-address does.
+            env={**os.environ, "COMETAPI_KEY": KEY, "RAY_ADDRESS": ray_address},
+        )  # fmt: skip
+        try:
+            killed = kill_a_running_worker(out / "cluster" / "progress", deadline=120)
+            stdout, stderr = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, stderr
+        summary = json.loads(stdout)
+        assert summary["cluster"]["worker_restarts"] >= 1
+        assert summary["cluster"]["shards_done"] == 12
+        assert shard_images(out) == {f"job-{i}": 1 for i in range(JOBS)}
+        assert set(ok_lines(out).values()) == {1}
+        assert JOBS <= sim.stats.requests <= JOBS + concurrency
+    # The shard ran twice in the same folder: the second run resumed the first's ledger.
+    assert len(shard_runs(out / "shards" / killed / "ledger.jsonl")) == 2
+
+
+def kill_a_running_worker(progress: Path, *, deadline: float) -> str:
+    """SIGKILL the process of a shard that has done some images and is not finished; its id."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for path in sorted(progress.glob("*.json")):
+            try:
+                report: dict[str, Any] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if report["attempt"] == 1 and not report["finished"] and report["done_images"] >= 3:
+                os.kill(report["pid"], signal.SIGKILL)
+                return str(report["shard"])
+        time.sleep(0.1)
+    raise AssertionError("no shard was found running")
+
+
+def test_an_error_in_a_shard_stops_the_run_with_one_clear_line(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """A key the API refuses: the shard's error is the run's (exit 2, no traceback), and no
+    shard starts after it."""
+    manifest = write_manifest(tmp_path / "m.jsonl", 40)
+    out = tmp_path / "out"
+    with simulator_thread(SimConfig(api_key="sk-another", record_requests=False)) as sim:
+        done = run_cli(
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "1", "--json",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "shard 00000" in done.stderr and "key" in done.stderr
+    assert json.loads(done.stdout)["error"].startswith("shard 00000")
+    assert len(list(out.glob("shards/*/ledger.jsonl"))) == 1
+
+
+def test_ctrl_c_on_the_driver_lets_sent_requests_land(tmp_path: Path, ray_address: str) -> None:
+    """SIGINT on the driver: the workers take no new work, every sent request is recorded,
+    exit 130; the next run resumes."""
+    manifest = write_manifest(tmp_path / "m.jsonl", 60)
+    out = tmp_path / "out"
+    with simulator_thread(SimConfig(latency=1.0, record_requests=False)) as sim:
+        args = (
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "2", "--concurrency", "2", "--json",
+        )  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "COMETAPI_KEY": KEY},
+        )  # fmt: skip
+        try:
+            wait_for_images(out / "cluster" / "progress", 2, deadline=120)
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 130, stderr
+        summary = json.loads(stdout)
+        assert summary["interrupted"] and summary["pending_requests"] > 0
+        assert summary["cut_off_requests"] == 0
+        sent = answered = 0
+        for ledger in out.glob("shards/*/ledger.jsonl"):
+            events = [json.loads(line) for line in ledger.read_text().splitlines()]
+            sent += len({e["key"] for e in events if e["event"] == "sent"})
+            answered += len({e["key"] for e in events if e["event"] == "result"})
+        assert 0 < sent == answered == sim.stats.requests
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["skipped_requests"] == answered
+        assert sim.stats.requests == 60
+
+
+def wait_for_images(progress: Path, images: int, *, deadline: float) -> None:
+    """Until some shard's report counts `images` done."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for path in progress.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text())["done_images"] >= images:
+                    return
+        time.sleep(0.1)
+    raise AssertionError("no shard made images in time")
