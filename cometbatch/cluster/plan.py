@@ -16,6 +16,9 @@ from typing import Any
 
 from ..engine.forecast import forecast, ledger_verdicts
 from ..errors import LedgerError, ManifestError, OutputError
+from ..ledger.clustered import MANIFESTS_FOLDER as SHARD_MANIFESTS
+from ..ledger.clustered import PLAN_NAME, RUNS_NAME, shard_id
+from ..ledger.clustered import SHARDS_FOLDER as SHARD_OUTPUTS
 from ..ledger.events import ledger_path
 from ..ledger.index import LedgerState
 from ..manifest.job import Job
@@ -46,11 +49,6 @@ __all__ = [
     "shard_out",
 ]
 
-PLAN_NAME = "cluster/plan.json"
-RUNS_NAME = "cluster/runs.jsonl"
-# Each shard's manifest lines (the driver writes them each run) and its ordinary output.
-SHARD_MANIFESTS = "cluster/shards"
-SHARD_OUTPUTS = "shards"
 PLAN_VERSION = 1
 SHARD_RULE = "sha256(job_id) % shards"
 # Jobs per shard beyond which a first run cuts more shards than 4 per worker.
@@ -68,11 +66,6 @@ def shard_of(job_id: str, shards: int) -> int:
 def default_shards(jobs: int, workers: int) -> int:
     """A first run's shard count: four per worker (a lost one costs little), 1,000 jobs at most."""
     return max(4 * max(workers, 1), math.ceil(jobs / JOBS_PER_SHARD), 1)
-
-
-def shard_id(index: int) -> str:
-    """A shard's name: its index, five digits zero padded."""
-    return f"{index:05d}"
 
 
 def shard_manifest_name(shard: str) -> str:
