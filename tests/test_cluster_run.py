@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from queue import Queue
 from typing import Any
 
 import pytest
+from rayserver import DRIVER_ENV, ray_problem, running_ray_cluster
 from support import need
 
 from cometbatch import SimConfig, Simulator
@@ -34,7 +34,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "COMETAPI_KEY": KEY, **(env or {})},
+        env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY, **(env or {})},
         cwd=ROOT,
     )
 
@@ -72,27 +72,14 @@ def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance on 127.0.0.1 for this module (3 CPUs), its workers holding the key;
-    the address a `run --ray` subprocess joins."""
-    try:
-        import ray
-    except ImportError:
-        need("RAY", "ray is not installed: pip install 'cometbatch[ray]'")
-        raise
-    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # Ray's workers inherit the environment the instance starts with.
+    """A one-node Ray cluster on 127.0.0.1 for this module (3 CPUs), its workers holding the
+    key; the address a `run --ray` subprocess joins (with DRIVER_ENV, as on loopback)."""
+    need("RAY", ray_problem())
+    with pytest.MonkeyPatch.context() as patch:
+        # Ray's workers inherit the environment the node starts with.
         patch.setenv("COMETAPI_KEY", KEY)
-        ray.init(
-            address="local", num_cpus=3, include_dashboard=False,
-            _node_ip_address="127.0.0.1", log_to_driver=False, namespace="cometbatch-tests",
-        )  # fmt: skip
-    try:
-        yield str(ray.get_runtime_context().gcs_address)
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ray.shutdown()
+        with running_ray_cluster(nodes=1, num_cpus=3) as cluster:
+            yield cluster.address
 
 
 def shard_images(out: Path) -> Counter[str]:
@@ -170,7 +157,7 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_ad
              "--concurrency", str(concurrency), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             # RAY_ADDRESS names the cluster as --ray-address does.
-            env={**os.environ, "COMETAPI_KEY": KEY, "RAY_ADDRESS": ray_address},
+            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY, "RAY_ADDRESS": ray_address},
         )  # fmt: skip
         try:
             killed = kill_a_running_worker(out / "cluster" / "progress", deadline=120)
@@ -236,7 +223,8 @@ def test_ctrl_c_on_the_driver_lets_sent_requests_land(tmp_path: Path, ray_addres
         )  # fmt: skip
         process = subprocess.Popen(
             [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "COMETAPI_KEY": KEY},
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY},
         )  # fmt: skip
         try:
             wait_for_images(out / "cluster" / "progress", 2, deadline=120)
@@ -271,3 +259,33 @@ def wait_for_images(progress: Path, images: int, *, deadline: float) -> None:
                     return
         time.sleep(0.1)
     raise AssertionError("no shard made images in time")
+
+
+LISTENERS = """
+import json, psutil
+from cometbatch import Settings
+from cometbatch.cluster.connect import connect, import_ray
+ray_module = import_ray(None)
+connect(ray_module, None, 1, Settings(api_key="sk-listen"))
+found = []
+for process in psutil.Process().children(recursive=True):
+    try:
+        found += [c.laddr.ip for c in process.net_connections("inet") if c.status == "LISTEN"]
+    except psutil.Error:
+        pass
+ray_module.shutdown()
+print(json.dumps(found))
+"""
+
+
+def test_a_local_instance_the_run_starts_listens_on_loopback_only() -> None:
+    """With no address, the Ray instance a run starts binds every port to 127.0.0.1."""
+    need("RAY", ray_problem())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run(
+        [sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    addresses = json.loads(done.stdout.splitlines()[-1])
+    assert addresses, "no listening socket found: the probe looked at the wrong processes"
+    assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from types import ModuleType
@@ -22,8 +23,17 @@ RAY_MISSING = "--ray needs the ray extra: pip install 'cometbatch[ray]'"
 PROBE_TIMEOUT_S = 120.0
 
 
-def import_ray() -> ModuleType:
-    """The ray module; ConfigError naming the extra when it is not installed."""
+# Set before ray is first imported, this makes Ray a one-machine install: the instance a run
+# starts itself binds every port to 127.0.0.1 (otherwise Ray swaps 127.0.0.1 for the machine's
+# outward address and listens on every interface).
+_ONE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(address: str | None = None) -> ModuleType:
+    """The ray module, loopback-only when a local instance will be started (no `address`, no
+    RAY_ADDRESS); ConfigError naming the extra when it is not installed."""
+    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
+        os.environ.setdefault(_ONE_MACHINE, "0")
     try:
         import ray
     except ImportError:

@@ -168,7 +168,7 @@ async def run_on_ray(
     """Run a manifest's pending work on Ray, a task per unfinished shard; one outcome."""
     # `stop` set: the driver's Ctrl-C (workers take no new work, sent requests land within the
     # grace period, then the rest is cancelled). Cancelling the coroutine stops at once.
-    ray = import_ray()
+    ray = import_ray(address)
     root = cluster_store(out, storage_options)
     named = rooted_at(root, out)
     if not isinstance(manifest, Manifest):
