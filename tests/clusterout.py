@@ -1,23 +1,39 @@
-"""A cluster run's output made without Ray, for the views' tests: the plan, each shard's
-manifest lines, and ordinary engine runs into OUT/shards/<id>/ against the simulator."""
+"""Cluster outputs for the tests: one made without Ray (the plan, each shard's manifest lines,
+ordinary engine runs into OUT/shards/<id>/), the simulator on a thread for `run --ray`
+subprocesses, and readers of what a cluster run left behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Collection
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from queue import Queue
+from typing import Any
 
 from support import no_sleep, run_all, settings_for
 
-from cometbatch import Engine, Simulator, load_manifest
+from cometbatch import Engine, SimConfig, Simulator, load_manifest
 from cometbatch.ledger.clustered import PLAN_NAME, RUNS_NAME, shard_id
 from cometbatch.store.urls import open_store
 
-__all__ = ["make_cluster_output", "shard_of"]
+__all__ = [
+    "kill_a_running_worker",
+    "make_cluster_output",
+    "ok_lines",
+    "shard_images",
+    "shard_of",
+    "shard_runs",
+    "simulator_thread",
+]
 
 
 def shard_of(job_id: str, shards: int) -> int:
@@ -66,3 +82,67 @@ async def make_cluster_output(
     runs = json.dumps({"run_id": "test", "shards": shards, "workers": 1}) + "\n"
     await store.put(RUNS_NAME, runs.encode())
     return {name: [json.loads(x)["id"] for x in held] for name, held in cut.items()}
+
+
+@contextlib.contextmanager
+def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
+    """The simulated API on 127.0.0.1, on a thread of its own: its stats readable here."""
+    ready: Queue[tuple[Simulator, asyncio.AbstractEventLoop, asyncio.Future[None]]] = Queue()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[None] = loop.create_future()
+        async with Simulator(config) as sim:
+            ready.put((sim, loop, stop))
+            await stop
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    sim, loop, stop = ready.get(timeout=60)
+    try:
+        yield sim
+    finally:
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(timeout=60)
+
+
+def shard_images(out: Path) -> Counter[str]:
+    """How many image files each job has, over every shard of OUT."""
+    found: Counter[str] = Counter()
+    for path in (out / "shards").glob("*/images/*/*"):
+        assert not path.name.endswith(".tmp"), path
+        found[path.parent.name] += 1
+    return found
+
+
+def ok_lines(out: Path) -> Counter[str]:
+    """How many ok result lines each key has, over every shard's ledger."""
+    seen: Counter[str] = Counter()
+    for ledger in (out / "shards").glob("*/ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "result" and event["status"] == "ok":
+                seen[event["key"]] += 1
+    return seen
+
+
+def shard_runs(ledger: Path) -> list[dict[str, Any]]:
+    """The run events of one shard's ledger."""
+    events = [json.loads(line) for line in ledger.read_text().splitlines()]
+    return [event for event in events if event["event"] == "run"]
+
+
+def kill_a_running_worker(progress: Path, *, deadline: float) -> str:
+    """SIGKILL the process of a shard that has done some images and is not finished; its id."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for path in sorted(progress.glob("*.json")):
+            try:
+                report: dict[str, Any] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if report["attempt"] == 1 and not report["finished"] and report["done_images"] >= 3:
+                os.kill(report["pid"], signal.SIGKILL)
+                return str(report["shard"])
+        time.sleep(0.1)
+    raise AssertionError("no shard was found running")

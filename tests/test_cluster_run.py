@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from queue import Queue
-from typing import Any
 
 import pytest
+from clusterout import (
+    kill_a_running_worker,
+    ok_lines,
+    shard_images,
+    shard_runs,
+    simulator_thread,
+)
 from rayserver import DRIVER_ENV, ray_problem, running_ray_cluster
 from support import need
 
-from cometbatch import SimConfig, Simulator
+from cometbatch import SimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-cluster-test"
@@ -48,28 +50,6 @@ def write_manifest(path: Path, count: int = JOBS) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def simulator_thread(config: SimConfig) -> Iterator[Simulator]:
-    """The simulated API on 127.0.0.1, on a thread of its own: its stats readable here."""
-    ready: Queue[tuple[Simulator, asyncio.AbstractEventLoop, asyncio.Future[None]]] = Queue()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop: asyncio.Future[None] = loop.create_future()
-        async with Simulator(config) as sim:
-            ready.put((sim, loop, stop))
-            await stop
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    sim, loop, stop = ready.get(timeout=60)
-    try:
-        yield sim
-    finally:
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A one-node Ray cluster on 127.0.0.1 for this module (3 CPUs), its workers holding the
@@ -80,26 +60,6 @@ def ray_address() -> Iterator[str]:
         patch.setenv("COMETAPI_KEY", KEY)
         with running_ray_cluster(nodes=1, num_cpus=3) as cluster:
             yield cluster.address
-
-
-def shard_images(out: Path) -> Counter[str]:
-    """How many image files each job has, over every shard of OUT."""
-    found: Counter[str] = Counter()
-    for path in (out / "shards").glob("*/images/*/*"):
-        assert not path.name.endswith(".tmp"), path
-        found[path.parent.name] += 1
-    return found
-
-
-def ok_lines(out: Path) -> Counter[str]:
-    """How many ok result lines each key has, over every shard's ledger."""
-    seen: Counter[str] = Counter()
-    for ledger in (out / "shards").glob("*/ledger.jsonl"):
-        for line in ledger.read_text().splitlines():
-            event = json.loads(line)
-            if event["event"] == "result" and event["status"] == "ok":
-                seen[event["key"]] += 1
-    return seen
 
 
 def test_a_cluster_run_makes_every_image_once_and_a_rerun_sends_nothing(
@@ -138,12 +98,6 @@ def test_a_cluster_run_makes_every_image_once_and_a_rerun_sends_nothing(
     ] * 12
 
 
-def shard_runs(ledger: Path) -> list[dict[str, Any]]:
-    """The run events of one shard's ledger."""
-    events = [json.loads(line) for line in ledger.read_text().splitlines()]
-    return [event for event in events if event["event"] == "run"]
-
-
 def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_address: str) -> None:
     """A worker process killed mid-shard: Ray runs the shard again, it resumes from its ledger,
     every image is there once and at most what was in flight is sent twice."""
@@ -174,22 +128,6 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_ad
         assert JOBS <= sim.stats.requests <= JOBS + concurrency
     # The shard ran twice in the same folder: the second run resumed the first's ledger.
     assert len(shard_runs(out / "shards" / killed / "ledger.jsonl")) == 2
-
-
-def kill_a_running_worker(progress: Path, *, deadline: float) -> str:
-    """SIGKILL the process of a shard that has done some images and is not finished; its id."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        for path in sorted(progress.glob("*.json")):
-            try:
-                report: dict[str, Any] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if report["attempt"] == 1 and not report["finished"] and report["done_images"] >= 3:
-                os.kill(report["pid"], signal.SIGKILL)
-                return str(report["shard"])
-        time.sleep(0.1)
-    raise AssertionError("no shard was found running")
 
 
 def test_an_error_in_a_shard_stops_the_run_with_one_clear_line(
