@@ -33,6 +33,7 @@ LAYERS: Mapping[str, int] = {
     "engine": 9,
     "views": 10,
     "simulator": 10,
+    "cluster": 10,
     "cli": 11,
     "__init__": 12,
     "__main__": 12,

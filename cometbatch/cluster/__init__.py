@@ -1,0 +1,1 @@
+"""Running one manifest on a Ray cluster under one shared limit (ray is imported lazily)."""
