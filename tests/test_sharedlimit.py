@@ -133,7 +133,7 @@ def test_global_slots_hold_the_cap_across_workers() -> None:
     assert limit.acquire("b") is None
     assert limit.acquire("c") is None
     assert limit.acquire("a") == math.inf
-    limit.release("b")
+    limit.release("b", "ok")
     assert limit.acquire("a") is None
     assert limit.in_flight == 3
 
@@ -156,7 +156,7 @@ def test_a_429_retry_after_pauses_every_worker() -> None:
     limit = SharedLimit(LimitConfig(concurrency=8, rpm=1200), clock)
     clock.now = 5.0
     assert limit.acquire("a") is None
-    limit.release("a", True, retry_after=7.0, rate_limited=True)
+    limit.release("a", "throttled", retry_after=7.0, rate_limited=True)
     for worker in ("b", "c"):
         assert limit.acquire(worker) == pytest.approx(7.0)
         assert limit.lease(worker, 1).wait == pytest.approx(7.0)
@@ -173,7 +173,7 @@ def test_throttled_rounds_lower_the_cap_for_everyone() -> None:
     limit = SharedLimit(LimitConfig(concurrency=10, min_round=20), clock)
     for _ in range(3):
         assert limit.acquire("a") is None
-        limit.release("a", True)
+        limit.release("a", "throttled")
     assert limit.limit == 7
     assert [limit.acquire("b") for _ in range(8)][-1] == math.inf
 
@@ -189,7 +189,7 @@ def test_auto_and_restarted_limits_start_at_the_floor_and_climb() -> None:
         for _ in range(40):
             while limit.acquire("a") is None:
                 pass
-            limit.release("a", latency=1.0)
+            limit.release("a", "ok", latency=1.0)
         assert limit.limit == 16
     assert SharedLimit(LimitConfig(concurrency=16), clock).limit == 16
 

@@ -75,6 +75,7 @@ class Lease:
     rpm_mark: float = 0.0
     ipm_mark: float = 0.0
     instance: str = ""
+    halted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,8 @@ class SharedLimit:
         """Tokens for at least `requests` and `images` (up to ~1 s of rate a worker), or a wait."""
         now = self._clock()
         self._worker(worker)
+        if self.halted:
+            return Lease(halted=True)
         if now < self.paused_until:
             return Lease(wait=self.paused_until - now, pauses=self.pauses)
         rpm, ipm = self._rpm, self._ipm
@@ -302,45 +305,42 @@ class SharedLimit:
     def release(
         self,
         worker: str,
-        throttled: bool = False,
+        outcome: str | None = None,
         *,
         latency: float | None = None,
         retry_after: float | None = None,
         rate_limited: bool = False,
     ) -> int:
-        """Give a slot back with its outcome; the change made to the global cap."""
+        """Give a slot back with its attempt's outcome (None: never answered); the cap's change."""
         now = self._clock()
         state = self._worker(worker)
         # Busy: the cap, not the rate or a lack of work, held requests back.
         busy = self.in_flight >= self.limit and now - self._rate_bound_at > HEARTBEAT
         # A slot taken before a restart is not known here: nothing to give back.
         state.held = max(0, state.held - 1)
-        if rate_limited:
-            self.rate_limited += 1
-        if throttled:
-            self.throttled += 1
-            # Every worker waits a Retry-After out: the server counts the account.
-            if retry_after is not None and now + retry_after > self.paused_until:
-                self.paused_until = now + retry_after
-                self.pauses += 1
+        if outcome is None:
+            return 0
+        throttled = outcome == "throttled"
+        self.rate_limited += rate_limited
+        self.throttled += throttled
+        # Every worker waits a Retry-After out: the server counts the account.
+        if throttled and retry_after is not None and now + retry_after > self.paused_until:
+            self.paused_until = now + retry_after
+            self.pauses += 1
         aimd = self._aimd
-        if isinstance(aimd, AutoLimit) and not throttled and latency is not None:
+        if isinstance(aimd, AutoLimit) and outcome == "ok" and latency is not None:
             aimd.observe(latency)
-        return aimd.record(throttled, busy=busy and not throttled, flight=self.in_flight)
+        return aimd.record(throttled, busy=busy and outcome == "ok", flight=self.in_flight)
 
-    def forget(self, worker: str) -> int:
-        """A dead worker: free its slots, count its reservations spent; slots freed."""
+    def forget(self, worker: str, *, dead: bool = True) -> int:
+        """A worker gone (`dead`) or done: free its slots, keep its reservations spent."""
         state = self._workers.pop(worker, None)
         if state is None:
             return 0
-        self.forgotten += 1
+        self.forgotten += dead
         # What it had in flight may have been generated and billed: kept as spent.
-        self.budget.settle(
-            state.reserved_images,
-            state.reserved_cost,
-            state.reserved_images,
-            state.reserved_cost,
-        )
+        images, cost = state.reserved_images, state.reserved_cost
+        self.budget.settle(images, cost, images, cost)
         return state.held
 
     # -- budget -------------------------------------------------------------------------------
