@@ -99,7 +99,8 @@ def run_shard(
 
     async def main() -> dict[str, Any]:
         limiter = SharedLimiter.attach(name, settings, worker=worker)
-        async with Engine(settings, out_dir=out, limiter=limiter) as engine:
+        budget = limiter.shared_budget(settings)
+        async with Engine(settings, out_dir=out, limiter=limiter, budget=budget) as engine:
             async for _ in engine.run(jobs):
                 pass
         return {**engine.summary.to_dict(), "halted": limiter.halted}
@@ -222,4 +223,19 @@ def test_halt_stops_every_worker_gracefully(ray_local: Any, tmp_path: Path) -> N
         sent = sim.stats.requests
     assert all(s["halted"] for s in summaries)
     assert sum(s["ok_requests"] for s in summaries) == sent < 120
+    ray_local.kill(actor)
+
+
+def test_budget_caps_hold_across_workers(ray_local: Any, tmp_path: Path) -> None:
+    """max_images is the cluster's: three workers together make exactly the cap, then stop."""
+    name = limit_name("budget")
+    with SimThread(SimConfig(latency=0.05)) as sim:
+        settings = Settings(base_url=sim.base_url, api_key="sk-test", concurrency=4, max_images=20)
+        actor = start_limit_actor(settings, name=name)
+        summaries = ray_local.get(start_shards(ray_local, name, settings, tmp_path, 3, 16))
+        stats = ray_local.get(actor.stats.remote())
+        assert sim.stats.images == 20
+    assert sum(s["ok_requests"] for s in summaries) == 20
+    assert {s["budget"]["stopped"] for s in summaries} == {"max_images"}
+    assert stats["budget"]["images"] == 20 and stats["budget"]["stopped"] == "max_images"
     ray_local.kill(actor)

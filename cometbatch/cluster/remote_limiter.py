@@ -15,6 +15,7 @@ from ..net.gate import CLOSED
 from ..net.limits import Limiter, Outcome
 from ..settings import Settings
 from .actor import NAMESPACE
+from .remote_budget import SharedBudget
 from .sharedlimit import HEARTBEAT, LEASE_TTL, Lease, Report
 
 __all__ = ["Halted", "SharedLimiter"]
@@ -65,6 +66,7 @@ class SharedLimiter(Limiter):
         self._beat: asyncio.Task[None] | None = None
         self.halted = False
         self.images_done = self.images_planned = 0
+        self.budget: SharedBudget | None = None
 
     @classmethod
     def attach(
@@ -82,6 +84,16 @@ class SharedLimiter(Limiter):
         actor = ray.get_actor(name, namespace=namespace)
         return cls(actor, settings, worker=worker, max_images_per_request=max_images_per_request)
 
+    def shared_budget(self, settings: Settings) -> SharedBudget | None:
+        """The Budget to give this worker's Engine (`budget=`): the cluster's caps; None: none."""
+        if settings.max_images is None and settings.max_cost is None:
+            return None
+        if self.budget is None:
+            self.budget = SharedBudget(
+                self.actor, self.worker, max_images=settings.max_images, max_cost=settings.max_cost
+            )
+        return self.budget
+
     def tell(self, images_done: int, images_planned: int) -> None:
         """This worker's progress, sent with its next heartbeat (for the driver's display)."""
         self.images_done, self.images_planned = images_done, images_planned
@@ -94,11 +106,14 @@ class SharedLimiter(Limiter):
 
     async def _heartbeats(self) -> None:
         while not self._closed:
-            report = Report(
-                held=self._slots_held,
-                images_done=self.images_done,
-                images_planned=self.images_planned,
+            # A restarted actor counts this worker's part of the caps again from these.
+            b = self.budget
+            held = (
+                (0, 0.0, 0, 0.0)
+                if b is None
+                else (b.images, b.cost, b.reserved_images, b.reserved_cost)
             )
+            report = Report(self._slots_held, *held, self.images_done, self.images_planned)
             try:
                 if not await self.actor.heartbeat.remote(self.worker, report):
                     self.halted = True
@@ -115,6 +130,9 @@ class SharedLimiter(Limiter):
         if self.halted:
             raise Halted
         self.check_outage()
+        if self.budget is not None:
+            # A request the cluster's caps refuse is never sent (nor takes a slot).
+            await self.budget.answer()
         self._waiting += 1
         try:
             waited_slot = False if self._gate.take_free() else await self._gate.acquire()
