@@ -25,12 +25,13 @@ def limit_name(run_id: str) -> str:
 class LimitActor:
     """Wraps SharedLimit; waits (for a slot, tokens, a restart's recovery) happen here."""
 
-    def __init__(self, config: LimitConfig) -> None:
-        import ray
+    def __init__(self, config: LimitConfig, restarted: bool | None = None) -> None:
+        if restarted is None:
+            import ray
 
-        # Ray builds a restarted actor from the same arguments: its state is gone, so it
-        # starts slow (empty buckets, concurrency at its floor) and relearns what workers hold.
-        restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            # Ray builds a restarted actor from the same arguments: its state is gone, so it
+            # starts slow (empty buckets, concurrency at its floor), relearns what workers hold.
+            restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self._limit = SharedLimit(
             config, time.monotonic, restarted=restarted, instance=uuid.uuid4().hex
         )

@@ -385,6 +385,7 @@ class SharedLimit:
             "limit": self.limit,
             "concurrency": self.config.concurrency,
             "rate_limited": self.rate_limited,
+            "pauses": self.pauses,
             "throttled": self.throttled,
             "paused_for": max(0.0, self.paused_until - now),
             "workers_alive": self.workers_alive,
