@@ -152,12 +152,17 @@ RPM = 240
 BURST = 2 + 1
 
 
-def check_pacing(times: list[float]) -> None:
+# A hang is a failure (with what each worker did), not a stuck suite.
+WAIT = 180
+
+
+def check_pacing(times: list[float], *, used: bool = True) -> None:
     rate = RPM / 60
     # No five seconds carry more than the cluster's rate (three unshared limiters: 3x).
     assert most_in(times, 5.0) <= rate * 5 + BURST
-    # ...and the rate is used: the sends span about what the rate needs, not much more.
-    assert (len(times) - BURST) / (times[-1] - times[0]) >= 0.75 * rate
+    if used:
+        # ...and the rate is used: the sends span about what the rate needs, not much more.
+        assert (len(times) - BURST) / (times[-1] - times[0]) >= 0.75 * rate
 
 
 def test_three_workers_share_one_rpm(ray_local: Any, tmp_path: Path) -> None:
@@ -166,7 +171,9 @@ def test_three_workers_share_one_rpm(ray_local: Any, tmp_path: Path) -> None:
     with SimThread(SimConfig(latency=0.05, rpm_limit=RPM)) as sim:
         settings = Settings(base_url=sim.base_url, api_key="sk-test", rpm=RPM, concurrency=4)
         actor = start_limit_actor(settings, name=name)
-        summaries = ray_local.get(start_shards(ray_local, name, settings, tmp_path, 3, 16))
+        summaries = ray_local.get(
+            start_shards(ray_local, name, settings, tmp_path, 3, 16), timeout=WAIT
+        )
         stats = ray_local.get(actor.stats.remote())
         assert sim.stats.limit_429s == 0
         assert sim.stats.requests == 48
@@ -182,7 +189,9 @@ def test_the_global_cap_holds_across_workers(ray_local: Any, tmp_path: Path) -> 
     with SimThread(SimConfig(latency=0.3)) as sim:
         settings = Settings(base_url=sim.base_url, api_key="sk-test", concurrency=2)
         actor = start_limit_actor(settings, name=name)
-        summaries = ray_local.get(start_shards(ray_local, name, settings, tmp_path, 3, 4))
+        summaries = ray_local.get(
+            start_shards(ray_local, name, settings, tmp_path, 3, 4), timeout=WAIT
+        )
         assert sim.stats.max_in_flight == 2
     assert sum(s["ok_requests"] for s in summaries) == 12
     ray_local.kill(actor)
@@ -199,12 +208,13 @@ def test_a_restarted_actor_keeps_the_pacing_bound(ray_local: Any, tmp_path: Path
         while sim.stats.requests < 16 and time.monotonic() < deadline:
             time.sleep(0.05)
         ray_local.kill(actor, no_restart=False)
-        summaries = ray_local.get(tasks)
+        summaries = ray_local.get(tasks, timeout=WAIT)
         stats = ray_local.get(actor.stats.remote())
         assert sim.stats.limit_429s == 0
     assert [s["ok_requests"] for s in summaries] == [16, 16, 16]
     assert stats["restarted"] is True
-    check_pacing(sent_times(tmp_path))
+    # The restart itself takes a while (a new process): only the bound is checked here.
+    check_pacing(sent_times(tmp_path), used=False)
     ray_local.kill(actor)
 
 
@@ -219,7 +229,7 @@ def test_halt_stops_every_worker_gracefully(ray_local: Any, tmp_path: Path) -> N
         while sim.stats.requests < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
         ray_local.get(actor.halt.remote())
-        summaries = ray_local.get(tasks)
+        summaries = ray_local.get(tasks, timeout=WAIT)
         sent = sim.stats.requests
     assert all(s["halted"] for s in summaries)
     assert sum(s["ok_requests"] for s in summaries) == sent < 120
@@ -232,7 +242,9 @@ def test_budget_caps_hold_across_workers(ray_local: Any, tmp_path: Path) -> None
     with SimThread(SimConfig(latency=0.05)) as sim:
         settings = Settings(base_url=sim.base_url, api_key="sk-test", concurrency=4, max_images=20)
         actor = start_limit_actor(settings, name=name)
-        summaries = ray_local.get(start_shards(ray_local, name, settings, tmp_path, 3, 16))
+        summaries = ray_local.get(
+            start_shards(ray_local, name, settings, tmp_path, 3, 16), timeout=WAIT
+        )
         stats = ray_local.get(actor.stats.remote())
         assert sim.stats.images == 20
     assert sum(s["ok_requests"] for s in summaries) == 20

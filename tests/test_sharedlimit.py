@@ -7,13 +7,13 @@ import math
 
 import pytest
 
+from cometbatch.cluster.buckets import TokenBucket
 from cometbatch.cluster.sharedlimit import (
     LEASE_TTL,
     Lease,
     LimitConfig,
     Report,
     SharedLimit,
-    TokenBucket,
 )
 from cometbatch.net.throttle import WINDOW
 
@@ -246,5 +246,9 @@ def test_stats_sum_the_workers_reports() -> None:
     stats = limit.stats()
     assert (stats["images_done"], stats["images_planned"]) == (5, 15)
     assert stats["workers_alive"] == 1
+    limit.forget("a", dead=False)
+    limit.forget("b")
+    stats = limit.stats()
+    assert (stats["images_done"], stats["workers_forgotten"]) == (3, 1)
     limit.halt()
     assert not limit.heartbeat("b", Report())

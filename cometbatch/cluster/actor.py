@@ -15,6 +15,8 @@ from .sharedlimit import Lease, LimitConfig, Report, SharedLimit
 __all__ = ["NAMESPACE", "LimitActor", "limit_name", "start_limit_actor"]
 
 NAMESPACE = "cometbatch"
+# Calls the actor runs at once (async, so each costs a coroutine, not a thread).
+_MOST_CALLS = 100_000
 
 
 def limit_name(run_id: str) -> str:
@@ -152,4 +154,7 @@ def start_limit_actor(
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
+        # Every worker may wait for as many slots as the cap holds: releases must never queue
+        # behind those waits.
+        max_concurrency=_MOST_CALLS,
     ).remote(config)

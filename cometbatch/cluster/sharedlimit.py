@@ -9,17 +9,15 @@ from typing import Any
 from ..costs.budget import Budget, CapReason
 from ..net.throttle import (
     MIN_ROUND,
-    PACING_BURST,
     PACING_MARGIN,
     WINDOW,
     AimdLimit,
     AutoLimit,
-    pacing_bucket,
-    pacing_capacity,
 )
 from ..settings import Settings
+from .buckets import TokenBucket
 
-__all__ = ["LEASE_TTL", "Lease", "LimitConfig", "Report", "SharedLimit", "TokenBucket"]
+__all__ = ["HEARTBEAT", "LEASE_TTL", "Lease", "LimitConfig", "Report", "SharedLimit"]
 
 # A worker sends a leased token within this many seconds or not at all. Sends then trail
 # their lease by at most this much, so buckets that let `limit` through any window of
@@ -69,7 +67,7 @@ class Lease:
     rpm: int = 0
     ipm: int = 0
     wait: float = 0.0
-    # Pauses (Retry-After) so far: a worker drops tokens leased before a newer pause.
+    # Pauses (Retry-After) so far; slots wait them out, so tokens need not.
     pauses: int = 0
     # Where the tokens sit in their buckets, for give_back, and which limit leased them.
     rpm_mark: float = 0.0
@@ -89,52 +87,6 @@ class Report:
     reserved_cost: float = 0.0
     images_done: int = 0
     images_planned: int = 0
-
-
-class TokenBucket:
-    """A leaky bucket letting at most `limit` tokens through any window of `window` s."""
-
-    def __init__(self, limit: float, unit: int, *, window: float, now: float) -> None:
-        self.capacity = pacing_capacity(limit, unit, PACING_BURST)
-        size, period = pacing_bucket(limit, self.capacity, window=window)
-        self.drain = size / period
-        # Starts full of spent tokens: a new (or restarted) limit owes the last window nothing.
-        self.level = self.capacity
-        self.taken = self.capacity
-        self._at = now
-
-    def _leak(self, now: float) -> None:
-        self.level = max(0.0, self.level - (now - self._at) * self.drain)
-        self._at = max(self._at, now)
-
-    def wait(self, now: float, amount: float) -> float:
-        """Seconds until `amount` tokens fit (0.0: now)."""
-        self._leak(now)
-        excess = self.level + min(amount, self.capacity) - self.capacity
-        # Float drain leaves crumbs: a wait too short to move a clock is no wait.
-        return excess / self.drain if excess > 1e-9 else 0.0
-
-    def free(self, now: float) -> float:
-        """Tokens that could be taken now."""
-        self._leak(now)
-        return self.capacity - self.level + 1e-9
-
-    def take(self, now: float, amount: float) -> float:
-        """Take `amount` tokens; the mark that `give_back` needs for them."""
-        self._leak(now)
-        self.level += amount
-        self.taken += amount
-        return self.taken
-
-    def give_back(self, now: float, amount: float, mark: float) -> float:
-        """Return unused tokens taken up to `mark`; how many could be taken back."""
-        # Only tokens still in the bucket (FIFO: taken after the ones drained out) come back:
-        # one already drained would let its window see it twice.
-        self._leak(now)
-        still = mark - (self.taken - self.level)
-        back = max(0.0, min(amount, still, self.level))
-        self.level -= back
-        return back
 
 
 @dataclass(slots=True)
@@ -190,6 +142,8 @@ class SharedLimit:
             earlier_cost=config.earlier_cost,
         )
         self._workers: dict[str, _Worker] = {}
+        # The last figures of workers that finished (a dead one's shard runs again instead).
+        self._finished: dict[str, Report] = {}
         # A restarted limit lost what live workers hold: it grants no budget until they told it.
         self._recover_until = now + 3 * HEARTBEAT if restarted else now
         self.paused_until = now
@@ -338,6 +292,8 @@ class SharedLimit:
         if state is None:
             return 0
         self.forgotten += dead
+        if not dead:
+            self._finished[worker] = state.report
         # What it had in flight may have been generated and billed: kept as spent.
         images, cost = state.reserved_images, state.reserved_cost
         self.budget.settle(images, cost, images, cost)
@@ -379,7 +335,7 @@ class SharedLimit:
     def stats(self) -> dict[str, Any]:
         """Plain figures for the driver's one display."""
         now = self._clock()
-        reports = [w.report for w in self._workers.values()]
+        reports = [*(w.report for w in self._workers.values()), *self._finished.values()]
         return {
             "in_flight": self.in_flight,
             "limit": self.limit,
