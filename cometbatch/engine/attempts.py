@@ -329,7 +329,7 @@ class Attempts:
                     self.summary.rate_limited += 1
                     sent.rate_limited += 1
                 outcome: Outcome = "throttled" if exc.kind in THROTTLE_KINDS else "ok"
-                self.limiter.record(outcome, detail=str(exc))
+                self.limiter.record(outcome, detail=str(exc), error=exc)
                 raise
             self.limiter.record("ok")
             return response

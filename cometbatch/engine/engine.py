@@ -13,7 +13,7 @@ from typing import Protocol
 
 import aiohttp
 
-from ..costs.budget import BUDGET_REASONS, cap_text, open_budget
+from ..costs.budget import BUDGET_REASONS, Budget, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
 from ..layouts import RunLayout, open_layout
@@ -66,6 +66,7 @@ class Engine:
         limiter: Limiter | None = None,
         simulator: SimulatedAPI | None = None,
         store: Store | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.settings = settings or Settings()
         # Where images and the ledger go: by default the folder or object-store URL out_dir names.
@@ -92,8 +93,8 @@ class Engine:
         self._inflight = InFlight()
         self._pool = WorkerPool(inflight=self._inflight, halt=self._halt)
         self._started_at = 0.0
-        # A caller's limiter (sized for its own requests) is opened and closed with the engine.
-        self._given_limiter = limiter
+        # A caller's limiter (opened and closed with the engine) and budget (a cluster's caps).
+        self._given_limiter, self._given_budget = limiter, budget
         self._limiter: Limiter | None = None
         self._ledger: Ledger | None = None
         self._attempts: Attempts | None = None
@@ -168,7 +169,7 @@ class Engine:
             removed = await asyncio.to_thread(sink.remove_stale_temp_files)
             if removed:
                 log.info("removed %d unfinished image file(s) left by an interrupted run", removed)
-            budget = self.summary.budget = await open_budget(
+            budget = self.summary.budget = self._given_budget or await open_budget(
                 self.settings, ledger.path, self.prices
             )
             self._triage = Triage(

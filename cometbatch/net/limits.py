@@ -8,7 +8,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
-from ..errors import UpstreamDownError
+from ..errors import APIError, UpstreamDownError
 from ..settings import ConcurrencyMode, Settings
 from .admission import SENT_AT, Admission
 from .gate import Gate
@@ -227,9 +227,15 @@ class Limiter(Admission):
             )
 
     def record(
-        self, outcome: Outcome, detail: str | None = None, *, latency: float | None = None
+        self,
+        outcome: Outcome,
+        detail: str | None = None,
+        *,
+        latency: float | None = None,
+        error: APIError | None = None,
     ) -> None:
-        """Feed one attempt's outcome to the retry budget and the adaptive limit."""
+        """Feed one attempt's outcome to the retry budget and the adaptive limit (`error`: the
+        failure itself, for a limiter shared with other processes; this one needs only `detail`)."""
         # An answer with no `detail` is a success; with auto concurrency its latency (by
         # default since the current task's slot let its request go) feeds the growth decision.
         if outcome not in OUTCOMES:
