@@ -13,15 +13,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..costs.prices import PriceTable
-from ..errors import CometBatchError, ConfigError
+from ..costs.budget import earlier_totals
+from ..costs.prices import PriceTable, builtin_prices
+from ..errors import CometBatchError, ConfigError, LedgerError
+from ..ledger.events import ledger_path
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.urls import is_url, open_store, rooted_at
+from .actor import start_limit_actor
 from .connect import check_nodes, connect, import_ray
-from .plan import Shards, append_run, now_text, plan_shards, read_plan
+from .plan import Shards, append_run, now_text, plan_shards, read_plan, shard_out
 from .reports import ShardReport, ask_halt, read_report
 from .summaries import exit_code, summed
 from .worker import ERROR_KINDS, ShardTask, run_shard
@@ -90,8 +93,10 @@ class _Run:
     workers: int
     limit: int
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The shared limit's actor (None: each shard is limited on its own).
+    # The shared limit's actor (None until the first shard starts).
     actor: Any = None
+    # Images and dollars every shard's ledger records from earlier runs (for the caps).
+    earlier: tuple[int, float] = (0, 0.0)
 
     async def halt(self) -> None:
         """Every worker stops taking new work (sent requests land and are recorded)."""
@@ -191,6 +196,10 @@ async def run_on_ray(
             await check_nodes(ray, root)
         run = _Run(ray, root, named, uuid.uuid4().hex[:12], shards, width or 1,
                    settings.max_in_flight)  # fmt: skip
+        if settings.max_images is not None or settings.max_cost is not None:
+            run.earlier = await asyncio.to_thread(
+                _earlier, named, shards, storage_options, prices or builtin_prices()
+            )
         return await _run(run, manifest, settings, storage_options, on_progress, prices, stop)
     finally:
         if started:
@@ -217,7 +226,7 @@ async def _run(
     errors: list[CometBatchError] = []
     try:
         if run.shards.to_run():
-            run.actor = _start_limit(settings, task.limit_name)
+            run.actor = _start_limit(settings, task.limit_name, manifest, run)
             await _schedule(run, task, settings.grace_period, errors, on_progress, stop)
     finally:
         await append_run(run.root, {
@@ -246,9 +255,29 @@ async def _run(
     return ClusterOutcome(total.to_dict(), cluster, exit_code(total, failed=bool(errors)), error)
 
 
-def _start_limit(settings: Settings, name: str) -> Any:
-    """The named actor holding the cluster's one limit (None: each shard keeps its own)."""
-    return None
+def _earlier(
+    out: Path | str, shards: Shards, options: Mapping[str, Any] | None, prices: PriceTable
+) -> tuple[int, float]:
+    """What the shards' ledgers record as generated and spent: --max-images and --max-cost
+    count the whole output's earlier runs, as on one machine."""
+    images, cost = 0, 0.0
+    for shard in shards.cuts:
+        try:
+            ledger = ledger_path(open_store(shard_out(out, shard), options))
+        except LedgerError:
+            continue  # never run
+        made, spent = earlier_totals(ledger, prices)
+        images, cost = images + made, cost + spent
+    return images, cost
+
+
+def _start_limit(settings: Settings, name: str, manifest: Manifest, run: _Run) -> Any:
+    """The named actor holding the cluster's one limit: rate, in-flight cap, back-off, caps."""
+    images, cost = run.earlier
+    return start_limit_actor(
+        settings, name=name, max_images_per_request=max(manifest.stats.max_request_images, 1),
+        earlier_images=images, earlier_cost=cost,
+    )  # fmt: skip
 
 
 async def _schedule(

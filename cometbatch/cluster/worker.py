@@ -27,12 +27,12 @@ from ..errors import (
 )
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
-from ..net.limits import Limiter
 from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from ..store.lease import LEASE_S
 from ..store.urls import open_store
 from .plan import shard_manifest_name, shard_out
+from .remote_limiter import SharedLimiter
 from .reports import ShardReport, halt_asked, read_report, write_report
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,15 @@ def sees(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _limiter_for(name: str, settings: Settings, worker: str) -> Limiter | None:
-    """The cluster's shared limit for this worker (None: the shard's own, from its settings)."""
-    return None
+def _limiter_for(
+    name: str, settings: Settings, worker: str, *, largest: int, attempt: int
+) -> SharedLimiter:
+    """This worker's part of the cluster's one limit, on the run's named limit actor."""
+    limiter = SharedLimiter.attach(name, settings, worker=worker, max_images_per_request=largest)
+    if attempt > 1:
+        # The shard's earlier attempt died: the slots it held come back to the cluster.
+        limiter.actor.forget.remote(worker, dead=True)
+    return limiter
 
 
 def _error(exc: CometBatchError) -> dict[str, str]:
@@ -156,12 +162,12 @@ async def _opened(
     largest = max(manifest.stats.max_request_images, 1)
     waited = 0.0
     while True:
-        limiter = _limiter_for(task.limit_name, settings, task.shard) or Limiter.from_settings(
-            settings, max_images_per_request=largest
+        limiter = _limiter_for(
+            task.limit_name, settings, task.shard, largest=largest, attempt=attempt
         )
         engine = Engine(
             settings, out_dir=out, store=store, registry=manifest.registry, prices=task.prices,
-            limiter=limiter,
+            limiter=limiter, budget=limiter.shared_budget(settings),
         )  # fmt: skip
         try:
             return await stack.enter_async_context(engine)
