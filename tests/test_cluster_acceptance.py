@@ -108,6 +108,7 @@ def test_a_shared_limit_holds_for_the_whole_cluster(tmp_path: Path, cluster: Ray
     summary: dict[str, Any] = json.loads(stdout)
     assert summary["cluster"]["workers"] >= 2
     busiest = busiest_minute(sent_times(out))
+    print(f"busiest minute {busiest} of {RPM}; limit 429s 0; workers {summary['cluster']}")
     assert busiest >= 0.9 * RPM, busiest
     assert busiest <= RPM
     assert shard_images(out) == {f"job-{i:04d}": 1 for i in range(REQUESTS)}
@@ -142,6 +143,7 @@ def test_a_worker_killed_20_s_in_costs_at_most_what_it_had_in_flight(
         assert sim.stats.limit_429s == 0
         billed = sim.stats.requests
     summary: dict[str, Any] = json.loads(stdout)
+    print(f"killed pid {killed[0]}; billed {billed} for {REQUESTS}; cluster {summary['cluster']}")
     assert summary["cluster"]["worker_restarts"] >= 1
     assert shard_images(out) == {f"job-{i:04d}": 1 for i in range(REQUESTS)}
     assert set(ok_lines(out).values()) == {1}
