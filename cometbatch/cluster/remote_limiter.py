@@ -233,7 +233,8 @@ class SharedLimiter(Limiter):
         """Count the outcome here (retry budget) and send it to the actor with the slot."""
         super().record(outcome, detail, latency=latency, error=error)
         limited = error is not None and error.kind == "rate_limit"
-        if latency is None and outcome == "ok":
+        if latency is None and outcome == "ok" and detail is None:
+            # Only real answers are timed (a refused prompt comes back fast), as Limiter does.
             sent = SENT_AT.get()
             latency = None if sent is None else asyncio.get_running_loop().time() - sent
         _ANSWER.set(
