@@ -233,6 +233,9 @@ def test_a_restarted_limit_adopts_the_slots_workers_hold() -> None:
     limit = SharedLimit(LimitConfig(concurrency=4), clock, restarted=True)
     limit.heartbeat("a", Report(held=4))
     assert limit.acquire("b") == math.inf
+    # Calls sent before the restart arrive again: the worker's reports set its count right.
+    limit.heartbeat("a", Report(held=1))
+    assert limit.in_flight == 1
 
 
 def test_stats_sum_the_workers_reports() -> None:

@@ -57,11 +57,11 @@ class LimitActor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
 
-    async def acquire(self, worker: str, held: int = 0) -> bool:
+    async def acquire(self, worker: str) -> bool:
         """Wait for a global slot; False when the cluster is stopping."""
         async with self._slots:
             while not self._limit.halted:
-                wait = self._limit.acquire(worker, held)
+                wait = self._limit.acquire(worker)
                 if wait is None:
                     return True
                 await self._wait(wait)
@@ -109,7 +109,9 @@ class LimitActor:
 
     def heartbeat(self, worker: str, report: Report) -> bool:
         """A worker's figures; False once the cluster is stopping."""
-        return self._limit.heartbeat(worker, report)
+        going = self._limit.heartbeat(worker, report)
+        self._poke()  # a restarted limit may have learnt of fewer slots held
+        return going
 
     def forget(self, worker: str, dead: bool = True) -> int:
         """A dead (or finished) worker's slots come back, its reservations stay spent."""

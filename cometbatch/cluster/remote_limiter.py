@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 _ANSWER: ContextVar[dict[str, Any] | None] = ContextVar("cometbatch_answer", default=None)
 # Local tokens are sent within this part of LEASE_TTL: the rest covers the lease's trip back.
 _FRESH = 0.5
+# A call to the actor that took longer than this waited (for a slot, for tokens).
+_SLOW = 0.01
 
 
 class Halted(CapReached):
@@ -56,8 +58,10 @@ class SharedLimiter(Limiter):
         )
         self.actor = actor
         self.worker = worker
-        self._paced = settings.rpm is not None or settings.ipm is not None
+        # Tokens each request takes: one of rpm, its images of ipm (0: that limit is not set).
+        self._per_request = int(settings.rpm is not None)
         self._uses_ipm = settings.ipm is not None
+        self._paced = bool(self._per_request) or self._uses_ipm
         self._slots_held = 0
         self._lease: Lease | None = None
         self._lease_at = 0.0
@@ -154,7 +158,7 @@ class SharedLimiter(Limiter):
         """Wait for a slot of the cluster's cap; whether that took a while."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        call = asyncio.ensure_future(self.actor.acquire.remote(self.worker, self._slots_held))
+        call = asyncio.ensure_future(self.actor.acquire.remote(self.worker))
         try:
             granted = await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -165,7 +169,7 @@ class SharedLimiter(Limiter):
             self.halted = True
             raise Halted
         self._slots_held += 1
-        return loop.time() - started > 0.01
+        return loop.time() - started > _SLOW
 
     def _give_back_granted(self, call: asyncio.Future[bool]) -> None:
         if not call.cancelled() and call.exception() is None and call.result():
@@ -187,16 +191,18 @@ class SharedLimiter(Limiter):
                 # Sent this late, a token could land in a minute its lease did not count.
                 self._return_tokens()
             waited = False
-            if self._lease is None or self._stock < 1 or self._stock_images < need:
+            one = self._per_request
+            if self._lease is None or self._stock < one or self._stock_images < need:
                 self._return_tokens()
-                lease: Lease = await self.actor.lease.remote(self.worker, 1, need)
+                asked = loop.time()
+                lease: Lease = await self.actor.lease.remote(self.worker, one, need)
                 if lease.halted:
                     self.halted = True
                     raise Halted
                 self._lease, self._lease_at = lease, loop.time()
-                self._stock, self._stock_images = max(lease.rpm, 1), lease.ipm
-                waited = True
-            self._stock -= 1
+                self._stock, self._stock_images = lease.rpm, lease.ipm
+                waited = self._lease_at - asked > _SLOW
+            self._stock -= one
             self._stock_images -= need
             return waited
 
@@ -227,7 +233,8 @@ class SharedLimiter(Limiter):
         """Count the outcome here (retry budget) and send it to the actor with the slot."""
         super().record(outcome, detail, latency=latency, error=error)
         limited = error is not None and error.kind == "rate_limit"
-        if latency is None and outcome == "ok":
+        if latency is None and outcome == "ok" and detail is None:
+            # Only real answers are timed (a refused prompt comes back fast), as Limiter does.
             sent = SENT_AT.get()
             latency = None if sent is None else asyncio.get_running_loop().time() - sent
         _ANSWER.set(

@@ -169,17 +169,20 @@ class SharedLimit:
         """Slots held across the cluster."""
         return sum(w.held for w in self._workers.values())
 
-    def _worker(self, worker: str, held: int | None = None) -> _Worker:
+    def _worker(self, worker: str) -> _Worker:
         state = self._workers.get(worker)
         if state is None:
-            # New, or known before a restart: it says what it holds.
-            state = self._workers[worker] = _Worker(held=held or 0)
+            state = self._workers[worker] = _Worker()
         state.seen = self._clock()
         return state
 
     def heartbeat(self, worker: str, report: Report) -> bool:
         """A worker's figures; False once halted (it should stop)."""
-        state = self._worker(worker, report.held)
+        state = self._worker(worker)
+        if self._clock() < self._recover_until:
+            # Restarted: calls sent to the old process arrive again, with their old figures,
+            # so the slots a worker holds are what it says, until its reports have settled it.
+            state.held = report.held
         if self.restarted and not state.adopted:
             # The budget this worker holds and made before the restart is counted again.
             state.reserved_images += report.reserved_images
@@ -245,10 +248,10 @@ class SharedLimit:
 
     # -- global slots -------------------------------------------------------------------------
 
-    def acquire(self, worker: str, held: int = 0) -> float | None:
+    def acquire(self, worker: str) -> float | None:
         """Take a global slot: None when taken, else seconds to wait (inf: until a release)."""
         now = self._clock()
-        state = self._worker(worker, held)
+        state = self._worker(worker)
         if now < self.paused_until:
             return self.paused_until - now
         if self.in_flight >= self.limit:
