@@ -87,6 +87,11 @@ def ray_cluster(address: str | None) -> Iterator[dict[str, str]]:
     sys.path.insert(0, str(ROOT / "tests"))
     from rayserver import running_ray_cluster
 
+    # The nodes' workers read the key, and import this checkout, from their own environment.
+    os.environ["COMETAPI_KEY"] = KEY
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     with running_ray_cluster(nodes=1, num_cpus=RAY_CPUS) as cluster:
         yield cluster.env
 

@@ -249,5 +249,7 @@ def test_budget_caps_hold_across_workers(ray_local: Any, tmp_path: Path) -> None
         assert sim.stats.images == 20
     assert sum(s["ok_requests"] for s in summaries) == 20
     assert {s["budget"]["stopped"] for s in summaries} == {"max_images"}
+    # Each worker's summary says why it stopped, as a one-machine run at its cap does.
+    assert {s["stopped"] for s in summaries} == {"max_images"}
     assert stats["budget"]["images"] == 20 and stats["budget"]["stopped"] == "max_images"
     ray_local.kill(actor)

@@ -5,24 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from ..costs.budget import Budget, cap_text
+from ..costs.budget import BUDGET_REASONS, Budget, cap_text
 from ..costs.prices import PriceTable, estimate, request_cost
 from ..errors import APIError
 from ..layouts import RunLayout
 from ..ledger.events import now_iso
 from ..ledger.keystate import KeyState
 from ..ledger.writer import Ledger
-from ..net.retry import possibly_billed
-from ..plan import Request, part, remainder
-from ..results import DOWNLOAD_FAILED, FAILED, OK, PARTIAL, ImageRecord, PendingDownload, Result
+from ..plan import Request, remainder
+from ..results import FAILED, OK, ImageRecord, Result
 from ..store.setaside import carry
 from .attempts import Attempts, CapReached, Sent, Stopped, fatal_error
+from .keyparts import key_status, made_images, maybe_billed, next_part, recorded_sent
 from .restore import Restorer
-from .resume import link_given_up
 from .summary import Summary
 from .triage import Triage, Work
 
@@ -146,7 +144,7 @@ class RequestLife:
             await asyncio.to_thread(self.attempts.sink.check_writable)
             self._writable = True
         # Images an earlier run paid for (a fetch, or a partial key's rest), and their cost.
-        sent = _recorded(work)
+        sent = recorded_sent(work)
         cost = self._cost(request, sent)[0] if sent.generated else 0.0
         key = _Key(
             work, sent, asyncio.get_running_loop().time(), _Paid(sent.generated, cost),
@@ -168,7 +166,7 @@ class RequestLife:
         """Count a key's last line in the summary: only what this run wrote and paid for."""
         self.summary.add(result, paid=False, written_before=key.written)
         # The line carries the key's whole cost; this run's spend is what it added.
-        made = _made(result) - key.earlier.images
+        made = made_images(result) - key.earlier.images
         cost = result.cost_usd
         self.summary.pay(None if cost is None else cost - (key.earlier.cost or 0.0), made)
         if key.aside_kind in ("missing_image", "corrupt_image") and made:
@@ -181,7 +179,7 @@ class RequestLife:
         request = work.request
         # The reservation covers every follow-up: together they ask for the missing count.
         missing = remainder(request, sent.generated)
-        part, reserved = await self._send(key, _next_part(request, sent), missing)
+        part, reserved = await self._send(key, next_part(request, sent), missing)
         reservation = (missing.n, reserved)
         try:
             while True:
@@ -192,7 +190,7 @@ class RequestLife:
                     return last
                 try:
                     # The rest of a short answer (the reservation covers it).
-                    part = await self._attempt(_next_part(request, sent))
+                    part = await self._attempt(next_part(request, sent))
                 except Stopped:
                     # The partial line stands: the next run asks for the rest.
                     return last
@@ -217,7 +215,7 @@ class RequestLife:
     async def _record(self, key: _Key) -> Result:
         """Append the key's line for what it has so far; the Result it records."""
         request, sent = key.work.request, key.sent
-        status = _status(sent, request.n)
+        status = key_status(sent, request.n)
         cost, basis = self._cost(request, sent) if status != FAILED else (0.0, "none")
         result = Result.of(
             request,
@@ -268,9 +266,7 @@ class RequestLife:
             reserved = estimate(reserve, self.prices)
             cap = budget.reserve(reserve.n, reserved)
             if cap is not None:
-                if self.summary.stopped is None and not self.summary.interrupted:
-                    self.summary.stopped = cap
-                    log.info("%s; no new requests start", cap_text(budget))
+                self._capped(budget, cap)
                 raise CapReached(cap)
         try:
             if work.verdict in ("changed", "restore") and recorded is not None:
@@ -279,20 +275,29 @@ class RequestLife:
                 )
                 self._moved_by(key.withdrawing)
             return await self._attempt(request), reserved
-        except BaseException:
+        except BaseException as exc:
             if budget is not None:
                 budget.release(reserve.n, reserved)
+                # A shared budget (a cluster's) answers at the slot, after the reservation.
+                if isinstance(exc, CapReached) and exc.reason in BUDGET_REASONS:
+                    self._capped(budget, exc.reason)
             raise
+
+    def _capped(self, budget: Budget, cap: str) -> None:
+        """A cap stops new requests; the summary names the first one (unless interrupted)."""
+        if self.summary.stopped is None and not self.summary.interrupted:
+            self.summary.stopped = cap
+            log.info("%s; no new requests start", cap_text(budget))
 
     def _settle(self, budget: Budget, reservation: tuple[int, float | None], key: _Key) -> None:
         """Replace a key's reservation by what its lines made and cost (maybe billed: kept)."""
         images, reserved = reservation
         last, sent, earlier = key.last, key.sent, key.earlier
-        made = 0 if last is None else _made(last) - earlier.images
+        made = 0 if last is None else made_images(last) - earlier.images
         cost = None if last is None else last.cost_usd
         if made:
             spent = (reserved or 0.0) if cost is None else cost - (earlier.cost or 0.0)
-        elif sent.ambiguous or (sent.error is not None and _maybe_billed(sent.error)):
+        elif sent.ambiguous or (sent.error is not None and maybe_billed(sent.error)):
             spent = reserved or 0.0
         else:
             spent = 0.0
@@ -354,47 +359,3 @@ def _withdrawing_line(recorded: KeyState) -> dict[str, Any] | None:
     if recorded.status != FAILED or not recorded.withdraws:
         return None
     return recorded.line_event()
-
-
-def _next_part(request: Request, sent: Sent) -> Request:
-    """The first run of indexes `sent` has no image for (a short answer's tail, or a gap)."""
-    have = {image.index for image in sent.images} | {item.index for item in sent.pending}
-    first = next(index for index in request.indexes if index not in have)
-    stop = next((index for index in range(first, request.indexes.stop) if index in have), None)
-    return part(request, first, (request.indexes.stop if stop is None else stop) - first)
-
-
-def _recorded(work: Work) -> Sent:
-    """The images (and pending downloads) a fetch or a partial key starts from."""
-    recorded = work.recorded
-    if work.verdict not in ("fetch", "rest") or recorded is None:
-        return Sent()
-    pending = [PendingDownload(*item) for item in recorded.downloads]
-    if work.verdict == "rest":
-        # A partial key's given-up links are not downloaded again: asked for with the rest.
-        now = time.time()
-        pending = [p for p in pending if not link_given_up(p.tries, p.first_failed_at, now)]
-    return Sent(
-        images=[ImageRecord(**image) for image in recorded.images],
-        pending=pending,
-        usage=recorded.usage if work.verdict == "rest" else None,
-        # The answer these images came in, until a later answer brings more.
-        answered=recorded.answered,
-    )
-
-
-def _status(sent: Sent, n: int) -> str:
-    """The status a key's images so far make: all (ok, or download_failed), none, or some."""
-    if sent.generated >= n:
-        return DOWNLOAD_FAILED if sent.pending else OK
-    return PARTIAL if sent.generated else FAILED
-
-
-def _made(result: Result) -> int:
-    """Images a recorded line says were generated."""
-    return 0 if result.status == FAILED else len(result.images) + len(result.downloads)
-
-
-def _maybe_billed(error: APIError) -> bool:
-    """A final failure that may have generated (and billed) images all the same."""
-    return error.kind == "ambiguous" or possibly_billed(error)
