@@ -187,6 +187,39 @@ def test_ctrl_c_on_the_driver_lets_sent_requests_land(tmp_path: Path, ray_addres
         assert sim.stats.requests == 60
 
 
+def test_a_killed_driver_costs_at_most_what_was_in_flight_and_a_rerun_resumes(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """SIGKILL on the driver mid-run: its workers end with its job; the next run completes
+    every image once, and the requests sent twice are at most those that were in flight."""
+    manifest = write_manifest(tmp_path / "m.jsonl", 60)
+    out = tmp_path / "out"
+    concurrency = 2
+    with simulator_thread(SimConfig(latency=0.5, record_requests=False)) as sim:
+        args = (
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--ray-address", ray_address, "--workers", "2", "--concurrency", str(concurrency),
+            "--json",
+        )  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY},
+        )  # fmt: skip
+        try:
+            wait_for_images(out / "cluster" / "progress", 3, deadline=120)
+            process.kill()
+            process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert shard_images(out) == {f"job-{i}": 1 for i in range(60)}
+        assert set(ok_lines(out).values()) == {1}
+        assert 60 <= sim.stats.requests <= 60 + concurrency
+
+
 def wait_for_images(progress: Path, images: int, *, deadline: float) -> None:
     """Until some shard's report counts `images` done."""
     end = time.monotonic() + deadline
