@@ -18,6 +18,7 @@ import pytest
 
 from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.cluster.actor import limit_name, start_limit_actor
+from cometbatch.cluster.connect import loopback_only
 from cometbatch.cluster.remote_limiter import SharedLimiter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +44,15 @@ def ray_local() -> Iterator[Any]:
     paths = (str(ROOT), str(ROOT / "tests"), before)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     try:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            log_to_driver=False,
-        )
+        with loopback_only(ray):
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=temp,
+                log_to_driver=False,
+            )
         yield ray
     finally:
         ray.shutdown()

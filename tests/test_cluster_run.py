@@ -234,6 +234,8 @@ def wait_for_images(progress: Path, images: int, *, deadline: float) -> None:
 
 LISTENERS = """
 import json, psutil
+if {first}:
+    import ray  # imported before cometbatch could set Ray's switch in the environment
 from cometbatch import Settings
 from cometbatch.cluster.connect import connect, import_ray
 ray_module = import_ray(None)
@@ -249,12 +251,17 @@ print(json.dumps(found))
 """
 
 
-def test_a_local_instance_the_run_starts_listens_on_loopback_only() -> None:
+@pytest.mark.parametrize("ray_first", [False, True], ids=["fresh", "ray-imported-first"])
+def test_a_local_instance_the_run_starts_listens_on_loopback_only(ray_first: bool) -> None:
     """With no address, the Ray instance a run starts binds every port to 127.0.0.1."""
     need("RAY", ray_problem())
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run(
-        [sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=180, env=env
+        [sys.executable, "-c", LISTENERS.format(first=ray_first)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     addresses = json.loads(done.stdout.splitlines()[-1])

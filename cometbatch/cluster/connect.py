@@ -17,7 +17,7 @@ from ..settings import KEY_ENV, Settings
 from ..store.interface import Store
 from .worker import sees
 
-__all__ = ["RAY_MISSING", "check_nodes", "connect", "import_ray"]
+__all__ = ["RAY_MISSING", "check_nodes", "connect", "import_ray", "loopback_only"]
 
 RAY_MISSING = "--ray needs the ray extra: pip install 'cometbatch[ray]'"
 PROBE_TIMEOUT_S = 120.0
@@ -52,7 +52,7 @@ def connect(ray: ModuleType, address: str | None, workers: int | None, settings:
             ray.init(address=address, namespace="cometbatch", **quiet)
         else:
             # The local instance's workers inherit this process's environment: the key too.
-            with _key_in_environment(settings):
+            with _key_in_environment(settings), loopback_only(ray):
                 ray.init(
                     address="local", num_cpus=workers, include_dashboard=False,
                     _node_ip_address="127.0.0.1", namespace="cometbatch", **quiet,
@@ -60,6 +60,22 @@ def connect(ray: ModuleType, address: str | None, workers: int | None, settings:
     except ConnectionError as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     return True
+
+
+@contextlib.contextmanager
+def loopback_only(ray: ModuleType) -> Iterator[None]:
+    """Ray as a one-machine install while a local instance starts (every port on 127.0.0.1),
+    also when ray was imported before the switch in the environment could take effect."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is None or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    before = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before
 
 
 @contextlib.contextmanager
