@@ -106,7 +106,12 @@ def test_a_shared_limit_holds_for_the_whole_cluster(tmp_path: Path, cluster: Ray
         assert sim.stats.limit_429s == 0
         assert sim.stats.requests == REQUESTS
     summary: dict[str, Any] = json.loads(stdout)
-    assert summary["cluster"]["workers"] >= 2
+    reports = [
+        json.loads(path.read_text()) for path in (out / "cluster" / "progress").glob("*.json")
+    ]
+    # Shards ran in at least two worker processes, on both nodes (one host: the Ray node ids).
+    assert len({report["pid"] for report in reports}) >= 2, reports
+    assert len({report["node_id"] for report in reports if report["node_id"]}) >= 2, reports
     busiest = busiest_minute(sent_times(out))
     print(f"busiest minute {busiest} of {RPM}; limit 429s 0; workers {summary['cluster']}")
     assert busiest >= 0.9 * RPM, busiest

@@ -238,7 +238,7 @@ if {first}:
     import ray  # imported before cometbatch could set Ray's switch in the environment
 from cometbatch import Settings
 from cometbatch.cluster.connect import connect, import_ray
-ray_module = import_ray(None)
+ray_module = import_ray()
 connect(ray_module, None, 1, Settings(api_key="sk-listen"))
 found = []
 for process in psutil.Process().children(recursive=True):

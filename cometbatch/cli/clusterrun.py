@@ -53,9 +53,7 @@ def on_cluster(
     if options["dry_run"]:
         cluster_dry_run(loaded, out, root, storage, options["workers"], json_output)
         return
-    import_ray(
-        options["ray_address"]
-    )  # a missing extra is a clear error before anything is written
+    import_ray()  # a missing extra is a clear error before anything is written
     mode = choose_mode(quiet=bool(options["quiet"]), json_output=json_output)
     cluster_run(
         loaded, setup, out, storage, address=options["ray_address"],

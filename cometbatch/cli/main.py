@@ -73,6 +73,7 @@ def _dry_run(
     from ..engine.forecast import run_forecast
     from ..engine.origin import other_manifest
     from ..engine.unanswered import Unanswered
+    from ..ledger.clustered import refuse_cluster_output
     from ..ledger.events import LEDGER_NAME
     from ..ledger.index import LedgerState
     from ..store.urls import store_of
@@ -80,6 +81,7 @@ def _dry_run(
 
     settings, prices = setup.settings, setup.prices
     store = store_of(target)
+    refuse_cluster_output(store)
     # On an object store: a local copy merged from the ledger's segments (None: no ledger).
     found = store.log_copy(LEDGER_NAME)
     ledger = Path(found) if found is not None else Path(store.root) / LEDGER_NAME

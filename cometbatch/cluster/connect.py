@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
+import socket
 import uuid
 from collections.abc import Iterator
 from types import ModuleType
@@ -23,17 +23,16 @@ RAY_MISSING = "--ray needs the ray extra: pip install 'cometbatch[ray]'"
 PROBE_TIMEOUT_S = 120.0
 
 
-# Set before ray is first imported, this makes Ray a one-machine install: the instance a run
-# starts itself binds every port to 127.0.0.1 (otherwise Ray swaps 127.0.0.1 for the machine's
-# outward address and listens on every interface).
-_ONE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Before ray.init joins a cluster: how long its GCS port may take to accept a connection.
+REACH_TIMEOUT_S = 5.0
+# Addresses Ray resolves itself (a cluster found on this machine, a new local instance).
+_RAY_WORDS = ("auto", "local")
 
 
-def import_ray(address: str | None = None) -> ModuleType:
-    """The ray module, loopback-only when a local instance will be started (no `address`, no
-    RAY_ADDRESS); ConfigError naming the extra when it is not installed."""
-    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
-        os.environ.setdefault(_ONE_MACHINE, "0")
+def import_ray() -> ModuleType:
+    """The ray module; ConfigError naming the extra when it is not installed."""
+    # A local instance is loopback-only through loopback_only, for its start alone: the
+    # process's environment is left as it was (a later run may join a remote cluster).
     try:
         import ray
     except ImportError:
@@ -47,6 +46,8 @@ def connect(ray: ModuleType, address: str | None, workers: int | None, settings:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address:
+        reach(address)
     try:
         if address:
             ray.init(address=address, namespace="cometbatch", **quiet)
@@ -57,9 +58,41 @@ def connect(ray: ModuleType, address: str | None, workers: int | None, settings:
                     address="local", num_cpus=workers, include_dashboard=False,
                     _node_ip_address="127.0.0.1", namespace="cometbatch", **quiet,
                 )  # fmt: skip
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     return True
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """The host and port of a Ray address (ray://host:port too); None for auto or local."""
+    if address.strip().lower() in _RAY_WORDS:
+        return None
+    bare = address.strip().removeprefix("ray://")
+    host, colon, port = bare.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or any(c.isspace() for c in host) or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r} is not host:port (e.g. 10.0.0.5:6379)")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ConfigError(f"--ray-address {address!r}: the port must be 1 to 65535")
+    return host, number
+
+
+def reach(address: str) -> None:
+    """Refuse an address whose GCS port does not accept a connection within a few seconds
+    (ray.init would retry for minutes)."""
+    found = host_port(address)
+    if found is None:
+        return
+    try:
+        with socket.create_connection(found, timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address}: {reason}; is `ray start --head` "
+            "running there, and is the port open?"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 from ..costs.budget import earlier_totals
 from ..costs.prices import PriceTable, builtin_prices
 from ..errors import CometBatchError, ConfigError, LedgerError
-from ..ledger.events import ledger_path
+from ..ledger.events import LEDGER_NAME, ledger_path
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
 from ..settings import KEY_ENV, Settings
@@ -29,7 +30,7 @@ from .reports import ShardReport, ask_halt, read_report
 from .summaries import exit_code, summed
 from .worker import ERROR_KINDS, ShardTask, run_shard
 
-__all__ = ["ClusterOutcome", "ClusterProgress", "run_on_ray"]
+__all__ = ["ClusterOutcome", "ClusterProgress", "failure_line", "run_on_ray"]
 
 # A dead process is retried (its shard resumes from the ledger); an error of ours is not.
 MAX_RETRIES = 3
@@ -72,13 +73,21 @@ class ClusterOutcome:
 
 
 def cluster_store(out: str | os.PathLike[str], options: Mapping[str, Any] | None) -> Store:
-    """OUT's store for a cluster run: memory:// is refused (each process has its own)."""
+    """OUT's store for a cluster run: memory:// is refused (each process has its own), and
+    so is a one-machine run's OUT."""
     if is_url(out) and str(out).lower().startswith("memory://"):
         raise ConfigError(
             "--ray cannot write to memory://: each Ray worker process has its own memory; "
             "give a folder or an object store's URL"
         )
-    return open_store(out, options)
+    store = open_store(out, options)
+    # A one-machine run's OUT: the shards would not see its ledger and would pay again.
+    if store.has_log(LEDGER_NAME):
+        raise ConfigError(
+            f"{store.root} holds a one-machine run's ledger: run it again without --ray, or "
+            "give --ray another --out"
+        )
+    return store
 
 
 @dataclass(slots=True)
@@ -173,7 +182,7 @@ async def run_on_ray(
     """Run a manifest's pending work on Ray, a task per unfinished shard; one outcome."""
     # `stop` set: the driver's Ctrl-C (workers take no new work, sent requests land within the
     # grace period, then the rest is cancelled). Cancelling the coroutine stops at once.
-    ray = import_ray(address)
+    ray = import_ray()
     root = cluster_store(out, storage_options)
     named = rooted_at(root, out)
     if not isinstance(manifest, Manifest):
@@ -184,10 +193,12 @@ async def run_on_ray(
     started = False
     try:
         width = workers
-        if width is None and await asyncio.to_thread(read_plan, root) is None:
-            # A first run cuts four shards per worker: the cluster's CPUs, when not given.
+        if await asyncio.to_thread(read_plan, root) is None:
+            # Joined before the plan and the shards' manifests are written (a bad address
+            # leaves OUT as it was); a first run cuts four shards per worker: the cluster's
+            # CPUs, when not given.
             started = connect(ray, address, workers, settings)
-            width = _cpus(ray)
+            width = width or _cpus(ray)
         shards = await plan_shards(manifest, root, named, width or 1, storage_options)
         if shards.to_run():
             # Joined or started on the loop's thread: Ray sets its signal handlers there.
@@ -341,7 +352,7 @@ def _collect(
             run.results[shard] = {**ended, "error": None, "cancelled": True}
             return
         # The worker died more often than retried, or a bug of ours in the task.
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = failure_line(exc)
         errors.append(CometBatchError(f"shard {shard}: {message}"))
         run.results[shard] = {**ended, "error": {"kind": "error", "message": message}}
         return
@@ -350,3 +361,20 @@ def _collect(
     if error is not None:
         kind = ERROR_KINDS.get(str(error.get("kind")), CometBatchError)
         errors.append(kind(f"shard {shard}: {error.get('message', '')}"))
+
+
+# Ray colours its task names (ray::run_shard() in cyan) also when nothing reads a terminal.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_line(exc: BaseException) -> str:
+    """A failed task in one clean line: what the worker raised (a RayTaskError's cause, not
+    Ray's `ray::run_shard() (pid=..., ip=...)` heading), with no colour codes."""
+    cause = getattr(exc, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    lines = [_ANSI.sub("", line).strip() for line in str(shown).splitlines()]
+    text = next((line for line in lines if line), "")
+    name = type(shown).__name__
+    if shown is exc:
+        return text or name
+    return f"{name}: {text}" if text else name

@@ -43,6 +43,8 @@ class ShardReport:
     # Wall-clock seconds (time.time()) of the write: a report that stops changing is a worker
     # that is gone.
     updated_at: float = 0.0
+    # The Ray node's id ("" in reports written before it was recorded).
+    node_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the report object."""

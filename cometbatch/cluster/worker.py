@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -99,6 +100,17 @@ def _limiter_for(
     return limiter
 
 
+def _node_id() -> str:
+    """The Ray node this worker runs on ("" outside Ray): nodes on one host share its name."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # the report is for the display; a missing id costs nothing else
+        return ""
+
+
 def _error(exc: CometBatchError) -> dict[str, str]:
     """An error of ours as data (exceptions do not always survive Ray's pickling)."""
     kind = "error"
@@ -121,13 +133,18 @@ async def _run(task: ShardTask) -> dict[str, Any]:
     try:
         # The key is not in the settings given: each node's worker reads it from its environment.
         settings = Settings(**task.settings)
+        if settings.resolved_key() is None:
+            raise ConfigError(
+                f"worker node {socket.gethostname()}: its environment lacks {KEY_ENV} (the "
+                f"driver's is not sent); set {KEY_ENV} on every node before `ray start`"
+            )
         root = open_store(task.output(), task.storage_options)
         previous = await asyncio.to_thread(read_report, root, task.shard)
         attempt = previous.next_attempt(task.run_id) if previous is not None else 1
         done["attempt"] = attempt
         report = ShardReport(
             task.run_id, task.shard, attempt, os.getpid(), socket.gethostname(),
-            updated_at=time.time(),
+            updated_at=time.time(), node_id=_node_id(),
         )  # fmt: skip
         # Written first: the driver counts the restart, and sees the worker's pid, at once.
         await write_report(root, report)

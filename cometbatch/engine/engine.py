@@ -15,7 +15,7 @@ import aiohttp
 
 from ..costs.budget import BUDGET_REASONS, Budget, cap_text, open_budget
 from ..costs.prices import PriceTable, builtin_prices
-from ..errors import AuthenticationError, BudgetExceededError, CometBatchError
+from ..errors import BudgetExceededError, CometBatchError
 from ..layouts import RunLayout, open_layout
 from ..ledger.runlines import end_line, run_line
 from ..ledger.writer import Ledger
@@ -26,12 +26,13 @@ from ..net.client import Client
 from ..net.limits import Limiter
 from ..net.retry import RetryPolicy
 from ..results import Result
-from ..settings import KEY_ENV, Settings
+from ..settings import Settings
 from ..store.interface import Store
 from ..store.sink import Sink
 from ..store.urls import open_store, rooted_at
 from .attempts import Attempts, CapReached, Stopped
 from .inflight import Halt, InFlight
+from .origin import refuse_to_open
 from .pool import WorkerPool
 from .request import RequestLife
 from .summary import Summary
@@ -144,8 +145,8 @@ class Engine:
         self._state = "open"
         self._started_at = asyncio.get_running_loop().time()
         try:
-            # Settings that cannot work fail here, before the output folder is created or locked.
-            _require_key(self.settings)
+            # Settings or an OUT that cannot work fail here, before OUT is created or locked.
+            await asyncio.to_thread(refuse_to_open, self.settings, self.store)
             most = max((spec.max_n for spec in self.registry), default=10)  # sizes --ipm pacing
             limiter = self._given_limiter or Limiter.from_settings(
                 self.settings, max_images_per_request=most
@@ -383,15 +384,6 @@ class Engine:
             self._let_go()
         if self._pool.error is not None:
             raise self._pool.error
-
-
-def _require_key(settings: Settings) -> None:
-    """Refuse to open without a key: every request would come back 401."""
-    # The simulated API too takes a key, any key, so `run --simulate` and tests pass one.
-    if settings.resolved_key() is None:
-        raise AuthenticationError(
-            f"no API key: pass Settings(api_key=...) or set {KEY_ENV}; nothing was sent"
-        )
 
 
 def _resolved(result: Result) -> asyncio.Future[Result]:

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ..costs.prices import CostEstimate, format_usd
+from ..errors import AuthenticationError
+from ..ledger.clustered import refuse_cluster_output
 from ..plan import Request
+from ..settings import KEY_ENV, Settings
+from ..store.interface import Store
 
 
 def other_manifest(last_run: Mapping[str, Any] | None, path: Path, sha256: str) -> str | None:
@@ -79,3 +83,14 @@ def other_manifest_text(
         f"{out_dir} holds the results of another manifest ({recorded}); {adds} "
         "(use another --out to keep them apart)"
     )
+
+
+def refuse_to_open(settings: Settings, store: Store) -> None:
+    """An engine does not open without a key (every request would be a 401) or on a cluster
+    run's OUT (it would send again what the shards made). Blocking: one look at OUT."""
+    # The simulated API too takes a key, any key, so `run --simulate` and tests pass one.
+    if settings.resolved_key() is None:
+        raise AuthenticationError(
+            f"no API key: pass Settings(api_key=...) or set {KEY_ENV}; nothing was sent"
+        )
+    refuse_cluster_output(store)

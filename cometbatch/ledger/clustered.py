@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LedgerError, OutputError
+from ..errors import ConfigError, LedgerError, OutputError
 from ..store.interface import Store
 from ..store.urls import store_of
 from .events import LEDGER_NAME
@@ -25,6 +25,7 @@ __all__ = [
     "ClusterOutput",
     "Shard",
     "read_cluster",
+    "refuse_cluster_output",
     "shard_id",
     "shard_manifest",
 ]
@@ -132,6 +133,15 @@ def read_cluster(out: Store | str | os.PathLike[str]) -> ClusterOutput | None:
         Shard(name, store.within(f"{SHARDS_FOLDER}/{name}")) for name in map(shard_id, range(count))
     )
     return ClusterOutput(store, plan, shards)
+
+
+def refuse_cluster_output(store: Store) -> None:
+    """One machine's run refuses OUT of a cluster run: it would send again what the shards made."""
+    if read_cluster(store) is not None:
+        raise ConfigError(
+            f"{store.root} is a cluster run's output ({PLAN_NAME}): run it again with --ray "
+            "(or cometbatch.cluster.run_on_ray), or give another --out"
+        )
 
 
 @contextlib.contextmanager
