@@ -114,3 +114,16 @@ async def test_halted_slots_raise_the_engines_stop() -> None:
 def settings_for_cap(concurrency: int) -> Settings:
     """Settings for a limiter that never sends (its slots are all these tests take)."""
     return Settings(base_url="http://127.0.0.1:9/v1", api_key="sk-test", concurrency=concurrency)
+
+
+async def test_a_forgotten_attempts_queued_acquires_take_no_slot() -> None:
+    """A dead attempt's acquires, waiting or run late, end without a slot once it is forgotten."""
+    actor = LimitActor(LimitConfig(concurrency=1), restarted=False)
+    assert await actor.acquire("s1.1")
+    waiting = asyncio.ensure_future(actor.acquire("s1.1"))
+    await asyncio.sleep(0)
+    assert actor.forget("s1.1") == 1
+    assert await asyncio.wait_for(waiting, 1.0) is False
+    assert await asyncio.wait_for(actor.acquire("s1.1"), 1.0) is False
+    assert actor.stats()["in_flight"] == 0
+    assert await asyncio.wait_for(actor.acquire("s1.2"), 1.0)

@@ -153,6 +153,16 @@ class _Run:
         )
         return len(self.shards.done) + finished
 
+    def ended(self) -> tuple[int, float]:
+        """What this run's ended shard tasks made and spent, as their budgets counted it."""
+        images, cost = 0, 0.0
+        for data in self.results.values():
+            summary = data.get("summary") or {}
+            budget = summary.get("budget") or {}
+            images += int(budget.get("images", summary.get("images_written", 0)))
+            cost += float(budget.get("cost_usd", summary.get("spent_usd", 0.0)))
+        return images, cost
+
     def restarts(self) -> int:
         """Attempts after the first, of the shards whose tasks have ended."""
         return sum(max(int(data.get("attempt") or 1) - 1, 0) for data in self.results.values())
@@ -305,6 +315,9 @@ async def _schedule(
             for future in ended:
                 shard, _ref = running.pop(future)
                 _collect(run, shard, future, errors)
+            if run.actor is not None:
+                # A restarted actor knows only the running workers: it waits for this count.
+                run.actor.ended.remote(*run.ended())
             if deadline is None and stop is not None and stop.is_set():
                 await run.halt()
                 deadline = loop.time() + grace

@@ -88,14 +88,17 @@ def sees(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _limiter_for(
-    name: str, settings: Settings, worker: str, *, largest: int, attempt: int
+async def _limiter_for(
+    name: str, settings: Settings, shard: str, *, largest: int, attempt: int
 ) -> SharedLimiter:
-    """This worker's part of the cluster's one limit, on the run's named limit actor."""
-    limiter = SharedLimiter.attach(name, settings, worker=worker, max_images_per_request=largest)
-    if attempt > 1:
-        # The shard's earlier attempt died: the slots it held come back to the cluster.
-        limiter.actor.forget.remote(worker, dead=True)
+    """This attempt's part of the cluster's one limit, on the run's named limit actor."""
+    # Each attempt has its own id: a dead one's queued calls, which Ray still runs, are refused.
+    limiter = SharedLimiter.attach(
+        name, settings, worker=f"{shard}.{attempt}", max_images_per_request=largest
+    )
+    for earlier in range(1, attempt):
+        # The shard's earlier attempts died: their slots come back before this one sends.
+        await limiter.actor.forget.remote(f"{shard}.{earlier}", dead=True)
     return limiter
 
 
@@ -162,7 +165,7 @@ async def _opened(
     largest = max(manifest.stats.max_request_images, 1)
     waited = 0.0
     while True:
-        limiter = _limiter_for(
+        limiter = await _limiter_for(
             task.limit_name, settings, task.shard, largest=largest, attempt=attempt
         )
         engine = Engine(
