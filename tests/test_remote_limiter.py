@@ -13,6 +13,8 @@ from cometbatch import Engine, Job, Settings, SimConfig, Simulator
 from cometbatch.cluster.actor import LimitActor
 from cometbatch.cluster.remote_limiter import Halted, SharedLimiter
 from cometbatch.cluster.sharedlimit import LimitConfig
+from cometbatch.cluster.worker import ShardTask, _carried
+from cometbatch.store.local import LocalStore
 
 
 class Method:
@@ -114,3 +116,28 @@ async def test_halted_slots_raise_the_engines_stop() -> None:
 def settings_for_cap(concurrency: int) -> Settings:
     """Settings for a limiter that never sends (its slots are all these tests take)."""
     return Settings(base_url="http://127.0.0.1:9/v1", api_key="sk-test", concurrency=concurrency)
+
+
+async def test_a_forgotten_attempts_queued_acquires_take_no_slot() -> None:
+    """A dead attempt's acquires, waiting or run late, end without a slot once it is forgotten."""
+    actor = LimitActor(LimitConfig(concurrency=1), restarted=False)
+    assert await actor.acquire("s1.1")
+    waiting = asyncio.ensure_future(actor.acquire("s1.1"))
+    await asyncio.sleep(0)
+    assert actor.forget("s1.1") == 1
+    assert await asyncio.wait_for(waiting, 1.0) is False
+    assert await asyncio.wait_for(actor.acquire("s1.1"), 1.0) is False
+    assert actor.stats()["in_flight"] == 0
+    assert await asyncio.wait_for(actor.acquire("s1.2"), 1.0)
+
+
+async def test_a_retried_shard_counts_what_its_dead_attempts_made(tmp_path: Path) -> None:
+    """A retry's budget starts with what its shard's ledger gained in this run, before it."""
+    async with Simulator(SimConfig()) as sim:
+        engine = Engine(settings_for(sim, concurrency=2), out_dir=tmp_path)
+        async with engine:
+            await run(engine, jobs("a", 3))
+    task = ShardTask(out=str(tmp_path), local=True, shard="s", run_id="r", settings={})
+    assert (await _carried(LocalStore(tmp_path), task))[0] == 3
+    before = ShardTask(**{**task.to_dict(), "earlier": (1, 0.0)})
+    assert (await _carried(LocalStore(tmp_path), before))[0] == 2

@@ -222,7 +222,8 @@ def test_a_restarted_limit_waits_for_workers_before_granting_budget() -> None:
     limit = SharedLimit(LimitConfig(concurrency=8, max_images=10), clock, restarted=True)
     assert isinstance(limit.reserve("a", 1, None), float)
     limit.heartbeat("b", Report(made=6, reserved_images=2))
-    clock.now = 5.0
+    limit.ended(0, 0.0)
+    clock.now = 3.5
     assert limit.reserve("a", 2, None) is None
     assert limit.reserve("a", 1, None) == "max_images"
 
@@ -244,14 +245,76 @@ def test_stats_sum_the_workers_reports() -> None:
     limit = SharedLimit(LimitConfig(concurrency=4), clock)
     assert limit.heartbeat("a", Report(images_done=3, images_planned=10))
     limit.heartbeat("b", Report(images_done=1, images_planned=5))
-    clock.now = 10.0
+    clock.now = 2.0
     limit.heartbeat("b", Report(images_done=2, images_planned=5))
     stats = limit.stats()
     assert (stats["images_done"], stats["images_planned"]) == (5, 15)
-    assert stats["workers_alive"] == 1
+    assert stats["workers_alive"] == 2
     limit.forget("a", dead=False)
     limit.forget("b")
     stats = limit.stats()
     assert (stats["images_done"], stats["workers_forgotten"]) == (3, 1)
     limit.halt()
     assert not limit.heartbeat("b", Report())
+
+
+def test_stale_calls_of_a_forgotten_worker_take_nothing() -> None:
+    """Calls a dead attempt queued before it died, run after its forget, hold no slot or budget."""
+    clock = Clock()
+    limit = SharedLimit(LimitConfig(concurrency=2, max_images=10), clock)
+    assert limit.acquire("s1.1") is None
+    assert limit.reserve("s1.1", 3, None) is None
+    assert limit.forget("s1.1") == 1
+    assert limit.gone("s1.1")
+    # Its queued calls arrive now: nothing granted, no state made for the dead id.
+    for _ in range(3):
+        assert limit.acquire("s1.1") == math.inf
+    assert limit.reserve("s1.1", 3, None) is not None
+    assert limit.lease("s1.1", 1).halted
+    assert not limit.heartbeat("s1.1", Report(held=2))
+    limit.release("s1.1", "ok")
+    limit.settle("s1.1", 3, None, 0, 0.0)
+    assert limit.in_flight == 0
+    assert limit.stats()["budget"]["images"] == 3
+    # The retry, under its own id, gets both slots and the rest of the budget.
+    assert limit.acquire("s1.2") is None
+    assert limit.acquire("s1.2") is None
+    assert limit.reserve("s1.2", 7, None) is None
+
+
+def test_a_silent_worker_expires_and_its_slots_come_back() -> None:
+    """A worker silent for three heartbeats is gone: its slots free, its reservations spent."""
+    clock = Clock()
+    limit = SharedLimit(LimitConfig(concurrency=2, max_images=10), clock)
+    assert limit.acquire("dead") is None
+    assert limit.acquire("dead") is None
+    assert limit.reserve("dead", 4, None) is None
+    limit.heartbeat("live", Report())
+    assert limit.acquire("live") == math.inf
+    for second in range(1, 5):
+        clock.now = float(second)
+        limit.heartbeat("live", Report())
+    assert limit.acquire("live") is None
+    assert limit.in_flight == 1
+    assert limit.stats()["budget"]["images"] == 4
+    assert limit.reserve("live", 7, None) == "max_images"
+
+
+def test_a_restarted_limit_counts_what_finished_shards_made() -> None:
+    """Cap 10, a shard made 6 and finished, the limit restarts: at most 4 more are granted."""
+    clock = Clock()
+    config = LimitConfig(concurrency=8, max_images=10)
+    limit = SharedLimit(config, clock)
+    assert limit.reserve("s1.1", 6, None) is None
+    limit.settle("s1.1", 6, None, 6, 0.0)
+    limit.forget("s1.1", dead=False)
+    # The actor's process dies; Ray builds it again from the same config.
+    restarted = SharedLimit(config, clock, restarted=True)
+    clock.now = 10.0
+    # No budget until the driver told it what ended shards made.
+    assert isinstance(restarted.reserve("s2.1", 1, None), float)
+    restarted.ended(6, 0.0)
+    granted = 0
+    while restarted.reserve("s2.1", 1, None) is None:
+        granted += 1
+    assert granted == 4

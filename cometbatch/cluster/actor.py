@@ -58,9 +58,9 @@ class LimitActor:
             await asyncio.wait_for(changed.wait(), timeout)
 
     async def acquire(self, worker: str) -> bool:
-        """Wait for a global slot; False when the cluster is stopping."""
+        """Wait for a global slot; False when the cluster is stopping or `worker` was forgotten."""
         async with self._slots:
-            while not self._limit.halted:
+            while not self._limit.halted and not self._limit.gone(worker):
                 wait = self._limit.acquire(worker)
                 if wait is None:
                     return True
@@ -118,6 +118,11 @@ class LimitActor:
         freed = self._limit.forget(worker, dead=dead)
         self._poke()
         return freed
+
+    def ended(self, images: int, cost: float) -> None:
+        """What this run's ended attempts made and spent (the driver's count, for a restart)."""
+        self._limit.ended(images, cost)
+        self._poke()
 
     def halt(self) -> None:
         """Stop the cluster: every worker's next call answers that it is stopping."""

@@ -106,6 +106,8 @@ class _Run:
     actor: Any = None
     # Images and dollars every shard's ledger records from earlier runs (for the caps).
     earlier: tuple[int, float] = (0, 0.0)
+    # The same, shard by shard (a retried shard counts what its dead attempts made).
+    shard_earlier: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def halt(self) -> None:
         """Every worker stops taking new work (sent requests land and are recorded)."""
@@ -162,6 +164,16 @@ class _Run:
         )
         return len(self.shards.done) + finished
 
+    def ended(self) -> tuple[int, float]:
+        """What this run's ended shard tasks made and spent, as their budgets counted it."""
+        images, cost = 0, 0.0
+        for data in self.results.values():
+            summary = data.get("summary") or {}
+            budget = summary.get("budget") or {}
+            images += int(budget.get("images", summary.get("images_written", 0)))
+            cost += float(budget.get("cost_usd", summary.get("spent_usd", 0.0)))
+        return images, cost
+
     def restarts(self) -> int:
         """Attempts after the first, of the shards whose tasks have ended."""
         return sum(max(int(data.get("attempt") or 1) - 1, 0) for data in self.results.values())
@@ -208,9 +220,11 @@ async def run_on_ray(
         run = _Run(ray, root, named, uuid.uuid4().hex[:12], shards, width or 1,
                    settings.max_in_flight)  # fmt: skip
         if settings.max_images is not None or settings.max_cost is not None:
-            run.earlier = await asyncio.to_thread(
+            run.shard_earlier = await asyncio.to_thread(
                 _earlier, named, shards, storage_options, prices or builtin_prices()
             )
+            found = run.shard_earlier.values()
+            run.earlier = (sum(i for i, _ in found), sum(c for _, c in found))
         return await _run(run, manifest, settings, storage_options, on_progress, prices, stop)
     finally:
         if started:
@@ -268,18 +282,17 @@ async def _run(
 
 def _earlier(
     out: Path | str, shards: Shards, options: Mapping[str, Any] | None, prices: PriceTable
-) -> tuple[int, float]:
-    """What the shards' ledgers record as generated and spent: --max-images and --max-cost
+) -> dict[str, tuple[int, float]]:
+    """What each shard's ledger records as generated and spent: --max-images and --max-cost
     count the whole output's earlier runs, as on one machine."""
-    images, cost = 0, 0.0
+    found: dict[str, tuple[int, float]] = {}
     for shard in shards.cuts:
         try:
             ledger = ledger_path(open_store(shard_out(out, shard), options))
         except LedgerError:
             continue  # never run
-        made, spent = earlier_totals(ledger, prices)
-        images, cost = images + made, cost + spent
-    return images, cost
+        found[shard] = earlier_totals(ledger, prices)
+    return found
 
 
 def _start_limit(settings: Settings, name: str, manifest: Manifest, run: _Run) -> Any:
@@ -308,7 +321,8 @@ async def _schedule(
             halted = deadline is not None
             while queue and len(running) < run.workers and not halted and not errors:
                 shard = queue.pop(0)
-                ref = remote.remote(ShardTask(**{**task.to_dict(), "shard": shard}).to_dict())
+                earlier = run.shard_earlier.get(shard, (0, 0.0))
+                ref = remote.remote({**task.to_dict(), "shard": shard, "earlier": earlier})
                 running[asyncio.wrap_future(ref.future())] = (shard, ref)
             if not running:
                 break
@@ -316,6 +330,9 @@ async def _schedule(
             for future in ended:
                 shard, _ref = running.pop(future)
                 _collect(run, shard, future, errors)
+            if run.actor is not None:
+                # A restarted actor knows only the running workers: it waits for this count.
+                run.actor.ended.remote(*run.ended())
             if deadline is None and stop is not None and stop.is_set():
                 await run.halt()
                 deadline = loop.time() + grace

@@ -142,6 +142,12 @@ class SharedLimit:
             earlier_cost=config.earlier_cost,
         )
         self._workers: dict[str, _Worker] = {}
+        # Ids forgotten: a dead attempt's queued calls still arrive, and must take nothing.
+        self._dead: set[str] = set()
+        # Ids expired for silence: a heartbeat of one still alive says what it holds.
+        self._expired: set[str] = set()
+        # A restarted limit grants no budget before the driver told it what ended attempts made.
+        self._told = not restarted
         # The last figures of workers that finished (a dead one's shard runs again instead).
         self._finished: dict[str, Report] = {}
         # A restarted limit lost what live workers hold: it grants no budget until they told it.
@@ -170,16 +176,29 @@ class SharedLimit:
         return sum(w.held for w in self._workers.values())
 
     def _worker(self, worker: str) -> _Worker:
+        now = self._clock()
+        for gone in [w for w, s in self._workers.items() if now - s.seen > 3 * HEARTBEAT]:
+            # Silent for three beats (dead, or its retries ran out): its slots come back.
+            self._drop(gone)
+            self._expired.add(gone)
+            self.forgotten += 1
         state = self._workers.get(worker)
         if state is None:
             state = self._workers[worker] = _Worker()
-        state.seen = self._clock()
+        state.seen = now
         return state
+
+    def gone(self, worker: str) -> bool:
+        """Whether `worker` was forgotten (its late calls are refused)."""
+        return worker in self._dead
 
     def heartbeat(self, worker: str, report: Report) -> bool:
         """A worker's figures; False once halted (it should stop)."""
+        if self.gone(worker):
+            return False
         state = self._worker(worker)
-        if self._clock() < self._recover_until:
+        if self._clock() < self._recover_until or worker in self._expired:
+            self._expired.discard(worker)
             # Restarted: calls sent to the old process arrive again, with their old figures,
             # so the slots a worker holds are what it says, until its reports have settled it.
             state.held = report.held
@@ -200,9 +219,9 @@ class SharedLimit:
     def lease(self, worker: str, requests: int = 1, images: int = 0) -> Lease:
         """Tokens for at least `requests` and `images` (up to ~1 s of rate a worker), or a wait."""
         now = self._clock()
-        self._worker(worker)
-        if self.halted:
+        if self.halted or self.gone(worker):
             return Lease(halted=True)
+        self._worker(worker)
         if now < self.paused_until:
             return Lease(wait=self.paused_until - now, pauses=self.pauses)
         rpm, ipm = self._rpm, self._ipm
@@ -251,6 +270,8 @@ class SharedLimit:
     def acquire(self, worker: str) -> float | None:
         """Take a global slot: None when taken, else seconds to wait (inf: until a release)."""
         now = self._clock()
+        if self.gone(worker):
+            return float("inf")
         state = self._worker(worker)
         if now < self.paused_until:
             return self.paused_until - now
@@ -270,6 +291,8 @@ class SharedLimit:
     ) -> int:
         """Give a slot back with its attempt's outcome (None: never answered); the cap's change."""
         now = self._clock()
+        if self.gone(worker):
+            return 0
         state = self._worker(worker)
         # Busy: the cap, not the rate or a lack of work, held requests back.
         busy = self.in_flight >= self.limit and now - self._rate_bound_at > HEARTBEAT
@@ -291,25 +314,41 @@ class SharedLimit:
 
     def forget(self, worker: str, *, dead: bool = True) -> int:
         """A worker gone (`dead`) or done: free its slots, keep its reservations spent."""
-        state = self._workers.pop(worker, None)
+        self._dead.add(worker)
+        state = self._drop(worker)
         if state is None:
             return 0
         self.forgotten += dead
         if not dead:
             self._finished[worker] = state.report
-        # What it had in flight may have been generated and billed: kept as spent.
-        images, cost = state.reserved_images, state.reserved_cost
-        self.budget.settle(images, cost, images, cost)
         return state.held
+
+    def _drop(self, worker: str) -> _Worker | None:
+        state = self._workers.pop(worker, None)
+        if state is not None:
+            # What it had in flight may have been generated and billed: kept as spent.
+            images, cost = state.reserved_images, state.reserved_cost
+            self.budget.settle(images, cost, images, cost)
+        return state
+
+    def ended(self, images: int, cost: float) -> None:
+        """What attempts ended in this run made and spent (the driver's count, for a restart)."""
+        if not self._told:
+            self.budget.images += images
+            self.budget.cost += cost
+            self._told = True
 
     # -- budget -------------------------------------------------------------------------------
 
     def reserve(self, worker: str, images: int, cost: float | None) -> CapReason | float | None:
         """Hold a request's images and cost: None, the cap it would cross, or seconds to wait."""
         now = self._clock()
+        if self.gone(worker):
+            return "max_images" if self.config.max_images is not None else "max_cost"
         state = self._worker(worker)
-        if now < self._recover_until and (self.config.max_images or self.config.max_cost):
-            return self._recover_until - now
+        capped = self.config.max_images is not None or self.config.max_cost is not None
+        if capped and (now < self._recover_until or not self._told):
+            return max(self._recover_until - now, HEARTBEAT)
         cap = self.budget.reserve(images, cost)
         if cap is None:
             state.reserved_images += images
@@ -318,7 +357,9 @@ class SharedLimit:
 
     def settle(self, worker: str, images: int, cost: float | None, made: int, spent: float) -> None:
         """Replace a reservation by what its request made and spent."""
-        state = self._worker(worker)
+        state = None if self.gone(worker) else self._worker(worker)
+        if state is None or state.reserved_images < images:
+            return  # forgotten or expired since: its reservations count as spent
         state.reserved_images -= images
         state.reserved_cost -= cost or 0.0
         self.budget.settle(images, cost, made, spent)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..costs.prices import PriceTable
+from ..costs.budget import earlier_totals
+from ..costs.prices import PriceTable, builtin_prices
 from ..engine.engine import Engine
 from ..errors import (
     AuthenticationError,
@@ -26,6 +27,7 @@ from ..errors import (
     ManifestError,
     OutputError,
 )
+from ..ledger.events import ledger_path
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
 from ..settings import KEY_ENV, Settings
@@ -68,6 +70,8 @@ class ShardTask:
     prices: PriceTable | None = None
     # The shared limit's actor name (the cluster run's).
     limit_name: str = ""
+    # What the shard's ledger recorded before this run: a retry counts what its dead attempts made.
+    earlier: tuple[int, float] = (0, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The task as the plain dict the Ray task takes."""
@@ -89,14 +93,17 @@ def sees(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _limiter_for(
-    name: str, settings: Settings, worker: str, *, largest: int, attempt: int
+async def _limiter_for(
+    name: str, settings: Settings, shard: str, *, largest: int, attempt: int
 ) -> SharedLimiter:
-    """This worker's part of the cluster's one limit, on the run's named limit actor."""
-    limiter = SharedLimiter.attach(name, settings, worker=worker, max_images_per_request=largest)
-    if attempt > 1:
-        # The shard's earlier attempt died: the slots it held come back to the cluster.
-        limiter.actor.forget.remote(worker, dead=True)
+    """This attempt's part of the cluster's one limit, on the run's named limit actor."""
+    # Each attempt has its own id: a dead one's queued calls, which Ray still runs, are refused.
+    limiter = SharedLimiter.attach(
+        name, settings, worker=f"{shard}.{attempt}", max_images_per_request=largest
+    )
+    for earlier in range(1, attempt):
+        # The shard's earlier attempts died: their slots come back before this one sends.
+        await limiter.actor.forget.remote(f"{shard}.{earlier}", dead=True)
     return limiter
 
 
@@ -179,12 +186,17 @@ async def _opened(
     largest = max(manifest.stats.max_request_images, 1)
     waited = 0.0
     while True:
-        limiter = _limiter_for(
+        limiter = await _limiter_for(
             task.limit_name, settings, task.shard, largest=largest, attempt=attempt
         )
+        budget = limiter.shared_budget(settings)
+        if budget is not None and attempt > 1:
+            # In this attempt's figures, which a restarted limit actor adopts from its heartbeats.
+            made, spent = await _carried(store, task)
+            budget.images, budget.cost = budget.images + made, budget.cost + spent
         engine = Engine(
             settings, out_dir=out, store=store, registry=manifest.registry, prices=task.prices,
-            limiter=limiter, budget=limiter.shared_budget(settings),
+            limiter=limiter, budget=budget,
         )  # fmt: skip
         try:
             return await stack.enter_async_context(engine)
@@ -195,6 +207,17 @@ async def _opened(
             log.info("shard %s: waiting for the lock of its earlier attempt", task.shard)
             await asyncio.sleep(LOCK_RETRY_S)
             waited += LOCK_RETRY_S
+
+
+async def _carried(store: Store, task: ShardTask) -> tuple[int, float]:
+    """What the shard's earlier attempts in this run made and spent: its ledger, less the start."""
+    try:
+        ledger = await asyncio.to_thread(ledger_path, store)
+    except LedgerError:
+        return 0, 0.0
+    prices = task.prices or builtin_prices()
+    made, spent = await asyncio.to_thread(earlier_totals, ledger, prices)
+    return max(made - task.earlier[0], 0), max(spent - task.earlier[1], 0.0)
 
 
 def _counted(report: ShardReport, engine: Engine, *, finished: bool = False) -> ShardReport:
