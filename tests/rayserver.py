@@ -110,6 +110,13 @@ def _ray_command() -> str | None:
     return str(local) if local.is_file() else shutil.which("ray")
 
 
+def _has_ray_client() -> bool:
+    """Whether Ray Client's dependencies are installed (ray[client], ray[default])."""
+    from ray._private.utils import get_ray_client_dependency_error
+
+    return get_ray_client_dependency_error() is None
+
+
 def _temp_dir() -> Path:
     """A new, short folder for one node's sockets, logs and session files."""
     path = Path(tempfile.mkdtemp(prefix="ray-"))
@@ -180,7 +187,9 @@ def start_head(num_cpus: int = 2, timeout: float = START_TIMEOUT) -> tuple[str, 
         "--head",
         f"--node-ip-address={HOST}",
         f"--port={port}",
-        f"--ray-client-server-port={client}",
+        # Ray Client's server only where its extra is installed (ray[client] or ray[default]):
+        # a minimal ray refuses the option, and without it a full one takes port 10001.
+        *([f"--ray-client-server-port={client}"] if _has_ray_client() else []),
         "--include-dashboard=false",
         f"--dashboard-host={HOST}",
         f"--dashboard-port={dashboard}",

@@ -113,9 +113,8 @@ def read_cluster(out: Store | str | os.PathLike[str]) -> ClusterOutput | None:
     store = store_of(out)
     try:
         raw = store.read(PLAN_NAME)
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        # No plan (OUT, or a folder on its way, may not even be a folder: its owner says so).
         return None
     except OSError as exc:
         raise OutputError(f"cannot read {store.root}/{PLAN_NAME}: {exc.strerror or exc}") from exc
@@ -137,7 +136,14 @@ def read_cluster(out: Store | str | os.PathLike[str]) -> ClusterOutput | None:
 
 def refuse_cluster_output(store: Store) -> None:
     """One machine's run refuses OUT of a cluster run: it would send again what the shards made."""
-    if read_cluster(store) is not None:
+    # Only looked at, not read: opening an output costs no object read.
+    try:
+        planned = store.stat(PLAN_NAME).is_file
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot read {store.root}/{PLAN_NAME}: {exc.strerror or exc}") from exc
+    if planned:
         raise ConfigError(
             f"{store.root} is a cluster run's output ({PLAN_NAME}): run it again with --ray "
             "(or cometbatch.cluster.run_on_ray), or give another --out"
