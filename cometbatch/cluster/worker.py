@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from ..errors import (
     ManifestError,
     OutputError,
 )
+from ..ledger.clustered import local_copy
 from ..ledger.events import ledger_path
 from ..manifest.reader import Manifest, load_manifest
 from ..models.registry import load_registry
@@ -257,14 +257,7 @@ async def _report(engine: Engine, root: Store, report: ShardReport, run_id: str)
 def _local_manifest(root: Store, shard: str) -> Iterator[Path]:
     """The shard's manifest as a local file: in OUT itself on a local folder, else a copy."""
     name = shard_manifest_name(shard)
-    if root.local_folder is not None:
-        yield Path(root.local_folder) / name
-        return
-    try:
-        data = root.read(name)
-    except FileNotFoundError:
-        raise OutputError(f"{root.root}/{name} is missing: the driver writes it") from None
-    with tempfile.TemporaryDirectory(prefix="cometbatch-shard-") as folder:
-        path = Path(folder) / f"{shard}.jsonl"
-        path.write_bytes(data)
+    with local_copy(root, name) as path:
+        if path is None:
+            raise OutputError(f"{root.root}/{name} is missing: the driver writes it")
         yield path

@@ -24,6 +24,7 @@ __all__ = [
     "SHARDS_FOLDER",
     "ClusterOutput",
     "Shard",
+    "local_copy",
     "read_cluster",
     "refuse_cluster_output",
     "shard_id",
@@ -154,20 +155,28 @@ def refuse_cluster_output(store: Store) -> None:
 def shard_manifest(cluster: ClusterOutput, shard: Shard) -> Iterator[Path | None]:
     """A local file holding the shard's manifest lines (None when there are none), for the
     span of a `with` block: the store's own file on a disk, else a temporary copy."""
-    store = cluster.store
+    with local_copy(cluster.store, shard.manifest_name) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def local_copy(store: Store, name: str) -> Iterator[Path | None]:
+    """`name` of the store as a local file (None when it is not there) for a `with` block:
+    the store's own file on a disk, else a temporary copy."""
     if store.local_folder is not None:
-        path = Path(store.local_folder, *shard.manifest_name.split("/"))
+        path = Path(store.local_folder, *name.split("/"))
         yield path if path.is_file() else None
         return
     try:
-        data = store.read(shard.manifest_name)
+        data = store.read(name)
     except FileNotFoundError:
         yield None
         return
-    handle, name = tempfile.mkstemp(prefix=f"cometbatch-shard-{shard.id}-", suffix=".jsonl")
+    stem = name.rpartition("/")[2].partition(".")[0]
+    handle, temp = tempfile.mkstemp(prefix=f"cometbatch-{stem}-", suffix=".jsonl")
     try:
         with os.fdopen(handle, "wb") as copy:
             copy.write(data)
-        yield Path(name)
+        yield Path(temp)
     finally:
-        os.unlink(name)
+        os.unlink(temp)
