@@ -30,15 +30,28 @@ KEY = "sk-cluster-test"
 JOBS = 200
 
 
+def cli_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A driver's environment: on loopback, holding the key (and `env` on top)."""
+    return {**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY, **(env or {})}
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cometbatch", *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY, **(env or {})},
+        env=cli_environment(env),
         cwd=ROOT,
     )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`cometbatch ARGS` started in the background, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_environment(env),
+    )  # fmt: skip
 
 
 def write_manifest(path: Path, count: int = JOBS) -> Path:
@@ -105,13 +118,11 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(tmp_path: Path, ray_ad
     out = tmp_path / "out"
     concurrency = 2
     with simulator_thread(SimConfig(latency=0.5, record_requests=False)) as sim:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cometbatch", "run", str(manifest), "--out", str(out),
-             "--base-url", sim.base_url, "--ray", "--workers", "3",
-             "--concurrency", str(concurrency), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        process = start_cli(
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
+            "--workers", "3", "--concurrency", str(concurrency), "--json",
             # RAY_ADDRESS names the cluster as --ray-address does.
-            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY, "RAY_ADDRESS": ray_address},
+            env={"RAY_ADDRESS": ray_address},
         )  # fmt: skip
         try:
             killed = kill_a_running_worker(out / "cluster" / "progress", deadline=120)
@@ -159,11 +170,7 @@ def test_ctrl_c_on_the_driver_lets_sent_requests_land(tmp_path: Path, ray_addres
             "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--ray",
             "--ray-address", ray_address, "--workers", "2", "--concurrency", "2", "--json",
         )  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY},
-        )  # fmt: skip
+        process = start_cli(*args)
         try:
             wait_for_images(out / "cluster" / "progress", 2, deadline=120)
             process.send_signal(signal.SIGINT)
@@ -201,11 +208,7 @@ def test_a_killed_driver_costs_at_most_what_was_in_flight_and_a_rerun_resumes(
             "--ray-address", ray_address, "--workers", "2", "--concurrency", str(concurrency),
             "--json",
         )  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cometbatch", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, **DRIVER_ENV, "COMETAPI_KEY": KEY},
-        )  # fmt: skip
+        process = start_cli(*args)
         try:
             wait_for_images(out / "cluster" / "progress", 3, deadline=120)
             process.kill()
